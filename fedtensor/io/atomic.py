@@ -1,0 +1,154 @@
+"""Atomic file output: write to a temporary file in the target directory, fsync, then rename.
+
+A reader never sees a half-written output, and a failed write (exception, full disk, Ctrl-C) leaves
+neither a partial output nor a stray temporary file behind. An existing output is never overwritten
+unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+from fedtensor.errors import FedtensorError
+
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _full_suffix(name: str) -> str:
+    """``.nii.gz`` for ``ct.nii.gz``, ``.npy`` for ``a.npy``: what format sniffers look at."""
+    p = Path(name)
+    if p.suffix.lower() in _COMPRESSED_SUFFIXES and len(p.suffixes) >= 2:
+        return "".join(p.suffixes[-2:])
+    return p.suffix
+
+
+def _check_target(path: Path, force: bool) -> None:
+    parent = path.parent
+    if path.is_dir():
+        raise FedtensorError(f"output path is a directory: {path}")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise FedtensorError(f"output exists: {path} (use --force to overwrite)")
+    if not parent.exists():
+        raise FedtensorError(f"output directory does not exist: {parent}")
+    if not parent.is_dir():
+        raise FedtensorError(f"output directory is not a directory: {parent}")
+
+
+def _create_temp(path: Path) -> Path:
+    """Create (O_EXCL) an empty temp file next to ``path``; its mode honours the umask like open()."""
+    suffix = _full_suffix(path.name)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    for _ in range(100):
+        tmp = path.parent / f".{stem}.{secrets.token_hex(6)}.tmp{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except PermissionError:
+            raise FedtensorError(f"cannot write to {path.parent}: permission denied") from None
+        except OSError as e:
+            raise FedtensorError(f"cannot write {path}: {e.strerror or e}") from None
+        os.close(fd)
+        return tmp
+    raise FedtensorError(f"cannot create a temporary file in {path.parent}")  # pragma: no cover
+
+
+def _fsync_file(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Best effort: make the rename itself durable (not supported on every OS/filesystem)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+    except OSError:  # pragma: no cover - nothing more we can do
+        pass
+
+
+def _commit(tmp: Path, path: Path, force: bool) -> None:
+    """Move ``tmp`` onto ``path``; without ``force`` refuse (atomically where possible) to clobber."""
+    if force:
+        os.replace(tmp, path)
+        return
+    try:
+        # link() fails if path exists: no window in which another writer's file gets replaced.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FedtensorError(f"output exists: {path} (use --force to overwrite)") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        # Filesystem without hard links: check-then-replace (tiny race window).
+        if path.exists():
+            raise FedtensorError(f"output exists: {path} (use --force to overwrite)") from None
+        os.replace(tmp, path)
+        return
+    _unlink_quietly(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffix, e.g. ``.nii.gz``) to write the output to.
+
+    On normal exit the temp file is fsync'ed and renamed onto ``path`` (``os.replace``); on any
+    exception it is removed and the exception propagates unchanged. Raises :class:`FedtensorError`
+    (one line) if ``path`` exists and ``force`` is false, if its directory is missing, or if the
+    directory is not writable.
+    """
+    path = Path(path)
+    _check_target(path, force)
+    tmp = _create_temp(path)
+    try:
+        yield tmp
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    try:
+        if not tmp.exists():
+            raise FedtensorError(f"nothing was written to the temporary file for {path}")
+        _fsync_file(tmp)
+        _commit(tmp, path, force)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise FedtensorError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); return the path."""
+    path = Path(path)
+    with atomic_path(path, force=force) as tmp:
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+        except OSError as e:
+            raise FedtensorError(f"cannot write {path}: {e.strerror or e}") from None
+    return path

@@ -1,0 +1,237 @@
+"""A DICOM series directory → :class:`Volume`.
+
+Conventions (the same as dicom2nifti / dcm2niix produce, so a series read here lines up with the
+NIfTI those tools write):
+
+* array axes are ``(x, y, z)`` = (column index, row index, slice index): ``data[i, j, k]`` is
+  ``pixel_array[j, i]`` of the k-th slice, i.e. each slice's ``pixel_array`` is transposed;
+* slices are sorted by the projection of ``ImagePositionPatient`` onto the slice normal
+  ``n = r × c`` (``r``, ``c`` = the row and column direction cosines of ``ImageOrientationPatient``),
+  ascending — never by file name or InstanceNumber;
+* ``spacing = (PixelSpacing[1], PixelSpacing[0], slice gap)`` where the slice gap is the distance
+  between consecutive slice planes along ``n`` (not SliceThickness, which may differ);
+* ``affine`` maps ``(i, j, k, 1)`` to RAS+ millimetres. DICOM patient coordinates are LPS+, so with
+  ``P0`` = ImagePositionPatient of the first sorted slice and ``s = (P_last - P0) / (N - 1)``::
+
+      LPS = [[r*dx, c*dy, s, P0], [0, 0, 0, 1]]     (columns; dx = PixelSpacing[1], dy = PixelSpacing[0])
+      affine = diag(-1, -1, 1, 1) @ LPS             (LPS → RAS: negate the x and y rows)
+
+  The third column is the actual slice step, so a gantry tilt is represented as a shear.
+* values are ``stored * RescaleSlope + RescaleIntercept`` (per slice); the dtype is int16 when every
+  slope is 1, every intercept is an integer and the result fits int16, else float32.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from fedtensor.errors import VolumeError
+from fedtensor.io.npy import one_line, validated
+from fedtensor.io.volume import Volume
+
+# Relative tolerance on slice gaps (and on deviation from a straight slice stack).
+GAP_RTOL = 0.01
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _floats(ds, keyword: str, n: int, fname: str) -> np.ndarray:
+    value = ds.get(keyword)
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape != (n,) or not np.isfinite(arr).all():
+        raise VolumeError(f"DICOM file {fname} has no valid {keyword}; cannot build a 3D volume")
+    return arr
+
+
+def _scalar(ds, keyword: str, default: float, fname: str) -> float:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise VolumeError(f"DICOM file {fname} has an invalid {keyword}: {value!r}") from None
+    if not np.isfinite(v):
+        raise VolumeError(f"DICOM file {fname} has an invalid {keyword}: {value!r}")
+    return v
+
+
+def _read_datasets(directory: Path) -> list[tuple[str, object]]:
+    """(file name, dataset) for every DICOM image file directly in ``directory``."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as e:
+        raise VolumeError(f"cannot list DICOM directory {directory}: {e.strerror or e}") from None
+    out, n_subdirs = [], 0
+    for p in entries:
+        if p.is_dir():
+            n_subdirs += 1
+            continue
+        if not p.is_file():
+            continue
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = pydicom.dcmread(p, force=False)
+        except InvalidDicomError:
+            continue  # not a DICOM file (README, .DS_Store, ...)
+        except Exception as e:  # truncated / corrupt DICOM
+            raise VolumeError(f"cannot read DICOM file {p.name}: {one_line(e)}") from None
+        eof = [w for w in caught if "end of file" in str(w.message).lower()]
+        if eof:
+            why = str(eof[0].message).splitlines()[0].split(" found in file")[0]
+            raise VolumeError(f"cannot read DICOM file {p.name} (truncated or corrupt?): {why}")
+        if "PixelData" not in ds:
+            if "Rows" in ds or "ImagePositionPatient" in ds:
+                why = "; ".join(str(w.message).splitlines()[0] for w in caught[:1]) or "no pixel data"
+                raise VolumeError(f"cannot read DICOM image file {p.name} (truncated or corrupt?): {why}")
+            continue  # DICOMDIR, structured report, presentation state, ...
+        out.append((p.name, ds))
+    if not out:
+        hint = " (subdirectories are not searched; pass the series directory itself)" if n_subdirs else ""
+        raise VolumeError(f"no DICOM image files in directory {directory}{hint}")
+    return out
+
+
+def read_dicom_series(directory: str | os.PathLike) -> Volume:
+    """Read a directory holding exactly one DICOM image series as an (x, y, z) volume.
+
+    See the module docstring for the axis, spacing, affine (LPS → RAS) and rescale conventions.
+    Raises :class:`VolumeError` (one line) for: several series in the directory, multi-frame or
+    colour images, inconsistent Rows/Columns/orientation/pixel spacing, duplicate slice positions,
+    missing or uneven slice gaps (tolerance 1 % of the gap), and undecodable pixel data.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        raise VolumeError(f"no such file or directory: {directory}")
+    if not directory.is_dir():
+        raise VolumeError(f"not a DICOM series directory: {directory}")
+
+    files = _read_datasets(directory)
+    series: dict[str, list] = defaultdict(list)
+    for name, ds in files:
+        series[str(ds.get("SeriesInstanceUID", ""))].append((name, ds))
+    if len(series) > 1:
+        raise VolumeError(
+            f"directory holds {len(series)} DICOM series; pass one series directory ({directory})"
+        )
+    (uid, slices), = series.items()
+    if len(slices) < 2:
+        raise VolumeError(
+            f"DICOM series in {directory} has a single slice; a 3D volume needs at least 2 slices"
+        )
+
+    # --- geometry: orientation, pixel spacing, size consistency --------------------------------
+    name0, ds0 = slices[0]
+    iop0 = _floats(ds0, "ImageOrientationPatient", 6, name0)
+    ps0 = _floats(ds0, "PixelSpacing", 2, name0)
+    rows0, cols0 = int(ds0.get("Rows", 0)), int(ds0.get("Columns", 0))
+    for name, ds in slices:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames != 1:
+            raise VolumeError(f"DICOM file {name} is multi-frame ({frames} frames); only single-frame series are supported")
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise VolumeError(f"DICOM file {name} is not a greyscale image (SamplesPerPixel={ds.SamplesPerPixel})")
+        if (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != (rows0, cols0):
+            raise VolumeError(
+                f"inconsistent image size in DICOM series: {name} is {ds.get('Rows')}x{ds.get('Columns')}, "
+                f"{name0} is {rows0}x{cols0} (rows x columns)"
+            )
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, name), iop0, atol=1e-4):
+            raise VolumeError(f"inconsistent ImageOrientationPatient in DICOM series: {name} differs from {name0}")
+        if not np.allclose(_floats(ds, "PixelSpacing", 2, name), ps0, rtol=1e-4, atol=1e-6):
+            raise VolumeError(f"inconsistent PixelSpacing in DICOM series: {name} differs from {name0}")
+    if rows0 <= 0 or cols0 <= 0:
+        raise VolumeError(f"DICOM file {name0} has an invalid image size {rows0}x{cols0}")
+
+    r, c = iop0[:3], iop0[3:]
+    normal = np.cross(r, c)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise VolumeError(f"DICOM file {name0} has an invalid ImageOrientationPatient {list(iop0)}")
+
+    # --- sort by position along the normal; check gaps ------------------------------------------
+    positions = np.array([_floats(ds, "ImagePositionPatient", 3, name) for name, ds in slices])
+    proj = positions @ normal
+    order = np.argsort(proj, kind="stable")
+    slices = [slices[i] for i in order]
+    positions, proj = positions[order], proj[order]
+    gaps = np.diff(proj)
+    n = len(slices)
+    for k in range(n - 1):
+        if gaps[k] <= 1e-3:
+            raise VolumeError(
+                f"duplicate slice position {proj[k]:.3f} mm along the slice normal in DICOM series "
+                f"({slices[k][0]} and {slices[k + 1][0]})"
+            )
+    expected = float(np.median(gaps))
+    for k in range(n - 1):
+        if abs(gaps[k] - expected) > GAP_RTOL * expected:
+            raise VolumeError(
+                f"uneven slice spacing in DICOM series: gap between sorted slices {k} and {k + 1} "
+                f"({slices[k][0]}, {slices[k + 1][0]}) is {gaps[k]:.4g} mm, expected {expected:.4g} mm "
+                f"(missing slice?)"
+            )
+    step = (positions[-1] - positions[0]) / (n - 1)
+    line = positions[0] + np.arange(n)[:, None] * step
+    if np.max(np.linalg.norm(positions - line, axis=1)) > GAP_RTOL * expected:
+        raise VolumeError("DICOM slice positions do not lie on a straight line; cannot build a 3D volume")
+    slice_gap = float((proj[-1] - proj[0]) / (n - 1))
+
+    # --- pixels + rescale -----------------------------------------------------------------------
+    raw = None
+    slopes, inters = np.empty(n), np.empty(n)
+    for k, (name, ds) in enumerate(slices):
+        try:
+            px = ds.pixel_array
+        except Exception as e:
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
+            raise VolumeError(
+                f"cannot decode pixel data of DICOM file {name} (transfer syntax {ts}): {one_line(e)}"
+            ) from None
+        if px.shape != (rows0, cols0):
+            raise VolumeError(f"DICOM file {name}: pixel data shape {px.shape} != Rows x Columns {(rows0, cols0)}")
+        if raw is None:
+            raw = np.empty((cols0, rows0, n), dtype=px.dtype)
+        elif px.dtype != raw.dtype:
+            raw = raw.astype(np.result_type(raw.dtype, px.dtype))
+        raw[:, :, k] = px.T
+        slopes[k] = _scalar(ds, "RescaleSlope", 1.0, name)
+        inters[k] = _scalar(ds, "RescaleIntercept", 0.0, name)
+
+    int_ok = raw.dtype.kind in "iub" and np.all(slopes == 1.0) and np.all(inters == np.round(inters))
+    data = None
+    if int_ok:
+        ints = raw.astype(np.int64) + inters.astype(np.int64)[None, None, :]
+        info = np.iinfo(np.int16)
+        if ints.min() >= info.min and ints.max() <= info.max:
+            data = ints.astype(np.int16)
+        del ints
+    if data is None:
+        data = (raw.astype(np.float64) * slopes[None, None, :] + inters[None, None, :]).astype(np.float32)
+
+    dx, dy = float(ps0[1]), float(ps0[0])
+    lps = np.eye(4)
+    lps[:3, 0] = r * dx
+    lps[:3, 1] = c * dy
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    affine = _LPS_TO_RAS @ lps
+
+    meta = {
+        "format": "dicom",
+        "source": str(directory),
+        "SeriesInstanceUID": uid,
+        "Modality": str(ds0.get("Modality", "")),
+    }
+    vol = Volume(data=data, spacing=(dx, dy, slice_gap), affine=affine, meta=meta)
+    return validated(vol, directory)

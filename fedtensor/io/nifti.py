@@ -1,0 +1,92 @@
+"""NIfTI (``.nii`` / ``.nii.gz``) via nibabel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fedtensor.errors import FedtensorError, VolumeError
+from fedtensor.io.atomic import atomic_path
+from fedtensor.io.npy import as_native_3d, one_line, validated
+from fedtensor.io.volume import Volume
+
+
+def _is_identity_scaling(slope, inter) -> bool:
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    return slope == 1.0 and inter == 0.0
+
+
+def read_nifti(path: str | os.PathLike) -> Volume:
+    """Read a 3D NIfTI volume, keeping the on-disk dtype.
+
+    If the header has a non-identity ``scl_slope``/``scl_inter``, the scaling is applied and the data
+    returned as float32. ``spacing`` = first three header zooms (falling back to the affine's column
+    norms if those are missing/zero), ``affine`` = ``img.affine``. A 4D image with one volume is
+    squeezed to 3D; 2D and true 4D images raise :class:`VolumeError`.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"no such file or directory: {path}")
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise VolumeError(f"cannot read NIfTI file {path}: not a NIfTI image ({type(img).__name__})")
+        proxy = img.dataobj
+        slope = getattr(proxy, "slope", 1.0)
+        inter = getattr(proxy, "inter", 0.0)
+        if _is_identity_scaling(slope, inter):
+            data = np.asarray(proxy)
+            if data.dtype.newbyteorder("=") != img.get_data_dtype().newbyteorder("="):
+                data = np.asarray(proxy.get_unscaled())  # keep the on-disk dtype
+        else:
+            raw = np.asarray(proxy.get_unscaled())
+            data = (raw.astype(np.float64) * float(slope) + float(inter)).astype(np.float32)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        affine = np.array(img.affine, dtype=np.float64)
+    except VolumeError:
+        raise
+    except Exception as e:  # ImageFileError, HeaderDataError, gzip/zlib errors, EOFError, OSError, ...
+        raise VolumeError(f"cannot read NIfTI file {path}: {one_line(e)}") from None
+
+    data = as_native_3d(data, path)
+    if len(zooms) < 3 or not all(np.isfinite(zooms)) or min(zooms) <= 0:
+        zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
+    vol = Volume(data=data, spacing=zooms, affine=affine, meta={"source": str(path), "format": "nifti"})
+    return validated(vol, path)
+
+
+def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write ``volume`` as NIfTI-1 (``.nii`` or ``.nii.gz``, chosen by suffix), atomically.
+
+    Data are stored unscaled in ``volume.data``'s dtype; the affine goes to the sform (code 1,
+    scanner) and, when it agrees with ``volume.spacing``, also to the qform; the header zooms are
+    ``volume.spacing``. NIfTI-1 stores the sform in float32, so an affine round-trips exactly when
+    its entries are float32-representable (always the case for one read from a NIfTI file).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    data = np.ascontiguousarray(volume.data)
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    spacing = tuple(float(s) for s in volume.spacing)
+    try:
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_data_dtype(data.dtype)
+        consistent = np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-5, atol=1e-6)
+        img.set_qform(affine, code=1 if consistent else 0)
+        img.set_sform(affine, code=1)
+        img.header.set_zooms(spacing)
+        img.header.set_xyzt_units(xyz="mm")
+    except Exception as e:
+        raise VolumeError(f"cannot encode NIfTI for {path}: {one_line(e)}") from None
+    with atomic_path(path, force=force) as tmp:
+        try:
+            nib.save(img, str(tmp))
+        except OSError as e:
+            raise FedtensorError(f"cannot write {path}: {e.strerror or e}") from None
+    return path

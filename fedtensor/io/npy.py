@@ -1,0 +1,75 @@
+"""Plain ``.npy`` arrays (no geometry: spacing (1, 1, 1), identity affine), plus the array checks
+shared by all readers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fedtensor.errors import FedtensorError, VolumeError
+from fedtensor.io.atomic import atomic_path
+from fedtensor.io.volume import Volume
+
+
+def one_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message`` for wrapping third-party exceptions."""
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0]}" if msg else type(exc).__name__
+
+
+def as_native_3d(arr: np.ndarray, source: str | os.PathLike) -> np.ndarray:
+    """Native-byte-order array with trailing singleton dims beyond the third squeezed away.
+
+    Raises :class:`VolumeError` naming the dimensionality if the result is not 3D.
+    """
+    a = np.asarray(arr)
+    while a.ndim > 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.size == 0:
+        raise VolumeError(f"{source}: volume is empty (shape {tuple(a.shape)})")
+    if a.ndim != 3:
+        extra = f" with {a.shape[3]} volumes along the 4th axis" if a.ndim == 4 else ""
+        raise VolumeError(
+            f"{source}: got a {a.ndim}D image of shape {tuple(a.shape)}{extra}; a 3D volume is needed"
+        )
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def validated(vol: Volume, source: str | os.PathLike) -> Volume:
+    """``vol.validate()`` with the source path prefixed to any error message."""
+    try:
+        return vol.validate()
+    except VolumeError as e:
+        raise VolumeError(f"{source}: {e}") from None
+
+
+def read_npy(path: str | os.PathLike) -> Volume:
+    """Read a 3D ``.npy`` array (``allow_pickle=False``); spacing (1, 1, 1), identity affine."""
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode=None)
+    except FileNotFoundError:
+        raise VolumeError(f"no such file or directory: {path}") from None
+    except Exception as e:  # ValueError (pickled/object array, bad header), EOFError, OSError, ...
+        raise VolumeError(f"cannot read .npy file {path}: {one_line(e)}") from None
+    if not isinstance(arr, np.ndarray):  # np.load on a .npz returns an NpzFile
+        raise VolumeError(f"cannot read .npy file {path}: not a single array")
+    data = as_native_3d(arr, path)
+    vol = Volume(data=data, spacing=(1.0, 1.0, 1.0), affine=np.eye(4), meta={"source": str(path), "format": "npy"})
+    return validated(vol, path)
+
+
+def write_npy(volume: Volume, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write ``volume.data`` as ``.npy`` atomically (spacing and affine are not stored)."""
+    path = Path(path)
+    with atomic_path(path, force=force) as tmp:
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(volume.data), allow_pickle=False)
+        except OSError as e:
+            raise FedtensorError(f"cannot write {path}: {e.strerror or e}") from None
+    return path

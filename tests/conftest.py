@@ -1,0 +1,48 @@
+"""Shared fixtures. The real sample volumes live outside the repo: ``$FEDTENSOR_DATA``, else
+``<repo>/../shared/data`` (CI clones the repo next to a ``shared/`` copy); tests that need them are
+skipped only when neither exists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+VOLUME_NAMES = (
+    "ct_chest.nii.gz",
+    "ct_abdomen.nii.gz",
+    "ct_head_uint8.nii.gz",
+    "mr_brain_gd.nii.gz",
+    "ct_series_dicom",
+)
+
+
+def _find_data_dir() -> Path | None:
+    env = os.environ.get("FEDTENSOR_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = _find_data_dir()
+    if d is None:
+        pytest.skip("sample data not found (set FEDTENSOR_DATA or provide ../shared/data)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def volume_paths(data_dir: Path) -> dict[str, Path]:
+    """name → path for the five shared sample volumes (the DICOM series is a directory)."""
+    paths = {name: data_dir / name for name in VOLUME_NAMES}
+    missing = [n for n, p in paths.items() if not p.exists()]
+    if missing:
+        pytest.skip(f"sample volumes missing from {data_dir}: {', '.join(missing)}")
+    return paths

@@ -1,0 +1,560 @@
+"""Volume I/O: NIfTI / .npy / DICOM series readers, writers and atomic output."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from fedtensor.errors import FedtensorError, VolumeError
+from fedtensor.io import (
+    SUPPORTED_DTYPES,
+    Volume,
+    atomic_path,
+    atomic_write_bytes,
+    read_volume,
+    write_volume,
+)
+
+# The README table, except where it is wrong about what is on disk (see comments).
+EXPECTED = {
+    "ct_chest.nii.gz": ((120, 126, 164), np.int16, (1.5, 1.5, 1.5), (-1078, 3343)),
+    "ct_abdomen.nii.gz": ((122, 101, 112), np.int32, (3.0, 3.0, 3.0), (-1207, 3382)),
+    # README: "0.98×0.98×3" — 3 mm is SliceThickness; ImagePositionPatient steps by 2 mm
+    # (-766.5, -768.5, ... -804.5), so the true slice spacing is 2.0 mm (overlapping slices).
+    "ct_series_dicom": ((512, 512, 20), np.int16, (0.9765625, 0.9765625, 2.0), (-1024, 1839)),
+    "ct_head_uint8.nii.gz": ((175, 248, 58), np.uint8, (0.8125, 0.8125, 2.397), (0, 255)),
+    # README: "float64 holding 0…1653" — on disk it is uint8 with scl_slope 6.48235; the reader
+    # applies the slope and returns float32 (nibabel's get_fdata() would give float64).
+    "mr_brain_gd.nii.gz": ((176, 188, 144), np.float32, (0.976562, 0.976562, 1.0026), (0.0, 1653.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def dicom_volume(volume_paths) -> Volume:
+    return read_volume(volume_paths["ct_series_dicom"])
+
+
+def _dicom_files(volume_paths) -> list[Path]:
+    return sorted(p for p in volume_paths["ct_series_dicom"].iterdir() if p.is_file())
+
+
+# ------------------------------------------------------------------------------------------------
+# Real volumes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_read_shared_volumes(name, volume_paths, dicom_volume):
+    shape, dtype, spacing, (lo, hi) = EXPECTED[name]
+    vol = dicom_volume if name == "ct_series_dicom" else read_volume(volume_paths[name])
+    assert vol.shape == shape
+    assert vol.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(vol.spacing, spacing, rtol=1e-4)
+    assert float(vol.data.min()) == pytest.approx(lo, abs=0.01)
+    assert float(vol.data.max()) == pytest.approx(hi, abs=0.01)
+    assert vol.affine.shape == (4, 4) and np.isfinite(vol.affine).all()
+    # spacing agrees with the affine's column norms for all of these
+    np.testing.assert_allclose(np.linalg.norm(vol.affine[:3, :3], axis=0), vol.spacing, rtol=1e-4)
+    assert vol.meta["source"] == str(volume_paths[name])
+    assert vol.meta["format"] == ("dicom" if name == "ct_series_dicom" else "nifti")
+    vol.validate()
+
+
+def test_mr_slope_applied(volume_paths):
+    img = nib.load(volume_paths["mr_brain_gd.nii.gz"])
+    vol = read_volume(volume_paths["mr_brain_gd.nii.gz"])
+    np.testing.assert_allclose(vol.data, img.get_fdata(), rtol=1e-6, atol=1e-4)
+
+
+def test_dicom_meta_and_geometry(volume_paths, dicom_volume):
+    vol = dicom_volume
+    assert vol.meta["Modality"] == "CT"
+    assert "SeriesInstanceUID" in vol.meta
+    # Every file: the voxel (0, 0, k) of its slice is its ImagePositionPatient, in RAS; its pixels
+    # (rescaled, transposed to x=column, y=row) are data[:, :, k].
+    for f in _dicom_files(volume_paths)[::6]:
+        ds = pydicom.dcmread(f)
+        lps = np.array([float(v) for v in ds.ImagePositionPatient])
+        ras = lps * [-1, -1, 1]
+        k = (ras[2] - vol.affine[2, 3]) / vol.affine[2, 2]
+        assert k == pytest.approx(round(k)) and 0 <= round(k) < 20
+        k = int(round(k))
+        np.testing.assert_allclose(vol.affine @ [0, 0, k, 1], [*ras, 1], atol=1e-6)
+        expected = ds.pixel_array.T.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        np.testing.assert_array_equal(vol.data[:, :, k], expected)
+    # slices ascend along the normal (here +z: superior)
+    assert vol.affine[2, 2] > 0
+
+
+def test_dicom_shuffled_renamed_with_junk(volume_paths, dicom_volume, tmp_path):
+    files = _dicom_files(volume_paths)
+    rng = random.Random(1234)
+    shuffled = files[:]
+    rng.shuffle(shuffled)
+    for i, f in enumerate(shuffled):
+        shutil.copy(f, tmp_path / f"img_{rng.randrange(10**9):09d}_{i}")
+    (tmp_path / "README.txt").write_text("not a DICOM file\n")
+    (tmp_path / ".DS_Store").write_bytes(os.urandom(300))
+    _write_non_image_dicom(tmp_path / "zz_report.dcm", series_uid="")
+    (tmp_path / "subdir").mkdir()
+    vol = read_volume(tmp_path)
+    np.testing.assert_array_equal(vol.data, dicom_volume.data)
+    np.testing.assert_array_equal(vol.affine, dicom_volume.affine)
+    assert vol.spacing == dicom_volume.spacing
+
+
+def test_dicom_mixed_series(volume_paths, tmp_path):
+    files = _dicom_files(volume_paths)
+    for f in files[:4]:
+        shutil.copy(f, tmp_path / f.name)
+    for f in files[4:8]:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+        ds.save_as(tmp_path / f"other_{f.name}")
+    with pytest.raises(VolumeError, match=r"directory holds 2 DICOM series; pass one series directory"):
+        read_volume(tmp_path)
+
+
+def test_dicom_missing_middle_slice(volume_paths, tmp_path):
+    files = _dicom_files(volume_paths)
+    for f in files[:9] + files[10:]:
+        shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(VolumeError, match=r"uneven slice spacing.*gap between sorted slices \d+ and \d+.*4 mm, expected 2 mm") as ei:
+        read_volume(tmp_path)
+    assert "\n" not in str(ei.value)
+
+
+def test_dicom_duplicate_position(volume_paths, tmp_path):
+    files = _dicom_files(volume_paths)[:5]
+    for f in files:
+        shutil.copy(f, tmp_path / f.name)
+    shutil.copy(files[2], tmp_path / "copy_of_slice")
+    with pytest.raises(VolumeError, match="duplicate slice position"):
+        read_volume(tmp_path)
+
+
+def test_dicom_truncated_file(volume_paths, tmp_path):
+    files = _dicom_files(volume_paths)[:5]
+    for f in files:
+        shutil.copy(f, tmp_path / f.name)
+    target = tmp_path / files[-1].name  # an end slice: must not be silently dropped
+    target.write_bytes(target.read_bytes()[:20000])
+    with pytest.raises(VolumeError, match="truncated or corrupt") as ei:
+        read_volume(tmp_path)
+    assert "\n" not in str(ei.value)
+
+
+def test_dicom_empty_and_junk_dirs(tmp_path):
+    with pytest.raises(VolumeError, match="no DICOM image files"):
+        read_volume(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(VolumeError, match="no DICOM image files"):
+        read_volume(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic DICOM series (non-square, oblique, rescale variants)
+# ------------------------------------------------------------------------------------------------
+
+
+def _ds_str(v: float) -> str:
+    return f"{v:.10g}"[:16]
+
+
+def _base_dataset(path: Path, series_uid: str) -> FileDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "CT"
+    return ds
+
+
+def _write_non_image_dicom(path: Path, series_uid: str) -> None:
+    ds = _base_dataset(path, series_uid)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality = "SR"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _write_slice(path, pixels, ipp, iop, pixel_spacing, *, slope=None, inter=None, series_uid="1.2.3.4"):
+    pixels = np.asarray(pixels)
+    ds = _base_dataset(path, series_uid)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    ds.ImagePositionPatient = [_ds_str(v) for v in ipp]
+    ds.ImageOrientationPatient = [_ds_str(v) for v in iop]
+    ds.PixelSpacing = [_ds_str(v) for v in pixel_spacing]
+    if slope is not None:
+        ds.RescaleSlope = _ds_str(slope)
+    if inter is not None:
+        ds.RescaleIntercept = _ds_str(inter)
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+# oblique: row direction r, column direction c, normal n = r x c
+R_DIR = np.array([0.6, 0.8, 0.0])
+C_DIR = np.array([0.0, 0.0, -1.0])
+N_DIR = np.cross(R_DIR, C_DIR)
+P0 = np.array([10.0, -20.0, 30.0])
+
+
+def _synthetic_series(tmp_path, *, n=5, rows=6, cols=8, gap=1.5, ps=(0.5, 0.7), dtype=np.int16,
+                      slopes=None, inters=None, skip=(), order_seed=0, pixels_fn=None):
+    """Write slices in shuffled order with random names; return the pixel arrays in slice order."""
+    rng = np.random.default_rng(order_seed)
+    stack = []
+    for k in range(n):
+        if pixels_fn is None:
+            px = (np.arange(rows)[:, None] * 100 + np.arange(cols)[None, :] + 1000 * k).astype(dtype)
+        else:
+            px = pixels_fn(k, rows, cols)
+        stack.append(px)
+    for k in rng.permutation(n):
+        if k in skip:
+            continue
+        ipp = P0 + k * gap * N_DIR
+        _write_slice(
+            tmp_path / f"x{rng.integers(10**8)}_{k}.dcm", stack[k], ipp, [*R_DIR, *C_DIR], ps,
+            slope=None if slopes is None else slopes[k], inter=None if inters is None else inters[k],
+        )
+    return stack
+
+
+def test_synthetic_oblique_nonsquare(tmp_path):
+    stack = _synthetic_series(tmp_path, rows=6, cols=8, ps=(0.5, 0.7), gap=1.5)
+    vol = read_volume(tmp_path)
+    assert vol.shape == (8, 6, 5)  # (columns, rows, slices)
+    assert vol.dtype == np.int16
+    np.testing.assert_allclose(vol.spacing, (0.7, 0.5, 1.5))
+    for k, px in enumerate(stack):
+        np.testing.assert_array_equal(vol.data[:, :, k], px.T)
+    # voxel (i, j, k) -> LPS = P0 + i*0.7*r + j*0.5*c + k*1.5*n  -> RAS = LPS * (-1, -1, 1)
+    for i, j, k in [(0, 0, 0), (7, 0, 0), (0, 5, 0), (3, 2, 4), (7, 5, 4)]:
+        lps = P0 + i * 0.7 * R_DIR + j * 0.5 * C_DIR + k * 1.5 * N_DIR
+        np.testing.assert_allclose(vol.affine @ [i, j, k, 1], [*(lps * [-1, -1, 1]), 1], atol=1e-6)
+    assert vol.meta["SeriesInstanceUID"] == "1.2.3.4" and vol.meta["format"] == "dicom"
+
+
+def test_synthetic_rescale_int16(tmp_path):
+    stack = _synthetic_series(tmp_path, dtype=np.uint16, inters=[-1024] * 5, slopes=[1] * 5)
+    vol = read_volume(tmp_path)
+    assert vol.dtype == np.int16
+    np.testing.assert_array_equal(vol.data[:, :, 3], stack[3].T.astype(np.int32) - 1024)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(slopes=[0.5] * 5, inters=[0] * 5),  # non-unit slope
+        dict(slopes=[1] * 5, inters=[0.5] * 5),  # fractional intercept
+        dict(slopes=[1, 1, 2, 1, 1], inters=[0] * 5),  # per-slice slope
+        dict(dtype=np.uint16, pixels_fn=lambda k, r, c: np.full((r, c), 60000 + k, np.uint16)),  # > int16
+    ],
+)
+def test_synthetic_rescale_float32(tmp_path, kwargs):
+    stack = _synthetic_series(tmp_path, **kwargs)
+    vol = read_volume(tmp_path)
+    assert vol.dtype == np.float32
+    slopes = kwargs.get("slopes") or [1] * 5
+    inters = kwargs.get("inters") or [0] * 5
+    for k, px in enumerate(stack):
+        np.testing.assert_array_equal(vol.data[:, :, k], (px.T.astype(np.float64) * slopes[k] + inters[k]).astype(np.float32))
+
+
+def test_synthetic_missing_slice_and_inconsistent_size(tmp_path):
+    d1 = tmp_path / "a"
+    d1.mkdir()
+    _synthetic_series(d1, n=6, skip=(3,))
+    with pytest.raises(VolumeError, match="uneven slice spacing.*slices 2 and 3"):
+        read_volume(d1)
+    d2 = tmp_path / "b"
+    d2.mkdir()
+    _synthetic_series(d2, n=4)
+    _write_slice(d2 / "odd.dcm", np.zeros((5, 8), np.int16), P0 + 4 * 1.5 * N_DIR, [*R_DIR, *C_DIR], (0.5, 0.7))
+    with pytest.raises(VolumeError, match="inconsistent image size"):
+        read_volume(d2)
+
+
+def test_single_slice_series(tmp_path):
+    _synthetic_series(tmp_path, n=1)
+    with pytest.raises(VolumeError, match="single slice"):
+        read_volume(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# NIfTI / npy
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_nifti_round_trip_real(name, volume_paths, dicom_volume, tmp_path):
+    vol = dicom_volume if name == "ct_series_dicom" else read_volume(volume_paths[name])
+    suffix = ".nii.gz" if name in ("ct_head_uint8.nii.gz", "ct_abdomen.nii.gz") else ".nii"
+    out = tmp_path / f"out{suffix}"
+    assert write_volume(vol, out) == out
+    back = read_volume(out)
+    assert back.dtype == vol.dtype
+    np.testing.assert_array_equal(back.data, vol.data)
+    np.testing.assert_array_equal(back.affine, vol.affine)
+    assert back.spacing == vol.spacing
+    assert back.meta == {"source": str(out), "format": "nifti"}
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp file left
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    dtype=st.sampled_from(SUPPORTED_DTYPES),
+    shape=st.tuples(*[st.integers(1, 6)] * 3),
+    suffix=st.sampled_from([".nii", ".nii.gz", ".npy"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_round_trip_all_dtypes(tmp_path, dtype, shape, suffix, seed):
+    rng = np.random.default_rng(seed)
+    if dtype.kind == "f":
+        data = (rng.standard_normal(shape) * 1e3).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        data = rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+    affine = np.diag([0.5, 0.75, 2.0, 1.0])
+    affine[:3, 3] = [-10.25, 3.5, 7.0]
+    vol = Volume(data, spacing=(0.5, 0.75, 2.0), affine=affine)
+    out = tmp_path / f"rt_{seed}{suffix}"
+    write_volume(vol, out)
+    back = read_volume(out)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back.data, data)
+    if suffix == ".npy":
+        assert back.spacing == (1.0, 1.0, 1.0)
+        np.testing.assert_array_equal(back.affine, np.eye(4))
+        assert back.meta["format"] == "npy"
+    else:
+        np.testing.assert_array_equal(back.affine, affine)
+        assert back.spacing == (0.5, 0.75, 2.0)
+    out.unlink()
+
+
+def test_nifti_arbitrary_affine_float32_precision(tmp_path):
+    rng = np.random.default_rng(0)
+    affine = np.eye(4)
+    affine[:3, :] = rng.standard_normal((3, 4)) * 3
+    vol = Volume(np.arange(24, dtype=np.int16).reshape(2, 3, 4), spacing=(1.0, 1.0, 1.0), affine=affine)
+    write_volume(vol, tmp_path / "a.nii")
+    back = read_volume(tmp_path / "a.nii")
+    np.testing.assert_allclose(back.affine, affine, rtol=1e-6, atol=1e-6)  # sform is float32
+    assert back.spacing == (1.0, 1.0, 1.0)
+
+
+def test_nifti_scaled_and_big_endian(tmp_path):
+    raw = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(2.0, 10.0)
+    nib.save(img, tmp_path / "scaled.nii")
+    vol = read_volume(tmp_path / "scaled.nii")
+    assert vol.dtype == np.float32
+    np.testing.assert_array_equal(vol.data, raw.astype(np.float32) * 2 + 10)
+
+    hdr = nib.Nifti1Header(endianness=">")
+    hdr.set_data_dtype(">i2")
+    img = nib.Nifti1Image(raw.astype(">i2"), np.eye(4), header=hdr)
+    nib.save(img, tmp_path / "be.nii")
+    assert nib.load(tmp_path / "be.nii").get_data_dtype() == np.dtype(">i2")
+    vol = read_volume(tmp_path / "be.nii")
+    assert vol.dtype == np.dtype("int16") and vol.data.dtype.isnative
+    np.testing.assert_array_equal(vol.data, raw)
+
+
+def test_nifti_4d_singleton_squeezed(tmp_path):
+    data = np.arange(24, dtype=np.uint8).reshape(2, 3, 4, 1)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "s.nii.gz")
+    vol = read_volume(tmp_path / "s.nii.gz")
+    assert vol.shape == (2, 3, 4)
+    np.testing.assert_array_equal(vol.data, data[..., 0])
+
+
+@pytest.mark.parametrize(
+    "data, pattern",
+    [
+        (np.zeros((2, 3, 4, 5), np.int16), r"4D image of shape \(2, 3, 4, 5\).*a 3D volume is needed"),
+        (np.zeros((5, 6), np.int16), r"2D image of shape \(5, 6\).*a 3D volume is needed"),
+        (np.array([[[0.0, np.nan]]], np.float32), "NaN or Inf"),
+        (np.array([[[0.0, np.inf]]], np.float64), "NaN or Inf"),
+        (np.zeros((0, 3, 4), np.int16), "empty"),
+        (np.zeros((2, 3, 4), np.complex64), "unsupported dtype complex64"),
+        (np.zeros((2, 3, 4), np.int64), "unsupported dtype int64"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".npy"])
+def test_bad_arrays_rejected(tmp_path, data, pattern, suffix):
+    path = tmp_path / f"bad{suffix}"
+    if suffix == ".npy":
+        np.save(path, data)
+    else:
+        nib.save(nib.Nifti1Image(data, np.eye(4), dtype=data.dtype), path)
+    with pytest.raises(VolumeError, match=pattern) as ei:
+        read_volume(path)
+    assert "\n" not in str(ei.value) and str(path) in str(ei.value)
+
+
+def test_npy_bool_pickle_and_npz_rejected(tmp_path):
+    np.save(tmp_path / "b.npy", np.zeros((2, 3, 4), bool))
+    with pytest.raises(VolumeError, match="unsupported dtype bool"):
+        read_volume(tmp_path / "b.npy")
+    np.save(tmp_path / "o.npy", np.empty((2, 2, 2), dtype=object), allow_pickle=True)
+    with pytest.raises(VolumeError, match="cannot read .npy file"):
+        read_volume(tmp_path / "o.npy")
+    np.savez(tmp_path / "z.npz", a=np.zeros(3))
+    os.rename(tmp_path / "z.npz", tmp_path / "z.npy")
+    with pytest.raises(VolumeError, match="cannot read .npy file"):
+        read_volume(tmp_path / "z.npy")
+
+
+def test_missing_corrupt_and_unsupported_inputs(tmp_path, volume_paths):
+    with pytest.raises(VolumeError, match="no such file or directory: .*nope.nii.gz"):
+        read_volume(tmp_path / "nope.nii.gz")
+    (tmp_path / "text.nii").write_text("definitely not nifti\n" * 30)
+    (tmp_path / "garbage.nii.gz").write_bytes(os.urandom(5000))
+    good = volume_paths["ct_head_uint8.nii.gz"].read_bytes()
+    (tmp_path / "trunc.nii.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "trunc.npy").write_bytes(np.lib.format.magic(1, 0) + b"\x10\x00{'descr': '<i2'")
+    for name in ("text.nii", "garbage.nii.gz", "trunc.nii.gz", "trunc.npy"):
+        with pytest.raises(VolumeError, match=r"cannot read (NIfTI|\.npy) file") as ei:
+            read_volume(tmp_path / name)
+        assert "\n" not in str(ei.value)
+    (tmp_path / "scan.mha").write_bytes(b"x")
+    with pytest.raises(VolumeError, match=r"unsupported input file type: scan.mha; supported: \.nii, \.nii\.gz, \.npy"):
+        read_volume(tmp_path / "scan.mha")
+    vol = Volume(np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(VolumeError, match=r"unsupported output file type: out.mha; supported: \.nii, \.nii\.gz, \.npy"):
+        write_volume(vol, tmp_path / "out.mha")
+    with pytest.raises(VolumeError, match="NaN"):
+        write_volume(Volume(np.full((2, 2, 2), np.nan, np.float32)), tmp_path / "nan.nii")
+    assert not (tmp_path / "nan.nii").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic output
+# ------------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_bytes_and_overwrite(tmp_path):
+    p = tmp_path / "out.ftz"
+    atomic_write_bytes(p, b"first")
+    assert p.read_bytes() == b"first"
+    with pytest.raises(FedtensorError, match=r"output exists: .*out.ftz \(use --force to overwrite\)"):
+        atomic_write_bytes(p, b"second")
+    assert p.read_bytes() == b"first"
+    atomic_write_bytes(p, b"second", force=True)
+    assert p.read_bytes() == b"second"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out.ftz"]
+    mode = p.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+
+
+def test_atomic_path_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "vol.nii.gz"
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(target) as tmp:
+            seen.append(tmp)
+            assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz") and tmp != target
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("boom")
+    assert not seen[0].exists() and not target.exists()
+    assert list(tmp_path.iterdir()) == []
+    # an existing output survives a failed forced overwrite untouched
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target, force=True) as tmp:
+            tmp.write_bytes(b"new, partial")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["vol.nii.gz"]
+
+
+def test_write_volume_failure_and_refusal(tmp_path, monkeypatch):
+    vol = Volume(np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    out = tmp_path / "v.nii.gz"
+
+    def failing_save(img, filename):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", failing_save)
+    with pytest.raises(FedtensorError, match="cannot write .*v.nii.gz: No space left on device"):
+        write_volume(vol, out)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    write_volume(vol, out)
+    before = out.read_bytes()
+    with pytest.raises(FedtensorError, match="output exists"):
+        write_volume(Volume(np.zeros((2, 3, 4), np.int16)), out)
+    assert out.read_bytes() == before
+    write_volume(Volume(np.zeros((2, 3, 4), np.int16)), out, force=True)
+    assert not read_volume(out).data.any()
+    np.save(tmp_path / "a.npy", np.zeros(1))
+    with pytest.raises(FedtensorError, match="output exists"):
+        write_volume(vol, tmp_path / "a.npy")
+
+
+def test_atomic_bad_destinations(tmp_path):
+    with pytest.raises(FedtensorError, match="output directory does not exist"):
+        atomic_write_bytes(tmp_path / "missing" / "x.bin", b"")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FedtensorError, match="output directory is not a directory"):
+        atomic_write_bytes(tmp_path / "file" / "x.bin", b"")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(FedtensorError, match="output path is a directory"):
+        atomic_write_bytes(tmp_path / "adir", b"", force=True)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_atomic_unwritable_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(FedtensorError, match="permission denied"):
+            atomic_write_bytes(ro / "x.bin", b"data")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_atomic_permission_denied_simulated(tmp_path, monkeypatch):
+    """Same check as above for CI runners that run as root: os.open refusing the temp file."""
+    real_open = os.open
+
+    def deny(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(FedtensorError, match=r"cannot write to .*: permission denied"):
+        atomic_write_bytes(tmp_path / "x.bin", b"data")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
