@@ -1,0 +1,227 @@
+"""``compress`` / ``decompress``: rate control, the exact paths, and the .ftz header."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedtensor import __version__
+from fedtensor.codec import blocktucker, lossless, omlsvd_global
+from fedtensor.codec.container import pack, unpack
+from fedtensor.errors import FedtensorError, FormatError, RateError
+from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
+
+CODECS = ("block-tucker", "omlsvd-global")
+EXACT_CODECS = ("lossless", "max-error")
+MAX_VOXELS = 1 << 31
+_MAX_RETRIES = 30
+
+
+def _psnr(x: np.ndarray, y: np.ndarray, value_range: float) -> float:
+    mse = float(np.mean(np.square(x - y, dtype=np.float64)))
+    return math.inf if mse == 0 else 20 * math.log10(max(value_range, 1e-300) / math.sqrt(mse))
+
+
+def to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast a float reconstruction to the volume's dtype (round and clip for integers)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype)
+
+
+def _integer_valued(a: np.ndarray) -> bool:
+    if a.dtype.kind in "iu":
+        return True
+    return bool(np.all(np.abs(a) < 2**52) and np.array_equal(a, np.rint(a)))
+
+
+def _transform(codec: str, x: np.ndarray, block: int, max_sse: float):
+    if codec == "block-tucker":
+        return blocktucker.BlockTucker(x, block)
+    return omlsvd_global.GlobalTucker(x, max_sse)
+
+
+def _lossy(volume: Volume, codec: str, block: int, psnr: float | None, bpv: float | None, header: dict):
+    """Transform codecs under a PSNR floor (largest step that meets it) or a bits-per-voxel ceiling."""
+    data = volume.data
+    x = data.astype(np.float64)
+    value_range = float(x.max() - x.min())
+    n = x.size
+    target_psnr = psnr if psnr is not None else 20.0
+    max_sse = n * (max(value_range, 1e-12) / 10 ** (target_psnr / 20)) ** 2
+    tr = _transform(codec, x, block, max_sse)
+
+    def attempt(step: float):
+        q = tr.quantize(step)
+        decoded = to_dtype(tr.reconstruct(q, step), data.dtype)
+        params, sections = tr.encode(q, step)
+        stats = {"psnr": _psnr(x, decoded, value_range), "max_abs_error": float(np.max(np.abs(x - decoded)))}
+        return pack({**header, "params": params, "stats": stats}, sections), stats
+
+    if psnr is not None:
+        step = tr.step_for_sse(max_sse, value_range)
+        for _ in range(_MAX_RETRIES):
+            q = tr.quantize(step)
+            decoded = to_dtype(tr.reconstruct(q, step), data.dtype)
+            if _psnr(x, decoded, value_range) >= psnr:
+                return attempt(step)[0]
+            step *= 0.97  # padding/rounding made the coefficient-domain estimate optimistic
+        raise RateError(f"could not reach {psnr} dB (the dtype's rounding limits the attainable PSNR)")
+    budget = bpv * n / 8
+    lo, hi = value_range * 1e-6 + 1e-12, max(value_range, 1e-6) * 8 * block**1.5
+    best, top = None, attempt(hi)
+    if len(top[0]) > budget:
+        raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs {8 * len(top[0]) / n:.4f}")
+    best = top[0]
+    for _ in range(16):  # bisection on the log step: bytes fall as the step grows
+        mid = math.sqrt(lo * hi)
+        blob, _ = attempt(mid)
+        if len(blob) <= budget:
+            best, hi = blob, mid
+        else:
+            lo = mid
+        if hi / lo < 1.01:
+            break
+    return best
+
+
+def _exact(volume: Volume, max_error: float | None, header: dict) -> bytes:
+    """Lossless (``max_error`` None or < 1 on integers) or near-lossless on a grid of step 2E."""
+    data = volume.data
+    integer = data.dtype.kind in "iu"
+    if max_error is None:
+        if not _integer_valued(data):
+            raise RateError("--lossless needs integer-valued voxels; use --max-error for float volumes")
+        offset = int(data.min())
+        params, sections = lossless.encode_integers(data.astype(np.int64) - offset)
+        return pack({**header, "codec": "lossless", "params": {**params, "offset": offset, "step": 1},
+                     "stats": {"psnr": math.inf, "max_abs_error": 0.0}}, sections)
+    if integer:
+        e = int(math.floor(max_error))
+        k, offset = 2 * e + 1, int(data.min())
+        q = (data.astype(np.int64) - offset + e) // k
+        return _pack_grid(data, q, k, offset, header, max_error)
+    x = data.astype(np.float64)
+    offset = float(x.min())
+    step = 2.0 * max_error
+    for _ in range(_MAX_RETRIES):
+        q = np.rint((x - offset) / step)
+        if q.max(initial=0) >= 2**50:
+            raise RateError(f"--max-error {max_error} is too small for this volume's range")
+        decoded = to_dtype(offset + q * step, data.dtype)
+        if float(np.max(np.abs(decoded - x))) <= max_error:
+            return _pack_grid(data, q.astype(np.int64), step, offset, header, max_error)
+        step *= 1 - 1e-6  # the output dtype's rounding ate into the bound: tighten the grid
+    raise RateError(f"--max-error {max_error} is below the precision of this {data.dtype} volume")
+
+
+def _pack_grid(data, q, step, offset, header, max_error) -> bytes:
+    params, sections = lossless.encode_integers(q)
+    decoded = _dequantize_grid(q, step, offset, data.dtype)
+    err = float(np.max(np.abs(decoded.astype(np.float64) - data)))
+    if err > max_error:  # the guarantee is checked, never assumed
+        raise FedtensorError(f"internal error: max-error bound violated ({err} > {max_error})")
+    value_range = float(data.max()) - float(data.min())
+    stats = {"psnr": _psnr(data.astype(np.float64), decoded, value_range), "max_abs_error": err}
+    return pack({**header, "codec": "max-error", "params": {**params, "step": step, "offset": offset},
+                 "stats": stats}, sections)
+
+
+def _dequantize_grid(q, step, offset, dtype) -> np.ndarray:
+    return to_dtype(offset + q.astype(np.float64) * step, dtype)
+
+
+def compress(volume: Volume, *, psnr: float | None = None, max_error: float | None = None,
+             bpv: float | None = None, lossless: bool = False, codec: str = "block-tucker", block: int = 8) -> bytes:
+    """Compress a :class:`Volume` to ``.ftz`` bytes.
+
+    Exactly one target: ``psnr`` (dB floor, guaranteed), ``max_error`` (every voxel within ±E,
+    guaranteed), ``bpv`` (bits-per-voxel ceiling, best quality within it) or ``lossless`` (bit-exact
+    for integer-valued volumes). Default: ``psnr=45``.
+    """
+    volume.validate()
+    chosen = [m for m, v in (("psnr", psnr), ("max_error", max_error), ("bpv", bpv), ("lossless", lossless or None))
+              if v is not None]
+    if len(chosen) > 1:
+        raise RateError(f"choose one target, got {', '.join(chosen)}")
+    if not chosen:
+        psnr, chosen = 45.0, ["psnr"]
+    if codec not in CODECS:
+        raise RateError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
+    if psnr is not None and not (0 < psnr < 400):
+        raise RateError(f"--psnr must be a positive number of dB, got {psnr}")
+    if bpv is not None and not bpv > 0:
+        raise RateError(f"--bpv must be positive, got {bpv}")
+    if max_error is not None and not max_error >= 0:
+        raise RateError(f"--max-error must be >= 0, got {max_error}")
+    if not isinstance(block, int) or not 2 <= block <= 32:
+        raise RateError(f"--block must be an integer between 2 and 32, got {block}")
+    if volume.data.size >= MAX_VOXELS:
+        raise RateError(f"volume too large ({volume.data.size} voxels); the limit is {MAX_VOXELS}")
+    header = {
+        "library": f"fedtensor {__version__}", "codec": codec, "shape": list(volume.shape),
+        "dtype": volume.dtype.str, "spacing": list(volume.spacing), "affine": volume.affine.tolist(),
+        "target": {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)},
+        "modality": volume.meta.get("modality") or volume.meta.get("Modality"), "model": None,
+    }
+    if lossless or (max_error is not None and (max_error < 1 and volume.dtype.kind in "iu")):
+        blob = _exact(volume, None, header)
+    elif max_error is not None:
+        blob = _exact(volume, max_error, header)
+    else:
+        blob = _lossy(volume, codec, block, psnr, bpv, header)
+    return blob
+
+
+def _check_header(h: dict) -> tuple[tuple[int, int, int], np.dtype]:
+    try:
+        shape = tuple(int(n) for n in h["shape"])
+        dtype = np.dtype(h["dtype"])
+        if (len(shape) != 3 or min(shape) < 1 or math.prod(shape) >= MAX_VOXELS or dtype not in SUPPORTED_DTYPES
+                or np.asarray(h["affine"], float).shape != (4, 4) or len(h["spacing"]) != 3
+                or not isinstance(h.get("params"), dict)):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise FormatError("corrupted .ftz header: bad shape, dtype or geometry") from None
+    return shape, dtype
+
+
+def decompress(data: bytes) -> Volume:
+    """Decode ``.ftz`` bytes back to a :class:`Volume` (original dtype, spacing and affine)."""
+    h, sections = unpack(data)
+    shape, dtype = _check_header(h)
+    p, codec = h["params"], h.get("codec")
+    try:
+        if codec == "block-tucker":
+            x = to_dtype(blocktucker.decode(p, sections, shape), dtype)
+        elif codec == "omlsvd-global":
+            x = to_dtype(omlsvd_global.decode(p, sections, shape), dtype)
+        elif codec in EXACT_CODECS:
+            q = lossless.decode_integers(p, sections, shape)
+            x = _dequantize_grid(q, float(p["step"]), float(p["offset"]), dtype)
+            if codec == "lossless" and dtype.kind in "iu":
+                x = (q + int(p["offset"])).astype(dtype)
+        else:
+            raise FormatError(f"unknown codec {codec!r} in .ftz file (written by a newer fedtensor?)")
+    except FedtensorError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, ZeroDivisionError) as err:
+        raise FormatError(f"corrupted .ftz payload ({err.__class__.__name__})") from None
+    if x.shape != shape:
+        raise FormatError("corrupted .ftz payload (shape mismatch)")
+    meta = {"format": "ftz", "codec": codec}
+    if h.get("modality"):
+        meta["modality"] = h["modality"]
+    return Volume(x, tuple(h["spacing"]), np.asarray(h["affine"], float), meta)
+
+
+def read_info(data: bytes) -> dict:
+    """The validated header of ``.ftz`` bytes, plus ``file_bytes``, ``bits_per_voxel`` and ``ratio``."""
+    h, _ = unpack(data)
+    shape, dtype = _check_header(h)
+    n = math.prod(shape)
+    return {**h, "file_bytes": len(data), "bits_per_voxel": 8 * len(data) / n,
+            "ratio": n * dtype.itemsize / len(data)}

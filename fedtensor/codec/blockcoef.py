@@ -1,0 +1,55 @@
+"""Entropy coding of quantised block-transform coefficients ``Q[gx, gy, gz, b, b, b]``.
+
+Bands are coded in order of their degree ``i + j + k`` (low frequencies first; the bases are sorted by
+energy, so this is also decreasing variance). All bands of one degree form one grid, whose parent
+activity is the sum of |Q| at the (up to three) bands of degree − 1 adjacent to each band in the same
+block. The DC band is decorrelated first by a 3D Lorenzo predictor (exactly invertible by cumulative
+sums), since neighbouring block means are strongly correlated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedtensor.codec.entropy import BinaryStream
+from fedtensor.codec.grid import GridCoder
+
+
+def lorenzo(a: np.ndarray) -> np.ndarray:
+    """3D Lorenzo prediction residual of an integer grid (zero outside)."""
+    for ax in range(3):
+        a = np.diff(a, axis=ax, prepend=0)
+    return a
+
+
+def inverse_lorenzo(r: np.ndarray) -> np.ndarray:
+    for ax in range(3):
+        r = np.cumsum(r, axis=ax)
+    return r
+
+
+def _degrees(b: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    i, j, k = np.indices((b, b, b)).reshape(3, -1)
+    d = i + j + k
+    return [(i[d == n], j[d == n], k[d == n]) for n in range(3 * (b - 1) + 1)]
+
+
+def code_block_coefficients(s: BinaryStream, grid: tuple[int, int, int], b: int, q: np.ndarray | None = None) -> np.ndarray:
+    """Encode ``q`` (or decode, when ``s`` is decoding) and return the coefficients."""
+    coder = GridCoder()
+    out = np.zeros((*grid, b + 1, b + 1, b + 1), np.int64)  # leading zero slot = "no parent"
+    absq = np.zeros_like(out)
+    for degree, (i, j, k) in enumerate(_degrees(b)):
+        shape = (*grid, len(i))
+        if degree == 0:
+            values = None if q is None else lorenzo(q[..., :1, 0, 0].astype(np.int64))
+            parent = np.zeros(shape, np.int64)
+            dc = coder.code(s, shape, parent, 0, values)
+            band = inverse_lorenzo(dc) if s.decoding else q[..., :1, 0, 0]
+        else:
+            parent = absq[..., i, j + 1, k + 1] + absq[..., i + 1, j, k + 1] + absq[..., i + 1, j + 1, k]
+            values = None if q is None else q[..., i, j, k]
+            band = coder.code(s, shape, parent, degree, values)
+        out[..., i + 1, j + 1, k + 1] = band
+        absq[..., i + 1, j + 1, k + 1] = np.abs(band)
+    return out[..., 1:, 1:, 1:]

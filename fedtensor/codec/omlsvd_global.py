@@ -1,0 +1,74 @@
+"""The paper's codec: one truncated Tucker (OMLSVD) of the whole volume, kept for comparison.
+
+Ranks are chosen so that truncation spends at most half of the error budget; the core is quantised
+with the rest of it and coded with the same context coder as the block codec; factor matrices travel
+as float32, which is the method's fixed overhead.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from fedtensor.codec.entropy import BinaryStream
+from fedtensor.codec.grid import GridCoder
+from fedtensor.codec.quantize import dequantize, largest_step_within, quantize
+from fedtensor.errors import FormatError
+from fedtensor.tensor.rank import ranks_for_error
+from fedtensor.tensor.tucker import hooi, tucker_to_tensor
+
+
+class GlobalTucker:
+    def __init__(self, x: np.ndarray, max_sse: float, n_iter: int = 5):
+        self.shape = tuple(x.shape)
+        self.offset = float(np.mean(x, dtype=np.float64))
+        xc = jnp.asarray(x - self.offset, jnp.float32)
+        norm2 = float(jnp.sum(jnp.square(xc)))
+        rel = float(np.sqrt(0.5 * max_sse / max(norm2, 1e-30)))
+        self.ranks = ranks_for_error(xc, min(rel, 1.0))
+        core, factors = hooi(xc, self.ranks, n_iter=n_iter)
+        self.factors = [jnp.asarray(np.asarray(f, np.float32)) for f in factors]
+        self.core = core
+        self.truncation_sse = max(norm2 - float(jnp.sum(jnp.square(core))), 0.0)
+
+    def step_for_sse(self, max_sse: float, value_range: float) -> float:
+        budget = max(max_sse - self.truncation_sse, 1e-3 * max_sse)
+        hi = max(value_range, 1e-6) * 4 * float(np.sqrt(np.prod(self.shape)))
+        return float(largest_step_within(self.core, budget, hi * 1e-12, hi))
+
+    def quantize(self, step: float):
+        return quantize(self.core, jnp.float32(step))
+
+    def reconstruct(self, q, step: float) -> np.ndarray:
+        return _reconstruct(q, step, self.factors, self.offset)
+
+    def encode(self, q, step: float) -> tuple[dict, list[bytes]]:
+        s = BinaryStream()
+        _code_core(s, self.ranks, np.asarray(q, np.int64))
+        params = {"ranks": list(self.ranks), "step": step, "offset": self.offset}
+        return params, [np.concatenate([np.asarray(f).ravel() for f in self.factors]).astype("<f4").tobytes(), s.finish()]
+
+
+def _code_core(s: BinaryStream, ranks, q: np.ndarray | None) -> np.ndarray:
+    shape = (*ranks, 1)
+    return GridCoder().code(s, shape, np.zeros(shape, np.int64), 0, None if q is None else q[..., None])[..., 0]
+
+
+def _reconstruct(q, step, factors, offset) -> np.ndarray:
+    x = tucker_to_tensor(dequantize(jnp.asarray(q), jnp.float32(step)), factors)
+    return np.asarray(x, np.float64) + offset
+
+
+def decode(params: dict, sections: list[bytes], shape) -> np.ndarray:
+    ranks = params.get("ranks")
+    if (not isinstance(ranks, list) or len(ranks) != 3 or len(sections) != 2
+            or not all(isinstance(r, int) and 1 <= r <= n for r, n in zip(ranks, shape))):
+        raise FormatError("corrupted omlsvd-global parameters")
+    sizes = [n * r for n, r in zip(shape, ranks)]
+    if len(sections[0]) != 4 * sum(sizes) or len(sections[1]) % 4:
+        raise FormatError("corrupted omlsvd-global payload")
+    flat = np.frombuffer(sections[0], "<f4")
+    bounds = np.cumsum([0, *sizes])
+    factors = [jnp.asarray(flat[a:b].reshape(n, r)) for a, b, n, r in zip(bounds[:-1], bounds[1:], shape, ranks)]
+    q = _code_core(BinaryStream(np.frombuffer(sections[1], np.uint32)), ranks, None)
+    return _reconstruct(q.astype(np.int32), float(params["step"]), factors, float(params["offset"]))
