@@ -38,10 +38,33 @@ def _integer_valued(a: np.ndarray) -> bool:
     return bool(np.all(np.abs(a) < 2**52) and np.array_equal(a, np.rint(a)))
 
 
-def _transform(codec: str, x: np.ndarray, block: int, max_sse: float):
+AUTO_BLOCKS = (4, 8)
+_TRIAL_SIDE = 64
+
+
+def _transform(codec: str, x: np.ndarray, block: int | None, max_sse: float):
     if codec == "block-tucker":
-        return blocktucker.BlockTucker(x, block)
+        return blocktucker.BlockTucker(x, block or _pick_block(x, max_sse / x.size))
     return omlsvd_global.GlobalTucker(x, max_sse)
+
+
+def _pick_block(x: np.ndarray, mse: float) -> int:
+    """The block size whose stream is smallest on a central crop, at the target's error level.
+
+    Fine textures (noisy chest CT) favour 4, smooth anatomy 8; a trial on ≤ 64³ voxels costs a
+    fraction of the full encode and picks reliably where cheap rate proxies did not.
+    """
+    crop = tuple(slice(max(0, (n - _TRIAL_SIDE) // 2), max(0, (n - _TRIAL_SIDE) // 2) + _TRIAL_SIDE) for n in x.shape)
+    sub = x[crop]
+    if min(sub.shape) < max(AUTO_BLOCKS):
+        return max(AUTO_BLOCKS)
+    value_range = float(x.max() - x.min())
+    sizes = []
+    for b in AUTO_BLOCKS:
+        bt = blocktucker.BlockTucker(sub, b)
+        step = bt.step_for_sse(mse * sub.size, value_range)
+        sizes.append(len(bt.encode(bt.quantize(step), step)[1][1]))
+    return AUTO_BLOCKS[int(np.argmin(sizes))]
 
 
 def _lossy(volume: Volume, codec: str, block: int, psnr: float | None, bpv: float | None, header: dict):
@@ -50,28 +73,32 @@ def _lossy(volume: Volume, codec: str, block: int, psnr: float | None, bpv: floa
     x = data.astype(np.float64)
     value_range = float(x.max() - x.min())
     n = x.size
-    target_psnr = psnr if psnr is not None else 20.0
+    target_psnr = psnr if psnr is not None else 45.0  # bpv mode: sizes ranks and blocks for a typical target
     max_sse = n * (max(value_range, 1e-12) / 10 ** (target_psnr / 20)) ** 2
     tr = _transform(codec, x, block, max_sse)
 
-    def attempt(step: float):
+    def quantized(step: float):
         q = tr.quantize(step)
         decoded = to_dtype(tr.reconstruct(q, step), data.dtype)
+        return q, decoded, _psnr(x, decoded, value_range)
+
+    def attempt(step: float, q=None, decoded=None, reached=None):
+        if q is None:
+            q, decoded, reached = quantized(step)
         params, sections = tr.encode(q, step)
-        stats = {"psnr": _psnr(x, decoded, value_range), "max_abs_error": float(np.max(np.abs(x - decoded)))}
+        stats = {"psnr": reached, "max_abs_error": float(np.max(np.abs(x - decoded)))}
         return pack({**header, "params": params, "stats": stats}, sections), stats
 
     if psnr is not None:
         step = tr.step_for_sse(max_sse, value_range)
         for _ in range(_MAX_RETRIES):
-            q = tr.quantize(step)
-            decoded = to_dtype(tr.reconstruct(q, step), data.dtype)
-            if _psnr(x, decoded, value_range) >= psnr:
-                return attempt(step)[0]
-            step *= 0.97  # padding/rounding made the coefficient-domain estimate optimistic
+            q, decoded, reached = quantized(step)
+            if reached >= psnr:
+                return attempt(step, q, decoded, reached)[0]
+            step *= 0.99  # padding/rounding made the coefficient-domain estimate optimistic
         raise RateError(f"could not reach {psnr} dB (the dtype's rounding limits the attainable PSNR)")
     budget = bpv * n / 8
-    lo, hi = value_range * 1e-6 + 1e-12, max(value_range, 1e-6) * 8 * block**1.5
+    lo, hi = value_range * 1e-6 + 1e-12, max(value_range, 1e-6) * 8 * 32**1.5
     best, top = None, attempt(hi)
     if len(top[0]) > budget:
         raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs {8 * len(top[0]) / n:.4f}")
@@ -135,12 +162,14 @@ def _dequantize_grid(q, step, offset, dtype) -> np.ndarray:
 
 
 def compress(volume: Volume, *, psnr: float | None = None, max_error: float | None = None,
-             bpv: float | None = None, lossless: bool = False, codec: str = "block-tucker", block: int = 8) -> bytes:
+             bpv: float | None = None, lossless: bool = False, codec: str = "block-tucker",
+             block: int | None = None) -> bytes:
     """Compress a :class:`Volume` to ``.ftz`` bytes.
 
     Exactly one target: ``psnr`` (dB floor, guaranteed), ``max_error`` (every voxel within ±E,
     guaranteed), ``bpv`` (bits-per-voxel ceiling, best quality within it) or ``lossless`` (bit-exact
-    for integer-valued volumes). Default: ``psnr=45``.
+    for integer-valued volumes). Default: ``psnr=45``. ``block`` is the block-Tucker block side;
+    ``None`` picks it per volume (see :data:`AUTO_BLOCKS`).
     """
     volume.validate()
     chosen = [m for m, v in (("psnr", psnr), ("max_error", max_error), ("bpv", bpv), ("lossless", lossless or None))
@@ -157,7 +186,7 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         raise RateError(f"--bpv must be positive, got {bpv}")
     if max_error is not None and not max_error >= 0:
         raise RateError(f"--max-error must be >= 0, got {max_error}")
-    if not isinstance(block, int) or not 2 <= block <= 32:
+    if block is not None and (not isinstance(block, int) or not 2 <= block <= 32):
         raise RateError(f"--block must be an integer between 2 and 32, got {block}")
     if volume.data.size >= MAX_VOXELS:
         raise RateError(f"volume too large ({volume.data.size} voxels); the limit is {MAX_VOXELS}")

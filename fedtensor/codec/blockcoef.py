@@ -39,6 +39,7 @@ def code_block_coefficients(s: BinaryStream, grid: tuple[int, int, int], b: int,
     coder = GridCoder()
     out = np.zeros((*grid, b + 1, b + 1, b + 1), np.int64)  # leading zero slot = "no parent"
     absq = np.zeros_like(out)
+    block_sum = np.zeros((*grid, 1), np.int64)
     for degree, (i, j, k) in enumerate(_degrees(b)):
         shape = (*grid, len(i))
         if degree == 0:
@@ -49,7 +50,9 @@ def code_block_coefficients(s: BinaryStream, grid: tuple[int, int, int], b: int,
         else:
             parent = absq[..., i, j + 1, k + 1] + absq[..., i + 1, j, k + 1] + absq[..., i + 1, j + 1, k]
             values = None if q is None else q[..., i, j, k]
-            band = coder.code(s, shape, parent, degree, values)
+            band = coder.code(s, shape, parent, degree, values, extra=block_sum // 4)
         out[..., i + 1, j + 1, k + 1] = band
         absq[..., i + 1, j + 1, k + 1] = np.abs(band)
+        if degree:
+            block_sum += absq[..., i + 1, j + 1, k + 1].sum(axis=-1, keepdims=True)
     return out[..., 1:, 1:, 1:]

@@ -29,7 +29,7 @@ class BlockTucker:
     def step_for_sse(self, max_sse: float, value_range: float) -> float:
         """Largest quantiser step whose (coefficient-domain) error fits ``max_sse`` over the real voxels."""
         hi = max(value_range, 1e-6) * 4 * self.b**1.5
-        return float(largest_step_within(self.coef, max_sse / self.padding_ratio, hi * 1e-9, hi))
+        return largest_step_within(self.coef, max_sse / self.padding_ratio, hi * 1e-9, hi)
 
     def quantize(self, step: float) -> jax.Array:
         return quantize(self.coef, jnp.float32(step))

@@ -81,12 +81,12 @@ class BinaryStream:
         return self._coder.get_compressed().tobytes()
 
 
-def _chunks(n: int, first: int = 32):
+def _chunks(n: int, first: int = 64, growth: int = 4):
     """Geometrically growing chunks: early symbols of a batch still teach the tables quickly."""
     lo, size = 0, first
     while lo < n:
         yield slice(lo, min(n, lo + size))
-        lo, size = lo + size, size * 2
+        lo, size = lo + size, size * growth
 
 
 class SignedCoder:

@@ -42,17 +42,22 @@ class GridCoder:
     """Adaptive context state shared by all grids of one stream."""
 
     def __init__(self):
-        self.coder = SignedCoder(2 * N_BINS * N_BINS * N_CLASSES, 2 * 2 * N_BINS * N_CLASSES, N_CLASSES)
+        self.coder = SignedCoder(2 * N_BINS**3 * N_CLASSES, 2 * 2 * N_BINS * N_CLASSES, N_CLASSES)
 
     def code(
         self, s: BinaryStream, shape: tuple[int, int, int, int], parent: np.ndarray, cls: int,
-        values: np.ndarray | None = None,
+        values: np.ndarray | None = None, extra: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Code one grid of ``shape`` given ``parent`` activity (same shape, from decoded data)."""
+        """Code one grid of ``shape`` given ``parent`` activity (same shape, from decoded data).
+
+        ``extra`` is an optional further activity measure broadcastable to ``shape`` (e.g. the total
+        magnitude already coded in each block).
+        """
         cls = min(cls, N_CLASSES - 1)
         out = np.zeros(shape, np.int64) if values is None else np.asarray(values, np.int64)
         anchors = np.broadcast_to(checkerboard(shape[:3])[..., None], shape)
         pbin = activity_bin(parent)
+        ebin = np.broadcast_to(activity_bin(extra) if extra is not None else np.zeros((), np.int64), shape)
         for pass_id, sites, neighbour in (
             (0, anchors, face_sum(parent) // 2),
             (1, ~anchors, None),
@@ -61,7 +66,7 @@ class GridCoder:
                 neighbour = face_sum(np.abs(out))
             nbin = activity_bin(neighbour[sites])
             pb = pbin[sites]
-            ctx = ((pass_id * N_BINS + pb) * N_BINS + nbin) * N_CLASSES + cls
+            ctx = (((pass_id * N_BINS + pb) * N_BINS + nbin) * N_BINS + ebin[sites]) * N_CLASSES + cls
             mctx = (pass_id * 2 * N_BINS + np.minimum(pb + nbin, 2 * N_BINS - 1)) * N_CLASSES + cls
             decoded = self.coder.code(s, ctx, mctx, None if s.decoding else out[sites])
             if s.decoding:

@@ -34,7 +34,7 @@ class GlobalTucker:
     def step_for_sse(self, max_sse: float, value_range: float) -> float:
         budget = max(max_sse - self.truncation_sse, 1e-3 * max_sse)
         hi = max(value_range, 1e-6) * 4 * float(np.sqrt(np.prod(self.shape)))
-        return float(largest_step_within(self.core, budget, hi * 1e-12, hi))
+        return largest_step_within(self.core, budget, hi * 1e-12, hi)
 
     def quantize(self, step: float):
         return quantize(self.core, jnp.float32(step))
