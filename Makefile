@@ -1,0 +1,31 @@
+# fedtensor — developer entry points.  `make demo` and `make test` set up .venv themselves.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedtensor-installed
+DEMO_INPUT ?= examples/data/ct_head_uint8.nii.gz
+DEMO_OUT   ?= results/demo
+PYTEST_ARGS ?= -q
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+# Re-installs only when the packaging metadata changes (the install is editable, code edits need none).
+$(STAMP): pyproject.toml setup.py
+	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 found on PATH" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 is required, found " + sys.version.split()[0])'
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: venv
+	DEMO_OUT="$(DEMO_OUT)" PYTHON="$(VPY)" bash examples/demo.sh "$(DEMO_INPUT)"
+
+test: venv
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info results test-artifacts .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,400 @@
+"""The ``fedtensor`` command line: compress, decompress, info, evaluate.
+
+Thin by design: arguments are parsed and checked here, all work is done by :mod:`fedtensor`
+(``io.read_volume``/``write_volume``, ``codec.compress``/``decompress``/``read_info``, ``metrics``).
+Heavy modules (JAX) are imported inside the commands so that ``--help`` and ``--version`` stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from time import perf_counter
+from typing import Annotated, Any, Callable, Optional, Sequence
+
+import typer
+
+from fedtensor import __version__
+from fedtensor_cli import paths, render
+from fedtensor_cli.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERNAL,
+    UsageFailure,
+    cli_errors,
+    debug_enabled,
+    describe,
+    exit_code_for,
+    print_error,
+    report,
+)
+from fedtensor_cli.measure import quality, quality_from_stats, rate
+
+DEFAULT_PSNR = 45.0
+DEFAULT_CODEC = "block-tucker"
+OUTPUT_FORMATS = ("nii.gz", "nii", "npy")
+
+app = typer.Typer(
+    name="fedtensor",
+    help=(
+        "Compress 3D medical volumes (CT/MR: NIfTI, DICOM series, .npy) into .ftz streams by "
+        "block-Tucker transform coding, and decompress, inspect and evaluate them.\n\n"
+        "A directory INPUT that holds volume files (or only subdirectories) is a batch: "
+        "OUTPUT is then a directory. Errors print one 'error: …' line; exit codes: 0 ok, 1 error, "
+        "2 usage error, 3 internal error (FEDTENSOR_DEBUG=1 shows its traceback)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+InputArg = Annotated[Path, typer.Argument(metavar="INPUT", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedtensor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Block-Tucker compression of 3D medical volumes."""
+
+
+# --------------------------------------------------------------------------------------- option checks
+
+
+def rate_target(
+    psnr: float | None, max_error: float | None, bpv: float | None, lossless: bool
+) -> tuple[str, float | None]:
+    """The one rate-control mode the options ask for, as ``(mode, target)``; default ``("psnr", 45)``."""
+    given = [(m, v) for m, v in (("psnr", psnr), ("max_error", max_error), ("bpv", bpv)) if v is not None]
+    if lossless:
+        given.append(("lossless", None))
+    if len(given) > 1:
+        flags = ", ".join("--" + m.replace("_", "-") for m, _ in given)
+        raise UsageFailure(f"choose only one of --psnr, --max-error, --bpv, --lossless (got {flags})")
+    if not given:
+        return "psnr", DEFAULT_PSNR
+    mode, value = given[0]
+    if value is not None and value != value:  # NaN
+        raise UsageFailure(f"--{mode.replace('_', '-')} must be a number, got nan")
+    if mode == "psnr" and not 0 < value < float("inf"):
+        raise UsageFailure(f"--psnr must be a finite number of dB > 0, got {value:g}")
+    if mode == "max_error" and not 0 <= value < float("inf"):
+        raise UsageFailure(f"--max-error must be a finite number >= 0, got {value:g}")
+    if mode == "bpv" and not 0 < value < float("inf"):
+        raise UsageFailure(f"--bpv must be a finite number of bits per voxel > 0, got {value:g}")
+    return mode, value
+
+
+def _codec_kwargs(mode: str, target: float | None) -> dict[str, Any]:
+    return {"lossless": True} if mode == "lossless" else {mode: target}
+
+
+def _check_codec(codec: str, block: int | None) -> None:
+    from fedtensor.codec import CODECS
+
+    if codec not in CODECS:
+        raise UsageFailure(f"unknown codec {codec!r}; choose from: {', '.join(CODECS)}")
+    if block is not None and not 2 <= block <= 32:
+        raise UsageFailure(f"--block must be between 2 and 32, got {block}")
+
+
+# ------------------------------------------------------------------------------------ one-file workers
+
+
+def _compress_one(
+    src: Path, dst: Path, *, mode: str, target: float | None, codec: str, block: int | None, force: bool
+) -> dict[str, Any]:
+    from fedtensor.codec import compress, decompress, read_info
+    from fedtensor.io import read_volume
+    from fedtensor.io.atomic import atomic_write_bytes
+
+    paths.check_output(dst, force=force)
+    vol = read_volume(src)
+    t0 = perf_counter()
+    data = compress(vol, codec=codec, block=block, **_codec_kwargs(mode, target))
+    encode_s = perf_counter() - t0
+    info = read_info(data)
+    figures, decode_s = quality_from_stats(info.get("stats")), None
+    if figures is None:  # the codec did not record them: decode (cheap) and measure
+        t0 = perf_counter()
+        decoded = decompress(data)
+        decode_s = perf_counter() - t0
+        figures = quality(vol.data, decoded.data)
+    atomic_write_bytes(dst, data, force=force)
+    return {
+        "ok": True,
+        "input": src,
+        "output": dst,
+        "shape": list(vol.shape),
+        "dtype": str(vol.dtype),
+        "codec": info.get("codec", codec),  # "lossless"/"max-error" for the exact modes
+        "params": info.get("params", {"block": block}),
+        "mode": mode,
+        "target": target,
+        "original_bytes": vol.nbytes,
+        "compressed_bytes": len(data),
+        **rate(len(data), vol.shape, vol.dtype),
+        **figures,
+        "encode_seconds": encode_s,
+        "decode_seconds": decode_s,
+    }
+
+
+def _decompress_one(src: Path, dst: Path, *, force: bool) -> dict[str, Any]:
+    from fedtensor.codec import decompress, read_info
+    from fedtensor.io import write_volume
+
+    paths.check_output(dst, force=force)
+    data = src.read_bytes()
+    info = read_info(data)
+    t0 = perf_counter()
+    vol = decompress(data)
+    decode_s = perf_counter() - t0
+    write_volume(vol, dst, force=force)
+    return {
+        "ok": True,
+        "input": src,
+        "output": dst,
+        "shape": list(vol.shape),
+        "dtype": str(vol.dtype),
+        "codec": info.get("codec"),
+        "compressed_bytes": len(data),
+        "output_bytes": dst.stat().st_size,
+        "decode_seconds": decode_s,
+    }
+
+
+# ------------------------------------------------------------------------------------------ batch mode
+
+
+def _run_batch(
+    pairs: Sequence[tuple[Path, Path | None, str | None]],
+    work: Callable[[Path, Path], dict[str, Any]],
+    show: bool,
+) -> list[dict[str, Any]]:
+    """Run ``work(src, dst)`` on every pair; a failure is recorded for its file and the batch goes on."""
+    records: list[dict[str, Any]] = []
+    with render.progress_bar(len(pairs), show) as advance:
+        for src, dst, problem in pairs:
+            if problem is None:
+                try:
+                    record = work(src, dst)
+                except Exception as exc:  # noqa: BLE001 — reported per file
+                    if exit_code_for(exc) == EXIT_INTERNAL and debug_enabled():
+                        raise
+                    problem = describe(exc)
+            if problem is not None:
+                record = {"ok": False, "input": src, "output": dst, "error": problem}
+            records.append(record)
+            advance(src.name)
+    return records
+
+
+def _finish_batch(
+    command: str, src: Path, dst: Path, records: list[dict[str, Any]], json_out: bool, columns: Sequence[str]
+) -> None:
+    failed = [r for r in records if not r["ok"]]
+    if json_out:
+        render.emit_json(
+            {"command": command, "batch": True, "input": src, "output": dst,
+             "count": len(records), "failed": len(failed), "results": records}
+        )
+    else:
+        title = f"fedtensor {command}: {len(records) - len(failed)} of {len(records)} done"
+        render.out_console().print(render.batch_table(title, records, columns))
+    for r in failed:  # name the file unless the message already does
+        where = str(r["input"])
+        print_error(r["error"] if where in r["error"] else f"{Path(where).name}: {r['error']}")
+    if failed:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+# -------------------------------------------------------------------------------------------- commands
+
+
+@app.command()
+@cli_errors
+def compress(
+    input: InputArg,  # noqa: A002 — shadows the builtin inside the command only
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", show_default=False)],
+    psnr: Annotated[
+        Optional[float],
+        typer.Option("--psnr", metavar="DB", show_default=False,
+                     help=f"Target PSNR in dB (the default mode, at {DEFAULT_PSNR:g} dB)."),
+    ] = None,
+    max_error: Annotated[
+        Optional[float],
+        typer.Option("--max-error", metavar="E", show_default=False,
+                     help="Bound on every voxel's absolute error, in the volume's units."),
+    ] = None,
+    bpv: Annotated[
+        Optional[float],
+        typer.Option("--bpv", metavar="B", show_default=False, help="Target bits per voxel (whole file)."),
+    ] = None,
+    lossless: Annotated[bool, typer.Option("--lossless", help="Exact reconstruction (integer volumes).")] = False,
+    codec: Annotated[str, typer.Option("--codec", metavar="NAME", help="Codec: block-tucker or omlsvd-global.")] = DEFAULT_CODEC,
+    block: Annotated[
+        Optional[int], typer.Option("--block", metavar="N", help="Block edge length (default: chosen per volume).")
+    ] = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compress a volume (.nii, .nii.gz, .npy or a DICOM series directory) into an .ftz file.
+
+    Give at most one of --psnr, --max-error, --bpv, --lossless (default: --psnr 45). The PSNR, SSIM and max error reported are measured on the decoded stream.
+    """
+    mode, target = rate_target(psnr, max_error, bpv, lossless)
+    _check_codec(codec, block)
+    paths.require_input(input)
+    show = render.interactive(json_out)
+
+    def work(src: Path, dst: Path) -> dict[str, Any]:
+        return _compress_one(src, dst, mode=mode, target=target, codec=codec, block=block, force=force)
+
+    if input.is_dir() and paths.is_batch_dir(input):
+        inputs = paths.batch_volume_inputs(input)
+        paths.prepare_output_dir(output)
+        records = _run_batch(paths.batch_outputs(inputs, output, paths.FTZ_SUFFIX), work, show)
+        _finish_batch("compress", input, output, records, json_out,
+                      ("ratio", "bpv", "psnr", "ssim", "max_error", "time"))
+        return
+    paths.require_suffix(output, (paths.FTZ_SUFFIX,), "OUTPUT")
+    with render.status(f"compressing {input.name} …", show):
+        record = work(input, output)
+    if json_out:
+        render.emit_json({"command": "compress", **record})
+    else:
+        render.out_console().print(render.compress_table(record))
+
+
+@app.command()
+@cli_errors
+def decompress(
+    input: InputArg,  # noqa: A002 — shadows the builtin inside the command only
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", show_default=False)],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", metavar="|".join(OUTPUT_FORMATS),
+                     help="Output format in directory mode (a single OUTPUT's suffix picks its format)."),
+    ] = OUTPUT_FORMATS[0],
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Decompress an .ftz file into OUTPUT (.nii.gz, .nii or .npy).
+
+    With a directory INPUT, every *.ftz in it becomes OUTPUT/<name>.nii.gz (or --format).
+    """
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageFailure(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    paths.require_input(input)
+    show = render.interactive(json_out)
+
+    def work(src: Path, dst: Path) -> dict[str, Any]:
+        return _decompress_one(src, dst, force=force)
+
+    if input.is_dir():
+        inputs = paths.batch_ftz_inputs(input)
+        paths.prepare_output_dir(output)
+        records = _run_batch(paths.batch_outputs(inputs, output, "." + fmt), work, show)
+        _finish_batch("decompress", input, output, records, json_out, ("shape", "time"))
+        return
+    paths.require_suffix(output, paths.VOLUME_SUFFIXES, "OUTPUT")
+    with render.status(f"decompressing {input.name} …", show):
+        record = work(input, output)
+    if json_out:
+        render.emit_json({"command": "decompress", **record})
+    else:
+        render.out_console().print(render.decompress_table(record))
+
+
+@app.command()
+@cli_errors
+def info(input: InputArg, json_out: JsonOpt = False) -> None:  # noqa: A002
+    """Show an .ftz file's header (shape, dtype, geometry, codec and parameters) after checking it."""
+    from fedtensor.codec import read_info
+
+    paths.require_input(input)
+    header = read_info(input.read_bytes())  # the header plus file_bytes, bits_per_voxel, ratio
+    if json_out:
+        render.emit_json({"command": "info", "input": input, **header})
+    else:
+        render.out_console().print(render.info_table({"file": str(input), **header}))
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    original: Annotated[Path, typer.Argument(metavar="ORIGINAL", show_default=False)],
+    decoded: Annotated[Path, typer.Argument(metavar="DECODED", show_default=False)],
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare DECODED with ORIGINAL: PSNR, 3D SSIM, max abs error.
+
+    DECODED may be a volume or an .ftz file (decoded in memory; then bits per voxel and ratio too).
+    """
+    from fedtensor.io import read_volume
+
+    paths.require_input(original)
+    paths.require_input(decoded)
+    show = render.interactive(json_out)
+    with render.status("evaluating …", show):
+        ref = read_volume(original)
+        record: dict[str, Any] = {"original": original, "decoded": decoded,
+                                  "shape": list(ref.shape), "dtype": str(ref.dtype)}
+        if decoded.name.lower().endswith(paths.FTZ_SUFFIX):
+            from fedtensor.codec import decompress as decode
+
+            data = decoded.read_bytes()
+            test = decode(data)
+            record["compressed_bytes"] = len(data)
+            record.update(rate(len(data), ref.shape, ref.dtype))
+        else:
+            test = read_volume(decoded)
+        record.update(quality(ref.data, test.data))  # raises on a shape mismatch
+    if json_out:
+        render.emit_json({"command": "evaluate", **record})
+    else:
+        render.out_console().print(render.evaluate_table(record))
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def _usage_error_text(exc: Exception) -> str:
+    text = exc.format_message()  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None and getattr(ctx, "command_path", None):
+        text += f" (see '{ctx.command_path} --help')"
+    return text
+
+
+def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> None:
+    """Console-script entry point: run the app; never let a traceback reach the user."""
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    try:
+        rv = app(args=args, prog_name=prog_name, standalone_mode=False)
+    except typer.Abort:
+        print_error("aborted")
+        sys.exit(EXIT_FAILURE)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 — every path ends in one error line
+        if isinstance(exc, typer.TyperException) or (
+            hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
+        ):  # usage errors from argument parsing (Typer/Click exceptions)
+            print_error(_usage_error_text(exc))
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        sys.exit(report(exc))
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,97 @@
+"""How the CLI turns exceptions into one ``error: …`` line and an exit code.
+
+=====================================================  =========  ==================================
+exception                                              exit code  message
+=====================================================  =========  ==================================
+:class:`UsageFailure` (bad option values/combinations)  2          ``error: <message>``
+:class:`fedtensor.errors.FedtensorError`                1          ``error: <message>``
+:class:`OSError` (missing file, permission, disk full)  1          ``error: <strerror>: <filename>``
+:class:`KeyboardInterrupt`                             130        ``error: interrupted``
+anything else (a bug)                                  3          ``error: internal error: <type>: <msg>``
+=====================================================  =========  ==================================
+
+Set ``FEDTENSOR_DEBUG=1`` to re-raise unexpected exceptions with their traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from fedtensor.errors import FedtensorError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+class UsageFailure(Exception):
+    """A bad command line (conflicting options, out-of-range values): exit code 2, like Typer's own."""
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("FEDTENSOR_DEBUG", "").strip() not in ("", "0", "false", "no")
+
+
+def one_line(message: object) -> str:
+    """Collapse a (possibly multi-line) message onto one line."""
+    parts = [line.strip() for line in str(message).splitlines()]
+    return " ".join(p for p in parts if p)
+
+
+def describe(exc: BaseException) -> str:
+    """The one-line, user-facing text for an exception (no ``error:`` prefix)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [n for n in (exc.filename, exc.filename2) if n is not None]
+        return one_line(": ".join([exc.strerror, *map(os.fsdecode, names)]))
+    if isinstance(exc, (FedtensorError, UsageFailure, OSError)):
+        return one_line(exc) or type(exc).__name__
+    return one_line(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def print_error(message: str) -> None:
+    """Print ``error: <message>`` to stderr; the message is plain text (never parsed as rich markup)."""
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(Text.assemble(("error:", "bold red"), " ", one_line(message)))
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, UsageFailure):
+        return EXIT_USAGE
+    if isinstance(exc, (FedtensorError, OSError)):
+        return EXIT_FAILURE
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_INTERNAL
+
+
+def report(exc: BaseException) -> int:
+    """Print the error line for ``exc`` and return its exit code (re-raises bugs when debugging)."""
+    code = exit_code_for(exc)
+    if code == EXIT_INTERNAL and debug_enabled():
+        raise exc
+    print_error("interrupted" if isinstance(exc, KeyboardInterrupt) else describe(exc))
+    return code
+
+
+def cli_errors(func: F) -> F:
+    """Decorate a Typer command so that errors become one ``error:`` line and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 — mapped to exit codes above
+            raise typer.Exit(report(exc)) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,106 @@
+"""Path rules of the CLI: volume suffixes, output checks and directory (batch) mode.
+
+Directory rule — a directory INPUT is a *batch* when it directly holds at least one volume file
+(``*.nii``, ``*.nii.gz``, ``*.npy``) or holds nothing but subdirectories; the batch items are those
+volume files plus every non-empty subdirectory (each read as one DICOM series). Any other directory
+(e.g. one full of ``*.dcm`` or extension-less DICOM files) is read as a single DICOM series.
+Names starting with ``.`` are ignored. For ``decompress`` a directory INPUT is always a batch of the
+``*.ftz`` files directly inside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtensor.errors import FedtensorError
+
+from fedtensor_cli.errors import UsageFailure
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".npy")  # longest first: ".nii.gz" before ".nii"
+FTZ_SUFFIX = ".ftz"
+
+
+def volume_suffix(path: Path) -> str | None:
+    """The volume suffix of ``path`` (case-insensitive), or None."""
+    name = path.name.lower()
+    return next((s for s in VOLUME_SUFFIXES if name.endswith(s) and len(name) > len(s)), None)
+
+
+def stem(path: Path) -> str:
+    """``path``'s name without a volume or ``.ftz`` suffix: ``ct.nii.gz`` → ``ct``, ``s1/`` → ``s1``."""
+    suffix = volume_suffix(path) or (FTZ_SUFFIX if path.name.lower().endswith(FTZ_SUFFIX) else "")
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+
+
+def _visible(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def require_input(path: Path) -> None:
+    if not path.exists():
+        raise FedtensorError(f"input not found: {path}")
+
+
+def is_batch_dir(directory: Path) -> bool:
+    """True when ``directory`` is a batch of volumes rather than one DICOM series (rule above)."""
+    entries = _visible(directory)
+    files = [p for p in entries if p.is_file()]
+    if any(volume_suffix(p) for p in files):
+        return True
+    return bool(entries) and not files
+
+
+def batch_volume_inputs(directory: Path) -> list[Path]:
+    """The items of a compress batch: volume files, then non-empty subdirectories (DICOM series)."""
+    entries = _visible(directory)
+    items = [p for p in entries if p.is_file() and volume_suffix(p)]
+    items += [p for p in entries if p.is_dir() and _visible(p)]
+    if not items:
+        raise FedtensorError(f"no volumes (*.nii, *.nii.gz, *.npy or DICOM series) found in {directory}")
+    return items
+
+
+def batch_ftz_inputs(directory: Path) -> list[Path]:
+    items = [p for p in _visible(directory) if p.is_file() and p.name.lower().endswith(FTZ_SUFFIX)]
+    if not items:
+        raise FedtensorError(f"no .ftz files found in {directory}")
+    return items
+
+
+def check_output(path: Path, *, force: bool) -> None:
+    """Fail early (before any work) when ``path`` cannot or must not be written."""
+    if path.is_dir():
+        raise FedtensorError(f"output is a directory: {path}")
+    if path.exists() and not force:
+        raise FedtensorError(f"output exists: {path} (use --force to overwrite)")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FedtensorError(f"output directory does not exist: {parent}")
+
+
+def require_suffix(path: Path, allowed: tuple[str, ...], what: str) -> None:
+    if not any(path.name.lower().endswith(s) and len(path.name) > len(s) for s in allowed):
+        raise UsageFailure(f"{what} must end with {' or '.join(allowed)}: {path}")
+
+
+def prepare_output_dir(path: Path) -> None:
+    """Create the batch OUTPUT directory (its parent must exist)."""
+    if path.exists() and not path.is_dir():
+        raise FedtensorError(f"output must be a directory when the input is a directory: {path}")
+    if not path.parent.is_dir():
+        raise FedtensorError(f"output directory does not exist: {path.parent}")
+    path.mkdir(exist_ok=True)
+
+
+def batch_outputs(inputs: list[Path], out_dir: Path, suffix: str) -> list[tuple[Path, Path | None, str | None]]:
+    """Pair each input with ``out_dir/<stem><suffix>``; a second input with the same stem gets an error."""
+    seen: dict[str, Path] = {}
+    pairs: list[tuple[Path, Path | None, str | None]] = []
+    for src in inputs:
+        name = stem(src) + suffix
+        if name in seen:
+            pairs.append((src, None, f"output name {name} already used by {seen[name].name}"))
+        else:
+            seen[name] = src
+            pairs.append((src, out_dir / name, None))
+    return pairs

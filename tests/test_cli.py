@@ -1,0 +1,554 @@
+"""The ``fedtensor`` CLI: help, version, error mapping (one ``error:`` line, no traceback), round trips.
+
+Error-path tests need no codec where the check happens before compression (usage errors, missing
+input, path rules); round trips use a small smooth synthetic volume to stay fast, plus one run on the
+real ``examples/data/ct_head_uint8.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedtensor import __version__
+from fedtensor_cli import paths
+from fedtensor_cli.app import app, main, rate_target
+from fedtensor_cli.errors import UsageFailure
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CT_HEAD = REPO_ROOT / "examples" / "data" / "ct_head_uint8.nii.gz"
+COMMANDS = ("compress", "decompress", "info", "evaluate")
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def run_json(*args: object) -> dict:
+    result = run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def assert_one_error(result, *, code: int | None = None, contains: str | None = None) -> str:
+    """Non-zero exit, exactly one ``error: …`` line on stderr, nothing on stdout, no traceback."""
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert result.stdout.strip() == ""
+    if contains is not None:
+        assert contains.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def smooth_volume(shape=(24, 20, 16), dtype=np.int16, seed: int = 0) -> np.ndarray:
+    """A smooth CT-like field plus mild noise: compresses well, but not trivially."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*(np.linspace(0.0, 1.0, n) for n in shape), indexing="ij")
+    field = 900.0 * np.sin(3.0 * x + 1.0) * np.cos(2.0 * y) + 700.0 * z - 200.0
+    field = field + rng.normal(0.0, 4.0, shape)
+    if np.dtype(dtype).kind in "iu":
+        field = np.rint(field - (field.min() if np.dtype(dtype).kind == "u" else 0.0))
+    return field.astype(dtype)
+
+
+@pytest.fixture
+def vol_path(tmp_path: Path) -> Path:
+    p = tmp_path / "vol.npy"
+    np.save(p, smooth_volume())
+    return p
+
+
+@pytest.fixture
+def ftz_path(tmp_path: Path, vol_path: Path) -> Path:
+    out = tmp_path / "vol.ftz"
+    result = run("compress", vol_path, out, "--psnr", 40)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# ----------------------------------------------------------------------------------- help & version
+
+
+@pytest.mark.parametrize("command", ("", *COMMANDS))
+def test_help(command: str) -> None:
+    result = run(*([command] if command else []), "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+    if command:
+        assert command in result.output
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"fedtensor {__version__}"
+
+
+def test_module_entry_point_help_has_no_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtensor_cli", "--help"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout and "compress" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------- main(): usage errors
+
+
+def _main_error(capsys, argv: list[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return exc.value.code, lines[0]
+
+
+def test_main_parse_error_is_one_line(capsys) -> None:
+    code, line = _main_error(capsys, ["compress", "a.npy", "b.ftz", "--psnr", "abc"])
+    assert code == 2 and "--psnr" in line
+
+
+def test_main_unknown_command_is_one_line(capsys) -> None:
+    code, line = _main_error(capsys, ["frobnicate"])
+    assert code == 2 and "frobnicate" in line
+
+
+def test_main_missing_argument_is_one_line(capsys) -> None:
+    code, _ = _main_error(capsys, ["compress"])
+    assert code == 2
+
+
+def test_main_runtime_error_exit_1(capsys, tmp_path: Path) -> None:
+    code, line = _main_error(capsys, ["info", str(tmp_path / "missing.ftz")])
+    assert code == 1 and "not found" in line
+
+
+def test_main_success_exit_0(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedtensor {__version__}"
+
+
+# ------------------------------------------------------------------------------- rate-mode options
+
+
+def test_rate_target_default_is_psnr_45() -> None:
+    assert rate_target(None, None, None, False) == ("psnr", 45.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"psnr": 50.0}, ("psnr", 50.0)),
+        ({"max_error": 0.0}, ("max_error", 0.0)),
+        ({"bpv": 1.5}, ("bpv", 1.5)),
+        ({"lossless": True}, ("lossless", None)),
+    ],
+)
+def test_rate_target_single_mode(kwargs: dict, expected: tuple) -> None:
+    args = {"psnr": None, "max_error": None, "bpv": None, "lossless": False, **kwargs}
+    assert rate_target(**args) == expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--psnr", "40", "--lossless"],
+        ["--psnr", "40", "--bpv", "1"],
+        ["--max-error", "2", "--lossless"],
+        ["--psnr", "0"],
+        ["--psnr", "-3"],
+        ["--psnr", "inf"],
+        ["--bpv", "0"],
+        ["--bpv", "nan"],
+        ["--max-error", "-1"],
+        ["--block", "1"],
+    ],
+)
+def test_bad_rate_options_are_usage_errors(tmp_path: Path, vol_path: Path, args: list[str]) -> None:
+    out = tmp_path / "o.ftz"
+    result = run("compress", vol_path, out, *args)
+    assert_one_error(result, code=2)
+    assert not out.exists()
+
+
+def test_conflicting_modes_message(tmp_path: Path, vol_path: Path) -> None:
+    line = assert_one_error(run("compress", vol_path, tmp_path / "o.ftz", "--psnr", 40, "--lossless"), code=2)
+    assert "--psnr" in line and "--lossless" in line
+
+
+def test_rate_target_rejects_conflicts_directly() -> None:
+    with pytest.raises(UsageFailure):
+        rate_target(40.0, None, 1.0, False)
+
+
+# ------------------------------------------------------------------------------------ error paths
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    out = tmp_path / "o.ftz"
+    assert_one_error(run("compress", tmp_path / "missing.nii.gz", out), code=1, contains="not found")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ("decompress", "info", "evaluate"))
+def test_missing_input_other_commands(tmp_path: Path, command: str) -> None:
+    args = {
+        "decompress": [tmp_path / "missing.ftz", tmp_path / "o.nii.gz"],
+        "info": [tmp_path / "missing.ftz"],
+        "evaluate": [tmp_path / "missing.nii.gz", tmp_path / "missing.ftz"],
+    }[command]
+    assert_one_error(run(command, *args), code=1, contains="not found")
+
+
+def test_error_message_is_not_rich_markup(tmp_path: Path) -> None:
+    line = assert_one_error(run("info", tmp_path / "[bold]x[/bold].ftz"), code=1)
+    assert "[bold]x[/bold]" in line
+
+
+def test_text_file_named_nii_gz(tmp_path: Path) -> None:
+    bogus = tmp_path / "x.nii.gz"
+    bogus.write_text("this is not a NIfTI file\n")
+    assert_one_error(run("compress", bogus, tmp_path / "o.ftz"), code=1)
+    assert not (tmp_path / "o.ftz").exists()
+
+
+@pytest.mark.parametrize(
+    "array, needle",
+    [
+        (np.zeros((6, 7), np.int16), "2D"),
+        (np.zeros((6, 7, 5, 3), np.int16), "4D"),
+        (np.full((6, 7, 5), np.nan, np.float32), "NaN"),
+    ],
+    ids=["2d", "4d", "nan"],
+)
+def test_bad_npy_volumes(tmp_path: Path, array: np.ndarray, needle: str) -> None:
+    src = tmp_path / "bad.npy"
+    np.save(src, array)
+    assert_one_error(run("compress", src, tmp_path / "o.ftz"), code=1, contains=needle)
+    assert not (tmp_path / "o.ftz").exists()
+
+
+def test_existing_output_is_untouched_without_force(tmp_path: Path, vol_path: Path) -> None:
+    out = tmp_path / "o.ftz"
+    out.write_bytes(b"precious")
+    assert_one_error(run("compress", vol_path, out), code=1, contains="exists")
+    assert out.read_bytes() == b"precious"
+
+
+def test_existing_output_overwritten_with_force(tmp_path: Path, vol_path: Path) -> None:
+    out = tmp_path / "o.ftz"
+    out.write_bytes(b"precious")
+    result = run("compress", vol_path, out, "--force")
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:4] == b"FTZ1"
+
+
+def test_output_into_missing_directory(tmp_path: Path, vol_path: Path) -> None:
+    out = tmp_path / "nope" / "o.ftz"
+    assert_one_error(run("compress", vol_path, out), code=1, contains="does not exist")
+    assert not out.parent.exists()
+
+
+def test_decompress_into_missing_directory(tmp_path: Path, ftz_path: Path) -> None:
+    out = tmp_path / "nope" / "o.nii.gz"
+    assert_one_error(run("decompress", ftz_path, out), code=1, contains="does not exist")
+
+
+def test_compress_output_needs_ftz_suffix(tmp_path: Path, vol_path: Path) -> None:
+    assert_one_error(run("compress", vol_path, tmp_path / "o.nii.gz"), code=2, contains=".ftz")
+
+
+def test_decompress_output_suffix(tmp_path: Path) -> None:
+    src = tmp_path / "x.ftz"
+    src.write_bytes(b"whatever")
+    assert_one_error(run("decompress", src, tmp_path / "o.txt"), code=2, contains=".nii.gz")
+
+
+def test_unknown_codec(tmp_path: Path, vol_path: Path) -> None:
+    assert_one_error(run("compress", vol_path, tmp_path / "o.ftz", "--codec", "nope"), code=2, contains="nope")
+
+
+@pytest.mark.parametrize("command", ("decompress", "info", "evaluate"))
+def test_non_ftz_file(tmp_path: Path, vol_path: Path, command: str) -> None:
+    junk = tmp_path / "junk.ftz"
+    junk.write_bytes(b"PK\x03\x04 definitely not an ftz stream" * 10)
+    args = {
+        "decompress": [junk, tmp_path / "o.nii.gz"],
+        "info": [junk],
+        "evaluate": [vol_path, junk],
+    }[command]
+    assert_one_error(run(command, *args), code=1)
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+@pytest.mark.parametrize("cut", (3, 10, 0.5, -1), ids=["magic", "header", "half", "hash"])
+def test_truncated_ftz(tmp_path: Path, ftz_path: Path, cut: float) -> None:
+    data = ftz_path.read_bytes()
+    n = int(len(data) * cut) if isinstance(cut, float) else cut % len(data)
+    bad = tmp_path / "truncated.ftz"
+    bad.write_bytes(data[:n])
+    out = tmp_path / "o.nii.gz"
+    assert_one_error(run("decompress", bad, out), code=1)
+    assert not out.exists()
+    assert_one_error(run("info", bad), code=1)
+
+
+@pytest.mark.parametrize("where", (0.3, 0.6, 0.9))
+def test_bit_flipped_ftz(tmp_path: Path, ftz_path: Path, where: float) -> None:
+    data = bytearray(ftz_path.read_bytes())
+    data[int(len(data) * where)] ^= 0x10
+    bad = tmp_path / "flipped.ftz"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "o.npy"
+    assert_one_error(run("decompress", bad, out), code=1)
+    assert not out.exists()
+
+
+def test_evaluate_shape_mismatch(tmp_path: Path, vol_path: Path) -> None:
+    other = tmp_path / "other.npy"
+    np.save(other, smooth_volume((10, 10, 10)))
+    assert_one_error(run("evaluate", vol_path, other), code=1, contains="shape")
+
+
+# -------------------------------------------------------------------------------- directory rule
+
+
+def test_batch_dir_rule(tmp_path: Path) -> None:
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    np.save(vols / "a.npy", np.zeros((2, 2, 2)))
+    (vols / "notes.txt").write_text("x")
+    assert paths.is_batch_dir(vols)
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in range(3):
+        (series / f"IM{i:04d}").write_bytes(b"\0" * 132 + b"DICM")
+    assert not paths.is_batch_dir(series)
+
+    studies = tmp_path / "studies"
+    (studies / "s1").mkdir(parents=True)
+    (studies / "s1" / "IM0001.dcm").write_bytes(b"x")
+    (studies / "empty").mkdir()
+    (studies / ".hidden").write_text("x")
+    assert paths.is_batch_dir(studies)
+    assert paths.batch_volume_inputs(studies) == [studies / "s1"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not paths.is_batch_dir(empty)
+
+
+def test_shared_dicom_series_is_not_a_batch(data_dir: Path) -> None:
+    series = data_dir / "ct_series_dicom"
+    if not series.is_dir():
+        pytest.skip("ct_series_dicom not in the shared data")
+    assert not paths.is_batch_dir(series)
+
+
+def test_stems_and_name_collisions(tmp_path: Path) -> None:
+    assert paths.stem(Path("ct.nii.gz")) == "ct"
+    assert paths.stem(Path("a.b.npy")) == "a.b"
+    assert paths.stem(Path("x.ftz")) == "x"
+    assert paths.stem(Path("series")) == "series"
+    pairs = paths.batch_outputs([Path("a.nii"), Path("a.npy"), Path("b.npy")], tmp_path, ".ftz")
+    assert [p[1] for p in pairs] == [tmp_path / "a.ftz", None, tmp_path / "b.ftz"]
+    assert pairs[1][2] and "a.ftz" in pairs[1][2]
+
+
+def test_empty_directories_are_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_error(run("decompress", empty, tmp_path / "o"), code=1, contains="no .ftz")
+    assert_one_error(run("compress", empty, tmp_path / "o.ftz"), code=1)  # read as a (bad) DICOM series
+
+
+# ------------------------------------------------------------------------------------ happy paths
+
+
+def test_round_trip_json(tmp_path: Path, vol_path: Path) -> None:
+    ftz = tmp_path / "vol.ftz"
+    c = run_json("compress", vol_path, ftz)  # default mode: --psnr 45
+    assert c["command"] == "compress" and c["mode"] == "psnr" and c["target"] == 45.0
+    assert c["compressed_bytes"] == ftz.stat().st_size > 0
+    assert c["original_bytes"] == smooth_volume().nbytes
+    assert c["bpv"] == pytest.approx(8 * c["compressed_bytes"] / smooth_volume().size)
+    assert c["ratio"] == pytest.approx(c["original_bytes"] / c["compressed_bytes"])
+    assert c["psnr_db"] >= 45.0
+    assert 0.0 < c["ssim"] <= 1.0
+    assert c["max_abs_error"] >= 0.0
+    assert c["shape"] == [24, 20, 16] and c["dtype"] == "int16"
+
+    i = run_json("info", ftz)
+    assert i["file_bytes"] == ftz.stat().st_size
+    assert list(i["shape"]) == [24, 20, 16] and np.dtype(i["dtype"]) == np.int16
+    assert i["bits_per_voxel"] == pytest.approx(c["bpv"])
+
+    out = tmp_path / "decoded.nii.gz"
+    d = run_json("decompress", ftz, out)
+    assert out.exists() and d["shape"] == [24, 20, 16] and d["dtype"] == "int16"
+
+    e_file = run_json("evaluate", vol_path, out)
+    e_ftz = run_json("evaluate", vol_path, ftz)
+    for e in (e_file, e_ftz):
+        assert e["psnr_db"] == pytest.approx(c["psnr_db"], abs=1e-6)
+        assert e["max_abs_error"] == pytest.approx(c["max_abs_error"])
+        assert e["ssim"] == pytest.approx(c["ssim"], abs=1e-6)
+    assert e_ftz["bpv"] == pytest.approx(c["bpv"]) and "bpv" not in e_file
+
+
+def test_tables_render(tmp_path: Path, vol_path: Path) -> None:
+    ftz = tmp_path / "vol.ftz"
+    result = run("compress", vol_path, ftz, "--psnr", 42)
+    assert result.exit_code == 0, result.output
+    for word in ("ratio", "bits per voxel", "PSNR", "SSIM", "max abs error", "time"):
+        assert word in result.stdout
+    for args in (("info", ftz), ("decompress", ftz, tmp_path / "d.npy"), ("evaluate", vol_path, ftz)):
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("target", (35.0, 50.0))
+def test_psnr_target_reached(tmp_path: Path, vol_path: Path, target: float) -> None:
+    ftz = tmp_path / "v.ftz"
+    c = run_json("compress", vol_path, ftz, "--psnr", target)
+    assert c["psnr_db"] >= target
+    out = tmp_path / "v.npy"
+    run_json("decompress", ftz, out)
+    from fedtensor.metrics import psnr
+
+    assert psnr(np.load(vol_path), np.load(out)) >= target
+
+
+@pytest.mark.parametrize("dtype", (np.int16, np.uint8, np.int32))
+def test_lossless_is_exact(tmp_path: Path, dtype) -> None:
+    src = tmp_path / "v.npy"
+    original = smooth_volume(dtype=dtype) if dtype != np.uint8 else (smooth_volume() % 256).astype(np.uint8)
+    np.save(src, original)
+    c = run_json("compress", src, tmp_path / "v.ftz", "--lossless")
+    assert c["mode"] == "lossless" and c["max_abs_error"] == 0.0 and c["psnr_db"] is None  # inf → null
+    out = tmp_path / "back.npy"
+    run_json("decompress", tmp_path / "v.ftz", out)
+    back = np.load(out)
+    assert back.dtype == original.dtype
+    np.testing.assert_array_equal(back, original)
+
+
+@pytest.mark.parametrize("dtype, bound", [(np.int16, 3.0), (np.int16, 0.0), (np.float32, 0.5)])
+def test_max_error_bound(tmp_path: Path, dtype, bound: float) -> None:
+    src = tmp_path / "v.npy"
+    original = smooth_volume(dtype=dtype)
+    np.save(src, original)
+    c = run_json("compress", src, tmp_path / "v.ftz", "--max-error", bound)
+    assert c["max_abs_error"] <= bound
+    out = tmp_path / "back.npy"
+    run_json("decompress", tmp_path / "v.ftz", out)
+    err = np.max(np.abs(np.load(out).astype(np.float64) - original.astype(np.float64)))
+    assert err <= bound
+
+
+def test_bpv_mode_runs(tmp_path: Path, vol_path: Path) -> None:
+    c = run_json("compress", vol_path, tmp_path / "v.ftz", "--bpv", 4)
+    assert c["mode"] == "bpv" and c["target"] == 4.0 and c["bpv"] > 0
+
+
+def test_every_codec_round_trips(tmp_path: Path, vol_path: Path) -> None:
+    from fedtensor.codec import CODECS
+
+    for codec in CODECS:
+        c = run_json("compress", vol_path, tmp_path / f"{codec}.ftz", "--codec", codec, "--psnr", 40)
+        assert c["codec"] == codec and c["psnr_db"] >= 40
+
+
+def test_directory_mode(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    np.save(src / "a.npy", smooth_volume(seed=1))
+    np.save(src / "b.npy", smooth_volume((16, 16, 12), seed=2))
+    (src / "README.txt").write_text("ignored: not a volume")
+
+    out = tmp_path / "out"
+    c = run_json("compress", src, out, "--psnr", 40)
+    assert c["batch"] and c["count"] == 2 and c["failed"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.ftz", "b.ftz"]
+    assert all(r["ok"] and r["psnr_db"] >= 40 for r in c["results"])
+
+    back = tmp_path / "back"
+    d = run_json("decompress", out, back)
+    assert d["count"] == 2 and d["failed"] == 0
+    assert sorted(p.name for p in back.iterdir()) == ["a.nii.gz", "b.nii.gz"]
+
+    npy = tmp_path / "npy"
+    run_json("decompress", out, npy, "--format", "npy")
+    assert np.load(npy / "b.npy").shape == (16, 16, 12)
+
+    # Re-running without --force fails per file and leaves the outputs alone.
+    before = (out / "a.ftz").read_bytes()
+    again = run("compress", src, out, "--psnr", 40, "--json")
+    assert again.exit_code == 1
+    assert json.loads(again.stdout)["failed"] == 2
+    assert (out / "a.ftz").read_bytes() == before
+
+
+def test_directory_mode_reports_failures_per_file(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    np.save(src / "good.npy", smooth_volume())
+    np.save(src / "flat.npy", np.zeros((5, 5), np.int16))  # 2D: fails
+    out = tmp_path / "out"
+    result = run("compress", src, out, "--json")
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    report = json.loads(result.stdout)
+    assert (report["count"], report["failed"]) == (2, 1)
+    failed = [r for r in report["results"] if not r["ok"]]
+    assert Path(failed[0]["input"]).name == "flat.npy"
+    assert (out / "good.ftz").exists() and not (out / "flat.ftz").exists()
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "flat.npy" in errors[0]
+
+
+def test_real_ct_head(tmp_path: Path) -> None:
+    if not CT_HEAD.exists():
+        pytest.skip(f"{CT_HEAD} missing")
+    ftz = tmp_path / "ct.ftz"
+    c = run_json("compress", CT_HEAD, ftz, "--psnr", 45)
+    assert c["shape"] == [175, 248, 58] and c["dtype"] == "uint8"
+    assert c["psnr_db"] >= 45.0 and c["ssim"] > 0.9
+    assert c["bpv"] < 8.0  # compresses at all
+    out = tmp_path / "ct.nii.gz"
+    run_json("decompress", ftz, out)
+    e = run_json("evaluate", CT_HEAD, out)
+    assert e["psnr_db"] == pytest.approx(c["psnr_db"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_single_dicom_series_is_compressed_as_one(data_dir: Path, tmp_path: Path) -> None:
+    series = data_dir / "ct_series_dicom"
+    if not series.is_dir():
+        pytest.skip("ct_series_dicom not in the shared data")
+    c = run_json("compress", series, tmp_path / "series.ftz", "--psnr", 40)
+    assert not c.get("batch") and len(c["shape"]) == 3 and c["psnr_db"] >= 40
