@@ -1,0 +1,57 @@
+"""Public parameters of one secure-aggregation round, agreed by the server and every client beforehand
+(e.g. sent with the round's training config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtensor.federated.secagg.errors import SecAggAbort, SecAggError
+from fedtensor.federated.secagg.fixedpoint import FixedPoint
+from fedtensor.federated.secagg.primitives import MAX_ROUND_ID
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Parameters of one round.
+
+    * ``round_id`` — unique per aggregation (e.g. the FL round number); bound into every key derivation,
+      ciphertext and message, so nothing from another round is accepted.
+    * ``num_clients`` (n), ``threshold`` (t, 2 ≤ t ≤ n) — the protocol tolerates up to n − t dropouts, and
+      any coalition of the server with fewer than t clients learns nothing beyond the sum. Choose
+      t > n/2 (Bonawitz et al. use t > 2n/3 against an active server).
+    * ``vector_length`` — coordinates of the update (flattened).
+    * ``fixed_point`` — scale and clip range; must not overflow for n clients (see :mod:`.fixedpoint`).
+    * ``weighted`` — FedAvg mode: clients send w·x plus w as one extra coordinate; then
+      ``max_total_weight`` (a public bound on Σw) is required for the overflow check.
+    """
+
+    round_id: int
+    num_clients: int
+    threshold: int
+    vector_length: int
+    fixed_point: FixedPoint
+    weighted: bool = False
+    max_total_weight: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.round_id, int) and 0 <= self.round_id <= MAX_ROUND_ID):
+            raise SecAggError(f"round_id must be an int in [0, 2^63), got {self.round_id!r}")
+        if not (isinstance(self.num_clients, int) and self.num_clients >= 2):
+            raise SecAggError(f"secure aggregation needs at least 2 clients, got {self.num_clients!r}")
+        if not (isinstance(self.threshold, int) and self.threshold >= 2):
+            raise SecAggError(f"threshold must be an int ≥ 2, got {self.threshold!r}")
+        if self.threshold > self.num_clients:
+            raise SecAggAbort(f"secure aggregation aborted: threshold {self.threshold} exceeds the {self.num_clients} clients")
+        if not (isinstance(self.vector_length, int) and self.vector_length >= 1):
+            raise SecAggError(f"vector_length must be a positive int, got {self.vector_length!r}")
+        if not isinstance(self.fixed_point, FixedPoint):
+            raise SecAggError("fixed_point must be a FixedPoint")
+        if self.weighted:
+            if not (isinstance(self.max_total_weight, int) and 1 <= self.max_total_weight < 2**32):
+                raise SecAggError("weighted secure aggregation needs max_total_weight, an int in [1, 2^32)")
+        self.fixed_point.check_capacity(self.num_clients, self.max_total_weight if self.weighted else None)
+
+    @property
+    def words(self) -> int:
+        """Length of the masked vector: the update, plus the weight coordinate in weighted mode."""
+        return self.vector_length + (1 if self.weighted else 0)
