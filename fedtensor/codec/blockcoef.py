@@ -28,16 +28,18 @@ def inverse_lorenzo(r: np.ndarray) -> np.ndarray:
     return r
 
 
-def _degrees(b: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    i, j, k = np.indices((b, b, b)).reshape(3, -1)
+def _degrees(b: tuple[int, int, int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    i, j, k = np.indices(b).reshape(3, -1)
     d = i + j + k
-    return [(i[d == n], j[d == n], k[d == n]) for n in range(3 * (b - 1) + 1)]
+    return [(i[d == n], j[d == n], k[d == n]) for n in range(int(d.max()) + 1)]
 
 
-def code_block_coefficients(s: BinaryStream, grid: tuple[int, int, int], b: int, q: np.ndarray | None = None) -> np.ndarray:
+def code_block_coefficients(
+    s: BinaryStream, grid: tuple[int, int, int], b: tuple[int, int, int], q: np.ndarray | None = None
+) -> np.ndarray:
     """Encode ``q`` (or decode, when ``s`` is decoding) and return the coefficients."""
     coder = GridCoder()
-    out = np.zeros((*grid, b + 1, b + 1, b + 1), np.int64)  # leading zero slot = "no parent"
+    out = np.zeros((*grid, *(n + 1 for n in b)), np.int64)  # leading zero slot = "no parent"
     absq = np.zeros_like(out)
     block_sum = np.zeros((*grid, 1), np.int64)
     for degree, (i, j, k) in enumerate(_degrees(b)):

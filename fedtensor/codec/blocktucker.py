@@ -9,26 +9,26 @@ import numpy as np
 
 from fedtensor.codec.blockcoef import code_block_coefficients
 from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.quantize import dequantize, largest_step_within, quantize
+from fedtensor.codec.quantize import ROUNDING, dequantize, largest_step_within, quantize
 from fedtensor.errors import FormatError
-from fedtensor.tensor.block import block_bases, block_grid, expand, from_blocks, project, to_blocks
+from fedtensor.tensor.block import block_bases, block_grid, block_shape, padded_shape, expand, from_blocks, project, to_blocks
 
 
 class BlockTucker:
     """One volume's transform: its bases and coefficients, ready to be quantised at any step."""
 
-    def __init__(self, x: np.ndarray, b: int = 8, n_iter: int = 0):
-        self.shape, self.b = tuple(x.shape), b
+    def __init__(self, x: np.ndarray, b=8, n_iter: int = 0):
+        self.shape, self.b = tuple(x.shape), block_shape(b)
         self.offset = float(np.mean(x, dtype=np.float64))
         blocks = to_blocks(jnp.asarray(x, jnp.float32) - self.offset, b)
         # Bases travel as float32 in the stream; encode with exactly those values.
-        self.bases = [jnp.asarray(np.asarray(u, np.float32)) for u in block_bases(blocks, (b, b, b), n_iter)]
+        self.bases = [jnp.asarray(np.asarray(u, np.float32)) for u in block_bases(blocks, self.b, n_iter)]
         self.coef = _project(blocks, self.bases)
         self.padding_ratio = float(np.prod(self.shape) / self.coef.size)
 
     def step_for_sse(self, max_sse: float, value_range: float) -> float:
         """Largest quantiser step whose (coefficient-domain) error fits ``max_sse`` over the real voxels."""
-        hi = max(value_range, 1e-6) * 4 * self.b**1.5
+        hi = max(value_range, 1e-6) * 4 * float(np.prod(self.b)) ** 0.5
         return largest_step_within(self.coef, max_sse / self.padding_ratio, hi * 1e-9, hi)
 
     def quantize(self, step: float) -> jax.Array:
@@ -40,8 +40,41 @@ class BlockTucker:
     def encode(self, q: jax.Array, step: float) -> tuple[dict, list[bytes]]:
         s = BinaryStream()
         code_block_coefficients(s, block_grid(self.shape, self.b), self.b, np.asarray(q, np.int64))
-        params = {"block": self.b, "step": step, "offset": self.offset}
-        return params, [np.stack([np.asarray(u) for u in self.bases]).astype("<f4").tobytes(), s.finish()]
+        params = {"block": list(self.b), "step": step, "offset": self.offset}
+        return params, [np.concatenate([np.asarray(u).ravel() for u in self.bases]).astype("<f4").tobytes(), s.finish()]
+
+
+def tile_coefficients(tiles: np.ndarray, b) -> np.ndarray:
+    """Block-Tucker coefficients ``(n_blocks, n_bands)`` of ``tiles`` ``(T, X, Y, Z)``, in numpy.
+
+    Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks.
+    """
+    b = block_shape(b)
+    t, (bx, by, bz) = tiles.shape[0], b
+    gx, gy, gz = (n // m for n, m in zip(tiles.shape[1:], b))
+    blocks = tiles.reshape(t, gx, bx, gy, by, gz, bz).transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, bx, by, bz)
+    flat = [np.moveaxis(blocks, 1 + m, 0).reshape(b[m], -1) for m in range(3)]
+    bases = [np.linalg.eigh(f @ f.T)[1] for f in flat]
+    return np.einsum("nijk,ia,jb,kc->nabc", blocks, *bases, optimize=True).reshape(len(blocks), -1)
+
+
+def sample_superblocks(x: np.ndarray, side: int, count: int) -> np.ndarray:
+    """Up to ``count`` aligned ``side³`` superblocks of the edge-padded ``x``, evenly spread, as tiles."""
+    blocks = np.asarray(to_blocks(jnp.asarray(x), side)).reshape(-1, side, side, side)
+    return blocks[np.unique(np.linspace(0, len(blocks) - 1, min(count, len(blocks))).astype(int))]
+
+
+def zeroth_order_bits(coef: np.ndarray, step: float, clip: int = 64) -> float:
+    """Sum over bands of the empirical entropy of quantised ``coef`` ``(n_blocks, n_bands)``.
+
+    A cheap, compile-free rate proxy (numpy only) used to rank block shapes.
+    """
+    q = np.clip(np.sign(coef) * np.floor(np.abs(coef) / step + ROUNDING), -clip, clip).astype(np.int64) + clip
+    nb, width = coef.shape[1], 2 * clip + 1
+    counts = np.bincount((np.arange(nb) * width + q).ravel(), minlength=nb * width).reshape(nb, width)
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(-np.sum(np.where(counts > 0, counts * np.log2(counts / totals), 0.0)))
 
 
 @jax.jit
@@ -61,11 +94,15 @@ def reconstruct(q, step: float, bases, shape, offset: float) -> np.ndarray:
 
 def decode(params: dict, sections: list[bytes], shape: tuple[int, int, int]) -> np.ndarray:
     b = params.get("block")
-    if not isinstance(b, int) or not 1 <= b <= 64 or len(sections) != 2:
+    if (not isinstance(b, list) or len(b) != 3 or not all(isinstance(n, int) and 1 <= n <= 64 for n in b)
+            or len(sections) != 2):
         raise FormatError("corrupted block-tucker parameters")
-    if len(sections[0]) != 3 * b * b * 4 or len(sections[1]) % 4:
+    if len(sections[0]) != 4 * sum(n * n for n in b) or len(sections[1]) % 4:
         raise FormatError("corrupted block-tucker payload")
-    bases = [jnp.asarray(u) for u in np.frombuffer(sections[0], "<f4").reshape(3, b, b)]
+    flat = np.frombuffer(sections[0], "<f4")
+    bounds = np.cumsum([0] + [n * n for n in b])
+    bases = [jnp.asarray(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
+    b = tuple(b)
     s = BinaryStream(np.frombuffer(sections[1], np.uint32))
     q = code_block_coefficients(s, block_grid(shape, b), b)
     return reconstruct(q.astype(np.int32), float(params["step"]), bases, shape, float(params["offset"]))

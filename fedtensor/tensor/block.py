@@ -17,17 +17,26 @@ import numpy as np
 from fedtensor.tensor.tucker import _leading_eigvecs
 
 
-def padded_shape(shape, b: int) -> tuple[int, int, int]:
-    return tuple(-(-n // b) * b for n in shape)
+def block_shape(b) -> tuple[int, int, int]:
+    """``b`` as a per-axis block shape: an int means a cube."""
+    return (int(b),) * 3 if np.ndim(b) == 0 else tuple(int(n) for n in b)
+
+
+def padded_shape(shape, b) -> tuple[int, int, int]:
+    return tuple(-(-n // m) * m for n, m in zip(shape, block_shape(b)))
+
+
+def to_blocks(x: jax.Array, b) -> jax.Array:
+    """Pad (edge) to a multiple of the block shape ``b`` and reshape to ``(gx, gy, gz, bx, by, bz)``."""
+    return _to_blocks(x, block_shape(b))
 
 
 @partial(jax.jit, static_argnames="b")
-def to_blocks(x: jax.Array, b: int) -> jax.Array:
-    """Pad (edge) to a multiple of ``b`` and reshape to ``(gx, gy, gz, b, b, b)``."""
+def _to_blocks(x: jax.Array, b: tuple[int, int, int]) -> jax.Array:
     pad = [(0, p - n) for n, p in zip(x.shape, padded_shape(x.shape, b))]
     x = jnp.pad(x, pad, mode="edge")
-    gx, gy, gz = (n // b for n in x.shape)
-    return x.reshape(gx, b, gy, b, gz, b).transpose(0, 2, 4, 1, 3, 5)
+    (gx, gy, gz), (bx, by, bz) = (n // m for n, m in zip(x.shape, b)), b
+    return x.reshape(gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5)
 
 
 @partial(jax.jit, static_argnames="shape")
@@ -66,14 +75,15 @@ def block_bases(blocks: jax.Array, ranks: tuple[int, int, int], n_iter: int = 0)
     return factors
 
 
-def block_tucker(x, b: int = 8, ranks: tuple[int, int, int] | None = None, n_iter: int = 0):
+def block_tucker(x, b=8, ranks: tuple[int, int, int] | None = None, n_iter: int = 0):
     """Blockwise Tucker of a 3D array: returns ``(core, factors)``.
 
-    ``core`` has shape ``(gx, gy, gz, r1, r2, r3)``; ``ranks`` defaults to full rank (b, b, b), which
+    ``b`` is an int (cube) or a per-axis block shape. ``core`` has shape ``(gx, gy, gz, r1, r2, r3)``;
+    ``ranks`` defaults to full rank (the block shape), which
     makes the transform orthonormal (lossless before quantisation).
     """
     x = jnp.asarray(x, jnp.float32)
-    ranks = tuple(ranks or (b, b, b))
+    ranks = tuple(ranks or block_shape(b))
     blocks = to_blocks(x, b)
     factors = block_bases(blocks, ranks, n_iter)
     return jax.jit(project)(blocks, factors), factors
@@ -84,5 +94,5 @@ def block_tucker_to_tensor(core, factors, shape) -> jax.Array:
     return from_blocks(jax.jit(expand)(core, factors), tuple(shape))
 
 
-def block_grid(shape, b: int) -> tuple[int, int, int]:
-    return tuple(int(n) for n in np.asarray(padded_shape(shape, b)) // b)
+def block_grid(shape, b) -> tuple[int, int, int]:
+    return tuple(p // m for p, m in zip(padded_shape(shape, b), block_shape(b)))
