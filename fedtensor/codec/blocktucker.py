@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,17 +47,20 @@ class BlockTucker:
 
 
 def tile_coefficients(tiles: np.ndarray, b) -> np.ndarray:
-    """Block-Tucker coefficients ``(n_blocks, n_bands)`` of ``tiles`` ``(T, X, Y, Z)``, in numpy.
+    """Block-Tucker coefficients ``(n_blocks, n_bands)`` of ``tiles`` ``(T, X, Y, Z)``.
 
     Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks.
     """
-    b = block_shape(b)
+    return np.asarray(_tile_coefficients(jnp.asarray(tiles), block_shape(b)))
+
+
+@partial(jax.jit, static_argnames="b")
+def _tile_coefficients(tiles: jax.Array, b: tuple[int, int, int]) -> jax.Array:
     t, (bx, by, bz) = tiles.shape[0], b
     gx, gy, gz = (n // m for n, m in zip(tiles.shape[1:], b))
-    blocks = tiles.reshape(t, gx, bx, gy, by, gz, bz).transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, bx, by, bz)
-    flat = [np.moveaxis(blocks, 1 + m, 0).reshape(b[m], -1) for m in range(3)]
-    bases = [np.linalg.eigh(f @ f.T)[1] for f in flat]
-    return np.einsum("nijk,ia,jb,kc->nabc", blocks, *bases, optimize=True).reshape(len(blocks), -1)
+    blocks = tiles.reshape(t * gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 1, 1, bx, by, bz)
+    bases = block_bases(blocks, b)
+    return project(blocks, bases).reshape(blocks.shape[0], -1)
 
 
 def sample_superblocks(x: np.ndarray, side: int, count: int) -> np.ndarray:
