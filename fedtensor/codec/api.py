@@ -17,7 +17,7 @@ from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
 CODECS = ("block-tucker", "omlsvd-global")
 EXACT_CODECS = ("lossless", "max-error")
 MAX_VOXELS = 1 << 31
-_MAX_RETRIES = 30
+_MAX_RETRIES = 12
 
 
 def _psnr(x: np.ndarray, y: np.ndarray, value_range: float) -> float:
@@ -95,13 +95,25 @@ def _lossy(volume: Volume, codec: str, block: int, psnr: float | None, bpv: floa
         return pack({**header, "params": params, "stats": stats}, sections), stats
 
     if psnr is not None:
-        step = tr.step_for_sse(max_sse, value_range)
+        # The coefficient-domain step is a close first guess; padding and the dtype's rounding move
+        # the voxel-domain PSNR a little, so correct the step by the measured gap (MSE ∝ step²).
+        step, best = tr.step_for_sse(max_sse, value_range), None
         for _ in range(_MAX_RETRIES):
             q, decoded, reached = quantized(step)
             if reached >= psnr:
-                return attempt(step, q, decoded, reached)[0]
-            step *= 0.99  # padding/rounding made the coefficient-domain estimate optimistic
-        raise RateError(f"could not reach {psnr} dB (the dtype's rounding limits the attainable PSNR)")
+                if best is None or step > best[0]:
+                    best = (step, q, decoded, reached)
+                if reached - psnr < 0.02:
+                    break
+            elif best is not None and step <= best[0] * 1.0001:
+                break
+            gap = reached - psnr
+            step *= 10 ** (gap / 20) * (0.998 if gap < 0 else 1.0)
+            if best is not None and step <= best[0]:
+                break
+        if best is None:
+            raise RateError(f"could not reach {psnr} dB (the dtype's rounding limits the attainable PSNR)")
+        return attempt(*best)[0]
     budget = bpv * n / 8
     lo, hi = value_range * 1e-6 + 1e-12, max(value_range, 1e-6) * 8 * 32**1.5
     best, top = None, attempt(hi)
