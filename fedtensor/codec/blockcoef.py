@@ -37,12 +37,24 @@ def _degrees(b: tuple[int, int, int]) -> list[tuple[np.ndarray, np.ndarray, np.n
 def code_block_coefficients(
     s: BinaryStream, grid: tuple[int, int, int], b: tuple[int, int, int], q: np.ndarray | None = None
 ) -> np.ndarray:
-    """Encode ``q`` (or decode, when ``s`` is decoding) and return the coefficients."""
+    """Encode ``q`` (or decode, when ``s`` is decoding) and return the coefficients.
+
+    Each block first sends its *end of block*: the highest degree holding a non-zero AC coefficient
+    (0 when none), so the (mostly empty) high-frequency bands of quiet blocks cost neither bits nor time.
+    """
+    degrees = _degrees(b)
+    eob_values = None
+    if q is not None:
+        d = np.add.outer(np.add.outer(np.arange(b[0]), np.arange(b[1])), np.arange(b[2]))
+        nonzero_degree = np.where(q != 0, d, 0)
+        eob_values = nonzero_degree.reshape(*grid, -1).max(axis=-1, keepdims=True)
+    shape1 = (*grid, 1)
+    eob = GridCoder().code(s, shape1, np.zeros(shape1, np.int64), 0, eob_values)
     coder = GridCoder()
     out = np.zeros((*grid, *(n + 1 for n in b)), np.int64)  # leading zero slot = "no parent"
     absq = np.zeros_like(out)
     block_sum = np.zeros((*grid, 1), np.int64)
-    for degree, (i, j, k) in enumerate(_degrees(b)):
+    for degree, (i, j, k) in enumerate(degrees):
         shape = (*grid, len(i))
         if degree == 0:
             values = None if q is None else lorenzo(q[..., :1, 0, 0].astype(np.int64))
@@ -52,7 +64,7 @@ def code_block_coefficients(
         else:
             parent = absq[..., i, j + 1, k + 1] + absq[..., i + 1, j, k + 1] + absq[..., i + 1, j + 1, k]
             values = None if q is None else q[..., i, j, k]
-            band = coder.code(s, shape, parent, degree, values, extra=block_sum // 4)
+            band = coder.code(s, shape, parent, degree, values, extra=np.maximum(eob - degree, 0), mask=eob >= degree)
         out[..., i + 1, j + 1, k + 1] = band
         absq[..., i + 1, j + 1, k + 1] = np.abs(band)
         if degree:

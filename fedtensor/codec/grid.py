@@ -46,21 +46,23 @@ class GridCoder:
 
     def code(
         self, s: BinaryStream, shape: tuple[int, int, int, int], parent: np.ndarray, cls: int,
-        values: np.ndarray | None = None, extra: np.ndarray | None = None,
+        values: np.ndarray | None = None, extra: np.ndarray | None = None, mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """Code one grid of ``shape`` given ``parent`` activity (same shape, from decoded data).
 
         ``extra`` is an optional further activity measure broadcastable to ``shape`` (e.g. the total
-        magnitude already coded in each block).
+        magnitude already coded in each block); ``mask`` (broadcastable) limits coding to the sites
+        both sides know may be non-zero — the others are zero by construction.
         """
         cls = min(cls, N_CLASSES - 1)
         out = np.zeros(shape, np.int64) if values is None else np.asarray(values, np.int64)
         anchors = np.broadcast_to(checkerboard(shape[:3])[..., None], shape)
+        live = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
         pbin = activity_bin(parent)
         ebin = np.broadcast_to(activity_bin(extra) if extra is not None else np.zeros((), np.int64), shape)
         for pass_id, sites, neighbour in (
-            (0, anchors, face_sum(parent) // 2),
-            (1, ~anchors, None),
+            (0, anchors & live, face_sum(parent) // 2),
+            (1, ~anchors & live, None),
         ):
             if neighbour is None:
                 neighbour = face_sum(np.abs(out))
