@@ -20,9 +20,22 @@ MAX_VOXELS = 1 << 31
 _MAX_RETRIES = 12
 
 
+def _errors(x: np.ndarray, y: np.ndarray, slab: int = 16) -> tuple[float, float]:
+    """``(sum of squared errors, max abs error)`` in float64, a few slices at a time (bounded memory)."""
+    sse, worst = 0.0, 0.0
+    for k in range(0, x.shape[0], slab):
+        d = x[k:k + slab].astype(np.float64) - y[k:k + slab]
+        sse += float(np.vdot(d, d))
+        worst = max(worst, float(np.max(np.abs(d), initial=0.0)))
+    return sse, worst
+
+
+def _psnr_from_sse(sse: float, n: int, value_range: float) -> float:
+    return math.inf if sse == 0 else 20 * math.log10(max(value_range, 1e-300) / math.sqrt(sse / n))
+
+
 def _psnr(x: np.ndarray, y: np.ndarray, value_range: float) -> float:
-    mse = float(np.mean(np.square(x - y, dtype=np.float64)))
-    return math.inf if mse == 0 else 20 * math.log10(max(value_range, 1e-300) / math.sqrt(mse))
+    return _psnr_from_sse(_errors(x, y)[0], x.size, value_range)
 
 
 def to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -59,12 +72,14 @@ def _pick_block(x: np.ndarray, mse: float) -> tuple[int, int, int]:
     real coder does, at a fraction of its cost.
     """
     candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
-    tiles = blocktucker.sample_superblocks(np.asarray(x - np.mean(x), np.float32), 16, _PICK_SUPERBLOCKS)
+    tiles = blocktucker.sample_superblocks(np.asarray(x, np.float32) - np.float32(np.mean(x)), 16, _PICK_SUPERBLOCKS)
     coefs = [blocktucker.tile_coefficients(tiles, b) for b in candidates]
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step
     # the distortion barely depends on the transform.
     reference = coefs[candidates.index((8, 8, 8))] if (8, 8, 8) in candidates else coefs[0]
-    step = largest_step_within(jnp.asarray(reference), mse * tiles.size * x.size / math.prod(blocktucker.padded_shape(x.shape, 16)), 1e-9 * (np.ptp(x) + 1), 4 * 64 * (np.ptp(x) + 1))
+    value_range = float(x.max()) - float(x.min()) + 1.0
+    budget = mse * tiles.size * x.size / math.prod(blocktucker.padded_shape(x.shape, 16))
+    step = largest_step_within(jnp.asarray(reference), budget, 1e-9 * value_range, 256 * value_range)
     # Context modelling gains more the more blocks there are: a small, measured correction per
     # doubling of the block volume keeps the proxy's ranking in line with the real coder's.
     costs = [blocktucker.zeroth_order_bits(c, step) * (1 + 0.012 * (math.log2(math.prod(b)) - 9))
@@ -74,9 +89,8 @@ def _pick_block(x: np.ndarray, mse: float) -> tuple[int, int, int]:
 
 def _lossy(volume: Volume, codec: str, block: int, psnr: float | None, bpv: float | None, header: dict):
     """Transform codecs under a PSNR floor (largest step that meets it) or a bits-per-voxel ceiling."""
-    data = volume.data
-    x = data.astype(np.float64)
-    value_range = float(x.max() - x.min())
+    data = x = volume.data
+    value_range = float(x.max()) - float(x.min())
     n = x.size
     target_psnr = psnr if psnr is not None else 45.0  # bpv mode: sizes ranks and blocks for a typical target
     max_sse = n * (max(value_range, 1e-12) / 10 ** (target_psnr / 20)) ** 2
@@ -91,7 +105,7 @@ def _lossy(volume: Volume, codec: str, block: int, psnr: float | None, bpv: floa
         if q is None:
             q, decoded, reached = quantized(step)
         params, sections = tr.encode(q, step)
-        stats = {"psnr": reached, "max_abs_error": float(np.max(np.abs(x - decoded)))}
+        stats = {"psnr": reached, "max_abs_error": _errors(x, decoded)[1]}
         return pack({**header, "params": params, "stats": stats}, sections), stats
 
     if psnr is not None:
@@ -165,11 +179,11 @@ def _exact(volume: Volume, max_error: float | None, header: dict) -> bytes:
 def _pack_grid(data, q, step, offset, header, max_error) -> bytes:
     params, sections = lossless.encode_integers(q)
     decoded = _dequantize_grid(q, step, offset, data.dtype)
-    err = float(np.max(np.abs(decoded.astype(np.float64) - data)))
+    sse, err = _errors(data, decoded)
     if err > max_error:  # the guarantee is checked, never assumed
         raise FedtensorError(f"internal error: max-error bound violated ({err} > {max_error})")
     value_range = float(data.max()) - float(data.min())
-    stats = {"psnr": _psnr(data.astype(np.float64), decoded, value_range), "max_abs_error": err}
+    stats = {"psnr": _psnr_from_sse(sse, data.size, value_range), "max_abs_error": err}
     return pack({**header, "codec": "max-error", "params": {**params, "step": step, "offset": offset},
                  "stats": stats}, sections)
 

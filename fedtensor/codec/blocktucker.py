@@ -94,7 +94,7 @@ def _expand(core, bases):
 
 def reconstruct(q, step: float, bases, shape, offset: float) -> np.ndarray:
     x = from_blocks(_expand(dequantize(jnp.asarray(q), jnp.float32(step)), bases), tuple(shape))
-    return np.asarray(x, np.float64) + offset
+    return np.asarray(x, np.float32) + np.float32(offset)
 
 
 def decode(params: dict, sections: list[bytes], shape: tuple[int, int, int]) -> np.ndarray:

@@ -56,7 +56,7 @@ def _code_core(s: BinaryStream, ranks, q: np.ndarray | None) -> np.ndarray:
 
 def _reconstruct(q, step, factors, offset) -> np.ndarray:
     x = tucker_to_tensor(dequantize(jnp.asarray(q), jnp.float32(step)), factors)
-    return np.asarray(x, np.float64) + offset
+    return np.asarray(x, np.float32) + np.float32(offset)
 
 
 def decode(params: dict, sections: list[bytes], shape) -> np.ndarray:
