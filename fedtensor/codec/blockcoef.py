@@ -46,27 +46,27 @@ def code_block_coefficients(
     eob_values = None
     if q is not None:
         d = np.add.outer(np.add.outer(np.arange(b[0]), np.arange(b[1])), np.arange(b[2]))
-        nonzero_degree = np.where(q != 0, d, 0)
+        nonzero_degree = np.where(q != 0, d.astype(np.int16), np.int16(0))
         eob_values = nonzero_degree.reshape(*grid, -1).max(axis=-1, keepdims=True)
     shape1 = (*grid, 1)
     eob = GridCoder().code(s, shape1, np.zeros(shape1, np.int64), 0, eob_values)
     coder = GridCoder()
-    out = np.zeros((*grid, *(n + 1 for n in b)), np.int64)  # leading zero slot = "no parent"
-    absq = np.zeros_like(out)
-    block_sum = np.zeros((*grid, 1), np.int64)
+    # |coefficients| with a leading zero slot per axis, so "no parent" is just index 0.
+    absq = np.zeros((*grid, *(n + 1 for n in b)), np.int32)
+    out = np.zeros((*grid, *b), np.int32) if s.decoding else q
     for degree, (i, j, k) in enumerate(degrees):
         shape = (*grid, len(i))
         if degree == 0:
             values = None if q is None else lorenzo(q[..., :1, 0, 0].astype(np.int64))
             parent = np.zeros(shape, np.int64)
             dc = coder.code(s, shape, parent, 0, values)
-            band = inverse_lorenzo(dc) if s.decoding else q[..., :1, 0, 0]
+            band = inverse_lorenzo(dc).astype(np.int32) if s.decoding else q[..., :1, 0, 0]
         else:
             parent = absq[..., i, j + 1, k + 1] + absq[..., i + 1, j, k + 1] + absq[..., i + 1, j + 1, k]
             values = None if q is None else q[..., i, j, k]
-            band = coder.code(s, shape, parent, degree, values, extra=np.maximum(eob - degree, 0), mask=eob >= degree)
-        out[..., i + 1, j + 1, k + 1] = band
+            band = coder.code(s, shape, parent, degree, values, extra=np.maximum(eob - degree, 0), mask=eob >= degree,
+                              dtype=np.int32)
+        if s.decoding:
+            out[..., i, j, k] = band
         absq[..., i + 1, j + 1, k + 1] = np.abs(band)
-        if degree:
-            block_sum += absq[..., i + 1, j + 1, k + 1].sum(axis=-1, keepdims=True)
-    return out[..., 1:, 1:, 1:]
+    return out

@@ -31,7 +31,9 @@ class BlockTucker:
     def step_for_sse(self, max_sse: float, value_range: float) -> float:
         """Largest quantiser step whose (coefficient-domain) error fits ``max_sse`` over the real voxels."""
         hi = max(value_range, 1e-6) * 4 * float(np.prod(self.b)) ** 0.5
-        return largest_step_within(self.coef, max_sse / self.padding_ratio, hi * 1e-9, hi)
+        # Quantisation indices are int32: never let a tiny step push them near overflow.
+        floor = float(jnp.max(jnp.abs(self.coef))) / 2**30
+        return max(floor, largest_step_within(self.coef, max_sse / self.padding_ratio, max(hi * 1e-9, floor), hi))
 
     def quantize(self, step: float) -> jax.Array:
         return quantize(self.coef, jnp.float32(step))
@@ -41,7 +43,7 @@ class BlockTucker:
 
     def encode(self, q: jax.Array, step: float) -> tuple[dict, list[bytes]]:
         s = BinaryStream()
-        code_block_coefficients(s, block_grid(self.shape, self.b), self.b, np.asarray(q, np.int64))
+        code_block_coefficients(s, block_grid(self.shape, self.b), self.b, np.asarray(q, np.int32))
         params = {"block": list(self.b), "step": step, "offset": self.offset}
         return params, [np.concatenate([np.asarray(u).ravel() for u in self.bases]).astype("<f4").tobytes(), s.finish()]
 

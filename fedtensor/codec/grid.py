@@ -47,6 +47,7 @@ class GridCoder:
     def code(
         self, s: BinaryStream, shape: tuple[int, int, int, int], parent: np.ndarray, cls: int,
         values: np.ndarray | None = None, extra: np.ndarray | None = None, mask: np.ndarray | None = None,
+        dtype=np.int64,
     ) -> np.ndarray:
         """Code one grid of ``shape`` given ``parent`` activity (same shape, from decoded data).
 
@@ -55,7 +56,7 @@ class GridCoder:
         both sides know may be non-zero — the others are zero by construction.
         """
         cls = min(cls, N_CLASSES - 1)
-        out = np.zeros(shape, np.int64) if values is None else np.asarray(values, np.int64)
+        out = np.zeros(shape, dtype) if values is None else np.asarray(values, dtype)
         anchors = np.broadcast_to(checkerboard(shape[:3])[..., None], shape)
         live = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
         pbin = activity_bin(parent)
