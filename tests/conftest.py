@@ -46,3 +46,40 @@ def volume_paths(data_dir: Path) -> dict[str, Path]:
     if missing:
         pytest.skip(f"sample volumes missing from {data_dir}: {', '.join(missing)}")
     return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Appended for the codec / tensor / fuzz tests: real volumes read once per session.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def load_volume(volume_paths):
+    """``load_volume(name)`` → the :class:`~fedtensor.io.Volume` of a shared sample, read once per session.
+
+    Tests must treat the returned volume as read-only (its array is shared between tests).
+    """
+    from fedtensor.io import read_volume
+
+    cache: dict = {}
+
+    def load(name: str):
+        if name not in cache:
+            vol = read_volume(volume_paths[name])
+            vol.data.setflags(write=False)
+            cache[name] = vol
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def ct_crop(load_volume):
+    """A small (32, 32, 16) int32 crop of ct_abdomen with the source geometry (fast to compress)."""
+    import numpy as np
+
+    from fedtensor.io import Volume
+
+    vol = load_volume("ct_abdomen.nii.gz")
+    data = np.ascontiguousarray(vol.data[40:72, 30:62, 40:56])
+    return Volume(data, vol.spacing, vol.affine, {})

@@ -10,13 +10,14 @@ import numpy as np
 from fedtensor import __version__
 from fedtensor.codec import blocktucker, lossless, omlsvd_global
 from fedtensor.codec.container import pack, unpack
+from fedtensor.codec.normalize import denormalize, normalization, normalize, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
 
 CODECS = ("block-tucker", "omlsvd-global")
 EXACT_CODECS = ("lossless", "max-error")
-MAX_VOXELS = 1 << 31
+MAX_VOXELS = 1 << 30  # decoders hold a few int32/float32 copies: ~1 G voxels fits a 24 GB machine
 _MAX_RETRIES = 12
 
 
@@ -31,55 +32,49 @@ def _errors(x: np.ndarray, y: np.ndarray, slab: int = 16) -> tuple[float, float]
 
 
 def _psnr_from_sse(sse: float, n: int, value_range: float) -> float:
-    return math.inf if sse == 0 else 20 * math.log10(max(value_range, 1e-300) / math.sqrt(sse / n))
+    if sse == 0:
+        return math.inf
+    return 20 * math.log10(value_range / math.sqrt(sse / n)) if value_range > 0 else -math.inf
 
 
 def _psnr(x: np.ndarray, y: np.ndarray, value_range: float) -> float:
     return _psnr_from_sse(_errors(x, y)[0], x.size, value_range)
 
 
-def to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast a float reconstruction to the volume's dtype (round and clip for integers)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(x), info.min, info.max).astype(dtype)
-    return x.astype(dtype)
-
-
 def _integer_valued(a: np.ndarray) -> bool:
     if a.dtype.kind in "iu":
         return True
-    return bool(np.all(np.abs(a) < 2**52) and np.array_equal(a, np.rint(a)))
+    # -0.0 would come back as +0.0 from an integer path: not bit-exact, so not "integer-valued".
+    return bool(np.all(np.abs(a) < 2**52) and np.array_equal(a, np.rint(a)) and not np.any(np.signbit(a) & (a == 0)))
 
 
 AUTO_BLOCKS = ((4, 4, 4), (4, 4, 8), (8, 8, 8), (8, 8, 16), (16, 16, 8))
 _PICK_SUPERBLOCKS = 192  # 16³ superblocks sampled to rank block shapes (≈ 0.8 M voxels)
 
 
-def _transform(codec: str, x: np.ndarray, block, max_sse: float):
+def _transform(codec: str, xn: np.ndarray, block, max_sse: float):
+    """The codec's transform of the normalised volume ``xn``, sized for ``max_sse`` (normalised units)."""
     if codec == "block-tucker":
-        return blocktucker.BlockTucker(x, block or _pick_block(x, max_sse / x.size))
-    return omlsvd_global.GlobalTucker(x, max_sse)
+        return blocktucker.BlockTucker(xn, block or _pick_block(xn, max_sse / xn.size))
+    return omlsvd_global.GlobalTucker(xn, max_sse)
 
 
-def _pick_block(x: np.ndarray, mse: float) -> tuple[int, int, int]:
-    """The block shape with the least zeroth-order coefficient entropy over ``x``.
+def _pick_block(xn: np.ndarray, mse: float) -> tuple[int, int, int]:
+    """The block shape with the least zeroth-order coefficient entropy over ``xn``.
 
     The best shape varies a lot between volumes (fine noisy texture favours 4³, thick slices long
     in-plane blocks); at equal quantiser step the distortion barely depends on the (orthonormal)
     transform, so the per-band entropy of the quantised coefficients ranks the shapes the way the
     real coder does, at a fraction of its cost.
     """
-    candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
-    tiles = blocktucker.sample_superblocks(np.asarray(x, np.float32) - np.float32(np.mean(x)), 16, _PICK_SUPERBLOCKS)
+    candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, xn.shape))]
+    tiles = blocktucker.sample_superblocks(xn, 16, _PICK_SUPERBLOCKS)
     coefs = [blocktucker.tile_coefficients(tiles, b) for b in candidates]
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step
     # the distortion barely depends on the transform.
     reference = coefs[candidates.index((8, 8, 8))] if (8, 8, 8) in candidates else coefs[0]
-    value_range = float(x.max()) - float(x.min()) + 1.0
-    budget = mse * tiles.size * x.size / math.prod(blocktucker.padded_shape(x.shape, 16))
-    step = largest_step_within(jnp.asarray(reference), budget, 1e-9 * value_range, 256 * value_range)
+    budget = mse * tiles.size * xn.size / math.prod(blocktucker.padded_shape(xn.shape, 16))
+    step = largest_step_within(jnp.asarray(reference), budget, 1e-9, 256.0)
     # Context modelling gains more the more blocks there are: a small, measured correction per
     # doubling of the block volume keeps the proxy's ranking in line with the real coder's.
     costs = [blocktucker.zeroth_order_bits(c, step) * (1 + 0.012 * (math.log2(math.prod(b)) - 9))
@@ -87,56 +82,76 @@ def _pick_block(x: np.ndarray, mse: float) -> tuple[int, int, int]:
     return candidates[int(np.argmin(costs))]
 
 
-def _lossy(volume: Volume, codec: str, block: int, psnr: float | None, bpv: float | None, header: dict):
+def _largest_step_reaching(evaluate, psnr: float, step: float):
+    """Largest step whose decoded PSNR ≥ ``psnr``, starting from a close guess.
+
+    ``evaluate(step) -> (reached_db, payload)``; returns ``(step, reached_db, payload)``. Secant steps
+    on PSNR vs log10(step) (−20 dB per decade while MSE ∝ step²), then geometric bisection once the
+    answer is bracketed.
+    """
+    ok = bad = prev = None  # (step, reached, payload)
+    slope = -20.0
+    for _ in range(_MAX_RETRIES):
+        reached, payload = evaluate(step)
+        if reached >= psnr:
+            if ok is None or step > ok[0]:
+                ok = (step, reached, payload)
+            if reached - psnr < 0.02:
+                break
+        elif bad is None or step < bad[0]:
+            bad = (step, reached, payload)
+        if prev is not None and step != prev[0] and math.isfinite(reached) and math.isfinite(prev[1]):
+            slope = min((reached - prev[1]) / math.log10(step / prev[0]), -1.0)  # PSNR falls as step grows
+        prev = (step, reached)
+        if ok and bad:
+            if bad[0] / ok[0] < 1.002:
+                break
+            step = math.sqrt(ok[0] * bad[0])
+            continue
+        gap = (reached - psnr) if math.isfinite(reached) else 20.0
+        step *= 10 ** (gap / -slope) * (0.998 if gap < 0 else 1.0)
+    if ok is None:
+        raise RateError(f"could not reach {psnr} dB (the dtype's rounding limits the attainable PSNR)")
+    return ok
+
+
+def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict):
     """Transform codecs under a PSNR floor (largest step that meets it) or a bits-per-voxel ceiling."""
-    data = x = volume.data
+    x = volume.data
     value_range = float(x.max()) - float(x.min())
     n = x.size
+    offset, scale = normalization(x)
     target_psnr = psnr if psnr is not None else 45.0  # bpv mode: sizes ranks and blocks for a typical target
-    max_sse = n * (max(value_range, 1e-12) / 10 ** (target_psnr / 20)) ** 2
-    tr = _transform(codec, x, block, max_sse)
+    max_sse = n * (value_range / scale / 10 ** (target_psnr / 20)) ** 2  # normalised units
+    tr = _transform(codec, normalize(x, offset, scale), block, max_sse)
 
     def quantized(step: float):
         q = tr.quantize(step)
-        decoded = to_dtype(tr.reconstruct(q, step), data.dtype)
-        return q, decoded, _psnr(x, decoded, value_range)
+        return q, denormalize(tr.reconstruct(q, step), x.dtype, offset, scale)
 
-    def attempt(step: float, q=None, decoded=None, reached=None):
+    def attempt(step: float, q=None, decoded=None) -> bytes:
         if q is None:
-            q, decoded, reached = quantized(step)
+            q, decoded = quantized(step)
         params, sections = tr.encode(q, step)
-        stats = {"psnr": reached, "max_abs_error": _errors(x, decoded)[1]}
-        return pack({**header, "params": params, "stats": stats}, sections), stats
+        sse, worst = _errors(x, decoded)
+        stats = {"psnr": _psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
+        return pack({**header, "params": {**params, "offset": offset, "scale": scale}, "stats": stats}, sections)
 
     if psnr is not None:
-        # The coefficient-domain step is a close first guess; padding and the dtype's rounding move
-        # the voxel-domain PSNR a little, so correct the step by the measured gap (MSE ∝ step²).
-        step, best = tr.step_for_sse(max_sse, value_range), None
-        for _ in range(_MAX_RETRIES):
-            q, decoded, reached = quantized(step)
-            if reached >= psnr:
-                if best is None or step > best[0]:
-                    best = (step, q, decoded, reached)
-                if reached - psnr < 0.02:
-                    break
-            elif best is not None and step <= best[0] * 1.0001:
-                break
-            gap = reached - psnr
-            step *= 10 ** (gap / 20) * (0.998 if gap < 0 else 1.0)
-            if best is not None and step <= best[0]:
-                break
-        if best is None:
-            raise RateError(f"could not reach {psnr} dB (the dtype's rounding limits the attainable PSNR)")
-        return attempt(*best)[0]
+        def evaluate(step):
+            q, decoded = quantized(step)
+            return _psnr(x, decoded, value_range), (q, decoded)
+
+        step, _, (q, decoded) = _largest_step_reaching(evaluate, psnr, tr.step_for_sse(max_sse))
+        return attempt(step, q, decoded)
     budget = bpv * n / 8
-    lo, hi = value_range * 1e-6 + 1e-12, max(value_range, 1e-6) * 8 * 32**1.5
-    best, top = None, attempt(hi)
-    if len(top[0]) > budget:
-        raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs {8 * len(top[0]) / n:.4f}")
-    best = top[0]
+    lo, hi = 1e-7, 8 * 32**1.5
+    best = attempt(hi)
+    if len(best) > budget:
+        raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs {8 * len(best) / n:.4f}")
     for _ in range(16):  # bisection on the log step: bytes fall as the step grows
         mid = math.sqrt(lo * hi)
-        blob, _ = attempt(mid)
+        blob = attempt(mid)
         if len(blob) <= budget:
             best, hi = blob, mid
         else:
@@ -144,6 +159,13 @@ def _lossy(volume: Volume, codec: str, block: int, psnr: float | None, bpv: floa
         if hi / lo < 1.01:
             break
     return best
+
+
+def _constant(volume: Volume, header: dict) -> bytes:
+    """A constant volume is its value: exact in every mode (and PSNR is undefined for it anyway)."""
+    value = volume.data.flat[0].item()
+    return pack({**header, "codec": "constant", "params": {"value": value},
+                 "stats": {"psnr": math.inf, "max_abs_error": 0.0}}, [])
 
 
 def _exact(volume: Volume, max_error: float | None, header: dict) -> bytes:
@@ -218,8 +240,8 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     if max_error is not None and not max_error >= 0:
         raise RateError(f"--max-error must be >= 0, got {max_error}")
     if block is not None:
-        sides = (block,) * 3 if isinstance(block, int) else tuple(block)
-        if len(sides) != 3 or not all(isinstance(n, int) and 2 <= n <= 32 for n in sides):
+        sides = (block,) * 3 if np.ndim(block) == 0 else tuple(block)
+        if len(sides) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= 32 for n in sides):
             raise RateError(f"--block must be an integer (or three) between 2 and 32, got {block}")
         block = sides
     if volume.data.size >= MAX_VOXELS:
@@ -230,7 +252,9 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         "target": {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)},
         "modality": volume.meta.get("modality") or volume.meta.get("Modality"), "model": None,
     }
-    if lossless or (max_error is not None and (max_error < 1 and volume.dtype.kind in "iu")):
+    if volume.data.min() == volume.data.max():
+        blob = _constant(volume, header)
+    elif lossless or (max_error is not None and (max_error < 1 and volume.dtype.kind in "iu")):
         blob = _exact(volume, None, header)
     elif max_error is not None:
         blob = _exact(volume, max_error, header)
@@ -241,13 +265,17 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
 
 def _check_header(h: dict) -> tuple[tuple[int, int, int], np.dtype]:
     try:
-        shape = tuple(int(n) for n in h["shape"])
+        shape = tuple(h["shape"])
         dtype = np.dtype(h["dtype"])
-        if (len(shape) != 3 or min(shape) < 1 or math.prod(shape) >= MAX_VOXELS or dtype not in SUPPORTED_DTYPES
-                or np.asarray(h["affine"], float).shape != (4, 4) or len(h["spacing"]) != 3
+        spacing = np.asarray(h["spacing"], float)
+        affine = np.asarray(h["affine"], float)
+        if (len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+                or math.prod(shape) >= MAX_VOXELS or dtype not in SUPPORTED_DTYPES
+                or affine.shape != (4, 4) or not np.isfinite(affine).all()
+                or spacing.shape != (3,) or not np.isfinite(spacing).all() or spacing.min() <= 0
                 or not isinstance(h.get("params"), dict)):
             raise ValueError
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise FormatError("corrupted .ftz header: bad shape, dtype or geometry") from None
     return shape, dtype
 
@@ -258,10 +286,11 @@ def decompress(data: bytes) -> Volume:
     shape, dtype = _check_header(h)
     p, codec = h["params"], h.get("codec")
     try:
-        if codec == "block-tucker":
-            x = to_dtype(blocktucker.decode(p, sections, shape), dtype)
-        elif codec == "omlsvd-global":
-            x = to_dtype(omlsvd_global.decode(p, sections, shape), dtype)
+        if codec in CODECS:
+            decode = blocktucker.decode if codec == "block-tucker" else omlsvd_global.decode
+            x = denormalize(decode(p, sections, shape), dtype, float(p["offset"]), float(p["scale"]))
+        elif codec == "constant":
+            x = np.full(shape, p["value"], dtype)
         elif codec in EXACT_CODECS:
             q = lossless.decode_integers(p, sections, shape)
             x = _dequantize_grid(q, float(p["step"]), float(p["offset"]), dtype)
@@ -271,7 +300,9 @@ def decompress(data: bytes) -> Volume:
             raise FormatError(f"unknown codec {codec!r} in .ftz file (written by a newer fedtensor?)")
     except FedtensorError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, OverflowError, ZeroDivisionError) as err:
+    except MemoryError:
+        raise FormatError(f"not enough memory to decode a {'×'.join(map(str, shape))} volume") from None
+    except Exception as err:  # untrusted payload: any decoder failure (incl. constriction's) is corruption
         raise FormatError(f"corrupted .ftz payload ({err.__class__.__name__})") from None
     if x.shape != shape:
         raise FormatError("corrupted .ftz payload (shape mismatch)")

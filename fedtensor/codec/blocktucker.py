@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from functools import partial
 
 import jax
@@ -17,20 +16,23 @@ from fedtensor.tensor.block import block_bases, block_grid, block_shape, padded_
 
 
 class BlockTucker:
-    """One volume's transform: its bases and coefficients, ready to be quantised at any step."""
+    """One volume's transform: its bases and coefficients, ready to be quantised at any step.
+
+    ``x`` is the normalised volume (centred, unit value range: see :mod:`fedtensor.codec.normalize`),
+    so steps and errors here are in those units.
+    """
 
     def __init__(self, x: np.ndarray, b=8, n_iter: int = 0):
         self.shape, self.b = tuple(x.shape), block_shape(b)
-        self.offset = float(np.mean(x, dtype=np.float64))
-        blocks = to_blocks(jnp.asarray(x, jnp.float32) - self.offset, b)
+        blocks = to_blocks(jnp.asarray(x, jnp.float32), b)
         # Bases travel as float32 in the stream; encode with exactly those values.
         self.bases = [jnp.asarray(np.asarray(u, np.float32)) for u in block_bases(blocks, self.b, n_iter)]
         self.coef = _project(blocks, self.bases)
         self.padding_ratio = float(np.prod(self.shape) / self.coef.size)
 
-    def step_for_sse(self, max_sse: float, value_range: float) -> float:
+    def step_for_sse(self, max_sse: float) -> float:
         """Largest quantiser step whose (coefficient-domain) error fits ``max_sse`` over the real voxels."""
-        hi = max(value_range, 1e-6) * 4 * float(np.prod(self.b)) ** 0.5
+        hi = 4 * float(np.prod(self.b)) ** 0.5
         # Quantisation indices are int32: never let a tiny step push them near overflow.
         floor = float(jnp.max(jnp.abs(self.coef))) / 2**30
         return max(floor, largest_step_within(self.coef, max_sse / self.padding_ratio, max(hi * 1e-9, floor), hi))
@@ -39,12 +41,12 @@ class BlockTucker:
         return quantize(self.coef, jnp.float32(step))
 
     def reconstruct(self, q: jax.Array, step: float) -> np.ndarray:
-        return reconstruct(q, step, self.bases, self.shape, self.offset)
+        return reconstruct(q, step, self.bases, self.shape)
 
     def encode(self, q: jax.Array, step: float) -> tuple[dict, list[bytes]]:
         s = BinaryStream()
         code_block_coefficients(s, block_grid(self.shape, self.b), self.b, np.asarray(q, np.int32))
-        params = {"block": list(self.b), "step": step, "offset": self.offset}
+        params = {"block": list(self.b), "step": step}
         return params, [np.concatenate([np.asarray(u).ravel() for u in self.bases]).astype("<f4").tobytes(), s.finish()]
 
 
@@ -94,9 +96,9 @@ def _expand(core, bases):
     return expand(core, bases)
 
 
-def reconstruct(q, step: float, bases, shape, offset: float) -> np.ndarray:
-    x = from_blocks(_expand(dequantize(jnp.asarray(q), jnp.float32(step)), bases), tuple(shape))
-    return np.asarray(x, np.float32) + np.float32(offset)
+def reconstruct(q, step: float, bases, shape) -> np.ndarray:
+    """The normalised volume from quantisation indices."""
+    return np.asarray(from_blocks(_expand(dequantize(jnp.asarray(q), jnp.float32(step)), bases), tuple(shape)))
 
 
 def decode(params: dict, sections: list[bytes], shape: tuple[int, int, int]) -> np.ndarray:
@@ -112,4 +114,4 @@ def decode(params: dict, sections: list[bytes], shape: tuple[int, int, int]) -> 
     b = tuple(b)
     s = BinaryStream(np.frombuffer(sections[1], np.uint32))
     q = code_block_coefficients(s, block_grid(shape, b), b)
-    return reconstruct(q.astype(np.int32), float(params["step"]), bases, shape, float(params["offset"]))
+    return reconstruct(q, float(params["step"]), bases, shape)

@@ -19,10 +19,11 @@ from fedtensor.tensor.tucker import hooi, tucker_to_tensor
 
 
 class GlobalTucker:
+    """Truncated OMLSVD of a normalised volume (centred, unit range), sized for ``max_sse``."""
+
     def __init__(self, x: np.ndarray, max_sse: float, n_iter: int = 5):
         self.shape = tuple(x.shape)
-        self.offset = float(np.mean(x, dtype=np.float64))
-        xc = jnp.asarray(x - self.offset, jnp.float32)
+        xc = jnp.asarray(x, jnp.float32)
         norm2 = float(jnp.sum(jnp.square(xc)))
         rel = float(np.sqrt(0.5 * max_sse / max(norm2, 1e-30)))
         self.ranks = ranks_for_error(xc, min(rel, 1.0))
@@ -31,21 +32,21 @@ class GlobalTucker:
         self.core = core
         self.truncation_sse = max(norm2 - float(jnp.sum(jnp.square(core))), 0.0)
 
-    def step_for_sse(self, max_sse: float, value_range: float) -> float:
+    def step_for_sse(self, max_sse: float) -> float:
         budget = max(max_sse - self.truncation_sse, 1e-3 * max_sse)
-        hi = max(value_range, 1e-6) * 4 * float(np.sqrt(np.prod(self.shape)))
+        hi = 4 * float(np.sqrt(np.prod(self.shape)))
         return largest_step_within(self.core, budget, hi * 1e-12, hi)
 
     def quantize(self, step: float):
         return quantize(self.core, jnp.float32(step))
 
     def reconstruct(self, q, step: float) -> np.ndarray:
-        return _reconstruct(q, step, self.factors, self.offset)
+        return _reconstruct(q, step, self.factors)
 
     def encode(self, q, step: float) -> tuple[dict, list[bytes]]:
         s = BinaryStream()
         _code_core(s, self.ranks, np.asarray(q, np.int64))
-        params = {"ranks": list(self.ranks), "step": step, "offset": self.offset}
+        params = {"ranks": list(self.ranks), "step": step}
         return params, [np.concatenate([np.asarray(f).ravel() for f in self.factors]).astype("<f4").tobytes(), s.finish()]
 
 
@@ -54,9 +55,8 @@ def _code_core(s: BinaryStream, ranks, q: np.ndarray | None) -> np.ndarray:
     return GridCoder().code(s, shape, np.zeros(shape, np.int64), 0, None if q is None else q[..., None])[..., 0]
 
 
-def _reconstruct(q, step, factors, offset) -> np.ndarray:
-    x = tucker_to_tensor(dequantize(jnp.asarray(q), jnp.float32(step)), factors)
-    return np.asarray(x, np.float32) + np.float32(offset)
+def _reconstruct(q, step, factors) -> np.ndarray:
+    return np.asarray(tucker_to_tensor(dequantize(jnp.asarray(q), jnp.float32(step)), factors))
 
 
 def decode(params: dict, sections: list[bytes], shape) -> np.ndarray:
@@ -71,4 +71,4 @@ def decode(params: dict, sections: list[bytes], shape) -> np.ndarray:
     bounds = np.cumsum([0, *sizes])
     factors = [jnp.asarray(flat[a:b].reshape(n, r)) for a, b, n, r in zip(bounds[:-1], bounds[1:], shape, ranks)]
     q = _code_core(BinaryStream(np.frombuffer(sections[1], np.uint32)), ranks, None)
-    return _reconstruct(q.astype(np.int32), float(params["step"]), factors, float(params["offset"]))
+    return _reconstruct(q.astype(np.int32), float(params["step"]), factors)
