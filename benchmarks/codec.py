@@ -61,65 +61,9 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class Jpeg2kSlicewise:
-    """OpenJPEG (via imagecodecs) on each ``vol[:, :, k]``, irreversible 9/7, PSNR-quality mode.
-
-    The volume is shifted to unsigned (minus its min), stored as uint8 (uint8 input) or uint16, with
-    ``bitspersample`` = bits needed for max − min. ``level`` is OpenJPEG's per-slice PSNR target (its
-    peak is 2^bitspersample − 1, hence not the benchmark's PSNR).
-    """
-
-    def __init__(self, data: np.ndarray, numthreads: int | None = None):
-        import imagecodecs
-
-        self._ic = imagecodecs
-        self.shape = data.shape
-        self.dtype = data.dtype
-        self.numthreads = numthreads
-        lo, hi = float(np.min(data)), float(np.max(data))
-        self.integer_valued = data.dtype.kind in "iub" or bool(np.all(np.equal(np.mod(data, 1), 0)))
-        self.offset = lo
-        span = int(round(hi - lo))
-        if span > 0xFFFF:
-            raise ValueError(f"value range {span} does not fit 16-bit JPEG2000 samples")
-        self.bitspersample = max(1, span.bit_length())
-        self.store_dtype = np.uint8 if data.dtype == np.uint8 else np.uint16
-
-    def _to_unsigned(self, sl: np.ndarray) -> np.ndarray:
-        if sl.dtype == self.store_dtype and self.offset == 0:
-            return np.ascontiguousarray(sl)
-        if self.integer_valued and sl.dtype.kind in "iu":
-            return (sl.astype(np.int64) - int(self.offset)).astype(self.store_dtype)
-        return np.rint(sl.astype(np.float64) - self.offset).astype(self.store_dtype)
-
-    def compress(self, data: np.ndarray, level: float, codecformat: str = "J2K") -> list[bytes]:
-        enc = self._ic.jpeg2k_encode
-        return [
-            enc(
-                self._to_unsigned(data[:, :, k]),
-                level=float(level),
-                codecformat=codecformat,
-                reversible=False,
-                bitspersample=self.bitspersample,
-                numthreads=self.numthreads,
-            )
-            for k in range(data.shape[2])
-        ]
-
-    def decompress(self, streams: list[bytes]) -> np.ndarray:
-        dec = self._ic.jpeg2k_decode
-        out = np.empty(self.shape, dtype=self.dtype)
-        if self.dtype.kind == "f":
-            for k, b in enumerate(streams):
-                out[:, :, k] = dec(b, numthreads=self.numthreads).astype(np.float64) + self.offset
-        elif self.offset == 0:
-            for k, b in enumerate(streams):
-                out[:, :, k] = dec(b, numthreads=self.numthreads)
-        else:
-            off = int(self.offset)
-            for k, b in enumerate(streams):
-                out[:, :, k] = dec(b, numthreads=self.numthreads).astype(np.int64) + off
-        return out
+# OpenJPEG slice by slice (shift to unsigned, bitspersample = bits of max − min, irreversible 9/7) is
+# library code now, shared with the rate–distortion harness (`fedtensor bench`).
+from fedtensor.baselines.jpeg2000 import Jpeg2kSlicewise  # noqa: E402
 
 
 def bisect_jpeg2k(codec: Jpeg2kSlicewise, data: np.ndarray, target: float, steps: int, cache: dict) -> dict:

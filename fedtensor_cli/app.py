@@ -367,6 +367,28 @@ def evaluate(
         render.out_console().print(render.evaluate_table(record))
 
 
+@app.command()
+@cli_errors
+def bench(
+    volumes: Annotated[list[str], typer.Argument(metavar="VOLUME", show_default=False)],
+    targets: Annotated[Optional[list[str]], typer.Option("--targets", metavar="DB",
+                       help="Target PSNRs (default 40 45 50); '40 45 50', '40,45,50' or repeated.")] = None,
+    codecs: Annotated[Optional[list[str]], typer.Option("--codecs", metavar="NAME",
+                      help="Codecs to run (default: all; see fedtensor.baselines).")] = None,
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Output directory.")] = Path("results"),
+    jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", help="Processes (0: one per core).")] = 0,
+    no_figures: Annotated[bool, typer.Option("--no-figures", help="Skip the PNG figures.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rate–distortion benchmark of fedtensor against every rival codec (resumable; writes CSV, JSON, PNG)."""
+    from fedtensor.bench.cli import BenchUsageError, run_command
+
+    try:
+        run_command(volumes, targets, codecs, out, jobs, figures=not no_figures, json_out=json_out)
+    except BenchUsageError as exc:
+        raise UsageFailure(str(exc)) from None
+
+
 # ------------------------------------------------------------------------------------------ entry point
 
 

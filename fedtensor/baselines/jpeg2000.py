@@ -1,0 +1,97 @@
+"""JPEG2000 (OpenJPEG through imagecodecs), slice by slice: lossy (irreversible 9/7) and lossless (5/3).
+
+Lossy: the searched parameter is OpenJPEG's ``level``, its per-slice PSNR-quality mode (peak
+2^bits − 1, so it is not the benchmark's PSNR; the search measures the real whole-volume PSNR).
+Samples are the volume shifted to unsigned with ``bitspersample`` = bits needed for max − min (see
+:class:`~fedtensor.baselines.slicewise.UnsignedMap`). Streams are bare J2K codestreams (no JP2 box),
+one per slice. OpenJPEG runs single-threaded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedtensor.baselines.base import ParamSpace, to_dtype
+from fedtensor.baselines.slicewise import SlicewiseCodec, UnsignedMap
+
+
+def _ic():
+    import imagecodecs
+
+    return imagecodecs
+
+
+class Jpeg2000(SlicewiseCodec):
+    name = "jpeg2000"
+    label = "JPEG2000 (OpenJPEG, 2D)"
+    imagecodecs_needs = ("JPEG2K",)
+
+    @classmethod
+    def version(cls) -> str:
+        return f"imagecodecs {_ic().__version__}, {_ic().jpeg2k_version()}"
+
+    def space(self, volume) -> ParamSpace:
+        m = UnsignedMap.for_data(np.asarray(volume.data))
+        span = (float(np.max(volume.data)) - float(np.min(volume.data))) / m.scale
+        shift = 20 * math.log10(((1 << m.bits) - 1) / max(span, 1.0))  # OpenJPEG's peak vs max − min
+        return ParamSpace(5.0, 150.0, log=False, increasing=True, guess=lambda t: t + shift)
+
+    def encode_slice(self, u, param, m):
+        return _ic().jpeg2k_encode(u, level=float(param), codecformat="J2K", reversible=False,
+                                   bitspersample=m.bits, numthreads=1)
+
+    def decode_slice(self, b):
+        return _ic().jpeg2k_decode(b, numthreads=1)
+
+
+class Jpeg2000Lossless(Jpeg2000):
+    name = "jpeg2000-lossless"
+    label = "JPEG2000 lossless (OpenJPEG, 2D)"
+    lossless = True
+
+    def not_applicable_reason(self, volume):
+        if not UnsignedMap.for_data(np.asarray(volume.data)).exact:
+            return "needs integer-valued voxels with a range of at most 16 bits"
+        return None
+
+    def encode_slice(self, u, param, m):
+        return _ic().jpeg2k_encode(u, level=0, codecformat="J2K", reversible=True, bitspersample=m.bits,
+                                   numthreads=1)
+
+    def encode_lossless(self, volume) -> bytes:
+        data = np.asarray(volume.data)
+        return self._pack(data, None, UnsignedMap.for_data(data))
+
+
+class Jpeg2kSlicewise:
+    """Low-level slice-wise OpenJPEG used by ``benchmarks/codec.py`` (kept API: list of codestreams).
+
+    ``compress(data, level, codecformat="J2K")`` returns one codestream per slice ``data[:, :, k]``
+    (``"JP2"`` adds the JP2 container); ``decompress(streams)`` restores the volume's dtype.
+    """
+
+    def __init__(self, data: np.ndarray, numthreads: int | None = None):
+        self._ic = _ic()
+        self.shape, self.dtype, self.numthreads = data.shape, data.dtype, numthreads
+        self.map = UnsignedMap.for_data(data)
+        self.integer_valued = self.map.exact
+        self.offset = self.map.offset
+        self.bitspersample = self.map.bits
+        self.store_dtype = self.map.dtype.type
+
+    def compress(self, data: np.ndarray, level: float, codecformat: str = "J2K") -> list[bytes]:
+        return [
+            self._ic.jpeg2k_encode(self.map.forward(data[:, :, k]), level=float(level), codecformat=codecformat,
+                                   reversible=False, bitspersample=self.bitspersample, numthreads=self.numthreads)
+            for k in range(data.shape[2])
+        ]
+
+    def decompress(self, streams: list[bytes]) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        for k, b in enumerate(streams):
+            out[:, :, k] = to_dtype(self.map.inverse(self._ic.jpeg2k_decode(b, numthreads=self.numthreads)),
+                                    self.dtype)
+        return out
+

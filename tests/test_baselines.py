@@ -1,0 +1,170 @@
+"""Rival codecs (``fedtensor.baselines``): every codec's round trip on a small crop of a real CT, the
+target check, lossless exactness, availability / applicability reporting and the stream container."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedtensor.baselines import (
+    BASELINES,
+    LOSSLESS,
+    LOSSY,
+    NAMES,
+    NotApplicableError,
+    UnavailableError,
+    availability,
+    get_baseline,
+)
+from fedtensor.baselines.base import pack, unpack
+from fedtensor.baselines.dwt import band_shapes, forward, inverse, level_plan
+from fedtensor.baselines.slicewise import UnsignedMap
+from fedtensor.errors import FormatError
+from fedtensor.io import Volume, read_volume
+from fedtensor.metrics import psnr
+
+TARGET = 40.0
+
+
+@pytest.fixture(scope="module")
+def ct_crop(data_dir) -> Volume:
+    """32×32×16 of the abdomen CT (int32 HU): bone, soft tissue and air in one small block."""
+    v = read_volume(data_dir / "ct_abdomen.nii.gz")
+    return Volume(np.ascontiguousarray(v.data[45:77, 40:72, 48:64]), v.spacing, v.affine)
+
+
+@pytest.fixture(scope="module")
+def float_crop(data_dir) -> Volume:
+    """A non-integer float volume (MR crop scaled by 1/7): exercises the 16-bit scaling path."""
+    v = read_volume(data_dir / "mr_brain_gd.nii.gz")
+    return Volume(np.ascontiguousarray(v.data[70:102, 70:102, 64:80]).astype(np.float32) / 7.0)
+
+
+def _skip_unavailable(name: str) -> None:
+    reason = BASELINES[name].unavailable_reason()
+    if reason:
+        pytest.skip(f"{name} unavailable here: {reason}")
+
+
+def test_registry_lists_every_codec():
+    assert NAMES[0] == "fedtensor"
+    assert {"jpeg2000", "htj2k", "jpegxl", "dwt", "pca", "sz3", "zfp", "sperr", "omlsvd-global"} <= set(LOSSY)
+    assert set(LOSSLESS) == {"fedtensor-lossless", "jpeg2000-lossless", "zstd"}
+    assert set(availability()) == set(NAMES)
+    with pytest.raises(KeyError, match="unknown codec"):
+        get_baseline("jpeg3000")
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_lossy_round_trip_reaches_target(name, ct_crop):
+    _skip_unavailable(name)
+    codec = get_baseline(name)
+    blob = codec.encode(ct_crop, psnr=TARGET)
+    assert isinstance(blob, bytes) and 0 < len(blob) < ct_crop.nbytes
+    decoded = get_baseline(name).decode(blob)  # a fresh instance: the stream is self-describing
+    assert decoded.shape == ct_crop.shape and decoded.dtype == ct_crop.dtype
+    p = psnr(ct_crop.data, decoded)
+    assert p >= TARGET
+    if name != "zfp":  # ZFP's accuracy mode moves in ~6 dB jumps; the others land on the target
+        assert p < TARGET + 1.0, f"{name} overshot: {p:.2f} dB"
+
+
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_lossless_round_trip_is_exact(name, ct_crop):
+    _skip_unavailable(name)
+    codec = get_baseline(name)
+    blob = codec.encode(ct_crop, lossless=True)
+    decoded = codec.decode(blob)
+    assert decoded.dtype == ct_crop.dtype
+    np.testing.assert_array_equal(decoded, ct_crop.data)
+
+
+@pytest.mark.parametrize("name", ["jpeg2000", "jpegxl", "sz3", "dwt"])
+def test_non_integer_float_volume(name, float_crop):
+    _skip_unavailable(name)
+    codec = get_baseline(name)
+    decoded = codec.decode(codec.encode(float_crop, psnr=TARGET))
+    assert decoded.dtype == np.float32
+    assert psnr(float_crop.data, decoded) >= TARGET
+
+
+@pytest.mark.parametrize("name", ["jpeg2000-lossless", "fedtensor-lossless"])
+def test_integer_coder_refuses_non_integer_floats(name, float_crop):
+    _skip_unavailable(name)
+    codec = get_baseline(name)
+    assert codec.not_applicable_reason(float_crop)
+    with pytest.raises(NotApplicableError):
+        codec.encode(float_crop, lossless=True)
+
+
+def test_missing_codec_is_reported_not_raised(monkeypatch, ct_crop):
+    import imagecodecs
+
+    monkeypatch.setattr(imagecodecs.SZ3, "available", False, raising=False)
+    codec = get_baseline("sz3")
+    assert "SZ3" in codec.unavailable_reason()
+    assert availability()["sz3"] is not None
+    with pytest.raises(UnavailableError):
+        codec.encode(ct_crop, psnr=TARGET)
+    monkeypatch.setattr(BASELINES["dwt"], "module_needs", ("no_such_module_xyz",))
+    assert "no_such_module_xyz" in get_baseline("dwt").unavailable_reason()
+
+
+def test_lossy_codec_needs_a_target(ct_crop):
+    with pytest.raises(Exception, match="psnr"):
+        get_baseline("sz3").encode(ct_crop)
+
+
+def test_container_round_trip_and_corruption():
+    blob = pack({"codec": "x", "shape": [1, 2, 3]}, [b"abc", b"", b"\x00" * 5])
+    h, sections = unpack(blob)
+    assert h["codec"] == "x" and sections == [b"abc", b"", b"\x00" * 5]
+    with pytest.raises(FormatError):
+        unpack(b"JUNK" + blob[4:])
+    with pytest.raises(FormatError):
+        unpack(blob[:-3])
+    with pytest.raises(FormatError):
+        get_baseline("zstd").decode(pack({"codec": "sz3", "shape": [1, 1, 1], "dtype": "<i2"}, [b""]))
+
+
+def test_unsigned_map():
+    ints = np.array([[-1024, 0], [3071, 5]], np.int16)
+    m = UnsignedMap.for_data(ints)
+    assert m.exact and m.bits == 12 and m.store == "u2" and m.offset == -1024
+    np.testing.assert_array_equal(m.inverse(m.forward(ints)), ints)
+    m8 = UnsignedMap.for_data(np.array([3, 200], np.uint8))
+    assert m8.store == "u1" and m8.bits == 8
+    f = np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)
+    mf = UnsignedMap.for_data(f)
+    assert not mf.exact and mf.bits == 16
+    assert np.max(np.abs(mf.inverse(mf.forward(f)) - f)) <= 0.5 / 0xFFFF + 1e-12
+
+
+def test_dwt_plan_and_perfect_reconstruction():
+    assert level_plan((512, 512, 20)) == [(0, 1, 2), (0, 1), (0, 1), (0, 1), (0, 1)]
+    assert level_plan((8, 8, 8)) == []
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(33, 17, 20))
+    plan = level_plan(x.shape)
+    inputs, approx_shape = band_shapes(x.shape, plan)
+    a, details = forward(x, plan)
+    assert a.shape == approx_shape
+    np.testing.assert_allclose(inverse(a, details, plan, inputs), x, atol=1e-9)
+
+
+def test_pca_high_rate_is_near_lossless(ct_crop):
+    codec = get_baseline("pca")
+    decoded = codec.decode(codec.encode(ct_crop, psnr=70))
+    assert psnr(ct_crop.data, decoded) >= 70
+
+
+def test_jpeg2k_slicewise_compat(ct_crop):
+    _skip_unavailable("jpeg2000")
+    from fedtensor.baselines.jpeg2000 import Jpeg2kSlicewise
+
+    c = Jpeg2kSlicewise(ct_crop.data)
+    streams = c.compress(ct_crop.data, 60.0)
+    assert len(streams) == ct_crop.shape[2]
+    out = c.decompress(streams)
+    assert out.dtype == ct_crop.dtype and psnr(ct_crop.data, out) > 30
+    assert sum(map(len, c.compress(ct_crop.data, 60.0, codecformat="JP2"))) > sum(map(len, streams))

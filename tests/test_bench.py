@@ -1,0 +1,236 @@
+"""The benchmark harness (``fedtensor.bench``): BD-rate against worked examples, the PSNR-target
+search, a small resumable run with its outputs, and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedtensor.baselines import ParamSpace, Trial, find_smallest
+from fedtensor.bench import BenchConfig, bd_psnr, bd_rate, load_cells, run_bench
+from fedtensor.bench import harness
+from fedtensor.bench.cli import BenchUsageError, normalize_args
+from fedtensor.io import Volume, read_volume, write_volume
+
+# ------------------------------------------------------------------------------------------ BD-rate
+
+
+def test_bd_rate_constant_ratio_is_exact():
+    """B spends 0.8× A's rate at every PSNR: BD-rate = −20 % whatever the fit."""
+    psnr = [30.0, 34.0, 38.0, 42.0]
+    rate_a = [100.0, 200.0, 400.0, 800.0]
+    assert bd_rate(rate_a, psnr, [0.8 * r for r in rate_a], psnr) == pytest.approx(-20.0, abs=1e-9)
+    assert bd_rate(rate_a, psnr, rate_a, psnr) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bd_rate_worked_example_by_hand():
+    """Worked example, integrated by hand.
+
+    Anchor A: ln R_A(D) = ln 0.1 + 0.1·(D − 30), measured at D = 30, 33, 36, 39.
+    Test B:   ln R_B(D) = ln R_A(D) + 0.02·(D − 31), measured at D = 31, 34, 37, 40.
+    Both are polynomials of degree ≤ 3, so the cubic fits are exact. The curves overlap on [31, 39],
+    where the mean of 0.02·(D − 31) is 0.02·4 = 0.08, hence BD-rate = e^0.08 − 1 = +8.3287 %.
+    Clipped to [35, 39] the mean is 0.02·6 = 0.12: e^0.12 − 1 = +12.7497 %.
+    """
+    da = np.array([30.0, 33.0, 36.0, 39.0])
+    db = np.array([31.0, 34.0, 37.0, 40.0])
+    ra = 0.1 * np.exp(0.1 * (da - 30))
+    rb = 0.1 * np.exp(0.1 * (db - 30) + 0.02 * (db - 31))
+    assert bd_rate(ra, da, rb, db) == pytest.approx(100 * (math.exp(0.08) - 1), abs=1e-6)
+    assert bd_rate(ra, da, rb, db) == pytest.approx(8.3287, abs=1e-4)
+    assert bd_rate(ra, da, rb, db, lo=35, hi=45) == pytest.approx(100 * (math.exp(0.12) - 1), abs=1e-6)
+    # swapping anchor and test inverts the ratio
+    assert bd_rate(rb, db, ra, da) == pytest.approx(100 * (math.exp(-0.08) - 1), abs=1e-6)
+
+
+def test_bd_rate_cubic_log_rate_and_three_points():
+    """A genuinely cubic ln R(D) is reproduced exactly; with 3 points the fit is the exact quadratic."""
+    d = np.array([40.0, 43.0, 47.0, 50.0])
+    ln_ra = 0.002 * (d - 40) ** 3 - 0.01 * (d - 40) ** 2 + 0.12 * (d - 40) - 1.0
+    assert bd_rate(np.exp(ln_ra), d, np.exp(ln_ra - 0.1), d) == pytest.approx(100 * (math.exp(-0.1) - 1), abs=1e-6)
+    d3 = np.array([40.0, 45.0, 50.0])
+    ln3 = 0.01 * (d3 - 40) ** 2 + 0.1 * (d3 - 40)
+    assert bd_rate(np.exp(ln3), d3, 0.5 * np.exp(ln3), d3) == pytest.approx(-50.0, abs=1e-9)
+
+
+def test_bd_rate_degenerate_cases():
+    assert bd_rate([1, 2], [30, 35], [1, 2], [40, 45]) is None  # no overlap
+    assert bd_rate([1], [30], [1, 2], [30, 35]) is None  # one point
+    assert bd_rate([1, 2, 4], [30, 35, 40], [1, 2, 4], [30, 35, 40], lo=41, hi=50) is None
+    assert bd_rate([1, 2, float("nan"), 4], [30, 35, 37, 40], [1, 2, 4], [30, 35, 40]) == pytest.approx(0, abs=1e-9)
+
+
+def test_bd_psnr_shift():
+    rate = [0.25, 0.5, 1.0, 2.0]
+    psnr = [38.0, 41.0, 44.0, 47.0]
+    assert bd_psnr(rate, psnr, rate, [p + 0.5 for p in psnr]) == pytest.approx(0.5, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def _codec(psnr_of, bytes_of=None):
+    calls = []
+
+    def evaluate(p):
+        calls.append(p)
+        return Trial(p, psnr_of(p), None if bytes_of is None else bytes_of(p))
+
+    return evaluate, calls
+
+
+def test_search_finds_largest_feasible_step():
+    """PSNR = 60 − 20·log10(step): the answer for 45 dB is step* = 10^0.75; bytes fall as the step grows."""
+    space = ParamSpace(1e-4, 1e4, log=True, increasing=False, guess=lambda t: 1.0)
+    evaluate, calls = _codec(lambda p: 60 - 20 * math.log10(p), lambda p: int(1e6 / p))
+    cache: dict = {}
+    r = find_smallest(evaluate, space, 45.0, cache, tol_db=0.03)
+    assert r.reached and 45.0 <= r.psnr <= 45.03
+    assert r.param <= 10**0.75 and r.nbytes == min(t.nbytes for t in cache.values() if t.psnr >= 45)
+    assert r.evaluations <= 8  # coarse (guess + extrapolation) then fine: well inside the 14-step budget
+    n_first = len(calls)
+    r50 = find_smallest(evaluate, space, 50.0, cache)  # the shared cache gives a head start
+    assert r50.reached and 50.0 <= r50.psnr <= 50.03 and len(calls) - n_first <= 6
+
+
+def test_search_increasing_linear_space_and_unreachable():
+    space = ParamSpace(5.0, 150.0, log=False, increasing=True)  # e.g. an OpenJPEG level
+    evaluate, _ = _codec(lambda lv: min(lv, 80.0) - 3.0, lambda lv: int(lv * 100))
+    r = find_smallest(evaluate, space, 45.0, {})
+    assert r.reached and 45.0 <= r.psnr <= 45.03 and r.param == pytest.approx(48.0, abs=0.05)
+    r = find_smallest(evaluate, space, 90.0, {})  # the codec tops out at 77 dB
+    assert not r.reached and r.param is None
+
+
+def test_search_step_function_and_lazy_size():
+    """A ZFP-like PSNR staircase: the cheapest feasible stair is chosen; sizes are computed lazily."""
+    space = ParamSpace(1e-3, 1e3, log=True, increasing=False)
+    stairs = lambda p: 80 - 6.02 * math.floor(math.log2(p))  # noqa: E731
+    evaluate, _ = _codec(stairs)
+    sized = []
+    r = find_smallest(evaluate, space, 45.0, {}, size=lambda p: sized.append(p) or int(1e6 / p), max_steps=14)
+    assert r.reached and r.psnr >= 45.0 and r.psnr - 45.0 < 6.03
+    assert r.nbytes is not None and 1 <= len(sized) <= 2
+
+
+def test_search_prefers_fewest_bytes_when_rate_is_not_monotone():
+    space = ParamSpace(1.0, 100.0, log=True, increasing=False)
+    cache = {10.0: Trial(10.0, 46.0, 900), 20.0: Trial(20.0, 45.2, 1000), 40.0: Trial(40.0, 44.0, 500)}
+    r = find_smallest(lambda p: Trial(p, 50 - 5 * math.log10(p) * 2.3, 1000), space, 45.0, cache, max_steps=0)
+    assert r.nbytes == 900 and r.param == 10.0
+
+
+# ------------------------------------------------------------------------------------------ harness
+
+
+@pytest.fixture(scope="module")
+def tiny_volume(tmp_path_factory, data_dir) -> Path:
+    v = read_volume(data_dir / "ct_abdomen.nii.gz")
+    crop = Volume(np.ascontiguousarray(v.data[45:77, 40:72, 48:64]), v.spacing, v.affine)
+    path = tmp_path_factory.mktemp("vol") / "tiny_ct.nii.gz"
+    write_volume(crop, path)
+    return path
+
+
+def test_run_bench_outputs_and_resume(tiny_volume, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    codecs = ["fedtensor", "jpeg2000", "sz3", "zstd"]
+    cfg = BenchConfig([tiny_volume], targets=[40, 45], codecs=codecs, out=out, jobs=1)
+    summary = run_bench(cfg)
+    for name in ("cells.jsonl", "results.csv", "results.json", "bd_rate.md", "summary.md",
+                 "rd_tiny_ct.png", "storage_45dB.png", "panel_tiny_ct.png"):
+        assert (out / name).exists(), name
+    for png in out.glob("*.png"):
+        assert png.stat().st_size < 200_000
+    cells = load_cells(out)
+    assert len(cells) == 3 * 2 + 1
+    for c in cells.values():
+        assert c["status"] == "ok", c
+        if c["target"] == "lossless":
+            assert c["psnr"] == "inf" and c["max_error"] == 0
+        else:
+            assert float(c["psnr"]) >= float(c["target"])  # every scored cell reached its target
+            assert 0 < c["ssim"] <= 1 and c["bpv"] > 0 and c["encode_mvox_s"] > 0 and c["peak_mem_bytes"] >= 0
+    bd = summary["bd_rate"]["tiny_ct"]
+    assert set(bd) == {"jpeg2000", "sz3"} and all(v is not None for v in bd.values())
+    data = json.loads((out / "results.json").read_text())
+    assert data["bd_rate"] == json.loads(json.dumps(summary["bd_rate"]))
+    assert "| tiny_ct |" in (out / "bd_rate.md").read_text()
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == ["volume", "codec", "target", "status", "bytes", "bpv", "ratio", "psnr"]
+
+    # resume: nothing is recomputed, and a new target only adds its own cells
+    def fail(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(harness, "run_cells", fail)
+    run_bench(BenchConfig([tiny_volume], targets=[40, 45], codecs=codecs, out=out, jobs=1, figures=False))
+    monkeypatch.undo()
+    ran = []
+    real = harness.run_cells
+    monkeypatch.setattr(harness, "run_cells", lambda spec, codec, targets, repeat=1: ran.append((codec, list(targets)))
+                        or real(spec, codec, targets, repeat))
+    run_bench(BenchConfig([tiny_volume], targets=[40, 45, 50], codecs=["sz3", "zstd"], out=out, jobs=1,
+                          figures=False))
+    assert ran == [("sz3", [50.0])]
+
+
+def test_unavailable_codec_is_reported(tiny_volume, tmp_path, monkeypatch):
+    import imagecodecs
+
+    monkeypatch.setattr(imagecodecs.SZ3, "available", False, raising=False)
+    summary = run_bench(BenchConfig([tiny_volume], targets=[45], codecs=["sz3", "zstd"], out=tmp_path, jobs=1,
+                                    figures=False))
+    cells = {c["codec"]: c for c in summary["cells"]}
+    assert cells["sz3"]["status"] == "unavailable" and "SZ3" in cells["sz3"]["reason"]
+    assert cells["zstd"]["status"] == "ok"
+
+
+def test_missed_target_is_never_scored(tiny_volume, tmp_path, monkeypatch):
+    """If the final stream decodes below the target (here: a search that lies), the cell is 'missed'."""
+    import fedtensor.baselines as fb
+
+    def lying_search(evaluate, space, target, cache=None, **kw):
+        return fb.SearchResult(target, space.hi / 4, target + 0.01, 10, 1, 0.0, True)  # a huge error bound
+
+    monkeypatch.setattr(fb, "find_smallest", lying_search)
+    summary = run_bench(BenchConfig([tiny_volume], targets=[45], codecs=["sz3"], out=tmp_path, jobs=1, figures=False))
+    (cell,) = summary["cells"]
+    assert cell["status"] == "missed" and float(cell["psnr"]) < 45 and "ssim" not in cell
+    assert summary["bd_rate"] == {} and "missed" in (tmp_path / "summary.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_normalize_args(tiny_volume):
+    paths, t, c = normalize_args([str(tiny_volume), "45", "50"], ["40"], None)
+    assert paths == [tiny_volume] and t == [40.0, 45.0, 50.0] and c is None
+    paths, t, c = normalize_args([str(tiny_volume), "sz3"], ["40,45"], ["jpeg2000"])
+    assert t == [40.0, 45.0] and c == ["jpeg2000", "sz3"]
+    with pytest.raises(BenchUsageError, match="no such volume"):
+        normalize_args([str(tiny_volume), "45"], None, None)
+    with pytest.raises(BenchUsageError, match="unknown codec"):
+        normalize_args([str(tiny_volume)], None, ["jpeg3000"])
+    with pytest.raises(BenchUsageError, match="between 0 and 400"):
+        normalize_args([str(tiny_volume)], ["-3"], None)
+
+
+def test_cli_bench(tiny_volume, tmp_path):
+    from fedtensor_cli.app import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    res = runner.invoke(app, ["bench", str(tiny_volume), "--targets", "40", "45", "--codecs", "sz3", "zstd",
+                              "--out", str(out), "--jobs", "1", "--no-figures", "--json"])
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.output.strip().splitlines()[-1])
+    assert obj["command"] == "bench" and obj["status_counts"] == {"ok": 3}
+    assert (out / "results.csv").exists()
+    res = runner.invoke(app, ["bench", str(tiny_volume), "--codecs", "nope", "--out", str(out)])
+    assert res.exit_code == 2 and "unknown codec" in res.output
