@@ -12,6 +12,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Annotated, Any, Callable, Optional, Sequence
 
+import click
 import typer
 
 from fedtensor import __version__
@@ -400,6 +401,9 @@ def _usage_error_text(exc: Exception) -> str:
     return text
 
 
+_USAGE_ERRORS = (click.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))
+
+
 def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> None:
     """Console-script entry point: run the app; never let a traceback reach the user."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
@@ -409,9 +413,9 @@ def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> Non
         print_error("aborted")
         sys.exit(EXIT_FAILURE)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 — every path ends in one error line
-        if isinstance(exc, typer.TyperException) or (
+        if isinstance(exc, _USAGE_ERRORS) or (
             hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
-        ):  # usage errors from argument parsing (Typer/Click exceptions)
+        ):  # usage errors from argument parsing (Click's, or newer Typer's own exception classes)
             print_error(_usage_error_text(exc))
             sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         sys.exit(report(exc))
