@@ -439,6 +439,18 @@ class Baseline:
                 "unavailable": self.unavailable_reason()}
 
 
+def quantiser_step_space(volume) -> "ParamSpace":
+    """Search space of a uniform quantiser step for a PSNR target (DWT, PCA: larger step, fewer bits).
+
+    The guess is the step whose uniform-quantisation noise (step² / 12) alone meets the target, doubled
+    because dead zones and transform gains let a larger step through.
+    """
+    data = np.asarray(volume.data)
+    span = max(float(data.max()) - float(data.min()), 1e-12)
+    return ParamSpace(span * 1e-7, span * 4, log=True, increasing=False,
+                      guess=lambda t: 2 * math.sqrt(12) * rmse_for(span, t))
+
+
 def rmse_for(value_range: float, target: float) -> float:
     """RMSE that gives PSNR ``target`` for ``value_range``."""
     return max(value_range, 1e-12) / 10 ** (target / 20)

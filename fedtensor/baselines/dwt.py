@@ -21,11 +21,11 @@ The rate parameter is the quantiser step.
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 
 from fedtensor.baselines.base import (
+    quantiser_step_space,
     Baseline,
     FormatError,
     ParamSpace,
@@ -34,7 +34,6 @@ from fedtensor.baselines.base import (
     header_shape_dtype,
     pack,
     psnr_db,
-    rmse_for,
     to_dtype,
     unpack,
     volume_header,
@@ -201,10 +200,7 @@ class Dwt(Baseline):
         return f"pywavelets {pywt.__version__}, {WAVELET}, {MODE}"
 
     def space(self, volume) -> ParamSpace:
-        data = np.asarray(volume.data)
-        span = max(float(data.max()) - float(data.min()), 1e-12)
-        return ParamSpace(span * 1e-7, span * 4, log=True, increasing=False,
-                          guess=lambda t: 2 * math.sqrt(12) * rmse_for(span, t))
+        return quantiser_step_space(volume)
 
     def prepare(self, volume) -> Prepared:
         return _DwtPrepared(self, volume, self.space(volume))

@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from fedtensor.baselines.base import (
+    quantiser_step_space,
     Baseline,
     FormatError,
     ParamSpace,
@@ -37,7 +38,6 @@ from fedtensor.baselines.base import (
     header_shape_dtype,
     pack,
     psnr_db,
-    rmse_for,
     to_dtype,
     unpack,
     volume_header,
@@ -172,10 +172,7 @@ class Pca(Baseline):
         return f"numpy {np.__version__} eigh"
 
     def space(self, volume) -> ParamSpace:
-        data = np.asarray(volume.data)
-        span = max(float(data.max()) - float(data.min()), 1e-12)
-        return ParamSpace(span * 1e-7, span * 4, log=True, increasing=False,
-                          guess=lambda t: 2 * math.sqrt(12) * rmse_for(span, t))
+        return quantiser_step_space(volume)
 
     def prepare(self, volume) -> Prepared:
         return _PcaPrepared(self, volume, self.space(volume))

@@ -14,6 +14,7 @@ from fedtensor.codec.normalize import denormalize, normalization, normalize, to_
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
+from fedtensor.tensor.block import padded_shape
 
 CODECS = ("block-tucker", "omlsvd-global")
 EXACT_CODECS = ("lossless", "max-error")
@@ -73,7 +74,7 @@ def _pick_block(xn: np.ndarray, mse: float) -> tuple[int, int, int]:
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step
     # the distortion barely depends on the transform.
     reference = coefs[candidates.index((8, 8, 8))] if (8, 8, 8) in candidates else coefs[0]
-    budget = mse * tiles.size * xn.size / math.prod(blocktucker.padded_shape(xn.shape, 16))
+    budget = mse * tiles.size * xn.size / math.prod(padded_shape(xn.shape, 16))
     step = largest_step_within(jnp.asarray(reference), budget, 1e-9, 256.0)
     # Context modelling gains more the more blocks there are: a small, measured correction per
     # doubling of the block volume keeps the proxy's ranking in line with the real coder's.

@@ -12,7 +12,7 @@ from fedtensor.codec.blockcoef import code_block_coefficients
 from fedtensor.codec.entropy import BinaryStream
 from fedtensor.codec.quantize import ROUNDING, dequantize, largest_step_within, quantize
 from fedtensor.errors import FormatError
-from fedtensor.tensor.block import block_bases, block_grid, block_shape, padded_shape, expand, from_blocks, project, to_blocks
+from fedtensor.tensor.block import block_bases, block_grid, block_shape, expand, from_blocks, project, to_blocks
 
 
 class BlockTucker:
