@@ -83,15 +83,12 @@ def _inverse_kernel(q_ref, kt_ref, scal_ref, x_ref, *, n_k: int):
     x_ref[...] = jax.lax.fori_loop(0, n_k, body, jnp.zeros(x_ref.shape, jnp.float32))
 
 
-@partial(jax.jit, static_argnames="interpret")
-def transform_quantize_pallas(x: jax.Array, k: jax.Array, step, rounding, *, interpret: bool = False) -> jax.Array:
-    """Pallas version of :func:`transform_quantize_reference` (static shapes: pad, then crop)."""
-    n, b = x.shape
+def _tiled_matmul_call(kernel, a: jax.Array, m: jax.Array, scalars, out_dtype, interpret: bool) -> jax.Array:
+    """Run ``kernel`` over (row tile × column tile) programs of ``a (N×B) @ m (B×B)``, padded then cropped."""
+    n, b = a.shape
     rows, cols = _round_up(n, ROW_TILE), _round_up(b, max(COL_TILE, K_TILE))
-    xp, kp = _pad_to(x.astype(jnp.float32), rows, cols), _pad_to(k, cols, cols)
-    scal = jnp.stack([jnp.float32(step), jnp.float32(rounding)])
-    q = pl.pallas_call(
-        partial(_forward_kernel, n_k=cols // K_TILE),
+    out = pl.pallas_call(
+        partial(kernel, n_k=cols // K_TILE),
         grid=(rows // ROW_TILE, cols // COL_TILE),
         in_specs=[
             pl.BlockSpec((ROW_TILE, cols), lambda i, j: (i, 0)),
@@ -99,32 +96,22 @@ def transform_quantize_pallas(x: jax.Array, k: jax.Array, step, rounding, *, int
             pl.BlockSpec((2,), lambda i, j: (0,)),
         ],
         out_specs=pl.BlockSpec((ROW_TILE, COL_TILE), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((rows, cols), jnp.int32),
+        out_shape=jax.ShapeDtypeStruct((rows, cols), out_dtype),
         interpret=interpret,
-    )(xp, kp, scal)
-    return q[:n, :b]
+    )(_pad_to(a, rows, cols), _pad_to(m, cols, cols), jnp.stack([jnp.float32(v) for v in scalars]))
+    return out[:n, :b]
+
+
+@partial(jax.jit, static_argnames="interpret")
+def transform_quantize_pallas(x: jax.Array, k: jax.Array, step, rounding, *, interpret: bool = False) -> jax.Array:
+    """Pallas version of :func:`transform_quantize_reference` (static shapes: pad, then crop)."""
+    return _tiled_matmul_call(_forward_kernel, x.astype(jnp.float32), k, (step, rounding), jnp.int32, interpret)
 
 
 @partial(jax.jit, static_argnames="interpret")
 def dequantize_inverse_pallas(q: jax.Array, k: jax.Array, step, offset, *, interpret: bool = False) -> jax.Array:
     """Pallas version of :func:`dequantize_inverse_reference`."""
-    n, b = q.shape
-    rows, cols = _round_up(n, ROW_TILE), _round_up(b, max(COL_TILE, K_TILE))
-    qp, ktp = _pad_to(q, rows, cols), _pad_to(k.T, cols, cols)
-    scal = jnp.stack([jnp.float32(step), jnp.float32(offset)])
-    x = pl.pallas_call(
-        partial(_inverse_kernel, n_k=cols // K_TILE),
-        grid=(rows // ROW_TILE, cols // COL_TILE),
-        in_specs=[
-            pl.BlockSpec((ROW_TILE, cols), lambda i, j: (i, 0)),
-            pl.BlockSpec((cols, COL_TILE), lambda i, j: (0, j)),
-            pl.BlockSpec((2,), lambda i, j: (0,)),
-        ],
-        out_specs=pl.BlockSpec((ROW_TILE, COL_TILE), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((rows, cols), jnp.float32),
-        interpret=interpret,
-    )(qp, ktp, scal)
-    return x[:n, :b]
+    return _tiled_matmul_call(_inverse_kernel, q, k.T, (step, offset), jnp.float32, interpret)
 
 
 def accelerated() -> bool:
