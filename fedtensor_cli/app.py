@@ -16,6 +16,7 @@ import click
 import typer
 
 from fedtensor import __version__
+from fedtensor_cli.train_cmd import register as register_train
 from fedtensor_cli import paths, render
 from fedtensor_cli.errors import (
     EXIT_FAILURE,
@@ -400,6 +401,8 @@ def _usage_error_text(exc: Exception) -> str:
         text += f" (see '{ctx.command_path} --help')"
     return text
 
+
+register_train(app)
 
 _USAGE_ERRORS = (click.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))
 

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Leave-one-out benchmark of the learned restoration (fedtensor.nn) on the CT samples.
+
+For each codec (block-tucker, and the paper's omlsvd-global) and each held-out CT volume:
+
+1. train a restoration model on the *other* CT volumes (their (decoded, original) pairs at
+   ``--train-targets`` dB and ``--blocks`` shapes), resumably, into ``OUT/models/<codec>/<held-out>``.
+   Validation (every epoch, early stopping) uses ``--val-volumes`` — by default the MR volume, which is
+   never a test volume, so all three other CTs are used for training; with ``--val-volumes`` empty the
+   80:20 split by volume of the training CTs is used instead;
+2. compress the held-out volume with the codec's own PSNR rate control at each ``--targets`` dB, decode
+   it, restore it (tiled inference) and report PSNR / 3D SSIM before and after;
+3. bits saved at equal PSNR: the codec is asked (``compress(psnr=restored PSNR)``) for the rate it needs
+   *without* restoration to reach the restored PSNR; saved = 1 − bpv(with restoration) / bpv(needed).
+
+It also reports the training throughput (patches/s, steady state, first step excluded) and the
+inference speed (MVoxel/s of ``restore`` on the held-out volume, second call, so compilation excluded).
+Acceptance (per held-out CT and target): ΔPSNR ≥ +0.7 dB and SSIM not lower; goal ≥ 15 % bits saved.
+
+Decoded volumes are cached in ``OUT/cache`` (keyed by the volume and the codec's source), models are
+resumed from ``OUT/models`` (``--retrain`` starts them over), so the script can be re-run cheaply.
+This is a benchmark, not a test. ``python benchmarks/restoration.py --help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+MIN_GAIN_DB = 0.7
+GOAL_SAVED = 0.15
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=None, help="sample data directory (default: FEDTENSOR_DATA or ../shared/data)")
+    p.add_argument("--out", type=Path, default=C.REPO_ROOT / "results" / "restoration", help="models, cache and results")
+    p.add_argument("--volumes", nargs="+", default=list(C.CT_VOLUMES), help="the CT volumes of the leave-one-out")
+    p.add_argument("--folds", nargs="+", default=None, help="held-out volumes to run (default: all)")
+    p.add_argument("--codecs", nargs="+", default=["block-tucker", "omlsvd-global"])
+    p.add_argument("--targets", nargs="+", type=float, default=[38.0, 40.0, 42.0], help="test PSNR targets (dB)")
+    p.add_argument("--train-targets", nargs="+", type=float, default=[36.0, 38.0, 40.0, 42.0, 44.0])
+    p.add_argument("--blocks", nargs="+", default=["auto", "8"], help="block shapes of the block-tucker training pairs")
+    p.add_argument("--val-volumes", nargs="*", default=["mr_brain_gd.nii.gz"],
+                   help="validation-only volumes (early stopping); none: --val-fraction of the training CTs")
+    p.add_argument("--cache", type=Path, default=None, help="cache of decoded volumes (default OUT/cache)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--patches-per-epoch", type=int, default=3200)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--patch", type=int, default=24)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--channels", type=int, nargs=2, default=[16, 32])
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-patches", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, default=128, help="inference tile side")
+    p.add_argument("--retrain", action="store_true", help="start the models over instead of resuming them")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) -> dict:
+    from fedtensor.io import Volume, read_volume
+    from fedtensor.metrics import psnr, ssim3d
+    from fedtensor.nn import TrainConfig, load_model, restore, train
+    from fedtensor.nn.data import encode_decode, volume_label
+
+    cache = args.cache or args.out / "cache"
+    label = volume_label(held)
+    mdir = args.out / "models" / codec / label
+    cfg = TrainConfig(epochs=args.epochs, patches_per_epoch=args.patches_per_epoch, batch=args.batch, patch=args.patch,
+                      lr=args.lr, channels=tuple(args.channels), patience=args.patience, val_fraction=args.val_fraction,
+                      val_patches=args.val_patches, seed=args.seed, codecs=(codec,), targets=tuple(args.train_targets),
+                      blocks=tuple(args.blocks))
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def progress(event, info):
+        if event == "data" and time.perf_counter() - last[0] > 30:
+            last[0] = time.perf_counter()
+            log(f"  pairs {info['done']}/{info['total']} {info['what']}")
+        elif event == "start":
+            log(f"  train on {info['train_volumes']} (val {info['val_volumes']}), {info['pairs']} pairs, "
+                f"{info['params']} params, from epoch {info['start_epoch']}")
+        elif event == "epoch":
+            g = info["val_gain_db"]
+            log(f"  epoch {info['epoch']:2d} train {info['train_loss']:.5f} val {info['val_loss'] if info['val_loss'] is None else round(info['val_loss'], 5)}"
+                f" gain {'-' if g is None else f'{g:+.3f} dB'} {info['patches_per_s'] or 0:.1f} patches/s {info['seconds']:.0f}s")
+
+    summary = train(others, mdir, cfg, val_paths=val or None, cache_dir=cache, resume=not args.retrain, progress=progress)
+    train_s = time.perf_counter() - t0
+    model = load_model(mdir)
+    vol = read_volume(held)
+    orig = vol.data
+    digest = None
+    rows = []
+    infer_speed = None
+    for t in args.targets:
+        decoded, info = encode_decode(vol, codec, t, None, cache, label, digest)
+        dvol = Volume(decoded, vol.spacing, vol.affine, {})
+        t1 = time.perf_counter()
+        res = restore(dvol, info, model, tile=args.tile)
+        dt = time.perf_counter() - t1
+        if infer_speed is None:  # time a second, warm call (the first one compiles)
+            t1 = time.perf_counter()
+            res = restore(dvol, info, model, tile=args.tile)
+            dt = time.perf_counter() - t1
+            infer_speed = orig.size / dt / 1e6
+        p0, p1 = psnr(orig, decoded), psnr(orig, res.data)
+        s0, s1 = float(ssim3d(orig, decoded)), float(ssim3d(orig, res.data))
+        # the codec's own rate for the restored PSNR, without restoration
+        need_dec, need_info = encode_decode(vol, codec, round(p1, 3), None, cache, label, digest)
+        bpv, bpv_need = info["bits_per_voxel"], need_info["bits_per_voxel"]
+        row = {"target_db": t, "block": info["params"].get("block"), "bpv": bpv, "psnr": p0, "psnr_restored": p1,
+               "delta_psnr": p1 - p0, "ssim": s0, "ssim_restored": s1, "bpv_equal_psnr": bpv_need,
+               "psnr_equal": psnr(orig, need_dec), "bits_saved": 1 - bpv / bpv_need, "restore_s": dt}
+        row["pass"] = row["delta_psnr"] >= MIN_GAIN_DB and s1 >= s0
+        rows.append(row)
+        log(f"  {label} {t:g} dB: bpv {bpv:.4f} PSNR {p0:.2f} → {p1:.2f} ({p1 - p0:+.2f} dB) SSIM {s0:.4f} → {s1:.4f}; "
+            f"codec needs {bpv_need:.4f} bpv for {p1:.2f} dB → {100 * row['bits_saved']:.1f} % saved")
+    return {"codec": codec, "held_out": label, "model_id": summary["model_id"], "train_volumes": summary["train_volumes"],
+            "val_volumes": summary["val_volumes"], "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
+            "train_seconds": train_s, "patches_per_s": summary["patches_per_s"], "infer_mvox_s": infer_speed,
+            "voxels": int(orig.size), "rows": rows}
+
+
+def print_tables(results: list[dict]) -> None:
+    for codec in dict.fromkeys(r["codec"] for r in results):
+        rs = [r for r in results if r["codec"] == codec]
+        head = ["held-out", "target", "bpv", "PSNR", "restored", "ΔPSNR", "SSIM", "SSIM rest.", "bpv @ equal PSNR",
+                "bits saved", "check"]
+        body = []
+        for r in rs:
+            for x in r["rows"]:
+                body.append([r["held_out"], f"{x['target_db']:g}", f"{x['bpv']:.4f}", f"{x['psnr']:.2f}", f"{x['psnr_restored']:.2f}",
+                             f"{x['delta_psnr']:+.2f}", f"{x['ssim']:.4f}", f"{x['ssim_restored']:.4f}", f"{x['bpv_equal_psnr']:.4f}",
+                             f"{100 * x['bits_saved']:.1f} %", "PASS" if x["pass"] else "MISS"])
+        C.print_table(f"Leave-one-out restoration — {codec}", head, body)
+        speeds = [r["patches_per_s"] for r in rs if r["patches_per_s"]]
+        inf = [r["infer_mvox_s"] for r in rs if r["infer_mvox_s"]]
+        allrows = [x for r in rs for x in r["rows"]]
+        print(f"{codec}: mean ΔPSNR {statistics.mean(x['delta_psnr'] for x in allrows):+.3f} dB, "
+              f"mean bits saved {100 * statistics.mean(x['bits_saved'] for x in allrows):.1f} %, "
+              f"{sum(x['pass'] for x in allrows)}/{len(allrows)} PASS (ΔPSNR ≥ {MIN_GAIN_DB} dB and SSIM not lower); "
+              f"training {statistics.median(speeds) if speeds else float('nan'):.2f} patches/s, "
+              f"inference {statistics.median(inf) if inf else float('nan'):.3f} MVoxel/s (median over folds)")
+        for r in rs:
+            print(f"  {r['held_out']}: trained on {', '.join(r['train_volumes'])} (val {', '.join(r['val_volumes']) or '-'}), "
+                  f"{r['epochs_run']} epochs (best {r['best_epoch']}), {r['train_seconds'] / 60:.1f} min, model {r['model_id'][:12]}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data_dir = args.data or C.default_data_dir()
+    vols = [C.resolve_volume_path(v, data_dir) for v in args.volumes]
+    val = [C.resolve_volume_path(v, data_dir) for v in args.val_volumes]
+    args.out.mkdir(parents=True, exist_ok=True)
+    import jax
+
+    log(f"restoration benchmark: {len(vols)} CT volumes, codecs {args.codecs}, targets {args.targets}, "
+        f"{args.epochs} epochs × {args.patches_per_epoch} patches of {args.patch}³, backend {jax.default_backend()}")
+    results = []
+    for codec in args.codecs:
+        for held in vols:
+            label = C.volume_label(held)
+            if args.folds and label not in args.folds and held.name not in args.folds:
+                continue
+            log(f"{codec}: hold out {label}")
+            results.append(run_fold(args, codec, held, [v for v in vols if v != held], val))
+            if args.json:
+                args.json.write_text(json.dumps({"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                                 "results": results}, indent=1))
+    print_tables(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

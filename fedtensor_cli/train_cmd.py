@@ -1,0 +1,187 @@
+"""``fedtensor train DATA... --out DIR``: train a restoration model (see :mod:`fedtensor.nn`).
+
+Wired into the app by ``register(app)``. The work is done by :func:`fedtensor.nn.train`; this module
+parses options, expands DATA (volume files, DICOM series directories, or batch directories of volumes),
+shows progress and prints the summary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from fedtensor_cli import paths, render
+from fedtensor_cli.errors import UsageFailure, cli_errors
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise UsageFailure(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise UsageFailure(f"{what} must not be empty")
+    return vals
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    vals = _floats(text, what)
+    if any(v != int(v) for v in vals):
+        raise UsageFailure(f"{what} must be integers, got {text!r}")
+    return tuple(int(v) for v in vals)
+
+
+def expand_data(items: list[Path]) -> list[Path]:
+    """Volume files and DICOM series as given; a batch directory contributes each of its volumes."""
+    out: list[Path] = []
+    for p in items:
+        paths.require_input(p)
+        if p.is_dir() and paths.is_batch_dir(p):
+            out.extend(paths.batch_volume_inputs(p))
+        else:
+            out.append(p)
+    if not out:
+        raise UsageFailure("no training volumes found in DATA")
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``train`` command to ``app``."""
+
+    @app.command("train")
+    @cli_errors
+    def train(
+        data: Annotated[list[Path], typer.Argument(metavar="DATA...", show_default=False,
+                                                   help="Training volumes (files, DICOM series directories, or directories of volumes).")],
+        out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
+                                          help="Model directory to write (created if needed).")],
+        val: Annotated[Optional[list[Path]], typer.Option("--val", metavar="PATH",
+                                                          help="Validation-only volume (repeatable); default: --val-fraction of DATA, split by volume.")] = None,
+        codec: Annotated[list[str], typer.Option("--codec", metavar="NAME",
+                                                 help="Codec(s) whose output to learn: block-tucker, omlsvd-global (repeatable).")] = ["block-tucker"],  # noqa: B006
+        targets: Annotated[str, typer.Option("--targets", metavar="DB,...", help="PSNR targets of the training pairs.")] = "36,38,40,42,44",
+        blocks: Annotated[str, typer.Option("--blocks", metavar="B,...", help="Block shapes for block-tucker pairs: auto, a side (8) or 8x8x16.")] = "auto,8",
+        epochs: Annotated[int, typer.Option("--epochs", min=1, help="Maximum number of epochs.")] = 10,
+        patches: Annotated[int, typer.Option("--patches-per-epoch", min=1, help="Training patches per epoch.")] = 3200,
+        batch: Annotated[int, typer.Option("--batch", min=1, help="Patches per step.")] = 8,
+        patch: Annotated[int, typer.Option("--patch", min=16, help="Patch side (a multiple of 4).")] = 24,
+        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up + cosine).")] = 2e-3,
+        channels: Annotated[str, typer.Option("--channels", metavar="C1,C2", help="Channels at ½ and ¼ resolution.")] = "16,32",
+        val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of volumes held out for validation.")] = 0.2,
+        patience: Annotated[int, typer.Option("--patience", min=1, help="Early stopping: epochs without improvement.")] = 3,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the initialisation and the patches.")] = 0,
+        cache: Annotated[Optional[Path], typer.Option("--cache", metavar="DIR", help="Cache of decoded training volumes (default DIR/cache).")] = None,
+        force: Annotated[bool, typer.Option("--force", "-f", help="Start over instead of resuming a run in DIR.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
+    ) -> None:
+        """Train a restoration model on (decoded, original) pairs made by fedtensor's own codec.
+
+        Resumes an interrupted run in DIR (same settings); writes DIR/model.safetensors (its SHA-256 is
+        the model id), model.json, history.csv and loss.png. Use the model with
+        'fedtensor decompress IN.ftz OUT --model DIR'.
+        """
+        from fedtensor.nn import TrainConfig
+        from fedtensor.nn import train as run_training
+
+        ch = _ints(channels, "--channels")
+        if len(ch) != 2 or min(ch) < 1:
+            raise UsageFailure(f"--channels must be two positive integers, got {channels!r}")
+        if patch % 4:
+            raise UsageFailure(f"--patch must be a multiple of 4, got {patch}")
+        cfg = TrainConfig(epochs=epochs, patches_per_epoch=patches, batch=batch, patch=patch, lr=lr,
+                          channels=ch, val_fraction=val_fraction, patience=patience, seed=seed,
+                          codecs=tuple(codec), targets=_floats(targets, "--targets"),
+                          blocks=tuple(b.strip() for b in blocks.split(",") if b.strip()))
+        try:
+            cfg.check()
+        except ValueError as err:
+            raise UsageFailure(str(err)) from None
+        volumes = expand_data(list(data))
+        val_volumes = expand_data(list(val)) if val else None
+        if out.exists() and not out.is_dir():
+            raise UsageFailure(f"--out must be a directory: {out}")
+        show = render.interactive(json_out)
+        with _Progress(show) as prog:
+            summary = run_training(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
+                                   progress=prog)
+        summary = {**summary, "history_csv": str(out / "history.csv"), "loss_png": str(out / "loss.png")}
+        if json_out:
+            render.emit_json({"command": "train", **summary})
+        else:
+            render.out_console().print(_table(summary))
+
+
+class _Progress:
+    """Rich progress bars (stderr) for the two phases: codec pairs, then training steps."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.progress = None
+        self.tasks: dict[str, Any] = {}
+        self.last = ""
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                     console=Console(stderr=True), transient=False)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, event: str, info: dict) -> None:
+        p = self.progress
+        if p is None:
+            return
+        if event == "data":
+            if "data" not in self.tasks:
+                self.tasks["data"] = p.add_task("codec pairs", total=info["total"], info="")
+            p.update(self.tasks["data"], completed=info["done"], info=info["what"])
+        elif event == "start":
+            total = info["epochs"] * info["steps_per_epoch"]
+            done = (info["start_epoch"] - 1) * info["steps_per_epoch"]
+            self.spe = info["steps_per_epoch"]
+            self.tasks["train"] = p.add_task("training", total=total, completed=done,
+                                             info=f"train {', '.join(info['train_volumes'])} · val {', '.join(info['val_volumes']) or '-'}")
+        elif event == "step":
+            p.update(self.tasks["train"], completed=(info["epoch"] - 1) * self.spe + info["step"],
+                     info=f"epoch {info['epoch']} loss {info['loss']:.4g}{self.last}")
+        elif event == "epoch":
+            gain = info.get("val_gain_db")
+            self.last = f" · val {info['val_loss']:.4g} ({gain:+.2f} dB)" if gain is not None else ""
+            if info.get("finished"):
+                p.update(self.tasks["train"], completed=p.tasks[self.tasks["train"]].total)
+
+
+def _table(s: dict):
+    from rich.table import Table
+
+    t = Table(title="fedtensor train", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    best = next((r for r in (s.get("history") or []) if r["epoch"] == s["best_epoch"]), None)
+    rows = [
+        ("model id", s["model_id"]),
+        ("model dir", s["out"]),
+        ("train volumes", ", ".join(s["train_volumes"])),
+        ("val volumes", ", ".join(s["val_volumes"]) or "-"),
+        ("epochs run", str(s["epochs_run"])),
+        ("best epoch", str(s["best_epoch"])),
+        ("best val loss", render.num(s.get("best_val_loss"))),
+        ("throughput", render.num(s.get("patches_per_s"), ".3g", " patches/s")),
+        ("curves", f"{s['history_csv']}, {s['loss_png']}"),
+    ]
+    if best and best.get("val_gain_db") is not None:
+        rows.insert(7, ("val PSNR gain", f"{best['val_gain_db']:+.2f} dB"))
+    for k, v in rows:
+        t.add_row(k, v)
+    return t

@@ -1,0 +1,353 @@
+"""Tests of the learned restoration (fedtensor.nn): model, tiling, training, checkpoints, CLI.
+
+Everything runs on small synthetic CT-like phantoms and a tiny net (channels 8/16) so the whole file
+takes well under a minute on two CPU cores; the real-data figures come from benchmarks/restoration.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fedtensor.io import Volume
+from fedtensor.nn import (
+    ModelError,
+    ModelMismatchWarning,
+    NetConfig,
+    TrainConfig,
+    compress_for_quality,
+    decompress_restored,
+    load_model,
+    model_id,
+    new_net,
+    restore,
+    restore_array,
+    save_model,
+    tag_stream,
+    train,
+)
+from fedtensor.nn.data import PatchSampler, Source, make_pairs, split_by_volume
+from fedtensor.nn.infer import RestorationModel, correction_map
+from fedtensor.nn.model import RECEPTIVE_RADIUS, conv3d
+from fedtensor.nn.normalize import assemble_input, normaliser_for, operating_point
+from fedtensor.nn.train import Trainer
+
+TINY = NetConfig(channels=(8, 16), cond_hidden=8)
+
+
+def phantom(shape=(48, 48, 32), seed=0) -> np.ndarray:
+    """A CT-like int16 volume: air, a soft-tissue ellipsoid with smooth texture, two bone spheres."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    body = (z / 0.9) ** 2 + (y / 0.8) ** 2 + (x / 0.95) ** 2 < 1
+    tex = rng.normal(size=shape)
+    for ax in range(3):  # smooth the texture a little
+        tex = (np.roll(tex, 1, ax) + tex + np.roll(tex, -1, ax)) / 3
+    v = np.where(body, 40 + 60 * tex, -1000.0)
+    for c in ((0.3, 0.2, 0.1), (-0.4, -0.1, 0.3)):
+        v = np.where((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < 0.05, 1200.0, v)
+    return np.rint(v + rng.normal(scale=5, size=shape)).astype(np.int16)
+
+
+def random_model(config=TINY, seed=1, scale=0.2) -> RestorationModel:
+    """A model with random (non-zero) weights everywhere, including the zero-initialised head."""
+    net = new_net(config, seed=seed)
+    params = nnx.state(net, nnx.Param)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(rng.normal(size=x.shape).astype(np.float32) * scale) for x in leaves]
+    nnx.update(net, jax.tree_util.tree_unflatten(treedef, leaves))
+    return RestorationModel(net, "0" * 64, config)
+
+
+INFO_BT = {"codec": "block-tucker", "params": {"block": [8, 8, 16], "step": 300.0, "offset": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def rmodel() -> RestorationModel:
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> list[Source]:
+    """Two phantoms through the real codec (one target, 8³ blocks), cached."""
+    d = tmp_path_factory.mktemp("nn_data")
+    paths = []
+    for i in range(2):
+        p = d / f"ph{i}.npy"
+        np.save(p, phantom(seed=i))
+        paths.append(p)
+    return make_pairs(paths, targets=(34.0,), blocks=("8",), cache_dir=d / "cache")
+
+
+@pytest.fixture(scope="module")
+def volume_files(sources, tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("nn_vols")
+    out = []
+    for s in sources:
+        p = d / f"{s.label}.npy"
+        np.save(p, s.original)
+        out.append(p)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def test_conv_implementations_agree():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 12, 16, 5)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 3, 5, 7)).astype(np.float32)
+    a, b = jax.jit(lambda x, w: (conv3d(x, w, "2d"), conv3d(x, w, "3d")))(x, w)
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_untrained_model_is_identity():
+    vol = phantom((40, 36, 20))
+    model = RestorationModel(new_net(TINY), "0" * 64, TINY)
+    out = restore_array(vol, INFO_BT, model)
+    np.testing.assert_array_equal(out, vol.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "int32"])
+def test_restore_preserves_shape_dtype_geometry(rmodel, dtype):
+    base = phantom((40, 36, 20))
+    if dtype == "uint8":
+        data = np.clip((base + 1000) / 10, 0, 255).astype(np.uint8)
+    elif dtype == "float32":
+        data = np.clip(base + 1000, 0, None).astype(np.float32) / 3  # MR-like, percentile-normalised
+    else:
+        data = base.astype(dtype)
+    vol = Volume(data, (0.8, 0.9, 2.5), np.diag([0.8, 0.9, 2.5, 1.0]), {"format": "ftz"})
+    for info in (INFO_BT, {"codec": "omlsvd-global", "params": {"ranks": [4, 4, 4], "step": 25.0, "offset": 0.0}}):
+        out = restore(vol, info, rmodel)
+        assert out.data.shape == data.shape and out.data.dtype == data.dtype
+        assert out.spacing == vol.spacing and np.array_equal(out.affine, vol.affine)
+        assert not np.array_equal(out.data, data)  # a random model does change the volume
+        if data.dtype.kind in "iu":
+            info_ = np.iinfo(data.dtype)
+            assert out.data.min() >= info_.min and out.data.max() <= info_.max
+
+
+def test_exact_codecs_are_not_restored(rmodel):
+    vol = Volume(phantom((24, 24, 16)))
+    for codec in ("lossless", "max-error"):
+        assert restore(vol, {"codec": codec, "params": {"step": 3}}, rmodel) is vol
+
+
+def test_tiled_equals_whole_volume(rmodel):
+    data = phantom((72, 64, 40), seed=3)
+    norm = normaliser_for(data)
+    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
+    x = norm.net_input(data, s)
+    whole = correction_map(rmodel, x, block, cond, tile=None)
+    tiled = correction_map(rmodel, x, block, cond, tile=64)  # 4 × 3 × 1 overlapping tiles
+    assert whole.shape == data.shape
+    assert float(np.abs(whole).max()) > 1e-2  # a non-trivial correction
+    np.testing.assert_allclose(tiled, whole, atol=2e-5 * float(np.abs(whole).max()), rtol=0)
+
+
+def test_receptive_field_is_bounded(rmodel):
+    x = np.zeros((1, 64, 64, 56, 5), np.float32)  # the tile shape of test_tiled_equals_whole_volume
+    c = np.zeros((1, 4), np.float32)
+    y0 = rmodel.apply(x, c)[0]
+    for offset in range(4):  # every phase of the space-to-depth grid
+        x1 = x.copy()
+        p = 28 + offset
+        x1[0, p, p, p, 0] = 10.0
+        changed = np.argwhere(np.abs(rmodel.apply(x1, c)[0] - y0) > 0)
+        assert len(changed) and np.abs(changed - p).max() <= RECEPTIVE_RADIUS
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_split_by_volume_is_disjoint_and_seeded():
+    labels = [f"v{i}" for i in range(10)]
+    tr, va = split_by_volume(labels, 0.2, seed=3)
+    assert len(va) == 2 and set(tr) | set(va) == set(labels) and not set(tr) & set(va)
+    assert split_by_volume(labels, 0.2, seed=3) == (tr, va)
+    assert split_by_volume(labels[:3], 0.2, 0)[1] and split_by_volume(labels[:1], 0.2, 0)[1] == []
+    assert split_by_volume(labels, 0.0, 0)[1] == []
+
+
+def test_pairs_and_patches(sources):
+    assert [len(s.pairs) for s in sources] == [1, 1]
+    pair = sources[0].pairs[0]
+    assert pair.decoded.dtype == np.int16 and pair.block == (8, 8, 8) and pair.psnr >= 34
+    b = PatchSampler(sources, patch=32).sample(np.random.default_rng(0), 3)
+    assert b.x.shape == (3, 32, 32, 32, 5) and b.target.shape == b.mask.shape == (3, 32, 32, 32, 1)
+    # the depth-32 phantom fits one patch; the phase channels are those of the block grid
+    ph = assemble_input(np.zeros((32, 32, 32, 2), np.float32), (0, 0, 0), (8, 8, 8))[..., 2:]
+    assert all(np.array_equal(np.sort(np.unique(b.x[k, ..., 2:])), np.sort(np.unique(ph))) for k in range(3))
+    # the target is the codec's error in units of its quantiser step: O(0.1), whatever the volume's units
+    s = sources[0]
+    t = (pair.norm.forward(s.original) - pair.norm.forward(pair.decoded)) / pair.s
+    assert 0.01 < float(np.sqrt(np.mean(t ** 2))) < 1.0
+    assert abs(float(np.sqrt(np.mean(t ** 2))) - float(np.sqrt(np.mean(b.target ** 2)))) < 0.5
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_short_training_lowers_the_loss(sources):
+    cfg = TrainConfig(epochs=1, patches_per_epoch=120, batch=4, patch=16, lr=5e-3, warmup_epochs=0.05,
+                      channels=(8, 16))
+    trainer = Trainer(cfg)
+    batch = PatchSampler(sources, patch=16).sample(np.random.default_rng(99), 4)
+    params, opt = trainer.init_state()
+    before, _ = trainer.validate(params, [batch])
+    losses = []
+    for k in range(40):  # a few steps on one batch: the jitted step must reduce its loss
+        params, opt, loss = trainer.train_step(params, opt, batch, k)
+        losses.append(float(loss))
+    after, gain = trainer.validate(params, [batch])
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[0] == pytest.approx(before, rel=1e-4)  # untrained = identity: loss = mean target²
+    assert after < 0.95 * before and gain > 0.2
+
+
+TRAIN_CFG = dict(epochs=2, patches_per_epoch=8, batch=4, patch=16, channels=(8, 16), val_patches=8, targets=(34.0,),
+                 blocks=("8",))
+
+
+def test_train_writes_model_and_resumes_identically(sources, tmp_path):
+    cfg = TrainConfig(**TRAIN_CFG)
+    full = train(None, tmp_path / "a", cfg, sources=sources)
+    out = tmp_path / "a"
+    for name in ("model.safetensors", "model.json", "history.csv", "loss.png", "checkpoint/state.json",
+                 "checkpoint/state-0002.safetensors", "checkpoint/best-0002.safetensors"):
+        assert (out / name).is_file(), name
+    assert full["model_id"] == model_id(out) == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert full["train_volumes"] and full["val_volumes"] and not set(full["train_volumes"]) & set(full["val_volumes"])
+    lines = (out / "history.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,step,lr,train_loss,val_loss") and len(lines) == 3
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(event, info):
+        if event == "step" and info["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(None, tmp_path / "b", cfg, sources=sources, progress=interrupt)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["epoch"] == 1
+    resumed = train(None, tmp_path / "b", cfg, sources=sources)
+    assert resumed["model_id"] == full["model_id"]  # bit-identical to the uninterrupted run
+    with pytest.raises(ModelError, match="other settings"):
+        train(None, tmp_path / "b", TrainConfig(**{**TRAIN_CFG, "lr": 1e-3}), sources=sources)
+    state = tmp_path / "b" / "checkpoint" / "state-0002.safetensors"
+    state.write_bytes(state.read_bytes()[:-10])  # a truncated training checkpoint
+    with pytest.raises(ModelError, match="corrupted training checkpoint"):
+        train(None, tmp_path / "b", cfg, sources=sources)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_round_trip(rmodel, tmp_path):
+    mid = save_model(rmodel.net, tmp_path / "m", {"note": "test"})
+    loaded = load_model(tmp_path / "m")
+    assert loaded.model_id == mid == model_id(tmp_path / "m")
+    assert loaded.config == TINY and json.loads((tmp_path / "m" / "model.json").read_text())["note"] == "test"
+    a, b = nnx.state(rmodel.net, nnx.Param), nnx.state(loaded.net, nnx.Param)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    x = np.random.default_rng(0).normal(size=(1, 56, 52, 36, 5)).astype(np.float32)
+    c = np.ones((1, 4), np.float32)
+    np.testing.assert_array_equal(loaded.apply(x, c), rmodel.apply(x, c))
+
+
+def test_corrupted_checkpoint_gives_clear_error(rmodel, tmp_path):
+    d = tmp_path / "m"
+    save_model(rmodel.net, d)
+    f = d / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="corrupted model checkpoint.*SHA-256"):
+        load_model(d)
+    (d / "model.json").unlink()  # without the manifest, the file itself is checked
+    f.write_bytes(bytes(raw[:200]))
+    with pytest.raises(ModelError, match="corrupted"):
+        load_model(d)
+    f.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelError, match="corrupted"):
+        load_model(d)
+    with pytest.raises(ModelError, match="not found"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a fedtensor model directory"):
+        load_model(tmp_path / "empty")
+    other = new_net(NetConfig(channels=(4, 8), cond_hidden=8))
+    save_model(other, tmp_path / "o")
+    assert load_model(tmp_path / "o").config.channels == (4, 8)  # the architecture travels with the weights
+
+
+def test_stream_model_id_and_mismatch_warning(rmodel, tmp_path):
+    from fedtensor.codec import compress, read_info
+
+    vol = Volume(phantom((40, 36, 20)))
+    data = compress(vol, psnr=34, block=8)
+    d = tmp_path / "m"
+    mid = save_model(rmodel.net, d)
+    tagged = tag_stream(data, mid, {"psnr": 35.0})
+    info = read_info(tagged)
+    assert info["model"] == mid and info["restoration"]["psnr"] == 35.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = decompress_restored(tagged, d)  # same model: no warning
+    assert out.data.dtype == np.int16 and out.meta["restoration_model"] == mid
+    with pytest.warns(ModelMismatchWarning, match="tuned for restoration model"):
+        decompress_restored(tag_stream(data, "f" * 64), d)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_train(volume_files, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from fedtensor_cli.train_cmd import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps "train" a named sub-command
+        pass
+
+    out = tmp_path / "model"
+    args = ["train", *map(str, volume_files), "--out", str(out), "--epochs", "1", "--patches-per-epoch", "8",
+            "--batch", "4", "--patch", "16", "--channels", "8,16", "--targets", "34", "--blocks", "8", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["model_id"] == model_id(out) and summary["epochs_run"] == 1
+    bad = CliRunner().invoke(app, [*args[:-3], "--blocks", "x", "--force"])
+    assert bad.exit_code == 2 and "blocks" in bad.output
+    missing = CliRunner().invoke(app, ["train", str(tmp_path / "nope.npy"), "--out", str(out)])
+    assert missing.exit_code == 1
+
+
+def test_compress_for_quality_meets_the_target_with_restoration(tmp_path):
+    from fedtensor.codec import read_info
+    from fedtensor.metrics import psnr
+
+    vol = Volume(phantom((40, 36, 20), seed=5))
+    d = tmp_path / "identity"
+    mid = save_model(new_net(TINY), d)  # untrained: restoration is the identity, so no rate can be saved
+    data = compress_for_quality(vol, d, psnr=34.0, block=8, iterations=2)
+    info = read_info(data)
+    assert info["model"] == mid and info["restoration"]["psnr"] >= 34.0
+    assert psnr(vol.data, decompress_restored(data, d).data) >= 34.0
