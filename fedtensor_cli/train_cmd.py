@@ -78,9 +78,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a restoration model on (decoded, original) pairs made by fedtensor's own codec.
 
-        Resumes an interrupted run in DIR (same settings); writes DIR/model.safetensors (its SHA-256 is
-        the model id), model.json, history.csv and loss.png. Use the model with
-        'fedtensor decompress IN.ftz OUT --model DIR'.
+        Writes DIR/model.safetensors (its SHA-256 is the model id), model.json, history.csv, loss.png.
+
+        An interrupted run resumes from its last finished epoch when started again with the same settings.
+
+        Use the model with: fedtensor decompress IN.ftz OUT --model DIR
         """
         from fedtensor.nn import TrainConfig
         from fedtensor.nn import train as run_training

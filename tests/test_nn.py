@@ -38,7 +38,7 @@ from fedtensor.nn import (
 from fedtensor.nn.data import PatchSampler, Source, make_pairs, split_by_volume
 from fedtensor.nn.infer import RestorationModel, correction_map
 from fedtensor.nn.model import RECEPTIVE_RADIUS, conv3d
-from fedtensor.nn.normalize import assemble_input, normaliser_for, operating_point
+from fedtensor.nn.normalize import assemble_input, block_phases, normaliser_for, operating_point
 from fedtensor.nn.train import Trainer
 
 TINY = NetConfig(channels=(8, 16), cond_hidden=8)
@@ -156,6 +156,19 @@ def test_tiled_equals_whole_volume(rmodel):
     np.testing.assert_allclose(tiled, whole, atol=2e-5 * float(np.abs(whole).max()), rtol=0)
 
 
+def test_test_time_augmentation_is_flip_equivariant(rmodel):
+    # sides that are multiples of the block: mirroring the volume keeps the block grid, so the mean over
+    # the 8 mirrored passes must commute with a mirror
+    data = phantom((48, 48, 32), seed=4)
+    info = {"codec": "block-tucker", "params": {"block": [8, 8, 16], "step": 300.0}}
+    a = restore_array(data, info, rmodel, tile=None, tta=True)
+    b = restore_array(np.ascontiguousarray(data[::-1]), info, rmodel, tile=None, tta=True)
+    scale = float(np.abs(a - data).max())  # float32 rounding, relative to the size of the correction
+    np.testing.assert_allclose(b[::-1], a, atol=1e-4 * scale, rtol=0)
+    plain = restore_array(data, info, rmodel, tile=None)
+    assert float(np.abs(plain - a).max()) > 1e-2 * scale  # the average differs from a single pass
+
+
 def test_receptive_field_is_bounded(rmodel):
     x = np.zeros((1, 64, 64, 56, 5), np.float32)  # the tile shape of test_tiled_equals_whole_volume
     c = np.zeros((1, 4), np.float32)
@@ -187,7 +200,7 @@ def test_pairs_and_patches(sources):
     b = PatchSampler(sources, patch=32).sample(np.random.default_rng(0), 3)
     assert b.x.shape == (3, 32, 32, 32, 5) and b.target.shape == b.mask.shape == (3, 32, 32, 32, 1)
     # the depth-32 phantom fits one patch; the phase channels are those of the block grid
-    ph = assemble_input(np.zeros((32, 32, 32, 2), np.float32), (0, 0, 0), (8, 8, 8))[..., 2:]
+    ph = assemble_input(np.zeros((32, 32, 32, 2), np.float32), block_phases((32, 32, 32), (8, 8, 8)))[..., 2:]
     assert all(np.array_equal(np.sort(np.unique(b.x[k, ..., 2:])), np.sort(np.unique(ph))) for k in range(3))
     # the target is the codec's error in units of its quantiser step: O(0.1), whatever the volume's units
     s = sources[0]

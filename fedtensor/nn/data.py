@@ -27,7 +27,15 @@ import numpy as np
 
 from fedtensor import __version__
 from fedtensor.nn.model import ALIGN, IN_CHANNELS
-from fedtensor.nn.normalize import N_FEATURES, Normaliser, assemble_input, block_shape, normaliser_for, operating_point
+from fedtensor.nn.normalize import (
+    N_FEATURES,
+    Normaliser,
+    assemble_input,
+    block_phases,
+    block_shape,
+    normaliser_for,
+    operating_point,
+)
 
 
 
@@ -257,7 +265,7 @@ class PatchSampler:
             org, _ = _crop(src.original, origin, p)
             # the phase channels mark the codec's block grid at the patch's absolute position; they are
             # flipped and permuted with the data (channel F+k always describes spatial axis k)
-            x = assemble_input(pair.norm.net_input(dec, pair.s), origin, pair.block)
+            x = assemble_input(pair.norm.net_input(dec, pair.s), block_phases(dec.shape, pair.block, origin))
             t = (pair.norm.forward(org) - pair.norm.forward(dec)) / np.float32(pair.s)
             if self.augment:
                 perm = rng.permutation(3)

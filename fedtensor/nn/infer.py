@@ -35,10 +35,10 @@ from fedtensor.nn.checkpoint import (
     tree_from_bytes,
 )
 from fedtensor.nn.model import ALIGN, RECEPTIVE_RADIUS, NetConfig, RestorationNet, abstract_net
-from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser_for, operating_point
+from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser_for, operating_point, phase_of
 
 EDGE_PAD = 8
-DEFAULT_TILE = 128
+DEFAULT_TILE = 160
 RAMP = 8
 MARGIN = -(-RECEPTIVE_RADIUS // ALIGN) * ALIGN
 
@@ -143,11 +143,13 @@ def _window(size: int, low_inner: bool, high_inner: bool) -> np.ndarray:
 
 
 def correction_map(model: RestorationModel, feats: np.ndarray, block, cond: np.ndarray,
-                   tile: int | None = DEFAULT_TILE) -> np.ndarray:
+                   tile: int | None = DEFAULT_TILE, flipped=(False, False, False)) -> np.ndarray:
     """The net's correction (in units of the step) for a whole volume's intensity features
     ``feats (D,H,W,F)`` (:meth:`~fedtensor.nn.normalize.Normaliser.net_input`).
 
     ``tile=None`` runs one pass over the whole (padded) volume; otherwise tiles of ≤ ``tile``³ voxels.
+    ``flipped[k]`` says that ``feats`` is the volume mirrored along axis k (the block grid is then
+    mirrored too: test-time augmentation).
     """
     if tile is not None:
         tile = int(tile)
@@ -157,9 +159,14 @@ def correction_map(model: RestorationModel, feats: np.ndarray, block, cond: np.n
     pads = [(EDGE_PAD, EDGE_PAD + (-(n + 2 * EDGE_PAD)) % ALIGN) for n in shape]
     xp = np.pad(feats, [*pads, (0, 0)], mode="reflect" if min(shape) > 1 else "edge")
     big = xp.shape[:3]
+    # absolute (original-volume) index of every padded position, per axis → block-phase channels
+    phases = []
+    for n, (lo, hi), b, flip in zip(shape, pads, block, flipped):
+        j = np.arange(-lo, n + hi)
+        phases.append(phase_of(n - 1 - j if flip else j, b))
     cond = np.asarray(cond, np.float32)[None]
     if tile is None:
-        out = model.apply(assemble_input(xp, (-EDGE_PAD,) * 3, block)[None], cond)[0]
+        out = model.apply(assemble_input(xp, phases)[None], cond)[0]
     else:
         acc = np.zeros(big, np.float32)
         wsum = np.zeros(big, np.float32)
@@ -167,7 +174,7 @@ def correction_map(model: RestorationModel, feats: np.ndarray, block, cond: np.n
         sizes = [min(tile, n) for n in big]
         for starts in itertools.product(*axes):
             sl = tuple(slice(s, s + t) for s, t in zip(starts, sizes))
-            sub = assemble_input(xp[sl], tuple(s - EDGE_PAD for s in starts), block)
+            sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])
             y = model.apply(sub[None], cond)[0]
             ws = [_window(t, s > 0, s + t < n) for s, t, n in zip(starts, sizes, big)]
             w = ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
@@ -187,11 +194,13 @@ def _header(info: dict) -> tuple[str, dict]:
     return codec, params
 
 
-def restore_array(decoded: np.ndarray, info: dict, model, *, tile: int | None = DEFAULT_TILE) -> np.ndarray:
+def restore_array(decoded: np.ndarray, info: dict, model, *, tile: int | None = DEFAULT_TILE,
+                  tta: bool = False) -> np.ndarray:
     """Float64 restored voxels (original units, not yet cast) of a decoded volume.
 
     ``info`` is the stream's header (:func:`fedtensor.codec.read_info`): its codec and parameters (the
-    quantiser step, the block size) are the operating point the model is conditioned on.
+    quantiser step, the block shape) are the operating point the model is conditioned on.
+    ``tta=True`` averages the corrections of the 8 mirrored versions of the volume (8× the time).
     """
     model = as_model(model)
     codec, params = _header(info)
@@ -200,11 +209,19 @@ def restore_array(decoded: np.ndarray, info: dict, model, *, tile: int | None = 
         return decoded.astype(np.float64)
     norm = normaliser_for(decoded)
     s, cond, block = operating_point(codec, params, norm)
-    f = correction_map(model, norm.net_input(decoded, s), block, cond, tile)
+    feats = norm.net_input(decoded, s)
+    if not tta:
+        f = correction_map(model, feats, block, cond, tile)
+    else:
+        f = np.zeros(decoded.shape, np.float32)
+        for flips in itertools.product((False, True), repeat=3):
+            axes = tuple(k for k in range(3) if flips[k])
+            f += np.flip(correction_map(model, np.flip(feats, axes), block, cond, tile, flips), axes)
+        f /= 8
     return decoded.astype(np.float64) + (s * norm.scale) * f.astype(np.float64)
 
 
-def restore(volume, info: dict, model, *, tile: int | None = DEFAULT_TILE):
+def restore(volume, info: dict, model, *, tile: int | None = DEFAULT_TILE, tta: bool = False):
     """The restored :class:`~fedtensor.io.Volume` (same dtype, shape, geometry) of a decoded volume.
 
     Streams of the exact codecs (lossless, max-error) are returned unchanged: their guarantees hold
@@ -216,7 +233,7 @@ def restore(volume, info: dict, model, *, tile: int | None = DEFAULT_TILE):
     if codec not in RESTORABLE_CODECS:
         return volume
     model = as_model(model)
-    x = restore_array(volume.data, info, model, tile=tile)
+    x = restore_array(volume.data, info, model, tile=tile, tta=tta)
     meta = {**volume.meta, "restoration_model": model.model_id}
     return Volume(to_dtype(x, volume.data.dtype), volume.spacing, volume.affine, meta)
 
@@ -244,19 +261,20 @@ def model_mismatch(info: dict, model) -> str | None:
             "is being used: the restored quality may differ from the one recorded at compression")
 
 
-def restore_stream(data: bytes, model, *, tile: int | None = DEFAULT_TILE):
+def restore_stream(data: bytes, model, *, tile: int | None = DEFAULT_TILE, tta: bool = False):
     """``(restored Volume, warning or None)``: ``fedtensor.codec.decompress`` then :func:`restore`; the
     warning is :func:`model_mismatch`'s one-line message (for a CLI to print)."""
     from fedtensor.codec import decompress, read_info
 
     info = read_info(data)
     model = as_model(model)
-    return restore(decompress(data), info, model, tile=tile), model_mismatch(info, model)
+    return restore(decompress(data), info, model, tile=tile, tta=tta), model_mismatch(info, model)
 
 
-def decompress_restored(data: bytes, model, *, tile: int | None = DEFAULT_TILE, warn: bool = True):
+def decompress_restored(data: bytes, model, *, tile: int | None = DEFAULT_TILE, tta: bool = False,
+                        warn: bool = True):
     """:func:`restore_stream` that emits the mismatch message as a :class:`ModelMismatchWarning`."""
-    vol, msg = restore_stream(data, model, tile=tile)
+    vol, msg = restore_stream(data, model, tile=tile, tta=tta)
     if msg and warn:
         warnings.warn(msg, ModelMismatchWarning, stacklevel=2)
     return vol
@@ -275,7 +293,8 @@ def tag_stream(data: bytes, model_id: str, extra: dict | None = None) -> bytes:
     return pack(header, sections)
 
 
-def evaluate(original: np.ndarray, data: bytes, model=None, *, tile: int | None = DEFAULT_TILE) -> dict:
+def evaluate(original: np.ndarray, data: bytes, model=None, *, tile: int | None = DEFAULT_TILE,
+             tta: bool = False) -> dict:
     """PSNR / 3D SSIM of a stream against the original, without and (given a model) with restoration."""
     from fedtensor.codec import decompress, read_info
     from fedtensor.metrics import psnr, ssim3d
@@ -289,7 +308,7 @@ def evaluate(original: np.ndarray, data: bytes, model=None, *, tile: int | None 
 
         model = as_model(model)
         t0 = time.perf_counter()
-        res = restore(dec, info, model, tile=tile)
+        res = restore(dec, info, model, tile=tile, tta=tta)
         dt = time.perf_counter() - t0
         out.update({"model_id": model.model_id, "psnr_restored_db": psnr(original, res.data),
                     "ssim_restored": float(ssim3d(original, res.data)), "restore_seconds": dt,
@@ -300,7 +319,8 @@ def evaluate(original: np.ndarray, data: bytes, model=None, *, tile: int | None 
 
 
 def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tucker", block: int | None = None,
-                         search_db: float = 4.0, iterations: int = 6, tile: int | None = DEFAULT_TILE) -> bytes:
+                         search_db: float = 4.0, iterations: int = 6, tile: int | None = DEFAULT_TILE,
+                         tta: bool = False) -> bytes:
     """The cheapest stream whose *restored* PSNR still reaches ``psnr``, tagged with the model id.
 
     Bisects the codec's own PSNR target in ``[psnr − search_db, psnr]``; every candidate is decoded,
@@ -316,7 +336,7 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
     def trial(t: float):
         blob = compress(volume, psnr=t, codec=codec, block=block)
         info = read_info(blob)
-        r = psnr_fn(orig, restore(decompress(blob), info, model, tile=tile).data)
+        r = psnr_fn(orig, restore(decompress(blob), info, model, tile=tile, tta=tta).data)
         return blob, r
 
     plain, r_plain = trial(psnr)
@@ -333,7 +353,8 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
             hi = mid
         else:
             lo = mid
-    return tag_stream(best, model.model_id, {"psnr": best_r, "target_psnr": psnr, "codec_psnr_target": best_t})
+    return tag_stream(best, model.model_id, {"psnr": best_r, "target_psnr": psnr, "codec_psnr_target": best_t,
+                                             "tta": tta})
 
 
 __all__ = [

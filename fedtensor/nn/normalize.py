@@ -104,15 +104,20 @@ def operating_point(codec: str, params: dict, norm: Normaliser) -> tuple[float, 
     return s, cond, block
 
 
-def phase_1d(n: int, start: int, block: int) -> np.ndarray:
-    """cos(2π(i + ½)/b) for absolute indices ``start … start+n-1`` (zeros when ``block`` is 0).
+def phase_of(index: np.ndarray, block: int) -> np.ndarray:
+    """cos(2π((i mod b) + ½)/b) of absolute voxel indices (zeros when ``block`` is 0).
 
-    Symmetric inside each block, so a flip of a block-aligned patch leaves it unchanged.
-    """
+    Symmetric inside each block (a block-aligned flip leaves it unchanged); it marks the codec's block
+    boundaries, where the artefacts are."""
+    index = np.asarray(index)
     if not block:
-        return np.zeros(n, np.float32)
-    i = np.arange(start, start + n, dtype=np.float64)
-    return np.cos(2 * np.pi * (np.mod(i, block) + 0.5) / block).astype(np.float32)
+        return np.zeros(index.shape, np.float32)
+    return np.cos(2 * np.pi * (np.mod(index, block) + 0.5) / block).astype(np.float32)
+
+
+def phase_1d(n: int, start: int, block: int) -> np.ndarray:
+    """:func:`phase_of` for the absolute indices ``start … start+n-1`` (``start`` may be negative)."""
+    return phase_of(np.arange(start, start + n), block)
 
 
 def intensity_features(x: np.ndarray, s: float) -> np.ndarray:
@@ -129,16 +134,24 @@ def intensity_features(x: np.ndarray, s: float) -> np.ndarray:
     return out
 
 
-def assemble_input(feats: np.ndarray, origin: tuple[int, int, int], block: Block) -> np.ndarray:
-    """Append the three block-phase channels to intensity features ``(D,H,W,K)`` → ``(D,H,W,K+3)``
-    (channel K + k marks the codec's block grid along axis k, of period ``block[k]``).
+def assemble_input(feats: np.ndarray, phases) -> np.ndarray:
+    """Append three block-phase channels to intensity features ``(D,H,W,K)`` → ``(D,H,W,K+3)``.
 
-    ``origin`` is the absolute (volume) index of ``feats[0,0,0]``; it may be negative in padding.
+    ``phases`` are three 1-D arrays (lengths D, H, W): channel K + k is ``phases[k]`` along axis k
+    (see :func:`phase_1d`), so it marks the codec's block grid along that axis.
     """
     d, h, w, k = feats.shape
+    pd, ph, pw = (np.asarray(p, np.float32) for p in phases)
+    if (len(pd), len(ph), len(pw)) != (d, h, w):
+        raise ValueError("phase arrays do not match the features' shape")
     out = np.empty((d, h, w, k + 3), np.float32)
     out[..., :k] = feats
-    out[..., k] = phase_1d(d, origin[0], block[0])[:, None, None]
-    out[..., k + 1] = phase_1d(h, origin[1], block[1])[None, :, None]
-    out[..., k + 2] = phase_1d(w, origin[2], block[2])[None, None, :]
+    out[..., k] = pd[:, None, None]
+    out[..., k + 1] = ph[None, :, None]
+    out[..., k + 2] = pw[None, None, :]
     return out
+
+
+def block_phases(shape, block: Block, origin=(0, 0, 0)) -> list[np.ndarray]:
+    """The three phase arrays of a box of ``shape`` whose first voxel has absolute index ``origin``."""
+    return [phase_1d(n, o, b) for n, o, b in zip(shape, origin, block)]

@@ -68,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     clip: float = 1.0
     patience: int = 3
+    min_epochs: int = 5
     val_fraction: float = 0.2
     val_patches: int = 64
     seed: int = 0
@@ -79,8 +80,8 @@ class TrainConfig:
     def check(self) -> "TrainConfig":
         from fedtensor.nn.normalize import RESTORABLE_CODECS
 
-        if self.epochs < 1 or self.patches_per_epoch < 1 or self.batch < 1:
-            raise ValueError("epochs, patches per epoch and batch must be ≥ 1")
+        if self.epochs < 1 or self.patches_per_epoch < 1 or self.batch < 1 or self.patience < 1:
+            raise ValueError("epochs, patches per epoch, batch and patience must be ≥ 1")
         if self.patch % 4 or self.patch < 16:
             raise ValueError(f"patch must be a multiple of 4, at least 16, got {self.patch}")
         if not 0 <= self.val_fraction < 1:
@@ -260,8 +261,14 @@ def plot_history(history: list[dict], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ train
 
 
+#: Settings that only decide when to stop: a run may be resumed with other values.
+STOPPING_FIELDS = ("patience", "min_epochs")
+
+
 def fingerprint(cfg: TrainConfig, train_src: Sequence[Source], val_src: Sequence[Source] = ()) -> str:
-    d = {"config": cfg.to_dict(), "data": sorted((s.label, s.digest) for s in train_src),
+    """Identity of a run: everything that shapes its trajectory (not the stopping rule)."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in STOPPING_FIELDS}
+    d = {"config": config, "data": sorted((s.label, s.digest) for s in train_src),
          "val": sorted((s.label, s.digest) for s in val_src), "library": __version__}
     return sha256_hex(json.dumps(d, sort_keys=True).encode())
 
@@ -368,8 +375,9 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
                              "use --force to start over, or another --out")
         history = meta["history"]
         best_loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
-        best_epoch, bad, finished = meta["best_epoch"], meta["bad_epochs"], meta["finished"]
+        best_epoch, bad = meta["best_epoch"], meta["bad_epochs"]
         start_epoch = meta["epoch"] + 1
+        finished = _stops(cfg, meta["epoch"], bad, bool(val_batches))  # under this run's stopping rule
         if best is not None:  # repair a model.safetensors/model.json pair torn by an interruption
             export_model(out_dir, best, trainer.net_config,
                          _manifest(cfg, train_labels, val_labels, history, best_epoch, best_loss, fp, finished))
@@ -409,7 +417,7 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
             best, best_loss, best_epoch, bad = jax.tree_util.tree_map(np.asarray, params), score, epoch, 0
         else:
             bad += 1
-        finished = epoch == cfg.epochs or (bool(val_batches) and bad >= cfg.patience)
+        finished = _stops(cfg, epoch, bad, bool(val_batches))
         manifest = _manifest(cfg, train_labels, val_labels, history, best_epoch, best_loss, fp, finished)
         export_model(out_dir, best, trainer.net_config, manifest)
         write_history(out_dir, history)
@@ -429,6 +437,11 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
 def _median(values) -> float | None:
     v = [x for x in values if x]
     return float(np.median(v)) if v else None
+
+
+def _stops(cfg: TrainConfig, epoch: int, bad: int, validated: bool) -> bool:
+    """Last epoch reached, or (with validation) ``patience`` epochs without improvement after ``min_epochs``."""
+    return epoch >= cfg.epochs or (validated and epoch >= cfg.min_epochs and bad >= cfg.patience)
 
 
 def param_count_state(params) -> int:
