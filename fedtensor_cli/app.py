@@ -18,6 +18,7 @@ import typer
 from fedtensor import __version__
 from fedtensor_cli.train_cmd import register as register_train
 from fedtensor_cli import paths, render
+from fedtensor_cli.models import ModelOpt, TtaOpt, loaded_model
 from fedtensor_cli.errors import (
     EXIT_FAILURE,
     EXIT_INTERNAL,
@@ -114,7 +115,8 @@ def _check_codec(codec: str, block: int | None) -> None:
 
 
 def _compress_one(
-    src: Path, dst: Path, *, mode: str, target: float | None, codec: str, block: int | None, force: bool
+    src: Path, dst: Path, *, mode: str, target: float | None, codec: str, block: int | None, force: bool,
+    model: Any = None, tta: bool = False,
 ) -> dict[str, Any]:
     from fedtensor.codec import compress, decompress, read_info
     from fedtensor.io import read_volume
@@ -123,8 +125,20 @@ def _compress_one(
     paths.check_output(dst, force=force)
     vol = read_volume(src)
     t0 = perf_counter()
-    data = compress(vol, codec=codec, block=block, **_codec_kwargs(mode, target))
+    if model is not None and mode == "psnr":  # the cheapest stream whose *restored* PSNR reaches the target
+        from fedtensor.nn import compress_for_quality
+
+        data = compress_for_quality(vol, model, psnr=target, codec=codec, block=block, tta=tta)
+    else:
+        data = compress(vol, codec=codec, block=block, **_codec_kwargs(mode, target))
     encode_s = perf_counter() - t0
+    restored = None
+    if model is not None:
+        from fedtensor.nn import restore, tag_stream
+
+        restored = quality(vol.data, restore(decompress(data), read_info(data), model, tta=tta).data)
+        if read_info(data).get("model") != model.model_id:  # the plain stream won (or --bpv): record the model
+            data = tag_stream(data, model.model_id, {"psnr": restored["psnr_db"], "tta": tta})
     info = read_info(data)
     figures, decode_s = quality_from_stats(info.get("stats")), None
     if figures is None:  # the codec did not record them: decode (cheap) and measure
@@ -149,10 +163,18 @@ def _compress_one(
         **figures,
         "encode_seconds": encode_s,
         "decode_seconds": decode_s,
+        **_restored_fields(model, restored),
     }
 
 
-def _decompress_one(src: Path, dst: Path, *, force: bool) -> dict[str, Any]:
+def _restored_fields(model: Any, restored: dict[str, float] | None) -> dict[str, Any]:
+    """``model_id`` and the figures measured with restoration (``*_restored``), when a model was used."""
+    if model is None:
+        return {}
+    return {"model_id": model.model_id, **{f"{k}_restored": v for k, v in (restored or {}).items()}}
+
+
+def _decompress_one(src: Path, dst: Path, *, force: bool, model: Any = None, tta: bool = False) -> dict[str, Any]:
     from fedtensor.codec import decompress, read_info
     from fedtensor.io import write_volume
 
@@ -160,8 +182,15 @@ def _decompress_one(src: Path, dst: Path, *, force: bool) -> dict[str, Any]:
     data = src.read_bytes()
     info = read_info(data)
     t0 = perf_counter()
-    vol = decompress(data)
+    vol, warning = decompress(data), None
     decode_s = perf_counter() - t0
+    restore_s = None
+    if model is not None:
+        from fedtensor.nn import model_mismatch, restore
+
+        t0 = perf_counter()
+        vol, warning = restore(vol, info, model, tta=tta), model_mismatch(info, model)
+        restore_s = perf_counter() - t0
     write_volume(vol, dst, force=force)
     return {
         "ok": True,
@@ -173,6 +202,7 @@ def _decompress_one(src: Path, dst: Path, *, force: bool) -> dict[str, Any]:
         "compressed_bytes": len(data),
         "output_bytes": dst.stat().st_size,
         "decode_seconds": decode_s,
+        **({"model_id": model.model_id, "restore_seconds": restore_s, "warning": warning} if model is not None else {}),
     }
 
 
@@ -200,6 +230,13 @@ def _run_batch(
             records.append(record)
             advance(src.name)
     return records
+
+
+def _warn_mismatches(records: Sequence[dict[str, Any]]) -> None:
+    """One 'warning: …' line on stderr per stream that was tuned for another restoration model."""
+    for r in records:
+        if r.get("warning"):
+            typer.echo(f"warning: {Path(r['input']).name}: {r['warning']}", err=True)
 
 
 def _finish_batch(
@@ -248,31 +285,43 @@ def compress(
     block: Annotated[
         Optional[int], typer.Option("--block", metavar="N", help="Block edge length (default: chosen per volume).")
     ] = None,
+    model_spec: ModelOpt = None,
+    tta: TtaOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Compress a volume (.nii, .nii.gz, .npy or a DICOM series directory) into an .ftz file.
 
     Give at most one of --psnr, --max-error, --bpv, --lossless (default: --psnr 45). The PSNR, SSIM and max error reported are measured on the decoded stream.
+
+    With --model, --psnr is met *after* restoration by that model (a cheaper stream), the stream records the model's id, and the restored figures are reported too.
     """
     mode, target = rate_target(psnr, max_error, bpv, lossless)
     _check_codec(codec, block)
+    if model_spec is not None and mode not in ("psnr", "bpv"):
+        raise UsageFailure("--model works with --psnr or --bpv (the exact modes are never restored)")
+    if tta and model_spec is None:
+        raise UsageFailure("--tta needs --model")
     paths.require_input(input)
     show = render.interactive(json_out)
+    batch = input.is_dir() and paths.is_batch_dir(input)
+    if not batch:
+        paths.require_suffix(output, (paths.FTZ_SUFFIX,), "OUTPUT")
 
-    def work(src: Path, dst: Path) -> dict[str, Any]:
-        return _compress_one(src, dst, mode=mode, target=target, codec=codec, block=block, force=force)
+    with loaded_model(model_spec) as model:
+        def work(src: Path, dst: Path) -> dict[str, Any]:
+            return _compress_one(src, dst, mode=mode, target=target, codec=codec, block=block, force=force,
+                                 model=model, tta=tta)
 
-    if input.is_dir() and paths.is_batch_dir(input):
-        inputs = paths.batch_volume_inputs(input)
-        paths.prepare_output_dir(output)
-        records = _run_batch(paths.batch_outputs(inputs, output, paths.FTZ_SUFFIX), work, show)
-        _finish_batch("compress", input, output, records, json_out,
-                      ("ratio", "bpv", "psnr", "ssim", "max_error", "time"))
-        return
-    paths.require_suffix(output, (paths.FTZ_SUFFIX,), "OUTPUT")
-    with render.status(f"compressing {input.name} …", show):
-        record = work(input, output)
+        if batch:
+            inputs = paths.batch_volume_inputs(input)
+            paths.prepare_output_dir(output)
+            records = _run_batch(paths.batch_outputs(inputs, output, paths.FTZ_SUFFIX), work, show)
+            _finish_batch("compress", input, output, records, json_out,
+                          ("ratio", "bpv", "psnr", "ssim", "max_error", "time"))
+            return
+        with render.status(f"compressing {input.name} …", show):
+            record = work(input, output)
     if json_out:
         render.emit_json({"command": "compress", **record})
     else:
@@ -289,30 +338,39 @@ def decompress(
         typer.Option("--format", metavar="|".join(OUTPUT_FORMATS),
                      help="Output format in directory mode (a single OUTPUT's suffix picks its format)."),
     ] = OUTPUT_FORMATS[0],
+    model_spec: ModelOpt = None,
+    tta: TtaOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Decompress an .ftz file into OUTPUT (.nii.gz, .nii or .npy).
 
     With a directory INPUT, every *.ftz in it becomes OUTPUT/<name>.nii.gz (or --format).
+    With --model, the decoded volume is restored by that model (tiled, bounded memory); a stream tuned for another model gets a warning.
     """
     if fmt not in OUTPUT_FORMATS:
         raise UsageFailure(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    if tta and model_spec is None:
+        raise UsageFailure("--tta needs --model")
     paths.require_input(input)
     show = render.interactive(json_out)
+    if not input.is_dir():
+        paths.require_suffix(output, paths.VOLUME_SUFFIXES, "OUTPUT")
 
-    def work(src: Path, dst: Path) -> dict[str, Any]:
-        return _decompress_one(src, dst, force=force)
+    with loaded_model(model_spec) as model:
+        def work(src: Path, dst: Path) -> dict[str, Any]:
+            return _decompress_one(src, dst, force=force, model=model, tta=tta)
 
-    if input.is_dir():
-        inputs = paths.batch_ftz_inputs(input)
-        paths.prepare_output_dir(output)
-        records = _run_batch(paths.batch_outputs(inputs, output, "." + fmt), work, show)
-        _finish_batch("decompress", input, output, records, json_out, ("shape", "time"))
-        return
-    paths.require_suffix(output, paths.VOLUME_SUFFIXES, "OUTPUT")
-    with render.status(f"decompressing {input.name} …", show):
-        record = work(input, output)
+        if input.is_dir():
+            inputs = paths.batch_ftz_inputs(input)
+            paths.prepare_output_dir(output)
+            records = _run_batch(paths.batch_outputs(inputs, output, "." + fmt), work, show)
+            _warn_mismatches(records)
+            _finish_batch("decompress", input, output, records, json_out, ("shape", "time"))
+            return
+        with render.status(f"decompressing {input.name} …", show):
+            record = work(input, output)
+    _warn_mismatches([record])
     if json_out:
         render.emit_json({"command": "decompress", **record})
     else:
@@ -338,23 +396,32 @@ def info(input: InputArg, json_out: JsonOpt = False) -> None:  # noqa: A002
 def evaluate(
     original: Annotated[Path, typer.Argument(metavar="ORIGINAL", show_default=False)],
     decoded: Annotated[Path, typer.Argument(metavar="DECODED", show_default=False)],
+    model_spec: ModelOpt = None,
+    tta: TtaOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare DECODED with ORIGINAL: PSNR, 3D SSIM, max abs error.
 
     DECODED may be a volume or an .ftz file (decoded in memory; then bits per voxel and ratio too).
+    With --model (DECODED an .ftz), the figures are given without and with restoration.
     """
     from fedtensor.io import read_volume
 
+    is_ftz = decoded.name.lower().endswith(paths.FTZ_SUFFIX)
+    if model_spec is not None and not is_ftz:
+        raise UsageFailure("--model needs DECODED to be an .ftz file (the model is conditioned on its header)")
+    if tta and model_spec is None:
+        raise UsageFailure("--tta needs --model")
     paths.require_input(original)
     paths.require_input(decoded)
     show = render.interactive(json_out)
-    with render.status("evaluating …", show):
+    with render.status("evaluating …", show), loaded_model(model_spec) as model:
         ref = read_volume(original)
         record: dict[str, Any] = {"original": original, "decoded": decoded,
                                   "shape": list(ref.shape), "dtype": str(ref.dtype)}
-        if decoded.name.lower().endswith(paths.FTZ_SUFFIX):
+        if is_ftz:
             from fedtensor.codec import decompress as decode
+            from fedtensor.codec import read_info
 
             data = decoded.read_bytes()
             test = decode(data)
@@ -363,6 +430,14 @@ def evaluate(
         else:
             test = read_volume(decoded)
         record.update(quality(ref.data, test.data))  # raises on a shape mismatch
+        if model is not None:
+            from fedtensor.nn import model_mismatch, restore
+
+            info = read_info(data)
+            restored = restore(test, info, model, tta=tta)
+            record.update(_restored_fields(model, quality(ref.data, restored.data)))
+            record["warning"] = model_mismatch(info, model)
+    _warn_mismatches([{**record, "input": decoded}])
     if json_out:
         render.emit_json({"command": "evaluate", **record})
     else:

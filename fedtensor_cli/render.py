@@ -153,10 +153,23 @@ def compress_table(r: Mapping[str, Any]) -> Table:
             ("SSIM", num(r.get("ssim"), ".5f")),
             ("max abs error", num(r.get("max_abs_error"), ".6g")),
             ("time", f"encode {seconds(enc)}{speed}"),
+            *restored_rows(r),
             ("codec", f"{r.get('codec')}  {params_text(r.get('params'))}"),
-            ("target", target_text(r)),
+            ("target", target_text(r) + (" (after restoration)" if r.get("model_id") and r.get("mode") == "psnr" else "")),
         ],
     )
+
+
+def restored_rows(r: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The rows for figures measured after restoration by a model (none without ``model_id``)."""
+    if not r.get("model_id"):
+        return []
+    return [
+        ("restored by", f"model {str(r['model_id'])[:12]}…"),
+        ("PSNR restored", num(r.get("psnr_db_restored"), ".2f", " dB")),
+        ("SSIM restored", num(r.get("ssim_restored"), ".5f")),
+        ("max abs error restored", num(r.get("max_abs_error_restored"), ".6g")),
+    ]
 
 
 def decompress_table(r: Mapping[str, Any]) -> Table:
@@ -166,7 +179,9 @@ def decompress_table(r: Mapping[str, Any]) -> Table:
             ("input", f"{r['input']}  ({size(r.get('compressed_bytes'))}, codec {r.get('codec')})"),
             ("output", f"{r['output']}  ({size(r.get('output_bytes'))})"),
             ("volume", f"{_shape(r)} {r.get('dtype', '')}"),
-            ("time", f"decode {seconds(r.get('decode_seconds'))}"),
+            ("time", f"decode {seconds(r.get('decode_seconds'))}"
+                     + (f", restore {seconds(r.get('restore_seconds'))}" if r.get("model_id") else "")),
+            *([("restored by", f"model {str(r['model_id'])[:12]}…")] if r.get("model_id") else []),
         ],
     )
 
@@ -185,7 +200,7 @@ def evaluate_table(r: Mapping[str, Any]) -> Table:
             ("ratio", num(r.get("ratio"), ".2f", " : 1")),
             ("bits per voxel", num(r.get("bpv"), ".4f")),
         ]
-    return _kv_table("fedtensor evaluate", rows)
+    return _kv_table("fedtensor evaluate", rows + restored_rows(r))
 
 
 def _compact(value: Any) -> str:
