@@ -232,6 +232,27 @@ def _run_batch(
     return records
 
 
+def _single_or_batch(
+    command: str, src: Path, dst: Path, batch_inputs: list[Path] | None, suffix: str,
+    work: Callable[[Path, Path], dict[str, Any]], show: bool, json_out: bool,
+    columns: Sequence[str], table: Callable[[dict[str, Any]], Any],
+) -> None:
+    """Run ``work`` on one file (a table or JSON record) or, given ``batch_inputs``, on a directory."""
+    if batch_inputs is not None:
+        paths.prepare_output_dir(dst)
+        records = _run_batch(paths.batch_outputs(batch_inputs, dst, suffix), work, show)
+        _warn_mismatches(records)
+        _finish_batch(command, src, dst, records, json_out, columns)
+        return
+    with render.status(f"{command}ing {src.name} …", show):
+        record = work(src, dst)
+    _warn_mismatches([record])
+    if json_out:
+        render.emit_json({"command": command, **record})
+    else:
+        render.out_console().print(table(record))
+
+
 def _warn_mismatches(records: Sequence[dict[str, Any]]) -> None:
     """One 'warning: …' line on stderr per stream that was tuned for another restoration model."""
     for r in records:
@@ -313,19 +334,9 @@ def compress(
             return _compress_one(src, dst, mode=mode, target=target, codec=codec, block=block, force=force,
                                  model=model, tta=tta)
 
-        if batch:
-            inputs = paths.batch_volume_inputs(input)
-            paths.prepare_output_dir(output)
-            records = _run_batch(paths.batch_outputs(inputs, output, paths.FTZ_SUFFIX), work, show)
-            _finish_batch("compress", input, output, records, json_out,
-                          ("ratio", "bpv", "psnr", "ssim", "max_error", "time"))
-            return
-        with render.status(f"compressing {input.name} …", show):
-            record = work(input, output)
-    if json_out:
-        render.emit_json({"command": "compress", **record})
-    else:
-        render.out_console().print(render.compress_table(record))
+        _single_or_batch("compress", input, output, paths.batch_volume_inputs(input) if batch else None,
+                         paths.FTZ_SUFFIX, work, show, json_out,
+                         ("ratio", "bpv", "psnr", "ssim", "max_error", "time"), render.compress_table)
 
 
 @app.command()
@@ -361,20 +372,8 @@ def decompress(
         def work(src: Path, dst: Path) -> dict[str, Any]:
             return _decompress_one(src, dst, force=force, model=model, tta=tta)
 
-        if input.is_dir():
-            inputs = paths.batch_ftz_inputs(input)
-            paths.prepare_output_dir(output)
-            records = _run_batch(paths.batch_outputs(inputs, output, "." + fmt), work, show)
-            _warn_mismatches(records)
-            _finish_batch("decompress", input, output, records, json_out, ("shape", "time"))
-            return
-        with render.status(f"decompressing {input.name} …", show):
-            record = work(input, output)
-    _warn_mismatches([record])
-    if json_out:
-        render.emit_json({"command": "decompress", **record})
-    else:
-        render.out_console().print(render.decompress_table(record))
+        _single_or_batch("decompress", input, output, paths.batch_ftz_inputs(input) if input.is_dir() else None,
+                         "." + fmt, work, show, json_out, ("shape", "time"), render.decompress_table)
 
 
 @app.command()
