@@ -1,0 +1,146 @@
+"""The Flask application factory of ``fedtensor serve``: the weights API (``/api/v1``) and, when the
+module exists, the web interface (:mod:`fedtensor.serve.web`, mounted at ``/``).
+
+Everything lives in the data directory (created 0700 if missing)::
+
+    DATA/versions/      the model store (see :mod:`fedtensor.serve.store`)
+    DATA/clients.json   client names, ids and token hashes (0600)
+    DATA/rounds.json    secure-aggregation round history (0600)
+    DATA/secret_key     Flask's SECRET_KEY, random per data directory (0600)
+
+``app.extensions`` holds ``fedtensor_store`` (:class:`ModelStore`), ``fedtensor_auth``
+(:class:`TokenRegistry`) and ``fedtensor_rounds`` (:class:`RoundCoordinator`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+from pathlib import Path
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from fedtensor.errors import FedtensorError
+from fedtensor.serve.api import ApiError
+from fedtensor.serve.api import bp as api_bp
+from fedtensor.serve.auth import TokenRegistry
+from fedtensor.serve.rounds import RoundCoordinator, RoundError, RoundSettings
+from fedtensor.serve.store import CorruptVersionError, ModelStore, StoreError, VersionNotFound
+
+API_PREFIX = "/api/v1"
+SECRET_FILE = "secret_key"
+DEFAULT_MAX_CONTENT_LENGTH = 256 << 20  # bytes; a 1 M-parameter model is ~4 MB, its masked update too
+
+
+def _secret_key(data_dir: Path) -> str:
+    """The data directory's persistent secret (created once, 0600 from the start)."""
+    path = data_dir / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        key = path.read_text().strip()
+        if len(key) < 32:
+            raise FedtensorError(f"secret key file is damaged: {path} (delete it to make a new one)")
+        return key
+    key = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key
+
+
+def _status_for(err: FedtensorError) -> int:
+    if isinstance(err, RoundError):
+        return err.status
+    if isinstance(err, VersionNotFound):
+        return 404
+    if isinstance(err, CorruptVersionError):
+        return 500  # our own data is damaged: a server fault, reported clearly
+    if isinstance(err, StoreError):
+        return 400
+    return 400
+
+
+def _json_error(status: int, message: str, headers: dict | None = None):
+    resp = jsonify(error=" ".join(str(message).split()), status=status)
+    resp.status_code = status
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def _is_api() -> bool:
+    return request.path == API_PREFIX or request.path.startswith(API_PREFIX + "/")
+
+
+def create_app(data_dir: str | os.PathLike, *, config: dict | None = None) -> Flask:
+    """The app for ``data_dir``. ``config`` entries override Flask's config; fedtensor's own keys:
+    ``MAX_CONTENT_LENGTH`` (default 256 MiB), ``FEDTENSOR_ROUND_CLIP`` (0.5),
+    ``FEDTENSOR_ROUND_MAX_TOTAL_WEIGHT`` (2^14), ``FEDTENSOR_ROUND_STAGE_TIMEOUT`` (600 s; None = none)."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise FedtensorError(f"data directory is not a directory: {data_dir}")
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise FedtensorError(f"cannot create the data directory {data_dir}: {e.strerror or e}") from None
+
+    app = Flask(__name__)
+    settings = RoundSettings()
+    app.config.update(
+        MAX_CONTENT_LENGTH=DEFAULT_MAX_CONTENT_LENGTH,
+        SECRET_KEY=_secret_key(data_dir),
+        FEDTENSOR_DATA_DIR=str(data_dir),
+        FEDTENSOR_ROUND_CLIP=settings.clip,
+        FEDTENSOR_ROUND_MAX_TOTAL_WEIGHT=settings.max_total_weight,
+        FEDTENSOR_ROUND_STAGE_TIMEOUT=settings.stage_timeout,
+    )
+    app.config.update(config or {})
+
+    store = ModelStore(data_dir)
+    registry = TokenRegistry(data_dir)
+    settings = RoundSettings(clip=float(app.config["FEDTENSOR_ROUND_CLIP"]),
+                             max_total_weight=int(app.config["FEDTENSOR_ROUND_MAX_TOTAL_WEIGHT"]),
+                             stage_timeout=app.config["FEDTENSOR_ROUND_STAGE_TIMEOUT"])
+    app.extensions["fedtensor_store"] = store
+    app.extensions["fedtensor_auth"] = registry
+    app.extensions["fedtensor_rounds"] = RoundCoordinator(store, registry, data_dir, settings)
+    app.register_blueprint(api_bp, url_prefix=API_PREFIX)
+    if importlib.util.find_spec("fedtensor.serve.web") is not None:
+        from fedtensor.serve import web
+
+        app.register_blueprint(web.bp)
+
+    # The API always answers JSON errors, never an HTML page or a stack trace.
+    @app.errorhandler(ApiError)
+    def _api_error(err: ApiError):
+        return _json_error(err.status, err.message, err.headers)
+
+    @app.errorhandler(FedtensorError)
+    def _fedtensor_error(err: FedtensorError):
+        status = _status_for(err)
+        if status >= 500:
+            app.logger.error("%s: %s", type(err).__name__, err)
+        if _is_api():
+            return _json_error(status, str(err))
+        return " ".join(str(err).split()), status, {"Content-Type": "text/plain; charset=utf-8"}
+
+    @app.errorhandler(HTTPException)
+    def _http_error(err: HTTPException):
+        if not _is_api():
+            return err
+        return _json_error(err.code or 500, err.description or err.name)
+
+    @app.errorhandler(Exception)
+    def _internal(err: Exception):
+        app.logger.exception("internal error on %s %s", request.method, request.path)
+        if _is_api():
+            return _json_error(500, "internal server error (see the server log)")
+        return InternalServerError()
+
+    return app

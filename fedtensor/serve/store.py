@@ -1,0 +1,313 @@
+"""The global-model store: every published version on disk, numbered, with its SHA-256.
+
+Layout of ``root``::
+
+    root/versions/v000001/model.safetensors   the weights (format of :mod:`fedtensor.nn.checkpoint`)
+    root/versions/v000001/model.json          the manifest; its ``model_id`` is the SHA-256 above
+    root/versions/v000001/version.json        version, sha256, created (ISO 8601 UTC), meta, manifest hash
+    root/.lock                                serialises publishers (also across processes)
+
+Each version directory is a complete model directory: ``fedtensor.nn.load_model`` reads it as it is.
+
+**Atomic publish.** A version is assembled in a hidden temporary directory (every file fsync'ed) and
+then renamed onto ``vNNNNNN`` — one ``rename(2)``, so a reader or a restarted server sees the whole
+version or nothing. A crash mid-publish leaves only a ``.tmp-*`` directory, which is never listed and is
+swept away by the next publisher. Versions are never modified or deleted.
+
+**Integrity.** :meth:`ModelStore.model_bytes` re-hashes the file on every read and raises
+:class:`CorruptVersionError` when it differs from the recorded SHA-256 (bit rot, tampering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from fedtensor.errors import FedtensorError
+
+MODEL_FILE = "model.safetensors"  # = fedtensor.nn.checkpoint.MODEL_FILE (not imported: that pulls in JAX)
+MANIFEST_FILE = "model.json"
+VERSION_FILE = "version.json"
+_VDIR = re.compile(r"^v(\d{6,})$")
+
+
+class StoreError(FedtensorError):
+    """The model store cannot do what was asked (bad model, unwritable directory, ...)."""
+
+
+class VersionNotFound(StoreError):
+    """No such version in the store."""
+
+
+class CorruptVersionError(StoreError):
+    """A stored version no longer matches its recorded SHA-256 (or its record is unreadable)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One published global model."""
+
+    version: int
+    sha256: str  # the model id: SHA-256 of model.safetensors
+    created: str  # ISO 8601, UTC
+    meta: dict = field(default_factory=dict)  # free-form: round, clients, n_clients, loss, val_loss, ...
+    size: int = 0  # bytes of model.safetensors
+    manifest_sha256: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(config):
+    """Parameter names, shapes and dtypes of an architecture (``nnx.eval_shape``: ~0.1 s, so cached)."""
+    from fedtensor.nn.model import abstract_net
+
+    return abstract_net(config)[1]
+
+
+def check_model_bytes(data: bytes) -> dict:
+    """Raise :class:`StoreError` unless ``data`` is a fedtensor restoration model that ``load_model`` can
+    read (safetensors header, architecture metadata, every parameter's name, shape and dtype); returns the
+    architecture metadata. Nothing is materialised on a device."""
+    from fedtensor.nn.checkpoint import FORMAT, ModelError, safetensors_metadata, tree_from_bytes
+    from fedtensor.nn.model import NetConfig
+
+    try:
+        info = json.loads(safetensors_metadata(data, "model")["fedtensor_model"])
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise ValueError("format")
+        config = NetConfig.from_dict(info["net"])
+    except ModelError as err:
+        raise StoreError(str(err)) from None
+    except (KeyError, ValueError, TypeError):
+        raise StoreError("not a fedtensor restoration model (missing or bad architecture metadata)") from None
+    try:
+        tree_from_bytes(_abstract_params(config), data, "model")
+    except ModelError as err:
+        raise StoreError(str(err)) from None
+    return info
+
+
+def _fsync_path(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class ModelStore:
+    """Numbered, immutable, hash-verified model versions under ``root`` (created if missing).
+
+    Thread-safe and safe for several processes publishing into the same directory."""
+
+    def __init__(self, root: str | os.PathLike, *, validate: bool = True):
+        self.root = Path(root)
+        self.vdir = self.root / "versions"
+        self.validate = validate
+        try:
+            self.vdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the model store in {self.root}: {e.strerror or e}") from None
+        if not os.access(self.vdir, os.W_OK | os.X_OK):
+            raise StoreError(f"model store is not writable: {self.vdir}")
+        self._lock = threading.Lock()
+        self._cache: dict[int, VersionInfo] = {}  # records are immutable once committed
+
+    # -- locking -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """In-process lock + ``flock`` on root/.lock (other processes publishing into the same store)."""
+        with self._lock:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _numbers(self) -> list[int]:
+        out = []
+        for entry in os.scandir(self.vdir):
+            m = _VDIR.match(entry.name)
+            if m and entry.is_dir(follow_symlinks=False):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def _dir(self, version: int) -> Path:
+        return self.vdir / f"v{version:06d}"
+
+    def _record(self, version: int) -> VersionInfo:
+        info = self._cache.get(version)
+        if info is not None:
+            return info
+        path = self._dir(version) / VERSION_FILE
+        try:
+            d = json.loads(path.read_text())
+            info = VersionInfo(int(d["version"]), str(d["sha256"]), str(d["created"]), dict(d.get("meta") or {}),
+                               int(d.get("size", 0)), str(d.get("manifest_sha256", "")))
+            if info.version != version or not re.fullmatch(r"[0-9a-f]{64}", info.sha256):
+                raise ValueError("inconsistent record")
+        except FileNotFoundError:
+            raise VersionNotFound(f"model version {version} not found") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptVersionError(f"record of model version {version} is unreadable ({type(e).__name__})") from None
+        self._cache[version] = info
+        return info
+
+    def versions(self) -> list[VersionInfo]:
+        """Every committed version, oldest first (a version whose record is unreadable is skipped; reading
+        it with :meth:`get` names the problem)."""
+        out = []
+        for v in self._numbers():
+            try:
+                out.append(self._record(v))
+            except StoreError:
+                continue
+        return out
+
+    def latest(self) -> VersionInfo | None:
+        """The newest readable version, or ``None`` for an empty store."""
+        for v in reversed(self._numbers()):
+            try:
+                return self._record(v)
+            except StoreError:
+                continue
+        return None
+
+    def get(self, version: int) -> VersionInfo:
+        """The record of ``version``; :class:`VersionNotFound` if absent."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise VersionNotFound(f"model version {version!r} not found (versions are numbered from 1)")
+        return self._record(version)
+
+    def model_bytes(self, version: int) -> bytes:
+        """The bytes of ``model.safetensors`` of ``version``, verified against its recorded SHA-256."""
+        info = self.get(version)
+        try:
+            data = (self._dir(version) / MODEL_FILE).read_bytes()
+        except OSError as e:
+            raise CorruptVersionError(f"model version {version} is unreadable: {e.strerror or e}") from None
+        if sha256_hex(data) != info.sha256:
+            raise CorruptVersionError(
+                f"model version {version} is corrupted: SHA-256 of {MODEL_FILE} does not match its record"
+            )
+        return data
+
+    def manifest_bytes(self, version: int) -> bytes:
+        """The bytes of ``model.json`` of ``version``, verified against its recorded hash."""
+        info = self.get(version)
+        try:
+            data = (self._dir(version) / MANIFEST_FILE).read_bytes()
+        except OSError as e:
+            raise CorruptVersionError(f"manifest of model version {version} is unreadable: {e.strerror or e}") from None
+        if info.manifest_sha256 and sha256_hex(data) != info.manifest_sha256:
+            raise CorruptVersionError(f"manifest of model version {version} is corrupted (hash mismatch)")
+        return data
+
+    def manifest(self, version: int) -> dict:
+        return json.loads(self.manifest_bytes(version))
+
+    def verify(self) -> list[int]:
+        """Re-hash every version; return the numbers of the intact ones (raises on the first bad one)."""
+        for v in self._numbers():
+            self.model_bytes(v)
+            self.manifest_bytes(v)
+        return self._numbers()
+
+    def export(self, version: int, dest_dir: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write ``version`` as a model directory (``model.safetensors`` + ``model.json``) that
+        ``fedtensor.nn.load_model`` / ``--model DIR`` accepts; returns ``dest_dir``.
+
+        An existing model in ``dest_dir`` is replaced only with ``force`` (or if it is the same model)."""
+        from fedtensor.serve.client import write_model_dir
+
+        return write_model_dir(Path(dest_dir), self.model_bytes(version), self.manifest_bytes(version),
+                               self.get(version).sha256, force=force)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Remove temporaries of publishes that crashed (called with the lock held)."""
+        for entry in os.scandir(self.vdir):
+            if entry.name.startswith(".tmp-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def publish(self, model_bytes: bytes, manifest: dict | None = None, meta: dict | None = None) -> VersionInfo:
+        """Store ``model_bytes`` as the next version; returns its record.
+
+        ``manifest`` becomes ``model.json`` (its ``model_id`` is set to the SHA-256 of the bytes; a different
+        ``model_id`` already in it is an error). ``meta`` is free-form JSON (round, clients, losses, ...).
+        """
+        if not isinstance(model_bytes, (bytes, bytearray, memoryview)) or len(model_bytes) == 0:
+            raise StoreError("model bytes are empty")
+        model_bytes = bytes(model_bytes)
+        sha = sha256_hex(model_bytes)
+        manifest = dict(manifest or {})
+        if manifest.get("model_id") not in (None, sha):
+            raise StoreError("manifest model_id does not match the SHA-256 of the model bytes")
+        if self.validate:
+            arch = check_model_bytes(model_bytes)
+            manifest.setdefault("format", arch.get("format"))
+            manifest.setdefault("version", arch.get("version"))
+            manifest.setdefault("net", arch.get("net"))
+        manifest["model_id"] = sha
+        try:
+            manifest_data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            meta_d = json.loads(json.dumps(meta or {}))
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"manifest and meta must be JSON objects ({e})") from None
+        if not isinstance(meta_d, dict):
+            raise StoreError("meta must be a JSON object")
+        with self._exclusive():
+            self._sweep()
+            nums = self._numbers()
+            version = (nums[-1] if nums else 0) + 1
+            info = VersionInfo(version, sha, utc_now(), meta_d, len(model_bytes), sha256_hex(manifest_data))
+            tmp = self.vdir / f".tmp-{os.getpid()}-{threading.get_ident()}-{version}"
+            try:
+                tmp.mkdir()
+                _write_synced(tmp / MODEL_FILE, model_bytes)
+                _write_synced(tmp / MANIFEST_FILE, manifest_data)
+                _write_synced(tmp / VERSION_FILE, json.dumps(info.to_dict(), indent=2, sort_keys=True).encode())
+                _fsync_path(tmp)
+                os.rename(tmp, self._dir(version))  # the commit point
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise StoreError(f"cannot publish model version {version}: {e.strerror or e}") from None
+            _fsync_path(self.vdir)
+        self._cache[version] = info
+        return info
