@@ -8,7 +8,7 @@ DEMO_INPUT ?= examples/data/ct_head_uint8.nii.gz
 DEMO_OUT   ?= results/demo
 PYTEST_ARGS ?= -q
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test browser clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,18 @@ $(STAMP): pyproject.toml setup.py
 demo: venv
 	DEMO_OUT="$(DEMO_OUT)" PYTHON="$(VPY)" bash examples/demo.sh "$(DEMO_INPUT)"
 
-test: venv
+test: venv browser
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# tests/test_browser.py drives Debian's headless Chromium through its chromedriver (never a downloaded
+# browser); installed here when missing and apt-get is usable. FEDTENSOR_NO_BROWSER=1 skips those tests.
+browser:
+	@if [ -z "$$FEDTENSOR_NO_BROWSER" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then \
+	    if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	            || echo "warning: could not install chromium; the browser tests will fail (FEDTENSOR_NO_BROWSER=1 skips them)" >&2; \
+	    else echo "warning: /usr/bin/chromium missing: install Debian's chromium and chromium-driver, or set FEDTENSOR_NO_BROWSER=1" >&2; fi; \
+	fi
 
 clean:
 	rm -rf build dist *.egg-info results test-artifacts .pytest_cache .hypothesis

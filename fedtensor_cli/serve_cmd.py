@@ -190,7 +190,10 @@ def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout:
     store, registry = app.extensions["fedtensor_store"], app.extensions["fedtensor_auth"]
     shown = f"[{host}]" if ":" in host else host
     n_clients = sum(1 for p in registry.clients() if not p.is_admin)
-    print(f"fedtensor serve: http://{shown}:{srv.server_port}/api/v1  (data {data}, "
+    base = f"http://{shown}:{srv.server_port}"
+    if "web" in app.blueprints:
+        print(f"fedtensor serve: web interface at {base}/", file=sys.stderr, flush=True)
+    print(f"fedtensor serve: API at {base}/api/v1  (data {data}, "
           f"{len(store.versions())} versions, {n_clients} clients; Ctrl-C stops)", file=sys.stderr, flush=True)
     if not any(p.is_admin for p in registry.clients()):
         print("note: no admin token yet (fedtensor serve --admin-token): publishing and rounds are disabled",

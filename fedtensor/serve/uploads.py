@@ -1,0 +1,122 @@
+"""Uploaded volumes: recognise the file by its content, store it under a fixed name, read it.
+
+The client's file name is never used as a path: the upload is sniffed (gzip / NIfTI-1 / NIfTI-2 /
+zip magic bytes) and written as ``input.nii.gz``, ``input.nii`` or ``input.zip`` in the job's own
+directory. A zipped DICOM series is extracted member by member into flat, generated names
+(``dicom/00000.dcm`` …), so ``..``, absolute paths and links inside the archive cannot reach outside;
+the number of members and the bytes actually inflated are capped (zip bombs). Every failure is an
+:class:`UploadError` with a one-line message that names the upload, never a server path.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import struct
+import zipfile
+from pathlib import Path
+from typing import BinaryIO
+
+from fedtensor.errors import FedtensorError, VolumeError
+
+MAX_ZIP_MEMBERS = 4096
+MAX_INFLATED_BYTES = 4 << 30  # what a zipped series may expand to on disk
+_CHUNK = 1 << 20
+
+
+class UploadError(FedtensorError):
+    """The uploaded file is not a volume the web interface can read."""
+
+
+def display_name(name: str | None) -> str:
+    """A short, printable version of the client's file name (for messages and download names only)."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")
+    return base[:80] or "upload"
+
+
+def sniff(head: bytes) -> str | None:
+    """``"nii.gz"``, ``"nii"``, ``"zip"`` or ``None`` from a file's first bytes."""
+    if head[:2] == b"\x1f\x8b":
+        return "nii.gz"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 4:
+        for order in "<>":
+            if struct.unpack(order + "i", head[:4])[0] in (348, 540):
+                return "nii"
+    return None
+
+
+def save_upload(stream: BinaryIO, dest_dir: Path) -> Path:
+    """Write the upload into ``dest_dir`` under a name chosen from its content; return that path."""
+    head = stream.read(16)
+    kind = sniff(head)
+    if kind is None:
+        raise UploadError("not a NIfTI volume (.nii, .nii.gz) or a .zip of one DICOM series")
+    path = dest_dir / f"input.{kind}"
+    with open(path, "wb") as fh:
+        fh.write(head)
+        shutil.copyfileobj(stream, fh, _CHUNK)
+    return path
+
+
+def _junk(name: str) -> bool:
+    """Hidden files and macOS resource forks (``.DS_Store``, ``__MACOSX/._x``), not part of a series."""
+    parts = re.split(r"[\\/]", name)
+    return parts[-1].startswith(".") or "__MACOSX" in parts
+
+
+def _is_link(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def extract_series(zip_path: Path, dest: Path, *, max_members: int = MAX_ZIP_MEMBERS,
+                   max_bytes: int = MAX_INFLATED_BYTES) -> Path:
+    """Extract the regular files of a zip into ``dest`` under generated names; return ``dest``."""
+    dest.mkdir()
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            members = [i for i in zf.infolist() if not i.is_dir() and not _is_link(i) and not _junk(i.filename)]
+            if not members:
+                raise UploadError("the zip file holds no files")
+            if len(members) > max_members:
+                raise UploadError(f"the zip file holds {len(members)} files; at most {max_members} are accepted")
+            total = 0
+            for n, info in enumerate(members):
+                if info.flag_bits & 0x1:
+                    raise UploadError("the zip file is encrypted")
+                with zf.open(info) as src, open(dest / f"{n:05d}.dcm", "wb") as out:
+                    while chunk := src.read(_CHUNK):  # count what is inflated, not what the header claims
+                        total += len(chunk)
+                        if total > max_bytes:
+                            raise UploadError(f"the zip file expands to more than {max_bytes >> 20} MiB")
+                        out.write(chunk)
+    except UploadError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError) as e:
+        raise UploadError(f"not a readable zip file ({type(e).__name__})") from None
+    except OSError as e:
+        raise UploadError(f"cannot extract the zip file: {e.strerror or type(e).__name__}") from None
+    return dest
+
+
+def read_upload(path: Path, name: str):
+    """The :class:`~fedtensor.io.Volume` in a saved upload; messages mention ``name``, not the path."""
+    from fedtensor.io import read_volume
+
+    source = extract_series(path, path.parent / "dicom") if path.name.endswith(".zip") else path
+    try:
+        return read_volume(source).validate()
+    except VolumeError as e:
+        raise UploadError(_scrub(str(e), source, name)) from None
+    except MemoryError:
+        raise UploadError(f"{name}: not enough memory to read this volume") from None
+
+
+def _scrub(msg: str, source: Path, name: str) -> str:
+    """Replace server paths in a library message by the upload's name."""
+    for p in (str(source), str(source.parent)):
+        msg = msg.replace(p, name)
+    return msg
