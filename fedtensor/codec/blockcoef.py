@@ -5,14 +5,23 @@ energy, so this is also decreasing variance). All bands of one degree form one g
 activity is the sum of |Q| at the (up to three) bands of degree − 1 adjacent to each band in the same
 block. The DC band is decorrelated first by a 3D Lorenzo predictor (exactly invertible by cumulative
 sums), since neighbouring block means are strongly correlated.
+
+After the DC, each degree is coded on its *live* blocks only (end of block ≥ degree): contexts come
+from per-degree tables of saturated |Q| (uint8) gathered through a face-neighbour index, so the work
+follows the number of coded coefficients, not the size of the block grid.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 
 from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.grid import GridCoder
+from fedtensor.codec.grid import BIN_SATURATION, GridCoder, activity_bin, checkerboard
+
+_ABS_CAP = 2 * BIN_SATURATION
 
 
 def lorenzo(a: np.ndarray) -> np.ndarray:
@@ -28,10 +37,65 @@ def inverse_lorenzo(r: np.ndarray) -> np.ndarray:
     return r
 
 
-def _degrees(b: tuple[int, int, int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    i, j, k = np.indices(b).reshape(3, -1)
-    d = i + j + k
-    return [(i[d == n], j[d == n], k[d == n]) for n in range(int(d.max()) + 1)]
+class _Layout:
+    """Bands of block shape ``b`` grouped by degree ``i + j + k``, and each band's parents.
+
+    ``order`` lists the band positions (C order in the block) degree after degree, ``bounds`` where
+    each degree starts in it; ``parents[d]`` is ``(3, n_d)``: the column in degree ``d − 1`` of the band
+    one step lower along each axis, or ``n_{d−1}`` (an all-zero column) when there is none.
+    """
+
+    def __init__(self, b: tuple[int, int, int]):
+        i, j, k = np.indices(b).reshape(3, -1)
+        d = i + j + k
+        self.order = np.argsort(d, kind="stable")
+        self.bounds = np.searchsorted(d[self.order], np.arange(int(d.max()) + 2))
+        column = np.empty(len(d), np.intp)  # position → column within its degree
+        column[self.order] = np.arange(len(d)) - self.bounds[d[self.order]]
+        self.parents = [None]
+        for n in range(1, len(self.bounds) - 1):
+            pos = self.order[self.bounds[n]:self.bounds[n + 1]]
+            cols = []
+            for ax, stride in enumerate((b[1] * b[2], b[2], 1)):
+                has = (i, j, k)[ax][pos] > 0
+                cols.append(np.where(has, column[np.where(has, pos - stride, 0)], self.bounds[n] - self.bounds[n - 1]))
+            self.parents.append(np.stack(cols))
+
+    def width(self, degree: int) -> int:
+        return int(self.bounds[degree + 1] - self.bounds[degree])
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(b: tuple[int, int, int]) -> _Layout:
+    return _Layout(b)
+
+
+@functools.lru_cache(maxsize=16)
+def _anchor_order(grid: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks renumbered anchors first: ``perm`` (new → lattice index) and ``(6, n_blocks)`` face
+    neighbours in the new numbering, ``n_blocks`` standing for outside the lattice."""
+    n = math.prod(grid)
+    perm = np.argsort(~checkerboard(grid).ravel(), kind="stable")
+    new = np.empty(n + 1, np.intp)
+    new[perm], new[n] = np.arange(n), n
+    idx = np.pad(np.arange(n).reshape(grid), 1, constant_values=n)
+    core = (slice(1, -1),) * 3
+    nbr = np.stack([idx[core[:ax] + (step,) + core[ax + 1:]].ravel()
+                    for ax in range(3) for step in (slice(2, None), slice(None, -2))])
+    return perm, new[nbr[:, perm]]
+
+
+def _rows(idx: np.ndarray, lo: int, hi: int):
+    """``idx`` (sorted, distinct, within ``[lo, hi)``) as a slice when it is the whole range."""
+    return slice(lo, hi) if len(idx) == hi - lo else idx
+
+
+def _neighbour_sum(a: np.ndarray, nbr: np.ndarray) -> np.ndarray:
+    """Sum of the rows ``a[nbr[0]] + … + a[nbr[5]]`` as uint16."""
+    total = a[nbr[0]].astype(np.uint16)
+    for rows in nbr[1:]:
+        total += a[rows]
+    return total
 
 
 def code_block_coefficients(
@@ -40,33 +104,63 @@ def code_block_coefficients(
     """Encode ``q`` (or decode, when ``s`` is decoding) and return the coefficients.
 
     Each block first sends its *end of block*: the highest degree holding a non-zero AC coefficient
-    (0 when none), so the (mostly empty) high-frequency bands of quiet blocks cost neither bits nor time.
+    (0 when none), so the (mostly empty) high-frequency bands of quiet blocks cost neither bits nor time:
+    every band after the DC is coded, and its contexts computed, on its live blocks only.
     """
-    degrees = _degrees(b)
+    grid, b = tuple(int(n) for n in grid), tuple(int(n) for n in b)
+    n, lay = math.prod(grid), _layout(b)
     eob_values = None
     if q is not None:
         d = np.add.outer(np.add.outer(np.arange(b[0]), np.arange(b[1])), np.arange(b[2]))
         nonzero_degree = np.where(q != 0, d.astype(np.int16), np.int16(0))
         eob_values = nonzero_degree.reshape(*grid, -1).max(axis=-1, keepdims=True)
     shape1 = (*grid, 1)
-    eob = GridCoder().code(s, shape1, np.zeros(shape1, np.int64), 0, eob_values)
+    eob = GridCoder().code(s, shape1, np.zeros(shape1, np.int64), 0, eob_values).reshape(n)
     coder = GridCoder()
-    # |coefficients| with a leading zero slot per axis, so "no parent" is just index 0.
-    absq = np.zeros((*grid, *(n + 1 for n in b)), np.int32)
-    out = np.zeros((*grid, *b), np.int32) if s.decoding else q
-    for degree, (i, j, k) in enumerate(degrees):
-        shape = (*grid, len(i))
-        if degree == 0:
-            values = None if q is None else lorenzo(q[..., :1, 0, 0].astype(np.int64))
-            parent = np.zeros(shape, np.int64)
-            dc = coder.code(s, shape, parent, 0, values)
-            band = inverse_lorenzo(dc).astype(np.int32) if s.decoding else q[..., :1, 0, 0]
-        else:
-            parent = absq[..., i, j + 1, k + 1] + absq[..., i + 1, j, k + 1] + absq[..., i + 1, j + 1, k]
-            values = None if q is None else q[..., i, j, k]
-            band = coder.code(s, shape, parent, degree, values, extra=np.maximum(eob - degree, 0), mask=eob >= degree,
-                              dtype=np.int32)
-        if s.decoding:
-            out[..., i, j, k] = band
-        absq[..., i + 1, j + 1, k + 1] = np.abs(band)
-    return out
+    values = None if q is None else lorenzo(q[..., :1, 0, 0].astype(np.int64))
+    dc = coder.code(s, shape1, np.zeros(shape1, np.int64), 0, values)
+
+    # Contexts are held with the blocks renumbered anchors first (each parity in lattice order, the
+    # coding order), so that a pass over all blocks of one parity is a slice.
+    perm, nbr = _anchor_order(grid)
+    n_anchor = int(checkerboard(grid).sum())
+    eob = eob[perm]
+    if s.decoding:
+        coef = np.zeros((n, len(lay.order)), np.int32)  # lattice order, bands in C order
+        coef[:, 0] = inverse_lorenzo(dc).reshape(n)
+    else:
+        coef = q.reshape(n, -1)
+    # Per degree, saturated |coefficients|: an extra all-zero row ("outside the lattice") and column
+    # ("no parent"). Saturating at twice the top bin edge keeps every context bin exact: any sum that
+    # holds a saturated term (or half a sum of such sums) is in the top bin anyway.
+    prev_abs = np.zeros((n + 1, 2), np.uint8)
+    prev_abs[:n, 0] = np.minimum(np.abs(coef[perm, 0]), _ABS_CAP)
+    prev_live = slice(0, n)  # blocks whose previous degree may hold non-zeros (the DC: all)
+    for degree in range(1, len(lay.bounds) - 1):
+        live = np.flatnonzero(eob >= degree)
+        if len(live) == 0:
+            break  # eob >= degree is monotone in degree
+        lo, width = lay.bounds[degree], lay.width(degree)
+        rows = prev_abs[prev_live]
+        parent = np.zeros((n + 1, width), np.uint8)  # zero in blocks whose previous degree is empty
+        parent[prev_live] = sum(rows[:, p] for p in lay.parents[degree])
+        absd = np.zeros((n + 1, width + 1), np.uint8)
+        ebin = activity_bin(eob - degree)
+        split = int(np.searchsorted(live, n_anchor))
+        for pass_id, blocks in ((0, _rows(live[:split], 0, n_anchor)), (1, _rows(live[split:], n_anchor, n))):
+            if isinstance(blocks, np.ndarray) and len(blocks) == 0:
+                continue
+            if pass_id == 0:  # neighbours' parents
+                neighbour = _neighbour_sum(parent, nbr[:, blocks]) // 2
+            else:  # the same band at the (anchor) neighbours, coded in pass 0
+                neighbour = _neighbour_sum(absd[:, :width], nbr[:, blocks])
+            at = (perm[blocks, None], lay.order[None, lo:lo + width])  # in the lattice-ordered coefficients
+            vals = None if q is None else coef[at]
+            band = coder.code_sites(s, pass_id, degree, activity_bin(parent[blocks]), activity_bin(neighbour),
+                                    ebin[blocks, None], vals)
+            if s.decoding:
+                vals = band.reshape(-1, width)
+                coef[at] = vals
+            absd[blocks, :width] = np.minimum(np.abs(vals), _ABS_CAP)
+        prev_abs, prev_live = absd, _rows(live, 0, n)
+    return q if q is not None else coef.reshape(*grid, *b)

@@ -1,10 +1,16 @@
-"""Context-adaptive binary arithmetic coding of integer coefficient arrays (constriction range coder).
+"""Context-adaptive arithmetic coding of signed integer vectors (constriction range coder).
 
-Every signed integer is binarised as CABAC does — a zero flag, a sign, a unary magnitude prefix of up
-to ``UNARY_CAP`` steps and an Exp-Golomb suffix — and every binary decision is coded with a probability
-taken from adaptive counts in a context table. Encoder and decoder run the *same* traversal code
-(:class:`BinaryStream` in encode or decode mode), so they can never drift apart; tables are updated
-after each vectorised batch, which keeps the work in numpy and the constriction calls few.
+The probability model is CABAC's binarisation — a zero flag, a sign, a unary magnitude prefix of up
+to ``UNARY_CAP`` steps and an Exp-Golomb suffix, every binary decision with an adaptive probability
+from a context table that backs off to a class-pooled table — but the decisions are not coded one by
+one. Tables adapt per *chunk* of symbols (geometrically growing chunks), and within a chunk every
+decision of one kind and level has its own context, so the model of a whole chunk is fixed before it
+is coded: the zero flag and the unary prefix of each symbol collapse into one categorical symbol over
+``{0, 1, …, UNARY_CAP, escape}`` whose probabilities are the products of the binary ones. A chunk is
+then one vectorised constriction call for those symbols, one for the signs of the non-zeros and, only
+when some magnitude exceeds ``UNARY_CAP``, two for the Exp-Golomb suffixes — a few calls per chunk
+instead of one per decision and level. Counts are integers (held exactly in float64) and every
+probability is computed by the same numpy expressions on both sides, so encoder and decoder agree.
 """
 
 from __future__ import annotations
@@ -15,67 +21,53 @@ import numpy as np
 from fedtensor.errors import FormatError
 
 UNARY_CAP = 14
-_EG_CAP = 40  # Exp-Golomb prefix length bound: magnitudes < 2**40
-
-
-class ContextTable:
-    """Adaptive probabilities of a binary event for ``n`` contexts.
-
-    Counts start from a pseudo-count ``weight`` pulled towards a coarser ``backoff`` table (context
-    ``ctx`` backs off to ``ctx // backoff_div``), so a context seen for the first time inherits what its
-    coarser parent has learnt instead of starting at 1/2.
-    """
-
-    def __init__(self, n: int, backoff: "ContextTable | None" = None, backoff_div: int = 1, weight: float = 2.0):
-        self.ones = np.zeros(n)
-        self.total = np.zeros(n)
-        self.backoff, self.div, self.weight = backoff, backoff_div, weight
-
-    def p1(self, ctx: np.ndarray) -> np.ndarray:
-        prior = 0.5 if self.backoff is None else self.backoff.p1(ctx // self.div)
-        return (self.ones[ctx] + self.weight * prior) / (self.total[ctx] + self.weight)
-
-    def update(self, ctx: np.ndarray, bits: np.ndarray) -> None:
-        n = len(self.total)
-        self.total += np.bincount(ctx, minlength=n)
-        self.ones += np.bincount(ctx, weights=bits, minlength=n)
-        if self.backoff is not None:
-            self.backoff.update(ctx // self.div, bits)
+_EG_CAP = 40  # Exp-Golomb prefix length bound: magnitudes < 2**40 + UNARY_CAP
+_WEIGHT = 2.0  # pseudo-count pulling a context towards its backoff (or 1/2 at the top)
+_CLIP = 1e-5  # every binary decision keeps at least this probability either way
 
 
 class BinaryStream:
-    """A range coder over binary decisions; one class for both directions.
+    """A range coder over vectors of categorical and binary symbols; one class for both directions
+    (the name dates from the binary coder it replaced).
 
-    In encode mode ``bits(...)`` takes the values and returns them; in decode mode it takes ``None``
-    and returns the decoded values. Probabilities are clipped away from 0/1 so every event stays codable.
+    In encode mode the coding methods take the values and return them; in decode mode they take
+    ``None`` and return the decoded values.
     """
 
-    _model = constriction.stream.model.Bernoulli(perfect=False)
+    _categorical = constriction.stream.model.Categorical(perfect=False)
+    _bernoulli = constriction.stream.model.Bernoulli(perfect=False)
 
     def __init__(self, compressed: np.ndarray | None = None):
         self.decoding = compressed is not None
         if self.decoding:
-            self._coder = constriction.stream.queue.RangeDecoder(compressed)
+            self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(compressed, np.uint32))
         else:
             self._coder = constriction.stream.queue.RangeEncoder()
 
-    def coded(self, p1: np.ndarray, values: np.ndarray | None) -> np.ndarray:
-        p1 = np.clip(np.asarray(p1, np.float64), 1e-5, 1 - 1e-5)
+    def categorical(self, probs: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+        """Code ``len(probs)`` symbols, symbol ``i`` in ``[0, probs.shape[1])`` with row ``i``."""
+        if len(probs) == 0:
+            return np.zeros(0, np.int32)
         if self.decoding:
-            return self._coder.decode(self._model, p1).astype(np.int32)
+            return self._decode(self._categorical, probs)
         values = np.asarray(values, np.int32)
-        self._coder.encode(values, self._model, p1)
+        self._coder.encode(values, self._categorical, probs)
         return values
 
-    def bits(self, table: ContextTable, ctx: np.ndarray, values: np.ndarray | None) -> np.ndarray:
-        if len(ctx) == 0:
+    def bernoulli(self, p1: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+        if len(p1) == 0:
             return np.zeros(0, np.int32)
-        out = self.coded(table.p1(ctx), values)
-        table.update(ctx, out)
-        return out
+        if self.decoding:
+            return self._decode(self._bernoulli, p1)
+        values = np.asarray(values, np.int32)
+        self._coder.encode(values, self._bernoulli, p1)
+        return values
 
-    def raw(self, n: int, values: np.ndarray | None) -> np.ndarray:
-        return self.coded(np.full(n, 0.5), values) if n else np.zeros(0, np.int32)
+    def _decode(self, model, params) -> np.ndarray:
+        try:
+            return np.asarray(self._coder.decode(model, params), np.int32)
+        except Exception as err:  # constriction rejects data that no encoder could have produced
+            raise FormatError(f"corrupted entropy-coded stream ({err.__class__.__name__})") from None
 
     def finish(self) -> bytes:
         return self._coder.get_compressed().tobytes()
@@ -89,66 +81,132 @@ def _chunks(n: int, first: int = 64, growth: int = 4):
         lo, size = lo + size, size * growth
 
 
-class SignedCoder:
-    """Codes vectors of signed integers under context ids.
+def _p1(ones, total, prior):
+    """Adaptive probability of a one: counts plus ``_WEIGHT`` pseudo-counts at ``prior``, clipped."""
+    p = (ones + _WEIGHT * prior) / (total + _WEIGHT)
+    return np.minimum(np.maximum(p, _CLIP, out=p), 1 - _CLIP, out=p)
 
-    ``ctx`` in ``[0, n_ctx)`` selects the zero-flag model and ``mag_ctx`` in ``[0, n_mag_ctx)`` the sign
-    and magnitude models. Both are laid out as ``coarse * n_classes + class``: a fine context that has
-    not been seen yet backs off to its coarse context pooled over classes.
+
+class SignedCoder:
+    """Codes vectors of signed integers under adaptive contexts.
+
+    A context is a ``(class, key)`` pair; each backs off to its key pooled over all classes (a fine
+    context not seen yet inherits what its key has learnt in other classes). Zero flags have keys in
+    ``[0, n_keys)``, signs and magnitudes in ``[0, n_mag_keys)``. One call codes one class: symbol ``i``
+    has the local context ``local[i]`` in ``[0, L)``, whose zero-flag key is ``key0 + local[i]`` and whose
+    magnitude key is ``mkey0 + mag_of[local[i]]``. The model is built once per chunk for the ``L``
+    local contexts (slices of the count tables, no gathers), then gathered per symbol.
     """
 
-    def __init__(self, n_ctx: int, n_mag_ctx: int, n_classes: int = 1):
-        nc = n_classes
-        self.nc = nc
-        self.zero = ContextTable(n_ctx, ContextTable(n_ctx // nc), nc)
-        self.sign = ContextTable(n_mag_ctx, ContextTable(n_mag_ctx // nc), nc)
-        self.mag = ContextTable(n_mag_ctx * UNARY_CAP, ContextTable(n_mag_ctx // nc * UNARY_CAP), nc)
-        self.eg = ContextTable(_EG_CAP + 1)
+    def __init__(self, n_keys: int, n_mag_keys: int, n_classes: int = 1):
+        # (ones, total) counts of the binary decisions, per class and pooled over classes. The magnitude
+        # tables hold the UNARY_CAP unary levels and, as a last column, the sign.
+        self.zero, self.zero_pooled = np.zeros((n_classes, 2, n_keys)), np.zeros((2, n_keys))
+        self.mag = np.zeros((n_classes, 2, n_mag_keys, UNARY_CAP + 1))
+        self.mag_pooled = np.zeros((2, n_mag_keys, UNARY_CAP + 1))
+        self.eg = np.zeros((2, _EG_CAP))
 
-    def code(self, s: BinaryStream, ctx: np.ndarray, mag_ctx: np.ndarray, values: np.ndarray | None) -> np.ndarray:
-        out = np.zeros(len(ctx), np.int64)
-        for sl in _chunks(len(ctx)):
-            out[sl] = self._code(s, ctx[sl], mag_ctx[sl], None if values is None else values[sl])
-        return out
-
-    def _code(self, s: BinaryStream, ctx: np.ndarray, mag_ctx: np.ndarray, values: np.ndarray | None) -> np.ndarray:
-        n = len(ctx)
-        enc = not s.decoding
-        if enc:
-            values = np.asarray(values, np.int64)
-            absval = np.abs(values)
-        nz = s.bits(self.zero, ctx, (absval != 0) if enc else None).astype(bool)
-        idx = np.flatnonzero(nz)
-        mctx = mag_ctx[idx]
-        neg = s.bits(self.sign, mctx, (values[idx] < 0) if enc else None).astype(bool)
-        mag = np.ones(len(idx), np.int64)
-        active = np.arange(len(idx))
-        mcoarse, mcls = mctx // self.nc * UNARY_CAP, mctx % self.nc
-        for level in range(UNARY_CAP):
-            if len(active) == 0:
-                break
-            mc = (mcoarse[active] + level) * self.nc + mcls[active]
-            more = s.bits(self.mag, mc, (absval[idx[active]] > level + 1) if enc else None).astype(bool)
-            active = active[more]
-            mag[active] += 1
-        if len(active):  # Exp-Golomb suffix: rest = magnitude - UNARY_CAP >= 1
-            rest = absval[idx[active]] - UNARY_CAP if enc else None
-            nbits = np.zeros(len(active), np.int64)
-            live = np.arange(len(active))
-            for k in range(_EG_CAP):
-                longer = s.bits(self.eg, np.full(len(live), k), (rest[live] >= (2 << k)) if enc else None).astype(bool)
-                live = live[longer]
-                nbits[live] += 1
-                if len(live) == 0:
-                    break
+    def code(self, s: BinaryStream, cls: int, local: np.ndarray, key0: int, mkey0: int, mag_of: np.ndarray,
+             values: np.ndarray | None) -> np.ndarray:
+        """Encode ``values`` (returned as given) or decode ``len(local)`` values (returned as int64)."""
+        out = np.zeros(len(local), np.int64) if s.decoding else values
+        if len(local) == 0:
+            return out
+        zs, ms = slice(key0, key0 + len(mag_of)), slice(mkey0, mkey0 + int(mag_of.max()) + 1)
+        tables = (self.zero[cls, :, zs], self.zero_pooled[:, zs], self.mag[cls, :, ms], self.mag_pooled[:, ms], mag_of)
+        for sl in _chunks(len(local)):
+            if s.decoding:
+                out[sl] = self._code(s, local[sl], tables, None)
             else:
-                raise FormatError("corrupted stream: magnitude code too long")
-            value = np.ones(len(active), np.int64)
-            for k in range(int(nbits.max(initial=0)) - 1, -1, -1):
-                sel = np.flatnonzero(nbits > k)
-                bit = s.raw(len(sel), ((rest[sel] >> k) & 1) if enc else None)
-                value[sel] = (value[sel] << 1) | bit
-            mag[active] = value + UNARY_CAP
-        out = np.zeros(n, np.int64)
-        out[idx] = np.where(neg, -mag, mag)
+                self._code(s, local[sl], tables, values[sl])
         return out
+
+    @staticmethod
+    def _model(tables) -> tuple[np.ndarray, np.ndarray]:
+        """Per local context: P(symbol) over ``{0, 1…UNARY_CAP, escape}``; per magnitude key: P(v < 0)."""
+        z, zc, m, mc, mag_of = tables
+        pnz = _p1(z[0], z[1], (zc[0] + _WEIGHT * 0.5) / (zc[1] + _WEIGHT))
+        pm = _p1(m[0], m[1], (mc[0] + _WEIGHT * 0.5) / (mc[1] + _WEIGHT))
+        reach = np.ones((len(pm), UNARY_CAP + 1))
+        np.cumprod(pm[:, :UNARY_CAP], axis=1, out=reach[:, 1:])
+        reach[:, :UNARY_CAP] *= 1 - pm[:, :UNARY_CAP]  # P(|v| = m | v ≠ 0), m = 1…UNARY_CAP; last: escape
+        table = np.empty((len(pnz), UNARY_CAP + 2), np.float32)
+        table[:, 0] = 1 - pnz
+        np.multiply(np.take(reach, mag_of, axis=0), pnz[:, None], out=table[:, 1:])
+        return table, pm[:, UNARY_CAP]
+
+    def _code(self, s: BinaryStream, local: np.ndarray, tables, values: np.ndarray | None):
+        mag_of = tables[4]
+        table, pneg = self._model(tables)
+        probs = np.take(table, local, axis=0)
+        if values is not None:  # encoding
+            absval = np.abs(values)
+            if absval.min() < 0:  # |most negative integer| overflows
+                raise FormatError("value too large for the entropy coder")
+            sym = s.categorical(probs, np.minimum(absval, UNARY_CAP + 1))
+            idx = np.flatnonzero(sym)
+            lnz = np.take(local, idx)
+            mnz = np.take(mag_of, lnz)
+            neg = s.bernoulli(np.take(pneg, mnz), values[idx] < 0)
+            sym_nz = np.take(sym, idx)
+            esc = idx[sym_nz > UNARY_CAP]
+            if len(esc):
+                self._suffix(s, absval[esc].astype(np.int64) - UNARY_CAP, len(esc))
+            self._update(tables, local, lnz, mnz, sym_nz, neg)
+            return None
+        sym = s.categorical(probs, None)
+        idx = np.flatnonzero(sym)
+        lnz = np.take(local, idx)
+        mnz = np.take(mag_of, lnz)
+        neg = s.bernoulli(np.take(pneg, mnz), None)
+        sym_nz = np.take(sym, idx)
+        mag = sym_nz.astype(np.int64)
+        esc = np.flatnonzero(sym_nz > UNARY_CAP)
+        if len(esc):
+            mag[esc] = self._suffix(s, None, len(esc)) + UNARY_CAP
+        self._update(tables, local, lnz, mnz, sym_nz, neg)
+        out = np.zeros(len(local), np.int64)
+        out[idx] = np.where(neg.astype(bool), -mag, mag)
+        return out
+
+    @staticmethod
+    def _update(tables, local, lnz, mnz, sym_nz, neg) -> None:
+        """Count a chunk's decisions: zero flags per local context; per magnitude key, the sign and the
+        unary levels (level l is coded for |v| > l and is a one for |v| > l + 1)."""
+        z, zc, m, mc, _ = tables
+        n_local, n_mag, width = z.shape[1], m.shape[1], UNARY_CAP + 2
+        zero = np.stack([np.bincount(lnz, minlength=n_local), np.bincount(local, minlength=n_local)])
+        z += zero
+        zc += zero
+        hist = np.bincount(mnz * width + sym_nz, minlength=n_mag * width).reshape(n_mag, width)
+        tail = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # tail[:, k] = #(|v| >= k), k >= 1
+        upd = np.empty_like(m)
+        upd[0, :, :UNARY_CAP], upd[1, :, :UNARY_CAP] = tail[:, 2:], tail[:, 1:UNARY_CAP + 1]
+        upd[0, :, UNARY_CAP] = np.bincount(mnz, weights=neg, minlength=n_mag)
+        upd[1, :, UNARY_CAP] = tail[:, 1]
+        m += upd
+        mc += upd
+
+    def _suffix(self, s: BinaryStream, rest: np.ndarray | None, n: int) -> np.ndarray:
+        """Exp-Golomb code of ``rest >= 1``: its bit length (adaptive, categorical) then raw bits."""
+        pe = _p1(self.eg[0], self.eg[1], 0.5)
+        dist = np.ones(_EG_CAP)
+        np.cumprod(pe[:-1], out=dist[1:])
+        dist *= 1 - pe  # P(bit length − 1 = k), k < _EG_CAP; longer is not representable
+        if rest is not None:
+            if rest.max() >= 1 << _EG_CAP:
+                raise FormatError("value too large for the entropy coder (|v| ≥ 2**40)")
+            nbits = np.frexp(rest.astype(np.float64))[1] - 1  # exact below 2**53
+        nbits = s.categorical(np.tile(dist.astype(np.float32), (n, 1)), None if rest is None else nbits)
+        counts = np.bincount(nbits, minlength=_EG_CAP)
+        reached = np.cumsum(counts[::-1])[::-1]  # prefix decision k is coded for nbits >= k, a one if > k
+        self.eg[0] += reached - counts
+        self.eg[1] += reached
+        # Raw bits below the leading one, most significant first, symbol after symbol.
+        nbits = nbits.astype(np.int64)
+        owner = np.repeat(np.arange(n), nbits)
+        first = np.cumsum(nbits) - nbits
+        shift = nbits[owner] - 1 - (np.arange(len(owner)) - first[owner])
+        bits = s.bernoulli(np.full(len(owner), 0.5), None if rest is None else (rest[owner] >> shift) & 1)
+        low = np.bincount(owner, weights=bits.astype(np.int64) << shift, minlength=n)  # exact: < 2**40
+        return (np.int64(1) << nbits) + low.astype(np.int64)
