@@ -10,10 +10,16 @@ indices. The inverse fuses dequantisation into the prologue of ``Q Kᵀ``.
 Each kernel has a plain ``jnp`` reference; :func:`transform_quantize` and :func:`dequantize_inverse`
 pick the Pallas kernel on GPU/TPU and the reference elsewhere. Tests run the kernels in Pallas
 interpret mode on CPU against the references.
+
+The codec calls :func:`forward_blocks` / :func:`inverse_blocks` on a grid of blocks
+``(gx, gy, gz, bx, by, bz)``. Their ``"reference"`` implementation is the separable ``einsum`` (three
+small contractions: ``bx+by+bz`` multiply-adds per coefficient instead of ``B``, which is what a CPU
+wants); ``"pallas"`` is the fused Kronecker kernel, ``"interpret"`` the same kernel in interpret mode.
 """
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import jax
@@ -24,6 +30,7 @@ from jax.experimental import pallas as pl
 ROW_TILE = 128  # blocks per program
 COL_TILE = 128  # coefficient columns per program (B is padded to a multiple)
 K_TILE = 128  # reduction slice loaded per step
+IMPLS = ("reference", "pallas", "interpret")
 
 
 def kron_basis(bases) -> jax.Array:
@@ -119,6 +126,22 @@ def accelerated() -> bool:
     return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
 
 
+def default_impl() -> str:
+    """``"pallas"`` on a GPU/TPU backend, ``"reference"`` elsewhere (decided at run time).
+
+    ``FEDTENSOR_KERNELS`` (one of :data:`IMPLS`) overrides the choice, e.g. to run the ``jnp`` reference
+    on a GPU or the Pallas kernels in interpret mode on a CPU.
+    """
+    forced = os.environ.get("FEDTENSOR_KERNELS", "").strip().lower()
+    if forced:
+        if forced not in IMPLS:
+            from fedtensor.errors import FedtensorError
+
+            raise FedtensorError(f"FEDTENSOR_KERNELS must be one of {', '.join(IMPLS)}, got {forced!r}")
+        return forced
+    return "pallas" if accelerated() else "reference"
+
+
 def transform_quantize(x, k, step, rounding) -> jax.Array:
     """Fused block transform + quantisation, Pallas on accelerators, ``jnp`` reference on CPU."""
     fn = transform_quantize_pallas if accelerated() else transform_quantize_reference
@@ -129,3 +152,29 @@ def dequantize_inverse(q, k, step, offset) -> jax.Array:
     """Fused dequantisation + inverse block transform, Pallas on accelerators, reference on CPU."""
     fn = dequantize_inverse_pallas if accelerated() else dequantize_inverse_reference
     return fn(jnp.asarray(q, jnp.int32), k, np.float32(step), np.float32(offset))
+
+
+# --------------------------------------------------------------------------------------------------
+# block grids (gx, gy, gz, bx, by, bz), as the codec holds them; call these inside a jit with a static impl
+# --------------------------------------------------------------------------------------------------
+
+
+def forward_blocks(blocks: jax.Array, bases, step, rounding, impl: str = "reference") -> jax.Array:
+    """int32 quantisation indices of every block's coefficients (same grid shape)."""
+    if impl == "reference":
+        u1, u2, u3 = bases
+        c = jnp.einsum("xyzijk,ia,jb,kc->xyzabc", blocks, u1, u2, u3)
+        return _quantize(c, step, rounding)
+    flat = blocks.reshape(-1, int(np.prod(blocks.shape[3:])))
+    q = transform_quantize_pallas(flat, kron_basis(bases), step, rounding, interpret=impl == "interpret")
+    return q.reshape(blocks.shape)
+
+
+def inverse_blocks(q: jax.Array, bases, step, offset, impl: str = "reference") -> jax.Array:
+    """float32 blocks from quantisation indices (the inverse of :func:`forward_blocks`)."""
+    if impl == "reference":
+        u1, u2, u3 = bases
+        return jnp.einsum("xyzabc,ia,jb,kc->xyzijk", _dequantize(q, step, offset), u1, u2, u3)
+    flat = q.reshape(-1, int(np.prod(q.shape[3:])))
+    x = dequantize_inverse_pallas(flat, kron_basis(bases), step, offset, interpret=impl == "interpret")
+    return x.reshape(q.shape)

@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtensor.codec import compress, decompress, read_info
-from fedtensor.codec.container import pack, unpack
+from fedtensor.codec.container import FORMAT_VERSION, pack, unpack
 from fedtensor.errors import FormatError
 from fedtensor.io import Volume
 
@@ -199,7 +199,7 @@ def test_bit_flips_property(streams, data):
 def test_version_flip_mentions_upgrade(streams):
     blob, _ = streams["lossless"]
     with pytest.raises(FormatError, match="upgrade"):
-        decompress(blob[:4] + struct.pack("<H", 2) + blob[6:])
+        decompress(blob[:4] + struct.pack("<H", FORMAT_VERSION + 1) + blob[6:])
 
 
 # ------------------------------------------------------------------------------------------------

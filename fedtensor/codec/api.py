@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import math
+import time
 
 import jax.numpy as jnp
 import numpy as np
 
 from fedtensor import __version__
-from fedtensor.codec import blocktucker, lossless, omlsvd_global
+from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
 from fedtensor.codec.normalize import denormalize, normalization, normalize, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
 from fedtensor.tensor.block import padded_shape
+from fedtensor_kernels import block_transform as kernels
 
 CODECS = ("block-tucker", "omlsvd-global")
 EXACT_CODECS = ("lossless", "max-error")
-MAX_VOXELS = 1 << 30  # decoders hold a few int32/float32 copies: ~1 G voxels fits a 24 GB machine
+MAX_VOXELS = 1 << 30  # the exact-mode coders still hold a few int64 copies: ~1 G voxels fits a 24 GB machine
 _MAX_RETRIES = 12
 
 
@@ -38,10 +40,6 @@ def _psnr_from_sse(sse: float, n: int, value_range: float) -> float:
     return 20 * math.log10(value_range / math.sqrt(sse / n)) if value_range > 0 else -math.inf
 
 
-def _psnr(x: np.ndarray, y: np.ndarray, value_range: float) -> float:
-    return _psnr_from_sse(_errors(x, y)[0], x.size, value_range)
-
-
 def _integer_valued(a: np.ndarray) -> bool:
     if a.dtype.kind in "iu":
         return True
@@ -53,28 +51,27 @@ AUTO_BLOCKS = ((4, 4, 4), (4, 4, 8), (8, 8, 8), (8, 8, 16), (16, 16, 8))
 _PICK_SUPERBLOCKS = 192  # 16³ superblocks sampled to rank block shapes (≈ 0.8 M voxels)
 
 
-def _transform(codec: str, xn: np.ndarray, block, max_sse: float):
-    """The codec's transform of the normalised volume ``xn``, sized for ``max_sse`` (normalised units)."""
-    if codec == "block-tucker":
-        return blocktucker.BlockTucker(xn, block or _pick_block(xn, max_sse / xn.size))
-    return omlsvd_global.GlobalTucker(xn, max_sse)
+def auto_block(x: np.ndarray, psnr: float = 45.0) -> tuple[int, int, int]:
+    """The block shape ``compress(..., psnr=psnr)`` picks for the array ``x`` (no ``block`` given)."""
+    offset, scale = normalization(x)
+    return _pick_block(x, offset, scale, (float(np.ptp(x)) / scale / 10 ** (psnr / 20)) ** 2)
 
 
-def _pick_block(xn: np.ndarray, mse: float) -> tuple[int, int, int]:
-    """The block shape with the least zeroth-order coefficient entropy over ``xn``.
+def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple[int, int, int]:
+    """The block shape with the least zeroth-order coefficient entropy over sampled superblocks of ``x``.
 
     The best shape varies a lot between volumes (fine noisy texture favours 4³, thick slices long
     in-plane blocks); at equal quantiser step the distortion barely depends on the (orthonormal)
     transform, so the per-band entropy of the quantised coefficients ranks the shapes the way the
-    real coder does, at a fraction of its cost.
+    real coder does, at a fraction of its cost. ``mse`` is in normalised units.
     """
-    candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, xn.shape))]
-    tiles = blocktucker.sample_superblocks(xn, 16, _PICK_SUPERBLOCKS)
+    candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
+    tiles = normalize(blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS), offset, scale)
     coefs = [blocktucker.tile_coefficients(tiles, b) for b in candidates]
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step
     # the distortion barely depends on the transform.
     reference = coefs[candidates.index((8, 8, 8))] if (8, 8, 8) in candidates else coefs[0]
-    budget = mse * tiles.size * xn.size / math.prod(padded_shape(xn.shape, 16))
+    budget = mse * tiles.size * x.size / math.prod(padded_shape(x.shape, 16))
     step = largest_step_within(jnp.asarray(reference), budget, 1e-9, 256.0)
     # Context modelling gains more the more blocks there are: a small, measured correction per
     # doubling of the block volume keeps the proxy's ranking in line with the real coder's.
@@ -116,43 +113,27 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
     return ok
 
 
-def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict):
-    """Transform codecs under a PSNR floor (largest step that meets it) or a bits-per-voxel ceiling."""
-    x = volume.data
-    value_range = float(x.max()) - float(x.min())
-    n = x.size
-    offset, scale = normalization(x)
-    target_psnr = psnr if psnr is not None else 45.0  # bpv mode: sizes ranks and blocks for a typical target
-    max_sse = n * (value_range / scale / 10 ** (target_psnr / 20)) ** 2  # normalised units
-    tr = _transform(codec, normalize(x, offset, scale), block, max_sse)
+def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bpv: float | None,
+                     first_step: float):
+    """PSNR floor (largest step that meets it, on the decoded volume) or bits-per-voxel ceiling.
 
-    def quantized(step: float):
-        q = tr.quantize(step)
-        return q, denormalize(tr.reconstruct(q, step), x.dtype, offset, scale)
-
-    def attempt(step: float, q=None, decoded=None) -> bytes:
-        if q is None:
-            q, decoded = quantized(step)
-        params, sections = tr.encode(q, step)
-        sse, worst = _errors(x, decoded)
-        stats = {"psnr": _psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
-        return pack({**header, "params": {**params, "offset": offset, "scale": scale}, "stats": stats}, sections)
-
+    ``attempt(step, measure)`` -> ``(blob or None, (sse, max_err) or None)``: measure only, or encode.
+    """
     if psnr is not None:
         def evaluate(step):
-            q, decoded = quantized(step)
-            return _psnr(x, decoded, value_range), (q, decoded)
+            sse, worst = attempt(step, measure=True)[1]
+            return _psnr_from_sse(sse, n, value_range), (sse, worst)
 
-        step, _, (q, decoded) = _largest_step_reaching(evaluate, psnr, tr.step_for_sse(max_sse))
-        return attempt(step, q, decoded)
+        step, _, errors = _largest_step_reaching(evaluate, psnr, first_step)
+        return attempt(step, measure=False, errors=errors)[0]
     budget = bpv * n / 8
     lo, hi = 1e-7, 8 * 32**1.5
-    best = attempt(hi)
+    best = attempt(hi)[0]
     if len(best) > budget:
         raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs {8 * len(best) / n:.4f}")
     for _ in range(16):  # bisection on the log step: bytes fall as the step grows
         mid = math.sqrt(lo * hi)
-        blob = attempt(mid)
+        blob = attempt(mid)[0]
         if len(blob) <= budget:
             best, hi = blob, mid
         else:
@@ -160,6 +141,64 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
         if hi / lo < 1.01:
             break
     return best
+
+
+def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict):
+    """Transform codecs under a PSNR floor or a bits-per-voxel ceiling.
+
+    ``block-tucker`` streams over slabs along axis 0 (:mod:`fedtensor.codec.stream`): memory stays
+    bounded by one slab's working set plus the coded bytes.
+    """
+    x = volume.data
+    value_range = float(x.max()) - float(x.min())
+    n = x.size
+    offset, scale = normalization(x)
+    target_psnr = psnr if psnr is not None else 45.0  # bpv mode: sizes ranks and blocks for a typical target
+    mse = (value_range / scale / 10 ** (target_psnr / 20)) ** 2  # per voxel, normalised units
+    if codec != "block-tucker":
+        return _lossy_global(x, value_range, offset, scale, n * mse, psnr, bpv, header)
+    t0 = time.perf_counter()
+    b = block or _pick_block(x, offset, scale, mse)
+    stream.trim_heap()  # the sampled tiles' memory goes back before the first slab pass
+    stream.tick("block choice", t0)
+    slabs = stream.Slabs(tuple(x.shape), b, stream.slab_depth(x.shape, b, stream.SLAB_VOXELS))
+    enc = stream.SlabEncoder(x, slabs, offset, scale, stream.fit_bases(x, slabs, offset, scale),
+                             kernels.default_impl())
+
+    def attempt(step: float, measure: bool = True, errors=None):
+        if measure and errors is None and psnr is not None:  # the PSNR search only needs the error
+            return None, enc.errors(step)
+        sections, measured = enc.encode(step, measure=errors is None)
+        sse, worst = errors or measured
+        stats = {"psnr": _psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
+        params = {"block": list(b), "slab": slabs.depth, "step": step, "offset": offset, "scale": scale}
+        bases = np.concatenate([u.ravel() for u in enc.bases]).astype("<f4").tobytes()
+        return pack({**header, "params": params, "stats": stats}, [bases, *sections]), (sse, worst)
+
+    t0 = time.perf_counter()
+    first = stream.initial_step(x, b, enc.bases, offset, scale, mse)
+    stream.trim_heap()
+    stream.tick("search: first guess", t0)
+    return _rate_controlled(attempt, n, value_range, psnr, bpv, first)
+
+
+def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
+    """``omlsvd-global``: one Tucker decomposition of the whole (normalised) volume, in memory."""
+    n = x.size
+    tr = omlsvd_global.GlobalTucker(normalize(x, offset, scale), max_sse)
+
+    def attempt(step: float, measure: bool = True, errors=None):
+        q = tr.quantize(step)
+        decoded = denormalize(tr.reconstruct(q, step), x.dtype, offset, scale)
+        sse, worst = _errors(x, decoded)
+        if measure and errors is None and psnr is not None:
+            return None, (sse, worst)
+        params, sections = tr.encode(q, step)
+        stats = {"psnr": _psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
+        return pack({**header, "params": {**params, "offset": offset, "scale": scale}, "stats": stats},
+                    sections), (sse, worst)
+
+    return _rate_controlled(attempt, n, value_range, psnr, bpv, tr.step_for_sse(max_sse))
 
 
 def _constant(volume: Volume, header: dict) -> bytes:
@@ -287,9 +326,10 @@ def decompress(data: bytes) -> Volume:
     shape, dtype = _check_header(h)
     p, codec = h["params"], h.get("codec")
     try:
-        if codec in CODECS:
-            decode = blocktucker.decode if codec == "block-tucker" else omlsvd_global.decode
-            x = denormalize(decode(p, sections, shape), dtype, float(p["offset"]), float(p["scale"]))
+        if codec == "block-tucker":
+            x = stream.decode_into(np.empty(shape, dtype), p, sections, float(p["offset"]), float(p["scale"]))
+        elif codec in CODECS:
+            x = denormalize(omlsvd_global.decode(p, sections, shape), dtype, float(p["offset"]), float(p["scale"]))
         elif codec == "constant":
             x = np.full(shape, p["value"], dtype)
         elif codec in EXACT_CODECS:

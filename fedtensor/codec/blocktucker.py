@@ -1,53 +1,19 @@
-"""The block-Tucker transform codec: shared per-mode bases, dead-zone quantisation, context coding."""
+"""Block-Tucker helpers for choosing a block shape: sampled superblocks, their coefficients, a rate proxy.
+
+The codec itself (bases, transform, quantisation, coding in slabs) is :mod:`fedtensor.codec.stream`.
+"""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedtensor.codec.blockcoef import code_block_coefficients
-from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.quantize import ROUNDING, dequantize, largest_step_within, quantize
-from fedtensor.errors import FormatError
-from fedtensor.tensor.block import block_bases, block_grid, block_shape, expand, from_blocks, project, to_blocks
-
-
-class BlockTucker:
-    """One volume's transform: its bases and coefficients, ready to be quantised at any step.
-
-    ``x`` is the normalised volume (centred, unit value range: see :mod:`fedtensor.codec.normalize`),
-    so steps and errors here are in those units.
-    """
-
-    def __init__(self, x: np.ndarray, b=8, n_iter: int = 0):
-        self.shape, self.b = tuple(x.shape), block_shape(b)
-        blocks = to_blocks(jnp.asarray(x, jnp.float32), b)
-        # Bases travel as float32 in the stream; encode with exactly those values.
-        self.bases = [jnp.asarray(np.asarray(u, np.float32)) for u in block_bases(blocks, self.b, n_iter)]
-        self.coef = _project(blocks, self.bases)
-        self.padding_ratio = float(np.prod(self.shape) / self.coef.size)
-
-    def step_for_sse(self, max_sse: float) -> float:
-        """Largest quantiser step whose (coefficient-domain) error fits ``max_sse`` over the real voxels."""
-        hi = 4 * float(np.prod(self.b)) ** 0.5
-        # Quantisation indices are int32: never let a tiny step push them near overflow.
-        floor = float(jnp.max(jnp.abs(self.coef))) / 2**30
-        return max(floor, largest_step_within(self.coef, max_sse / self.padding_ratio, max(hi * 1e-9, floor), hi))
-
-    def quantize(self, step: float) -> jax.Array:
-        return quantize(self.coef, jnp.float32(step))
-
-    def reconstruct(self, q: jax.Array, step: float) -> np.ndarray:
-        return reconstruct(q, step, self.bases, self.shape)
-
-    def encode(self, q: jax.Array, step: float) -> tuple[dict, list[bytes]]:
-        s = BinaryStream()
-        code_block_coefficients(s, block_grid(self.shape, self.b), self.b, np.asarray(q, np.int32))
-        params = {"block": list(self.b), "step": step}
-        return params, [np.concatenate([np.asarray(u).ravel() for u in self.bases]).astype("<f4").tobytes(), s.finish()]
+from fedtensor.codec.quantize import ROUNDING
+from fedtensor.tensor.block import block_bases, block_shape, project
 
 
 def tile_coefficients(tiles: np.ndarray, b) -> np.ndarray:
@@ -67,10 +33,22 @@ def _tile_coefficients(tiles: jax.Array, b: tuple[int, int, int]) -> jax.Array:
     return project(blocks, bases).reshape(blocks.shape[0], -1)
 
 
+def gather_blocks(x: np.ndarray, b, flat_index: np.ndarray) -> np.ndarray:
+    """Blocks ``(n, bx, by, bz)`` of the edge-padded ``x`` at flat block-grid indices, without padding ``x``.
+
+    Equal to ``to_blocks(x, b).reshape(-1, *b)[flat_index]``: edge padding is index clamping.
+    """
+    b = block_shape(b)
+    grid = [-(-n // m) for n, m in zip(x.shape, b)]
+    corners = np.unravel_index(np.asarray(flat_index, np.int64), grid)
+    axes = [np.minimum(c[:, None] * m + np.arange(m), n - 1) for c, m, n in zip(corners, b, x.shape)]
+    return x[axes[0][:, :, None, None], axes[1][:, None, :, None], axes[2][:, None, None, :]]
+
+
 def sample_superblocks(x: np.ndarray, side: int, count: int) -> np.ndarray:
     """Up to ``count`` aligned ``side³`` superblocks of the edge-padded ``x``, evenly spread, as tiles."""
-    blocks = np.asarray(to_blocks(jnp.asarray(x), side)).reshape(-1, side, side, side)
-    return blocks[np.unique(np.linspace(0, len(blocks) - 1, min(count, len(blocks))).astype(int))]
+    total = math.prod(-(-n // side) for n in x.shape)
+    return gather_blocks(x, side, np.unique(np.linspace(0, total - 1, min(count, total)).astype(int)))
 
 
 def zeroth_order_bits(coef: np.ndarray, step: float, clip: int = 64) -> float:
@@ -84,34 +62,3 @@ def zeroth_order_bits(coef: np.ndarray, step: float, clip: int = 64) -> float:
     totals = counts.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         return float(-np.sum(np.where(counts > 0, counts * np.log2(counts / totals), 0.0)))
-
-
-@jax.jit
-def _project(blocks, bases):
-    return project(blocks, bases)
-
-
-@jax.jit
-def _expand(core, bases):
-    return expand(core, bases)
-
-
-def reconstruct(q, step: float, bases, shape) -> np.ndarray:
-    """The normalised volume from quantisation indices."""
-    return np.asarray(from_blocks(_expand(dequantize(jnp.asarray(q), jnp.float32(step)), bases), tuple(shape)))
-
-
-def decode(params: dict, sections: list[bytes], shape: tuple[int, int, int]) -> np.ndarray:
-    b = params.get("block")
-    if (not isinstance(b, list) or len(b) != 3 or not all(isinstance(n, int) and 1 <= n <= 64 for n in b)
-            or len(sections) != 2):
-        raise FormatError("corrupted block-tucker parameters")
-    if len(sections[0]) != 4 * sum(n * n for n in b) or len(sections[1]) % 4:
-        raise FormatError("corrupted block-tucker payload")
-    flat = np.frombuffer(sections[0], "<f4")
-    bounds = np.cumsum([0] + [n * n for n in b])
-    bases = [jnp.asarray(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
-    b = tuple(b)
-    s = BinaryStream(np.frombuffer(sections[1], np.uint32))
-    q = code_block_coefficients(s, block_grid(shape, b), b)
-    return reconstruct(q, float(params["step"]), bases, shape)

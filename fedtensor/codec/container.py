@@ -14,7 +14,9 @@ import struct
 from fedtensor.errors import FormatError
 
 MAGIC = b"FTZ1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: block-tucker coded in slabs along axis 0, categorical chunk coding
+#: Version 1 (pre-release builds) coded coefficients with another entropy coder: not readable.
+MIN_READABLE_VERSION = 2
 _PREFIX = struct.Struct("<4sHI")
 _HASH_BYTES = 32
 MAX_HEADER_BYTES = 16 << 20
@@ -40,6 +42,9 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
         raise FormatError(f"file uses .ftz format version {version}; this fedtensor reads up to {FORMAT_VERSION}, please upgrade")
     if version < 1:
         raise FormatError(f"invalid .ftz format version {version}")
+    if version < MIN_READABLE_VERSION:
+        raise FormatError(f"file uses .ftz format version {version} of a pre-release fedtensor, which this "
+                          "version cannot read; compress the original again")
     if hashlib.sha256(data[:-_HASH_BYTES]).digest() != data[-_HASH_BYTES:]:
         if header_len > len(data) - _PREFIX.size - _HASH_BYTES:
             raise FormatError("truncated .ftz file")

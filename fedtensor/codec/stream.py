@@ -1,0 +1,335 @@
+"""Block-Tucker coding in slabs along axis 0: bounded memory, one stream.
+
+The (edge-padded) volume is cut along axis 0 into slabs of ``depth`` voxels, a multiple of the block
+depth (header ``params.slab``). Every pass — Gram matrices for the bases, the decoded-PSNR check of a
+quantiser step, the final encoding — visits one slab at a time: normalise it (float64 → float32),
+transform and quantise it, then code its integer block grid into its own payload section. Only coded
+bytes outlive a slab; the decoder writes each decoded slab into one preallocated array of the original
+dtype. Every slab has the same static shape (the last one is edge-padded), so each jitted function
+compiles once per volume geometry.
+
+A slab's coefficients are exactly those of the whole-volume block transform (blocks never straddle
+slabs), so a stream equals the whole-volume quantised grid coded slab by slab, and the decoder returns
+the whole-volume reconstruction up to float32 summation order (tests/test_stream.py). Encoder and
+decoder run the inverse on the same slab shapes, so the PSNR the encoder measured is exactly that of
+the decoder's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedtensor.codec.blockcoef import code_block_coefficients
+from fedtensor.codec.entropy import BinaryStream
+from fedtensor.codec.normalize import denormalize, normalize
+from fedtensor.codec.quantize import RECON_OFFSET, ROUNDING
+from fedtensor.errors import FormatError
+from fedtensor.tensor.block import _to_blocks, from_blocks, padded_shape
+from fedtensor.tensor.tucker import _leading_eigvecs
+from fedtensor_kernels import block_transform as kernels
+
+#: Voxels per slab (of the padded volume). Volumes up to this size are one slab. 2²³ keeps one slab's
+#: working set (~20 bytes per voxel, entropy coder included) near 200 MB, while the context tables,
+#: restarted per slab, still see millions of symbols (a restart costs ≲ 0.2 % of a slab's bits).
+SLAB_VOXELS = 1 << 23
+
+
+def slab_depth(shape, b, slab_voxels: int = SLAB_VOXELS) -> int:
+    """Slab thickness along axis 0: a multiple of the block depth, at most the padded axis."""
+    px, py, pz = padded_shape(shape, b)
+    rows = max(1, slab_voxels // (py * pz * b[0]))
+    return min(rows * b[0], px)
+
+
+@dataclass(frozen=True)
+class Slabs:
+    """The slab layout of a volume ``shape`` under block shape ``b`` and slab thickness ``depth``."""
+
+    shape: tuple[int, int, int]
+    b: tuple[int, int, int]
+    depth: int
+
+    @property
+    def starts(self) -> range:
+        return range(0, self.shape[0], self.depth)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def rows(self, start: int) -> int:
+        """Real voxel rows of the slab at ``start``."""
+        return min(self.depth, self.shape[0] - start)
+
+    def grid(self, start: int) -> tuple[int, int, int]:
+        """The block grid coded for the slab at ``start`` (its real block rows only)."""
+        _, py, pz = padded_shape(self.shape, self.b)
+        return -(-self.rows(start) // self.b[0]), py // self.b[1], pz // self.b[2]
+
+    def normalized(self, x: np.ndarray, start: int, offset: float, scale: float) -> np.ndarray:
+        """The slab at ``start`` in normalised float32, edge-padded along axis 0 to ``depth`` rows."""
+        r = self.rows(start)
+        out = normalize(x[start:start + r], offset, scale)
+        if r < self.depth:
+            out = np.concatenate([out, np.broadcast_to(out[-1:], (self.depth - r, *out.shape[1:]))])
+        return out
+
+
+_PROFILE: list[dict] = []
+
+
+@contextlib.contextmanager
+def profiled():
+    """Collect seconds per codec stage of the calls inside the block (for benchmarks)::
+
+        with profiled() as seconds:
+            compress(volume)
+        seconds  # {"entropy": …, "transform+quantize": …, …}
+
+    Device work is timed up to its result reaching the host, so the figures hold on GPUs too.
+    """
+    seconds: dict = {}
+    _PROFILE.append(seconds)
+    try:
+        yield seconds
+    finally:
+        _PROFILE.remove(seconds)
+
+
+def tick(stage: str, t0: float) -> float:
+    """Add ``now - t0`` to ``stage`` in the active :func:`profiled` block (if any); returns now."""
+    t = time.perf_counter()
+    for seconds in _PROFILE:
+        seconds[stage] = seconds.get(stage, 0.0) + t - t0
+    return t
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return lambda _: 0
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS between slabs.
+
+    glibc raises its mmap threshold after a large block is freed, so the next slab's arrays come from
+    the heap, which then holds the freed ones of earlier slabs: without this the resident set grows to
+    about twice one slab's working set.
+    """
+    _MALLOC_TRIM(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# jitted per-slab work (static slab shape; ``impl`` picks the Pallas kernels or the jnp reference)
+# ---------------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames="b")
+def _slab_grams(slab, b):
+    """Mode Gram matrices of the slab's block stack, accumulated one block row at a time.
+
+    A scan over block rows keeps the working set to one row (not several transposed copies of the
+    slab, which is what one einsum over the whole 6D block view costs).
+    """
+    (bx, by, bz), (d, y, z) = b, slab.shape
+    py, pz = -(-y // by) * by, -(-z // bz) * bz
+    x = jnp.pad(slab, ((0, 0), (0, py - y), (0, pz - z)), mode="edge")
+    rows = x.reshape(d // bx, bx, py // by, by, pz // bz, bz)
+
+    def add(acc, row):  # row: (bx, gy, by, gz, bz)
+        return (acc[0] + jnp.einsum("iyjzk,lyjzk->il", row, row), acc[1] + jnp.einsum("iyjzk,iylzk->jl", row, row),
+                acc[2] + jnp.einsum("iyjzk,iyjzl->kl", row, row)), None
+
+    return jax.lax.scan(add, tuple(jnp.zeros((n, n), jnp.float32) for n in b), rows)[0]
+
+
+@partial(jax.jit, static_argnames=("b", "impl"))
+def _forward(slab, bases, step, b, impl):
+    return kernels.forward_blocks(_to_blocks(slab, b), bases, step, ROUNDING, impl)
+
+
+@partial(jax.jit, static_argnames=("shape", "impl"))
+def _inverse(q, bases, step, shape, impl):
+    return from_blocks(kernels.inverse_blocks(q, bases, step, RECON_OFFSET, impl), shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# encoder passes
+# ---------------------------------------------------------------------------------------------------
+
+
+def fit_bases(x: np.ndarray, slabs: Slabs, offset: float, scale: float) -> list[np.ndarray]:
+    """Per-mode bases (HOSVD of the whole block stack) from Gram matrices summed slab by slab.
+
+    Returned as float32: that is what the stream stores, and what both sides transform with.
+    """
+    grams = [np.zeros((n, n)) for n in slabs.b]
+    t0 = time.perf_counter()
+    for start in slabs.starts:
+        slab = slabs.normalized(x, start, offset, scale)
+        slab[slabs.grid(start)[0] * slabs.b[0]:] = 0  # rows past the volume's last block row are not blocks
+        for acc, g in zip(grams, _slab_grams(slab, slabs.b)):
+            acc += np.asarray(g, np.float64)  # float64 sum: the order of slabs barely matters
+        del slab
+        trim_heap()
+    tick("bases", t0)
+    return [np.asarray(_leading_eigvecs(jnp.asarray(g, jnp.float32), n)[0], np.float32)
+            for g, n in zip(grams, slabs.b)]
+
+
+def _errors(x: np.ndarray, y: np.ndarray, chunk: int = 16) -> tuple[float, float]:
+    """``(sum of squared errors, max abs error)`` in float64, a few slices at a time."""
+    sse, worst = 0.0, 0.0
+    for k in range(0, x.shape[0], chunk):
+        d = x[k:k + chunk].astype(np.float64) - y[k:k + chunk]
+        sse += float(np.vdot(d, d))
+        worst = max(worst, float(np.max(np.abs(d), initial=0.0)))
+    return sse, worst
+
+
+@dataclass
+class SlabEncoder:
+    """The passes of one volume's encoding: decoded error at a step, and the coded stream at a step."""
+
+    x: np.ndarray
+    slabs: Slabs
+    offset: float
+    scale: float
+    bases: list[np.ndarray]
+    impl: str = "reference"
+
+    def _slabs(self) -> Iterator[tuple[int, np.ndarray]]:
+        for start in self.slabs.starts:
+            t0 = time.perf_counter()
+            slab = self.slabs.normalized(self.x, start, self.offset, self.scale)
+            tick("normalize", t0)
+            yield start, slab
+            del slab  # let the consumer free it before the next slab is made
+            trim_heap()
+
+    def errors(self, step: float) -> tuple[float, float]:
+        """``(SSE, max abs error)`` of the decoded volume at ``step``, in its dtype (rounding included)."""
+        sse, worst = 0.0, 0.0
+        bases, s = [jnp.asarray(u) for u in self.bases], jnp.float32(step)
+        for start, slab in self._slabs():
+            t0 = time.perf_counter()
+            r = self.slabs.rows(start)
+            # The decoder's own jitted inverse on the same shapes: what is measured is what it returns.
+            q = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl)
+            del slab
+            rec = np.asarray(_inverse(q, bases, s, (self.slabs.depth, *self.x.shape[1:]), self.impl))
+            del q
+            t0 = tick("search: transform+quantize+inverse", t0)
+            decoded = denormalize(rec[:r], self.x.dtype, self.offset, self.scale)
+            e = _errors(self.x[start:start + r], decoded)
+            tick("search: error", t0)
+            sse, worst = sse + e[0], max(worst, e[1])
+            del rec, decoded  # before the next slab is made: one slab's working set at a time
+        return sse, worst
+
+    def encode(self, step: float, measure: bool = False) -> tuple[list[bytes], tuple[float, float] | None]:
+        """One coded section per slab (and, with ``measure``, the decoded ``(SSE, max abs error)``)."""
+        sections, sse, worst = [], 0.0, 0.0
+        bases, s = [jnp.asarray(u) for u in self.bases], jnp.float32(step)
+        for start, slab in self._slabs():
+            t0 = time.perf_counter()
+            grid, r = self.slabs.grid(start), self.slabs.rows(start)
+            q_dev = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl)
+            del slab  # only the int coefficients of a slab live on, and only while it is coded
+            q = np.asarray(q_dev)[:grid[0]]
+            t0 = tick("transform+quantize", t0)
+            stream = BinaryStream()
+            code_block_coefficients(stream, grid, self.slabs.b, q)
+            sections.append(stream.finish())
+            t0 = tick("entropy", t0)
+            if measure:
+                rec = np.asarray(_inverse(q_dev, bases, s, (self.slabs.depth, *self.x.shape[1:]), self.impl))
+                decoded = denormalize(rec[:r], self.x.dtype, self.offset, self.scale)
+                e = _errors(self.x[start:start + r], decoded)
+                sse, worst = sse + e[0], max(worst, e[1])
+                tick("search: error", t0)
+                del rec, decoded
+            del q, q_dev
+        return sections, (sse, worst) if measure else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# decoder
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_params(params: dict, n_sections: int, shape) -> tuple[tuple[int, int, int], int]:
+    """Validated ``(block shape, slab depth)``."""
+    b = params.get("block")
+    if not isinstance(b, list) or len(b) != 3 or not all(isinstance(n, int) and 1 <= n <= 64 for n in b):
+        raise FormatError("corrupted block-tucker parameters")
+    b = tuple(b)
+    whole = padded_shape(shape, b)[0]
+    depth = params.get("slab")
+    if (not isinstance(depth, int) or isinstance(depth, bool) or not b[0] <= depth <= whole or depth % b[0]
+            or n_sections != 1 + len(range(0, shape[0], depth))):
+        raise FormatError("corrupted block-tucker parameters (slab layout)")
+    return b, depth
+
+
+def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: float, scale: float,
+                impl: str | None = None) -> np.ndarray:
+    """Decode a block-tucker stream slab by slab into ``out`` (preallocated, original shape and dtype)."""
+    impl = impl or kernels.default_impl()
+    shape = out.shape
+    b, depth = check_params(params, len(sections), shape)
+    if len(sections[0]) != 4 * sum(n * n for n in b) or any(len(s) % 4 for s in sections[1:]):
+        raise FormatError("corrupted block-tucker payload")
+    flat = np.frombuffer(sections[0], "<f4")
+    bounds = np.cumsum([0] + [n * n for n in b])
+    bases = [jnp.asarray(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
+    slabs = Slabs(tuple(shape), b, depth)
+    step = jnp.float32(float(params["step"]))
+    for start, section in zip(slabs.starts, sections[1:]):
+        t0 = time.perf_counter()
+        grid, r = slabs.grid(start), slabs.rows(start)
+        q = code_block_coefficients(BinaryStream(np.frombuffer(section, np.uint32)), grid, b)
+        if grid[0] * b[0] < depth:  # static shapes: zero block rows up to the slab depth
+            q = np.concatenate([q, np.zeros((depth // b[0] - grid[0], *q.shape[1:]), q.dtype)])
+        t0 = tick("entropy", t0)
+        rec = np.asarray(_inverse(jnp.asarray(q), bases, step, (depth, *shape[1:]), impl))
+        t0 = tick("dequantize+inverse", t0)
+        out[start:start + r] = denormalize(rec[:r], out.dtype, offset, scale)
+        tick("denormalize", t0)
+        del q, rec
+        trim_heap()
+    return out
+
+
+def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: float, n_voxels: int = 1 << 20) -> float:
+    """Quantiser step meeting ``mse`` (normalised units) in the coefficient domain, on ~``n_voxels`` of
+    evenly spread sampled blocks.
+
+    A first guess for the PSNR search, which then measures the decoded volume itself.
+    """
+    from fedtensor.codec.blocktucker import gather_blocks
+    from fedtensor.codec.quantize import largest_step_within
+
+    grid = tuple(p // m for p, m in zip(padded_shape(x.shape, b), b))
+    total = math.prod(grid)
+    idx = np.unique(np.linspace(0, total - 1, min(max(1, n_voxels // math.prod(b)), total)).astype(np.int64))
+    blocks = normalize(gather_blocks(x, b, idx), offset, scale)
+    u1, u2, u3 = (jnp.asarray(u) for u in bases)
+    coef = jnp.einsum("nijk,ia,jb,kc->nabc", jnp.asarray(blocks), u1, u2, u3)
+    hi = 4 * math.prod(b) ** 0.5
+    floor = math.prod(b) ** 0.5 / 2**30  # |coef| ≤ √B for a unit-range volume: int32 indices never overflow
+    return max(floor, largest_step_within(coef, mse * coef.size, max(hi * 1e-9, floor), hi))
