@@ -16,6 +16,7 @@ import click
 import typer
 
 from fedtensor import __version__
+from fedtensor_cli.federate_cmd import register as register_federate
 from fedtensor_cli.serve_cmd import register as register_serve
 from fedtensor_cli.train_cmd import register as register_train
 from fedtensor_cli import paths, render
@@ -478,6 +479,7 @@ def _usage_error_text(exc: Exception) -> str:
 
 
 register_train(app)
+register_federate(app)
 register_serve(app)
 
 _USAGE_ERRORS = (click.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))

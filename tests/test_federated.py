@@ -7,7 +7,7 @@ import pytest
 
 from fedtensor.errors import FedtensorError
 from fedtensor.federated.simulation import (
-    ClientData, FedConfig, Server, run_round, run_round_looped, weighted_mean_delta,
+    ClientData, FedConfig, Server, local_updates_vmapped, run_round, run_round_looped, weighted_mean_delta,
 )
 
 
@@ -82,3 +82,108 @@ def test_bad_inputs():
     data, params = _problem(n_clients=2)
     with pytest.raises(FedtensorError):
         Server(params, FedConfig(server_optimizer="sgd-magic"))
+
+
+# ------------------------------------------------------------------------------- restoration net
+
+
+from flax import nnx  # noqa: E402
+
+from fedtensor.federated.batched_conv import client_conv3d  # noqa: E402
+from fedtensor.federated.restoration import (  # noqa: E402
+    FederateConfig, as_client_data, client_batch, client_update, parse_partition, partition, restoration_losses,
+)
+from fedtensor.federated.simulation import FederationError  # noqa: E402
+from fedtensor.nn.data import PatchSampler, make_pairs  # noqa: E402
+from fedtensor.nn.model import NetConfig, conv3d, new_net  # noqa: E402
+
+TINY = NetConfig(channels=(8, 16))
+
+
+@pytest.fixture(scope="module")
+def head_sources(volume_paths, tmp_path_factory):
+    """Three small crops of the real head CT through the real codec (one target, 8³ blocks)."""
+    from fedtensor.io import read_volume
+
+    vol = read_volume(volume_paths["ct_head_uint8.nii.gz"]).data
+    d = tmp_path_factory.mktemp("fed_head")
+    paths = []
+    for i, (y, x) in enumerate([(60, 60), (60, 130), (130, 90)]):
+        p = d / f"head{i}.npy"
+        np.save(p, np.ascontiguousarray(vol[y:y + 40, x:x + 40, 12:44]))
+        paths.append(p)
+    return paths, make_pairs(paths, targets=(36.0,), blocks=("8",), cache_dir=d / "cache")
+
+
+def test_client_conv_matches_the_net_conv_under_vmap():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 2, 4, 8, 8, 5)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 5, 6)).astype(np.float32))
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.sin(conv(x, w)))
+
+    ref = jax.jit(jax.vmap(jax.value_and_grad(lambda x, w: loss(conv3d, x, w), argnums=(0, 1))))(x, w)
+    got = jax.jit(jax.vmap(jax.value_and_grad(lambda x, w: loss(client_conv3d, x, w), argnums=(0, 1))))(x, w)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+    # shared input (a global weight applied to every client's batch is the common case too)
+    shared = jax.jit(jax.vmap(client_conv3d, in_axes=(None, 0)))(x[0], w)
+    np.testing.assert_allclose(np.asarray(shared[1]), np.asarray(conv3d(x[0], w[1])), rtol=2e-4, atol=2e-4)
+
+
+def test_partitions():
+    iid = partition("iid", 4, 3, 10, seed=0)
+    assert iid.shape == (4, 3) and (iid.sum(1) == 10).all() and iid.min() >= 3
+    bv = partition("by-volume", 2, 3, 10, seed=0)
+    assert (np.count_nonzero(bv, axis=0) == 1).all() and bv.sum() == 30  # every volume has one owner
+    bv = partition("by-volume", 5, 2, 10, seed=0)
+    assert (np.count_nonzero(bv, axis=1) == 1).all()  # more clients than volumes: one volume each
+    skew = partition("dirichlet:0.1", 8, 3, 20, seed=1)
+    flat = partition("dirichlet:100", 8, 3, 20, seed=1)
+    assert (skew.sum(1) > 0).all() and (flat.sum(1) > 0).all()
+    assert skew.sum(1).std() > flat.sum(1).std()  # small α: unequal clients
+    assert parse_partition("Dirichlet:0.5") == ("dirichlet", 0.5)
+    for bad in ("random", "dirichlet:", "dirichlet:-1", "dirichlet:nan"):
+        with pytest.raises(FederationError):
+            parse_partition(bad)
+
+
+@pytest.mark.slow  # > 20 s: compiles the net's round both ways (125 s on a loaded 2-core machine)
+def test_restoration_vmapped_equals_looped(head_sources):
+    """The restoration net's round on real patches: one vmapped program (chunked, per-client convs)
+    gives the same global model as the per-client loop."""
+    _, sources = head_sources
+    samplers = [PatchSampler([s], 16) for s in sources]
+    alloc = partition("dirichlet:1", 4, len(sources), 6, seed=0)  # unequal clients → padding and masks
+    data = as_client_data([client_batch(samplers, alloc[k], 0, 1, k) for k in range(4)])
+    assert len(set(data.counts.tolist())) > 1
+    loss, batched = restoration_losses(TINY)
+    params = nnx.state(new_net(TINY, seed=0), nnx.Param)
+    cfg = FedConfig(local_steps=3, batch_size=2, learning_rate=3e-3, clip=1.0, client_chunk=2)
+    key = jax.random.PRNGKey(3)
+    s_vmap, s_loop = Server(params, cfg), Server(params, cfg)
+    m_vmap = run_round(loss, s_vmap, data, key, np.random.default_rng(0), batched_loss_fn=batched)
+    m_loop = run_round_looped(loss, s_loop, data, key, np.random.default_rng(0))
+    np.testing.assert_allclose(m_vmap["client_losses"], m_loop["client_losses"], rtol=1e-4)
+    moved = 0.0
+    for a, b, p0 in zip(jax.tree.leaves(s_vmap.params), jax.tree.leaves(s_loop.params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        moved = max(moved, float(jnp.max(jnp.abs(a - p0))))
+    assert moved > 1e-4  # the round did train
+
+
+@pytest.mark.slow
+def test_client_update_is_the_simulated_client(head_sources):
+    _, sources = head_sources
+    cfg = FederateConfig(clients=2, local_steps=2, batch=2, patch=16, channels=(8, 16), lr=3e-3)
+    batch = client_batch([PatchSampler([s], 16) for s in sources], np.array([2, 1, 1]), 0, 1, 0)
+    params = nnx.state(new_net(cfg.net_config(), seed=0), nnx.Param)
+    new, metrics = client_update(params, batch, cfg, jax.random.PRNGKey(0))
+    assert metrics["count"] == 4 and np.isfinite(metrics["loss"])
+    data = as_client_data([batch])
+    loss, batched = restoration_losses(cfg.net_config())
+    sim, _ = local_updates_vmapped(batched, cfg.fed_config(), params, data.inputs, data.targets,
+                                   jnp.asarray(data.counts), jax.random.PRNGKey(0)[None])
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(sim)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b)[0], rtol=1e-4, atol=1e-5)

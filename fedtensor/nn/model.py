@@ -26,6 +26,8 @@ CPU backend runs about 3× faster (forward + backward). Weights are shared, so c
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import jax
@@ -66,10 +68,27 @@ def _conv_impl() -> str:
     return "2d" if jax.default_backend() == "cpu" else "3d"
 
 
+#: A replacement ``conv(x, w)`` for the k>1 convolutions while tracing (see :func:`conv_override`).
+_CONV_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("fedtensor_conv_override", default=None)
+
+
+@contextlib.contextmanager
+def conv_override(fn):
+    """Trace the net's k×k×k convolutions with ``fn(x, w)`` instead (it must compute the same function):
+    the federated simulation uses one written for per-client weights under ``vmap``."""
+    token = _CONV_OVERRIDE.set(fn)
+    try:
+        yield
+    finally:
+        _CONV_OVERRIDE.reset(token)
+
+
 def conv3d(x: jax.Array, w: jax.Array, impl: str | None = None) -> jax.Array:
     """'SAME' zero-padded 3D convolution, ``x (B,D,H,W,I)``, ``w (k,k,k,I,O)`` (odd k)."""
-    impl = impl or _conv_impl()
     k = w.shape[0]
+    if impl is None and k > 1 and _CONV_OVERRIDE.get() is not None:
+        return _CONV_OVERRIDE.get()(x, w)
+    impl = impl or _conv_impl()
     if k == 1:
         return jnp.einsum("bdhwi,io->bdhwo", x, w[0, 0, 0])
     if impl == "3d":
