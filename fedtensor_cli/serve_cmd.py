@@ -191,9 +191,8 @@ def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout:
     shown = f"[{host}]" if ":" in host else host
     n_clients = sum(1 for p in registry.clients() if not p.is_admin)
     base = f"http://{shown}:{srv.server_port}"
-    if "web" in app.blueprints:
-        print(f"fedtensor serve: web interface at {base}/", file=sys.stderr, flush=True)
-    print(f"fedtensor serve: API at {base}/api/v1  (data {data}, "
+    web = f", web interface at {base}/" if "web" in app.blueprints else ""
+    print(f"fedtensor serve: API at {base}/api/v1{web}  (data {data}, "
           f"{len(store.versions())} versions, {n_clients} clients; Ctrl-C stops)", file=sys.stderr, flush=True)
     if not any(p.is_admin for p in registry.clients()):
         print("note: no admin token yet (fedtensor serve --admin-token): publishing and rounds are disabled",
