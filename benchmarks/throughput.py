@@ -71,13 +71,17 @@ def run_fedtensor(x: np.ndarray, psnr: float, warmup: bool) -> dict:
     vol = Volume(x, (1.0, 1.0, 1.0), np.eye(4), {})
     t0 = time.perf_counter()
     block = auto_block(x, psnr)
-    depth = stream.slab_depth(x.shape, block, stream.SLAB_VOXELS)
+    depth = stream.slab_depth(x.shape, block, stream.slab_voxels(x))
     log(f"    fedtensor: block {block}, slab depth {depth} ({-(-x.shape[0] // depth)} slabs), "
         f"choice {time.perf_counter() - t0:.1f} s")
     if warmup:  # same block and slab shape: every jitted function compiles here, not in the timed calls
         t0 = time.perf_counter()
         crop = Volume(np.ascontiguousarray(x[:depth]), vol.spacing, vol.affine, {})
-        decompress(compress(crop, psnr=psnr, block=block))
+        chosen, stream.slab_voxels = stream.slab_voxels, lambda a, v=stream.slab_voxels(x): v  # the volume's slabs
+        try:
+            decompress(compress(crop, psnr=psnr, block=block))
+        finally:
+            stream.slab_voxels = chosen
         log(f"    fedtensor: warm-up on the first slab {time.perf_counter() - t0:.1f} s")
     with stream.profiled() as enc_stages:
         t0 = time.perf_counter()
@@ -147,7 +151,7 @@ def run_jpeg2k(x: np.ndarray, psnr: float, steps: int, threads: int | None) -> d
 
 
 _STAGES = (("block choice", ("block choice",)), ("bases", ("bases",)),
-           ("rate search", ("search: first guess", "search: transform+quantize+inverse", "search: error")),
+           ("rate search", ("search: first guess", "search: estimate", "search: transform+quantize+inverse", "search: error")),
            ("normalise", ("normalize",)), ("transform+quantise", ("transform+quantize",)),
            ("entropy coding", ("entropy",)))
 _DEC_STAGES = (("entropy decoding", ("entropy",)), ("dequantise+inverse", ("dequantize+inverse",)),

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
 from fedtensor import __version__
 from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
-from fedtensor.codec.normalize import denormalize, normalization, normalize, to_dtype
+from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
@@ -24,9 +23,9 @@ MAX_VOXELS = 1 << 30  # the exact-mode coders still hold a few int64 copies: ~1 
 _MAX_RETRIES = 12
 
 
-def _errors(x: np.ndarray, y: np.ndarray, slab: int = 16) -> tuple[float, float]:
-    """``(sum of squared errors, max abs error)`` in float64, a few slices at a time (bounded memory)."""
-    sse, worst = 0.0, 0.0
+def _errors(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """``(sum of squared errors, max abs error)`` in float64, a few rows at a time (bounded memory)."""
+    sse, worst, slab = 0.0, 0.0, rows_per_chunk(x.shape)
     for k in range(0, x.shape[0], slab):
         d = x[k:k + slab].astype(np.float64) - y[k:k + slab]
         sse += float(np.vdot(d, d))
@@ -66,17 +65,17 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     real coder does, at a fraction of its cost. ``mse`` is in normalised units.
     """
     candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
-    tiles = normalize(blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS), offset, scale)
-    coefs = [blocktucker.tile_coefficients(tiles, b) for b in candidates]
+    tiles = blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS)  # input dtype: normalised per tile
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step
-    # the distortion barely depends on the transform.
-    reference = coefs[candidates.index((8, 8, 8))] if (8, 8, 8) in candidates else coefs[0]
+    # the distortion barely depends on the transform. Candidates are costed one at a time, so only
+    # one set of coefficients is held (memory: a few copies of the sampled tiles).
+    reference = (8, 8, 8) if (8, 8, 8) in candidates else candidates[0]
     budget = mse * tiles.size * x.size / math.prod(padded_shape(x.shape, 16))
-    step = largest_step_within(jnp.asarray(reference), budget, 1e-9, 256.0)
+    step = largest_step_within(blocktucker.tile_coefficients(tiles, reference, offset, scale), budget, 1e-9, 256.0)
     # Context modelling gains more the more blocks there are: a small, measured correction per
     # doubling of the block volume keeps the proxy's ranking in line with the real coder's.
-    costs = [blocktucker.zeroth_order_bits(c, step) * (1 + 0.012 * (math.log2(math.prod(b)) - 9))
-             for b, c in zip(candidates, coefs)]
+    costs = [blocktucker.zeroth_order_bits(blocktucker.tile_coefficients(tiles, b, offset, scale), step)
+             * (1 + 0.012 * (math.log2(math.prod(b)) - 9)) for b in candidates]
     return candidates[int(np.argmin(costs))]
 
 
@@ -111,6 +110,48 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
     if ok is None:
         raise RateError(f"could not reach {psnr} dB (the dtype's rounding limits the attainable PSNR)")
     return ok
+
+
+_COARSE = 10 ** np.array([-0.015, 0.015])  # two steps ~0.6 dB apart: the local PSNR(log step) line
+_FINE = 10 ** (0.0008 * np.arange(-2, 2))  # ~0.016 dB apart (the exact search stopped within 0.02 dB)
+
+
+def _step_from_estimates(estimate, psnr: float, first: float, n: int, value_range: float) -> float | None:
+    """Largest step whose *estimated* decoded PSNR reaches ``psnr``, in few passes over the volume
+    (None when the estimates do not settle it).
+
+    ``estimate(steps) -> [(sse, max_err)]`` measures several steps in one pass. A coarse pass gives the
+    local line PSNR(log step) (about −20 dB per decade), extrapolated to the target until two steps
+    bracket it; a fine pass around the interpolated step picks the answer.
+    """
+    def db(steps):
+        return np.array([_psnr_from_sse(e[0], n, value_range) if math.isfinite(e[0]) else -math.inf
+                         for e in estimate(steps)])
+
+    centre, best = first, None
+    for _ in range(6):
+        steps = centre * _COARSE
+        reached = db(steps)
+        if not np.isfinite(reached).all():  # lossless at this step (+inf) or overflowing (-inf)
+            if reached[0] == math.inf and reached[1] != math.inf:
+                return None  # a cliff between two close steps: leave it to the exact search
+            centre = centre * 10 if reached[1] == math.inf else centre / 10
+            continue
+        slope = min((reached[1] - reached[0]) / math.log10(steps[1] / steps[0]), -1.0)
+        centre = steps[0] * 10 ** ((psnr - reached[0]) / slope)  # on the line through both
+        if reached[0] >= psnr:
+            best = steps[0] if reached[1] < psnr else steps[1]
+        if reached[0] >= psnr > reached[1]:
+            break
+        if best is not None:  # no longer bracketed but one side is known good: stay at most one decade out
+            centre = min(centre, best * 10)
+    for _ in range(3):
+        fine = centre * _FINE
+        good = db(fine) >= psnr
+        if good.any():
+            return float(fine[good].max())
+        centre = fine[0] / 10 ** 0.003
+    return None if best is None else float(best)
 
 
 def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bpv: float | None,
@@ -161,7 +202,7 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
     b = block or _pick_block(x, offset, scale, mse)
     stream.trim_heap()  # the sampled tiles' memory goes back before the first slab pass
     stream.tick("block choice", t0)
-    slabs = stream.Slabs(tuple(x.shape), b, stream.slab_depth(x.shape, b, stream.SLAB_VOXELS))
+    slabs = stream.Slabs(tuple(x.shape), b, stream.slab_depth(x.shape, b, stream.slab_voxels(x)))
     enc = stream.SlabEncoder(x, slabs, offset, scale, stream.fit_bases(x, slabs, offset, scale),
                              kernels.default_impl())
 
@@ -179,6 +220,16 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
     first = stream.initial_step(x, b, enc.bases, offset, scale, mse)
     stream.trim_heap()
     stream.tick("search: first guess", t0)
+    if psnr is not None:
+        # Estimated PSNRs (several steps per pass) pick the step; the encode then measures the decoded
+        # volume exactly, and only a miss (an estimate off at the last digit) steps down.
+        step = _step_from_estimates(enc.estimate, psnr, first, n, value_range)
+        for _ in range(4 if step else 0):
+            blob, (sse, _) = attempt(step, measure=False)
+            if _psnr_from_sse(sse, n, value_range) >= psnr:
+                return blob
+            step /= _FINE[1] / _FINE[0]
+        first = step or first  # the estimates are off (e.g. float data near its precision): exact search
     return _rate_controlled(attempt, n, value_range, psnr, bpv, first)
 
 

@@ -24,17 +24,30 @@ from fedtensor.codec.grid import BIN_SATURATION, GridCoder, activity_bin, checke
 _ABS_CAP = 2 * BIN_SATURATION
 
 
-def lorenzo(a: np.ndarray) -> np.ndarray:
-    """3D Lorenzo prediction residual of an integer grid (zero outside)."""
-    for ax in range(3):
+def lorenzo(a: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
+    """3D Lorenzo prediction residual of an integer grid (zero outside; ``before``: the plane preceding
+    it along axis 0, e.g. the previous slab's last one)."""
+    a = np.diff(a, axis=0, prepend=0 if before is None else before[None])
+    for ax in (1, 2):
         a = np.diff(a, axis=ax, prepend=0)
     return a
 
 
-def inverse_lorenzo(r: np.ndarray) -> np.ndarray:
-    for ax in range(3):
+def inverse_lorenzo(r: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
+    for ax in (2, 1):
         r = np.cumsum(r, axis=ax)
-    return r
+    r = np.cumsum(r, axis=0)
+    return r if before is None else r + before[None]
+
+
+class BlockCoders:
+    """Entropy-coder state carried from one block grid to the next (slab after slab, in stream order):
+    the adaptive tables of the end-of-block and coefficient coders, and the last DC plane (the next
+    grid's DC is Lorenzo-predicted across the seam). Encoder and decoder must carry it alike."""
+
+    def __init__(self):
+        self.eob, self.coef = GridCoder(), GridCoder()
+        self.dc_plane: np.ndarray | None = None
 
 
 class _Layout:
@@ -99,9 +112,13 @@ def _neighbour_sum(a: np.ndarray, nbr: np.ndarray) -> np.ndarray:
 
 
 def code_block_coefficients(
-    s: BinaryStream, grid: tuple[int, int, int], b: tuple[int, int, int], q: np.ndarray | None = None
+    s: BinaryStream, grid: tuple[int, int, int], b: tuple[int, int, int], q: np.ndarray | None = None,
+    coders: BlockCoders | None = None,
 ) -> np.ndarray:
     """Encode ``q`` (or decode, when ``s`` is decoding) and return the coefficients.
+
+    ``coders`` carries the context statistics from a previously coded grid (and is updated for the
+    next); a grid coded with fresh coders is self-contained.
 
     Each block first sends its *end of block*: the highest degree holding a non-zero AC coefficient
     (0 when none), so the (mostly empty) high-frequency bands of quiet blocks cost neither bits nor time:
@@ -115,9 +132,11 @@ def code_block_coefficients(
         nonzero_degree = np.where(q != 0, d.astype(np.int16), np.int16(0))
         eob_values = nonzero_degree.reshape(*grid, -1).max(axis=-1, keepdims=True)
     shape1 = (*grid, 1)
-    eob = GridCoder().code(s, shape1, np.zeros(shape1, np.int64), 0, eob_values).reshape(n)
-    coder = GridCoder()
-    values = None if q is None else lorenzo(q[..., :1, 0, 0].astype(np.int64))
+    coders = coders or BlockCoders()
+    eob = coders.eob.code(s, shape1, np.zeros(shape1, np.int64), 0, eob_values).reshape(n)
+    coder = coders.coef
+    before = coders.dc_plane if coders.dc_plane is not None and coders.dc_plane.shape == grid[1:] else None
+    values = None if q is None else lorenzo(q[..., 0, 0, 0].astype(np.int64), before)[..., None]
     dc = coder.code(s, shape1, np.zeros(shape1, np.int64), 0, values)
 
     # Contexts are held with the blocks renumbered anchors first (each parity in lattice order, the
@@ -127,12 +146,13 @@ def code_block_coefficients(
     eob = eob[perm]
     if s.decoding:
         coef = np.zeros((n, len(lay.order)), np.int32)  # lattice order, bands in C order
-        coef[:, 0] = inverse_lorenzo(dc).reshape(n)
+        coef[:, 0] = inverse_lorenzo(dc[..., 0], before).reshape(n)
     else:
         coef = q.reshape(n, -1)
     # Per degree, saturated |coefficients|: an extra all-zero row ("outside the lattice") and column
     # ("no parent"). Saturating at twice the top bin edge keeps every context bin exact: any sum that
     # holds a saturated term (or half a sum of such sums) is in the top bin anyway.
+    coders.dc_plane = coef[:, 0].reshape(grid)[-1].astype(np.int64)
     prev_abs = np.zeros((n + 1, 2), np.uint8)
     prev_abs[:n, 0] = np.minimum(np.abs(coef[perm, 0]), _ABS_CAP)
     prev_live = slice(0, n)  # blocks whose previous degree may hold non-zeros (the DC: all)

@@ -13,24 +13,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedtensor.codec.quantize import ROUNDING
-from fedtensor.tensor.block import block_bases, block_shape, project
+from fedtensor.tensor.block import block_shape, project
+from fedtensor.tensor.tucker import _leading_eigvecs
 
 
-def tile_coefficients(tiles: np.ndarray, b) -> np.ndarray:
-    """Block-Tucker coefficients ``(n_blocks, n_bands)`` of ``tiles`` ``(T, X, Y, Z)``.
+def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 1.0) -> jax.Array:
+    """Block-Tucker coefficients ``(n_blocks, n_bands)`` of the normalised ``(tiles - offset) / scale``,
+    ``tiles`` ``(T, X, Y, Z)`` in any dtype.
 
-    Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks.
+    Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks. Tiles are
+    normalised and transformed one at a time, so the working set is the input and the output only.
     """
-    return np.asarray(_tile_coefficients(jnp.asarray(tiles), block_shape(b)))
+    return _tile_coefficients(jnp.asarray(tiles), jnp.float32(offset), jnp.float32(scale), block_shape(b))
 
 
 @partial(jax.jit, static_argnames="b")
-def _tile_coefficients(tiles: jax.Array, b: tuple[int, int, int]) -> jax.Array:
-    t, (bx, by, bz) = tiles.shape[0], b
+def _tile_coefficients(tiles: jax.Array, offset, scale, b: tuple[int, int, int]) -> jax.Array:
+    (bx, by, bz) = b
     gx, gy, gz = (n // m for n, m in zip(tiles.shape[1:], b))
-    blocks = tiles.reshape(t * gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 1, 1, bx, by, bz)
-    bases = block_bases(blocks, b)
-    return project(blocks, bases).reshape(blocks.shape[0], -1)
+
+    def blocks(tile):  # one tile as a (gx, gy, gz, bx, by, bz) block stack, normalised
+        t = (tile.astype(jnp.float32) - offset) / scale
+        return t.reshape(gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5)
+
+    def grams(tile):
+        k = blocks(tile)
+        return tuple(jnp.einsum(spec, k, k) for spec in
+                     ("xyzijk,xyzljk->il", "xyzijk,xyzilk->jl", "xyzijk,xyzijl->kl"))
+
+    g = [a.sum(axis=0) for a in jax.lax.map(grams, tiles)]
+    bases = [_leading_eigvecs(m, n)[0] for m, n in zip(g, b)]
+    coef = jax.lax.map(lambda tile: project(blocks(tile), bases).reshape(-1, bx * by * bz), tiles)
+    return coef.reshape(-1, bx * by * bz)
 
 
 def gather_blocks(x: np.ndarray, b, flat_index: np.ndarray) -> np.ndarray:
@@ -56,9 +70,16 @@ def zeroth_order_bits(coef: np.ndarray, step: float, clip: int = 64) -> float:
 
     A cheap, compile-free rate proxy (numpy only) used to rank block shapes.
     """
-    q = np.clip(np.sign(coef) * np.floor(np.abs(coef) / step + ROUNDING), -clip, clip).astype(np.int64) + clip
+    coef = np.asarray(coef)
     nb, width = coef.shape[1], 2 * clip + 1
-    counts = np.bincount((np.arange(nb) * width + q).ravel(), minlength=nb * width).reshape(nb, width)
+    counts = np.zeros(nb * width, np.int64)
+    band = np.arange(nb) * width
+    rows = max(1, (1 << 16) // nb)  # ~64 K coefficients (a few MB of temporaries) at a time
+    for lo in range(0, len(coef), rows):
+        c = coef[lo:lo + rows]
+        q = np.clip(np.sign(c) * np.floor(np.abs(c) / step + ROUNDING), -clip, clip).astype(np.int64) + clip
+        counts += np.bincount((band + q).ravel(), minlength=nb * width)
+    counts = counts.reshape(nb, width)
     totals = counts.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         return float(-np.sum(np.where(counts > 0, counts * np.log2(counts / totals), 0.0)))

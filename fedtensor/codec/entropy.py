@@ -24,6 +24,7 @@ UNARY_CAP = 14
 _EG_CAP = 40  # Exp-Golomb prefix length bound: magnitudes < 2**40 + UNARY_CAP
 _WEIGHT = 2.0  # pseudo-count pulling a context towards its backoff (or 1/2 at the top)
 _CLIP = 1e-5  # every binary decision keeps at least this probability either way
+_TRAINED = 4096  # symbols a context class must have seen before its chunks start large
 
 
 class BinaryStream:
@@ -114,7 +115,11 @@ class SignedCoder:
             return out
         zs, ms = slice(key0, key0 + len(mag_of)), slice(mkey0, mkey0 + int(mag_of.max()) + 1)
         tables = (self.zero[cls, :, zs], self.zero_pooled[:, zs], self.mag[cls, :, ms], self.mag_pooled[:, ms], mag_of)
-        for sl in _chunks(len(local)):
+        # Small first chunks teach fresh tables quickly; tables that have already seen many symbols (a
+        # later slab, carried contexts) barely move within a chunk, so they start at full size — far
+        # fewer model builds when a volume is cut into many thin slabs.
+        first = 64 if tables[0][1].sum() < _TRAINED else _TRAINED
+        for sl in _chunks(len(local), first):
             if s.decoding:
                 out[sl] = self._code(s, local[sl], tables, None)
             else:

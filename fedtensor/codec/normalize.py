@@ -3,14 +3,22 @@
 The transforms work in float32 on ``(x - offset) / scale`` (offset = mean, scale = value range), so
 their accuracy, step brackets and squared errors do not depend on the volume's units: a CT in HU, a
 float volume around 1e-20 or one offset by 1e9 all look alike to them. The affine map itself is done
-in float64, slab by slab, so it costs no full-volume float64 copy.
+in float64, a few rows at a time, so it costs no full-volume float64 copy.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-_SLAB = 16
+_CHUNK = 1 << 16  # voxels per step of the float64 maps: a few hundred KB of temporaries
+
+
+def rows_per_chunk(shape) -> int:
+    """Rows along axis 0 per chunk of about ``_CHUNK`` voxels (at least one)."""
+    plane = 1
+    for n in shape[1:]:
+        plane *= int(n)
+    return max(1, _CHUNK // max(1, plane))
 
 
 def normalization(x: np.ndarray) -> tuple[float, float]:
@@ -22,8 +30,9 @@ def normalization(x: np.ndarray) -> tuple[float, float]:
 
 def normalize(x: np.ndarray, offset: float, scale: float) -> np.ndarray:
     out = np.empty(x.shape, np.float32)
-    for k in range(0, x.shape[0], _SLAB):
-        out[k:k + _SLAB] = (x[k:k + _SLAB].astype(np.float64) - offset) / scale
+    c = rows_per_chunk(x.shape)
+    for k in range(0, x.shape[0], c):
+        out[k:k + c] = (x[k:k + c].astype(np.float64) - offset) / scale
     return out
 
 
@@ -32,8 +41,9 @@ def denormalize(xn, dtype, offset: float, scale: float) -> np.ndarray:
     dtype = np.dtype(dtype)
     xn = np.asarray(xn)
     out = np.empty(xn.shape, dtype)
-    for k in range(0, xn.shape[0], _SLAB):
-        out[k:k + _SLAB] = to_dtype(xn[k:k + _SLAB].astype(np.float64) * scale + offset, dtype)
+    c = rows_per_chunk(xn.shape)
+    for k in range(0, xn.shape[0], c):
+        out[k:k + c] = to_dtype(xn[k:k + c].astype(np.float64) * scale + offset, dtype)
     return out
 
 
