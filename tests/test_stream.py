@@ -191,3 +191,20 @@ def test_memory_is_bounded_on_a_large_volume(load_volume):
     assert enc.extra_bytes < 3 * x.nbytes, enc.to_dict(x.nbytes)
     assert dec.extra_bytes < 3 * x.nbytes, dec.to_dict(x.nbytes)
     assert _psnr(x, dec.result.data) >= 45
+
+
+@pytest.mark.parametrize("shape, depth", [((512, 128, 128), 512), ((4096, 8, 8), 8)])
+def test_forged_slab_depths_outside_the_encoders_range_are_refused(shape, depth):
+    # re-signed headers declaring one slab for a whole 512×128×128 volume (the decoder's working set would
+    # be the whole volume) or 512 one-block-row slabs of 8×8×8 (a coder call per 512 voxels) are refused
+    x = np.zeros(shape, np.int16)
+    x[::7] = 100  # not constant
+    blob = compress(Volume(x, (1.0, 1.0, 1.0), np.eye(4), {}), psnr=40, block=8)
+    h, sections = unpack(blob)
+    assert h["params"]["slab"] != depth
+    h = {k: v for k, v in h.items() if k != "sections"}
+    h["params"] = {**h["params"], "block": [8, 8, 8], "slab": depth}
+    n = 1 + len(range(0, shape[0], depth))
+    forged = pack(h, [sections[0]] + [sections[1]] * (n - 1))
+    with pytest.raises(FormatError, match="slab layout"):
+        decompress(forged)

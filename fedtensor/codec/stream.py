@@ -43,12 +43,13 @@ from fedtensor_kernels import block_transform as kernels
 #: so thin slabs cost almost no bits (chest CT at 45 dB: 1 slab 1.6859 bpv, 3 slabs 1.6835, 10 slabs
 #: 1.6818); 2²⁰ keeps one slab's working set (~20–30 bytes per voxel) to a few tens of MB.
 SLAB_VOXELS = 1 << 20
+MIN_SLAB_VOXELS = 1 << 14
 
 
 def slab_voxels(x: np.ndarray) -> int:
     """Voxels per slab for ``x``: :data:`SLAB_VOXELS`, and at most an eighth of the input's bytes, so
     that one slab's working set stays a small multiple of the input even for small uint8 volumes."""
-    return max(1 << 14, min(SLAB_VOXELS, x.nbytes // 8))
+    return max(MIN_SLAB_VOXELS, min(SLAB_VOXELS, x.nbytes // 8))
 
 
 def slab_depth(shape, b, slab_voxels: int = SLAB_VOXELS) -> int:
@@ -343,8 +344,12 @@ def check_params(params: dict, n_sections: int, shape) -> tuple[tuple[int, int, 
     b = tuple(b)
     whole = padded_shape(shape, b)[0]
     depth = params.get("slab")
-    if (not isinstance(depth, int) or isinstance(depth, bool) or not b[0] <= depth <= whole or depth % b[0]
-            or n_sections != 1 + len(range(0, shape[0], depth))):
+    # the encoder's slabs hold 2^14 … SLAB_VOXELS voxels: a forged depth outside that range could make the
+    # decoder's working set the whole volume (memory) or millions of one-row slabs (time)
+    thinnest = slab_depth(shape, b, MIN_SLAB_VOXELS)
+    thickest = slab_depth(shape, b, max(MIN_SLAB_VOXELS, SLAB_VOXELS))
+    if (not isinstance(depth, int) or isinstance(depth, bool) or not thinnest <= depth <= thickest
+            or depth % b[0] or n_sections != 1 + len(range(0, shape[0], depth))):
         raise FormatError("corrupted block-tucker parameters (slab layout)")
     return b, depth
 
