@@ -184,14 +184,16 @@ def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout:
 
     from fedtensor.serve.app import create_app
 
-    app = create_app(data, config={"MAX_CONTENT_LENGTH": max_bytes, "FEDTENSOR_ROUND_STAGE_TIMEOUT": stage_timeout})
+    app = create_app(data, config={"MAX_CONTENT_LENGTH": max_bytes, "FEDTENSOR_ROUND_STAGE_TIMEOUT": stage_timeout,
+                                   "FEDTENSOR_WEB": is_loopback(host)})
     _probe_listen(host, port)  # werkzeug would print its own message and sys.exit(1) instead
     srv = make_server(host, port, app, threaded=True)
     store, registry = app.extensions["fedtensor_store"], app.extensions["fedtensor_auth"]
     shown = f"[{host}]" if ":" in host else host
     n_clients = sum(1 for p in registry.clients() if not p.is_admin)
     base = f"http://{shown}:{srv.server_port}"
-    web = f", web interface at {base}/" if "web" in app.blueprints else ""
+    web = (f", web interface at {base}/" if "web" in app.blueprints
+           else " (web interface off: it has no authentication, so it is served on loopback hosts only)")
     print(f"fedtensor serve: API at {base}/api/v1{web}  (data {data}, "
           f"{len(store.versions())} versions, {n_clients} clients; Ctrl-C stops)", file=sys.stderr, flush=True)
     if not any(p.is_admin for p in registry.clients()):

@@ -634,3 +634,14 @@ def test_cli_publish_and_fetch_model_over_http(real_server, tmp_path, models):
     assert (tmp_path / "f3" / "model.safetensors").read_bytes() == models[2][0]
     r = _cli("serve", "--data", str(data), "--list", "--json")
     assert [v["meta"] for v in json.loads(r.stdout)["versions"]] == [{"note": "seed"}, {"round": 2}, {"note": "cli"}]
+
+
+def test_web_interface_can_be_left_out_for_public_hosts(tmp_path):
+    """``fedtensor serve`` on a non-loopback host passes FEDTENSOR_WEB=False: the unauthenticated pages are
+    not served, the token-protected API still is."""
+    public = create_app(tmp_path / "pub", config={"TESTING": True, "FEDTENSOR_WEB": False}).test_client()
+    assert public.get("/").status_code == 404 and public.get("/federation").status_code == 404
+    assert public.get("/api/v1/health").status_code == 200
+    assert public.get("/api/v1/models").status_code == 401
+    local = create_app(tmp_path / "loc", config={"TESTING": True}).test_client()
+    assert local.get("/").status_code == 200

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedtensor.serve.web import DEFAULT_MAX_VOXELS
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "data" / "ct_head_uint8.nii.gz"
 
@@ -546,3 +548,18 @@ def test_psnr_and_bpv_modes_and_restoration(app, client, crop_path, tiny_models)
     assert job.state == "done", job.error
     assert job.result["restore"]["applied"] is True and job.result["restore"]["model_id"] == info.sha256
     assert "restored PSNR" in client.get(r.headers["Location"]).text
+
+
+def test_nifti_declaring_a_huge_volume_is_refused_before_reading(app, tmp_path):
+    """A few hundred bytes of .nii.gz whose header claims 1024³ voxels: refused from the header alone."""
+    import gzip
+
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(tmp_path / "small.nii"))
+    raw = bytearray((tmp_path / "small.nii").read_bytes())
+    raw[42:48] = np.array([1024, 1024, 1024], "<i2").tobytes()  # dim[1..3] of the NIfTI-1 header
+    c = app.test_client()
+    r, _ = submit(c, volume=(io.BytesIO(gzip.compress(bytes(raw))), "bomb.nii.gz"), mode="lossless")
+    assert r.status_code == 400
+    assert error_text(r) == f"bomb.nii.gz: {1024 ** 3:,} voxels; this server accepts at most {DEFAULT_MAX_VOXELS:,}"

@@ -111,7 +111,9 @@ def create_app(data_dir: str | os.PathLike, *, config: dict | None = None) -> Fl
     app.extensions["fedtensor_auth"] = registry
     app.extensions["fedtensor_rounds"] = RoundCoordinator(store, registry, data_dir, settings)
     app.register_blueprint(api_bp, url_prefix=API_PREFIX)
-    if importlib.util.find_spec("fedtensor.serve.web") is not None:
+    # the web interface has no client authentication: it is for the local user, so a server listening on
+    # a public address runs the authenticated API only (FEDTENSOR_WEB=False)
+    if app.config.get("FEDTENSOR_WEB", True) and importlib.util.find_spec("fedtensor.serve.web") is not None:
         from fedtensor.serve import web
 
         app.register_blueprint(web.bp)

@@ -18,6 +18,8 @@ import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 from fedtensor.errors import FedtensorError, VolumeError
 
 MAX_ZIP_MEMBERS = 4096
@@ -102,17 +104,45 @@ def extract_series(zip_path: Path, dest: Path, *, max_members: int = MAX_ZIP_MEM
     return dest
 
 
-def read_upload(path: Path, name: str):
-    """The :class:`~fedtensor.io.Volume` in a saved upload; messages mention ``name``, not the path."""
+def read_upload(path: Path, name: str, max_voxels: int | None = None):
+    """The :class:`~fedtensor.io.Volume` in a saved upload; messages mention ``name``, not the path.
+
+    ``max_voxels`` is checked *before* the voxels are read (a NIfTI's header, a zipped series' inflated
+    size), so a small compressed file that claims a huge volume cannot exhaust the server's memory."""
     from fedtensor.io import read_volume
 
-    source = extract_series(path, path.parent / "dicom") if path.name.endswith(".zip") else path
+    if path.name.endswith(".zip"):
+        # 8 bytes per voxel covers any DICOM pixel encoding plus its per-file headers
+        cap = MAX_INFLATED_BYTES if max_voxels is None else min(MAX_INFLATED_BYTES, 8 * max_voxels + (64 << 20))
+        source = extract_series(path, path.parent / "dicom", max_bytes=cap)
+    else:
+        source = path
+        if max_voxels is not None:
+            _check_declared_size(source, name, max_voxels)
     try:
         return read_volume(source).validate()
     except VolumeError as e:
         raise UploadError(_scrub(str(e), source, name)) from None
     except MemoryError:
         raise UploadError(f"{name}: not enough memory to read this volume") from None
+
+
+def _check_declared_size(path: Path, name: str, max_voxels: int) -> None:
+    """Refuse a NIfTI (or .npy) whose header declares more than ``max_voxels`` voxels."""
+    import math
+
+    try:
+        if path.name.endswith(".npy"):
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape  # maps, reads no voxels
+        else:
+            import nibabel as nib
+
+            shape = nib.load(str(path)).header.get_data_shape()
+    except Exception:  # noqa: BLE001 - not readable as either: read_volume gives the proper message
+        return
+    n = math.prod(int(d) for d in shape)
+    if n > max_voxels:
+        raise UploadError(f"{name}: {n:,} voxels; this server accepts at most {max_voxels:,}")
 
 
 def _scrub(msg: str, source: Path, name: str) -> str:

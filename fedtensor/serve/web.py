@@ -173,14 +173,14 @@ def compress():
     else:
         return _form_error("choose a file to upload or a sample volume")
     jid, workdir = jobs().new_dir(sid())
+    limit = int(current_app.config.get("FEDTENSOR_WEB_MAX_VOXELS", DEFAULT_MAX_VOXELS))
     try:
         if upload is not None and upload.filename:
-            volume = read_upload(save_upload(upload.stream, workdir), name)
+            volume = read_upload(save_upload(upload.stream, workdir), name, limit)
         else:
             from fedtensor.io import read_volume
 
             volume = read_volume(samples()[name])
-        limit = int(current_app.config.get("FEDTENSOR_WEB_MAX_VOXELS", DEFAULT_MAX_VOXELS))
         if volume.data.size > limit:
             raise UploadError(f"{name}: {volume.data.size:,} voxels; this server accepts at most {limit:,}")
     except (UploadError, FedtensorError) as e:
