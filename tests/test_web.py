@@ -466,6 +466,33 @@ def test_a_session_keeps_at_most_max_jobs(app):
     assert [j.id for j in m.list(jobs[0].sid)] == [jobs[2].id, jobs[1].id]
 
 
+def test_the_whole_queue_is_capped_across_sessions(tmp_path):
+    """A client that drops its cookie gets a new session each time: the server-wide cap still holds."""
+    import threading
+
+    from fedtensor.serve.jobs import Job, JobLimitError, JobManager, new_token
+
+    m = JobManager(tmp_path, max_queued_total=2)
+    gate = threading.Event()
+    try:
+        def job():
+            sid = new_token()
+            jid, d = m.new_dir(sid)
+            return Job(jid, sid, "x", d, None, "CT", {})
+
+        running = [m.submit(job(), lambda j: gate.wait(30) and {}, None) for _ in range(2)]
+        extra = job()
+        with pytest.raises(JobLimitError, match="busy"):
+            m.submit(extra, lambda j: {}, None)
+        assert not extra.dir.exists()
+        gate.set()
+        assert all(j.finished.wait(30) for j in running)
+        m.submit(job(), lambda j: {}, None)  # room again
+    finally:
+        gate.set()
+        m.close()
+
+
 def test_close_removes_the_temp_area(tmp_path):
     from fedtensor.serve.jobs import JobManager, new_token
 

@@ -82,7 +82,7 @@ class JobManager:
     given), and the worker that runs them."""
 
     def __init__(self, parent: Path | None = None, *, ttl_s: float = 3600.0, max_jobs: int = 6,
-                 max_waiting: int = 2, compare: bool = True):
+                 max_waiting: int = 2, max_queued_total: int = 8, compare: bool = True):
         # always a fresh directory of our own (inside ``parent`` if given): close() removes it whole
         try:
             if parent is not None:
@@ -92,6 +92,8 @@ class JobManager:
             raise FedtensorError(f"cannot create the web temp area in {parent or tempfile.gettempdir()}: "
                                  f"{e.strerror or e}") from None
         self.ttl_s, self.max_jobs, self.max_waiting, self.compare = ttl_s, max_jobs, max_waiting, compare
+        # per-session limits alone are void against a client that drops its cookie: cap the whole queue too
+        self.max_queued_total = max_queued_total
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtensor-web")
@@ -132,6 +134,9 @@ class JobManager:
             if sum(j.state in ("queued", "running") for j in mine) >= self.max_waiting:
                 shutil.rmtree(job.dir, ignore_errors=True)
                 raise JobLimitError("you already have jobs waiting; wait for them to finish")
+            if sum(j.state in ("queued", "running") for j in self._jobs.values()) >= self.max_queued_total:
+                shutil.rmtree(job.dir, ignore_errors=True)
+                raise JobLimitError("the server is busy with other jobs; try again in a minute")
             self._jobs[job.id] = job
             old = sorted((j for j in mine if j.finished.is_set()), key=lambda j: j.created)
             drop = old[: max(0, len(mine) + 1 - self.max_jobs)]
