@@ -10,7 +10,7 @@ import numpy as np
 from fedtensor import __version__
 from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
-from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
+from fedtensor.codec.normalize import denormalize, normalization, normalize, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
@@ -21,16 +21,6 @@ CODECS = ("block-tucker", "omlsvd-global")
 EXACT_CODECS = ("lossless", "max-error")
 MAX_VOXELS = 1 << 30  # the exact-mode coders still hold a few int64 copies: ~1 G voxels fits a 24 GB machine
 _MAX_RETRIES = 12
-
-
-def _errors(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """``(sum of squared errors, max abs error)`` in float64, a few rows at a time (bounded memory)."""
-    sse, worst, slab = 0.0, 0.0, rows_per_chunk(x.shape)
-    for k in range(0, x.shape[0], slab):
-        d = x[k:k + slab].astype(np.float64) - y[k:k + slab]
-        sse += float(np.vdot(d, d))
-        worst = max(worst, float(np.max(np.abs(d), initial=0.0)))
-    return sse, worst
 
 
 def _psnr_from_sse(sse: float, n: int, value_range: float) -> float:
@@ -241,7 +231,7 @@ def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
     def attempt(step: float, measure: bool = True, errors=None):
         q = tr.quantize(step)
         decoded = denormalize(tr.reconstruct(q, step), x.dtype, offset, scale)
-        sse, worst = _errors(x, decoded)
+        sse, worst = stream.error_stats(x, decoded)
         if measure and errors is None and psnr is not None:
             return None, (sse, worst)
         params, sections = tr.encode(q, step)
@@ -292,7 +282,7 @@ def _exact(volume: Volume, max_error: float | None, header: dict) -> bytes:
 def _pack_grid(data, q, step, offset, header, max_error) -> bytes:
     params, sections = lossless.encode_integers(q)
     decoded = _dequantize_grid(q, step, offset, data.dtype)
-    sse, err = _errors(data, decoded)
+    sse, err = stream.error_stats(data, decoded)
     if err > max_error:  # the guarantee is checked, never assumed
         raise FedtensorError(f"internal error: max-error bound violated ({err} > {max_error})")
     value_range = float(data.max()) - float(data.min())

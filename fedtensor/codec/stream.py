@@ -232,7 +232,7 @@ def fit_bases(x: np.ndarray, slabs: Slabs, offset: float, scale: float) -> list[
             for g, n in zip(grams, slabs.b)]
 
 
-def _errors(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def error_stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """``(sum of squared errors, max abs error)`` in float64, a few rows at a time."""
     sse, worst, chunk = 0.0, 0.0, rows_per_chunk(x.shape)
     for k in range(0, x.shape[0], chunk):
@@ -276,7 +276,7 @@ class SlabEncoder:
             del q
             t0 = tick("search: transform+quantize+inverse", t0)
             decoded = denormalize(rec[:r], self.x.dtype, self.offset, self.scale)
-            e = _errors(self.x[start:start + r], decoded)
+            e = error_stats(self.x[start:start + r], decoded)
             tick("search: error", t0)
             sse, worst = sse + e[0], max(worst, e[1])
             del rec, decoded  # before the next slab is made: one slab's working set at a time
@@ -323,7 +323,7 @@ class SlabEncoder:
             if measure:
                 rec = np.asarray(_inverse(q_dev, bases, s, (self.slabs.depth, *self.x.shape[1:]), self.impl))
                 decoded = denormalize(rec[:r], self.x.dtype, self.offset, self.scale)
-                e = _errors(self.x[start:start + r], decoded)
+                e = error_stats(self.x[start:start + r], decoded)
                 sse, worst = sse + e[0], max(worst, e[1])
                 tick("search: error", t0)
                 del rec, decoded
@@ -342,7 +342,6 @@ def check_params(params: dict, n_sections: int, shape) -> tuple[tuple[int, int, 
     if not isinstance(b, list) or len(b) != 3 or not all(isinstance(n, int) and 1 <= n <= 64 for n in b):
         raise FormatError("corrupted block-tucker parameters")
     b = tuple(b)
-    whole = padded_shape(shape, b)[0]
     depth = params.get("slab")
     # the encoder's slabs hold 2^14 … SLAB_VOXELS voxels: a forged depth outside that range could make the
     # decoder's working set the whole volume (memory) or millions of one-row slabs (time)
