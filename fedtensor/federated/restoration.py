@@ -24,7 +24,6 @@ model_bytes, manifest, meta)`` with the round's global model (to publish it, e.g
 
 from __future__ import annotations
 
-import csv
 import functools
 import io
 import json
@@ -67,10 +66,9 @@ from fedtensor.nn.checkpoint import (
 )
 from fedtensor.nn.data import Batch, PatchSampler, Source, make_pairs, split_by_volume
 from fedtensor.nn.model import NetConfig, abstract_net, conv_override
-from fedtensor.nn.train import TrainConfig, Trainer, export_model, model_bytes
+from fedtensor.nn.train import HISTORY_CSV, LOSS_PNG, TrainConfig, Trainer, export_model, model_bytes
+from fedtensor.nn.train import write_history as train_history
 
-HISTORY_CSV = "history.csv"
-LOSS_PNG = "loss.png"
 HISTORY_FIELDS = ("round", "clients", "patches", "train_loss", "val_loss", "val_gain_db", "seconds", "updates_per_s")
 
 OnVersion = Callable[[int, bytes, dict, dict], None]
@@ -250,16 +248,8 @@ def federated_round(server: Server, data: ClientData, cfg: FederateConfig, key, 
 
 
 def write_history(out_dir: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in history:
-        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in HISTORY_FIELDS})
-    write_atomic(out_dir / HISTORY_CSV, buf.getvalue().encode())
-    try:
-        plot_history(history, out_dir / LOSS_PNG)
-    except Exception:  # noqa: BLE001 — a plot must never stop training
-        pass
+    """The rounds' ``history.csv`` and ``loss.png``, written as ``fedtensor train`` writes its epochs'."""
+    train_history(out_dir, history, HISTORY_FIELDS, plot_history)
 
 
 def plot_history(history: list[dict], path: Path) -> None:

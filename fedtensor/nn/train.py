@@ -218,17 +218,19 @@ def save_model(net, out_dir: str | Path, manifest: dict | None = None) -> str:
     return export_model(out_dir, nnx.state(net, nnx.Param), net.config, manifest or {})
 
 
-def write_history(out_dir: Path, history: list[dict]) -> None:
+def write_history(out_dir: Path, history: list[dict], fields: Sequence[str] = HISTORY_FIELDS,
+                  plot: Callable[[list[dict], Path], None] | None = None) -> None:
+    """``history.csv`` (atomically) and its ``loss.png`` (``plot``, default :func:`plot_history`)."""
     import io
 
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in history:
-        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in HISTORY_FIELDS})
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in fields})
     write_atomic(out_dir / HISTORY_CSV, buf.getvalue().encode())
     try:
-        plot_history(history, out_dir / LOSS_PNG)
+        (plot or plot_history)(history, out_dir / LOSS_PNG)
     except Exception:  # noqa: BLE001 — a plot must never stop training
         pass
 
