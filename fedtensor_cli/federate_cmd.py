@@ -8,13 +8,13 @@ directory written at the end is the same format, so ``fedtensor decompress --mod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from fedtensor_cli import render
 from fedtensor_cli.errors import UsageFailure, cli_errors
-from fedtensor_cli.train_cmd import _floats, _ints, expand_data
+from fedtensor_cli.train_cmd import PhaseProgress, _floats, _ints, expand_data
 
 
 def register(app: typer.Typer) -> None:
@@ -112,38 +112,13 @@ def _publisher(store_dir: Path):
     return publish
 
 
-class _Progress:
-    """Rich progress (stderr): codec pairs, then rounds."""
+class _Progress(PhaseProgress):
+    """Codec pairs, then rounds."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.progress = None
-        self.tasks: dict[str, Any] = {}
+    eta = False
 
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                                     console=Console(stderr=True), transient=False)
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def __call__(self, event: str, info: dict) -> None:
-        p = self.progress
-        if p is None:
-            return
-        if event == "data":
-            if "data" not in self.tasks:
-                self.tasks["data"] = p.add_task("codec pairs", total=info["total"], info="")
-            p.update(self.tasks["data"], completed=info["done"], info=info["what"])
-        elif event == "start":
+    def on(self, event: str, info: dict, p) -> None:
+        if event == "start":
             self.tasks["fed"] = p.add_task("rounds", total=info["rounds"], completed=info["start_round"] - 1,
                                            info=f"{info['clients']} clients")
         elif event == "round":

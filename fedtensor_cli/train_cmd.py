@@ -115,24 +115,26 @@ def register(app: typer.Typer) -> None:
             render.out_console().print(_table(summary))
 
 
-class _Progress:
-    """Rich progress bars (stderr) for the two phases: codec pairs, then training steps."""
+class PhaseProgress:
+    """Rich progress bars (stderr) for a run's events: the codec pairs (``"data"``), then whatever
+    :meth:`on` draws for the run's own events. Disabled, it ignores every event."""
+
+    eta = True  # show a time-remaining column
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.progress = None
         self.tasks: dict[str, Any] = {}
-        self.last = ""
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self):
         if self.enabled:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                     console=Console(stderr=True), transient=False)
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       *([TimeRemainingColumn()] if self.eta else []), TextColumn("{task.fields[info]}")]
+            self.progress = Progress(*columns, console=Console(stderr=True), transient=False)
             self.progress.__enter__()
         return self
 
@@ -148,7 +150,20 @@ class _Progress:
             if "data" not in self.tasks:
                 self.tasks["data"] = p.add_task("codec pairs", total=info["total"], info="")
             p.update(self.tasks["data"], completed=info["done"], info=info["what"])
-        elif event == "start":
+        else:
+            self.on(event, info, p)
+
+    def on(self, event: str, info: dict, p) -> None:
+        raise NotImplementedError
+
+
+class _Progress(PhaseProgress):
+    """Codec pairs, then training steps."""
+
+    last = ""
+
+    def on(self, event: str, info: dict, p) -> None:
+        if event == "start":
             total = info["epochs"] * info["steps_per_epoch"]
             done = (info["start_epoch"] - 1) * info["steps_per_epoch"]
             self.spe = info["steps_per_epoch"]
