@@ -380,3 +380,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     with open(p, "w") as f:
         json.dump(_clean_floats(obj), f, indent=2, default=_json_default)
         f.write("\n")
+
+
+def tiled_ct(source: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """An int16 volume of ``shape`` made of mirrored copies of ``source`` (real texture, no seams)."""
+    a = source.astype(np.int16)
+    for ax, n in enumerate(shape):
+        reps = -(-n // a.shape[ax])
+        a = np.concatenate([a if i % 2 == 0 else np.flip(a, ax) for i in range(reps)], axis=ax)
+    return np.ascontiguousarray(a[:shape[0], :shape[1], :shape[2]])

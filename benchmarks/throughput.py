@@ -54,15 +54,6 @@ def parse_shape(s: str) -> tuple[int, int, int]:
     return shape
 
 
-def tiled_ct(source: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """An int16 volume of ``shape`` made of mirrored copies of ``source`` (real texture, no seams)."""
-    a = source.astype(np.int16)
-    for ax, n in enumerate(shape):
-        reps = -(-n // a.shape[ax])
-        a = np.concatenate([a if i % 2 == 0 else np.flip(a, ax) for i in range(reps)], axis=ax)
-    return np.ascontiguousarray(a[:shape[0], :shape[1], :shape[2]])
-
-
 def gvox(n: int, seconds: float) -> float:
     return n / seconds / 1e9
 
@@ -109,7 +100,7 @@ def run_fedtensor(x: np.ndarray, psnr: float, warmup: bool) -> dict:
     return res
 
 
-def run_jpeg2k(x: np.ndarray, psnr: float, steps: int, threads: int | None) -> dict:
+def run_jpeg2k(x: np.ndarray, psnr: float, steps: int, threads: int | None, level: float | None = None) -> dict:
     codec = Jpeg2kSlicewise(x, numthreads=threads)
     peak = C.value_range(x)
     cache: dict = {}
@@ -123,16 +114,17 @@ def run_jpeg2k(x: np.ndarray, psnr: float, steps: int, threads: int | None) -> d
         return cache[level]
 
     # OpenJPEG's level is a PSNR against its own peak (2^bits − 1): start from the matching guess.
-    shift = 20 * np.log10(((1 << codec.bitspersample) - 1) / max(peak, 1.0))
-    lo, hi = psnr + shift - 4, psnr + shift + 4
-    while ev(lo)[0] >= psnr and lo > 1:
-        lo -= 8
-    while ev(hi)[0] < psnr and hi < 200:
-        hi += 8
-    for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if ev(mid)[0] >= psnr else (mid, hi)
-    level = hi
+    if level is None:
+        shift = 20 * np.log10(((1 << codec.bitspersample) - 1) / max(peak, 1.0))
+        lo, hi = psnr + shift - 4, psnr + shift + 4
+        while ev(lo)[0] >= psnr and lo > 1:
+            lo -= 8
+        while ev(hi)[0] < psnr and hi < 200:
+            hi += 8
+        for _ in range(steps):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if ev(mid)[0] >= psnr else (mid, hi)
+        level = hi
     t0 = time.perf_counter()
     enc = measure_peak_rss(lambda: codec.compress(x, level), interval_s=0.005)
     t_enc = time.perf_counter() - t0
@@ -174,7 +166,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=None, help="sample data directory")
     ap.add_argument("--j2k-steps", type=int, default=5, help="bisection steps on OpenJPEG's level")
     ap.add_argument("--j2k-threads", type=int, default=1, help="OpenJPEG threads per slice")
+    ap.add_argument("--j2k-levels", type=float, nargs="+", default=None,
+                    help="OpenJPEG levels, one per shape, found by an earlier run (skips the bisection; the "
+                         "volumes are deterministic, so a CPU run can find them for a short GPU run)")
     ap.add_argument("--no-j2k", action="store_true", help="skip OpenJPEG")
+    ap.add_argument("--no-fedtensor", action="store_true", help="skip fedtensor (e.g. to find OpenJPEG's levels)")
     ap.add_argument("--no-warmup", action="store_true", help="include JIT compilation in the figures")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -184,17 +180,22 @@ def main(argv=None) -> int:
     env = C.environment()
     log(f"backend {env.get('jax_backend')} ({default_impl()} kernels), {env.get('cpu_count')} CPUs")
     results = []
-    for shape in args.shapes:
-        x = tiled_ct(source, shape)
+    if args.j2k_levels is not None and len(args.j2k_levels) != len(args.shapes):
+        ap.error("--j2k-levels needs one level per shape")
+    for i, shape in enumerate(args.shapes):
+        x = C.tiled_ct(source, shape)
         label = "×".join(map(str, shape))
         log(f"{label} int16 ({x.nbytes / 1e6:.0f} MB)")
-        r = {"shape": list(shape), "voxels": x.size, "input_bytes": x.nbytes,
-             "fedtensor": run_fedtensor(x, args.psnr, not args.no_warmup)}
+        r = {"shape": list(shape), "voxels": x.size, "input_bytes": x.nbytes}
+        if not args.no_fedtensor:
+            f = r["fedtensor"] = run_fedtensor(x, args.psnr, not args.no_warmup)
+            f["compress_shares"] = shares(f["compress_stages_s"], f["compress_s"], _STAGES)
+            f["decompress_shares"] = shares(f["decompress_stages_s"], f["decompress_s"], _DEC_STAGES)
         if not args.no_j2k:
-            r["jpeg2000"] = run_jpeg2k(x, args.psnr, args.j2k_steps, args.j2k_threads)
-        f = r["fedtensor"]
-        f["compress_shares"] = shares(f["compress_stages_s"], f["compress_s"], _STAGES)
-        f["decompress_shares"] = shares(f["decompress_stages_s"], f["decompress_s"], _DEC_STAGES)
+            r["jpeg2000"] = run_jpeg2k(x, args.psnr, args.j2k_steps, args.j2k_threads,
+                                       None if args.j2k_levels is None else args.j2k_levels[i])
+            log(f"    jpeg2000: level {r['jpeg2000']['level']:.4f}, {r['jpeg2000']['bpv']:.4f} bpv, "
+                f"{r['jpeg2000']['psnr']:.3f} dB, compress {r['jpeg2000']['compress_s']:.1f} s")
         results.append(r)
         del x
 
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
                 rows.append([label, name, C.fmt(c["bpv"], ".4f"), C.fmt(c["psnr"], ".2f"),
                              C.fmt(c["compress_gvox_s"], ".5f"), C.fmt(c["decompress_gvox_s"], ".5f"),
                              C.fmt(c["compress_peak_over_input"], ".2f"), C.fmt(c["decompress_peak_over_input"], ".2f")])
-        if "jpeg2000" in r:
+        if "jpeg2000" in r and "fedtensor" in r:
             f, j = r["fedtensor"], r["jpeg2000"]
             rows.append([label, "ratio fedtensor/OpenJPEG", C.fmt(f["bpv"] / j["bpv"], ".3f"), "",
                          C.fmt(f["compress_gvox_s"] / j["compress_gvox_s"], ".2f"),
@@ -219,6 +220,8 @@ def main(argv=None) -> int:
                           "output itself counts for decompress)")
     share_rows = []
     for r in results:
+        if "fedtensor" not in r:
+            continue
         f = r["fedtensor"]
         share_rows.append(["×".join(map(str, r["shape"])), "compress", C.fmt(f["compress_s"], ".1f"),
                            "  ".join(f"{k} {100 * v:.0f}%" for k, v in f["compress_shares"].items())])

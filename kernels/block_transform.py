@@ -28,9 +28,16 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 ROW_TILE = 128  # blocks per program
-COL_TILE = 128  # coefficient columns per program (B is padded to a multiple)
+COL_TILE = 128  # coefficient columns per program (B is padded to a power of two, at least this)
 K_TILE = 128  # reduction slice loaded per step
+TILES = (ROW_TILE, COL_TILE, K_TILE)
+NUM_WARPS = None  # Triton's default unless a measured setting is better (see benchmarks/kernels.py)
 IMPLS = ("reference", "pallas", "interpret")
+# In-kernel matmul precision. "highest" is true fp32 (IEEE FMA on a GPU): the codec's max-error
+# guarantee is checked on the encoder's own reconstruction, and a decoder on another backend must see
+# the same coefficients to within fp32 rounding, so TF32 (Triton's default, ~1e-3 relative) is never
+# used. "tf32x3" (three TF32 tensor-core passes, ~fp32 accuracy) is offered for measurement.
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 
 def kron_basis(bases) -> jax.Array:
@@ -68,57 +75,80 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _forward_kernel(x_ref, k_ref, scal_ref, q_ref, *, n_k: int):
+def _forward_kernel(x_ref, k_ref, scal_ref, q_ref, *, n_k: int, k_tile: int, precision):
     step, rounding = scal_ref[0], scal_ref[1]
 
     def body(t, acc):
-        sl = pl.ds(t * K_TILE, K_TILE)
-        return acc + jnp.dot(x_ref[:, sl], k_ref[sl, :], preferred_element_type=jnp.float32)
+        sl = pl.ds(t * k_tile, k_tile)
+        return acc + jnp.dot(x_ref[:, sl], k_ref[sl, :], precision=precision, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(q_ref.shape, jnp.float32))
     q_ref[...] = _quantize(acc, step, rounding)
 
 
-def _inverse_kernel(q_ref, kt_ref, scal_ref, x_ref, *, n_k: int):
+def _inverse_kernel(q_ref, kt_ref, scal_ref, x_ref, *, n_k: int, k_tile: int, precision):
     step, offset = scal_ref[0], scal_ref[1]
 
     def body(t, acc):
-        sl = pl.ds(t * K_TILE, K_TILE)
+        sl = pl.ds(t * k_tile, k_tile)
         c = _dequantize(q_ref[:, sl], step, offset)
-        return acc + jnp.dot(c, kt_ref[sl, :], preferred_element_type=jnp.float32)
+        return acc + jnp.dot(c, kt_ref[sl, :], precision=precision, preferred_element_type=jnp.float32)
 
     x_ref[...] = jax.lax.fori_loop(0, n_k, body, jnp.zeros(x_ref.shape, jnp.float32))
 
 
-def _tiled_matmul_call(kernel, a: jax.Array, m: jax.Array, scalars, out_dtype, interpret: bool) -> jax.Array:
-    """Run ``kernel`` over (row tile × column tile) programs of ``a (N×B) @ m (B×B)``, padded then cropped."""
+def _pow2_at_least(n: int, m: int) -> int:
+    return max(m, 1 << max(0, n - 1).bit_length())
+
+
+def _tiled_matmul_call(kernel, a: jax.Array, m: jax.Array, scalars, out_dtype, interpret: bool,
+                       precision: str, tiles, num_warps) -> jax.Array:
+    """Run ``kernel`` over (row tile × column tile) programs of ``a (N×B) @ m (B×B)``, padded then cropped.
+
+    ``B`` is padded to a power of two (Triton's block shapes must be powers of two; the codec's block
+    volumes already are), ``N`` to a multiple of the row tile.
+    """
+    row_tile, col_tile, k_tile = tiles
     n, b = a.shape
-    rows, cols = _round_up(n, ROW_TILE), _round_up(b, max(COL_TILE, K_TILE))
+    rows, cols = _round_up(n, row_tile), _pow2_at_least(b, max(col_tile, k_tile))
+    params = {}
+    if not interpret and num_warps and jax.default_backend() in ("gpu", "cuda", "rocm"):
+        from jax.experimental.pallas import triton as pltriton
+
+        params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps)
     out = pl.pallas_call(
-        partial(kernel, n_k=cols // K_TILE),
-        grid=(rows // ROW_TILE, cols // COL_TILE),
+        partial(kernel, n_k=cols // k_tile, k_tile=k_tile, precision=PRECISIONS[precision]),
+        grid=(rows // row_tile, cols // col_tile),
         in_specs=[
-            pl.BlockSpec((ROW_TILE, cols), lambda i, j: (i, 0)),
-            pl.BlockSpec((cols, COL_TILE), lambda i, j: (0, j)),
+            pl.BlockSpec((row_tile, cols), lambda i, j: (i, 0)),
+            pl.BlockSpec((cols, col_tile), lambda i, j: (0, j)),
             pl.BlockSpec((2,), lambda i, j: (0,)),
         ],
-        out_specs=pl.BlockSpec((ROW_TILE, COL_TILE), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((row_tile, col_tile), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((rows, cols), out_dtype),
         interpret=interpret,
+        **params,
     )(_pad_to(a, rows, cols), _pad_to(m, cols, cols), jnp.stack([jnp.float32(v) for v in scalars]))
     return out[:n, :b]
 
 
-@partial(jax.jit, static_argnames="interpret")
-def transform_quantize_pallas(x: jax.Array, k: jax.Array, step, rounding, *, interpret: bool = False) -> jax.Array:
+_STATIC = ("interpret", "precision", "tiles", "num_warps")
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def transform_quantize_pallas(x: jax.Array, k: jax.Array, step, rounding, *, interpret: bool = False,
+                              precision: str = "highest", tiles=TILES, num_warps=NUM_WARPS) -> jax.Array:
     """Pallas version of :func:`transform_quantize_reference` (static shapes: pad, then crop)."""
-    return _tiled_matmul_call(_forward_kernel, x.astype(jnp.float32), k, (step, rounding), jnp.int32, interpret)
+    return _tiled_matmul_call(_forward_kernel, x.astype(jnp.float32), k, (step, rounding), jnp.int32, interpret,
+                              precision, tiles, num_warps)
 
 
-@partial(jax.jit, static_argnames="interpret")
-def dequantize_inverse_pallas(q: jax.Array, k: jax.Array, step, offset, *, interpret: bool = False) -> jax.Array:
+@partial(jax.jit, static_argnames=_STATIC)
+def dequantize_inverse_pallas(q: jax.Array, k: jax.Array, step, offset, *, interpret: bool = False,
+                              precision: str = "highest", tiles=TILES, num_warps=NUM_WARPS) -> jax.Array:
     """Pallas version of :func:`dequantize_inverse_reference`."""
-    return _tiled_matmul_call(_inverse_kernel, q, k.T, (step, offset), jnp.float32, interpret)
+    return _tiled_matmul_call(_inverse_kernel, q, k.T, (step, offset), jnp.float32, interpret,
+                              precision, tiles, num_warps)
 
 
 def accelerated() -> bool:

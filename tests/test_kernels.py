@@ -81,18 +81,24 @@ def _ct_blocks(ct_crop, b):
     return blocks, [jnp.asarray(np.asarray(u, np.float32)) for u in block_bases(blocks, b)]
 
 
-@pytest.mark.parametrize("b", [(4, 4, 8), (8, 8, 8)])
-def test_block_grid_kernels_interpret_match_reference(ct_crop, b):
-    """forward_blocks / inverse_blocks: Pallas (interpret) vs the separable jnp path the CPU codec runs."""
+# On a GPU/TPU the compiled kernels are checked too (CI has none: there they are skipped).
+PALLAS_IMPLS = ["interpret", pytest.param("pallas", marks=pytest.mark.skipif(not bt.accelerated(),
+                                                                             reason="needs a GPU/TPU backend"))]
+
+
+@pytest.mark.parametrize("impl", PALLAS_IMPLS)
+@pytest.mark.parametrize("b", [(4, 4, 8), (8, 8, 8), (16, 16, 8)])
+def test_block_grid_kernels_match_reference(ct_crop, b, impl):
+    """forward_blocks / inverse_blocks: Pallas vs the separable jnp path the CPU codec runs."""
     blocks, bases = _ct_blocks(ct_crop, b)
     step = jnp.float32(2e-3)
     q_ref = np.asarray(bt.forward_blocks(blocks, bases, step, ROUNDING, "reference"))
-    q_pal = np.asarray(bt.forward_blocks(blocks, bases, step, ROUNDING, "interpret"))
+    q_pal = np.asarray(bt.forward_blocks(blocks, bases, step, ROUNDING, impl))
     assert q_pal.shape == q_ref.shape == blocks.shape and np.abs(q_ref).max() > 10
     mismatch = np.abs(q_pal - q_ref)  # different summation order: a value on a bin edge may round either way
     assert mismatch.max() <= 1 and (mismatch > 0).mean() < 1e-3
     x_ref = np.asarray(bt.inverse_blocks(jnp.asarray(q_ref), bases, step, RECON_OFFSET, "reference"))
-    x_pal = np.asarray(bt.inverse_blocks(jnp.asarray(q_ref), bases, step, RECON_OFFSET, "interpret"))
+    x_pal = np.asarray(bt.inverse_blocks(jnp.asarray(q_ref), bases, step, RECON_OFFSET, impl))
     np.testing.assert_allclose(x_pal, x_ref, atol=1e-5)
     # and the reference is the codec's quantiser on the separable projection
     np.testing.assert_array_equal(q_ref, np.asarray(quantize(project(blocks, bases), step)))
@@ -110,20 +116,36 @@ def test_kernel_choice_at_run_time(monkeypatch):
         bt.default_impl()
 
 
-def test_codec_streams_with_pallas_kernels_match_reference(ct_crop, monkeypatch):
-    """The whole codec with the Pallas kernels (interpret mode) and with the jnp reference: the target
-    is met both ways, decoded volumes agree to the rounding of a few voxels, rates within 0.5 %."""
+@pytest.mark.parametrize("impl", PALLAS_IMPLS)
+def test_codec_streams_with_pallas_kernels_match_reference(ct_crop, monkeypatch, impl):
+    """The whole codec with the Pallas kernels and with the jnp reference: the target is met both ways,
+    decoded volumes agree to the rounding of a few voxels, rates within 0.5 %."""
     from fedtensor.codec import compress, decompress
 
     x = np.asarray(ct_crop.data)
     out = {}
-    for impl in ("reference", "interpret"):
+    for impl in ("reference", impl):
         monkeypatch.setenv("FEDTENSOR_KERNELS", impl)
         blob = compress(ct_crop, psnr=45, block=(4, 4, 8))
         out[impl] = (blob, decompress(blob).data)
         d = out[impl][1].astype(np.float64) - x
         assert 20 * np.log10(np.ptp(x) / np.sqrt(np.mean(d * d))) >= 45
-    (b_ref, x_ref), (b_pal, x_pal) = out["reference"], out["interpret"]
+    (b_ref, x_ref), (b_pal, x_pal) = out["reference"], out[impl]
     assert abs(len(b_pal) / len(b_ref) - 1) < 5e-3
     diff = np.abs(x_pal.astype(np.int64) - x_ref)
     assert (diff > 0).mean() < 0.05
+
+
+@pytest.mark.parametrize("impl", PALLAS_IMPLS)
+def test_max_error_holds_when_decoded_by_the_other_path(ct_crop, monkeypatch, impl):
+    """A stream encoded with the Pallas kernels (a GPU encoder) and decoded with the jnp reference (a
+    CPU decoder), and the other way round, still keeps every voxel within the max-error bound: the
+    kernels compute in true fp32, so the two paths differ by fp32 rounding only."""
+    from fedtensor.codec import compress, decompress
+
+    x = np.asarray(ct_crop.data).astype(np.int64)
+    for enc, dec in ((impl, "reference"), ("reference", impl)):
+        monkeypatch.setenv("FEDTENSOR_KERNELS", enc)
+        blob = compress(ct_crop, max_error=3.0)
+        monkeypatch.setenv("FEDTENSOR_KERNELS", dec)
+        assert np.abs(decompress(blob).data.astype(np.int64) - x).max() <= 3
