@@ -3,25 +3,30 @@
 # restoration speed, the kernel/streaming tests on the GPU), each step under its own time limit so one
 # slow step cannot eat the rest. Logs and JSON go to $OUT (default ./gpu-results).
 #   FEDTENSOR_DATA=... J2K_LEVELS="L256 L512" benchmarks/gpu_run.sh
-# J2K_LEVELS: OpenJPEG levels for the 256³ and 512³ volumes found by an earlier (CPU) run of
+# J2K_LEVELS: OpenJPEG levels for the throughput shapes found by an earlier (CPU) run of
 # `benchmarks/throughput.py --no-fedtensor` — the volumes are deterministic, so the bisection need not
-# be repeated on the GPU machine.
+# be repeated on the GPU machine. STEPS picks a subset; SHAPES and FED_ARGS change those steps' sizes.
 set -u
 OUT=${OUT:-gpu-results}
+STEPS=${STEPS:-"kernels throughput federated restoration_speed gpu_tests"}
+SHAPES=${SHAPES:-"256x256x256 512x512x512"}
+FED_ARGS=${FED_ARGS:-"--clients 8 32 128 --chunk 32"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    [[ " $STEPS " == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit}s) $(date +%T)"
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     echo "=== $name exit ${PIPESTATUS[0]} $(date +%T)"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-step kernels 110 python3 benchmarks/kernels.py --shape 512x512x512 --repeat 3 --json "$OUT/kernels.json"
 levels=()
 [ -n "${J2K_LEVELS:-}" ] && levels=(--j2k-levels $J2K_LEVELS)
-step throughput 220 python3 benchmarks/throughput.py --shapes 256x256x256 512x512x512 "${levels[@]}" --json "$OUT/throughput.json"
-step federated 100 python3 benchmarks/federated.py --clients 8 32 128 --chunk 32
-step restoration_speed 55 python3 benchmarks/restoration_speed.py --batch 8 32 128 --json "$OUT/restoration_speed.json"
-step gpu_tests 50 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_stream.py
+step kernels 100 python3 benchmarks/kernels.py --shape 512x512x512 --blocks 8x8x8 4x4x8 8x8x16 16x16x8 --repeat 3 \
+    --json "$OUT/kernels.json"
+step gpu_tests 70 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_stream.py
+step restoration_speed 60 python3 benchmarks/restoration_speed.py --batch 8 32 128 --json "$OUT/restoration_speed.json"
+step federated 70 python3 benchmarks/federated.py $FED_ARGS
+step throughput 220 python3 benchmarks/throughput.py --shapes $SHAPES "${levels[@]}" --json "$OUT/throughput.json"

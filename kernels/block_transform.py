@@ -27,17 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-ROW_TILE = 128  # blocks per program
-COL_TILE = 128  # coefficient columns per program (B is padded to a power of two, at least this)
-K_TILE = 128  # reduction slice loaded per step
+# Tile settings measured on an H200 (benchmarks/kernels.py): 128-row tiles exceed the shared memory
+# for B ≥ 512; 64/64/64 with 4 warps was the fastest setting that compiles for every block shape.
+ROW_TILE = 64  # blocks per program
+COL_TILE = 64  # coefficient columns per program (B is padded to a power of two, at least this)
+K_TILE = 64  # reduction slice loaded per step
 TILES = (ROW_TILE, COL_TILE, K_TILE)
-NUM_WARPS = None  # Triton's default unless a measured setting is better (see benchmarks/kernels.py)
+NUM_WARPS = 4
 IMPLS = ("reference", "pallas", "interpret")
 # In-kernel matmul precision. "highest" is true fp32 (IEEE FMA on a GPU): the codec's max-error
 # guarantee is checked on the encoder's own reconstruction, and a decoder on another backend must see
 # the same coefficients to within fp32 rounding, so TF32 (Triton's default, ~1e-3 relative) is never
 # used. "tf32x3" (three TF32 tensor-core passes, ~fp32 accuracy) is offered for measurement.
-PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+FP32 = jax.lax.Precision.HIGHEST  # never TF32 (GPU default): see fedtensor.tensor.precision
+PRECISIONS = {"highest": FP32, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 
 def kron_basis(bases) -> jax.Array:
@@ -58,13 +61,13 @@ def _dequantize(q, step, offset):
 @jax.jit
 def transform_quantize_reference(x: jax.Array, k: jax.Array, step, rounding) -> jax.Array:
     """``quantize(x @ k)`` for ``x`` of shape ``(N, B)``."""
-    return _quantize(jnp.dot(x, k, precision=jax.lax.Precision.HIGHEST), step, rounding)
+    return _quantize(jnp.dot(x, k, precision=FP32), step, rounding)
 
 
 @jax.jit
 def dequantize_inverse_reference(q: jax.Array, k: jax.Array, step, offset) -> jax.Array:
     """``dequantize(q) @ k.T`` for ``q`` of shape ``(N, B)``."""
-    return jnp.dot(_dequantize(q, step, offset), k.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.dot(_dequantize(q, step, offset), k.T, precision=FP32)
 
 
 def _pad_to(a: jax.Array, rows: int, cols: int) -> jax.Array:
@@ -193,7 +196,7 @@ def forward_blocks(blocks: jax.Array, bases, step, rounding, impl: str = "refere
     """int32 quantisation indices of every block's coefficients (same grid shape)."""
     if impl == "reference":
         u1, u2, u3 = bases
-        c = jnp.einsum("xyzijk,ia,jb,kc->xyzabc", blocks, u1, u2, u3)
+        c = jnp.einsum("xyzijk,ia,jb,kc->xyzabc", blocks, u1, u2, u3, precision=FP32)
         return _quantize(c, step, rounding)
     flat = blocks.reshape(-1, int(np.prod(blocks.shape[3:])))
     q = transform_quantize_pallas(flat, kron_basis(bases), step, rounding, interpret=impl == "interpret")
@@ -204,7 +207,7 @@ def inverse_blocks(q: jax.Array, bases, step, offset, impl: str = "reference") -
     """float32 blocks from quantisation indices (the inverse of :func:`forward_blocks`)."""
     if impl == "reference":
         u1, u2, u3 = bases
-        return jnp.einsum("xyzabc,ia,jb,kc->xyzijk", _dequantize(q, step, offset), u1, u2, u3)
+        return jnp.einsum("xyzabc,ia,jb,kc->xyzijk", _dequantize(q, step, offset), u1, u2, u3, precision=FP32)
     flat = q.reshape(-1, int(np.prod(q.shape[3:])))
     x = dequantize_inverse_pallas(flat, kron_basis(bases), step, offset, interpret=impl == "interpret")
     return x.reshape(q.shape)

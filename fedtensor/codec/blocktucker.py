@@ -15,6 +15,7 @@ import numpy as np
 from fedtensor.codec.quantize import ROUNDING
 from fedtensor.tensor.block import block_shape, project
 from fedtensor.tensor.tucker import _leading_eigvecs
+from fedtensor.tensor.precision import FP32
 
 
 def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 1.0) -> jax.Array:
@@ -38,7 +39,7 @@ def _tile_coefficients(tiles: jax.Array, offset, scale, b: tuple[int, int, int])
 
     def grams(tile):
         k = blocks(tile)
-        return tuple(jnp.einsum(spec, k, k) for spec in
+        return tuple(jnp.einsum(spec, k, k, precision=FP32) for spec in
                      ("xyzijk,xyzljk->il", "xyzijk,xyzilk->jl", "xyzijk,xyzijl->kl"))
 
     g = [a.sum(axis=0) for a in jax.lax.map(grams, tiles)]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedtensor.tensor.tucker import _leading_eigvecs
+from fedtensor.tensor.precision import FP32
 
 
 def block_shape(b) -> tuple[int, int, int]:
@@ -49,19 +50,19 @@ def from_blocks(blocks: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
 
 def _stack_gram(blocks: jax.Array, mode: int) -> jax.Array:
     spec = {0: "xyzijk,xyzljk->il", 1: "xyzijk,xyzilk->jl", 2: "xyzijk,xyzijl->kl"}[mode]
-    return jnp.einsum(spec, blocks, blocks)
+    return jnp.einsum(spec, blocks, blocks, precision=FP32)
 
 
 def project(blocks: jax.Array, factors) -> jax.Array:
     """Core coefficients of every block: ``einsum('...ijk,ia,jb,kc->...abc')``, one batched call."""
     u1, u2, u3 = factors
-    return jnp.einsum("xyzijk,ia,jb,kc->xyzabc", blocks, u1, u2, u3)
+    return jnp.einsum("xyzijk,ia,jb,kc->xyzabc", blocks, u1, u2, u3, precision=FP32)
 
 
 def expand(core: jax.Array, factors) -> jax.Array:
     """Blocks from cores: the inverse of :func:`project` for orthonormal (square) factors."""
     u1, u2, u3 = factors
-    return jnp.einsum("xyzabc,ia,jb,kc->xyzijk", core, u1, u2, u3)
+    return jnp.einsum("xyzabc,ia,jb,kc->xyzijk", core, u1, u2, u3, precision=FP32)
 
 
 @partial(jax.jit, static_argnames=("ranks", "n_iter"))

@@ -12,12 +12,14 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from fedtensor.tensor.precision import FP32
+
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def mode_dot(x: jax.Array, matrix: jax.Array, mode: int) -> jax.Array:
     """Contract ``x`` along ``mode`` with ``matrix`` of shape (new, old): result[..., new, ...]."""
-    return jnp.moveaxis(jnp.tensordot(matrix, x, axes=(1, mode)), 0, mode)
+    return jnp.moveaxis(jnp.tensordot(matrix, x, axes=(1, mode), precision=FP32), 0, mode)
 
 
 def multi_mode_dot(x: jax.Array, matrices, *, transpose: bool = False) -> jax.Array:
@@ -41,7 +43,7 @@ def mode_gram(x: jax.Array, mode: int) -> jax.Array:
     """``X_(mode) X_(mode)^T`` without materialising the unfolding."""
     letters = _LETTERS[: x.ndim]
     other = letters.replace(letters[mode], "z")
-    return jnp.einsum(f"{letters},{other}->{letters[mode]}z", x, x)
+    return jnp.einsum(f"{letters},{other}->{letters[mode]}z", x, x, precision=FP32)
 
 
 @partial(jax.jit, static_argnames="ranks")
