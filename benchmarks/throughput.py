@@ -37,7 +37,7 @@ from fedtensor.codec import compress, decompress, stream  # noqa: E402
 from fedtensor.codec.api import auto_block  # noqa: E402
 from fedtensor.codec.container import unpack  # noqa: E402
 from fedtensor.io.volume import Volume  # noqa: E402
-from fedtensor_kernels.block_transform import default_impl  # noqa: E402
+from fedtensor_kernels.block_transform import default_impl, impl_for  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -63,7 +63,7 @@ def run_fedtensor(x: np.ndarray, psnr: float, warmup: bool) -> dict:
     t0 = time.perf_counter()
     block = auto_block(x, psnr)
     depth = stream.slab_depth(x.shape, block, stream.slab_voxels(x))
-    log(f"    fedtensor: block {block}, slab depth {depth} ({-(-x.shape[0] // depth)} slabs), "
+    log(f"    fedtensor: block {block} ({impl_for(block)} transform), slab depth {depth} ({-(-x.shape[0] // depth)} slabs), "
         f"choice {time.perf_counter() - t0:.1f} s")
     if warmup:  # same block and slab shape: every jitted function compiles here, not in the timed calls
         t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def run_fedtensor(x: np.ndarray, psnr: float, warmup: bool) -> dict:
     h = unpack(blob)[0]
     reached = C.psnr(x, dec.result.data)
     res = {
-        "block": list(h["params"]["block"]), "slab": h["params"]["slab"], "slabs": len(h["sections"]) - 1,
+        "block": list(h["params"]["block"]), "transform_impl": impl_for(block), "slab": h["params"]["slab"], "slabs": len(h["sections"]) - 1,
         "bytes": len(blob), "bpv": C.bits_per_voxel(len(blob), x.size), "psnr": reached,
         "compress_s": t_enc, "decompress_s": t_dec,
         "compress_gvox_s": gvox(x.size, t_enc), "decompress_gvox_s": gvox(x.size, t_dec),

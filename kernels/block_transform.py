@@ -27,11 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-# Tile settings measured on an H200 (benchmarks/kernels.py): 128-row tiles exceed the shared memory
-# for B ≥ 512; 64/64/64 with 4 warps was the fastest setting that compiles for every block shape.
+# Tile settings measured on an H200 (benchmarks/kernels.py, 512³): 128-row tiles exceed the shared
+# memory for B ≥ 512; 64 rows × 64 columns, 32-wide reduction slices and 4 warps were the fastest.
 ROW_TILE = 64  # blocks per program
 COL_TILE = 64  # coefficient columns per program (B is padded to a power of two, at least this)
-K_TILE = 64  # reduction slice loaded per step
+K_TILE = 32  # reduction slice loaded per step
+# The Kronecker kernel does B multiply-adds per coefficient, the separable einsum bx+by+bz: measured on
+# an H200 the fused kernel wins for B ≤ 128 (4×4×8: 93 against 32 GVoxel/s) and loses above (8×8×8: 34
+# against 44; 16×16×8: 10 against 44), so on an accelerator it is used up to this block volume.
+PALLAS_MAX_BLOCK = 128
 TILES = (ROW_TILE, COL_TILE, K_TILE)
 NUM_WARPS = 4
 IMPLS = ("reference", "pallas", "interpret")
@@ -173,6 +177,16 @@ def default_impl() -> str:
             raise FedtensorError(f"FEDTENSOR_KERNELS must be one of {', '.join(IMPLS)}, got {forced!r}")
         return forced
     return "pallas" if accelerated() else "reference"
+
+
+def impl_for(block) -> str:
+    """The implementation the codec uses for block shape ``block``: ``FEDTENSOR_KERNELS`` when set,
+    otherwise the Pallas kernel on a GPU/TPU for block volumes up to :data:`PALLAS_MAX_BLOCK` and the
+    separable ``jnp`` reference elsewhere (the faster of the two as measured)."""
+    impl = default_impl()
+    if impl == "pallas" and not os.environ.get("FEDTENSOR_KERNELS") and int(np.prod(block)) > PALLAS_MAX_BLOCK:
+        return "reference"
+    return impl
 
 
 def transform_quantize(x, k, step, rounding) -> jax.Array:

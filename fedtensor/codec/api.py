@@ -194,7 +194,7 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
     stream.tick("block choice", t0)
     slabs = stream.Slabs(tuple(x.shape), b, stream.slab_depth(x.shape, b, stream.slab_voxels(x)))
     enc = stream.SlabEncoder(x, slabs, offset, scale, stream.fit_bases(x, slabs, offset, scale),
-                             kernels.default_impl())
+                             kernels.impl_for(b))
 
     def attempt(step: float, measure: bool = True, errors=None):
         if measure and errors is None and psnr is not None:  # the PSNR search only needs the error

@@ -357,9 +357,9 @@ def check_params(params: dict, n_sections: int, shape) -> tuple[tuple[int, int, 
 def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: float, scale: float,
                 impl: str | None = None) -> np.ndarray:
     """Decode a block-tucker stream slab by slab into ``out`` (preallocated, original shape and dtype)."""
-    impl = impl or kernels.default_impl()
     shape = out.shape
     b, depth = check_params(params, len(sections), shape)
+    impl = impl or kernels.impl_for(b)
     if len(sections[0]) != 4 * sum(n * n for n in b) or any(len(s) % 4 for s in sections[1:]):
         raise FormatError("corrupted block-tucker payload")
     flat = np.frombuffer(sections[0], "<f4")

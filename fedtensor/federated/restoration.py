@@ -198,8 +198,10 @@ def as_client_data(batches: Sequence[Batch]) -> ClientData:
 @functools.lru_cache(maxsize=None)
 def restoration_losses(net_config: NetConfig) -> tuple[Callable, Callable]:
     """``(loss, batched loss)`` of the net: masked MSE of the correction in quantiser steps (as central
-    training). The batched one traces the convolutions with :func:`client_conv3d` (vmap over clients);
-    both are cached per architecture, so jitted programs are reused across rounds."""
+    training). The batched one (vmap over clients) traces the convolutions with :func:`client_conv3d`
+    on a CPU; on a GPU/TPU it keeps the native convolution, which vmap turns into one grouped
+    convolution (measured on an H200: 2.6× the per-client loop at K = 32 native, 0.9× with im2col).
+    Both are cached per architecture, so jitted programs are reused across rounds."""
     from fedtensor.federated.batched_conv import client_conv3d
 
     graphdef, _ = abstract_net(net_config)
@@ -210,6 +212,8 @@ def restoration_losses(net_config: NetConfig) -> tuple[Callable, Callable]:
         return jnp.sum(jnp.square(f - t) * m) / jnp.maximum(jnp.sum(m), 1.0)
 
     def batched_loss(params, inputs, targets):
+        if jax.default_backend() != "cpu":  # decided when traced
+            return loss(params, inputs, targets)
         with conv_override(client_conv3d):
             return loss(params, inputs, targets)
 
