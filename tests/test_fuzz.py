@@ -123,6 +123,19 @@ def test_streams_decode_cleanly(streams):
         assert outcome(blob, vol.shape, vol.data.dtype) == "ok", name
 
 
+@pytest.mark.parametrize("forgery", ["empty", "extra words"])
+def test_forged_sections_with_a_valid_checksum_are_rejected(streams, forgery):
+    """Whoever alters a file can re-compute its checksum: a section emptied, or lengthened by words its
+    coder never reads, must still be refused (not decoded into garbage)."""
+    for name, (blob, vol) in streams.items():
+        header, sections = unpack(blob)
+        for i, section in enumerate(sections):
+            forged = list(sections)
+            forged[i] = b"" if forgery == "empty" else section + section[:16].ljust(16, b"\x01")
+            with pytest.raises(FormatError), time_limit():
+                decompress(pack(header, forged))
+
+
 # ------------------------------------------------------------------------------------------------
 # (a) truncation
 # ------------------------------------------------------------------------------------------------

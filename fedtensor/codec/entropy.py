@@ -41,6 +41,8 @@ class BinaryStream:
     def __init__(self, compressed: np.ndarray | None = None):
         self.decoding = compressed is not None
         if self.decoding:
+            if len(compressed) == 0:  # every section the encoder writes codes at least one symbol
+                raise FormatError("corrupted stream: empty entropy-coded section")
             self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(compressed, np.uint32))
         else:
             self._coder = constriction.stream.queue.RangeEncoder()
@@ -72,6 +74,12 @@ class BinaryStream:
 
     def finish(self) -> bytes:
         return self._coder.get_compressed().tobytes()
+
+    def check_consumed(self) -> None:
+        """After decoding a section: its data must be used up (words left over mean a forged or spliced
+        section; a checksum re-computed by whoever altered the file does not hide that)."""
+        if not self._coder.maybe_exhausted():
+            raise FormatError("corrupted stream: entropy-coded section longer than its content")
 
 
 def _chunks(n: int, first: int = 64, growth: int = 4):

@@ -80,4 +80,6 @@ def decode_integers(params: dict, sections: list[bytes], shape) -> np.ndarray:
     if not isinstance(axes, list) or tuple(axes) not in AXIS_SETS or len(sections) != 1 or len(sections[0]) % 4:
         raise FormatError("corrupted lossless parameters")
     s = BinaryStream(np.frombuffer(sections[0], np.uint32))
-    return integrate(_code_residual(s, shape, None), axes)
+    residual = _code_residual(s, shape, None)
+    s.check_consumed()
+    return integrate(residual, axes)

@@ -70,5 +70,7 @@ def decode(params: dict, sections: list[bytes], shape) -> np.ndarray:
     flat = np.frombuffer(sections[0], "<f4")
     bounds = np.cumsum([0, *sizes])
     factors = [jnp.asarray(flat[a:b].reshape(n, r)) for a, b, n, r in zip(bounds[:-1], bounds[1:], shape, ranks)]
-    q = _code_core(BinaryStream(np.frombuffer(sections[1], np.uint32)), ranks, None)
+    coded = BinaryStream(np.frombuffer(sections[1], np.uint32))
+    q = _code_core(coded, ranks, None)
+    coded.check_consumed()
     return _reconstruct(q.astype(np.int32), float(params["step"]), factors)

@@ -371,7 +371,9 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     for start, section in zip(slabs.starts, sections[1:]):
         t0 = time.perf_counter()
         grid, r = slabs.grid(start), slabs.rows(start)
-        q = code_block_coefficients(BinaryStream(np.frombuffer(section, np.uint32)), grid, b, coders=coders)
+        coded = BinaryStream(np.frombuffer(section, np.uint32))
+        q = code_block_coefficients(coded, grid, b, coders=coders)
+        coded.check_consumed()
         if grid[0] * b[0] < depth:  # static shapes: zero block rows up to the slab depth
             q = np.concatenate([q, np.zeros((depth // b[0] - grid[0], *q.shape[1:]), q.dtype)])
         t0 = tick("entropy", t0)
