@@ -14,6 +14,12 @@ kept), so both see the same machine load; prints the speed-up. Models:
 
     python benchmarks/federated.py --model restoration --clients 8 32 128
     python benchmarks/federated.py --model mlp --clients 8 32 128
+
+``--secure`` times instead the vmapped round with secure aggregation against the same round with plain
+FedAvg (the issue's "secure round ≤ 2× the plain round"; ``benchmarks/secagg.py`` has the aggregation
+alone, message by message):
+
+    python benchmarks/federated.py --secure --clients 32 --channels 56,112   # ≈ 1 M parameters
 """
 
 from __future__ import annotations
@@ -79,10 +85,10 @@ def _with_im2col(loss):
     return lf
 
 
-def one_round(fn, loss_fn, batched, data, params, cfg, r):
+def one_round(fn, loss_fn, batched, data, params, cfg, r, secure=False):
     server = Server(params, cfg)
     t = time.perf_counter()
-    kw = {"batched_loss_fn": batched} if fn is run_round else {}
+    kw = {"batched_loss_fn": batched, "secure": secure, "seed": r if secure else None} if fn is run_round else {}
     fn(loss_fn, server, data, jax.random.PRNGKey(r), np.random.default_rng(r), **kw)
     jax.block_until_ready(server.params)
     return time.perf_counter() - t
@@ -100,6 +106,8 @@ def main() -> None:
     ap.add_argument("--conv", choices=("im2col", "native"), default="im2col")
     ap.add_argument("--loop-conv", choices=("native", "im2col"), default="native")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--secure", action="store_true",
+                    help="instead: the vmapped round with secure aggregation vs the same round with plain FedAvg")
     args = ap.parse_args()
     cfg = FedConfig(local_steps=args.local_steps, batch_size=args.batch_size, client_chunk=args.chunk)
     what = (f"restoration net, channels {args.channels}, {args.patch}³ patches, {args.conv} conv when vmapped, "
@@ -107,6 +115,8 @@ def main() -> None:
             if args.model == "restoration" else "residual MLP 512-256-512")
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); {what}; local steps {cfg.local_steps}, "
           f"batch {cfg.batch_size}, chunk {cfg.client_chunk}; best of {args.repeat} alternating runs after a compile round")
+    if args.secure:
+        return secure_vs_plain(args, cfg)
     print(f"{'K':>5} {'vmapped s':>10} {'looped s':>10} {'vmap upd/s':>11} {'loop upd/s':>11} {'speed-up':>9}", flush=True)
     for k in args.clients:
         data, params, loss_fn, batched = (restoration_problem(k, args) if args.model == "restoration" else mlp_problem(k))
@@ -117,6 +127,23 @@ def main() -> None:
             tv = min(tv, one_round(run_round, loss_fn, batched, data, params, cfg, r))
             tl = min(tl, one_round(run_round_looped, loss_fn, batched, data, params, cfg, r))
         print(f"{k:>5} {tv:>10.3f} {tl:>10.3f} {k / tv:>11.2f} {k / tl:>11.2f} {tl / tv:>8.2f}x", flush=True)
+
+
+def secure_vs_plain(args, cfg) -> None:
+    """A whole simulated round (local training of every client + aggregation), with secure aggregation
+    (every client masks its update, the server unmasks the sum; one process, so the clients' masking
+    runs one after the other: the slowest case) against plain FedAvg."""
+    print(f"{'K':>5} {'params':>9} {'plain s':>9} {'secure s':>9} {'secure/plain':>13}", flush=True)
+    for k in args.clients:
+        data, params, loss_fn, batched = (restoration_problem(k, args) if args.model == "restoration" else mlp_problem(k))
+        n_params = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(params))
+        for secure in (False, True):  # compile
+            one_round(run_round, loss_fn, batched, data, params, cfg, 0, secure)
+        tp = ts = float("inf")
+        for r in range(1, args.repeat + 1):
+            tp = min(tp, one_round(run_round, loss_fn, batched, data, params, cfg, r, False))
+            ts = min(ts, one_round(run_round, loss_fn, batched, data, params, cfg, r, True))
+        print(f"{k:>5} {n_params:>9,} {tp:>9.3f} {ts:>9.3f} {ts / tp:>12.2f}x", flush=True)
 
 
 if __name__ == "__main__":
