@@ -18,7 +18,8 @@ Bytes on the wire are the canonical encoding (``secagg.encode``) of every messag
 (upload) and server → client (download); the plain round uploads 4·m bytes per client (float32).
 
 The issue's target is "secure round ≤ 2× the plain round". A plain round also contains local training,
-which is not available yet, so this prints (a) the ratio against bare aggregation — necessarily huge,
+which this script leaves out (``benchmarks/federated.py --secure`` times whole rounds, training
+included), so this prints (a) the ratio against bare aggregation — necessarily huge,
 since that is a single memory-bound sum — and (b) the per-client overhead in milliseconds, the figure to
 compare with one client's local-training time once it exists.
 
@@ -257,8 +258,8 @@ def main(argv=None) -> int:
         ["secure", "(a) par / bare", "par / fixed-pt", "seq / bare", "(b) client +ms", "server +ms", "upload ×", "max |err| ≤ tol"],
         rrows,
         caption="par = parallel clients, seq = sequential, bare = np.sum only, fixed-pt = plain round with the same encoding; "
-        "client/server +ms = overhead over the plain+fixed-point client / bare server. The ≤ 2× target needs a plain round "
-        "that includes local training: compare (b) with one client's training time.",
+        "client/server +ms = overhead over the plain+fixed-point client / bare server. Whole rounds, local training "
+        "included: benchmarks/federated.py --secure.",
     )  # fmt: skip
     prow = [[name, C.fmt(v, ".2f")] for name, v in prg.items() if name != "add_masks_ms_per_expansion"]
     C.print_table("Mask expansion throughput, 8 streams × m words, chunked", ["PRG", "GB/s keystream"], prow)
