@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import warnings
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from fedtensor.nn import (
     tag_stream,
     train,
 )
-from fedtensor.nn.data import PatchSampler, Source, make_pairs, split_by_volume
+from fedtensor.nn.data import PatchSampler, Source, make_pairs, prefetched_batches, split_by_volume
 from fedtensor.nn.infer import RestorationModel, correction_map
 from fedtensor.nn.model import RECEPTIVE_RADIUS, conv3d
 from fedtensor.nn.normalize import assemble_input, block_phases, normaliser_for, operating_point
@@ -207,6 +208,23 @@ def test_pairs_and_patches(sources):
     t = (pair.norm.forward(s.original) - pair.norm.forward(pair.decoded)) / pair.s
     assert 0.01 < float(np.sqrt(np.mean(t ** 2))) < 1.0
     assert abs(float(np.sqrt(np.mean(t ** 2))) - float(np.sqrt(np.mean(b.target ** 2)))) < 0.5
+
+
+def test_prefetched_batches_do_not_depend_on_threads(sources):
+    """Batch k is the sampler's draw from its own seed, whatever the number of sampling threads."""
+    sampler = PatchSampler(sources, patch=16)
+    expected = [sampler.sample(np.random.default_rng([7, 2, k]), 3) for k in range(5)]
+    for workers in (1, 3):
+        got = list(prefetched_batches(sampler, (7, 2), 3, 5, workers))
+        assert len(got) == 5
+        for e, g in zip(expected, got):
+            for field in ("x", "cond", "target", "mask", "s"):
+                np.testing.assert_array_equal(getattr(g, field), getattr(e, field))
+    # a consumer that stops early leaves no sampling threads behind
+    batches = prefetched_batches(sampler, (7, 2), 3, 50, 2)
+    next(batches)
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("fedtensor-sampler")]
 
 
 # ------------------------------------------------------------------------------------------ training

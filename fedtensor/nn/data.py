@@ -10,6 +10,7 @@ volume, and sampled as augmented patches.
 * :class:`PatchSampler` draws ``P³`` patches at random origins, adds the block-phase channels of their
   absolute position, applies one of the 48 flips/axis permutations to all of it, and returns the net's
   input, conditioning, target (the error in units of the quantiser step) and a mask of real voxels.
+* :func:`prefetched_batches` samples the batches of an epoch ahead, on a thread pool.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import hashlib
 import io
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -279,6 +282,39 @@ class PatchSampler:
             conds[k] = pair.cond
             ss[k] = pair.s
         return Batch(xs, conds, ts, ms, ss)
+
+
+def default_workers() -> int:
+    """Sampler threads: one per core, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def prefetched_batches(sampler: PatchSampler, seed: Sequence[int], batch: int, n: int,
+                       workers: int | None = None) -> Iterator[Batch]:
+    """Batch ``k`` (``k < n``) is ``sampler.sample(default_rng([*seed, k]), batch)``; yielded in order while
+    the next ones are sampled on ``workers`` threads.
+
+    Patch sampling is numpy/scipy work that mostly releases the GIL, so it scales with cores and overlaps
+    the device's training step (on a GPU the step is ~20× faster than one sampling thread). Each batch
+    has its own seed, so the batches do not depend on the number of threads or their timing.
+    """
+    workers = workers or default_workers()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedtensor-sampler")
+    pending: deque = deque()
+
+    def submit(k: int) -> None:
+        pending.append(pool.submit(sampler.sample, np.random.default_rng([*seed, k]), batch))
+
+    try:
+        for k in range(min(n, 2 * workers)):
+            submit(k)
+        for k in range(n):
+            b = pending.popleft().result()
+            if k + 1 + len(pending) < n:
+                submit(k + 1 + len(pending))
+            yield b
+    finally:  # also when the consumer stops early
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def augment(a: np.ndarray, perm, flips) -> np.ndarray:

@@ -47,7 +47,7 @@ from fedtensor.nn.checkpoint import (
     tree_to_bytes,
     write_atomic,
 )
-from fedtensor.nn.data import Batch, PatchSampler, Source, make_pairs, parse_block, split_by_volume
+from fedtensor.nn.data import Batch, PatchSampler, Source, make_pairs, parse_block, prefetched_batches, split_by_volume
 from fedtensor.nn.model import NetConfig, new_net
 
 HISTORY_CSV = "history.csv"
@@ -322,14 +322,15 @@ def _save_state(out_dir: Path, params, opt, best, meta: dict) -> None:
 def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = TrainConfig(), *,
           val_paths: Sequence[Path] | None = None, sources: Sequence[Source] | None = None,
           val_sources: Sequence[Source] | None = None, cache_dir: str | Path | None = None, resume: bool = True,
-          progress: Callable[[str, dict], None] | None = None) -> dict:
+          progress: Callable[[str, dict], None] | None = None, workers: int | None = None) -> dict:
     """Train a restoration model on ``paths`` (volumes) — or on prepared ``sources`` — into ``out_dir``.
 
     Validation volumes: ``val_paths`` (or ``val_sources``) when given, used for validation only;
     otherwise ``cfg.val_fraction`` of the training volumes, split by volume (seeded).
     ``resume=True`` continues a run found in ``out_dir`` (it must have the same settings and data,
     otherwise :class:`ModelError`); ``resume=False`` starts over. ``progress(event, info)`` receives
-    ``"data"`` (pair generation), ``"start"``, ``"step"`` and ``"epoch"`` events. Returns a summary
+    ``"data"`` (pair generation), ``"start"``, ``"step"`` and ``"epoch"`` events. ``workers``: patch
+    sampling threads (default: one per core, at most 8; the batches do not depend on it). Returns a summary
     (model id, best epoch, validation figures, throughput, split).
     """
     cfg.check()
@@ -393,11 +394,10 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
     for epoch in range(start_epoch, cfg.epochs + 1):
         if finished:
             break
-        rng = np.random.default_rng([cfg.seed, epoch])
         t_epoch = time.perf_counter()
         losses, t_steps, n_timed = [], 0.0, 0
-        for k in range(spe):
-            b = sampler.sample(rng, cfg.batch)
+        batches = prefetched_batches(sampler, (cfg.seed, epoch), cfg.batch, spe, workers)
+        for k, b in enumerate(batches):
             t0 = time.perf_counter()
             params, opt_state, loss = trainer.train_step(params, opt_state, b, (epoch - 1) * spe + k)
             loss = float(loss)
