@@ -439,6 +439,60 @@ class Baseline:
                 "unavailable": self.unavailable_reason()}
 
 
+class _StatePrepared(Prepared):
+    """The search over a :class:`QuantiserStepBaseline`'s step: quantise and reconstruct in memory to
+    measure PSNR (no entropy coding), code only to count bytes."""
+
+    def __init__(self, codec: "QuantiserStepBaseline", volume, space: ParamSpace):
+        super().__init__(codec, volume, space)
+        self.state = codec.state_class(self.data)
+
+    def evaluate(self, param: float) -> Trial:
+        t0 = time.perf_counter()
+        decoded = self.state.reconstruct(*self.state.quantized(param), param)
+        return Trial(param, psnr_db(self.data, decoded, self.value_range), None, time.perf_counter() - t0)
+
+    def size(self, param: float) -> int:
+        return len(self.state.encode(param))
+
+    def encode(self, param: float) -> bytes:
+        return self.state.encode(param)
+
+
+class QuantiserStepBaseline(Baseline):
+    """A transform baseline searched over one quantiser step (DWT, PCA). ``state_class(data)`` holds the
+    volume's transform; it has ``quantized(step) → parts``, ``reconstruct(*parts, step)`` and
+    ``encode(step) → bytes``."""
+
+    state_class: ClassVar[type]
+
+    def space(self, volume) -> ParamSpace:
+        return quantiser_step_space(volume)
+
+    def prepare(self, volume) -> Prepared:
+        return _StatePrepared(self, volume, self.space(volume))
+
+    def encode_param(self, volume, param: float) -> bytes:
+        return self.state_class(np.asarray(volume.data)).encode(float(param))
+
+
+def imagecodecs():
+    """The imagecodecs module, imported on first use (a baseline can be listed without it)."""
+    import imagecodecs as ic
+
+    return ic
+
+
+def imagecodecs_version(fn_name: str) -> str:
+    """``imagecodecs X.Y, <library version>`` from imagecodecs' ``<fn_name>()`` when it has one."""
+    ic = imagecodecs()
+    v = getattr(ic, fn_name, None)
+    try:
+        return f"imagecodecs {ic.__version__}" + (f", {v()}" if v else "")
+    except Exception:  # noqa: BLE001 - version strings are informative only
+        return f"imagecodecs {ic.__version__}"
+
+
 def quantiser_step_space(volume) -> "ParamSpace":
     """Search space of a uniform quantiser step for a PSNR target (DWT, PCA: larger step, fewer bits).
 

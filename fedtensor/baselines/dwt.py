@@ -25,15 +25,10 @@ import itertools
 import numpy as np
 
 from fedtensor.baselines.base import (
-    quantiser_step_space,
-    Baseline,
     FormatError,
-    ParamSpace,
-    Prepared,
-    Trial,
+    QuantiserStepBaseline,
     header_shape_dtype,
     pack,
-    psnr_db,
     to_dtype,
     unpack,
     volume_header,
@@ -167,46 +162,18 @@ class _DwtState:
         return pack(h, [s.finish()])
 
 
-class _DwtPrepared(Prepared):
-    def __init__(self, codec, volume, space):
-        super().__init__(codec, volume, space)
-        self.state = _DwtState(self.data)
-
-    def evaluate(self, param: float) -> Trial:
-        import time
-
-        t0 = time.perf_counter()
-        qa, qd = self.state.quantized(param)
-        decoded = self.state.reconstruct(qa, qd, param)
-        return Trial(param, psnr_db(self.data, decoded, self.value_range), None, time.perf_counter() - t0)
-
-    def size(self, param: float) -> int:
-        return len(self.state.encode(param))
-
-    def encode(self, param: float) -> bytes:
-        return self.state.encode(param)
-
-
-class Dwt(Baseline):
+class Dwt(QuantiserStepBaseline):
     name = "dwt"
     label = "3D DWT (CDF 9/7) + fedtensor coder"
     kind = "3D"
     module_needs = ("pywt", "fedtensor.codec.grid")
+    state_class = _DwtState
 
     @classmethod
     def version(cls) -> str:
         import pywt
 
         return f"pywavelets {pywt.__version__}, {WAVELET}, {MODE}"
-
-    def space(self, volume) -> ParamSpace:
-        return quantiser_step_space(volume)
-
-    def prepare(self, volume) -> Prepared:
-        return _DwtPrepared(self, volume, self.space(volume))
-
-    def encode_param(self, volume, param: float) -> bytes:
-        return _DwtState(np.asarray(volume.data)).encode(float(param))
 
     def decode(self, blob: bytes) -> np.ndarray:
         from fedtensor.codec.entropy import BinaryStream

@@ -23,27 +23,14 @@ from fedtensor.baselines.base import (
     FormatError,
     ParamSpace,
     header_shape_dtype,
+    imagecodecs as _ic,
+    imagecodecs_version,
     pack,
     rmse_for,
     to_dtype,
     unpack,
     volume_header,
 )
-
-
-def _ic():
-    import imagecodecs
-
-    return imagecodecs
-
-
-def _version(fn_name: str) -> str:
-    ic = _ic()
-    v = getattr(ic, fn_name, None)
-    try:
-        return f"imagecodecs {ic.__version__}" + (f", {v()}" if v else "")
-    except Exception:  # noqa: BLE001 - version strings are informative only
-        return f"imagecodecs {ic.__version__}"
 
 
 class _Volumetric(Baseline):
@@ -89,7 +76,7 @@ class Sz3(_Volumetric):
 
     @classmethod
     def version(cls) -> str:
-        return _version("sz3_version")
+        return imagecodecs_version("sz3_version")
 
     def space(self, volume) -> ParamSpace:
         return _bound_space(volume, math.sqrt(3))  # uniform error in ±e: rmse = e/√3
@@ -108,7 +95,7 @@ class Zfp(_Volumetric):
 
     @classmethod
     def version(cls) -> str:
-        return _version("zfp_version")
+        return imagecodecs_version("zfp_version")
 
     def space(self, volume) -> ParamSpace:
         return _bound_space(volume, 4.0)
@@ -128,7 +115,7 @@ class Sperr(_Volumetric):
 
     @classmethod
     def version(cls) -> str:
-        return _version("sperr_version")
+        return imagecodecs_version("sperr_version")
 
     def space(self, volume) -> ParamSpace:
         return ParamSpace(5.0, 160.0, log=False, increasing=True, guess=lambda t: t - 2.0)

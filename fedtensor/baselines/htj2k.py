@@ -10,14 +10,8 @@ import math
 
 import numpy as np
 
-from fedtensor.baselines.base import ParamSpace, rmse_for
+from fedtensor.baselines.base import ParamSpace, imagecodecs as _ic, imagecodecs_version, rmse_for
 from fedtensor.baselines.slicewise import SlicewiseCodec, UnsignedMap
-
-
-def _ic():
-    import imagecodecs
-
-    return imagecodecs
 
 
 class Htj2k(SlicewiseCodec):
@@ -27,9 +21,7 @@ class Htj2k(SlicewiseCodec):
 
     @classmethod
     def version(cls) -> str:
-        ic = _ic()
-        v = getattr(ic, "htj2k_version", None)
-        return f"imagecodecs {ic.__version__}" + (f", {v()}" if v else "")
+        return imagecodecs_version("htj2k_version")
 
     def space(self, volume) -> ParamSpace:
         data = np.asarray(volume.data)

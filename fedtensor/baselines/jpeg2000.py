@@ -13,14 +13,8 @@ import math
 
 import numpy as np
 
-from fedtensor.baselines.base import ParamSpace, to_dtype
+from fedtensor.baselines.base import ParamSpace, imagecodecs as _ic, imagecodecs_version, to_dtype
 from fedtensor.baselines.slicewise import SlicewiseCodec, UnsignedMap
-
-
-def _ic():
-    import imagecodecs
-
-    return imagecodecs
 
 
 class Jpeg2000(SlicewiseCodec):
@@ -30,7 +24,7 @@ class Jpeg2000(SlicewiseCodec):
 
     @classmethod
     def version(cls) -> str:
-        return f"imagecodecs {_ic().__version__}, {_ic().jpeg2k_version()}"
+        return imagecodecs_version("jpeg2k_version")
 
     def space(self, volume) -> ParamSpace:
         m = UnsignedMap.for_data(np.asarray(volume.data))

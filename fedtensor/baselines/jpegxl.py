@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtensor.baselines.base import ParamSpace
+from fedtensor.baselines.base import ParamSpace, imagecodecs as _ic, imagecodecs_version
 from fedtensor.baselines.slicewise import SlicewiseCodec
 
 EFFORT = 7
-
-
-def _ic():
-    import imagecodecs
-
-    return imagecodecs
 
 
 class JpegXl(SlicewiseCodec):
@@ -27,9 +21,7 @@ class JpegXl(SlicewiseCodec):
 
     @classmethod
     def version(cls) -> str:
-        ic = _ic()
-        v = getattr(ic, "jpegxl_version", None)
-        return f"imagecodecs {ic.__version__}" + (f", {v()}" if v else "")
+        return imagecodecs_version("jpegxl_version")
 
     def space(self, volume) -> ParamSpace:
         return ParamSpace(0.005, 25.0, log=True, increasing=False, guess=lambda t: 10 ** ((46.0 - t) / 20))

@@ -24,20 +24,14 @@ the checkerboard contexts see neighbouring rows and slices, with the previous gr
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
 from fedtensor.baselines.base import (
-    quantiser_step_space,
-    Baseline,
     FormatError,
-    ParamSpace,
-    Prepared,
-    Trial,
+    QuantiserStepBaseline,
     header_shape_dtype,
     pack,
-    psnr_db,
     to_dtype,
     unpack,
     volume_header,
@@ -143,42 +137,16 @@ def _reconstruct(vsteps, qv, qa_rows, step, shape, offset, dtype) -> np.ndarray:
     return to_dtype(x, dtype)
 
 
-class _PcaPrepared(Prepared):
-    def __init__(self, codec, volume, space):
-        super().__init__(codec, volume, space)
-        self.state = _PcaState(self.data)
-
-    def evaluate(self, param: float) -> Trial:
-        t0 = time.perf_counter()
-        vsteps, qv, qa = self.state.quantized(param)
-        decoded = self.state.reconstruct(vsteps, qv, qa, param)
-        return Trial(param, psnr_db(self.data, decoded, self.value_range), None, time.perf_counter() - t0)
-
-    def size(self, param: float) -> int:
-        return len(self.state.encode(param))
-
-    def encode(self, param: float) -> bytes:
-        return self.state.encode(param)
-
-
-class Pca(Baseline):
+class Pca(QuantiserStepBaseline):
     name = "pca"
     label = "PCA (slice rows) + fedtensor coder"
     kind = "2D slice-wise"
     module_needs = ("fedtensor.codec.grid",)
+    state_class = _PcaState
 
     @classmethod
     def version(cls) -> str:
         return f"numpy {np.__version__} eigh"
-
-    def space(self, volume) -> ParamSpace:
-        return quantiser_step_space(volume)
-
-    def prepare(self, volume) -> Prepared:
-        return _PcaPrepared(self, volume, self.space(volume))
-
-    def encode_param(self, volume, param: float) -> bytes:
-        return _PcaState(np.asarray(volume.data)).encode(float(param))
 
     def decode(self, blob: bytes) -> np.ndarray:
         from fedtensor.codec.entropy import BinaryStream

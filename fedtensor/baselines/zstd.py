@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtensor.baselines.base import Baseline, FormatError, header_shape_dtype, pack, unpack, volume_header
+from fedtensor.baselines.base import (
+    Baseline,
+    FormatError,
+    header_shape_dtype,
+    imagecodecs as _ic,
+    imagecodecs_version,
+    pack,
+    unpack,
+    volume_header,
+)
 
 LEVEL = 19
-
-
-def _ic():
-    import imagecodecs
-
-    return imagecodecs
 
 
 class Zstd(Baseline):
@@ -24,8 +27,7 @@ class Zstd(Baseline):
 
     @classmethod
     def version(cls) -> str:
-        ic = _ic()
-        return f"imagecodecs {ic.__version__}, {ic.zstd_version()}"
+        return imagecodecs_version("zstd_version")
 
     def encode_lossless(self, volume) -> bytes:
         data = np.ascontiguousarray(volume.data)
