@@ -8,7 +8,7 @@ coefficients back to memory at all (and reading them again): the kernel reads vo
 indices. The inverse fuses dequantisation into the prologue of ``Q Kᵀ``.
 
 Each kernel has a plain ``jnp`` reference; :func:`transform_quantize` and :func:`dequantize_inverse`
-pick the Pallas kernel on GPU/TPU and the reference elsewhere. Tests run the kernels in Pallas
+pick the Pallas kernel on a GPU and the reference elsewhere. Tests run the kernels in Pallas
 interpret mode on CPU against the references.
 
 The codec calls :func:`forward_blocks` / :func:`inverse_blocks` on a grid of blocks
@@ -159,12 +159,16 @@ def dequantize_inverse_pallas(q: jax.Array, k: jax.Array, step, offset, *, inter
 
 
 def accelerated() -> bool:
-    """True where the Pallas kernels are the better path (a GPU or TPU backend)."""
-    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+    """True on a GPU backend, where the Pallas kernels were compiled, checked and measured (an H200).
+
+    On a TPU the kernels have never run, so the codec keeps the ``jnp`` reference there unless
+    ``FEDTENSOR_KERNELS=pallas`` asks for them.
+    """
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
 def default_impl() -> str:
-    """``"pallas"`` on a GPU/TPU backend, ``"reference"`` elsewhere (decided at run time).
+    """``"pallas"`` on a GPU backend, ``"reference"`` elsewhere (decided at run time).
 
     ``FEDTENSOR_KERNELS`` (one of :data:`IMPLS`) overrides the choice, e.g. to run the ``jnp`` reference
     on a GPU or the Pallas kernels in interpret mode on a CPU.
@@ -181,7 +185,7 @@ def default_impl() -> str:
 
 def impl_for(block) -> str:
     """The implementation the codec uses for block shape ``block``: ``FEDTENSOR_KERNELS`` when set,
-    otherwise the Pallas kernel on a GPU/TPU for block volumes up to :data:`PALLAS_MAX_BLOCK` and the
+    otherwise the Pallas kernel on a GPU for block volumes up to :data:`PALLAS_MAX_BLOCK` and the
     separable ``jnp`` reference elsewhere (the faster of the two as measured)."""
     impl = default_impl()
     if impl == "pallas" and not os.environ.get("FEDTENSOR_KERNELS") and int(np.prod(block)) > PALLAS_MAX_BLOCK:
