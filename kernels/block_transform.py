@@ -27,23 +27,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+IMPLS = ("reference", "pallas", "interpret")
 # Tile settings measured on an H200 (benchmarks/kernels.py, 512³): 128-row tiles exceed the shared
 # memory for B ≥ 512; 64 rows × 64 columns, 32-wide reduction slices and 4 warps were the fastest.
 ROW_TILE = 64  # blocks per program
 COL_TILE = 64  # coefficient columns per program (B is padded to a power of two, at least this)
 K_TILE = 32  # reduction slice loaded per step
-# The Kronecker kernel does B multiply-adds per coefficient, the separable einsum bx+by+bz: measured on
-# an H200 the fused kernel wins for B ≤ 128 (4×4×8: 93 against 32 GVoxel/s) and loses above (8×8×8: 34
-# against 44; 16×16×8: 10 against 44), so on an accelerator it is used up to this block volume.
-PALLAS_MAX_BLOCK = 128
 TILES = (ROW_TILE, COL_TILE, K_TILE)
 NUM_WARPS = 4
-IMPLS = ("reference", "pallas", "interpret")
+# The Kronecker kernel does B multiply-adds per coefficient, the separable einsum bx+by+bz: measured on
+# an H200 the fused kernel wins for B ≤ 128 (4×4×8: 93 against 32 GVoxel/s) and loses above (8×8×8: 34
+# against 44; 16×16×8: 10 against 44), so on a GPU it is used up to this block volume.
+PALLAS_MAX_BLOCK = 128
 # In-kernel matmul precision. "highest" is true fp32 (IEEE FMA on a GPU): the codec's max-error
 # guarantee is checked on the encoder's own reconstruction, and a decoder on another backend must see
 # the same coefficients to within fp32 rounding, so TF32 (Triton's default, ~1e-3 relative) is never
 # used. "tf32x3" (three TF32 tensor-core passes, ~fp32 accuracy) is offered for measurement.
-FP32 = jax.lax.Precision.HIGHEST  # never TF32 (GPU default): see fedtensor.tensor.precision
+FP32 = jax.lax.Precision.HIGHEST
 PRECISIONS = {"highest": FP32, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 

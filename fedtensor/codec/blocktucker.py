@@ -14,8 +14,8 @@ import numpy as np
 
 from fedtensor.codec.quantize import ROUNDING
 from fedtensor.tensor.block import block_shape, project
-from fedtensor.tensor.tucker import _leading_eigvecs
 from fedtensor.tensor.precision import FP32
+from fedtensor.tensor.tucker import _leading_eigvecs
 
 
 def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 1.0) -> jax.Array:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedtensor.tensor.tucker import _leading_eigvecs
 from fedtensor.tensor.precision import FP32
+from fedtensor.tensor.tucker import _leading_eigvecs
 
 
 def block_shape(b) -> tuple[int, int, int]:
