@@ -191,7 +191,7 @@ def _decompress_one(src: Path, dst: Path, *, force: bool, model: Any = None, tta
         from fedtensor.nn import model_mismatch, restore
 
         t0 = perf_counter()
-        vol, warning = restore(vol, info, model, tta=tta), model_mismatch(info, model)
+        vol, warning = restore(vol, info, model, tta=tta), model_mismatch(info, model, vol.data)
         restore_s = perf_counter() - t0
     write_volume(vol, dst, force=force)
     return {
@@ -437,7 +437,7 @@ def evaluate(
             info = read_info(data)
             restored = restore(test, info, model, tta=tta)
             record.update(_restored_fields(model, quality(ref.data, restored.data)))
-            record["warning"] = model_mismatch(info, model)
+            record["warning"] = model_mismatch(info, model, test.data)
     _warn_mismatches([{**record, "input": decoded}])
     if json_out:
         render.emit_json({"command": "evaluate", **record})

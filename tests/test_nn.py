@@ -29,6 +29,7 @@ from fedtensor.nn import (
     decompress_restored,
     load_model,
     model_id,
+    model_mismatch,
     new_net,
     restore,
     restore_array,
@@ -260,6 +261,7 @@ def test_train_writes_model_and_resumes_identically(sources, tmp_path):
         assert (out / name).is_file(), name
     assert full["model_id"] == model_id(out) == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     assert full["train_volumes"] and full["val_volumes"] and not set(full["train_volumes"]) & set(full["val_volumes"])
+    assert json.loads((out / "model.json").read_text())["intensity_kinds"] == ["ct"]
     lines = (out / "history.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,step,lr,train_loss,val_loss") and len(lines) == 3
 
@@ -340,6 +342,27 @@ def test_stream_model_id_and_mismatch_warning(rmodel, tmp_path):
     assert out.data.dtype == np.int16 and out.meta["restoration_model"] == mid
     with pytest.warns(ModelMismatchWarning, match="tuned for restoration model"):
         decompress_restored(tag_stream(data, "f" * 64), d)
+
+
+def test_model_warns_on_an_intensity_kind_it_was_not_trained_on(rmodel):
+    """A model trained on HU CTs only, restoring an 8-bit volume, says so (it can lower the quality);
+    on the kind it knows, on an exact stream, or with no kinds recorded (older models), it says nothing."""
+    import dataclasses
+
+    from fedtensor.codec import compress, decompress, read_info
+
+    ct_only = dataclasses.replace(rmodel, manifest={"intensity_kinds": ["ct"]})
+    ct = compress(Volume(phantom((40, 36, 20))), psnr=34, block=8)
+    u8_vol = Volume(((phantom((40, 36, 20)).astype(np.float64) + 1000) / 9).clip(0, 255).astype(np.uint8))
+    u8 = compress(u8_vol, psnr=34, block=8)
+    assert model_mismatch(read_info(ct), ct_only, decompress(ct).data) is None
+    msg = model_mismatch(read_info(u8), ct_only, decompress(u8).data)
+    assert msg and "CT (HU)" in msg and "8-bit" in msg
+    with pytest.warns(ModelMismatchWarning, match="8-bit"):
+        decompress_restored(u8, ct_only)
+    exact = compress(u8_vol, lossless=True)  # exact streams are never restored: nothing to warn about
+    assert model_mismatch(read_info(exact), ct_only, decompress(exact).data) is None
+    assert model_mismatch(read_info(u8), rmodel, decompress(u8).data) is None
 
 
 # ------------------------------------------------------------------------------------------ CLI

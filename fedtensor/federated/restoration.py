@@ -64,7 +64,7 @@ from fedtensor.nn.checkpoint import (
     tree_to_bytes,
     write_atomic,
 )
-from fedtensor.nn.data import Batch, PatchSampler, Source, make_pairs, split_by_volume
+from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, make_pairs, split_by_volume
 from fedtensor.nn.model import NetConfig, abstract_net, conv_override
 from fedtensor.nn.train import HISTORY_CSV, LOSS_PNG, TrainConfig, Trainer, export_model, model_bytes
 from fedtensor.nn.train import write_history as train_history
@@ -326,21 +326,23 @@ def _clear_run(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _manifest(cfg: FederateConfig, train_labels, val_labels, history, best_round, best_loss, fp, alloc) -> dict:
+def _manifest(cfg: FederateConfig, train_labels, val_labels, history, best_round, best_loss, fp, alloc,
+              kinds) -> dict:
     best = next((r for r in history if r["round"] == best_round), {})
     return {"federation": {"config": cfg.to_dict(), "train_volumes": train_labels, "val_volumes": val_labels,
                            "partition": alloc.tolist(), "best_round": best_round,
                            "best_loss": best_loss if math.isfinite(best_loss) else None,
                            "best_val_gain_db": best.get("val_gain_db"), "rounds_run": len(history),
                            "fingerprint": fp, "history": history},
-            "codecs": list(cfg.codecs), "targets_db": list(cfg.targets)}
+            "codecs": list(cfg.codecs), "targets_db": list(cfg.targets), "intensity_kinds": kinds}
 
 
-def _version_manifest(params, net_config: NetConfig, cfg: FederateConfig, rnd: int, rec: dict) -> tuple[bytes, dict]:
+def _version_manifest(params, net_config: NetConfig, cfg: FederateConfig, rnd: int, rec: dict,
+                      kinds) -> tuple[bytes, dict]:
     data = model_bytes(params, net_config, {"normalisation": "ct|u8|mr (fedtensor.nn.normalize)"})
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "model_id": sha256_hex(data), "net": net_config.to_dict(),
                 "library": __version__, "federation": {"round": rnd, "config": cfg.to_dict(), "metrics": rec},
-                "codecs": list(cfg.codecs), "targets_db": list(cfg.targets)}
+                "codecs": list(cfg.codecs), "targets_db": list(cfg.targets), "intensity_kinds": kinds}
     return data, manifest
 
 
@@ -386,6 +388,7 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
         train_src, val_src = [by_label[x] for x in train_labels], [by_label[x] for x in val_labels]
     train_labels, val_labels = [s.label for s in train_src], [s.label for s in val_src]
     fp = fingerprint(cfg, train_src, val_src)
+    kinds = intensity_kinds(train_src)
 
     trainer = Trainer(tcfg)  # same initial weights and validation as central training
     samplers = [PatchSampler([s], cfg.patch, augment=True) for s in train_src]
@@ -411,7 +414,7 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
         best_loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
         if start <= cfg.rounds or not (out_dir / MODEL_FILE).exists():  # repair a torn model directory
             export_model(out_dir, best, trainer.net_config,
-                         _manifest(cfg, train_labels, val_labels, history, best_round, best_loss, fp, alloc))
+                         _manifest(cfg, train_labels, val_labels, history, best_round, best_loss, fp, alloc, kinds))
 
     emit("start", {"rounds": cfg.rounds, "start_round": start, "clients": cfg.clients, "train_volumes": train_labels,
                    "val_volumes": val_labels, "partition": alloc.tolist()})
@@ -436,12 +439,12 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
         if best is None or not val_batches or score < best_loss * (1 - 1e-4):
             best, best_loss, best_round = jax.tree_util.tree_map(np.asarray, server.params), score, rnd
         export_model(out_dir, best, trainer.net_config,
-                     _manifest(cfg, train_labels, val_labels, history, best_round, best_loss, fp, alloc))
+                     _manifest(cfg, train_labels, val_labels, history, best_round, best_loss, fp, alloc, kinds))
         write_history(out_dir, history)
         _save_state(out_dir, server, best, {"fingerprint": fp, "round": rnd, "history": history, "best_round": best_round,
                                             "best_loss": best_loss if math.isfinite(best_loss) else None})
         if on_version is not None:
-            blob, manifest = _version_manifest(server.params, trainer.net_config, cfg, rnd, rec)
+            blob, manifest = _version_manifest(server.params, trainer.net_config, cfg, rnd, rec, kinds)
             on_version(rnd, blob, manifest, {**rec, "best_round": best_round})
         emit("round", {**rec, "best_round": best_round})
     if not (out_dir / MODEL_FILE).exists():

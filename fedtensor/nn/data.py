@@ -199,6 +199,12 @@ def make_pairs(paths: Sequence[Path], *, codecs: Sequence[str] = ("block-tucker"
     return sources
 
 
+def intensity_kinds(sources: Sequence[Source]) -> list[str]:
+    """The normalisations (``ct``, ``u8``, ``mr``: :func:`~fedtensor.nn.normalize.normaliser_for`) of the
+    decoded volumes in ``sources`` — recorded in a model's manifest, checked when it restores."""
+    return sorted({p.norm.kind for s in sources for p in s.pairs})
+
+
 def split_by_volume(labels: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """``(train, val)`` labels: a seeded shuffle, ``round(val_fraction·n)`` volumes (at least one when
     ``val_fraction > 0`` and there are ≥ 2 volumes; none otherwise) for validation."""

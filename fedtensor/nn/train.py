@@ -47,7 +47,16 @@ from fedtensor.nn.checkpoint import (
     tree_to_bytes,
     write_atomic,
 )
-from fedtensor.nn.data import Batch, PatchSampler, Source, make_pairs, parse_block, prefetched_batches, split_by_volume
+from fedtensor.nn.data import (
+    Batch,
+    PatchSampler,
+    Source,
+    intensity_kinds,
+    make_pairs,
+    parse_block,
+    prefetched_batches,
+    split_by_volume,
+)
 from fedtensor.nn.model import NetConfig, new_net
 
 HISTORY_CSV = "history.csv"
@@ -357,6 +366,7 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
         train_src = [by_label[x] for x in train_labels]
         val_src = [by_label[x] for x in val_labels]
     fp = fingerprint(cfg, train_src, val_src)
+    kinds = intensity_kinds(train_src)
 
     trainer = Trainer(cfg)
     sampler = PatchSampler(train_src, cfg.patch, augment=True)
@@ -383,7 +393,7 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
         finished = _stops(cfg, meta["epoch"], bad, bool(val_batches))  # under this run's stopping rule
         if best is not None:  # repair a model.safetensors/model.json pair torn by an interruption
             export_model(out_dir, best, trainer.net_config,
-                         _manifest(cfg, train_labels, val_labels, history, best_epoch, best_loss, fp, finished))
+                         _manifest(cfg, train_labels, val_labels, history, best_epoch, best_loss, fp, finished, kinds))
     else:
         params, opt_state = trainer.init_state()
 
@@ -420,7 +430,7 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
         else:
             bad += 1
         finished = _stops(cfg, epoch, bad, bool(val_batches))
-        manifest = _manifest(cfg, train_labels, val_labels, history, best_epoch, best_loss, fp, finished)
+        manifest = _manifest(cfg, train_labels, val_labels, history, best_epoch, best_loss, fp, finished, kinds)
         export_model(out_dir, best, trainer.net_config, manifest)
         write_history(out_dir, history)
         _save_state(out_dir, params, opt_state, best, {
@@ -450,13 +460,13 @@ def param_count_state(params) -> int:
     return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
 
 
-def _manifest(cfg, train_labels, val_labels, history, best_epoch, best_loss, fp, finished) -> dict:
+def _manifest(cfg, train_labels, val_labels, history, best_epoch, best_loss, fp, finished, kinds) -> dict:
     best = next((r for r in history if r["epoch"] == best_epoch), {})
     return {"training": {"config": cfg.to_dict(), "train_volumes": train_labels, "val_volumes": val_labels,
                          "best_epoch": best_epoch, "best_loss": best_loss if math.isfinite(best_loss) else None,
                          "best_val_gain_db": best.get("val_gain_db"), "finished": finished, "fingerprint": fp,
                          "history": history},
-            "codecs": list(cfg.codecs), "targets_db": list(cfg.targets)}
+            "codecs": list(cfg.codecs), "targets_db": list(cfg.targets), "intensity_kinds": kinds}
 
 
 __all__ = ["TrainConfig", "Trainer", "train", "save_model", "export_model", "fingerprint"]
