@@ -58,7 +58,7 @@ def restoration_problem(k: int, args, seed: int = 0):
     from fedtensor.nn.model import IN_CHANNELS, NetConfig, new_net
 
     net_config = NetConfig(channels=tuple(int(c) for c in args.channels.split(",")))
-    loss, batched = restoration_losses(net_config)
+    loss, _ = restoration_losses(net_config)
     params = nnx.state(new_net(net_config, seed=seed), nnx.Param)
     rng = np.random.default_rng(seed)
     p = args.patch
@@ -69,9 +69,11 @@ def restoration_problem(k: int, args, seed: int = 0):
         xs.append((rng.standard_normal((n, p, p, p, IN_CHANNELS)).astype(np.float32),
                    rng.standard_normal((n, 4)).astype(np.float32)))
         ys.append((rng.standard_normal((n, p, p, p, 1)).astype(np.float32), np.ones((n, p, p, p, 1), np.float32)))
-    if args.loop_conv == "im2col":
-        loss = _with_im2col(loss)
-    return ClientData.from_lists(xs, ys), params, loss, (batched if args.conv == "im2col" else loss)
+    # the convolutions are chosen here, explicitly: the library's batched loss picks one by backend
+    # (im2col only on CPUs)
+    looped = _with_im2col(loss) if args.loop_conv == "im2col" else loss
+    vmapped = _with_im2col(loss) if args.conv == "im2col" else loss
+    return ClientData.from_lists(xs, ys), params, looped, vmapped
 
 
 def _with_im2col(loss):

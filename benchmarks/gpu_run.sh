@@ -10,7 +10,7 @@ set -u
 OUT=${OUT:-gpu-results}
 STEPS=${STEPS:-"kernels throughput federated restoration_speed gpu_tests"}
 SHAPES=${SHAPES:-"256x256x256 512x512x512"}
-FED_ARGS=${FED_ARGS:-"--clients 8 32 128 --chunk 32"}
+FED_ARGS=${FED_ARGS:-"--clients 8 32 128 --chunk 128 --conv native"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...
@@ -29,4 +29,4 @@ step kernels 100 python3 benchmarks/kernels.py --shape 512x512x512 --blocks 8x8x
 step gpu_tests 70 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_stream.py
 step restoration_speed 60 python3 benchmarks/restoration_speed.py --batch 8 32 128 --json "$OUT/restoration_speed.json"
 step federated 70 python3 benchmarks/federated.py $FED_ARGS
-step throughput 220 python3 benchmarks/throughput.py --shapes $SHAPES "${levels[@]}" --json "$OUT/throughput.json"
+step throughput 220 python3 benchmarks/throughput.py --shapes $SHAPES ${levels[@]+"${levels[@]}"} --json "$OUT/throughput.json"

@@ -39,10 +39,10 @@ NUM_WARPS = 4
 # an H200 the fused kernel wins for B ≤ 128 (4×4×8: 93 against 32 GVoxel/s) and loses above (8×8×8: 34
 # against 44; 16×16×8: 10 against 44), so on a GPU it is used up to this block volume.
 PALLAS_MAX_BLOCK = 128
-# In-kernel matmul precision. "highest" is true fp32 (IEEE FMA on a GPU): the codec's max-error
-# guarantee is checked on the encoder's own reconstruction, and a decoder on another backend must see
-# the same coefficients to within fp32 rounding, so TF32 (Triton's default, ~1e-3 relative) is never
-# used. "tf32x3" (three TF32 tensor-core passes, ~fp32 accuracy) is offered for measurement.
+# In-kernel matmul precision. "highest" is true fp32 (IEEE FMA on a GPU): the codec's PSNR floor is
+# measured on the encoder's own reconstruction, and a decoder on another backend must compute the same
+# voxels to within fp32 rounding, so TF32 (Triton's default, ~1e-3 relative) is never used. "tf32x3"
+# (three TF32 tensor-core passes, ~fp32 accuracy) is offered for measurement.
 FP32 = jax.lax.Precision.HIGHEST
 PRECISIONS = {"highest": FP32, "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
@@ -112,10 +112,12 @@ def _tiled_matmul_call(kernel, a: jax.Array, m: jax.Array, scalars, out_dtype, i
                        precision: str, tiles, num_warps) -> jax.Array:
     """Run ``kernel`` over (row tile × column tile) programs of ``a (N×B) @ m (B×B)``, padded then cropped.
 
-    ``B`` is padded to a power of two (Triton's block shapes must be powers of two; the codec's block
+    ``B`` is padded to a power of two (Triton's block shapes must be powers of two; the auto-chosen block
     volumes already are), ``N`` to a multiple of the row tile.
     """
     row_tile, col_tile, k_tile = tiles
+    if any(t < 1 or t & (t - 1) for t in tiles):  # else columns or reduction slices would be skipped
+        raise ValueError(f"Pallas tiles must be powers of two, got {tiles}")
     n, b = a.shape
     rows, cols = _round_up(n, row_tile), _pow2_at_least(b, max(col_tile, k_tile))
     params = {}
@@ -167,13 +169,17 @@ def accelerated() -> bool:
     return jax.default_backend() in ("gpu", "cuda", "rocm")
 
 
+def _forced() -> str:
+    return os.environ.get("FEDTENSOR_KERNELS", "").strip().lower()
+
+
 def default_impl() -> str:
     """``"pallas"`` on a GPU backend, ``"reference"`` elsewhere (decided at run time).
 
     ``FEDTENSOR_KERNELS`` (one of :data:`IMPLS`) overrides the choice, e.g. to run the ``jnp`` reference
     on a GPU or the Pallas kernels in interpret mode on a CPU.
     """
-    forced = os.environ.get("FEDTENSOR_KERNELS", "").strip().lower()
+    forced = _forced()
     if forced:
         if forced not in IMPLS:
             from fedtensor.errors import FedtensorError
@@ -188,19 +194,20 @@ def impl_for(block) -> str:
     otherwise the Pallas kernel on a GPU for block volumes up to :data:`PALLAS_MAX_BLOCK` and the
     separable ``jnp`` reference elsewhere (the faster of the two as measured)."""
     impl = default_impl()
-    if impl == "pallas" and not os.environ.get("FEDTENSOR_KERNELS") and int(np.prod(block)) > PALLAS_MAX_BLOCK:
+    if impl == "pallas" and not _forced() and int(np.prod(block)) > PALLAS_MAX_BLOCK:
         return "reference"
     return impl
 
 
 def transform_quantize(x, k, step, rounding) -> jax.Array:
-    """Fused block transform + quantisation, Pallas on accelerators, ``jnp`` reference on CPU."""
+    """Fused block transform + quantisation on a flat block stack: Pallas on a GPU, the ``jnp`` reference
+    elsewhere (any block volume; the codec itself goes through :func:`forward_blocks` and :func:`impl_for`)."""
     fn = transform_quantize_pallas if accelerated() else transform_quantize_reference
     return fn(jnp.asarray(x, jnp.float32), k, np.float32(step), np.float32(rounding))
 
 
 def dequantize_inverse(q, k, step, offset) -> jax.Array:
-    """Fused dequantisation + inverse block transform, Pallas on accelerators, reference on CPU."""
+    """Fused dequantisation + inverse block transform: Pallas on a GPU, the reference elsewhere."""
     fn = dequantize_inverse_pallas if accelerated() else dequantize_inverse_reference
     return fn(jnp.asarray(q, jnp.int32), k, np.float32(step), np.float32(offset))
 

@@ -158,6 +158,17 @@ def test_pca_high_rate_is_near_lossless(ct_crop):
     assert psnr(ct_crop.data, decoded) >= 70
 
 
+@pytest.mark.parametrize("name", ["pca", "dwt"])
+def test_step_baselines_round_trip_a_constant_volume(name):
+    """A constant volume keeps no PCA component (rank 0: an empty coefficient section) — it must still
+    decode, to the constant."""
+    codec = get_baseline(name)
+    vol = Volume(np.full((12, 10, 6), 37, np.int16))
+    for step in (1.0, 1e3):
+        out = codec.decode(codec.encode_param(vol, step))
+        np.testing.assert_array_equal(out, vol.data)
+
+
 def test_jpeg2k_slicewise_compat(ct_crop):
     _skip_unavailable("jpeg2000")
     from fedtensor.baselines.jpeg2000 import Jpeg2kSlicewise

@@ -161,7 +161,8 @@ class Pca(QuantiserStepBaseline):
         vsteps = np.frombuffer(sections[0], "<f4").astype(np.float32)
         if len(vsteps) != int(h.get("rank", -1)) or len(vsteps) > n2:
             raise FormatError("corrupted pca stream (rank)")
-        s = BinaryStream(np.frombuffer(sections[1], np.uint32))
+        # rank 0 (a constant volume, or a step above every component) codes nothing: an empty section
+        s = BinaryStream(np.frombuffer(sections[1], np.uint32), allow_empty=len(vsteps) == 0)
         qv, qa = code_components(s, n1, n2, n3, len(vsteps))
         qa_rows = qa.transpose(0, 2, 1).reshape(n1 * n3, len(vsteps))
         return _reconstruct(vsteps, qv, qa_rows, float(h["step"]), shape, float(h["offset"]), dtype)

@@ -38,10 +38,12 @@ class BinaryStream:
     _categorical = constriction.stream.model.Categorical(perfect=False)
     _bernoulli = constriction.stream.model.Bernoulli(perfect=False)
 
-    def __init__(self, compressed: np.ndarray | None = None):
+    def __init__(self, compressed: np.ndarray | None = None, allow_empty: bool = False):
+        """Encode, or (given ``compressed``) decode. A section to decode must not be empty unless
+        ``allow_empty``: every section fedtensor's codecs write codes at least one symbol."""
         self.decoding = compressed is not None
         if self.decoding:
-            if len(compressed) == 0:  # every section the encoder writes codes at least one symbol
+            if len(compressed) == 0 and not allow_empty:
                 raise FormatError("corrupted stream: empty entropy-coded section")
             self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(compressed, np.uint32))
         else:

@@ -7,7 +7,7 @@ stopping → the best weights exported as a model directory (see :mod:`fedtensor
 The run is resumable: after every epoch the training state (weights, optimiser state, history, early
 stopping counters) is written atomically to ``DIR/checkpoint``; an interrupted run started again with
 the same settings continues after the last finished epoch and yields the same result as an
-uninterrupted one (each epoch's patches come from a generator seeded by ``(seed, epoch)``).
+uninterrupted one (batch ``k`` of an epoch is drawn from a generator seeded by ``(seed, epoch, k)``).
 
 The loss is the mean squared error of the predicted correction in units of the quantiser step
 (``(original − decoded)/s`` in normalised intensities), so every operating point weighs the same; the
@@ -17,6 +17,7 @@ validation figure ``val_gain_db`` is the PSNR gain on the validation patches in 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -406,16 +407,17 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
             break
         t_epoch = time.perf_counter()
         losses, t_steps, n_timed = [], 0.0, 0
-        batches = prefetched_batches(sampler, (cfg.seed, epoch), cfg.batch, spe, workers)
-        for k, b in enumerate(batches):
-            t0 = time.perf_counter()
-            params, opt_state, loss = trainer.train_step(params, opt_state, b, (epoch - 1) * spe + k)
-            loss = float(loss)
-            if k > 0 or epoch > start_epoch:  # the run's first step includes compilation
-                t_steps += time.perf_counter() - t0
-                n_timed += 1
-            losses.append(loss)
-            emit("step", {"epoch": epoch, "step": k + 1, "steps": spe, "loss": loss})
+        # closing() stops the sampling threads at once if a step (or a progress callback) raises
+        with contextlib.closing(prefetched_batches(sampler, (cfg.seed, epoch), cfg.batch, spe, workers)) as batches:
+            for k, b in enumerate(batches):
+                t0 = time.perf_counter()
+                params, opt_state, loss = trainer.train_step(params, opt_state, b, (epoch - 1) * spe + k)
+                loss = float(loss)
+                if k > 0 or epoch > start_epoch:  # the run's first step includes compilation
+                    t_steps += time.perf_counter() - t0
+                    n_timed += 1
+                losses.append(loss)
+                emit("step", {"epoch": epoch, "step": k + 1, "steps": spe, "loss": loss})
         step_no = epoch * spe
         rec: dict[str, Any] = {"epoch": epoch, "step": step_no, "lr": float(trainer.schedule(step_no - 1)),
                                "train_loss": float(np.mean(losses)), "val_loss": None, "val_gain_db": None}
