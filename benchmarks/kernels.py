@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         return r
 
     best_config = None  # the fastest Pallas setting on the first block shape, reused on the others
-    for bi, b in enumerate(args.blocks):
+    for b in args.blocks:
         bases = random_bases(b)
         step = jnp.float32(args.step)
         fwd_s, q_ref = timed(lambda: _forward(x, bases, step, b, "reference"), args.repeat)

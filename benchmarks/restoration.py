@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--blocks", nargs="+", default=["auto", "8"], help="block shapes of the block-tucker training pairs")
     p.add_argument("--val-volumes", nargs="*", default=["mr_brain_gd.nii.gz"],
                    help="validation-only volumes (early stopping); none: --val-fraction of the training CTs")
+    p.add_argument("--extra-train", nargs="*", type=Path, default=[],
+                   help="volumes added to every fold's training set (one whose file name starts with the "
+                        "held-out volume's label is left out of that fold: it is derived from it)")
     p.add_argument("--cache", type=Path, default=None, help="cache of decoded volumes (default OUT/cache)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patches-per-epoch", type=int, default=3200)
@@ -187,7 +190,8 @@ def main(argv=None) -> int:
             if args.folds and label not in args.folds and held.name not in args.folds:
                 continue
             log(f"{codec}: hold out {label}")
-            results.append(run_fold(args, codec, held, [v for v in vols if v != held], val))
+            extra = [e for e in args.extra_train if not e.name.startswith(label)]
+            results.append(run_fold(args, codec, held, [v for v in vols if v != held] + extra, val))
             if args.json:
                 C.write_json(args.json, {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                                          "environment": C.environment(), "results": results})
