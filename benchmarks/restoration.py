@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--extra-train", nargs="*", type=Path, default=[],
                    help="volumes added to every fold's training set (one whose file name starts with the "
                         "held-out volume's label is left out of that fold: it is derived from it)")
+    p.add_argument("--u8-window", nargs=2, type=float, default=None, metavar=("LO_HU", "HI_HU"),
+                   help="also train on 8-bit copies of the HU CTs, windowed LO…HI HU onto 0…255 (written to "
+                        "OUT/synthetic_u8; each fold leaves out the copy of its held-out volume)")
     p.add_argument("--cache", type=Path, default=None, help="cache of decoded volumes (default OUT/cache)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patches-per-epoch", type=int, default=3200)
@@ -92,7 +95,6 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
                       lr=args.lr, channels=tuple(args.channels), patience=args.patience, val_fraction=args.val_fraction,
                       val_patches=args.val_patches, seed=args.seed, codecs=(codec,), targets=tuple(args.train_targets),
                       blocks=tuple(args.blocks))
-    t0 = time.perf_counter()
     last = [0.0]
 
     def progress(event, info):
@@ -173,12 +175,30 @@ def print_tables(results: list[dict]) -> None:
                   f"{r['epochs_run']} epochs (best {r['best_epoch']}), {r['train_seconds'] / 60:.1f} min, model {r['model_id'][:12]}")
 
 
+def u8_windowed(paths, lo: float, hi: float, out_dir: Path) -> list[Path]:
+    """8-bit copies of the HU CTs among ``paths``: ``lo…hi`` HU mapped linearly onto 0…255, clipped."""
+    from fedtensor.io import Volume, read_volume, write_volume
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    for p in paths:
+        v = read_volume(p)
+        if v.data.dtype == np.uint8:
+            continue
+        u8 = np.clip(np.rint((v.data.astype(np.float64) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+        made.append(write_volume(Volume(u8, v.spacing, v.affine, {}),
+                                 out_dir / f"{C.volume_label(p)}_u8window.nii.gz", force=True))
+    return made
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir = args.data or C.default_data_dir()
     vols = [C.resolve_volume_path(v, data_dir) for v in args.volumes]
     val = [C.resolve_volume_path(v, data_dir) for v in args.val_volumes]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.u8_window:
+        args.extra_train = [*args.extra_train, *u8_windowed(vols, *args.u8_window, args.out / "synthetic_u8")]
     import jax
 
     log(f"restoration benchmark: {len(vols)} CT volumes, codecs {args.codecs}, targets {args.targets}, "
