@@ -56,9 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--extra-train", nargs="*", type=Path, default=[],
                    help="volumes added to every fold's training set (one whose file name starts with the "
                         "held-out volume's label is left out of that fold: it is derived from it)")
-    p.add_argument("--u8-window", nargs=2, type=float, default=None, metavar=("LO_HU", "HI_HU"),
-                   help="also train on 8-bit copies of the HU CTs, windowed LO…HI HU onto 0…255 (written to "
-                        "OUT/synthetic_u8; each fold leaves out the copy of its held-out volume)")
+    p.add_argument("--u8-window", nargs="+", type=float, default=None, metavar="HU",
+                   help="also train on 8-bit copies of the HU CTs, windowed LO…HI HU onto 0…255, one copy per "
+                        "LO HI pair given (written to OUT/synthetic_u8; each fold leaves out the copies of "
+                        "its held-out volume)")
     p.add_argument("--cache", type=Path, default=None, help="cache of decoded volumes (default OUT/cache)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patches-per-epoch", type=int, default=3200)
@@ -186,8 +187,8 @@ def u8_windowed(paths, lo: float, hi: float, out_dir: Path) -> list[Path]:
         if v.data.dtype == np.uint8:
             continue
         u8 = np.clip(np.rint((v.data.astype(np.float64) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
-        made.append(write_volume(Volume(u8, v.spacing, v.affine, {}),
-                                 out_dir / f"{C.volume_label(p)}_u8window.nii.gz", force=True))
+        name = f"{C.volume_label(p)}_u8window{lo:g}_{hi:g}.nii.gz"
+        made.append(write_volume(Volume(u8, v.spacing, v.affine, {}), out_dir / name, force=True))
     return made
 
 
@@ -198,7 +199,11 @@ def main(argv=None) -> int:
     val = [C.resolve_volume_path(v, data_dir) for v in args.val_volumes]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.u8_window:
-        args.extra_train = [*args.extra_train, *u8_windowed(vols, *args.u8_window, args.out / "synthetic_u8")]
+        w = args.u8_window
+        if len(w) % 2 or any(lo >= hi for lo, hi in zip(w[::2], w[1::2])):
+            raise SystemExit("--u8-window takes LO HI pairs with LO < HI")
+        for lo, hi in zip(w[::2], w[1::2]):
+            args.extra_train = [*args.extra_train, *u8_windowed(vols, lo, hi, args.out / "synthetic_u8")]
     import jax
 
     log(f"restoration benchmark: {len(vols)} CT volumes, codecs {args.codecs}, targets {args.targets}, "
