@@ -28,7 +28,6 @@ import functools
 import io
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,9 +63,9 @@ from fedtensor.nn.checkpoint import (
     tree_to_bytes,
     write_atomic,
 )
-from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, make_pairs, split_by_volume
+from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, training_sources
 from fedtensor.nn.model import NetConfig, abstract_net, conv_override
-from fedtensor.nn.train import HISTORY_CSV, LOSS_PNG, TrainConfig, Trainer, export_model, model_bytes
+from fedtensor.nn.train import TrainConfig, Trainer, clear_run, export_model, model_bytes
 from fedtensor.nn.train import write_history as train_history
 
 HISTORY_FIELDS = ("round", "clients", "patches", "train_loss", "val_loss", "val_gain_db", "seconds", "updates_per_s")
@@ -321,12 +320,6 @@ def _load_state(out_dir: Path, server: Server):
     return tree["params"], tree["opt"], best, meta
 
 
-def _clear_run(out_dir: Path) -> None:
-    shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-    for name in (MODEL_FILE, MANIFEST_FILE, HISTORY_CSV, LOSS_PNG):
-        (out_dir / name).unlink(missing_ok=True)
-
-
 def _manifest(cfg: FederateConfig, train_labels, val_labels, history, best_round, best_loss, fp, alloc,
               kinds) -> dict:
     best = next((r for r in history if r["round"] == best_round), {})
@@ -368,25 +361,7 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
     emit = progress or (lambda event, info: None)
     tcfg = cfg.train_config()
     cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
-    if sources is None and val_sources is None:
-        all_paths = [*(paths or []), *(val_paths or [])]
-        if not all_paths:
-            raise ModelError("no training volumes given")
-        made = make_pairs(all_paths, codecs=cfg.codecs, targets=cfg.targets, blocks=cfg.blocks, cache_dir=cache,
-                          progress=lambda d, t, what: emit("data", {"done": d, "total": t, "what": what}))
-        sources, val_sources = made[:len(paths or [])], (made[len(paths or []):] or None)
-    sources = list(sources or [])
-    if not sources:
-        raise ModelError("no training volumes given")
-    if val_sources:
-        train_src, val_src = sources, list(val_sources)
-        clash = {s.label for s in train_src} & {s.label for s in val_src}
-        if clash:
-            raise ModelError(f"a volume cannot be used for both training and validation: {sorted(clash)}")
-    else:
-        train_labels, val_labels = split_by_volume([s.label for s in sources], cfg.val_fraction, cfg.seed)
-        by_label = {s.label: s for s in sources}
-        train_src, val_src = [by_label[x] for x in train_labels], [by_label[x] for x in val_labels]
+    train_src, val_src = training_sources(paths, val_paths, sources, val_sources, cfg, cache, emit)
     train_labels, val_labels = [s.label for s in train_src], [s.label for s in val_src]
     fp = fingerprint(cfg, train_src, val_src)
     kinds = intensity_kinds(train_src)
@@ -402,7 +377,7 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
 
     server = Server(trainer.init_state()[0], cfg.fed_config())
     if not resume:
-        _clear_run(out_dir)
+        clear_run(out_dir)
     history: list[dict] = []
     best, best_loss, best_round, start = None, math.inf, 0, 1
     if (out_dir / STATE_DIR / STATE_JSON).exists():

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from fedtensor import __version__
+from fedtensor.nn.checkpoint import ModelError
 from fedtensor.nn.model import ALIGN, IN_CHANNELS
 from fedtensor.nn.normalize import (
     N_FEATURES,
@@ -197,6 +198,36 @@ def make_pairs(paths: Sequence[Path], *, codecs: Sequence[str] = ("block-tucker"
     if progress:
         progress(done, total, "done")
     return sources
+
+
+def training_sources(paths: Sequence[Path] | None, val_paths: Sequence[Path] | None,
+                     sources: Sequence[Source] | None, val_sources: Sequence[Source] | None, cfg,
+                     cache_dir: Path, progress: Callable[[str, dict], None]) -> tuple[list[Source], list[Source]]:
+    """``(train, validation)`` sources of a training or federated run.
+
+    Pairs are made from ``paths``/``val_paths`` (cached in ``cache_dir``) unless prepared ``sources``/
+    ``val_sources`` are given. Validation volumes given explicitly are used for validation only;
+    otherwise ``cfg.val_fraction`` of the training volumes is split off by volume (seeded by
+    ``cfg.seed``). ``cfg`` also gives the codecs, targets and blocks of the pairs.
+    """
+    if sources is None and val_sources is None:
+        all_paths = [*(paths or []), *(val_paths or [])]
+        if all_paths:
+            made = make_pairs(all_paths, codecs=cfg.codecs, targets=cfg.targets, blocks=cfg.blocks,
+                              cache_dir=cache_dir,
+                              progress=lambda d, t, what: progress("data", {"done": d, "total": t, "what": what}))
+            sources, val_sources = made[:len(paths or [])], (made[len(paths or []):] or None)
+    sources = list(sources or [])
+    if not sources:
+        raise ModelError("no training volumes given")
+    if val_sources:
+        clash = {s.label for s in sources} & {s.label for s in val_sources}
+        if clash:
+            raise ModelError(f"a volume cannot be used for both training and validation: {sorted(clash)}")
+        return sources, list(val_sources)
+    train_labels, val_labels = split_by_volume([s.label for s in sources], cfg.val_fraction, cfg.seed)
+    by_label = {s.label: s for s in sources}
+    return [by_label[x] for x in train_labels], [by_label[x] for x in val_labels]
 
 
 def intensity_kinds(sources: Sequence[Source]) -> list[str]:

@@ -53,10 +53,9 @@ from fedtensor.nn.data import (
     PatchSampler,
     Source,
     intensity_kinds,
-    make_pairs,
     parse_block,
     prefetched_batches,
-    split_by_volume,
+    training_sources,
 )
 from fedtensor.nn.model import NetConfig, new_net
 
@@ -285,7 +284,8 @@ def fingerprint(cfg: TrainConfig, train_src: Sequence[Source], val_src: Sequence
     return sha256_hex(json.dumps(d, sort_keys=True).encode())
 
 
-def _clear_run(out_dir: Path) -> None:
+def clear_run(out_dir: Path) -> None:
+    """Remove a run's checkpoint and exported model files (``--force``: start over)."""
     shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
     for name in (MODEL_FILE, MANIFEST_FILE, HISTORY_CSV, LOSS_PNG):
         (out_dir / name).unlink(missing_ok=True)
@@ -348,24 +348,8 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
     out_dir.mkdir(parents=True, exist_ok=True)
     emit = progress or (lambda event, info: None)
     cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
-    all_paths = [*(paths or []), *(val_paths or [])] if sources is None and val_sources is None else []
-    if all_paths:
-        made = make_pairs(all_paths, codecs=cfg.codecs, targets=cfg.targets, blocks=cfg.blocks, cache_dir=cache,
-                          progress=lambda d, t, what: emit("data", {"done": d, "total": t, "what": what}))
-        sources, val_sources = made[:len(paths or [])], (made[len(paths or []):] or None)
-    sources = list(sources or [])
-    if not sources:
-        raise ModelError("no training volumes given")
-    if val_sources:
-        train_src, val_src = sources, list(val_sources)
-        train_labels, val_labels = [s.label for s in train_src], [s.label for s in val_src]
-        if set(train_labels) & set(val_labels):
-            raise ModelError(f"a volume cannot be used for both training and validation: {sorted(set(train_labels) & set(val_labels))}")
-    else:
-        train_labels, val_labels = split_by_volume([s.label for s in sources], cfg.val_fraction, cfg.seed)
-        by_label = {s.label: s for s in sources}
-        train_src = [by_label[x] for x in train_labels]
-        val_src = [by_label[x] for x in val_labels]
+    train_src, val_src = training_sources(paths, val_paths, sources, val_sources, cfg, cache, emit)
+    train_labels, val_labels = [s.label for s in train_src], [s.label for s in val_src]
     fp = fingerprint(cfg, train_src, val_src)
     kinds = intensity_kinds(train_src)
 
@@ -379,7 +363,7 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
 
     state_json = out_dir / STATE_DIR / STATE_JSON
     if not resume:
-        _clear_run(out_dir)
+        clear_run(out_dir)
     history: list[dict] = []
     best, best_loss, best_epoch, bad, start_epoch, finished = None, math.inf, 0, 0, 1, False
     if state_json.exists():
