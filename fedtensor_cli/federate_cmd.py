@@ -14,7 +14,7 @@ import typer
 
 from fedtensor_cli import render
 from fedtensor_cli.errors import UsageFailure, cli_errors
-from fedtensor_cli.train_cmd import PhaseProgress, _floats, _ints, expand_data
+from fedtensor_cli.train_cmd import DataArgument, ModelDirOption, PhaseProgress, _floats, _ints, expand_data
 
 
 def register(app: typer.Typer) -> None:
@@ -23,10 +23,8 @@ def register(app: typer.Typer) -> None:
     @app.command("federate")
     @cli_errors
     def federate(
-        data: Annotated[list[Path], typer.Argument(metavar="DATA...", show_default=False,
-                                                   help="Training volumes (files, DICOM series directories, or directories of volumes).")],
-        out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
-                                          help="Model directory to write (created if needed).")],
+        data: DataArgument,
+        out: ModelDirOption,
         clients: Annotated[int, typer.Option("--clients", "-k", help="Number of simulated clients (hospitals).")] = 8,
         rounds: Annotated[int, typer.Option("--rounds", "-r", help="Federated rounds.")] = 10,
         local_steps: Annotated[int, typer.Option("--local-steps", help="Local optimiser steps per client and round.")] = 10,

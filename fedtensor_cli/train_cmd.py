@@ -47,16 +47,22 @@ def expand_data(items: list[Path]) -> list[Path]:
     return out
 
 
+# shared with `federate`
+DataArgument = Annotated[list[Path], typer.Argument(
+    metavar="DATA...", show_default=False,
+    help="Training volumes (files, DICOM series directories, or directories of volumes).")]
+ModelDirOption = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
+                                              help="Model directory to write (created if needed).")]
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``train`` command to ``app``."""
 
     @app.command("train")
     @cli_errors
     def train(
-        data: Annotated[list[Path], typer.Argument(metavar="DATA...", show_default=False,
-                                                   help="Training volumes (files, DICOM series directories, or directories of volumes).")],
-        out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
-                                          help="Model directory to write (created if needed).")],
+        data: DataArgument,
+        out: ModelDirOption,
         val: Annotated[Optional[list[Path]], typer.Option("--val", metavar="PATH",
                                                           help="Validation-only volume (repeatable); default: --val-fraction of DATA, split by volume.")] = None,
         codec: Annotated[list[str], typer.Option("--codec", metavar="NAME",
