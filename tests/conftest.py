@@ -48,6 +48,23 @@ def volume_paths(data_dir: Path) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def head_crop_paths(volume_paths, tmp_path_factory) -> list[Path]:
+    """Three 40×40×32 crops of the real ct_head_uint8 as ``.npy`` files: a tiny federation's volumes."""
+    import numpy as np
+
+    from fedtensor.io import read_volume
+
+    vol = read_volume(volume_paths["ct_head_uint8.nii.gz"]).data
+    d = tmp_path_factory.mktemp("head_crops")
+    out = []
+    for i, (y, x) in enumerate([(60, 60), (60, 130), (130, 90)]):
+        p = d / f"head{i}.npy"
+        np.save(p, np.ascontiguousarray(vol[y:y + 40, x:x + 40, 12:44]))
+        out.append(p)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Appended for the codec / tensor / fuzz tests: real volumes read once per session.
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import hashlib
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -19,21 +18,6 @@ from fedtensor_cli.federate_cmd import register
 
 SMALL = ["--clients", "3", "--local-steps", "2", "--batch", "2", "--patch", "16", "--channels", "8,16",
          "--targets", "36", "--blocks", "8", "--val-fraction", "0.34"]
-
-
-@pytest.fixture(scope="module")
-def crops(volume_paths, tmp_path_factory):
-    """Three 40×40×32 crops of ct_head_uint8 (one becomes the validation volume)."""
-    from fedtensor.io import read_volume
-
-    vol = read_volume(volume_paths["ct_head_uint8.nii.gz"]).data
-    d = tmp_path_factory.mktemp("fed_cli")
-    out = []
-    for i, (y, x) in enumerate([(60, 60), (60, 130), (130, 90)]):
-        p = d / f"head{i}.npy"
-        np.save(p, np.ascontiguousarray(vol[y:y + 40, x:x + 40, 12:44]))
-        out.append(p)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +37,10 @@ def _run(app, *args):
 
 
 @pytest.mark.slow  # > 20 s: codec pairs, compiling the round, three federations (99 s on a loaded 2-core machine)
-def test_cli_federates_and_resumes(app, crops, tmp_path):
+def test_cli_federates_and_resumes(app, head_crop_paths, tmp_path):
     cache = tmp_path / "cache"
     a, b = tmp_path / "a", tmp_path / "b"
-    r = _run(app, *crops, "--out", a, "--rounds", "2", "--cache", cache, *SMALL, "--json",
+    r = _run(app, *head_crop_paths, "--out", a, "--rounds", "2", "--cache", cache, *SMALL, "--json",
              "--publish", tmp_path / "store")
     assert r.exit_code == 0, r.output
     full = json.loads(r.stdout.strip().splitlines()[-1])
@@ -75,21 +59,21 @@ def test_cli_federates_and_resumes(app, crops, tmp_path):
     assert model.config.channels == (8, 16)
 
     # stopped after one round, then continued: the same model as the uninterrupted run
-    r1 = _run(app, *crops, "--out", b, "--rounds", "1", "--cache", cache, *SMALL, "--json")
+    r1 = _run(app, *head_crop_paths, "--out", b, "--rounds", "1", "--cache", cache, *SMALL, "--json")
     assert r1.exit_code == 0, r1.output
     assert json.loads(r1.stdout.strip().splitlines()[-1])["rounds_run"] == 1
-    r2 = _run(app, *crops, "--out", b, "--rounds", "2", "--cache", cache, *SMALL, "--json")
+    r2 = _run(app, *head_crop_paths, "--out", b, "--rounds", "2", "--cache", cache, *SMALL, "--json")
     assert r2.exit_code == 0, r2.output
     resumed = json.loads(r2.stdout.strip().splitlines()[-1])
     assert resumed["rounds_run"] == 2 and resumed["model_id"] == full["model_id"]
 
     # other settings in an existing run directory: refused, one line; --force starts over
-    other = _run(app, *crops, "--out", b, "--rounds", "2", "--cache", cache, *SMALL, "--lr", "1e-3")
+    other = _run(app, *head_crop_paths, "--out", b, "--rounds", "2", "--cache", cache, *SMALL, "--lr", "1e-3")
     assert other.exit_code == 1 and "other settings" in other.output and len(other.output.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_library_resume_and_versions(crops, tmp_path):
+def test_library_resume_and_versions(head_crop_paths, tmp_path):
     cfg = FederateConfig(clients=3, rounds=2, local_steps=2, batch=2, patch=16, channels=(8, 16), targets=(36.0,),
                          blocks=("8",), val_fraction=0.34, partition="by-volume", sample_fraction=0.67)
     versions = []
@@ -98,7 +82,7 @@ def test_library_resume_and_versions(crops, tmp_path):
         assert manifest["model_id"] == hashlib.sha256(blob).hexdigest() and meta["round"] == rnd
         versions.append(rnd)
 
-    full = federate(crops, tmp_path / "a", cfg, cache_dir=tmp_path / "cache", on_version=on_version)
+    full = federate(head_crop_paths, tmp_path / "a", cfg, cache_dir=tmp_path / "cache", on_version=on_version)
     assert versions == [1, 2] and [r["clients"] for r in full["history"]] == [2, 2]
 
     class Stop(Exception):
@@ -109,17 +93,17 @@ def test_library_resume_and_versions(crops, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        federate(crops, tmp_path / "b", cfg, cache_dir=tmp_path / "cache", progress=interrupt)
-    resumed = federate(crops, tmp_path / "b", cfg, cache_dir=tmp_path / "cache")
+        federate(head_crop_paths, tmp_path / "b", cfg, cache_dir=tmp_path / "cache", progress=interrupt)
+    resumed = federate(head_crop_paths, tmp_path / "b", cfg, cache_dir=tmp_path / "cache")
     assert resumed["model_id"] == full["model_id"] and resumed["rounds_run"] == 2
     # secure aggregation: the same global model up to the fixed-point encoding
-    sec = federate(crops, tmp_path / "c", replace(cfg, rounds=1, secure_agg=True), cache_dir=tmp_path / "cache")
+    sec = federate(head_crop_paths, tmp_path / "c", replace(cfg, rounds=1, secure_agg=True), cache_dir=tmp_path / "cache")
     a1, s1 = full["history"][0], sec["history"][0]
     assert s1["val_loss"] == pytest.approx(a1["val_loss"], rel=1e-3)
     state = tmp_path / "b" / "checkpoint" / "state-00002.safetensors"
     state.write_bytes(state.read_bytes()[:-10])
     with pytest.raises(ModelError, match="corrupted federation checkpoint"):
-        federate(crops, tmp_path / "b", cfg, cache_dir=tmp_path / "cache")
+        federate(head_crop_paths, tmp_path / "b", cfg, cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -130,8 +114,8 @@ def test_library_resume_and_versions(crops, tmp_path):
     (["--patch", "18"], "--patch"),
     (["--server-opt", "sgd-magic"], "server optimizer"),
 ])
-def test_bad_arguments_give_one_line(app, crops, tmp_path, extra, needle):
-    r = _run(app, *crops, "--out", tmp_path / "x", "--rounds", "1", *extra)
+def test_bad_arguments_give_one_line(app, head_crop_paths, tmp_path, extra, needle):
+    r = _run(app, *head_crop_paths, "--out", tmp_path / "x", "--rounds", "1", *extra)
     assert r.exit_code == 2, r.output
     assert r.output.strip().startswith("error:") and needle in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()

@@ -101,18 +101,10 @@ TINY = NetConfig(channels=(8, 16))
 
 
 @pytest.fixture(scope="module")
-def head_sources(volume_paths, tmp_path_factory):
+def head_sources(head_crop_paths, tmp_path_factory):
     """Three small crops of the real head CT through the real codec (one target, 8³ blocks)."""
-    from fedtensor.io import read_volume
-
-    vol = read_volume(volume_paths["ct_head_uint8.nii.gz"]).data
-    d = tmp_path_factory.mktemp("fed_head")
-    paths = []
-    for i, (y, x) in enumerate([(60, 60), (60, 130), (130, 90)]):
-        p = d / f"head{i}.npy"
-        np.save(p, np.ascontiguousarray(vol[y:y + 40, x:x + 40, 12:44]))
-        paths.append(p)
-    return paths, make_pairs(paths, targets=(36.0,), blocks=("8",), cache_dir=d / "cache")
+    cache = tmp_path_factory.mktemp("fed_head") / "cache"
+    return head_crop_paths, make_pairs(head_crop_paths, targets=(36.0,), blocks=("8",), cache_dir=cache)
 
 
 def test_client_conv_matches_the_net_conv_under_vmap():
