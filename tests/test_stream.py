@@ -14,7 +14,7 @@ from fedtensor.codec import compress, decompress, stream
 from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.container import pack, unpack
 from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.normalize import denormalize, normalize
+from fedtensor.codec.normalize import denormalize, device_map, from_unit, normalize, to_unit
 from fedtensor.codec.quantize import ROUNDING, dequantize
 from fedtensor.errors import FormatError
 from fedtensor.io.volume import Volume
@@ -64,9 +64,11 @@ def test_streamed_encoding_equals_whole_volume_encoding(chest_crop, small_slabs)
     b, depth, step = tuple(p["block"]), p["slab"], p["step"]
     assert len(sections) - 1 == math.ceil(x.shape[0] / depth) >= 3
     bases = _bases(p, sections)
-    # The whole volume at once, with the stream's bases and step, through the transform the codec picks
-    # for this block shape (the separable jnp path on a CPU, maybe the Pallas kernel on a GPU).
-    q = np.asarray(bt.forward_blocks(to_blocks(jnp.asarray(normalize(x, p["offset"], p["scale"])), b), bases,
+    # The whole volume at once, with the stream's bases and step, normalised as the codec does it, through
+    # the transform the codec picks for this block shape (the separable jnp path on a CPU, maybe the
+    # Pallas kernel on a GPU).
+    m = device_map(x.dtype, p["offset"], p["scale"])
+    q = np.asarray(bt.forward_blocks(to_blocks(to_unit(jnp.asarray(x), m), b), bases,
                                      jnp.float32(step), ROUNDING, bt.impl_for(b)))
     rows = depth // b[0]
     coders = BlockCoders()
@@ -82,11 +84,11 @@ def test_streamed_encoding_equals_whole_volume_encoding(chest_crop, small_slabs)
     # The decoder's float reconstruction is the whole-volume one up to float32 summation order (the
     # inverse runs on slab-shaped arrays), so a voxel on a rounding edge may land one unit apart.
     whole = np.asarray(from_blocks(expand(dequantize(jnp.asarray(q), jnp.float32(step)), bases), x.shape))
-    expected = denormalize(whole, x.dtype, p["offset"], p["scale"])
+    expected = np.asarray(from_unit(jnp.asarray(whole), m, x.dtype))
     decoded = decompress(blob).data
     assert decoded.dtype == x.dtype
     differ = decoded.astype(np.int64) != expected
-    assert np.abs(decoded.astype(np.int64) - expected).max() <= 1 and differ.mean() < 1e-5
+    assert np.abs(decoded.astype(np.int64) - expected).max() <= 1 and differ.mean() < 1e-4
     # What the encoder measured is what the decoder returns: the PSNR guarantee holds on the output.
     assert _psnr(x, decoded) >= 45 and h["stats"]["psnr"] == pytest.approx(_psnr(x, decoded), abs=1e-9)
 

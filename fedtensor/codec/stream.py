@@ -2,12 +2,13 @@
 
 The (edge-padded) volume is cut along axis 0 into slabs of ``depth`` voxels, a multiple of the block
 depth (header ``params.slab``). Every pass — Gram matrices for the bases, the decoded-PSNR check of a
-quantiser step, the final encoding — visits one slab at a time: normalise it (float64 → float32),
-transform and quantise it, then code its integer block grid into its own payload section, the entropy
-coder's context statistics (and the DC predictor's last plane) carried on from the previous slab, so
-thin slabs cost no bits. Only coded bytes outlive a slab; the decoder writes each decoded slab into one preallocated array of the original
-dtype. Every slab has the same static shape (the last one is edge-padded), so each jitted function
-compiles once per volume geometry.
+quantiser step, the final encoding — visits one slab at a time: send it to the device raw, normalise
+it there (:class:`~fedtensor.codec.normalize.DeviceMap`), transform and quantise it, then code its
+integer block grid into its own payload section, the entropy coder's context statistics (and the DC
+predictor's last plane) carried on from the previous slab, so thin slabs cost no bits. Only coded
+bytes outlive a slab; the decoder writes each decoded slab, mapped back to the original dtype on the
+device, into one preallocated array. Every slab has the same static shape (the last one is
+edge-padded), so each jitted function compiles once per volume geometry.
 
 A slab's coefficients are exactly those of the whole-volume block transform (blocks never straddle
 slabs), so a stream equals the whole-volume quantised grid coded slab by slab, and the decoder returns
@@ -32,7 +33,8 @@ import numpy as np
 
 from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.normalize import denormalize, normalize, rows_per_chunk
+from fedtensor.codec.normalize import (DeviceMap, decoded_shifted, denormalize, device_map, from_unit, normalize,
+                                       rows_per_chunk, shifted, to_unit)
 from fedtensor.codec.quantize import RECON_OFFSET, ROUNDING, dequantize, quantize
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import _to_blocks, expand, from_blocks, padded_shape, project
@@ -84,20 +86,14 @@ class Slabs:
         _, py, pz = padded_shape(self.shape, self.b)
         return -(-self.rows(start) // self.b[0]), py // self.b[1], pz // self.b[2]
 
-    def normalized(self, x: np.ndarray, start: int, offset: float, scale: float) -> np.ndarray:
-        """The slab at ``start`` in normalised float32, edge-padded along axis 0 to ``depth`` rows."""
+    def slab(self, x: np.ndarray, start: int, m: DeviceMap | None, offset: float, scale: float) -> np.ndarray:
+        """The slab at ``start`` as the jitted functions take it, edge-padded along axis 0 to ``depth``
+        rows: raw voxels (a view, unless it is the last, short slab) when the device normalises (``m``),
+        else normalised float32 from the host."""
         r = self.rows(start)
-        out = normalize(x[start:start + r], offset, scale)
+        out = x[start:start + r] if m is not None else normalize(x[start:start + r], offset, scale)
         if r < self.depth:
             out = np.concatenate([out, np.broadcast_to(out[-1:], (self.depth - r, *out.shape[1:]))])
-        return out
-
-
-    def original(self, x: np.ndarray, start: int, shift: int) -> np.ndarray:
-        """The slab's voxels minus the integer ``shift`` in float32, zero-padded to ``depth`` rows."""
-        r = self.rows(start)
-        out = np.zeros((self.depth, *x.shape[1:]), np.float32)
-        out[:r] = x[start:start + r].astype(np.int64) - shift
         return out
 
 
@@ -156,15 +152,17 @@ def trim_heap() -> None:
 
 
 @partial(jax.jit, static_argnames="b")
-def _slab_grams(slab, b):
-    """Mode Gram matrices of the slab's block stack, accumulated one block row at a time.
+def _slab_grams(slab, m, blocks_rows, b):
+    """Mode Gram matrices of the slab's block stack (its first ``blocks_rows`` voxel rows; the rest are
+    not blocks of the volume), accumulated one block row at a time.
 
     A scan over block rows keeps the working set to one row (not several transposed copies of the
     slab, which is what one einsum over the whole 6D block view costs).
     """
     (bx, by, bz), (d, y, z) = b, slab.shape
     py, pz = -(-y // by) * by, -(-z // bz) * bz
-    x = jnp.pad(slab, ((0, 0), (0, py - y), (0, pz - z)), mode="edge")
+    unit = jnp.where((jnp.arange(d) < blocks_rows)[:, None, None], to_unit(slab, m), 0.0)
+    x = jnp.pad(unit, ((0, 0), (0, py - y), (0, pz - z)), mode="edge")
     rows = x.reshape(d // bx, bx, py // by, by, pz // bz, bz)
 
     def add(acc, row):  # row: (bx, gy, by, gz, bz)
@@ -176,8 +174,9 @@ def _slab_grams(slab, b):
 
 
 @partial(jax.jit, static_argnames=("b", "impl"))
-def _forward(slab, bases, step, b, impl):
-    return kernels.forward_blocks(_to_blocks(slab, b), bases, step, ROUNDING, impl)
+def _forward(slab, bases, step, b, impl, m=None):
+    """Quantisation indices of a slab (raw, normalised by ``m`` on the device; or already normalised)."""
+    return kernels.forward_blocks(_to_blocks(to_unit(slab, m), b), bases, step, ROUNDING, impl)
 
 
 @partial(jax.jit, static_argnames=("shape", "impl"))
@@ -185,25 +184,30 @@ def _inverse(q, bases, step, shape, impl):
     return from_blocks(kernels.inverse_blocks(q, bases, step, RECON_OFFSET, impl), shape)
 
 
-@partial(jax.jit, static_argnames="b")
-def _estimate(slab, original, rows, bases, steps, scale, offset, lo, hi, b):
+@partial(jax.jit, static_argnames=("shape", "impl", "dtype"))
+def _decode(q, bases, step, m, shape, impl, dtype):
+    """A decoded slab: in ``dtype`` when the device maps it back (``m``), else normalised float32."""
+    return from_unit(_inverse(q, bases, step, shape, impl), m, dtype)
+
+
+@partial(jax.jit, static_argnames=("b", "dtype"))
+def _estimate(slab, m, rows, bases, steps, b, dtype):
     """For each step: per-row squared errors and the max abs error of the decoded slab, in float32.
 
-    The transform runs once; quantise → inverse → denormalise → round/clip follows per step (one step
-    at a time, so memory stays one slab's). Integer volumes are compared in their units less an integer
-    shift (``original``, ``offset``, ``lo``, ``hi`` are all shifted, so rounding happens where the
-    decoder's does); float volumes (``original`` None) in normalised units. A float32 estimate of what
-    the decoder returns (which denormalises in float64): the search uses it, the encode measures.
+    The transform runs once; quantise → inverse → map back → round/clip follows per step (one step at a
+    time, so memory stays one slab's). Integer volumes with a device map are compared in their units
+    less the map's integer shift (rounding happens exactly where the decoder's does); the others in
+    normalised units. An estimate (float32 sums): the search uses it, the encode measures.
     """
-    c = project(_to_blocks(slab, b), bases)
+    unit = to_unit(slab, m)
+    c = project(_to_blocks(unit, b), bases)
     valid = (jnp.arange(slab.shape[0]) < rows)[:, None, None]
+    integer = m is not None and np.dtype(dtype).kind in "iu"
+    original = shifted(slab, m) if integer else unit
 
     def one(step):
         rec = from_blocks(expand(dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET), bases), slab.shape)
-        if original is None:
-            d = slab - rec
-        else:
-            d = original - jnp.clip(jnp.round(rec * scale + offset), lo, hi)
+        d = original - (decoded_shifted(rec, m, dtype) if integer else rec)
         d = jnp.where(valid, d, 0.0)
         return jnp.sum(d * d, axis=(1, 2)), jnp.max(jnp.abs(d))
 
@@ -221,11 +225,11 @@ def fit_bases(x: np.ndarray, slabs: Slabs, offset: float, scale: float) -> list[
     Returned as float32: that is what the stream stores, and what both sides transform with.
     """
     grams = [np.zeros((n, n)) for n in slabs.b]
+    m = device_map(x.dtype, offset, scale)
     t0 = time.perf_counter()
     for start in slabs.starts:
-        slab = slabs.normalized(x, start, offset, scale)
-        slab[slabs.grid(start)[0] * slabs.b[0]:] = 0  # rows past the volume's last block row are not blocks
-        for acc, g in zip(grams, _slab_grams(slab, slabs.b)):
+        slab = slabs.slab(x, start, m, offset, scale)
+        for acc, g in zip(grams, _slab_grams(slab, m, slabs.grid(start)[0] * slabs.b[0], slabs.b)):
             acc += np.asarray(g, np.float64)  # float64 sum: the order of slabs barely matters
         del slab
         trim_heap()
@@ -255,14 +259,24 @@ class SlabEncoder:
     bases: list[np.ndarray]
     impl: str = "reference"
 
+    def __post_init__(self):
+        self.map = device_map(self.x.dtype, self.offset, self.scale)
+
     def _slabs(self) -> Iterator[tuple[int, np.ndarray]]:
         for start in self.slabs.starts:
             t0 = time.perf_counter()
-            slab = self.slabs.normalized(self.x, start, self.offset, self.scale)
+            slab = self.slabs.slab(self.x, start, self.map, self.offset, self.scale)
             tick("normalize", t0)
             yield start, slab
             del slab  # let the consumer free it before the next slab is made
             trim_heap()
+
+    def _decoded(self, q, bases, step) -> np.ndarray:
+        """The decoder's own output for a slab's indices (same jitted function, same shapes): what the
+        encoder measures is what the decoder returns."""
+        out = np.asarray(_decode(q, bases, step, self.map, (self.slabs.depth, *self.x.shape[1:]), self.impl,
+                                 self.x.dtype.name))
+        return out if self.map is not None else denormalize(out, self.x.dtype, self.offset, self.scale)
 
     def errors(self, step: float) -> tuple[float, float]:
         """``(SSE, max abs error)`` of the decoded volume at ``step``, in its dtype (rounding included)."""
@@ -271,38 +285,31 @@ class SlabEncoder:
         for start, slab in self._slabs():
             t0 = time.perf_counter()
             r = self.slabs.rows(start)
-            # The decoder's own jitted inverse on the same shapes: what is measured is what it returns.
-            q = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl)
+            q = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl, self.map)
             del slab
-            rec = np.asarray(_inverse(q, bases, s, (self.slabs.depth, *self.x.shape[1:]), self.impl))
+            decoded = self._decoded(q, bases, s)
             del q
             t0 = tick("search: transform+quantize+inverse", t0)
-            decoded = denormalize(rec[:r], self.x.dtype, self.offset, self.scale)
-            e = error_stats(self.x[start:start + r], decoded)
+            e = error_stats(self.x[start:start + r], decoded[:r])
             tick("search: error", t0)
             sse, worst = sse + e[0], max(worst, e[1])
-            del rec, decoded  # before the next slab is made: one slab's working set at a time
+            del decoded  # before the next slab is made: one slab's working set at a time
         return sse, worst
 
     def estimate(self, steps) -> list[tuple[float, float]]:
         """Estimated ``(SSE, max abs error)`` of the decoded volume at each of ``steps``, in one pass over
         the slabs (float32; see :func:`_estimate`)."""
-        dtype = np.dtype(self.x.dtype)
-        integer = dtype.kind in "iu"
-        shift = math.floor(self.offset) if integer else 0  # exact: rounding happens at the same place
-        lo, hi = (np.iinfo(dtype).min - shift, np.iinfo(dtype).max - shift) if integer else (0, 0)
-        unit = 1.0 if integer else self.scale  # float volumes are compared in normalised units
+        integer = self.map is not None and self.x.dtype.kind in "iu"
+        unit = 1.0 if integer else self.scale  # the others are compared in normalised units
         bases, st = [jnp.asarray(u) for u in self.bases], jnp.asarray(steps, jnp.float32)
         sse, worst = np.zeros(len(steps)), np.zeros(len(steps))
         for start, slab in self._slabs():
             t0 = time.perf_counter()
-            original = jnp.asarray(self.slabs.original(self.x, start, shift)) if integer else None
-            rows, w = _estimate(jnp.asarray(slab), original, self.slabs.rows(start), bases, st,
-                                np.float32(self.scale), np.float32(self.offset - shift), np.float32(lo),
-                                np.float32(hi), self.slabs.b)
+            rows, w = _estimate(jnp.asarray(slab), self.map, self.slabs.rows(start), bases, st, self.slabs.b,
+                                self.x.dtype.name)
             sse += np.asarray(rows, np.float64).sum(axis=1) * unit**2
             worst = np.maximum(worst, np.asarray(w, np.float64) * unit)
-            del slab, rows, original
+            del slab, rows
             tick("search: estimate", t0)
         return list(zip(sse.tolist(), worst.tolist()))
 
@@ -314,7 +321,7 @@ class SlabEncoder:
         for start, slab in self._slabs():
             t0 = time.perf_counter()
             grid, r = self.slabs.grid(start), self.slabs.rows(start)
-            q_dev = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl)
+            q_dev = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl, self.map)
             del slab  # only the int coefficients of a slab live on, and only while it is coded
             q = np.asarray(q_dev)[:grid[0]]
             t0 = tick("transform+quantize", t0)
@@ -323,12 +330,11 @@ class SlabEncoder:
             sections.append(stream.finish())
             t0 = tick("entropy", t0)
             if measure:
-                rec = np.asarray(_inverse(q_dev, bases, s, (self.slabs.depth, *self.x.shape[1:]), self.impl))
-                decoded = denormalize(rec[:r], self.x.dtype, self.offset, self.scale)
-                e = error_stats(self.x[start:start + r], decoded)
+                decoded = self._decoded(q_dev, bases, s)
+                e = error_stats(self.x[start:start + r], decoded[:r])
                 sse, worst = sse + e[0], max(worst, e[1])
                 tick("search: error", t0)
-                del rec, decoded
+                del decoded
             del q, q_dev
         return sections, (sse, worst) if measure else None
 
@@ -368,6 +374,7 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     bases = [jnp.asarray(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
     slabs = Slabs(tuple(shape), b, depth)
     step = jnp.float32(float(params["step"]))
+    m = device_map(out.dtype, offset, scale)
     coders = BlockCoders()
     for start, section in zip(slabs.starts, sections[1:]):
         t0 = time.perf_counter()
@@ -378,9 +385,9 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
         if grid[0] * b[0] < depth:  # static shapes: zero block rows up to the slab depth
             q = np.concatenate([q, np.zeros((depth // b[0] - grid[0], *q.shape[1:]), q.dtype)])
         t0 = tick("entropy", t0)
-        rec = np.asarray(_inverse(jnp.asarray(q), bases, step, (depth, *shape[1:]), impl))
+        rec = np.asarray(_decode(jnp.asarray(q), bases, step, m, (depth, *shape[1:]), impl, out.dtype.name))
         t0 = tick("dequantize+inverse", t0)
-        out[start:start + r] = denormalize(rec[:r], out.dtype, offset, scale)
+        out[start:start + r] = rec[:r] if m is not None else denormalize(rec[:r], out.dtype, offset, scale)
         tick("denormalize", t0)
         del q, rec
         trim_heap()
