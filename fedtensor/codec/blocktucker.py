@@ -28,24 +28,52 @@ def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 
     return _tile_coefficients(jnp.asarray(tiles), jnp.float32(offset), jnp.float32(scale), block_shape(b))
 
 
-@partial(jax.jit, static_argnames="b")
-def _tile_coefficients(tiles: jax.Array, offset, scale, b: tuple[int, int, int]) -> jax.Array:
-    (bx, by, bz) = b
-    gx, gy, gz = (n // m for n, m in zip(tiles.shape[1:], b))
+def tile_bits(tiles: np.ndarray, b, offset: float, scale: float, step: float, clip: int = 64) -> float:
+    """Sum over bands of the empirical entropy of the quantised :func:`tile_coefficients` — a cheap rate
+    proxy to rank block shapes — without ever holding the coefficients: each tile's are quantised into
+    per-band histograms as they are made (magnitudes beyond ``clip`` share a bin)."""
+    return float(_tile_bits(jnp.asarray(tiles), jnp.float32(offset), jnp.float32(scale), jnp.float32(step),
+                            block_shape(b), clip))
 
-    def blocks(tile):  # one tile as a (gx, gy, gz, bx, by, bz) block stack, normalised
-        t = (tile.astype(jnp.float32) - offset) / scale
-        return t.reshape(gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5)
 
+def _tile_blocks(tile, offset, scale, b):
+    """One tile as a ``(gx, gy, gz, bx, by, bz)`` stack of normalised blocks."""
+    (bx, by, bz), (gx, gy, gz) = b, (n // m for n, m in zip(tile.shape, b))
+    t = (tile.astype(jnp.float32) - offset) / scale
+    return t.reshape(gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5)
+
+
+def _tile_bases(tiles, offset, scale, b):
+    """Per-mode bases fitted to the blocks of all tiles (Gram matrices summed tile by tile)."""
     def grams(tile):
-        k = blocks(tile)
+        k = _tile_blocks(tile, offset, scale, b)
         return tuple(jnp.einsum(spec, k, k, precision=FP32) for spec in
                      ("xyzijk,xyzljk->il", "xyzijk,xyzilk->jl", "xyzijk,xyzijl->kl"))
 
     g = [a.sum(axis=0) for a in jax.lax.map(grams, tiles)]
-    bases = [_leading_eigvecs(m, n)[0] for m, n in zip(g, b)]
-    coef = jax.lax.map(lambda tile: project(blocks(tile), bases).reshape(-1, bx * by * bz), tiles)
-    return coef.reshape(-1, bx * by * bz)
+    return [_leading_eigvecs(m, n)[0] for m, n in zip(g, b)]
+
+
+@partial(jax.jit, static_argnames="b")
+def _tile_coefficients(tiles: jax.Array, offset, scale, b: tuple[int, int, int]) -> jax.Array:
+    bases, width = _tile_bases(tiles, offset, scale, b), math.prod(b)
+    coef = jax.lax.map(lambda tile: project(_tile_blocks(tile, offset, scale, b), bases).reshape(-1, width), tiles)
+    return coef.reshape(-1, width)
+
+
+@partial(jax.jit, static_argnames=("b", "clip"))
+def _tile_bits(tiles: jax.Array, offset, scale, step, b: tuple[int, int, int], clip: int) -> jax.Array:
+    bases, nb, width = _tile_bases(tiles, offset, scale, b), math.prod(b), 2 * clip + 1
+    band = jnp.arange(nb, dtype=jnp.int32) * width
+
+    def count(hist, tile):
+        c = project(_tile_blocks(tile, offset, scale, b), bases).reshape(-1, nb)
+        q = jnp.clip(jnp.sign(c) * jnp.floor(jnp.abs(c) / step + ROUNDING), -clip, clip).astype(jnp.int32)
+        return hist.at[(band + q + clip).ravel()].add(1), None
+
+    hist = jax.lax.scan(count, jnp.zeros(nb * width, jnp.int32), tiles)[0].reshape(nb, width).astype(jnp.float32)
+    totals = hist.sum(axis=1, keepdims=True)
+    return -jnp.sum(jnp.where(hist > 0, hist * jnp.log2(jnp.maximum(hist, 1.0) / totals), 0.0))
 
 
 def gather_blocks(x: np.ndarray, b, flat_index: np.ndarray) -> np.ndarray:
@@ -64,23 +92,3 @@ def sample_superblocks(x: np.ndarray, side: int, count: int) -> np.ndarray:
     """Up to ``count`` aligned ``side³`` superblocks of the edge-padded ``x``, evenly spread, as tiles."""
     total = math.prod(-(-n // side) for n in x.shape)
     return gather_blocks(x, side, np.unique(np.linspace(0, total - 1, min(count, total)).astype(int)))
-
-
-def zeroth_order_bits(coef: np.ndarray, step: float, clip: int = 64) -> float:
-    """Sum over bands of the empirical entropy of quantised ``coef`` ``(n_blocks, n_bands)``.
-
-    A cheap, compile-free rate proxy (numpy only) used to rank block shapes.
-    """
-    coef = np.asarray(coef)
-    nb, width = coef.shape[1], 2 * clip + 1
-    counts = np.zeros(nb * width, np.int64)
-    band = np.arange(nb) * width
-    rows = max(1, (1 << 16) // nb)  # ~64 K coefficients (a few MB of temporaries) at a time
-    for lo in range(0, len(coef), rows):
-        c = coef[lo:lo + rows]
-        q = np.clip(np.sign(c) * np.floor(np.abs(c) / step + ROUNDING), -clip, clip).astype(np.int64) + clip
-        counts += np.bincount((band + q).ravel(), minlength=nb * width)
-    counts = counts.reshape(nb, width)
-    totals = counts.sum(axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(-np.sum(np.where(counts > 0, counts * np.log2(counts / totals), 0.0)))

@@ -407,9 +407,10 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     grid = tuple(p // m for p, m in zip(padded_shape(x.shape, b), b))
     total = math.prod(grid)
     idx = np.unique(np.linspace(0, total - 1, min(max(1, n_voxels // math.prod(b)), total)).astype(np.int64))
-    blocks = normalize(gather_blocks(x, b, idx), offset, scale)
+    raw, m = gather_blocks(x, b, idx), device_map(x.dtype, offset, scale)
+    blocks = to_unit(jnp.asarray(raw), m) if m is not None else jnp.asarray(normalize(raw, offset, scale))
     u1, u2, u3 = (jnp.asarray(u) for u in bases)
-    coef = jnp.einsum("nijk,ia,jb,kc->nabc", jnp.asarray(blocks), u1, u2, u3, precision=FP32)
+    coef = jnp.einsum("nijk,ia,jb,kc->nabc", blocks, u1, u2, u3, precision=FP32)
     hi = 4 * math.prod(b) ** 0.5
     floor = math.prod(b) ** 0.5 / 2**30  # |coef| ≤ √B for a unit-range volume: int32 indices never overflow
     return max(floor, largest_step_within(coef, mse * coef.size, max(hi * 1e-9, floor), hi))
