@@ -8,7 +8,7 @@ DEMO_INPUT ?= examples/data/ct_head_uint8.nii.gz
 DEMO_OUT   ?= results/demo
 PYTEST_ARGS ?= -q
 
-.PHONY: venv demo test browser clean
+.PHONY: venv demo test fuzz browser clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: venv
 
 test: venv browser
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The property tests (decoders, parsers, codec round trips) with fresh random examples on each run;
+# `make test` replays a fixed set. Repeat it to explore further.
+fuzz: venv
+	HYPOTHESIS_PROFILE=explore $(VPY) -m pytest -q -p no:cacheprovider $$(grep -l '@given' tests/*.py)
 
 # tests/test_browser.py drives Debian's headless Chromium through its chromedriver (never a downloaded
 # browser); installed here when missing and apt-get is usable. FEDTENSOR_NO_BROWSER=1 skips those tests.
