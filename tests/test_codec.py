@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedtensor.codec import CODECS, compress, decompress, read_info
+from fedtensor.codec.container import unpack
 from fedtensor.errors import FedtensorError, RateError, VolumeError
 from fedtensor.io import Volume
 
@@ -316,6 +317,31 @@ def test_psnr_mode_large_offset_small_range(dtype):
     vol = Volume(data)
     out = decompress(compress(vol, psnr=40))
     assert psnr64(data, out.data) >= 40
+
+
+@pytest.mark.parametrize("dtype,low", [("uint32", 2**32 - 1 - 3000), ("int32", -(2**31)), ("int32", 2**31 - 1 - 3000),
+                                       ("uint16", 0), ("int8", -128)])
+@pytest.mark.parametrize("target", [45.0, 70.0])
+def test_psnr_mode_at_the_dtype_limits(dtype, low, target):
+    """Data touching the dtype's limits (the device normalisation shifts in wrapping int32 arithmetic):
+    right dtype back, the target met, and the header's PSNR is that of the decoded output."""
+    span = min(3000, int(np.iinfo(dtype).max) - low)
+    g = np.indices((24, 20, 18)).sum(axis=0)
+    data = (low + np.round(span * (0.5 + 0.5 * np.sin(g / 5.0)))).astype(np.int64).astype(dtype)
+    blob = compress(Volume(data), psnr=target)
+    out = decompress(blob).data
+    assert out.dtype == data.dtype
+    assert psnr64(data, out) >= target
+    assert unpack(blob)[0]["stats"]["psnr"] == pytest.approx(psnr64(data, out), abs=1e-9)
+
+
+def test_psnr_beyond_float32_precision_is_a_rate_error():
+    """150 dB on a 5·10⁶-wide int32 range asks for more than float32 transforms resolve: a clear
+    RateError, not a crash in the step search."""
+    g = np.indices((20, 18, 16)).sum(axis=0)
+    data = (2**31 - 1 - 5_000_000 + np.round(2_500_000 * (1 + np.sin(g / 4.0)))).astype(np.int64).astype(np.int32)
+    with pytest.raises(RateError, match="could not reach 150"):
+        compress(Volume(data), psnr=150)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

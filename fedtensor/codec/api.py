@@ -21,6 +21,7 @@ CODECS = ("block-tucker", "omlsvd-global")
 EXACT_CODECS = ("lossless", "max-error")
 MAX_VOXELS = 1 << 30  # the exact-mode coders still hold a few int64 copies: ~1 G voxels fits a 24 GB machine
 _MAX_RETRIES = 12
+_MIN_STEP = 1e-12  # normalised units, far below float32 resolution: only an unreachable PSNR drives steps here
 
 
 def _psnr_from_sse(sse: float, n: int, value_range: float) -> float:
@@ -57,11 +58,11 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
     tiles = blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS)  # input dtype: normalised per tile
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step
-    # the distortion barely depends on the transform. A quarter of the tiles sets it (on the sample
-    # CTs at 38–50 dB the choices were those of all the tiles); the proxy then never holds more
-    # coefficients than one tile's, so the choice costs little more memory than the tiles.
+    # the distortion barely depends on the transform. A quarter as many tiles, as evenly spread, set it
+    # (on the sample CTs at 38–50 dB the choices were those of all the tiles); the proxy then never
+    # holds more coefficients than one tile's, so the choice costs little more memory than the tiles.
     reference = (8, 8, 8) if (8, 8, 8) in candidates else candidates[0]
-    some = tiles[::4]
+    some = blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS // 4)
     budget = mse * some.size * x.size / math.prod(padded_shape(x.shape, 16))
     step = largest_step_within(blocktucker.tile_coefficients(some, reference, offset, scale), budget, 1e-9, 256.0)
     # Context modelling gains more the more blocks there are: a small, measured correction per
@@ -99,8 +100,11 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
             continue
         gap = (reached - psnr) if math.isfinite(reached) else 20.0
         step *= 10 ** (gap / -slope) * (0.998 if gap < 0 else 1.0)
+        if not (math.isfinite(step) and step > _MIN_STEP):  # the PSNR plateaued below the target
+            break
     if ok is None:
-        raise RateError(f"could not reach {psnr} dB (the dtype's rounding limits the attainable PSNR)")
+        raise RateError(f"could not reach {psnr} dB (the dtype's rounding and float32 transforms limit the "
+                        "attainable PSNR; --max-error or --lossless are exact)")
     return ok
 
 
@@ -122,6 +126,8 @@ def _step_from_estimates(estimate, psnr: float, first: float, n: int, value_rang
 
     centre, best = first, None
     for _ in range(6):
+        if not (math.isfinite(centre) and centre > _MIN_STEP):
+            return None
         steps = centre * _COARSE
         reached = db(steps)
         if not np.isfinite(reached).all():  # lossless at this step (+inf) or overflowing (-inf)

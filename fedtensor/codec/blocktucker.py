@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedtensor.codec.normalize import DeviceMap, device_map, normalize, to_unit
 from fedtensor.codec.quantize import ROUNDING
 from fedtensor.tensor.block import block_shape, project
 from fedtensor.tensor.precision import FP32
@@ -25,28 +26,33 @@ def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 
     Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks. Tiles are
     normalised and transformed one at a time, so the working set is the input and the output only.
     """
-    return _tile_coefficients(jnp.asarray(tiles), jnp.float32(offset), jnp.float32(scale), block_shape(b))
+    return _tile_coefficients(*_prepared(tiles, offset, scale), block_shape(b))
 
 
 def tile_bits(tiles: np.ndarray, b, offset: float, scale: float, step: float, clip: int = 64) -> float:
     """Sum over bands of the empirical entropy of the quantised :func:`tile_coefficients` — a cheap rate
     proxy to rank block shapes — without ever holding the coefficients: each tile's are quantised into
     per-band histograms as they are made (magnitudes beyond ``clip`` share a bin)."""
-    return float(_tile_bits(jnp.asarray(tiles), jnp.float32(offset), jnp.float32(scale), jnp.float32(step),
-                            block_shape(b), clip))
+    return float(_tile_bits(*_prepared(tiles, offset, scale), jnp.float32(step), block_shape(b), clip))
 
 
-def _tile_blocks(tile, offset, scale, b):
+def _prepared(tiles: np.ndarray, offset: float, scale: float) -> tuple[jax.Array, DeviceMap | None]:
+    """The tiles as the jitted helpers take them: raw with the codec's own device map, or normalised on
+    the host where float32 is not enough (see :mod:`fedtensor.codec.normalize`)."""
+    m = device_map(tiles.dtype, offset, scale)
+    return (jnp.asarray(tiles), m) if m is not None else (jnp.asarray(normalize(tiles, offset, scale)), None)
+
+
+def _tile_blocks(tile, m, b):
     """One tile as a ``(gx, gy, gz, bx, by, bz)`` stack of normalised blocks."""
-    (bx, by, bz), (gx, gy, gz) = b, (n // m for n, m in zip(tile.shape, b))
-    t = (tile.astype(jnp.float32) - offset) / scale
-    return t.reshape(gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5)
+    (bx, by, bz), (gx, gy, gz) = b, (n // k for n, k in zip(tile.shape, b))
+    return to_unit(tile, m).reshape(gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5)
 
 
-def _tile_bases(tiles, offset, scale, b):
+def _tile_bases(tiles, m, b):
     """Per-mode bases fitted to the blocks of all tiles (Gram matrices summed tile by tile)."""
     def grams(tile):
-        k = _tile_blocks(tile, offset, scale, b)
+        k = _tile_blocks(tile, m, b)
         return tuple(jnp.einsum(spec, k, k, precision=FP32) for spec in
                      ("xyzijk,xyzljk->il", "xyzijk,xyzilk->jl", "xyzijk,xyzijl->kl"))
 
@@ -55,19 +61,19 @@ def _tile_bases(tiles, offset, scale, b):
 
 
 @partial(jax.jit, static_argnames="b")
-def _tile_coefficients(tiles: jax.Array, offset, scale, b: tuple[int, int, int]) -> jax.Array:
-    bases, width = _tile_bases(tiles, offset, scale, b), math.prod(b)
-    coef = jax.lax.map(lambda tile: project(_tile_blocks(tile, offset, scale, b), bases).reshape(-1, width), tiles)
+def _tile_coefficients(tiles: jax.Array, m, b: tuple[int, int, int]) -> jax.Array:
+    bases, width = _tile_bases(tiles, m, b), math.prod(b)
+    coef = jax.lax.map(lambda tile: project(_tile_blocks(tile, m, b), bases).reshape(-1, width), tiles)
     return coef.reshape(-1, width)
 
 
 @partial(jax.jit, static_argnames=("b", "clip"))
-def _tile_bits(tiles: jax.Array, offset, scale, step, b: tuple[int, int, int], clip: int) -> jax.Array:
-    bases, nb, width = _tile_bases(tiles, offset, scale, b), math.prod(b), 2 * clip + 1
+def _tile_bits(tiles: jax.Array, m, step, b: tuple[int, int, int], clip: int) -> jax.Array:
+    bases, nb, width = _tile_bases(tiles, m, b), math.prod(b), 2 * clip + 1
     band = jnp.arange(nb, dtype=jnp.int32) * width
 
     def count(hist, tile):
-        c = project(_tile_blocks(tile, offset, scale, b), bases).reshape(-1, nb)
+        c = project(_tile_blocks(tile, m, b), bases).reshape(-1, nb)
         q = jnp.clip(jnp.sign(c) * jnp.floor(jnp.abs(c) / step + ROUNDING), -clip, clip).astype(jnp.int32)
         return hist.at[(band + q + clip).ravel()].add(1), None
 

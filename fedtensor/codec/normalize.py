@@ -9,8 +9,8 @@ float64, a few rows at a time (no full-volume float64 copy). A :class:`DeviceMap
 codec's jitted slab functions, so the host sends the raw slab (2 bytes a voxel for int16 CT instead of
 4) and never makes a float copy: integers are shifted by ``floor(offset)`` in exact int32 arithmetic
 first, so float32 only ever holds values below 2**24 in magnitude, where it is exact. Volumes for which
-float32 is not enough (float64, integer ranges of 2**24 or more) have no device map and take the host
-path.
+float32 is not enough (float64, integer ranges of 2**24 or more, float32 of extreme scale) have no
+device map and take the host path. The device map backwards is what decoders return (docs/codec.md).
 """
 
 from __future__ import annotations
