@@ -376,21 +376,35 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     step = jnp.float32(float(params["step"]))
     m = device_map(out.dtype, offset, scale)
     coders = BlockCoders()
+
+    def store(start: int, rec) -> None:  # waits for the slab's device work, then maps it into ``out``
+        t0, r = time.perf_counter(), slabs.rows(start)
+        rec = np.asarray(rec)
+        t0 = tick("dequantize+inverse", t0)
+        out[start:start + r] = rec[:r] if m is not None else denormalize(rec[:r], out.dtype, offset, scale)
+        tick("denormalize", t0)
+
+    # One slab of look-ahead: a slab's inverse transform is dispatched (JAX runs it asynchronously) and
+    # stored only after the next slab's coefficients are entropy-decoded, so the two overlap.
+    pending = None
     for start, section in zip(slabs.starts, sections[1:]):
         t0 = time.perf_counter()
-        grid, r = slabs.grid(start), slabs.rows(start)
+        grid = slabs.grid(start)
         coded = BinaryStream(np.frombuffer(section, np.uint32))
         q = code_block_coefficients(coded, grid, b, coders=coders)
         coded.check_consumed()
         if grid[0] * b[0] < depth:  # static shapes: zero block rows up to the slab depth
             q = np.concatenate([q, np.zeros((depth // b[0] - grid[0], *q.shape[1:]), q.dtype)])
-        t0 = tick("entropy", t0)
-        rec = np.asarray(_decode(jnp.asarray(q), bases, step, m, (depth, *shape[1:]), impl, out.dtype.name))
-        t0 = tick("dequantize+inverse", t0)
-        out[start:start + r] = rec[:r] if m is not None else denormalize(rec[:r], out.dtype, offset, scale)
-        tick("denormalize", t0)
-        del q, rec
-        trim_heap()
+        tick("entropy", t0)
+        rec = _decode(jnp.asarray(q), bases, step, m, (depth, *shape[1:]), impl, out.dtype.name)
+        del q
+        if pending is not None:
+            store(*pending)
+            trim_heap()
+        pending = (start, rec)
+        del rec
+    store(*pending)
+    trim_heap()
     return out
 
 
