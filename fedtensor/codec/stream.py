@@ -271,11 +271,14 @@ class SlabEncoder:
             del slab  # let the consumer free it before the next slab is made
             trim_heap()
 
-    def _decoded(self, q, bases, step) -> np.ndarray:
-        """The decoder's own output for a slab's indices (same jitted function, same shapes): what the
-        encoder measures is what the decoder returns."""
-        out = np.asarray(_decode(q, bases, step, self.map, (self.slabs.depth, *self.x.shape[1:]), self.impl,
-                                 self.x.dtype.name))
+    def _decoded(self, q, bases, step) -> jax.Array:
+        """The decoder's own output for a slab's indices (same jitted function, same shapes: what the
+        encoder measures is what the decoder returns), dispatched; :meth:`_fetch` waits for it."""
+        return _decode(q, bases, step, self.map, (self.slabs.depth, *self.x.shape[1:]), self.impl,
+                       self.x.dtype.name)
+
+    def _fetch(self, decoded: jax.Array) -> np.ndarray:
+        out = np.asarray(decoded)
         return out if self.map is not None else denormalize(out, self.x.dtype, self.offset, self.scale)
 
     def errors(self, step: float) -> tuple[float, float]:
@@ -287,7 +290,7 @@ class SlabEncoder:
             r = self.slabs.rows(start)
             q = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl, self.map)
             del slab
-            decoded = self._decoded(q, bases, s)
+            decoded = self._fetch(self._decoded(q, bases, s))
             del q
             t0 = tick("search: transform+quantize+inverse", t0)
             e = error_stats(self.x[start:start + r], decoded[:r])
@@ -325,12 +328,15 @@ class SlabEncoder:
             del slab  # only the int coefficients of a slab live on, and only while it is coded
             q = np.asarray(q_dev)[:grid[0]]
             t0 = tick("transform+quantize", t0)
+            # The measurement's inverse transform runs (asynchronously) while the host entropy-codes.
+            pending = self._decoded(q_dev, bases, s) if measure else None
             stream = BinaryStream()
             code_block_coefficients(stream, grid, self.slabs.b, q, coders)
             sections.append(stream.finish())
             t0 = tick("entropy", t0)
             if measure:
-                decoded = self._decoded(q_dev, bases, s)
+                decoded = self._fetch(pending)
+                del pending
                 e = error_stats(self.x[start:start + r], decoded[:r])
                 sse, worst = sse + e[0], max(worst, e[1])
                 tick("search: error", t0)
