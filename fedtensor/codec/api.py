@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from fedtensor import __version__
@@ -56,7 +57,8 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     real coder does, at a fraction of its cost. ``mse`` is in normalised units.
     """
     candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
-    tiles = blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS)  # input dtype: normalised per tile
+    # In the input dtype, normalised per tile; on the device once (not once per candidate).
+    tiles = jnp.asarray(blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS))
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step
     # the distortion barely depends on the transform. A quarter as many tiles, as evenly spread, set it
     # (on the sample CTs at 38–50 dB the choices were those of all the tiles); the proxy then never

@@ -36,11 +36,14 @@ def tile_bits(tiles: np.ndarray, b, offset: float, scale: float, step: float, cl
     return float(_tile_bits(*_prepared(tiles, offset, scale), jnp.float32(step), block_shape(b), clip))
 
 
-def _prepared(tiles: np.ndarray, offset: float, scale: float) -> tuple[jax.Array, DeviceMap | None]:
-    """The tiles as the jitted helpers take them: raw with the codec's own device map, or normalised on
-    the host where float32 is not enough (see :mod:`fedtensor.codec.normalize`)."""
+def _prepared(tiles, offset: float, scale: float) -> tuple[jax.Array, DeviceMap | None]:
+    """The tiles (numpy or already on the device) as the jitted helpers take them: raw with the codec's
+    own device map, or normalised on the host where float32 is not enough (see
+    :mod:`fedtensor.codec.normalize`)."""
     m = device_map(tiles.dtype, offset, scale)
-    return (jnp.asarray(tiles), m) if m is not None else (jnp.asarray(normalize(tiles, offset, scale)), None)
+    if m is None:
+        return jnp.asarray(normalize(np.asarray(tiles), offset, scale)), None
+    return jnp.asarray(tiles), m
 
 
 def _tile_blocks(tile, m, b):
