@@ -190,6 +190,19 @@ def _decode(q, bases, step, m, shape, impl, dtype):
     return from_unit(_inverse(q, bases, step, shape, impl), m, dtype)
 
 
+def _on_host(rec: np.ndarray, rows: int, m: DeviceMap | None, dtype, offset: float, scale: float) -> np.ndarray:
+    """The first ``rows`` rows of a fetched :func:`_decode` result in ``dtype``: as the device mapped
+    them back (``m``), or mapped on the host now. The encoder measures and the decoder returns this."""
+    rec = rec[:rows]
+    return rec if m is not None else denormalize(rec, dtype, offset, scale)
+
+
+def _in_own_units(m: DeviceMap | None, dtype) -> bool:
+    """Whether the rate search compares a volume in its own units (integers the device maps back, so
+    rounding happens where the decoder's does) rather than in normalised units."""
+    return m is not None and np.dtype(dtype).kind in "iu"
+
+
 @partial(jax.jit, static_argnames=("b", "dtype"))
 def _estimate(slab, m, rows, bases, steps, b, dtype):
     """For each step: per-row squared errors and the max abs error of the decoded slab, in float32.
@@ -202,7 +215,7 @@ def _estimate(slab, m, rows, bases, steps, b, dtype):
     unit = to_unit(slab, m)
     c = project(_to_blocks(unit, b), bases)
     valid = (jnp.arange(slab.shape[0]) < rows)[:, None, None]
-    integer = m is not None and np.dtype(dtype).kind in "iu"
+    integer = _in_own_units(m, dtype)
     original = shifted(slab, m) if integer else unit
 
     def one(step):
@@ -277,9 +290,8 @@ class SlabEncoder:
         return _decode(q, bases, step, self.map, (self.slabs.depth, *self.x.shape[1:]), self.impl,
                        self.x.dtype.name)
 
-    def _fetch(self, decoded: jax.Array) -> np.ndarray:
-        out = np.asarray(decoded)
-        return out if self.map is not None else denormalize(out, self.x.dtype, self.offset, self.scale)
+    def _fetch(self, decoded: jax.Array, rows: int) -> np.ndarray:
+        return _on_host(np.asarray(decoded), rows, self.map, self.x.dtype, self.offset, self.scale)
 
     def errors(self, step: float) -> tuple[float, float]:
         """``(SSE, max abs error)`` of the decoded volume at ``step``, in its dtype (rounding included)."""
@@ -290,10 +302,10 @@ class SlabEncoder:
             r = self.slabs.rows(start)
             q = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl, self.map)
             del slab
-            decoded = self._fetch(self._decoded(q, bases, s))
+            decoded = self._fetch(self._decoded(q, bases, s), r)
             del q
             t0 = tick("search: transform+quantize+inverse", t0)
-            e = error_stats(self.x[start:start + r], decoded[:r])
+            e = error_stats(self.x[start:start + r], decoded)
             tick("search: error", t0)
             sse, worst = sse + e[0], max(worst, e[1])
             del decoded  # before the next slab is made: one slab's working set at a time
@@ -302,8 +314,7 @@ class SlabEncoder:
     def estimate(self, steps) -> list[tuple[float, float]]:
         """Estimated ``(SSE, max abs error)`` of the decoded volume at each of ``steps``, in one pass over
         the slabs (float32; see :func:`_estimate`)."""
-        integer = self.map is not None and self.x.dtype.kind in "iu"
-        unit = 1.0 if integer else self.scale  # the others are compared in normalised units
+        unit = 1.0 if _in_own_units(self.map, self.x.dtype) else self.scale
         bases, st = [jnp.asarray(u) for u in self.bases], jnp.asarray(steps, jnp.float32)
         sse, worst = np.zeros(len(steps)), np.zeros(len(steps))
         for start, slab in self._slabs():
@@ -335,9 +346,9 @@ class SlabEncoder:
             sections.append(stream.finish())
             t0 = tick("entropy", t0)
             if measure:
-                decoded = self._fetch(pending)
+                decoded = self._fetch(pending, r)
                 del pending
-                e = error_stats(self.x[start:start + r], decoded[:r])
+                e = error_stats(self.x[start:start + r], decoded)
                 sse, worst = sse + e[0], max(worst, e[1])
                 tick("search: error", t0)
                 del decoded
@@ -387,7 +398,7 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
         t0, r = time.perf_counter(), slabs.rows(start)
         rec = np.asarray(rec)
         t0 = tick("dequantize+inverse", t0)
-        out[start:start + r] = rec[:r] if m is not None else denormalize(rec[:r], out.dtype, offset, scale)
+        out[start:start + r] = _on_host(rec, r, m, out.dtype, offset, scale)
         tick("denormalize", t0)
 
     # One slab of look-ahead: a slab's inverse transform is dispatched (JAX runs it asynchronously) and
