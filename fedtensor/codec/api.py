@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -110,48 +111,80 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
     return ok
 
 
-_COARSE = 10 ** np.array([-0.015, 0.015])  # two steps ~0.6 dB apart: the local PSNR(log step) line
+_COARSE = 10 ** np.array([-0.024, -0.008, 0.008, 0.024])  # steps ~0.3 dB apart: the local PSNR(log step) curve
 _FINE = 10 ** (0.0008 * np.arange(-2, 2))  # ~0.016 dB apart (the exact search stopped within 0.02 dB)
+_STRAIGHT_DB = 0.01  # the middle coarse point at most this far off the outer two's line: interpolate
+_MARGIN_DB = 0.01  # an interpolated step aims this far above the target
 
 
-def _step_from_estimates(estimate, psnr: float, first: float, n: int, value_range: float) -> float | None:
+class StepEstimate(NamedTuple):
+    """The rate search's answer from estimates: a step, whether it was interpolated on a straight
+    stretch of the PSNR curve (not measured at that step; the encode's measurement confirms it), and
+    the local slope in dB per decade of step (to correct a miss)."""
+
+    step: float
+    interpolated: bool
+    slope: float
+
+
+def _step_from_estimates(estimate, psnr: float, first: float, n: int, value_range: float) -> StepEstimate | None:
     """Largest step whose *estimated* decoded PSNR reaches ``psnr``, in few passes over the volume
     (None when the estimates do not settle it).
 
-    ``estimate(steps) -> [(sse, max_err)]`` measures several steps in one pass. A coarse pass gives the
-    local line PSNR(log step) (about −20 dB per decade), extrapolated to the target until two steps
-    bracket it; a fine pass around the interpolated step picks the answer.
+    ``estimate(steps) -> [(sse, max_err)]`` measures several steps in one pass. A coarse pass of four
+    steps gives the local PSNR(log step) curve (about −20 dB per decade), extrapolated to the target
+    until two neighbours bracket it. Where three around the bracket lie on a line (most volumes: PSNR falls smoothly
+    with the step), the step is interpolated, a hair on the safe side; elsewhere (the curve is bumpy)
+    a fine pass around the interpolated step picks the answer.
     """
     def db(steps):
         return np.array([_psnr_from_sse(e[0], n, value_range) if math.isfinite(e[0]) else -math.inf
                          for e in estimate(steps)])
 
-    centre, best = first, None
+    centre, best, slope = first, None, -20.0
     for _ in range(6):
         if not (math.isfinite(centre) and centre > _MIN_STEP):
             return None
         steps = centre * _COARSE
         reached = db(steps)
         if not np.isfinite(reached).all():  # lossless at this step (+inf) or overflowing (-inf)
-            if reached[0] == math.inf and reached[1] != math.inf:
-                return None  # a cliff between two close steps: leave it to the exact search
-            centre = centre * 10 if reached[1] == math.inf else centre / 10
+            if reached[0] == math.inf and reached[-1] != math.inf:
+                return None  # a cliff between close steps: leave it to the exact search
+            centre = centre * 10 if reached[-1] == math.inf else centre / 10
             continue
-        slope = min((reached[1] - reached[0]) / math.log10(steps[1] / steps[0]), -1.0)
-        centre = steps[0] * 10 ** ((psnr - reached[0]) / slope)  # on the line through both
-        if reached[0] >= psnr:
-            best = steps[0] if reached[1] < psnr else steps[1]
-        if reached[0] >= psnr > reached[1]:
-            break
-        if best is not None:  # no longer bracketed but one side is known good: stay at most one decade out
-            centre = min(centre, best * 10)
+        logs = np.log10(steps)
+        slope = min((reached[-1] - reached[0]) / (logs[-1] - logs[0]), -1.0)
+        good = reached >= psnr
+        if good.any():
+            best = float(steps[good].max()) if best is None else max(best, float(steps[good].max()))
+        k = int(np.flatnonzero(good[:-1] & ~good[1:])[0]) if (good[:-1] & ~good[1:]).any() else None
+        if k is None:  # not bracketed: extrapolate on the line through the outer two
+            centre = steps[0] * 10 ** ((psnr - reached[0]) / slope)
+            if best is not None:  # one side is known good: stay at most one decade out
+                centre = min(centre, best * 10)
+            continue
+        local = min((reached[k + 1] - reached[k]) / (logs[k + 1] - logs[k]), -1.0)
+        centre = steps[k] * 10 ** ((psnr - reached[k]) / local)
+        j = min(k, len(steps) - 3)  # three neighbours around the bracket: is the curve straight there?
+        if abs(reached[j + 1] - (reached[j] + reached[j + 2]) / 2) <= _STRAIGHT_DB:
+            return StepEstimate(max(float(steps[k]), centre * 10 ** (_MARGIN_DB / local)), True, local)
+        break
+    found = None
     for _ in range(3):
         fine = centre * _FINE
-        good = db(fine) >= psnr
+        reached = db(fine)
+        good = reached >= psnr
         if good.any():
-            return float(fine[good].max())
-        centre = fine[0] / 10 ** 0.003
-    return None if best is None else float(best)
+            found = max(found or 0.0, float(fine[good].max()))
+            if not good.all() or reached[-1] - psnr < 2 * _MARGIN_DB:
+                break
+            centre = fine[-1] * (fine[-1] / fine[0])  # the whole window is well above the target: look higher
+        elif found:
+            break
+        else:
+            centre = fine[0] / 10 ** 0.003
+    found = found or best
+    return None if found is None else StepEstimate(found, False, slope)
 
 
 def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bpv: float | None,
@@ -223,12 +256,16 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
     if psnr is not None:
         # Estimated PSNRs (several steps per pass) pick the step; the encode then measures the decoded
         # volume exactly, and only a miss (an estimate off at the last digit) steps down.
-        step = _step_from_estimates(enc.estimate, psnr, first, n, value_range)
-        for _ in range(4 if step else 0):
+        found = _step_from_estimates(enc.estimate, psnr, first, n, value_range)
+        step = found.step if found else None
+        for _ in range(4 if found else 0):
             blob, (sse, _) = attempt(step, measure=False)
-            if _psnr_from_sse(sse, n, value_range) >= psnr:
+            reached = _psnr_from_sse(sse, n, value_range)
+            if reached >= psnr:
                 return blob
-            step /= _FINE[1] / _FINE[0]
+            # Short of the target: step down along the local slope, a hair beyond (a fine step at least).
+            short = (psnr - reached + _MARGIN_DB) if math.isfinite(reached) else 1.0
+            step /= max(_FINE[1] / _FINE[0], 10 ** (short / -found.slope))
         first = step or first  # the estimates are off (e.g. float data near its precision): exact search
     return _rate_controlled(attempt, n, value_range, psnr, bpv, first)
 
