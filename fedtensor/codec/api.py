@@ -70,8 +70,9 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     step = largest_step_within(blocktucker.tile_coefficients(some, reference, offset, scale), budget, 1e-9, 256.0)
     # Context modelling gains more the more blocks there are: a small, measured correction per
     # doubling of the block volume keeps the proxy's ranking in line with the real coder's.
-    costs = [blocktucker.tile_bits(tiles, b, offset, scale, step) * (1 + 0.012 * (math.log2(math.prod(b)) - 9))
-             for b in candidates]
+    grams = blocktucker.fiber_grams(*blocktucker._prepared(tiles, offset, scale))  # once for all shapes
+    costs = [blocktucker.tile_bits(tiles, b, offset, scale, step, grams=grams)
+             * (1 + 0.012 * (math.log2(math.prod(b)) - 9)) for b in candidates]
     return candidates[int(np.argmin(costs))]
 
 

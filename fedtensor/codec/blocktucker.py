@@ -26,14 +26,33 @@ def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 
     Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks. Tiles are
     normalised and transformed one at a time, so the working set is the input and the output only.
     """
-    return _tile_coefficients(*_prepared(tiles, offset, scale), block_shape(b))
+    tiles, m = _prepared(tiles, offset, scale)
+    b = block_shape(b)
+    return _tile_coefficients(tiles, m, tile_bases(fiber_grams(tiles, m), b), b)
 
 
-def tile_bits(tiles: np.ndarray, b, offset: float, scale: float, step: float, clip: int = 64) -> float:
+def fiber_grams(tiles, m: DeviceMap | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per axis, the Gram matrix of the normalised tiles' whole fibers along it (side × side): what
+    :func:`tile_bases` fits the bases of every block shape dividing the sides from."""
+    return _fiber_grams(tiles, m)
+
+
+def tile_bases(grams, b) -> list[jax.Array]:
+    """Per-mode bases of the tiles' blocks of shape ``b`` (HOSVD of their stack) from
+    :func:`fiber_grams`: a block's fibers are pieces of the tile's, so the Gram of the pieces is the sum
+    of the diagonal blocks of the whole fibers' Gram."""
+    return _tile_bases(tuple(grams), block_shape(b))
+
+
+def tile_bits(tiles, b, offset: float, scale: float, step: float, clip: int = 64, grams=None) -> float:
     """Sum over bands of the empirical entropy of the quantised :func:`tile_coefficients` — a cheap rate
     proxy to rank block shapes — without ever holding the coefficients: each tile's are quantised into
-    per-band histograms as they are made (magnitudes beyond ``clip`` share a bin)."""
-    return float(_tile_bits(*_prepared(tiles, offset, scale), jnp.float32(step), block_shape(b), clip))
+    per-band histograms as they are made (magnitudes beyond ``clip`` share a bin). ``grams``: the tiles'
+    :func:`fiber_grams`, when several shapes are ranked on the same tiles."""
+    tiles, m = _prepared(tiles, offset, scale)
+    b = block_shape(b)
+    bases = tile_bases(grams if grams is not None else fiber_grams(tiles, m), b)
+    return float(_tile_bits(tiles, m, bases, jnp.float32(step), b, clip))
 
 
 def _prepared(tiles, offset: float, scale: float) -> tuple[jax.Array, DeviceMap | None]:
@@ -52,27 +71,36 @@ def _tile_blocks(tile, m, b):
     return to_unit(tile, m).reshape(gx, bx, gy, by, gz, bz).transpose(0, 2, 4, 1, 3, 5)
 
 
-def _tile_bases(tiles, m, b):
-    """Per-mode bases fitted to the blocks of all tiles (Gram matrices summed tile by tile)."""
-    def grams(tile):
-        k = _tile_blocks(tile, m, b)
-        return tuple(jnp.einsum(spec, k, k, precision=FP32) for spec in
-                     ("xyzijk,xyzljk->il", "xyzijk,xyzilk->jl", "xyzijk,xyzijl->kl"))
+@jax.jit
+def _fiber_grams(tiles, m):
+    def add(acc, tile):
+        u = to_unit(tile, m)
+        return tuple(a + jnp.einsum(spec, u, u, precision=FP32)
+                     for a, spec in zip(acc, ("ayz,byz->ab", "xaz,xbz->ab", "xya,xyb->ab"))), None
 
-    g = [a.sum(axis=0) for a in jax.lax.map(grams, tiles)]
-    return [_leading_eigvecs(m, n)[0] for m, n in zip(g, b)]
+    return jax.lax.scan(add, tuple(jnp.zeros((n, n), jnp.float32) for n in tiles.shape[1:]), tiles)[0]
 
 
 @partial(jax.jit, static_argnames="b")
-def _tile_coefficients(tiles: jax.Array, m, b: tuple[int, int, int]) -> jax.Array:
-    bases, width = _tile_bases(tiles, m, b), math.prod(b)
+def _tile_bases(grams, b):
+    return [_leading_eigvecs(_pieces_gram(g, n), n)[0] for g, n in zip(grams, b)]
+
+
+def _pieces_gram(g: jax.Array, n: int) -> jax.Array:
+    k = g.shape[0] // n
+    return jnp.einsum("aiaj->ij", g.reshape(k, n, k, n))
+
+
+@partial(jax.jit, static_argnames="b")
+def _tile_coefficients(tiles: jax.Array, m, bases, b: tuple[int, int, int]) -> jax.Array:
+    width = math.prod(b)
     coef = jax.lax.map(lambda tile: project(_tile_blocks(tile, m, b), bases).reshape(-1, width), tiles)
     return coef.reshape(-1, width)
 
 
 @partial(jax.jit, static_argnames=("b", "clip"))
-def _tile_bits(tiles: jax.Array, m, step, b: tuple[int, int, int], clip: int) -> jax.Array:
-    bases, nb, width = _tile_bases(tiles, m, b), math.prod(b), 2 * clip + 1
+def _tile_bits(tiles: jax.Array, m, bases, step, b: tuple[int, int, int], clip: int) -> jax.Array:
+    nb, width = math.prod(b), 2 * clip + 1
     band = jnp.arange(nb, dtype=jnp.int32) * width
 
     def count(hist, tile):

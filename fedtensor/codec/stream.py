@@ -154,23 +154,22 @@ def trim_heap() -> None:
 @partial(jax.jit, static_argnames="b")
 def _slab_grams(slab, m, blocks_rows, b):
     """Mode Gram matrices of the slab's block stack (its first ``blocks_rows`` voxel rows; the rest are
-    not blocks of the volume), accumulated one block row at a time.
+    not blocks of the volume).
 
-    A scan over block rows keeps the working set to one row (not several transposed copies of the
-    slab, which is what one einsum over the whole 6D block view costs).
+    A block's fibers along an axis are the slab's fibers cut in pieces, so each Gram is one product of
+    the slab with itself, viewed as rows of pieces: no 6D block view (and its transposed copies) is
+    made, only one transposed copy for the middle axis.
     """
     (bx, by, bz), (d, y, z) = b, slab.shape
     py, pz = -(-y // by) * by, -(-z // bz) * bz
     unit = jnp.where((jnp.arange(d) < blocks_rows)[:, None, None], to_unit(slab, m), 0.0)
     x = jnp.pad(unit, ((0, 0), (0, py - y), (0, pz - z)), mode="edge")
-    rows = x.reshape(d // bx, bx, py // by, by, pz // bz, bz)
-
-    def add(acc, row):  # row: (bx, gy, by, gz, bz)
-        return (acc[0] + jnp.einsum("iyjzk,lyjzk->il", row, row, precision=FP32),
-                acc[1] + jnp.einsum("iyjzk,iylzk->jl", row, row, precision=FP32),
-                acc[2] + jnp.einsum("iyjzk,iyjzl->kl", row, row, precision=FP32)), None
-
-    return jax.lax.scan(add, tuple(jnp.zeros((n, n), jnp.float32) for n in b), rows)[0]
+    rows = x.reshape(d // bx, bx, py * pz)
+    last = x.reshape(-1, bz)
+    middle = x.transpose(0, 2, 1).reshape(-1, by)
+    return (jnp.einsum("kip,klp->il", rows, rows, precision=FP32),
+            jnp.einsum("pi,pl->il", middle, middle, precision=FP32),
+            jnp.einsum("pi,pl->il", last, last, precision=FP32))
 
 
 @partial(jax.jit, static_argnames=("b", "impl"))
