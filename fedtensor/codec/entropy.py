@@ -70,6 +70,18 @@ class BinaryStream:
         self._coder.encode(values, self._bernoulli, p1)
         return values
 
+    def categorical_alike(self, probs: np.ndarray, values: np.ndarray | None, n: int) -> np.ndarray:
+        """Code ``n`` symbols all under the one distribution ``probs`` (the same code as
+        :meth:`categorical` with ``probs`` on every row, without building a model per symbol)."""
+        if n == 0:
+            return np.zeros(0, np.int32)
+        model = constriction.stream.model.Categorical(np.asarray(probs, np.float32), perfect=False)
+        if self.decoding:
+            return self._decode(model, n)
+        values = np.asarray(values, np.int32)
+        self._coder.encode(values, model)
+        return values
+
     def even_bits(self, values: np.ndarray | None, n: int) -> np.ndarray:
         """Code ``n`` bits, each a one with probability 1/2 (raw bits)."""
         if n == 0:
@@ -224,7 +236,7 @@ class SignedCoder:
             if rest.max() >= 1 << _EG_CAP:
                 raise FormatError("value too large for the entropy coder (|v| ≥ 2**40)")
             nbits = np.frexp(rest.astype(np.float64))[1] - 1  # exact below 2**53
-        nbits = s.categorical(np.tile(dist.astype(np.float32), (n, 1)), None if rest is None else nbits)
+        nbits = s.categorical_alike(dist, None if rest is None else nbits, n)
         counts = np.bincount(nbits, minlength=_EG_CAP)
         reached = np.cumsum(counts[::-1])[::-1]  # prefix decision k is coded for nbits >= k, a one if > k
         self.eg[0] += reached - counts
