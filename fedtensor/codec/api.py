@@ -113,41 +113,44 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
 
 
 _COARSE = 10 ** np.array([-0.024, -0.008, 0.008, 0.024])  # steps ~0.3 dB apart: the local PSNR(log step) curve
+_ANCHOR = 1  # the coarse step decoded in full; the others are scaled from their coefficients' errors
+_TRUSTED_RATIO = 0.02  # decoded / coefficient error within 2 % of 1: padding and rounding take no share
 _FINE = 10 ** (0.0008 * np.arange(-2, 2))  # ~0.016 dB apart (the exact search stopped within 0.02 dB)
 _STRAIGHT_DB = 0.01  # the middle coarse point at most this far off the outer two's line: interpolate
 _MARGIN_DB = 0.01  # an interpolated step aims this far above the target
 
 
 class StepEstimate(NamedTuple):
-    """The rate search's answer from estimates: a step, whether it was interpolated on a straight
-    stretch of the PSNR curve (not measured at that step; the encode's measurement confirms it), and
-    the local slope in dB per decade of step (to correct a miss)."""
+    """The rate search's answer from estimates, and the local slope of PSNR in dB per decade of step
+    (to correct a miss of the encode's measurement)."""
 
     step: float
-    interpolated: bool
     slope: float
 
 
-def _step_from_estimates(estimate, psnr: float, first: float, n: int, value_range: float) -> StepEstimate | None:
+def _step_from_estimates(coarse, estimate, psnr: float, first: float, n: int,
+                         value_range: float) -> StepEstimate | None:
     """Largest step whose *estimated* decoded PSNR reaches ``psnr``, in few passes over the volume
     (None when the estimates do not settle it).
 
-    ``estimate(steps) -> [(sse, max_err)]`` measures several steps in one pass. A coarse pass of four
-    steps gives the local PSNR(log step) curve (about −20 dB per decade), extrapolated to the target
-    until two neighbours bracket it. Where three around the bracket lie on a line (most volumes: PSNR falls smoothly
-    with the step), the step is interpolated, a hair on the safe side; elsewhere (the curve is bumpy)
-    a fine pass around the interpolated step picks the answer.
+    ``coarse(steps, anchor) -> ([sse], ratio)`` estimates several steps in one pass from one decoded
+    step, ``estimate(steps) -> [(sse, max_err)]`` decodes them all. A coarse pass of four steps gives the
+    local PSNR(log step) curve (about −20 dB per decade), extrapolated to the target until two
+    neighbours bracket it. Where the coarse estimates are close (the coefficients' errors predict the
+    decoded ones) and three around the bracket lie on a line (PSNR falls smoothly with the step), the
+    step is interpolated, a hair on the safe side; elsewhere a fine pass of decoded steps around the
+    interpolated step picks the answer.
     """
-    def db(steps):
-        return np.array([_psnr_from_sse(e[0], n, value_range) if math.isfinite(e[0]) else -math.inf
-                         for e in estimate(steps)])
+    def db(sse):
+        return np.array([_psnr_from_sse(e, n, value_range) if math.isfinite(e) else -math.inf for e in sse])
 
     centre, best, slope = first, None, -20.0
     for _ in range(6):
         if not (math.isfinite(centre) and centre > _MIN_STEP):
             return None
         steps = centre * _COARSE
-        reached = db(steps)
+        sse, ratio = coarse(steps, _ANCHOR)
+        reached = db(sse)
         if not np.isfinite(reached).all():  # lossless at this step (+inf) or overflowing (-inf)
             if reached[0] == math.inf and reached[-1] != math.inf:
                 return None  # a cliff between close steps: leave it to the exact search
@@ -167,13 +170,14 @@ def _step_from_estimates(estimate, psnr: float, first: float, n: int, value_rang
         local = min((reached[k + 1] - reached[k]) / (logs[k + 1] - logs[k]), -1.0)
         centre = steps[k] * 10 ** ((psnr - reached[k]) / local)
         j = min(k, len(steps) - 3)  # three neighbours around the bracket: is the curve straight there?
-        if abs(reached[j + 1] - (reached[j] + reached[j + 2]) / 2) <= _STRAIGHT_DB:
-            return StepEstimate(max(float(steps[k]), centre * 10 ** (_MARGIN_DB / local)), True, local)
+        straight = abs(reached[j + 1] - (reached[j] + reached[j + 2]) / 2) <= _STRAIGHT_DB
+        if straight and abs(ratio - 1) <= _TRUSTED_RATIO:
+            return StepEstimate(max(float(steps[k]), centre * 10 ** (_MARGIN_DB / local)), local)
         break
     found = None
     for _ in range(3):
         fine = centre * _FINE
-        reached = db(fine)
+        reached = db([e[0] for e in estimate(fine)])
         good = reached >= psnr
         if good.any():
             found = max(found or 0.0, float(fine[good].max()))
@@ -185,7 +189,7 @@ def _step_from_estimates(estimate, psnr: float, first: float, n: int, value_rang
         else:
             centre = fine[0] / 10 ** 0.003
     found = found or best
-    return None if found is None else StepEstimate(found, False, slope)
+    return None if found is None else StepEstimate(found, slope)
 
 
 def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bpv: float | None,
@@ -257,7 +261,7 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
     if psnr is not None:
         # Estimated PSNRs (several steps per pass) pick the step; the encode then measures the decoded
         # volume exactly, and only a miss (an estimate off at the last digit) steps down.
-        found = _step_from_estimates(enc.estimate, psnr, first, n, value_range)
+        found = _step_from_estimates(enc.estimate_coarse, enc.estimate, psnr, first, n, value_range)
         step = found.step if found else None
         for _ in range(4 if found else 0):
             blob, (sse, _) = attempt(step, measure=False)

@@ -226,6 +226,24 @@ def _estimate(slab, m, rows, bases, steps, b, dtype):
     return jax.lax.map(one, steps)
 
 
+@partial(jax.jit, static_argnames=("b", "dtype"))
+def _estimate_coarse(slab, m, rows, bases, steps, anchor, b, dtype):
+    """For each step, the squared quantisation error of the slab's coefficients (block rows holding
+    real voxels; normalised units), and :func:`_estimate`'s decoded errors at the ``anchor`` step only.
+
+    With an orthonormal transform the decoded error is the coefficients' error, up to the share of
+    edge padding and the rounding of integer volumes; one decoded step measures that ratio, the others
+    skip their inverse transforms."""
+    c = project(_to_blocks(to_unit(slab, m), b), bases)
+    real = (jnp.arange(c.shape[0]) * b[0] < rows).reshape((-1,) + (1,) * (c.ndim - 1))
+
+    def one(step):
+        e = jnp.where(real, c - dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET), 0.0)
+        return jnp.sum(e * e)
+
+    return jax.lax.map(one, steps), _estimate(slab, m, rows, bases, anchor[None], b, dtype)
+
+
 # ---------------------------------------------------------------------------------------------------
 # encoder passes
 # ---------------------------------------------------------------------------------------------------
@@ -331,6 +349,27 @@ class SlabEncoder:
             del slab, rows
             tick("search: estimate", t0)
         return list(zip(sse.tolist(), worst.tolist()))
+
+    def estimate_coarse(self, steps, anchor: int) -> tuple[list[float], float]:
+        """Estimated SSEs of the decoded volume at each of ``steps`` from one decoded step (the
+        ``anchor``-th) and the coefficients' errors at all (see :func:`_estimate_coarse`), in one pass;
+        and the ratio decoded / coefficient SSE at the anchor (1 where padding and rounding take no
+        share of the error, and the coefficients' errors then predict the decoded ones closely)."""
+        unit = 1.0 if _in_own_units(self.map, self.x.dtype) else self.scale
+        bases, st = [jnp.asarray(u) for u in self.bases], jnp.asarray(steps, jnp.float32)
+        coef, exact = np.zeros(len(steps)), 0.0
+        for start, slab in self._slabs(trim_each=False):
+            t0 = time.perf_counter()
+            c, (rows, _) = _estimate_coarse(jnp.asarray(slab), self.map, self.slabs.rows(start), bases, st,
+                                            st[anchor], self.slabs.b, self.x.dtype.name)
+            coef += np.asarray(c, np.float64) * self.scale**2
+            exact += float(np.asarray(rows, np.float64).sum()) * unit**2
+            del slab, rows
+            tick("search: estimate", t0)
+        ratio = exact / coef[anchor] if coef[anchor] > 0 else math.nan
+        if not (math.isfinite(ratio) and ratio > 0):  # no error at the anchor (lossless there): measure all
+            return [e[0] for e in self.estimate(steps)], math.nan
+        return (coef * ratio).tolist(), ratio
 
     def encode(self, step: float, measure: bool = False) -> tuple[list[bytes], tuple[float, float] | None]:
         """One coded section per slab (and, with ``measure``, the decoded ``(SSE, max abs error)``)."""
