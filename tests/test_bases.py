@@ -27,7 +27,7 @@ def test_tile_grams_fold_to_every_block_shape(b):
     unit = (tiles.astype(np.float64) - offset) / scale
     want = [sum(g) for g in zip(*(_block_grams(t, b) for t in unit))]
     for g, n, w in zip(grams, b, want):
-        np.testing.assert_allclose(np.asarray(blocktucker._pieces_gram(g, n)), w, rtol=2e-5, atol=1e-4)
+        np.testing.assert_allclose(blocktucker._pieces_gram(np.asarray(g, np.float64), n), w, rtol=2e-5, atol=1e-4)
     bases = blocktucker.tile_bases(grams, b)
     for u, w in zip(bases, want):  # the bases diagonalise the reference Grams, largest variance first
         d = np.asarray(u, np.float64).T @ w @ np.asarray(u, np.float64)

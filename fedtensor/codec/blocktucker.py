@@ -16,7 +16,7 @@ from fedtensor.codec.normalize import DeviceMap, device_map, normalize, to_unit
 from fedtensor.codec.quantize import ROUNDING
 from fedtensor.tensor.block import block_shape, project
 from fedtensor.tensor.precision import FP32
-from fedtensor.tensor.tucker import _leading_eigvecs
+from fedtensor.tensor.tucker import leading_eigvecs_host
 
 
 def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 1.0) -> jax.Array:
@@ -41,7 +41,8 @@ def tile_bases(grams, b) -> list[jax.Array]:
     """Per-mode bases of the tiles' blocks of shape ``b`` (HOSVD of their stack) from
     :func:`fiber_grams`: a block's fibers are pieces of the tile's, so the Gram of the pieces is the sum
     of the diagonal blocks of the whole fibers' Gram."""
-    return _tile_bases(tuple(grams), block_shape(b))
+    return [jnp.asarray(leading_eigvecs_host(_pieces_gram(np.asarray(g, np.float64), n), n))
+            for g, n in zip(grams, block_shape(b))]
 
 
 def tile_bits(tiles, b, offset: float, scale: float, step: float, clip: int = 64, grams=None) -> float:
@@ -52,7 +53,7 @@ def tile_bits(tiles, b, offset: float, scale: float, step: float, clip: int = 64
     tiles, m = _prepared(tiles, offset, scale)
     b = block_shape(b)
     bases = tile_bases(grams if grams is not None else fiber_grams(tiles, m), b)
-    return float(_tile_bits(tiles, m, bases, jnp.float32(step), b, clip))
+    return float(_tile_bits(tiles, m, bases, np.float32(step), b, clip))
 
 
 def _prepared(tiles, offset: float, scale: float) -> tuple[jax.Array, DeviceMap | None]:
@@ -81,14 +82,9 @@ def _fiber_grams(tiles, m):
     return jax.lax.scan(add, tuple(jnp.zeros((n, n), jnp.float32) for n in tiles.shape[1:]), tiles)[0]
 
 
-@partial(jax.jit, static_argnames="b")
-def _tile_bases(grams, b):
-    return [_leading_eigvecs(_pieces_gram(g, n), n)[0] for g, n in zip(grams, b)]
-
-
-def _pieces_gram(g: jax.Array, n: int) -> jax.Array:
+def _pieces_gram(g: np.ndarray, n: int) -> np.ndarray:
     k = g.shape[0] // n
-    return jnp.einsum("aiaj->ij", g.reshape(k, n, k, n))
+    return np.einsum("aiaj->ij", g.reshape(k, n, k, n))
 
 
 @partial(jax.jit, static_argnames="b")

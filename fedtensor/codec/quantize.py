@@ -44,18 +44,29 @@ def _bisect_step(c: jax.Array, max_sse, lo, hi, iterations: int) -> tuple[jax.Ar
     return jax.lax.fori_loop(0, iterations, body, (jnp.float32(lo), jnp.float32(hi)))
 
 
+_SUBSAMPLE = 1 << 16  # coefficients of the strided subsample that narrows the bracket (zero-padded)
+
+
+@partial(jax.jit, static_argnames="stride")
+def _subsample(c: jax.Array, stride: int) -> jax.Array:
+    """Every ``stride``-th coefficient, zero-padded to :data:`_SUBSAMPLE` (zeros add no error at any
+    step): one compiled bisection serves every array size."""
+    sub = c.reshape(-1)[::stride]
+    return jnp.pad(sub, (0, _SUBSAMPLE - sub.size))
+
+
 def largest_step_within(c: jax.Array, max_sse: float, lo: float, hi: float) -> float:
     """Largest step in ``[lo, hi]`` whose quantisation SSE on ``c`` stays ≤ ``max_sse`` (log bisection).
 
     A strided subsample narrows the bracket cheaply; a few passes over all coefficients then settle it.
     """
-    flat = c.reshape(-1)
-    stride = max(1, flat.size // (1 << 16)) | 1  # odd: visits every position of a power-of-two block
+    size = c.size
+    stride = -(-size // _SUBSAMPLE) | 1  # odd: visits every position of a power-of-two block
     if stride > 1:
-        sub = flat[::stride]
-        lo_s, hi_s = _bisect_step(sub, max_sse * sub.size / flat.size, lo, hi, iterations=24)
+        taken = min(_SUBSAMPLE, -(-size // stride))
+        lo_s, hi_s = _bisect_step(_subsample(c, stride), max_sse * taken / size, lo, hi, iterations=24)
         narrow = (max(lo, float(lo_s) / 1.25), min(hi, float(hi_s) * 1.25))
-        step, top = (float(v) for v in _bisect_step(flat, max_sse, *narrow, iterations=12))
+        step, top = (float(v) for v in _bisect_step(c, max_sse, *narrow, iterations=12))
         if narrow[0] < step and top < narrow[1]:  # the answer is inside the narrowed bracket
             return step
-    return float(_bisect_step(flat, max_sse, lo, hi, iterations=40)[0])
+    return float(_bisect_step(c, max_sse, lo, hi, iterations=40)[0])

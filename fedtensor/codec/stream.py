@@ -39,7 +39,7 @@ from fedtensor.codec.quantize import RECON_OFFSET, ROUNDING, dequantize, quantiz
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import _to_blocks, expand, from_blocks, padded_shape, project
 from fedtensor.tensor.precision import FP32
-from fedtensor.tensor.tucker import _leading_eigvecs
+from fedtensor.tensor.tucker import leading_eigvecs_host
 from fedtensor_kernels import block_transform as kernels
 
 #: Most voxels per slab (of the padded volume). The context statistics carry over from slab to slab,
@@ -241,7 +241,7 @@ def _estimate_coarse(slab, m, rows, bases, steps, anchor, b, dtype):
         e = jnp.where(real, c - dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET), 0.0)
         return jnp.sum(e * e)
 
-    return jax.lax.map(one, steps), _estimate(slab, m, rows, bases, anchor[None], b, dtype)
+    return jax.lax.map(one, steps), _estimate(slab, m, rows, bases, anchor, b, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,8 +264,7 @@ def fit_bases(x: np.ndarray, slabs: Slabs, offset: float, scale: float) -> list[
         del slab
     trim_heap()  # once per pass: only a slab's device buffers come and go, all alike in size
     tick("bases", t0)
-    return [np.asarray(_leading_eigvecs(jnp.asarray(g, jnp.float32), n)[0], np.float32)
-            for g, n in zip(grams, slabs.b)]
+    return [leading_eigvecs_host(g, n) for g, n in zip(grams, slabs.b)]
 
 
 def error_stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -319,7 +318,7 @@ class SlabEncoder:
     def errors(self, step: float) -> tuple[float, float]:
         """``(SSE, max abs error)`` of the decoded volume at ``step``, in its dtype (rounding included)."""
         sse, worst = 0.0, 0.0
-        bases, s = [jnp.asarray(u) for u in self.bases], jnp.float32(step)
+        bases, s = [jnp.asarray(u) for u in self.bases], np.float32(step)
         for start, slab in self._slabs():
             t0 = time.perf_counter()
             r = self.slabs.rows(start)
@@ -338,7 +337,7 @@ class SlabEncoder:
         """Estimated ``(SSE, max abs error)`` of the decoded volume at each of ``steps``, in one pass over
         the slabs (float32; see :func:`_estimate`)."""
         unit = 1.0 if _in_own_units(self.map, self.x.dtype) else self.scale
-        bases, st = [jnp.asarray(u) for u in self.bases], jnp.asarray(steps, jnp.float32)
+        bases, st = [jnp.asarray(u) for u in self.bases], np.asarray(steps, np.float32)
         sse, worst = np.zeros(len(steps)), np.zeros(len(steps))
         for start, slab in self._slabs(trim_each=False):
             t0 = time.perf_counter()
@@ -356,12 +355,12 @@ class SlabEncoder:
         and the ratio decoded / coefficient SSE at the anchor (1 where padding and rounding take no
         share of the error, and the coefficients' errors then predict the decoded ones closely)."""
         unit = 1.0 if _in_own_units(self.map, self.x.dtype) else self.scale
-        bases, st = [jnp.asarray(u) for u in self.bases], jnp.asarray(steps, jnp.float32)
+        bases, st = [jnp.asarray(u) for u in self.bases], np.asarray(steps, np.float32)
         coef, exact = np.zeros(len(steps)), 0.0
         for start, slab in self._slabs(trim_each=False):
             t0 = time.perf_counter()
             c, (rows, _) = _estimate_coarse(jnp.asarray(slab), self.map, self.slabs.rows(start), bases, st,
-                                            st[anchor], self.slabs.b, self.x.dtype.name)
+                                            st[anchor:anchor + 1], self.slabs.b, self.x.dtype.name)
             coef += np.asarray(c, np.float64) * self.scale**2
             exact += float(np.asarray(rows, np.float64).sum()) * unit**2
             del slab, rows
@@ -374,7 +373,7 @@ class SlabEncoder:
     def encode(self, step: float, measure: bool = False) -> tuple[list[bytes], tuple[float, float] | None]:
         """One coded section per slab (and, with ``measure``, the decoded ``(SSE, max abs error)``)."""
         sections, sse, worst = [], 0.0, 0.0
-        bases, s = [jnp.asarray(u) for u in self.bases], jnp.float32(step)
+        bases, s = [jnp.asarray(u) for u in self.bases], np.float32(step)
         coders = BlockCoders()  # context statistics carry on from slab to slab
         for start, slab in self._slabs():
             t0 = time.perf_counter()
@@ -434,7 +433,7 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     bounds = np.cumsum([0] + [n * n for n in b])
     bases = [jnp.asarray(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
     slabs = Slabs(tuple(shape), b, depth)
-    step = jnp.float32(float(params["step"]))
+    step = np.float32(float(params["step"]))
     m = device_map(out.dtype, offset, scale)
     coders = BlockCoders()
 
@@ -494,15 +493,15 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     raw, m = gather_blocks(x, b, idx), device_map(x.dtype, offset, scale)
     blocks = jnp.asarray(raw if m is not None else normalize(raw, offset, scale))
     del raw
-    corners = jnp.asarray(np.stack(np.unravel_index(idx, grid), axis=1) * np.asarray(b), jnp.int32)
+    corners = jnp.asarray((np.stack(np.unravel_index(idx, grid), axis=1) * np.asarray(b)).astype(np.int32))
     u = tuple(jnp.asarray(a) for a in bases)
     coef = _sample_coefficients(blocks, u, m)
     hi = 4 * math.prod(b) ** 0.5
     floor = math.prod(b) ** 0.5 / 2**30  # |coef| ≤ √B for a unit-range volume: int32 indices never overflow
     lo = max(hi * 1e-9, floor)
     step = largest_step_within(coef, mse * coef.size, lo, hi)
-    voxel = float(_sample_decoded_mse(blocks, corners, coef, u, jnp.float32(step), m, tuple(x.shape), x.dtype.name))
-    in_coef = float(quantization_sse(coef, jnp.float32(step))) / coef.size
+    voxel = float(_sample_decoded_mse(blocks, corners, coef, u, np.float32(step), m, tuple(x.shape), x.dtype.name))
+    in_coef = float(quantization_sse(coef, np.float32(step))) / coef.size
     if not (voxel > 0 and in_coef > 0 and math.isfinite(voxel)):
         return max(floor, step)
     return max(floor, largest_step_within(coef, mse * coef.size * in_coef / voxel, lo, hi))

@@ -11,6 +11,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedtensor.tensor.precision import FP32
 
@@ -37,6 +38,15 @@ def _leading_eigvecs(gram: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     idx = jnp.argmax(jnp.abs(v), axis=0)
     v = v * jnp.sign(v[idx, jnp.arange(v.shape[1])])
     return v, jnp.maximum(w, 0.0)
+
+
+def leading_eigvecs_host(gram, rank: int) -> np.ndarray:
+    """:func:`_leading_eigvecs` in float64 numpy, as float32: for the few small Gram matrices a host
+    program meets outside ``jit`` (eager JAX would compile a dozen tiny programs for them)."""
+    w, v = np.linalg.eigh(np.asarray(gram, np.float64))
+    v = v[:, ::-1][:, :rank]
+    v = v * np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
+    return v.astype(np.float32)
 
 
 def mode_gram(x: jax.Array, mode: int) -> jax.Array:
