@@ -31,12 +31,15 @@ def quality(original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
     }
 
 
-def quality_from_stats(stats: Any) -> dict[str, float] | None:
-    """The three quality figures from a stream header's ``stats``, or None if any is missing."""
+def quality_from_stats(stats: Any, *, ssim: bool = True) -> dict[str, float] | None:
+    """The quality figures from a stream header's ``stats`` (the encoder measured them on the decoded
+    volume), or None if any is missing; without ``ssim``, PSNR and max error only."""
     if not isinstance(stats, Mapping):
         return None
     out: dict[str, float] = {}
     for key, aliases in _STAT_KEYS.items():
+        if key == "ssim" and not ssim:
+            continue
         value = next((stats[a] for a in aliases if a in stats and stats[a] is not None), None)
         if value is None:
             return None

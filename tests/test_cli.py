@@ -388,9 +388,21 @@ def test_empty_directories_are_errors(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ happy paths
 
 
+def test_compress_reports_ssim_only_when_asked(tmp_path: Path, vol_path: Path) -> None:
+    """PSNR and max error come from the encoder's own measurement of the decoded stream; the SSIM needs a
+    decode of its own, so only --ssim pays for it."""
+    c = run_json("compress", vol_path, tmp_path / "a.ftz")
+    assert "ssim" not in c and c["decode_seconds"] is None
+    e = run_json("evaluate", vol_path, tmp_path / "a.ftz")
+    assert c["psnr_db"] == pytest.approx(e["psnr_db"], abs=1e-6)
+    assert c["max_abs_error"] == pytest.approx(e["max_abs_error"])
+    s = run_json("compress", vol_path, tmp_path / "b.ftz", "--ssim")
+    assert s["ssim"] == pytest.approx(e["ssim"], abs=1e-6) and s["decode_seconds"] > 0
+
+
 def test_round_trip_json(tmp_path: Path, vol_path: Path) -> None:
     ftz = tmp_path / "vol.ftz"
-    c = run_json("compress", vol_path, ftz)  # default mode: --psnr 45
+    c = run_json("compress", vol_path, ftz, "--ssim")  # default mode: --psnr 45
     assert c["command"] == "compress" and c["mode"] == "psnr" and c["target"] == 45.0
     assert c["compressed_bytes"] == ftz.stat().st_size > 0
     assert c["original_bytes"] == smooth_volume().nbytes
@@ -535,7 +547,7 @@ def test_real_ct_head(tmp_path: Path) -> None:
     if not CT_HEAD.exists():
         pytest.skip(f"{CT_HEAD} missing")
     ftz = tmp_path / "ct.ftz"
-    c = run_json("compress", CT_HEAD, ftz, "--psnr", 45)
+    c = run_json("compress", CT_HEAD, ftz, "--psnr", 45, "--ssim")
     assert c["shape"] == [175, 248, 58] and c["dtype"] == "uint8"
     assert c["psnr_db"] >= 45.0 and c["ssim"] > 0.9
     assert c["bpv"] < 8.0  # compresses at all
