@@ -1,8 +1,8 @@
 """XLA's compiled programs kept on disk between processes (JAX's persistent compilation cache).
 
-A codec call compiles some sixty small XLA programs for each volume geometry, which takes longer than
-the coding itself on a CPU: a fresh ``fedtensor compress`` of a 2.5 MVoxel CT spent 6 s compiling and
-0.7 s coding. Programs kept on disk make the later calls of a geometry skip XLA's compiler (tracing and
+A codec call compiles about thirty small XLA programs for each volume geometry, which takes longer
+than the coding itself on a CPU: a fresh ``fedtensor compress`` of a 2.5 MVoxel CT spends some 3 s
+compiling and 0.7 s coding. Programs kept on disk make the later calls of a geometry skip XLA's compiler (tracing and
 lowering still run). The CLI turns this on; a library user calls :func:`enable_persistent_cache`, or
 sets JAX's own ``JAX_COMPILATION_CACHE_DIR``. Each geometry adds about half a megabyte; the directory
 is not trimmed (JAX's size limit needs the ``filelock`` package), and may be deleted at any time.
@@ -30,17 +30,18 @@ def enable_persistent_cache(directory: str | os.PathLike | None = None,
     """Keep compiled programs in ``directory`` (default :func:`default_directory`) for later processes.
 
     Must run before JAX is imported: it sets JAX's environment variables, and leaves any already set
-    (``JAX_COMPILATION_CACHE_DIR`` chooses the directory) alone. Every program is kept, however short
+    (``JAX_COMPILATION_CACHE_DIR`` chooses the directory) alone; ``FEDTENSOR_JIT_CACHE=0`` only stops
+    fedtensor from setting a cache up (JAX's own variables still apply). Every program is kept, however short
     its compilation (JAX's default keeps only those over a second, none of the codec's). Returns the
     directory, or None when switched off by ``FEDTENSOR_JIT_CACHE=0``, when JAX is already imported, or
     when the directory cannot be created (nothing is cached then; nothing fails).
     """
     if environ.get(ENV_SWITCH, "").strip().lower() in {"0", "off", "no", "false"} or "jax" in sys.modules:
         return None
-    path = Path(environ.get("JAX_COMPILATION_CACHE_DIR") or directory or default_directory(environ))
-    try:
+    try:  # no home directory (e.g. a container user without one) or an unwritable cache: no cache
+        path = Path(environ.get("JAX_COMPILATION_CACHE_DIR") or directory or default_directory(environ))
         path.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    except (OSError, RuntimeError):
         return None
     environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(path))
     environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

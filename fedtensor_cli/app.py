@@ -490,8 +490,8 @@ _USAGE_ERRORS = (click.ClickException, *((typer.TyperException,) if hasattr(type
 def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> None:
     """Console-script entry point: run the app; never let a traceback reach the user."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
-    enable_persistent_cache()  # before any command imports JAX: later runs skip XLA's compiler
     try:
+        enable_persistent_cache()  # before any command imports JAX: later runs skip XLA's compiler
         rv = app(args=args, prog_name=prog_name, standalone_mode=False)
     except typer.Abort:
         print_error("aborted")

@@ -23,7 +23,7 @@ def test_tile_grams_fold_to_every_block_shape(b):
     rng = np.random.default_rng(1)
     tiles = rng.integers(-1000, 3000, size=(5, 16, 16, 16)).astype(np.int16)
     offset, scale = normalization(tiles)
-    grams = blocktucker.fiber_grams(*blocktucker._prepared(tiles, offset, scale))
+    grams = blocktucker.fiber_grams(tiles, offset, scale)
     unit = (tiles.astype(np.float64) - offset) / scale
     want = [sum(g) for g in zip(*(_block_grams(t, b) for t in unit))]
     for g, n, w in zip(grams, b, want):
@@ -53,3 +53,60 @@ def test_slab_grams_match_the_block_stack(b):
     want = _block_grams(padded, b)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=1e-3)
+
+
+def test_last_slab_grams_count_only_its_block_rows():
+    """The last slab of a volume is edge-padded to the slab depth: its Grams take its real block rows
+    only (those past them are no blocks of the volume)."""
+    rng = np.random.default_rng(3)
+    shape, b = (37, 12, 9), (4, 4, 4)
+    x = rng.normal(0, 1, size=shape).astype(np.float32)
+    offset, scale = normalization(x)
+    slabs = stream.Slabs(shape, b, 16)
+    start = slabs.starts[-1]  # rows 32..36: 5 real rows, two block rows, in a 16-deep slab
+    m = device_map(x.dtype, offset, scale)
+    rows = slabs.grid(start)[0] * b[0]
+    assert rows < slabs.depth
+    got = stream._slab_grams(slabs.slab(x, start, m, offset, scale), m, rows, b)
+    unit = (x[start:].astype(np.float64) - offset) / scale
+    unit = np.concatenate([unit, np.repeat(unit[-1:], rows - unit.shape[0], axis=0)])
+    padded = np.pad(unit, [(0, 0), (0, 0), (0, 3)], mode="edge")
+    for g, w in zip(got, _block_grams(padded, b)):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_sample_decoded_error_matches_a_reference(dtype):
+    """The first guess's decoded error of sampled blocks: chunked (the last chunk overlapping the one
+    before), edge-padded voxels left out, integers rounded as the decoder rounds them."""
+    import jax.numpy as jnp
+
+    from fedtensor.codec.blocktucker import gather_blocks
+
+    rng = np.random.default_rng(4)
+    shape, b = (37, 45, 29), (8, 8, 8)
+    x = np.clip(rng.normal(120, 40, size=shape), 0, 255).astype(dtype)
+    offset, scale = normalization(x)
+    grid = [-(-n // k) for n, k in zip(shape, b)]
+    idx = np.arange(int(np.prod(grid)))  # every block: 120, not a multiple of the chunk (64)
+    raw = gather_blocks(x, b, idx)
+    m = device_map(x.dtype, offset, scale)
+    bases = [np.linalg.qr(rng.normal(size=(k, k)))[0].astype(np.float32) for k in b]
+    u = tuple(jnp.asarray(a) for a in bases)
+    coef = stream._sample_coefficients(jnp.asarray(raw), u, m)
+    step = np.float32(0.02)
+    corners = (np.stack(np.unravel_index(idx, grid), axis=1) * np.asarray(b)).astype(np.int32)
+    got = float(stream._sample_decoded_mse(jnp.asarray(raw), jnp.asarray(corners), coef, u, step, m, shape,
+                                           np.dtype(dtype).name))
+    q = np.asarray(stream.dequantize(stream.quantize(coef, step, stream.ROUNDING), step, stream.RECON_OFFSET),
+                   np.float64)
+    rec = np.einsum("nabc,ia,jb,kc->nijk", q, *[a.astype(np.float64) for a in bases]) * scale + offset
+    if np.dtype(dtype).kind == "u":
+        rec = np.clip(np.rint(rec), 0, 255)
+    d = (raw.astype(np.float64) - rec) / scale
+    inside = np.ones(raw.shape, bool)
+    for axis, (c, k, n) in enumerate(zip(corners.T, b, shape)):
+        view = [None, None, None, None]
+        view[0], view[axis + 1] = slice(None), slice(None)
+        inside &= ((c[:, None] + np.arange(k)) < n)[tuple(view)]
+    assert got == pytest.approx(float(np.mean(d[inside] ** 2)), rel=1e-4)

@@ -195,3 +195,28 @@ def test_truncated_coefficient_payload_is_format_error_or_garbage():
         except FormatError:
             continue
         assert out.shape == q.shape
+
+
+def test_fixed_models_code_as_the_per_symbol_ones():
+    """Raw bits and Exp-Golomb lengths go through one fixed model per call: the stream is byte for byte
+    the one the per-symbol models (all rows alike) write, so streams written before still decode."""
+    import constriction
+
+    rng = np.random.default_rng(7)
+    dist = np.concatenate([[0.5, 0.3, 0.1], np.full(37, 0.1 / 37)])
+    dist[10:] = 0.0  # zero tails happen (underflowing products of small probabilities)
+    dist /= dist.sum()
+    bits = (rng.random(500) < 0.5).astype(np.int32)
+    lengths = rng.choice(40, size=300, p=dist).astype(np.int32)
+    new, old = BinaryStream(), constriction.stream.queue.RangeEncoder()
+    new.even_bits(bits, len(bits))
+    new.categorical_alike(dist, lengths, len(lengths))
+    old.encode(bits, constriction.stream.model.Bernoulli(perfect=False), np.full(len(bits), 0.5))
+    old.encode(lengths, constriction.stream.model.Categorical(perfect=False),
+               np.tile(dist.astype(np.float32), (len(lengths), 1)))
+    data = new.finish()
+    assert data == old.get_compressed().tobytes()
+    back = BinaryStream(np.frombuffer(data, np.uint32))
+    assert np.array_equal(back.even_bits(None, len(bits)), bits)
+    assert np.array_equal(back.categorical_alike(dist, None, len(lengths)), lengths)
+    back.check_consumed()

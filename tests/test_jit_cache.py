@@ -69,11 +69,22 @@ def test_cli_processes_share_compiled_programs(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONWARNINGS="ignore")
     env.pop(jit_cache.ENV_SWITCH, None)
-    streams = []
+    streams, listings = [], []
     for name in ("a.ftz", "b.ftz"):
         subprocess.run([sys.executable, "-m", "fedtensor_cli", "compress", str(tmp_path / "v.npy"),
                         str(tmp_path / name), "--json"], env=env, check=True, capture_output=True, timeout=600)
         streams.append((tmp_path / name).read_bytes())
-        cached = list((tmp_path / "cache" / "fedtensor" / "jax").iterdir())
-        assert cached  # compiled programs on disk after the first process
+        listings.append(sorted(p.name for p in (tmp_path / "cache" / "fedtensor" / "jax").iterdir()))
+    assert listings[0]  # compiled programs on disk after the first process
+    assert listings[1] == listings[0]  # the second compiled nothing new: it found every program there
     assert streams[0] == streams[1]
+
+
+def test_no_home_directory_means_no_cache(no_jax, monkeypatch):
+    """A user without a home directory (some containers) gets no cache, not a crash."""
+    def homeless():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(homeless))
+    env: dict[str, str] = {}
+    assert jit_cache.enable_persistent_cache(environ=env) is None and env == {}

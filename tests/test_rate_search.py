@@ -57,7 +57,8 @@ def test_smooth_curve_takes_one_estimate_pass(load_volume, counted, target):
     vol = load_volume("ct_chest.nii.gz")
     out = decompress(compress(vol, psnr=target))
     assert _psnr(vol.data, out.data) >= target
-    assert counted == {"estimate_coarse": 1, "estimate": 0, "encode": 1}
+    assert counted["estimate_coarse"] == 1 and counted["encode"] == 1
+    assert counted["estimate"] == 0  # no fine pass (a backend summing differently might need one)
 
 
 @pytest.mark.parametrize("name, trusted", [("ct_chest.nii.gz", True), ("mr_brain_gd.nii.gz", True),

@@ -70,7 +70,7 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     step = largest_step_within(blocktucker.tile_coefficients(some, reference, offset, scale), budget, 1e-9, 256.0)
     # Context modelling gains more the more blocks there are: a small, measured correction per
     # doubling of the block volume keeps the proxy's ranking in line with the real coder's.
-    grams = blocktucker.fiber_grams(*blocktucker._prepared(tiles, offset, scale))  # once for all shapes
+    grams = blocktucker.fiber_grams(tiles, offset, scale)  # once for all shapes
     costs = [blocktucker.tile_bits(tiles, b, offset, scale, step, grams=grams)
              * (1 + 0.012 * (math.log2(math.prod(b)) - 9)) for b in candidates]
     return candidates[int(np.argmin(costs))]
@@ -116,7 +116,7 @@ _COARSE = 10 ** np.array([-0.024, -0.008, 0.008, 0.024])  # steps ~0.3 dB apart:
 _ANCHOR = 1  # the coarse step decoded in full; the others are scaled from their coefficients' errors
 _TRUSTED_RATIO = 0.02  # decoded / coefficient error within 2 % of 1: padding and rounding take no share
 _FINE = 10 ** (0.0008 * np.arange(-2, 2))  # ~0.016 dB apart (the exact search stopped within 0.02 dB)
-_STRAIGHT_DB = 0.01  # the middle coarse point at most this far off the outer two's line: interpolate
+_STRAIGHT_DB = 0.01  # of three coarse points around the bracket, the middle this close to the others' line: straight
 _MARGIN_DB = 0.01  # an interpolated step aims this far above the target
 
 
@@ -193,7 +193,7 @@ def _step_from_estimates(coarse, estimate, psnr: float, first: float, n: int,
 
 
 def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bpv: float | None,
-                     first_step: float):
+                     first_step: float | None):
     """PSNR floor (largest step that meets it, on the decoded volume) or bits-per-voxel ceiling.
 
     ``attempt(step, measure)`` -> ``(blob or None, (sse, max_err) or None)``: measure only, or encode.
@@ -254,11 +254,11 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
         bases = np.concatenate([u.ravel() for u in enc.bases]).astype("<f4").tobytes()
         return pack({**header, "params": params, "stats": stats}, [bases, *sections]), (sse, worst)
 
-    t0 = time.perf_counter()
-    first = stream.initial_step(x, b, enc.bases, offset, scale, mse)
-    stream.trim_heap()
-    stream.tick("search: first guess", t0)
     if psnr is not None:
+        t0 = time.perf_counter()
+        first = stream.initial_step(x, b, enc.bases, offset, scale, mse)
+        stream.trim_heap()
+        stream.tick("search: first guess", t0)
         # Estimated PSNRs (several steps per pass) pick the step; the encode then measures the decoded
         # volume exactly, and only a miss (an estimate off at the last digit) steps down.
         found = _step_from_estimates(enc.estimate_coarse, enc.estimate, psnr, first, n, value_range)
@@ -272,7 +272,8 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
             short = (psnr - reached + _MARGIN_DB) if math.isfinite(reached) else 1.0
             step /= max(_FINE[1] / _FINE[0], 10 ** (short / -found.slope))
         first = step or first  # the estimates are off (e.g. float data near its precision): exact search
-    return _rate_controlled(attempt, n, value_range, psnr, bpv, first)
+        return _rate_controlled(attempt, n, value_range, psnr, bpv, first)
+    return _rate_controlled(attempt, n, value_range, psnr, bpv, first_step=None)  # bpv: its own bisection
 
 
 def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):

@@ -28,13 +28,13 @@ def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 
     """
     tiles, m = _prepared(tiles, offset, scale)
     b = block_shape(b)
-    return _tile_coefficients(tiles, m, tile_bases(fiber_grams(tiles, m), b), b)
+    return _tile_coefficients(tiles, m, tile_bases(_fiber_grams(tiles, m), b), b)
 
 
-def fiber_grams(tiles, m: DeviceMap | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def fiber_grams(tiles, offset: float, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per axis, the Gram matrix of the normalised tiles' whole fibers along it (side × side): what
     :func:`tile_bases` fits the bases of every block shape dividing the sides from."""
-    return _fiber_grams(tiles, m)
+    return _fiber_grams(*_prepared(tiles, offset, scale))
 
 
 def tile_bases(grams, b) -> list[jax.Array]:
@@ -52,7 +52,7 @@ def tile_bits(tiles, b, offset: float, scale: float, step: float, clip: int = 64
     :func:`fiber_grams`, when several shapes are ranked on the same tiles."""
     tiles, m = _prepared(tiles, offset, scale)
     b = block_shape(b)
-    bases = tile_bases(grams if grams is not None else fiber_grams(tiles, m), b)
+    bases = tile_bases(grams if grams is not None else _fiber_grams(tiles, m), b)
     return float(_tile_bits(tiles, m, bases, np.float32(step), b, clip))
 
 

@@ -73,23 +73,20 @@ class BinaryStream:
     def categorical_alike(self, probs: np.ndarray, values: np.ndarray | None, n: int) -> np.ndarray:
         """Code ``n`` symbols all under the one distribution ``probs`` (the same code as
         :meth:`categorical` with ``probs`` on every row, without building a model per symbol)."""
+        return self._fixed(constriction.stream.model.Categorical(np.asarray(probs, np.float32), perfect=False),
+                           values, n)
+
+    def even_bits(self, values: np.ndarray | None, n: int) -> np.ndarray:
+        """Code ``n`` bits, each a one with probability 1/2 (raw bits)."""
+        return self._fixed(self._even, values, n)
+
+    def _fixed(self, model, values: np.ndarray | None, n: int) -> np.ndarray:
         if n == 0:
             return np.zeros(0, np.int32)
-        model = constriction.stream.model.Categorical(np.asarray(probs, np.float32), perfect=False)
         if self.decoding:
             return self._decode(model, n)
         values = np.asarray(values, np.int32)
         self._coder.encode(values, model)
-        return values
-
-    def even_bits(self, values: np.ndarray | None, n: int) -> np.ndarray:
-        """Code ``n`` bits, each a one with probability 1/2 (raw bits)."""
-        if n == 0:
-            return np.zeros(0, np.int32)
-        if self.decoding:
-            return self._decode(self._even, n)
-        values = np.asarray(values, np.int32)
-        self._coder.encode(values, self._even)
         return values
 
     def _decode(self, model, params) -> np.ndarray:

@@ -50,7 +50,7 @@ _SUBSAMPLE = 1 << 16  # coefficients of the strided subsample that narrows the b
 @partial(jax.jit, static_argnames="stride")
 def _subsample(c: jax.Array, stride: int) -> jax.Array:
     """Every ``stride``-th coefficient, zero-padded to :data:`_SUBSAMPLE` (zeros add no error at any
-    step): one compiled bisection serves every array size."""
+    step): the bisection on subsamples compiles once, whatever the array's size."""
     sub = c.reshape(-1)[::stride]
     return jnp.pad(sub, (0, _SUBSAMPLE - sub.size))
 
