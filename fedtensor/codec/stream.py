@@ -212,7 +212,11 @@ def _estimate(slab, m, rows, bases, steps, b, dtype):
     normalised units. An estimate (float32 sums): the search uses it, the encode measures.
     """
     unit = to_unit(slab, m)
-    c = project(_to_blocks(unit, b), bases)
+    return _decoded_errors(project(_to_blocks(unit, b), bases), unit, slab, m, rows, bases, steps, dtype)
+
+
+def _decoded_errors(c, unit, slab, m, rows, bases, steps, dtype):
+    """:func:`_estimate` from the slab's coefficients ``c`` and normalised voxels ``unit`` (traceable)."""
     valid = (jnp.arange(slab.shape[0]) < rows)[:, None, None]
     integer = _in_own_units(m, dtype)
     original = shifted(slab, m) if integer else unit
@@ -234,14 +238,15 @@ def _estimate_coarse(slab, m, rows, bases, steps, anchor, b, dtype):
     With an orthonormal transform the decoded error is the coefficients' error, up to the share of
     edge padding and the rounding of integer volumes; one decoded step measures that ratio, the others
     skip their inverse transforms."""
-    c = project(_to_blocks(to_unit(slab, m), b), bases)
+    unit = to_unit(slab, m)
+    c = project(_to_blocks(unit, b), bases)
     real = (jnp.arange(c.shape[0]) * b[0] < rows).reshape((-1,) + (1,) * (c.ndim - 1))
 
     def one(step):
         e = jnp.where(real, c - dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET), 0.0)
         return jnp.sum(e * e)
 
-    return jax.lax.map(one, steps), _estimate(slab, m, rows, bases, anchor, b, dtype)
+    return jax.lax.map(one, steps), _decoded_errors(c, unit, slab, m, rows, bases, anchor, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
