@@ -1,6 +1,6 @@
 """XLA's compiled programs kept on disk between processes (JAX's persistent compilation cache).
 
-A codec call compiles about thirty small XLA programs for each volume geometry, which takes longer
+A codec call compiles about twenty small XLA programs for each volume geometry, which takes longer
 than the coding itself on a CPU: a fresh ``fedtensor compress`` of a 2.5 MVoxel CT spends some 3 s
 compiling and 0.7 s coding. Programs kept on disk make the later calls of a geometry skip XLA's compiler (tracing and
 lowering still run). The CLI turns this on; a library user calls :func:`enable_persistent_cache`, or

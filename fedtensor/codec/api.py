@@ -6,6 +6,7 @@ import math
 import time
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,7 +60,7 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     """
     candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
     # In the input dtype, normalised per tile; on the device once (not once per candidate).
-    tiles = jnp.asarray(blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS))
+    tiles = jax.device_put(blocktucker.sample_superblocks(x, 16, _PICK_SUPERBLOCKS))
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step
     # the distortion barely depends on the transform. A quarter as many tiles, as evenly spread, set it
     # (on the sample CTs at 38–50 dB the choices were those of all the tiles); the proxy then never

@@ -41,7 +41,7 @@ def tile_bases(grams, b) -> list[jax.Array]:
     """Per-mode bases of the tiles' blocks of shape ``b`` (HOSVD of their stack) from
     :func:`fiber_grams`: a block's fibers are pieces of the tile's, so the Gram of the pieces is the sum
     of the diagonal blocks of the whole fibers' Gram."""
-    return [jnp.asarray(leading_eigvecs_host(_pieces_gram(np.asarray(g, np.float64), n), n))
+    return [jax.device_put(leading_eigvecs_host(_pieces_gram(np.asarray(g, np.float64), n), n))
             for g, n in zip(grams, block_shape(b))]
 
 
@@ -62,8 +62,8 @@ def _prepared(tiles, offset: float, scale: float) -> tuple[jax.Array, DeviceMap 
     :mod:`fedtensor.codec.normalize`)."""
     m = device_map(tiles.dtype, offset, scale)
     if m is None:
-        return jnp.asarray(normalize(np.asarray(tiles), offset, scale)), None
-    return jnp.asarray(tiles), m
+        return jax.device_put(normalize(np.asarray(tiles), offset, scale)), None
+    return jax.device_put(tiles), m
 
 
 def _tile_blocks(tile, m, b):

@@ -7,6 +7,7 @@ as float32, which is the method's fixed overhead.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,12 +24,12 @@ class GlobalTucker:
 
     def __init__(self, x: np.ndarray, max_sse: float, n_iter: int = 5):
         self.shape = tuple(x.shape)
-        xc = jnp.asarray(x, jnp.float32)
+        xc = jax.device_put(np.asarray(x, np.float32))
         norm2 = float(jnp.sum(jnp.square(xc)))
         rel = float(np.sqrt(0.5 * max_sse / max(norm2, 1e-30)))
         self.ranks = ranks_for_error(xc, min(rel, 1.0))
         core, factors = hooi(xc, self.ranks, n_iter=n_iter)
-        self.factors = [jnp.asarray(np.asarray(f, np.float32)) for f in factors]
+        self.factors = [jax.device_put(np.asarray(f, np.float32)) for f in factors]
         self.core = core
         self.truncation_sse = max(norm2 - float(jnp.sum(jnp.square(core))), 0.0)
 
@@ -56,7 +57,7 @@ def _code_core(s: BinaryStream, ranks, q: np.ndarray | None) -> np.ndarray:
 
 
 def _reconstruct(q, step, factors) -> np.ndarray:
-    return np.asarray(tucker_to_tensor(dequantize(jnp.asarray(q), jnp.float32(step)), factors))
+    return np.asarray(tucker_to_tensor(dequantize(jax.device_put(q), jnp.float32(step)), factors))
 
 
 def decode(params: dict, sections: list[bytes], shape) -> np.ndarray:
@@ -69,7 +70,7 @@ def decode(params: dict, sections: list[bytes], shape) -> np.ndarray:
         raise FormatError("corrupted omlsvd-global payload")
     flat = np.frombuffer(sections[0], "<f4")
     bounds = np.cumsum([0, *sizes])
-    factors = [jnp.asarray(flat[a:b].reshape(n, r)) for a, b, n, r in zip(bounds[:-1], bounds[1:], shape, ranks)]
+    factors = [jax.device_put(flat[a:b].reshape(n, r)) for a, b, n, r in zip(bounds[:-1], bounds[1:], shape, ranks)]
     coded = BinaryStream(np.frombuffer(sections[1], np.uint32))
     q = _code_core(coded, ranks, None)
     coded.check_consumed()

@@ -323,11 +323,11 @@ class SlabEncoder:
     def errors(self, step: float) -> tuple[float, float]:
         """``(SSE, max abs error)`` of the decoded volume at ``step``, in its dtype (rounding included)."""
         sse, worst = 0.0, 0.0
-        bases, s = [jnp.asarray(u) for u in self.bases], np.float32(step)
+        bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
         for start, slab in self._slabs():
             t0 = time.perf_counter()
             r = self.slabs.rows(start)
-            q = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl, self.map)
+            q = _forward(jax.device_put(slab), bases, s, self.slabs.b, self.impl, self.map)
             del slab
             decoded = self._fetch(self._decoded(q, bases, s), r)
             del q
@@ -342,11 +342,11 @@ class SlabEncoder:
         """Estimated ``(SSE, max abs error)`` of the decoded volume at each of ``steps``, in one pass over
         the slabs (float32; see :func:`_estimate`)."""
         unit = 1.0 if _in_own_units(self.map, self.x.dtype) else self.scale
-        bases, st = [jnp.asarray(u) for u in self.bases], np.asarray(steps, np.float32)
+        bases, st = [jax.device_put(u) for u in self.bases], np.asarray(steps, np.float32)
         sse, worst = np.zeros(len(steps)), np.zeros(len(steps))
         for start, slab in self._slabs(trim_each=False):
             t0 = time.perf_counter()
-            rows, w = _estimate(jnp.asarray(slab), self.map, self.slabs.rows(start), bases, st, self.slabs.b,
+            rows, w = _estimate(jax.device_put(slab), self.map, self.slabs.rows(start), bases, st, self.slabs.b,
                                 self.x.dtype.name)
             sse += np.asarray(rows, np.float64).sum(axis=1) * unit**2
             worst = np.maximum(worst, np.asarray(w, np.float64) * unit)
@@ -360,11 +360,11 @@ class SlabEncoder:
         and the ratio decoded / coefficient SSE at the anchor (1 where padding and rounding take no
         share of the error, and the coefficients' errors then predict the decoded ones closely)."""
         unit = 1.0 if _in_own_units(self.map, self.x.dtype) else self.scale
-        bases, st = [jnp.asarray(u) for u in self.bases], np.asarray(steps, np.float32)
+        bases, st = [jax.device_put(u) for u in self.bases], np.asarray(steps, np.float32)
         coef, exact = np.zeros(len(steps)), 0.0
         for start, slab in self._slabs(trim_each=False):
             t0 = time.perf_counter()
-            c, (rows, _) = _estimate_coarse(jnp.asarray(slab), self.map, self.slabs.rows(start), bases, st,
+            c, (rows, _) = _estimate_coarse(jax.device_put(slab), self.map, self.slabs.rows(start), bases, st,
                                             st[anchor:anchor + 1], self.slabs.b, self.x.dtype.name)
             coef += np.asarray(c, np.float64) * self.scale**2
             exact += float(np.asarray(rows, np.float64).sum()) * unit**2
@@ -378,12 +378,12 @@ class SlabEncoder:
     def encode(self, step: float, measure: bool = False) -> tuple[list[bytes], tuple[float, float] | None]:
         """One coded section per slab (and, with ``measure``, the decoded ``(SSE, max abs error)``)."""
         sections, sse, worst = [], 0.0, 0.0
-        bases, s = [jnp.asarray(u) for u in self.bases], np.float32(step)
+        bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
         coders = BlockCoders()  # context statistics carry on from slab to slab
         for start, slab in self._slabs():
             t0 = time.perf_counter()
             grid, r = self.slabs.grid(start), self.slabs.rows(start)
-            q_dev = _forward(jnp.asarray(slab), bases, s, self.slabs.b, self.impl, self.map)
+            q_dev = _forward(jax.device_put(slab), bases, s, self.slabs.b, self.impl, self.map)
             del slab  # only the int coefficients of a slab live on, and only while it is coded
             q = np.asarray(q_dev)[:grid[0]]
             t0 = tick("transform+quantize", t0)
@@ -436,7 +436,7 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
         raise FormatError("corrupted block-tucker payload")
     flat = np.frombuffer(sections[0], "<f4")
     bounds = np.cumsum([0] + [n * n for n in b])
-    bases = [jnp.asarray(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
+    bases = [jax.device_put(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
     slabs = Slabs(tuple(shape), b, depth)
     step = np.float32(float(params["step"]))
     m = device_map(out.dtype, offset, scale)
@@ -461,7 +461,7 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
         if grid[0] * b[0] < depth:  # static shapes: zero block rows up to the slab depth
             q = np.concatenate([q, np.zeros((depth // b[0] - grid[0], *q.shape[1:]), q.dtype)])
         tick("entropy", t0)
-        rec = _decode(jnp.asarray(q), bases, step, m, (depth, *shape[1:]), impl, out.dtype.name)
+        rec = _decode(jax.device_put(q), bases, step, m, (depth, *shape[1:]), impl, out.dtype.name)
         del q
         if pending is not None:
             store(*pending)
@@ -496,10 +496,10 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     idx = np.unique(np.minimum(edges[:-1] + np.random.default_rng(0).random(count) * np.diff(edges), total - 1)
                     .astype(np.int64))
     raw, m = gather_blocks(x, b, idx), device_map(x.dtype, offset, scale)
-    blocks = jnp.asarray(raw if m is not None else normalize(raw, offset, scale))
+    blocks = jax.device_put(raw if m is not None else normalize(raw, offset, scale))
     del raw
-    corners = jnp.asarray((np.stack(np.unravel_index(idx, grid), axis=1) * np.asarray(b)).astype(np.int32))
-    u = tuple(jnp.asarray(a) for a in bases)
+    corners = jax.device_put((np.stack(np.unravel_index(idx, grid), axis=1) * np.asarray(b)).astype(np.int32))
+    u = tuple(jax.device_put(a) for a in bases)
     coef = _sample_coefficients(blocks, u, m)
     hi = 4 * math.prod(b) ** 0.5
     floor = math.prod(b) ** 0.5 / 2**30  # |coef| ≤ √B for a unit-range volume: int32 indices never overflow
