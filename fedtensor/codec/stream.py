@@ -507,9 +507,12 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     step = largest_step_within(coef, mse * coef.size, lo, hi)
     voxel = float(_sample_decoded_mse(blocks, corners, coef, u, np.float32(step), m, tuple(x.shape), x.dtype.name))
     in_coef = float(quantization_sse(coef, np.float32(step))) / coef.size
-    if not (voxel > 0 and in_coef > 0 and math.isfinite(voxel)):
+    wider = float(quantization_sse(coef, np.float32(step * 1.1))) / coef.size
+    if not (voxel > 0 and wider > in_coef > 0 and math.isfinite(voxel)):
         return max(floor, step)
-    return max(floor, largest_step_within(coef, mse * coef.size * in_coef / voxel, lo, hi))
+    # The error grows locally as a power of the step: follow it to the corrected error budget.
+    power = math.log(wider / in_coef) / math.log(1.1)
+    return max(floor, min(hi, step * (in_coef / voxel) ** (1 / power)))
 
 
 @jax.jit
