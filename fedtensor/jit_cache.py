@@ -2,8 +2,8 @@
 
 A codec call compiles about twenty small XLA programs for each volume geometry, which takes longer
 than the coding itself on a CPU: a fresh ``fedtensor compress`` of a 2.5 MVoxel CT spends some 3 s
-compiling and 0.7 s coding. Programs kept on disk make the later calls of a geometry skip XLA's compiler (tracing and
-lowering still run). The CLI turns this on; a library user calls :func:`enable_persistent_cache`, or
+compiling and 0.7 s coding. Programs kept on disk make the later calls of a geometry skip XLA's
+compiler (tracing and lowering still run). The CLI turns this on; a library user calls :func:`enable_persistent_cache`, or
 sets JAX's own ``JAX_COMPILATION_CACHE_DIR``. Each geometry adds about half a megabyte; the directory
 is not trimmed (JAX's size limit needs the ``filelock`` package), and may be deleted at any time.
 """
@@ -31,8 +31,8 @@ def enable_persistent_cache(directory: str | os.PathLike | None = None,
 
     Must run before JAX is imported: it sets JAX's environment variables, and leaves any already set
     (``JAX_COMPILATION_CACHE_DIR`` chooses the directory) alone; ``FEDTENSOR_JIT_CACHE=0`` only stops
-    fedtensor from setting a cache up (JAX's own variables still apply). Every program is kept, however short
-    its compilation (JAX's default keeps only those over a second, none of the codec's). Returns the
+    fedtensor from setting a cache up (JAX's own variables still apply). Every program is kept, however
+    short its compilation (JAX's default keeps only those over a second, none of the codec's). Returns the
     directory, or None when switched off by ``FEDTENSOR_JIT_CACHE=0``, when JAX is already imported, or
     when the directory cannot be created (nothing is cached then; nothing fails).
     """

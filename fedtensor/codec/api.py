@@ -160,7 +160,7 @@ def _step_from_estimates(coarse, estimate, psnr: float, first: float, n: int,
         slope = min((reached[-1] - reached[0]) / (logs[-1] - logs[0]), -1.0)
         good = reached >= psnr
         if good.any():
-            best = float(steps[good].max()) if best is None else max(best, float(steps[good].max()))
+            best = max(best or 0.0, float(steps[good].max()))
         k = int(np.flatnonzero(good[:-1] & ~good[1:])[0]) if (good[:-1] & ~good[1:]).any() else None
         if k is None:  # not bracketed: extrapolate on the line through the outer two
             centre = steps[0] * 10 ** ((psnr - reached[0]) / slope)

@@ -218,16 +218,22 @@ def _estimate(slab, m, rows, bases, steps, b, dtype):
 def _decoded_errors(c, unit, slab, m, rows, bases, steps, dtype):
     """:func:`_estimate` from the slab's coefficients ``c`` and normalised voxels ``unit`` (traceable)."""
     valid = (jnp.arange(slab.shape[0]) < rows)[:, None, None]
-    integer = _in_own_units(m, dtype)
-    original = shifted(slab, m) if integer else unit
 
     def one(step):
         rec = from_blocks(expand(dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET), bases), slab.shape)
-        d = original - (decoded_shifted(rec, m, dtype) if integer else rec)
-        d = jnp.where(valid, d, 0.0)
+        d = jnp.where(valid, _decoded_error(slab, unit, rec, m, dtype), 0.0)
         return jnp.sum(d * d, axis=(1, 2)), jnp.max(jnp.abs(d))
 
     return jax.lax.map(one, steps)
+
+
+def _decoded_error(raw, unit, rec, m, dtype):
+    """Original minus decoded, for voxels ``raw`` (normalised: ``unit``) decoded as the normalised
+    ``rec``: in the volume's own units less the map's shift where :func:`_in_own_units` (rounded where
+    the decoder rounds), else in normalised units (traceable)."""
+    if _in_own_units(m, dtype):
+        return shifted(raw, m) - decoded_shifted(rec, m, dtype)
+    return unit - rec
 
 
 @partial(jax.jit, static_argnames=("b", "dtype"))
@@ -536,10 +542,9 @@ def _sample_decoded_mse(blocks, corners, coef, bases, step, m, shape, dtype):
         blk, c, corner = (jax.lax.dynamic_slice_in_dim(a, start, size) for a in (blocks, coef, corners))
         rec = jnp.einsum("nabc,ia,jb,kc->nijk", dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET),
                          *bases, precision=FP32)
+        d = _decoded_error(blk, to_unit(blk, m), rec, m, dtype)
         if _in_own_units(m, dtype):
-            d = (shifted(blk, m) - decoded_shifted(rec, m, dtype)) / m.scale
-        else:
-            d = to_unit(blk, m) - rec
+            d = d / m.scale
         inside = [corner[:, k, None] + axes[k] < shape[k] for k in range(3)]
         keep = ((start + jnp.arange(size) >= i * size)[:, None, None, None]
                 & inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :])
