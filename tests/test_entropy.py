@@ -220,3 +220,29 @@ def test_fixed_models_code_as_the_per_symbol_ones():
     assert np.array_equal(back.even_bits(None, len(bits)), bits)
     assert np.array_equal(back.categorical_alike(dist, None, len(lengths)), lengths)
     back.check_consumed()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), n_calls=st.integers(1, 10), trained=st.booleans())
+def test_batched_encoder_writes_the_calls_bytes_and_tables(seed, n_calls, trained):
+    """The encoder's batched path (all chunks' models at once) is the chunk-by-chunk coder exactly:
+    the same bytes — so the unchanged decoder reads them — and the same tables after."""
+    from fedtensor.codec.entropy import SignedCoder
+    from fedtensor.codec.grid import _MAG_OF
+
+    rng = np.random.default_rng(seed)
+    calls = []
+    for _ in range(n_calls):
+        n = int(rng.choice([0, 1, 63, 65, 300, 5000, 21000]))  # chunk edges at 64, 320, 1344, …
+        v = np.round(rng.laplace(0, rng.choice([0.2, 2.0, 30.0, 1e5]), n)) * (rng.random(n) < 0.6)
+        calls.append((int(rng.integers(0, 16)), rng.integers(0, 512, n).astype(np.uint16),
+                      int(rng.integers(0, 2)) * 512, int(rng.integers(0, 2)) * 16, v.astype(np.int32)))
+    one_by_one, batched = SignedCoder(1024, 32, 16), SignedCoder(1024, 32, 16)
+    s1, s2 = BinaryStream(), BinaryStream()
+    for _ in range(2 if trained else 1):  # a second run starts from trained tables (full-size chunks)
+        for cls, local, key0, mkey0, values in calls:
+            one_by_one.code(s1, cls, local, key0, mkey0, _MAG_OF, values)
+        batched.encode_calls(s2, _MAG_OF, calls)
+    assert s1.finish() == s2.finish()
+    for name in ("zero", "zero_pooled", "mag", "mag_pooled", "eg"):
+        assert np.array_equal(getattr(one_by_one, name), getattr(batched, name)), name

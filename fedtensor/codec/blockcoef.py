@@ -156,6 +156,7 @@ def code_block_coefficients(
     prev_abs = np.zeros((n + 1, 2), np.uint8)
     prev_abs[:n, 0] = np.minimum(np.abs(coef[perm, 0]), _ABS_CAP)
     prev_live = slice(0, n)  # blocks whose previous degree may hold non-zeros (the DC: all)
+    batch = None if s.decoding else coder.batch(s)
     for degree in range(1, len(lay.bounds) - 1):
         live = np.flatnonzero(eob >= degree)
         if len(live) == 0:
@@ -175,12 +176,15 @@ def code_block_coefficients(
             else:  # the same band at the (anchor) neighbours, coded in pass 0
                 neighbour = _neighbour_sum(absd[:, :width], nbr[:, blocks])
             at = (perm[blocks, None], lay.order[None, lo:lo + width])  # in the lattice-ordered coefficients
-            vals = None if q is None else coef[at]
-            band = coder.code_sites(s, pass_id, degree, activity_bin(parent[blocks]), activity_bin(neighbour),
-                                    ebin[blocks, None], vals)
-            if s.decoding:
-                vals = band.reshape(-1, width)
+            bins = (activity_bin(parent[blocks]), activity_bin(neighbour), ebin[blocks, None])
+            if batch is None:
+                vals = coder.code_sites(s, pass_id, degree, *bins, None).reshape(-1, width)
                 coef[at] = vals
+            else:
+                vals = coef[at]
+                batch.add(coder.sites(pass_id, degree, *bins, vals))
             absd[blocks, :width] = np.minimum(np.abs(vals), _ABS_CAP)
         prev_abs, prev_live = absd, _rows(live, 0, n)
+    if batch is not None:
+        batch.flush()
     return q if q is not None else coef.reshape(*grid, *b)

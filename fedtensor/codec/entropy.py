@@ -119,6 +119,76 @@ def _p1(ones, total, prior):
     return np.minimum(np.maximum(p, _CLIP, out=p), 1 - _CLIP, out=p)
 
 
+# The model's arithmetic, shared by the chunk-by-chunk coder and the batched encoder (leading axes are
+# chunks there): both must compute every probability with the same float operations.
+
+
+def _p_nonzero(z, zc):
+    """P(v ≠ 0) per zero-flag key from the class ``z`` and pooled ``zc`` ``(ones, total)`` counts."""
+    return _p1(z[0], z[1], (zc[0] + _WEIGHT * 0.5) / (zc[1] + _WEIGHT))
+
+
+def _p_levels(m, mc):
+    """Per magnitude key, P(one) of each unary level and, last, of a negative sign."""
+    return _p1(m[0], m[1], (mc[0] + _WEIGHT * 0.5) / (mc[1] + _WEIGHT))
+
+
+def _reach(pm):
+    """P(|v| = m | v ≠ 0), m = 1…UNARY_CAP, and last P(escape), from the unary levels' probabilities."""
+    reach = np.ones(pm.shape)
+    np.cumprod(pm[..., :UNARY_CAP], axis=-1, out=reach[..., 1:])
+    reach[..., :UNARY_CAP] *= 1 - pm[..., :UNARY_CAP]
+    return reach
+
+
+def _symbol_table(pnz, reach, mag_of):
+    """P(symbol) over ``{0, 1…UNARY_CAP, escape}`` per local context (float32, as coded)."""
+    table = np.empty((*pnz.shape, UNARY_CAP + 2), np.float32)
+    table[..., 0] = 1 - pnz
+    np.multiply(np.take(reach, mag_of, axis=-2), pnz[..., None], out=table[..., 1:])
+    return table
+
+
+def _counts(local, lnz, mnz, sym_nz, neg, n_local, n_mag):
+    """A chunk's decisions counted as increments of the ``(ones, total)`` tables: zero flags per local
+    context ``(2, n_local)``; per magnitude key ``(2, n_mag, UNARY_CAP + 1)``, the unary levels (level
+    l is coded for |v| > l and is a one for |v| > l + 1) and, last, the sign."""
+    width = UNARY_CAP + 2
+    zero = np.stack([np.bincount(lnz, minlength=n_local), np.bincount(local, minlength=n_local)])
+    hist = np.bincount(mnz * width + sym_nz, minlength=n_mag * width).reshape(n_mag, width)
+    tail = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # tail[:, k] = #(|v| >= k), k >= 1
+    mag = np.empty((2, n_mag, UNARY_CAP + 1))
+    mag[0, :, :UNARY_CAP], mag[1, :, :UNARY_CAP] = tail[:, 2:], tail[:, 1:UNARY_CAP + 1]
+    mag[0, :, UNARY_CAP] = np.bincount(mnz, weights=neg, minlength=n_mag)
+    mag[1, :, UNARY_CAP] = tail[:, 1]
+    return zero, mag
+
+
+def _length_counts(nbits):
+    """Increments ``(ones, total)`` of the Exp-Golomb length decisions (decision k is coded for
+    ``nbits >= k``, a one if ``> k``) from a histogram of ``nbits`` (last axis)."""
+    reached = np.cumsum(nbits[..., ::-1], axis=-1)[..., ::-1]
+    return reached - nbits, reached
+
+
+def _length_dist(eg):
+    """P(bit length − 1 = k), k < _EG_CAP, from the Exp-Golomb length tables; longer is not representable."""
+    pe = _p1(eg[0], eg[1], 0.5)
+    dist = np.ones(pe.shape)
+    np.cumprod(pe[..., :-1], axis=-1, out=dist[..., 1:])
+    dist *= 1 - pe
+    return dist
+
+
+def _raw_bits(nbits):
+    """``(owner, shift)`` of the raw bits below the leading one of Exp-Golomb codes of ``nbits`` bits
+    each, most significant first, symbol after symbol."""
+    nbits = nbits.astype(np.int64)
+    owner = np.repeat(np.arange(len(nbits)), nbits)
+    first = np.cumsum(nbits) - nbits
+    return owner, nbits[owner] - 1 - (np.arange(len(owner)) - first[owner])
+
+
 class SignedCoder:
     """Codes vectors of signed integers under adaptive contexts.
 
@@ -161,15 +231,88 @@ class SignedCoder:
     def _model(tables) -> tuple[np.ndarray, np.ndarray]:
         """Per local context: P(symbol) over ``{0, 1…UNARY_CAP, escape}``; per magnitude key: P(v < 0)."""
         z, zc, m, mc, mag_of = tables
-        pnz = _p1(z[0], z[1], (zc[0] + _WEIGHT * 0.5) / (zc[1] + _WEIGHT))
-        pm = _p1(m[0], m[1], (mc[0] + _WEIGHT * 0.5) / (mc[1] + _WEIGHT))
-        reach = np.ones((len(pm), UNARY_CAP + 1))
-        np.cumprod(pm[:, :UNARY_CAP], axis=1, out=reach[:, 1:])
-        reach[:, :UNARY_CAP] *= 1 - pm[:, :UNARY_CAP]  # P(|v| = m | v ≠ 0), m = 1…UNARY_CAP; last: escape
-        table = np.empty((len(pnz), UNARY_CAP + 2), np.float32)
-        table[:, 0] = 1 - pnz
-        np.multiply(np.take(reach, mag_of, axis=0), pnz[:, None], out=table[:, 1:])
-        return table, pm[:, UNARY_CAP]
+        pnz, pm = _p_nonzero(z, zc), _p_levels(m, mc)
+        return _symbol_table(pnz, _reach(pm), mag_of), pm[..., UNARY_CAP]
+
+    def encode_calls(self, s: BinaryStream, mag_of: np.ndarray, calls) -> None:
+        """Encode a run of calls ``(cls, local, key0, mkey0, values)`` of :meth:`code` (all with
+        ``mag_of``): the same bytes, and the same tables after, as making the calls one by one.
+
+        An encoder knows every symbol in advance, so the tables at the start of each chunk are those
+        before the run plus the (integer, so exactly summed) counts of the chunks before it: the models
+        of all chunks are computed at once, and only the coder calls remain per chunk.
+        """
+        calls = [c for c in calls if len(c[1])]
+        if not calls:
+            return
+        n_local, n_mag = len(mag_of), int(mag_of.max()) + 1
+        # The chunks, sized as code() sizes them from the class table's total at each call's start.
+        seen = self.zero[:, 1].copy()
+        bounds, cls, key0, mkey0 = [0], [], [], []
+        for c, local, k0, m0, _ in calls:
+            first = 64 if seen[c, k0:k0 + n_local].sum() < _TRAINED else _TRAINED
+            seen[c, k0:k0 + n_local] += np.bincount(local, minlength=n_local)
+            for sl in _chunks(len(local), first):
+                bounds.append(bounds[-1] + sl.stop - sl.start)
+                cls.append(c), key0.append(k0), mkey0.append(m0)
+        cls, key0, mkey0, bounds = np.array(cls), np.array(key0), np.array(mkey0), np.array(bounds)
+        n_chunks = len(cls)
+        local = np.concatenate([c[1] for c in calls])
+        values = np.concatenate([c[4] for c in calls])
+        absval = np.abs(values)
+        _check_magnitudes(absval)
+        sym = np.minimum(absval, UNARY_CAP + 1)
+        idx = np.flatnonzero(sym)
+        lnz, sym_nz, neg = local[idx], sym[idx], (values[idx] < 0).astype(np.int32)
+        # Keys of every chunk's own counts: (chunk, local context) flattened, and of its non-zeros.
+        keys = np.repeat(np.arange(n_chunks) * n_local, np.diff(bounds)) + local
+        keys_nz = keys[idx]
+        chunk_nz = keys_nz // n_local
+        mnz = mag_of[lnz]
+        esc = sym_nz > UNARY_CAP
+        chunk_esc, esc = chunk_nz[esc], idx[esc]
+        rest = absval[esc].astype(np.int64) - UNARY_CAP
+        if len(esc):
+            _check_suffix(rest)
+        nbits = np.frexp(rest.astype(np.float64))[1] - 1
+
+        # Every chunk's counts, added to the tables chunk after chunk; the tables each chunk starts from
+        # are kept, and its model is computed from them with all the others'.
+        zero, mag = _counts(keys, keys_nz, chunk_nz * n_mag + mnz, sym_nz, neg, n_chunks * n_local, n_chunks * n_mag)
+        del keys, keys_nz
+        zero = zero.reshape(2, n_chunks, n_local)
+        mag = mag.reshape(2, n_chunks, n_mag, UNARY_CAP + 1)
+        lengths = np.zeros((n_chunks, _EG_CAP), np.int64)
+        np.add.at(lengths, (chunk_esc, nbits), 1)
+        eg_ones, eg_total = _length_counts(lengths)
+        z, zc = np.empty((2, n_chunks, n_local)), np.empty((2, n_chunks, n_local))
+        m, mc = np.empty((2, n_chunks, n_mag, UNARY_CAP + 1)), np.empty((2, n_chunks, n_mag, UNARY_CAP + 1))
+        eg = np.empty((2, n_chunks, _EG_CAP))
+        for c, (k, zs, ms) in enumerate(zip(cls.tolist(), key0.tolist(), mkey0.tolist())):
+            zs, ms = slice(zs, zs + n_local), slice(ms, ms + n_mag)
+            for before, table, inc in ((z, self.zero[k, :, zs], zero), (zc, self.zero_pooled[:, zs], zero),
+                                       (m, self.mag[k, :, ms], mag), (mc, self.mag_pooled[:, ms], mag)):
+                before[:, c] = table
+                table += inc[:, c]
+            eg[:, c] = self.eg
+            self.eg[0] += eg_ones[c]
+            self.eg[1] += eg_total[c]
+        pnz, pm = _p_nonzero(z, zc), _p_levels(m, mc)
+        reach, p_sign = _reach(pm), pm[chunk_nz, mnz, UNARY_CAP]
+        dist = _length_dist(eg)
+
+        nz_bounds, esc_bounds = np.searchsorted(idx, bounds), np.searchsorted(esc, bounds)
+        for c in range(n_chunks):
+            a, b = bounds[c], bounds[c + 1]
+            table = _symbol_table(pnz[c], reach[c], mag_of)  # per chunk: (chunks, contexts, 16) is large
+            s.categorical(np.take(table, local[a:b], axis=0), sym[a:b])
+            a, b = nz_bounds[c], nz_bounds[c + 1]
+            s.bernoulli(p_sign[a:b], neg[a:b])
+            a, b = esc_bounds[c], esc_bounds[c + 1]
+            if b > a:
+                s.categorical_alike(dist[c], nbits[a:b], b - a)
+                owner, shift = _raw_bits(nbits[a:b])
+                s.even_bits((rest[a:b][owner] >> shift) & 1, len(owner))
 
     def _code(self, s: BinaryStream, local: np.ndarray, tables, values: np.ndarray | None):
         mag_of = tables[4]
@@ -177,8 +320,7 @@ class SignedCoder:
         probs = np.take(table, local, axis=0)
         if values is not None:  # encoding
             absval = np.abs(values)
-            if absval.min() < 0:  # |most negative integer| overflows
-                raise FormatError("value too large for the entropy coder")
+            _check_magnitudes(absval)
             sym = s.categorical(probs, np.minimum(absval, UNARY_CAP + 1))
             idx = np.flatnonzero(sym)
             lnz = np.take(local, idx)
@@ -207,42 +349,34 @@ class SignedCoder:
 
     @staticmethod
     def _update(tables, local, lnz, mnz, sym_nz, neg) -> None:
-        """Count a chunk's decisions: zero flags per local context; per magnitude key, the sign and the
-        unary levels (level l is coded for |v| > l and is a one for |v| > l + 1)."""
         z, zc, m, mc, _ = tables
-        n_local, n_mag, width = z.shape[1], m.shape[1], UNARY_CAP + 2
-        zero = np.stack([np.bincount(lnz, minlength=n_local), np.bincount(local, minlength=n_local)])
+        zero, mag = _counts(local, lnz, mnz, sym_nz, neg, z.shape[1], m.shape[1])
         z += zero
         zc += zero
-        hist = np.bincount(mnz * width + sym_nz, minlength=n_mag * width).reshape(n_mag, width)
-        tail = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # tail[:, k] = #(|v| >= k), k >= 1
-        upd = np.empty_like(m)
-        upd[0, :, :UNARY_CAP], upd[1, :, :UNARY_CAP] = tail[:, 2:], tail[:, 1:UNARY_CAP + 1]
-        upd[0, :, UNARY_CAP] = np.bincount(mnz, weights=neg, minlength=n_mag)
-        upd[1, :, UNARY_CAP] = tail[:, 1]
-        m += upd
-        mc += upd
+        m += mag
+        mc += mag
 
     def _suffix(self, s: BinaryStream, rest: np.ndarray | None, n: int) -> np.ndarray:
         """Exp-Golomb code of ``rest >= 1``: its bit length (adaptive, categorical) then raw bits."""
-        pe = _p1(self.eg[0], self.eg[1], 0.5)
-        dist = np.ones(_EG_CAP)
-        np.cumprod(pe[:-1], out=dist[1:])
-        dist *= 1 - pe  # P(bit length − 1 = k), k < _EG_CAP; longer is not representable
+        dist = _length_dist(self.eg)
         if rest is not None:
-            if rest.max() >= 1 << _EG_CAP:
-                raise FormatError("value too large for the entropy coder (|v| ≥ 2**40)")
+            _check_suffix(rest)
             nbits = np.frexp(rest.astype(np.float64))[1] - 1  # exact below 2**53
         nbits = s.categorical_alike(dist, None if rest is None else nbits, n)
-        counts = np.bincount(nbits, minlength=_EG_CAP)
-        reached = np.cumsum(counts[::-1])[::-1]  # prefix decision k is coded for nbits >= k, a one if > k
-        self.eg[0] += reached - counts
-        self.eg[1] += reached
-        # Raw bits below the leading one, most significant first, symbol after symbol.
-        nbits = nbits.astype(np.int64)
-        owner = np.repeat(np.arange(n), nbits)
-        first = np.cumsum(nbits) - nbits
-        shift = nbits[owner] - 1 - (np.arange(len(owner)) - first[owner])
+        ones, total = _length_counts(np.bincount(nbits, minlength=_EG_CAP))
+        self.eg[0] += ones
+        self.eg[1] += total
+        owner, shift = _raw_bits(nbits)
         bits = s.even_bits(None if rest is None else (rest[owner] >> shift) & 1, len(owner))
         low = np.bincount(owner, weights=bits.astype(np.int64) << shift, minlength=n)  # exact: < 2**40
-        return (np.int64(1) << nbits) + low.astype(np.int64)
+        return (np.int64(1) << nbits.astype(np.int64)) + low.astype(np.int64)
+
+
+def _check_magnitudes(absval: np.ndarray) -> None:
+    if absval.min() < 0:  # |most negative integer| overflows
+        raise FormatError("value too large for the entropy coder")
+
+
+def _check_suffix(rest: np.ndarray) -> None:
+    if rest.max() >= 1 << _EG_CAP:
+        raise FormatError("value too large for the entropy coder (|v| ≥ 2**40)")

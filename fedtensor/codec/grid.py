@@ -64,15 +64,26 @@ class GridCoder:
         # Zero-flag keys: (pass, local id); magnitude keys: (pass, parent bin + neighbour bin).
         self.coder = SignedCoder(2 * _N_LOCAL, 2 * 2 * N_BINS, N_CLASSES)
 
+    def sites(
+        self, pass_id: int, cls: int, pbin: np.ndarray, nbin: np.ndarray, ebin: np.ndarray, values: np.ndarray | None,
+    ) -> tuple:
+        """One pass's sites (in C order of the broadcast bins), from their parent, neighbour and extra
+        bins, as a call ``(class, local contexts, key0, mkey0, values)`` of the context coder."""
+        local = (pbin.astype(np.uint16) * N_BINS + nbin) * N_BINS + ebin  # broadcast, < 2**9
+        return (min(cls, N_CLASSES - 1), local.ravel(), pass_id * _N_LOCAL, pass_id * 2 * N_BINS,
+                None if values is None else values.ravel())
+
     def code_sites(
         self, s: BinaryStream, pass_id: int, cls: int, pbin: np.ndarray, nbin: np.ndarray, ebin: np.ndarray,
         values: np.ndarray | None,
     ) -> np.ndarray:
-        """Code one pass's sites (in C order of the broadcast bins) from their parent, neighbour and
-        extra bins."""
-        local = (pbin.astype(np.uint16) * N_BINS + nbin) * N_BINS + ebin  # broadcast, < 2**9
-        return self.coder.code(s, min(cls, N_CLASSES - 1), local.ravel(), pass_id * _N_LOCAL, pass_id * 2 * N_BINS,
-                               _MAG_OF, None if values is None else values.ravel())
+        """Code one pass's sites (see :meth:`sites`) now."""
+        c, local, key0, mkey0, values = self.sites(pass_id, cls, pbin, nbin, ebin, values)
+        return self.coder.code(s, c, local, key0, mkey0, _MAG_OF, values)
+
+    def batch(self, s: BinaryStream) -> SiteBatch:
+        """An encoder's queue of passes for this coder (see :class:`SiteBatch`)."""
+        return SiteBatch(s, self.coder)
 
     def code(
         self, s: BinaryStream, shape: tuple[int, int, int, int], parent: np.ndarray, cls: int,
@@ -90,14 +101,38 @@ class GridCoder:
         live = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
         pbin = activity_bin(parent)
         ebin = np.broadcast_to(activity_bin(extra) if extra is not None else np.zeros((), np.uint8), shape)
+        batch = None if s.decoding else self.batch(s)
         for pass_id, sites, neighbour in (
             (0, anchors & live, face_sum(parent) // 2),
             (1, ~anchors & live, None),
         ):
             if neighbour is None:
                 neighbour = face_sum(np.abs(out))
-            decoded = self.code_sites(s, pass_id, cls, pbin[sites], activity_bin(neighbour[sites]), ebin[sites],
-                                      None if s.decoding else out[sites])
-            if s.decoding:
-                out[sites] = decoded
+            bins = (pbin[sites], activity_bin(neighbour[sites]), ebin[sites])
+            if batch is None:
+                out[sites] = self.code_sites(s, pass_id, cls, *bins, None)
+            else:
+                batch.add(self.sites(pass_id, cls, *bins, out[sites]))
+        if batch is not None:
+            batch.flush()
         return out
+
+
+class SiteBatch:
+    """Passes queued by an encoder and coded together — the same bytes as coding each when queued,
+    with far fewer calls into numpy and the range coder (see :meth:`SignedCoder.encode_calls`).
+    Flushed every ``budget`` symbols, which bounds the memory the queue holds."""
+
+    def __init__(self, s: BinaryStream, coder: SignedCoder, budget: int = 1 << 14):
+        self.s, self.coder, self.budget = s, coder, budget
+        self.calls, self.queued = [], 0
+
+    def add(self, call: tuple) -> None:
+        self.calls.append(call)
+        self.queued += len(call[1])
+        if self.queued >= self.budget:
+            self.flush()
+
+    def flush(self) -> None:
+        self.coder.encode_calls(self.s, _MAG_OF, self.calls)
+        self.calls, self.queued = [], 0
