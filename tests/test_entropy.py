@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from fedtensor.codec import compress, decompress
 from fedtensor.codec.blockcoef import code_block_coefficients
 from fedtensor.codec.container import unpack
-from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.grid import GridCoder
+from fedtensor.codec.entropy import BinaryStream, SignedCoder
+from fedtensor.codec.grid import _MAG_OF, GridCoder, SiteBatch
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import block_bases, block_grid, project, to_blocks
 
@@ -222,14 +222,25 @@ def test_fixed_models_code_as_the_per_symbol_ones():
     back.check_consumed()
 
 
+def _one_by_one_and_batched(runs, n_classes=16):
+    """Code ``runs`` (lists of calls) with :meth:`SignedCoder.code` call by call and with
+    :meth:`SignedCoder.encode_calls` run by run; assert the same bytes and final tables."""
+    one_by_one, batched = SignedCoder(1024, 32, n_classes), SignedCoder(1024, 32, n_classes)
+    s1, s2 = BinaryStream(), BinaryStream()
+    for calls in runs:
+        for cls, local, key0, mkey0, values in calls:
+            one_by_one.code(s1, cls, local, key0, mkey0, _MAG_OF, values)
+        batched.encode_calls(s2, _MAG_OF, calls)
+    assert s1.finish() == s2.finish()
+    for name in ("zero", "zero_pooled", "mag", "mag_pooled", "eg"):
+        assert np.array_equal(getattr(one_by_one, name), getattr(batched, name)), name
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16), n_calls=st.integers(1, 10), trained=st.booleans())
 def test_batched_encoder_writes_the_calls_bytes_and_tables(seed, n_calls, trained):
     """The encoder's batched path (all chunks' models at once) is the chunk-by-chunk coder exactly:
     the same bytes — so the unchanged decoder reads them — and the same tables after."""
-    from fedtensor.codec.entropy import SignedCoder
-    from fedtensor.codec.grid import _MAG_OF
-
     rng = np.random.default_rng(seed)
     calls = []
     for _ in range(n_calls):
@@ -237,12 +248,52 @@ def test_batched_encoder_writes_the_calls_bytes_and_tables(seed, n_calls, traine
         v = np.round(rng.laplace(0, rng.choice([0.2, 2.0, 30.0, 1e5]), n)) * (rng.random(n) < 0.6)
         calls.append((int(rng.integers(0, 16)), rng.integers(0, 512, n).astype(np.uint16),
                       int(rng.integers(0, 2)) * 512, int(rng.integers(0, 2)) * 16, v.astype(np.int32)))
-    one_by_one, batched = SignedCoder(1024, 32, 16), SignedCoder(1024, 32, 16)
+    _one_by_one_and_batched([calls] * (2 if trained else 1))  # a second run starts from trained tables
+
+
+@pytest.mark.parametrize("first", [4095, 4096, 4097])
+def test_batched_encoder_sizes_chunks_as_the_coder(first):
+    """A class's chunks start small until it has seen 4096 symbols, then at full size: a call right at
+    that edge is chunked alike both ways (the edge only shows in the bytes if it is exact)."""
+    rng = np.random.default_rng(first)
+
+    def call(n, cls=0):
+        return cls, rng.integers(0, 512, n).astype(np.uint16), 0, 0, rng.integers(-3, 4, n).astype(np.int64)
+
+    _one_by_one_and_batched([[call(first), call(200), call(5000, cls=1), call(9000)]])
+
+
+def test_batched_encoder_codes_the_largest_magnitudes_and_refuses_larger():
+    largest = 2**40 + 13  # Exp-Golomb remainder 2**40 − 1
+    values = np.array([largest, -largest, 2**40 - 1, 15, 14, -1, 0] * 9, np.int64)
+    local = np.arange(len(values), dtype=np.uint16) % 512
+    _one_by_one_and_batched([[(3, local, 512, 16, values)]])
+    for too_large in (np.array([0, 2**40 + 14], np.int64), np.array([1, -(2**31)], np.int32)):
+        for code in (lambda c, s: c.code(s, 0, np.zeros(2, np.uint16), 0, 0, _MAG_OF, too_large),
+                     lambda c, s: c.encode_calls(s, _MAG_OF, [(0, np.zeros(2, np.uint16), 0, 0, too_large)])):
+            with pytest.raises(FormatError, match="too large"):
+                code(SignedCoder(1024, 32, 16), BinaryStream())
+    with pytest.raises(ValueError, match="one dtype"):  # int32 −2**31 promoted would pass unchecked
+        SignedCoder(1024, 32, 16).encode_calls(BinaryStream(), _MAG_OF, [
+            (0, np.zeros(1, np.uint16), 0, 0, np.array([-(2**31)], np.int32)),
+            (0, np.zeros(1, np.uint16), 0, 0, np.array([1], np.int64))])
+
+
+@pytest.mark.parametrize("budget, max_calls", [(1, 256), (300, 2), (1 << 14, 256)])
+def test_site_batches_code_as_the_passes_one_by_one(budget, max_calls):
+    """However a batch is flushed, the stream is the one :meth:`GridCoder.code_sites` writes."""
+    rng = np.random.default_rng(budget)
+    passes = []
+    for degree in range(1, 12):
+        for pass_id in (0, 1):
+            n = int(rng.integers(0, 700))
+            bins = [rng.integers(0, 8, n).astype(np.uint8) for _ in range(3)]
+            passes.append((pass_id, degree, *bins, rng.integers(-40, 41, n).astype(np.int32)))
+    one_by_one, batched = GridCoder(), GridCoder()
     s1, s2 = BinaryStream(), BinaryStream()
-    for _ in range(2 if trained else 1):  # a second run starts from trained tables (full-size chunks)
-        for cls, local, key0, mkey0, values in calls:
-            one_by_one.code(s1, cls, local, key0, mkey0, _MAG_OF, values)
-        batched.encode_calls(s2, _MAG_OF, calls)
+    batch = SiteBatch(s2, batched.coder, budget, max_calls)
+    for p in passes:
+        one_by_one.code_sites(s1, *p)
+        batch.add(batched.sites(*p))
+    batch.flush()
     assert s1.finish() == s2.finish()
-    for name in ("zero", "zero_pooled", "mag", "mag_pooled", "eg"):
-        assert np.array_equal(getattr(one_by_one, name), getattr(batched, name)), name

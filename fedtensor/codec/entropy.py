@@ -240,11 +240,15 @@ class SignedCoder:
 
         An encoder knows every symbol in advance, so the tables at the start of each chunk are those
         before the run plus the (integer, so exactly summed) counts of the chunks before it: the models
-        of all chunks are computed at once, and only the coder calls remain per chunk.
+        of all chunks are computed at once, and only the coder calls remain per chunk. Memory goes with
+        the number of chunks (a few 10 kB each) and of symbols. After a :class:`FormatError` (a value
+        too large to code) the stream and the tables must be discarded, as after one from :meth:`code`.
         """
         calls = [c for c in calls if len(c[1])]
         if not calls:
             return
+        if len({c[4].dtype for c in calls}) > 1:  # (a promoted int32 -2**31 would escape the overflow check)
+            raise ValueError("encode_calls: the calls' values must share one dtype")
         n_local, n_mag = len(mag_of), int(mag_of.max()) + 1
         # The chunks, sized as code() sizes them from the class table's total at each call's start.
         seen = self.zero[:, 1].copy()
@@ -254,27 +258,20 @@ class SignedCoder:
             seen[c, k0:k0 + n_local] += np.bincount(local, minlength=n_local)
             for sl in _chunks(len(local), first):
                 bounds.append(bounds[-1] + sl.stop - sl.start)
-                cls.append(c), key0.append(k0), mkey0.append(m0)
+                cls.append(c)
+                key0.append(k0)
+                mkey0.append(m0)
         cls, key0, mkey0, bounds = np.array(cls), np.array(key0), np.array(mkey0), np.array(bounds)
         n_chunks = len(cls)
         local = np.concatenate([c[1] for c in calls])
-        values = np.concatenate([c[4] for c in calls])
-        absval = np.abs(values)
-        _check_magnitudes(absval)
-        sym = np.minimum(absval, UNARY_CAP + 1)
-        idx = np.flatnonzero(sym)
-        lnz, sym_nz, neg = local[idx], sym[idx], (values[idx] < 0).astype(np.int32)
+        sym, idx, neg, esc, rest = _binarise(np.concatenate([c[4] for c in calls]))
+        lnz, sym_nz = local[idx], sym[idx]
+        mnz = mag_of[lnz]
+        nbits = _bit_lengths(rest)
         # Keys of every chunk's own counts: (chunk, local context) flattened, and of its non-zeros.
         keys = np.repeat(np.arange(n_chunks) * n_local, np.diff(bounds)) + local
         keys_nz = keys[idx]
-        chunk_nz = keys_nz // n_local
-        mnz = mag_of[lnz]
-        esc = sym_nz > UNARY_CAP
-        chunk_esc, esc = chunk_nz[esc], idx[esc]
-        rest = absval[esc].astype(np.int64) - UNARY_CAP
-        if len(esc):
-            _check_suffix(rest)
-        nbits = np.frexp(rest.astype(np.float64))[1] - 1
+        chunk_nz, chunk_esc = keys_nz // n_local, keys[esc] // n_local
 
         # Every chunk's counts, added to the tables chunk after chunk; the tables each chunk starts from
         # are kept, and its model is computed from them with all the others'.
@@ -319,18 +316,14 @@ class SignedCoder:
         table, pneg = self._model(tables)
         probs = np.take(table, local, axis=0)
         if values is not None:  # encoding
-            absval = np.abs(values)
-            _check_magnitudes(absval)
-            sym = s.categorical(probs, np.minimum(absval, UNARY_CAP + 1))
-            idx = np.flatnonzero(sym)
+            sym, idx, neg, esc, rest = _binarise(values)
+            s.categorical(probs, sym)
             lnz = np.take(local, idx)
             mnz = np.take(mag_of, lnz)
-            neg = s.bernoulli(np.take(pneg, mnz), values[idx] < 0)
-            sym_nz = np.take(sym, idx)
-            esc = idx[sym_nz > UNARY_CAP]
+            s.bernoulli(np.take(pneg, mnz), neg)
             if len(esc):
-                self._suffix(s, absval[esc].astype(np.int64) - UNARY_CAP, len(esc))
-            self._update(tables, local, lnz, mnz, sym_nz, neg)
+                self._suffix(s, rest, len(esc))
+            self._update(tables, local, lnz, mnz, np.take(sym, idx), neg)
             return None
         sym = s.categorical(probs, None)
         idx = np.flatnonzero(sym)
@@ -359,10 +352,7 @@ class SignedCoder:
     def _suffix(self, s: BinaryStream, rest: np.ndarray | None, n: int) -> np.ndarray:
         """Exp-Golomb code of ``rest >= 1``: its bit length (adaptive, categorical) then raw bits."""
         dist = _length_dist(self.eg)
-        if rest is not None:
-            _check_suffix(rest)
-            nbits = np.frexp(rest.astype(np.float64))[1] - 1  # exact below 2**53
-        nbits = s.categorical_alike(dist, None if rest is None else nbits, n)
+        nbits = s.categorical_alike(dist, None if rest is None else _bit_lengths(rest), n)
         ones, total = _length_counts(np.bincount(nbits, minlength=_EG_CAP))
         self.eg[0] += ones
         self.eg[1] += total
@@ -372,11 +362,22 @@ class SignedCoder:
         return (np.int64(1) << nbits.astype(np.int64)) + low.astype(np.int64)
 
 
-def _check_magnitudes(absval: np.ndarray) -> None:
+def _binarise(values: np.ndarray):
+    """An encoder's decisions for ``values``: the symbols ``min(|v|, UNARY_CAP + 1)``, the positions of
+    the non-zeros and their signs (1: negative), the positions of the escapes and their Exp-Golomb
+    remainders ``|v| − UNARY_CAP``."""
+    absval = np.abs(values)
     if absval.min() < 0:  # |most negative integer| overflows
         raise FormatError("value too large for the entropy coder")
-
-
-def _check_suffix(rest: np.ndarray) -> None:
-    if rest.max() >= 1 << _EG_CAP:
+    sym = np.minimum(absval, UNARY_CAP + 1)
+    nz = np.flatnonzero(sym)
+    esc = nz[sym[nz] > UNARY_CAP]
+    rest = absval[esc].astype(np.int64) - UNARY_CAP
+    if len(rest) and rest.max() >= 1 << _EG_CAP:
         raise FormatError("value too large for the entropy coder (|v| ≥ 2**40)")
+    return sym, nz, (values[nz] < 0).astype(np.int32), esc, rest
+
+
+def _bit_lengths(rest: np.ndarray) -> np.ndarray:
+    """Bit length − 1 of each ``rest >= 1`` (the Exp-Golomb length symbol)."""
+    return np.frexp(rest.astype(np.float64))[1] - 1  # exact below 2**53

@@ -8,8 +8,9 @@ of their parents and of their six anchor neighbours in the same band. Everything
 the whole grid; the decoder runs exactly the same code.
 
 A site's context is three activity bins — parent, neighbours and an extra measure — plus the pass and
-a spectral class; :meth:`GridCoder.code_sites` takes the bins of a list of sites directly, so callers
-that know which sites are live (see :mod:`fedtensor.codec.blockcoef`) never touch the rest.
+a spectral class; :meth:`GridCoder.code_sites` (or, for an encoder, :meth:`GridCoder.sites` queued in a
+:class:`SiteBatch`) takes the bins of a list of sites directly, so callers that know which sites are
+live (see :mod:`fedtensor.codec.blockcoef`) never touch the rest.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class GridCoder:
 
     def sites(
         self, pass_id: int, cls: int, pbin: np.ndarray, nbin: np.ndarray, ebin: np.ndarray, values: np.ndarray | None,
-    ) -> tuple:
+    ) -> tuple[int, np.ndarray, int, int, np.ndarray | None]:
         """One pass's sites (in C order of the broadcast bins), from their parent, neighbour and extra
         bins, as a call ``(class, local contexts, key0, mkey0, values)`` of the context coder."""
         local = (pbin.astype(np.uint16) * N_BINS + nbin) * N_BINS + ebin  # broadcast, < 2**9
@@ -121,16 +122,17 @@ class GridCoder:
 class SiteBatch:
     """Passes queued by an encoder and coded together — the same bytes as coding each when queued,
     with far fewer calls into numpy and the range coder (see :meth:`SignedCoder.encode_calls`).
-    Flushed every ``budget`` symbols, which bounds the memory the queue holds."""
+    Flushed every ``budget`` symbols or ``max_calls`` passes, whichever comes first: its memory goes
+    with both (a single pass larger than the budget is coded whole)."""
 
-    def __init__(self, s: BinaryStream, coder: SignedCoder, budget: int = 1 << 14):
-        self.s, self.coder, self.budget = s, coder, budget
+    def __init__(self, s: BinaryStream, coder: SignedCoder, budget: int = 1 << 14, max_calls: int = 256):
+        self.s, self.coder, self.budget, self.max_calls = s, coder, budget, max_calls
         self.calls, self.queued = [], 0
 
     def add(self, call: tuple) -> None:
         self.calls.append(call)
         self.queued += len(call[1])
-        if self.queued >= self.budget:
+        if self.queued >= self.budget or len(self.calls) >= self.max_calls:
             self.flush()
 
     def flush(self) -> None:
