@@ -126,12 +126,10 @@ def code_block_coefficients(
     """
     grid, b = tuple(int(n) for n in grid), tuple(int(n) for n in b)
     n, lay = math.prod(grid), _layout(b)
-    eob_values = None
+    eob_values, shape1 = None, (*grid, 1)
     if q is not None:
-        d = np.add.outer(np.add.outer(np.arange(b[0]), np.arange(b[1])), np.arange(b[2]))
-        nonzero_degree = np.where(q != 0, d.astype(np.int16), np.int16(0))
-        eob_values = nonzero_degree.reshape(*grid, -1).max(axis=-1, keepdims=True)
-    shape1 = (*grid, 1)
+        d = np.add.outer(np.add.outer(np.arange(b[0]), np.arange(b[1])), np.arange(b[2])).astype(np.uint8)
+        eob_values = np.max((q != 0).reshape(n, -1) * d.ravel(), axis=1).reshape(shape1)  # bytes: a fast max
     coders = coders or BlockCoders()
     eob = coders.eob.code(s, shape1, np.zeros(shape1, np.int64), 0, eob_values).reshape(n)
     coder = coders.coef
