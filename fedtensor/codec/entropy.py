@@ -25,6 +25,7 @@ _EG_CAP = 40  # Exp-Golomb prefix length bound: magnitudes < 2**40 + UNARY_CAP
 _WEIGHT = 2.0  # pseudo-count pulling a context towards its backoff (or 1/2 at the top)
 _CLIP = 1e-5  # every binary decision keeps at least this probability either way
 _TRAINED = 4096  # symbols a context class must have seen before its chunks start large
+_CHUNKS_AT_ONCE = 16  # chunks whose models the batched encoder computes together
 
 
 class BinaryStream:
@@ -240,8 +241,8 @@ class SignedCoder:
 
         An encoder knows every symbol in advance, so the tables at the start of each chunk are those
         before the run plus the (integer, so exactly summed) counts of the chunks before it: the models
-        of all chunks are computed at once, and only the coder calls remain per chunk. Memory goes with
-        the number of chunks (a few 10 kB each) and of symbols. After a :class:`FormatError` (a value
+        of many chunks are computed at once, and only the coder calls remain per chunk. Memory goes with
+        the symbols (about 80 bytes each) and ``_CHUNKS_AT_ONCE``. After a :class:`FormatError` (a value
         too large to code) the stream and the tables must be discarded, as after one from :meth:`code`.
         """
         calls = [c for c in calls if len(c[1])]
@@ -249,7 +250,7 @@ class SignedCoder:
             return
         if len({c[4].dtype for c in calls}) > 1:  # (a promoted int32 -2**31 would escape the overflow check)
             raise ValueError("encode_calls: the calls' values must share one dtype")
-        n_local, n_mag = len(mag_of), int(mag_of.max()) + 1
+        n_local = len(mag_of)
         # The chunks, sized as code() sizes them from the class table's total at each call's start.
         seen = self.zero[:, 1].copy()
         bounds, cls, key0, mkey0 = [0], [], [], []
@@ -262,9 +263,19 @@ class SignedCoder:
                 key0.append(k0)
                 mkey0.append(m0)
         cls, key0, mkey0, bounds = np.array(cls), np.array(key0), np.array(mkey0), np.array(bounds)
-        n_chunks = len(cls)
         local = np.concatenate([c[1] for c in calls])
-        sym, idx, neg, esc, rest = _binarise(np.concatenate([c[4] for c in calls]))
+        values = np.concatenate([c[4] for c in calls])
+        for c0 in range(0, len(cls), _CHUNKS_AT_ONCE):  # bounded memory: (chunks, contexts) arrays
+            at = slice(c0, c0 + _CHUNKS_AT_ONCE)
+            edges = bounds[c0:c0 + _CHUNKS_AT_ONCE + 1]
+            symbols = slice(edges[0], edges[-1])
+            self._encode_chunks(s, mag_of, cls[at], key0[at], mkey0[at], edges - edges[0], local[symbols],
+                                values[symbols])
+
+    def _encode_chunks(self, s, mag_of, cls, key0, mkey0, bounds, local, values) -> None:
+        """:meth:`encode_calls` for consecutive chunks (``bounds`` into ``local`` and ``values``)."""
+        n_chunks, n_local, n_mag = len(cls), len(mag_of), int(mag_of.max()) + 1
+        sym, idx, neg, esc, rest = _binarise(values)
         lnz, sym_nz = local[idx], sym[idx]
         mnz = mag_of[lnz]
         nbits = _bit_lengths(rest)
@@ -294,7 +305,9 @@ class SignedCoder:
             eg[:, c] = self.eg
             self.eg[0] += eg_ones[c]
             self.eg[1] += eg_total[c]
+        del zero, mag
         pnz, pm = _p_nonzero(z, zc), _p_levels(m, mc)
+        del z, zc, m, mc
         reach, p_sign = _reach(pm), pm[chunk_nz, mnz, UNARY_CAP]
         dist = _length_dist(eg)
 
