@@ -11,6 +11,10 @@ then one vectorised constriction call for those symbols, one for the signs of th
 when some magnitude exceeds ``UNARY_CAP``, two for the Exp-Golomb suffixes — a few calls per chunk
 instead of one per decision and level. Counts are integers (held exactly in float64) and every
 probability is computed by the same numpy expressions on both sides, so encoder and decoder agree.
+
+The decoder must go chunk by chunk (a chunk's model depends on the symbols decoded before it). An
+encoder knows them all: :meth:`SignedCoder.encode_calls` computes the models of many chunks at once
+from the counts of the chunks before each, and writes byte for byte what chunk-by-chunk coding would.
 """
 
 from __future__ import annotations
@@ -355,6 +359,7 @@ class SignedCoder:
 
     @staticmethod
     def _update(tables, local, lnz, mnz, sym_nz, neg) -> None:
+        """Add a chunk's counts (see :func:`_counts`) to its class and pooled tables."""
         z, zc, m, mc, _ = tables
         zero, mag = _counts(local, lnz, mnz, sym_nz, neg, z.shape[1], m.shape[1])
         z += zero
