@@ -121,7 +121,7 @@ class GridCoder:
 
 class SiteBatch:
     """Passes queued by an encoder and coded together — the same bytes as coding each when queued,
-    with far fewer calls into numpy and the range coder (see :meth:`SignedCoder.encode_calls`).
+    with far fewer numpy calls (the range coder is called as often; see :meth:`SignedCoder.encode_calls`).
     Flushed every ``budget`` symbols or ``max_calls`` passes, whichever comes first: its memory goes
     with both (a single pass larger than the budget is coded whole)."""
 
