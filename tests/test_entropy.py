@@ -239,7 +239,7 @@ def _one_by_one_and_batched(runs, n_classes=16):
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16), n_calls=st.integers(1, 10), trained=st.booleans())
 def test_batched_encoder_writes_the_calls_bytes_and_tables(seed, n_calls, trained):
-    """The encoder's batched path (all chunks' models at once) is the chunk-by-chunk coder exactly:
+    """The encoder's batched path (many chunks' models at once) is the chunk-by-chunk coder exactly:
     the same bytes — so the unchanged decoder reads them — and the same tables after."""
     rng = np.random.default_rng(seed)
     calls = []
