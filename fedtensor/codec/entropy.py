@@ -118,6 +118,14 @@ def _chunks(n: int, first: int = 64, growth: int = 4):
         lo, size = lo + size, size * growth
 
 
+def _first_chunk(seen: float) -> int:
+    """Size of a call's first chunk for a context class that has coded ``seen`` symbols (of the call's
+    keys). Small first chunks teach fresh tables quickly; tables that have already seen many symbols (a
+    later slab, carried contexts) barely move within a chunk, so they start at full size — far fewer
+    model builds when a volume is cut into many thin slabs."""
+    return 64 if seen < _TRAINED else _TRAINED
+
+
 def _p1(ones, total, prior):
     """Adaptive probability of a one: counts plus ``_WEIGHT`` pseudo-counts at ``prior``, clipped."""
     p = (ones + _WEIGHT * prior) / (total + _WEIGHT)
@@ -221,10 +229,7 @@ class SignedCoder:
             return out
         zs, ms = slice(key0, key0 + len(mag_of)), slice(mkey0, mkey0 + int(mag_of.max()) + 1)
         tables = (self.zero[cls, :, zs], self.zero_pooled[:, zs], self.mag[cls, :, ms], self.mag_pooled[:, ms], mag_of)
-        # Small first chunks teach fresh tables quickly; tables that have already seen many symbols (a
-        # later slab, carried contexts) barely move within a chunk, so they start at full size — far
-        # fewer model builds when a volume is cut into many thin slabs.
-        first = 64 if tables[0][1].sum() < _TRAINED else _TRAINED
+        first = _first_chunk(tables[0][1].sum())
         for sl in _chunks(len(local), first):
             if s.decoding:
                 out[sl] = self._code(s, local[sl], tables, None)
@@ -259,7 +264,7 @@ class SignedCoder:
         seen = self.zero[:, 1].copy()
         bounds, cls, key0, mkey0 = [0], [], [], []
         for c, local, k0, m0, _ in calls:
-            first = 64 if seen[c, k0:k0 + n_local].sum() < _TRAINED else _TRAINED
+            first = _first_chunk(seen[c, k0:k0 + n_local].sum())
             seen[c, k0:k0 + n_local] += np.bincount(local, minlength=n_local)
             for sl in _chunks(len(local), first):
                 bounds.append(bounds[-1] + sl.stop - sl.start)
