@@ -5,11 +5,8 @@ both ways, each compiled first (a warm-up round), then timed alternately ``--rep
 kept), so both see the same machine load; prints the speed-up. Models:
 
 * ``restoration`` (default): the real restoration net (:mod:`fedtensor.nn`, small config: channels
-  8/16, 16³ patches, batch 4) on random patches; the vmapped round uses the im2col convolution of
-  :mod:`fedtensor.federated.batched_conv` (``--conv native`` keeps the net's own, i.e. grouped
-  convolutions under vmap), the loop the net's own per-client convolution (``--loop-conv im2col``
-  gives the loop the im2col convolution too: on CPU it is also the faster single-client convolution
-  for thin layers, so this separates the gain of the convolution from the gain of batching clients).
+  8/16, 16³ patches, batch 4) on random patches, the same loss function both ways (on a CPU its
+  convolutions run one per client under vmap, see :mod:`fedtensor.nn.conv`).
 * ``mlp``: a small residual MLP on 8³ patches (~0.27 M parameters).
 
     python benchmarks/federated.py --model restoration --clients 8 32 128
@@ -48,17 +45,17 @@ def mlp_problem(k: int, seed: int = 0):
         ys.append((x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32))
     params = {"w1": jnp.asarray(rng.standard_normal((512, 256)) * 0.02, jnp.float32), "b1": jnp.zeros(256),
               "w2": jnp.zeros((256, 512), jnp.float32)}
-    return ClientData.from_lists(xs, ys), params, loss_fn, loss_fn
+    return ClientData.from_lists(xs, ys), params, loss_fn
 
 
 def restoration_problem(k: int, args, seed: int = 0):
     from flax import nnx
 
-    from fedtensor.federated.restoration import restoration_losses
+    from fedtensor.federated.restoration import restoration_loss
     from fedtensor.nn.model import IN_CHANNELS, NetConfig, new_net
 
     net_config = NetConfig(channels=tuple(int(c) for c in args.channels.split(",")))
-    loss, _ = restoration_losses(net_config)
+    loss = restoration_loss(net_config)
     params = nnx.state(new_net(net_config, seed=seed), nnx.Param)
     rng = np.random.default_rng(seed)
     p = args.patch
@@ -69,28 +66,13 @@ def restoration_problem(k: int, args, seed: int = 0):
         xs.append((rng.standard_normal((n, p, p, p, IN_CHANNELS)).astype(np.float32),
                    rng.standard_normal((n, 4)).astype(np.float32)))
         ys.append((rng.standard_normal((n, p, p, p, 1)).astype(np.float32), np.ones((n, p, p, p, 1), np.float32)))
-    # the convolutions are chosen here, explicitly: the library's batched loss picks one by backend
-    # (im2col only on CPUs)
-    looped = _with_im2col(loss) if args.loop_conv == "im2col" else loss
-    vmapped = _with_im2col(loss) if args.conv == "im2col" else loss
-    return ClientData.from_lists(xs, ys), params, looped, vmapped
+    return ClientData.from_lists(xs, ys), params, loss
 
 
-def _with_im2col(loss):
-    from fedtensor.federated.batched_conv import client_conv3d
-    from fedtensor.nn.model import conv_override
-
-    def lf(params, inputs, targets):
-        with conv_override(client_conv3d):
-            return loss(params, inputs, targets)
-
-    return lf
-
-
-def one_round(fn, loss_fn, batched, data, params, cfg, r, secure=False):
+def one_round(fn, loss_fn, data, params, cfg, r, secure=False):
     server = Server(params, cfg)
     t = time.perf_counter()
-    kw = {"batched_loss_fn": batched, "secure": secure, "seed": r if secure else None} if fn is run_round else {}
+    kw = {"secure": secure, "seed": r if secure else None} if fn is run_round else {}
     fn(loss_fn, server, data, jax.random.PRNGKey(r), np.random.default_rng(r), **kw)
     jax.block_until_ready(server.params)
     return time.perf_counter() - t
@@ -105,15 +87,12 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--channels", default="8,16")
     ap.add_argument("--chunk", type=int, default=8, help="clients per vmapped chunk")
-    ap.add_argument("--conv", choices=("im2col", "native"), default="im2col")
-    ap.add_argument("--loop-conv", choices=("native", "im2col"), default="native")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--secure", action="store_true",
                     help="instead: the vmapped round with secure aggregation vs the same round with plain FedAvg")
     args = ap.parse_args()
     cfg = FedConfig(local_steps=args.local_steps, batch_size=args.batch_size, client_chunk=args.chunk)
-    what = (f"restoration net, channels {args.channels}, {args.patch}³ patches, {args.conv} conv when vmapped, "
-            f"{args.loop_conv} conv in the loop"
+    what = (f"restoration net, channels {args.channels}, {args.patch}³ patches"
             if args.model == "restoration" else "residual MLP 512-256-512")
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); {what}; local steps {cfg.local_steps}, "
           f"batch {cfg.batch_size}, chunk {cfg.client_chunk}; best of {args.repeat} alternating runs after a compile round")
@@ -121,13 +100,13 @@ def main() -> None:
         return secure_vs_plain(args, cfg)
     print(f"{'K':>5} {'vmapped s':>10} {'looped s':>10} {'vmap upd/s':>11} {'loop upd/s':>11} {'speed-up':>9}", flush=True)
     for k in args.clients:
-        data, params, loss_fn, batched = (restoration_problem(k, args) if args.model == "restoration" else mlp_problem(k))
+        data, params, loss_fn = (restoration_problem(k, args) if args.model == "restoration" else mlp_problem(k))
         for fn in (run_round, run_round_looped):  # compile
-            one_round(fn, loss_fn, batched, data, params, cfg, 0)
+            one_round(fn, loss_fn, data, params, cfg, 0)
         tv = tl = float("inf")
         for r in range(1, args.repeat + 1):
-            tv = min(tv, one_round(run_round, loss_fn, batched, data, params, cfg, r))
-            tl = min(tl, one_round(run_round_looped, loss_fn, batched, data, params, cfg, r))
+            tv = min(tv, one_round(run_round, loss_fn, data, params, cfg, r))
+            tl = min(tl, one_round(run_round_looped, loss_fn, data, params, cfg, r))
         print(f"{k:>5} {tv:>10.3f} {tl:>10.3f} {k / tv:>11.2f} {k / tl:>11.2f} {tl / tv:>8.2f}x", flush=True)
 
 
@@ -137,14 +116,14 @@ def secure_vs_plain(args, cfg) -> None:
     runs one after the other: the slowest case) against plain FedAvg."""
     print(f"{'K':>5} {'params':>9} {'plain s':>9} {'secure s':>9} {'secure/plain':>13}", flush=True)
     for k in args.clients:
-        data, params, loss_fn, batched = (restoration_problem(k, args) if args.model == "restoration" else mlp_problem(k))
+        data, params, loss_fn = (restoration_problem(k, args) if args.model == "restoration" else mlp_problem(k))
         n_params = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(params))
         for secure in (False, True):  # compile
-            one_round(run_round, loss_fn, batched, data, params, cfg, 0, secure)
+            one_round(run_round, loss_fn, data, params, cfg, 0, secure)
         tp = ts = float("inf")
         for r in range(1, args.repeat + 1):
-            tp = min(tp, one_round(run_round, loss_fn, batched, data, params, cfg, r, False))
-            ts = min(ts, one_round(run_round, loss_fn, batched, data, params, cfg, r, True))
+            tp = min(tp, one_round(run_round, loss_fn, data, params, cfg, r, False))
+            ts = min(ts, one_round(run_round, loss_fn, data, params, cfg, r, True))
         print(f"{k:>5} {n_params:>9,} {tp:>9.3f} {ts:>9.3f} {ts / tp:>12.2f}x", flush=True)
 
 

@@ -89,13 +89,12 @@ def test_bad_inputs():
 
 from flax import nnx  # noqa: E402
 
-from fedtensor.federated.batched_conv import client_conv3d  # noqa: E402
 from fedtensor.federated.restoration import (  # noqa: E402
-    FederateConfig, as_client_data, client_batch, client_update, parse_partition, partition, restoration_losses,
+    FederateConfig, as_client_data, client_batch, client_update, parse_partition, partition, restoration_loss,
 )
 from fedtensor.federated.simulation import FederationError  # noqa: E402
 from fedtensor.nn.data import PatchSampler, make_pairs  # noqa: E402
-from fedtensor.nn.model import NetConfig, conv3d, new_net  # noqa: E402
+from fedtensor.nn.model import NetConfig, new_net  # noqa: E402
 
 TINY = NetConfig(channels=(8, 16))
 
@@ -105,23 +104,6 @@ def head_sources(head_crop_paths, tmp_path_factory):
     """Three small crops of the real head CT through the real codec (one target, 8³ blocks)."""
     cache = tmp_path_factory.mktemp("fed_head") / "cache"
     return head_crop_paths, make_pairs(head_crop_paths, targets=(36.0,), blocks=("8",), cache_dir=cache)
-
-
-def test_client_conv_matches_the_net_conv_under_vmap():
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(3, 2, 4, 8, 8, 5)).astype(np.float32))
-    w = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 5, 6)).astype(np.float32))
-
-    def loss(conv, x, w):
-        return jnp.sum(jnp.sin(conv(x, w)))
-
-    ref = jax.jit(jax.vmap(jax.value_and_grad(lambda x, w: loss(conv3d, x, w), argnums=(0, 1))))(x, w)
-    got = jax.jit(jax.vmap(jax.value_and_grad(lambda x, w: loss(client_conv3d, x, w), argnums=(0, 1))))(x, w)
-    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
-    # shared input (a global weight applied to every client's batch is the common case too)
-    shared = jax.jit(jax.vmap(client_conv3d, in_axes=(None, 0)))(x[0], w)
-    np.testing.assert_allclose(np.asarray(shared[1]), np.asarray(conv3d(x[0], w[1])), rtol=2e-4, atol=2e-4)
 
 
 def test_partitions():
@@ -150,12 +132,12 @@ def test_restoration_vmapped_equals_looped(head_sources):
     alloc = partition("dirichlet:1", 4, len(sources), 6, seed=0)  # unequal clients → padding and masks
     data = as_client_data([client_batch(samplers, alloc[k], 0, 1, k) for k in range(4)])
     assert len(set(data.counts.tolist())) > 1
-    loss, batched = restoration_losses(TINY)
+    loss = restoration_loss(TINY)
     params = nnx.state(new_net(TINY, seed=0), nnx.Param)
     cfg = FedConfig(local_steps=3, batch_size=2, learning_rate=3e-3, clip=1.0, client_chunk=2)
     key = jax.random.PRNGKey(3)
     s_vmap, s_loop = Server(params, cfg), Server(params, cfg)
-    m_vmap = run_round(loss, s_vmap, data, key, np.random.default_rng(0), batched_loss_fn=batched)
+    m_vmap = run_round(loss, s_vmap, data, key, np.random.default_rng(0))
     m_loop = run_round_looped(loss, s_loop, data, key, np.random.default_rng(0))
     np.testing.assert_allclose(m_vmap["client_losses"], m_loop["client_losses"], rtol=1e-4)
     moved = 0.0
@@ -174,8 +156,8 @@ def test_client_update_is_the_simulated_client(head_sources):
     new, metrics = client_update(params, batch, cfg, jax.random.PRNGKey(0))
     assert metrics["count"] == 4 and np.isfinite(metrics["loss"])
     data = as_client_data([batch])
-    loss, batched = restoration_losses(cfg.net_config())
-    sim, _ = local_updates_vmapped(batched, cfg.fed_config(), params, data.inputs, data.targets,
+    loss = restoration_loss(cfg.net_config())
+    sim, _ = local_updates_vmapped(loss, cfg.fed_config(), params, data.inputs, data.targets,
                                    jnp.asarray(data.counts), jax.random.PRNGKey(0)[None])
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(sim)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b)[0], rtol=1e-4, atol=1e-5)

@@ -39,7 +39,7 @@ from fedtensor.nn import (
 )
 from fedtensor.nn.data import PatchSampler, Source, make_pairs, prefetched_batches, split_by_volume
 from fedtensor.nn.infer import RestorationModel, correction_map
-from fedtensor.nn.model import RECEPTIVE_RADIUS, conv3d
+from fedtensor.nn.model import RECEPTIVE_RADIUS, conv3d, half_resolution_kernel, space_to_depth
 from fedtensor.nn.normalize import assemble_input, block_phases, normaliser_for, operating_point
 from fedtensor.nn.train import Trainer
 
@@ -111,6 +111,21 @@ def test_conv_implementations_agree():
     w = rng.normal(size=(3, 3, 3, 5, 7)).astype(np.float32)
     a, b = jax.jit(lambda x, w: (conv3d(x, w, "2d"), conv3d(x, w, "3d")))(x, w)
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_half_resolution_kernel_is_the_full_resolution_convolution(k):
+    """The net runs its full-resolution linear path on space_to_depth input: same function, borders
+    included, for even sizes that are not multiples of 4."""
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.normal(size=(2, 6, 10, 4, 3)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(k, k, k, 3, 2)).astype(np.float32))
+    full = space_to_depth(conv3d(x, w))
+    half = conv3d(space_to_depth(x), half_resolution_kernel(w))
+    np.testing.assert_allclose(np.asarray(half), np.asarray(full), rtol=1e-5, atol=1e-4)
+    g_full = jax.grad(lambda w: jnp.sum(jnp.sin(space_to_depth(conv3d(x, w)))))(w)
+    g_half = jax.grad(lambda w: jnp.sum(jnp.sin(conv3d(space_to_depth(x), half_resolution_kernel(w)))))(w)
+    np.testing.assert_allclose(np.asarray(g_half), np.asarray(g_full), rtol=1e-4, atol=1e-3)
 
 
 def test_untrained_model_is_identity():

@@ -64,7 +64,7 @@ from fedtensor.nn.checkpoint import (
     write_atomic,
 )
 from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, training_sources
-from fedtensor.nn.model import NetConfig, abstract_net, conv_override
+from fedtensor.nn.model import NetConfig, abstract_net
 from fedtensor.nn.train import TrainConfig, Trainer, clear_run, export_model, model_bytes
 from fedtensor.nn.train import write_history as train_history
 
@@ -195,15 +195,12 @@ def as_client_data(batches: Sequence[Batch]) -> ClientData:
 
 
 @functools.lru_cache(maxsize=None)
-def restoration_losses(net_config: NetConfig) -> tuple[Callable, Callable]:
-    """``(loss, batched loss)`` of the net: masked MSE of the correction in quantiser steps (as central
-    training). The batched one (vmap over clients) traces the convolutions with :func:`client_conv3d`
-    on a CPU; on other backends it keeps the native convolution, which vmap turns into one grouped
-    convolution (on an H200: 2.6× the per-client loop at K = 32 native with 128-client chunks, 0.9×
-    with im2col and 32-client chunks; the two changes were not measured apart).
-    Both are cached per architecture, so jitted programs are reused across rounds."""
-    from fedtensor.federated.batched_conv import client_conv3d
-
+def restoration_loss(net_config: NetConfig) -> Callable:
+    """The net's loss: masked MSE of the correction in quantiser steps (as central training). One
+    function for the looped and the vmapped programs: on a CPU the net's convolutions batch one per
+    client (:mod:`fedtensor.nn.conv`); elsewhere vmap turns them into one grouped convolution (on an
+    H200: 2.6× the per-client loop at K = 32 with 128-client chunks). Cached per architecture, so
+    jitted programs are reused across rounds."""
     graphdef, _ = abstract_net(net_config)
 
     def loss(params, inputs, targets):
@@ -211,19 +208,13 @@ def restoration_losses(net_config: NetConfig) -> tuple[Callable, Callable]:
         f = nnx.merge(graphdef, params)(x, cond)
         return jnp.sum(jnp.square(f - t) * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-    def batched_loss(params, inputs, targets):
-        if jax.default_backend() != "cpu":  # decided when traced
-            return loss(params, inputs, targets)
-        with conv_override(client_conv3d):
-            return loss(params, inputs, targets)
-
-    return loss, batched_loss
+    return loss
 
 
 def client_update(params, data: Batch, cfg: FederateConfig, key) -> tuple[Any, dict]:
     """One client's local training (what a real hospital runs): ``cfg.local_steps`` Adam steps on
     minibatches of its patches ``data`` from the global ``params``; returns (new params, metrics)."""
-    loss, _ = restoration_losses(cfg.net_config())
+    loss = restoration_loss(cfg.net_config())
     n = len(data.s)
     if n < 1:
         raise FederationError("a client needs at least one patch")
@@ -235,15 +226,15 @@ def client_update(params, data: Batch, cfg: FederateConfig, key) -> tuple[Any, d
 def federated_round(server: Server, data: ClientData, cfg: FederateConfig, key, *, secure_seed: int | None = None) -> np.ndarray:
     """Local training of every client in ``data`` (one jitted program) and the server step; returns the
     clients' mean local losses."""
-    loss, batched = restoration_losses(cfg.net_config())
+    loss = restoration_loss(cfg.net_config())
     fc = server.cfg
     keys = jax.random.split(key, data.n_clients)
     counts = jnp.asarray(data.counts)
     if cfg.secure_agg:
-        client_params, losses = local_updates_vmapped(batched, fc, server.params, data.inputs, data.targets, counts, keys)
+        client_params, losses = local_updates_vmapped(loss, fc, server.params, data.inputs, data.targets, counts, keys)
         delta = secure_mean_delta(server.params, client_params, data.counts, seed=secure_seed)
     else:
-        delta, losses = round_vmapped(batched, fc, server.params, data.inputs, data.targets, counts, keys)
+        delta, losses = round_vmapped(loss, fc, server.params, data.inputs, data.targets, counts, keys)
     server.apply(delta)
     return np.asarray(losses)
 
@@ -441,4 +432,4 @@ def _median(values) -> float | None:
 
 
 __all__ = ["FederateConfig", "client_update", "federate", "federated_round", "parse_partition", "partition",
-           "restoration_losses"]
+           "restoration_loss"]

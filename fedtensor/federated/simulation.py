@@ -10,11 +10,9 @@ sample counts (optionally FedProx on the client side, FedAdam on the server side
 the same program, or computed by secure aggregation (:mod:`fedtensor.federated.secagg`).
 
 The model is abstract: a parameter pytree and ``loss_fn(params, inputs, targets) -> scalar``, where
-``inputs``/``targets`` are arrays or pytrees of arrays with the sample axis first. A model may give a
-second loss function for the vmapped program (``batched_loss_fn``, e.g. one whose convolutions are
-written for per-client weights, see :mod:`fedtensor.federated.batched_conv`); it must compute the same
-function. :func:`run_round_looped` is the plain per-client loop (one jitted local update per client)
-kept as the reference the tests and the benchmark compare with.
+``inputs``/``targets`` are arrays or pytrees of arrays with the sample axis first.
+:func:`run_round_looped` is the plain per-client loop (one jitted local update per client) kept as the
+reference the tests and the benchmark compare with.
 """
 
 from __future__ import annotations
@@ -245,17 +243,16 @@ def _round_inputs(server: Server, data: ClientData, key, rng: np.random.Generato
 
 
 def run_round(loss_fn: LossFn, server: Server, data: ClientData, key, rng: np.random.Generator, *,
-              secure: bool = False, seed: int | None = None, batched_loss_fn: LossFn | None = None) -> dict:
+              secure: bool = False, seed: int | None = None) -> dict:
     """One FedAvg round over the sampled clients, local training in one jitted program; returns metrics."""
     chosen, keys, counts = _round_inputs(server, data, key, rng)
-    lf = batched_loss_fn or loss_fn
     inputs, targets = _take(data.inputs, chosen), _take(data.targets, chosen)
     if secure:
-        client_params, losses = local_updates_vmapped(lf, server.cfg, server.params, inputs, targets,
+        client_params, losses = local_updates_vmapped(loss_fn, server.cfg, server.params, inputs, targets,
                                                       jnp.asarray(counts), keys)
         delta = secure_mean_delta(server.params, client_params, counts, seed=seed)
     else:
-        delta, losses = round_vmapped(lf, server.cfg, server.params, inputs, targets, jnp.asarray(counts), keys)
+        delta, losses = round_vmapped(loss_fn, server.cfg, server.params, inputs, targets, jnp.asarray(counts), keys)
     server.apply(delta)
     losses = np.asarray(losses)
     return {"clients": chosen.tolist(), "train_loss": float(np.average(losses, weights=counts)),
