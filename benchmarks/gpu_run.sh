@@ -10,7 +10,7 @@ set -u
 OUT=${OUT:-gpu-results}
 STEPS=${STEPS:-"kernels throughput federated restoration_speed gpu_tests"}
 SHAPES=${SHAPES:-"256x256x256 512x512x512"}
-FED_ARGS=${FED_ARGS:-"--clients 8 32 128 --chunk 128 --conv native"}
+FED_ARGS=${FED_ARGS:-"--clients 8 32 128 --chunk 128"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...

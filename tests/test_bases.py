@@ -7,6 +7,7 @@ import pytest
 
 from fedtensor.codec import blocktucker, stream
 from fedtensor.codec.normalize import device_map, normalization
+from fedtensor.codec.quantize import ROUNDING
 
 
 def _block_grams(x: np.ndarray, b) -> list[np.ndarray]:
@@ -33,6 +34,33 @@ def test_tile_grams_fold_to_every_block_shape(b):
         d = np.asarray(u, np.float64).T @ w @ np.asarray(u, np.float64)
         assert np.abs(d - np.diag(np.diag(d))).max() < 1e-3 * np.abs(d).max()
         assert np.all(np.diff(np.diag(d)) <= 1e-3 * np.abs(d).max())
+
+
+@pytest.mark.parametrize("n_tiles", [64, 70])  # whole 64-tile loop steps, then with a remainder
+def test_block_choice_proxy_over_many_tiles(n_tiles):
+    """Grams and the rate proxy over as many tiles as the block choice samples: the tiles go through
+    the loops in groups, and each group must count exactly once."""
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(-1000, 3000, size=(n_tiles, 16, 16, 16)).astype(np.int16)
+    offset, scale = normalization(tiles)
+    unit = (tiles.astype(np.float64) - offset) / scale
+    grams = blocktucker.fiber_grams(tiles, offset, scale)
+    for g, spec in zip(grams, ("tayz,tbyz->ab", "txaz,txbz->ab", "txya,txyb->ab")):
+        np.testing.assert_allclose(np.asarray(g, np.float64), np.einsum(spec, unit, unit), rtol=2e-5, atol=1e-2)
+    b, step, clip = (4, 4, 8), 0.05, 64
+    bases = [np.asarray(u, np.float64) for u in blocktucker.tile_bases(grams, b)]
+    blocks = unit.reshape(n_tiles, 4, 4, 4, 4, 2, 8).transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, *b)
+    coef = np.einsum("nijk,ia,jb,kc->nabc", blocks, *bases).reshape(len(blocks), -1)
+    q = np.clip(np.sign(coef) * np.floor(np.abs(coef) / step + ROUNDING), -clip, clip)
+    want = 0.0
+    for band in q.T:
+        _, counts = np.unique(band, return_counts=True)
+        want -= float(np.sum(counts * np.log2(counts / len(band))))
+    got = blocktucker.tile_bits(tiles, b, offset, scale, step, clip, grams=grams)
+    assert got == pytest.approx(want, rel=2e-3)
+    coef_dev = np.asarray(blocktucker.tile_coefficients(tiles, b, offset, scale), np.float64)
+    assert coef_dev.shape == coef.shape
+    np.testing.assert_allclose(coef_dev, coef, atol=1e-3)
 
 
 @pytest.mark.parametrize("b", [(4, 4, 4), (8, 8, 16)])

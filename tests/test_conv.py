@@ -50,6 +50,21 @@ def test_gradients_under_vmap_are_each_clients(in_axes):
         np.testing.assert_allclose(np.asarray(grad[1][1][c]), np.asarray(gw), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("in_axes", [(0, None), (None, 0)], ids=["shared-kernel", "shared-data"])
+def test_gradient_of_a_vmapped_sum(in_axes):
+    """grad outside vmap: the per-entry gradients of the shared operand must be summed."""
+    x, kern = arrays(np.random.default_rng(5), (3, 2, 6, 5, 2), (3, 3, 3, 2, 4))
+    xs, ks = (x, kern[0]) if in_axes == (0, None) else (x[0], kern)
+
+    def total(conv):
+        return lambda x, w: jnp.sum(jax.vmap(objective(conv), in_axes)(x, w))
+
+    got = jax.jit(jax.grad(total(conv2d_same), (0, 1)))(xs, ks)
+    ref = jax.grad(total(lax_same), (0, 1))(xs, ks)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
 def test_nested_vmap():
     x, kern = arrays(np.random.default_rng(2), (2, 3, 2, 5, 5, 2), (2, 3, 3, 3, 2, 3))
     got = jax.vmap(jax.vmap(jax.grad(objective(conv2d_same), 1)))(x, kern)
@@ -76,13 +91,15 @@ def test_training_loops_compile_to_canonical_ungrouped_convolutions():
     x, kern = arrays(np.random.default_rng(4), (4, 2, 8, 8, 3), (4, 3, 3, 3, 3))
 
     def local_steps(x, w):
-        def step(w, _):
-            return w - 0.1 * jax.grad(objective(conv2d_same), 1)(x, w), None
-        return jax.lax.scan(step, w, None, length=3)[0]
+        def step(carry, _):  # both gradients are used, so neither convolution is dead code
+            x, w = carry
+            gx, gw = jax.grad(objective(conv2d_same), (0, 1))(x, w)
+            return (x - 0.1 * gx, w - 0.1 * gw), None
+        return jax.lax.scan(step, (x, w), None, length=3)[0]
 
     hlo = jax.jit(jax.vmap(local_steps)).lower(x, kern).compile().as_text()
     convs = _conv_ops(hlo)
-    assert convs, "no convolution in the compiled program"
+    assert len(convs) >= 3 * 4, "forward, input and kernel gradient per client"
     for op in convs:
         assert "dim_labels=b01f_01io->b01f" in op, op
         assert "feature_group_count" not in op and "batch_group_count" not in op, op

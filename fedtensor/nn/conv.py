@@ -16,6 +16,9 @@ Two facts about XLA:CPU (measured with jaxlib 0.10 on the restoration net, 16³ 
   clients into the batch axis when only the data is batched.
 
 Forward values are bit-identical to ``lax.conv_general_dilated``; gradients agree to float rounding.
+Being a custom VJP, it supports first-order reverse mode only (no ``jvp``, no gradient of a gradient).
+Under ``vmap`` with per-entry kernels the program holds one convolution per entry, so compile time
+grows with the batch (the simulation's ``client_chunk``, 8 by default).
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ Conditioning (FiLM, zero-initialised): a 4-vector describing the codec's operati
 The 3×3×3 convolutions have two mathematically identical implementations: XLA's native 3D convolution
 (used on accelerators) and, on CPU, a sum of three 2D convolutions over the depth offsets, which XLA's
 CPU backend runs about 3× faster (forward + backward), each through :func:`fedtensor.nn.conv.conv2d_same`
-(fast gradients inside loops, one convolution per client under ``vmap``). Weights are shared, so
-checkpoints are portable.
+(fast gradients inside loops, one convolution per client under ``vmap``; differentiable once, in
+reverse mode). Weights are shared, so checkpoints are portable.
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ def conv3d(x: jax.Array, w: jax.Array, impl: str | None = None) -> jax.Array:
 
 def half_resolution_kernel(w: jax.Array) -> jax.Array:
     """The kernel that applies the full-resolution convolution ``w (k,k,k,I,O)`` to
-    ``space_to_depth`` input and gives ``space_to_depth`` output: ``conv3d(space_to_depth(x), kh) ==
-    space_to_depth(conv3d(x, w))`` for even sizes ('SAME' zero padding on both sides).
+    ``space_to_depth`` input and gives ``space_to_depth`` output: ``conv3d(space_to_depth(x), kh)`` equals
+    ``space_to_depth(conv3d(x, w))`` up to float rounding, for even sizes ('SAME' zero padding on both
+    sides).
 
     Full-resolution offset ``d`` from output phase ``a`` lands on half-resolution offset ``q`` and
     input phase ``b`` where ``2q + b = a + d``. A thin full-resolution layer (the net's 5³ linear path,
@@ -223,4 +224,5 @@ def new_net(config: NetConfig = NetConfig(), seed: int = 0) -> RestorationNet:
     return RestorationNet(config, seed=seed)
 
 
-__all__ = ["NetConfig", "RestorationNet", "abstract_net", "new_net", "conv3d", "param_count"]
+__all__ = ["NetConfig", "RestorationNet", "abstract_net", "new_net", "conv3d", "half_resolution_kernel",
+           "param_count", "space_to_depth", "depth_to_space"]
