@@ -36,10 +36,10 @@ def test_tile_grams_fold_to_every_block_shape(b):
         assert np.all(np.diff(np.diag(d)) <= 1e-3 * np.abs(d).max())
 
 
-@pytest.mark.parametrize("n_tiles", [64, 70])  # whole 64-tile loop steps, then with a remainder
+@pytest.mark.parametrize("n_tiles", [64, 70])
 def test_block_choice_proxy_over_many_tiles(n_tiles):
-    """Grams and the rate proxy over as many tiles as the block choice samples: the tiles go through
-    the loops in groups, and each group must count exactly once."""
+    """Grams, coefficients and the rate proxy over many tiles, as the block choice samples them, against
+    a float64 numpy reference: every tile counts exactly once."""
     rng = np.random.default_rng(3)
     tiles = rng.integers(-1000, 3000, size=(n_tiles, 16, 16, 16)).astype(np.int16)
     offset, scale = normalization(tiles)

@@ -24,8 +24,7 @@ def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 
     ``tiles`` ``(T, X, Y, Z)`` in any dtype.
 
     Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks. Tiles are
-    normalised and transformed 64 at a time, so the working set is little more than the input and the
-    output.
+    normalised and transformed one at a time, so the working set is the input and the output only.
     """
     tiles, m = _prepared(tiles, offset, scale)
     b = block_shape(b)
@@ -48,17 +47,13 @@ def tile_bases(grams, b) -> list[jax.Array]:
 
 def tile_bits(tiles, b, offset: float, scale: float, step: float, clip: int = 64, grams=None) -> float:
     """Sum over bands of the empirical entropy of the quantised :func:`tile_coefficients` — a cheap rate
-    proxy to rank block shapes — without ever holding all the coefficients: they are made and quantised
-    into per-band histograms 64 tiles at a time (magnitudes beyond ``clip`` share a bin). ``grams``: the tiles'
+    proxy to rank block shapes — without ever holding the coefficients: each tile's are quantised into
+    per-band histograms as they are made (magnitudes beyond ``clip`` share a bin). ``grams``: the tiles'
     :func:`fiber_grams`, when several shapes are ranked on the same tiles."""
     tiles, m = _prepared(tiles, offset, scale)
     b = block_shape(b)
     bases = tile_bases(grams if grams is not None else _fiber_grams(tiles, m), b)
     return float(_tile_bits(tiles, m, bases, np.float32(step), b, clip))
-
-
-#: Tiles per step of the block choice's loops (64 tiles of 16³: 1 MiB of float32 coefficients).
-_GROUP = 64
 
 
 def _prepared(tiles, offset: float, scale: float) -> tuple[jax.Array, DeviceMap | None]:
@@ -79,12 +74,12 @@ def _tile_blocks(tile, m, b):
 
 @jax.jit
 def _fiber_grams(tiles, m):
-    def add(acc, group):
-        u = to_unit(group, m)
+    def add(acc, tile):
+        u = to_unit(tile, m)
         return tuple(a + jnp.einsum(spec, u, u, precision=FP32)
-                     for a, spec in zip(acc, ("tayz,tbyz->ab", "txaz,txbz->ab", "txya,txyb->ab"))), None
+                     for a, spec in zip(acc, ("ayz,byz->ab", "xaz,xbz->ab", "xya,xyb->ab"))), None
 
-    return _scan_groups(add, tuple(jnp.zeros((n, n), jnp.float32) for n in tiles.shape[1:]), tiles)
+    return jax.lax.scan(add, tuple(jnp.zeros((n, n), jnp.float32) for n in tiles.shape[1:]), tiles)[0]
 
 
 def _pieces_gram(g: np.ndarray, n: int) -> np.ndarray:
@@ -95,8 +90,7 @@ def _pieces_gram(g: np.ndarray, n: int) -> np.ndarray:
 @partial(jax.jit, static_argnames="b")
 def _tile_coefficients(tiles: jax.Array, m, bases, b: tuple[int, int, int]) -> jax.Array:
     width = math.prod(b)
-    coef = jax.lax.map(lambda tile: project(_tile_blocks(tile, m, b), bases).reshape(-1, width), tiles,
-                       batch_size=_GROUP)
+    coef = jax.lax.map(lambda tile: project(_tile_blocks(tile, m, b), bases).reshape(-1, width), tiles)
     return coef.reshape(-1, width)
 
 
@@ -105,26 +99,14 @@ def _tile_bits(tiles: jax.Array, m, bases, step, b: tuple[int, int, int], clip: 
     nb, width = math.prod(b), 2 * clip + 1
     band = jnp.arange(nb, dtype=jnp.int32) * width
 
-    def count(hist, group):
-        blocks = jax.vmap(lambda tile: _tile_blocks(tile, m, b))(group)
-        c = project(blocks.reshape(-1, *blocks.shape[2:]), bases).reshape(-1, nb)
+    def count(hist, tile):
+        c = project(_tile_blocks(tile, m, b), bases).reshape(-1, nb)
         q = jnp.clip(jnp.sign(c) * jnp.floor(jnp.abs(c) / step + ROUNDING), -clip, clip).astype(jnp.int32)
         return hist.at[(band + q + clip).ravel()].add(1), None
 
-    hist = _scan_groups(count, jnp.zeros(nb * width, jnp.int32), tiles).reshape(nb, width).astype(jnp.float32)
+    hist = jax.lax.scan(count, jnp.zeros(nb * width, jnp.int32), tiles)[0].reshape(nb, width).astype(jnp.float32)
     totals = hist.sum(axis=1, keepdims=True)
     return -jnp.sum(jnp.where(hist > 0, hist * jnp.log2(jnp.maximum(hist, 1.0) / totals), 0.0))
-
-
-def _scan_groups(body, carry, tiles, group: int = _GROUP):
-    """``lax.scan`` of ``body(carry, tiles[i:i + group])`` over the tiles, the remainder last: a step per
-    tile costs more in loop overhead than its arithmetic, all tiles at once too much memory."""
-    full = len(tiles) // group * group
-    if full:
-        carry = jax.lax.scan(body, carry, tiles[:full].reshape(-1, group, *tiles.shape[1:]))[0]
-    if full < len(tiles):
-        carry = body(carry, tiles[full:])[0]
-    return carry
 
 
 def gather_blocks(x: np.ndarray, b, flat_index: np.ndarray) -> np.ndarray:
