@@ -113,18 +113,19 @@ def test_conv_implementations_agree():
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["2d", "3d"])  # the CPU path and the accelerators' native 3D convolution
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
-def test_half_resolution_kernel_is_the_full_resolution_convolution(k):
+def test_half_resolution_kernel_is_the_full_resolution_convolution(k, impl):
     """The net runs its full-resolution linear path on space_to_depth input: same function, borders
     included, for even sizes that are not multiples of 4."""
     rng = np.random.default_rng(k)
     x = jnp.asarray(rng.normal(size=(2, 6, 10, 4, 3)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(k, k, k, 3, 2)).astype(np.float32))
-    full = space_to_depth(conv3d(x, w))
-    half = conv3d(space_to_depth(x), half_resolution_kernel(w))
+    full = space_to_depth(conv3d(x, w, impl))
+    half = conv3d(space_to_depth(x), half_resolution_kernel(w), impl)
     np.testing.assert_allclose(np.asarray(half), np.asarray(full), rtol=1e-5, atol=1e-4)
-    g_full = jax.grad(lambda w: jnp.sum(jnp.sin(space_to_depth(conv3d(x, w)))))(w)
-    g_half = jax.grad(lambda w: jnp.sum(jnp.sin(conv3d(space_to_depth(x), half_resolution_kernel(w)))))(w)
+    g_full = jax.grad(lambda w: jnp.sum(jnp.sin(space_to_depth(conv3d(x, w, impl)))))(w)
+    g_half = jax.grad(lambda w: jnp.sum(jnp.sin(conv3d(space_to_depth(x), half_resolution_kernel(w), impl))))(w)
     np.testing.assert_allclose(np.asarray(g_half), np.asarray(g_full), rtol=1e-4, atol=1e-3)
 
 
