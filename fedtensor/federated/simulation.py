@@ -246,7 +246,10 @@ def run_round(loss_fn: LossFn, server: Server, data: ClientData, key, rng: np.ra
               secure: bool = False, seed: int | None = None) -> dict:
     """One FedAvg round over the sampled clients, local training in one jitted program; returns metrics."""
     chosen, keys, counts = _round_inputs(server, data, key, rng)
-    inputs, targets = _take(data.inputs, chosen), _take(data.targets, chosen)
+    if len(chosen) == data.n_clients:  # everyone (chosen is sorted): no copy of all the clients' data
+        inputs, targets = data.inputs, data.targets
+    else:
+        inputs, targets = _take(data.inputs, chosen), _take(data.targets, chosen)
     if secure:
         client_params, losses = local_updates_vmapped(loss_fn, server.cfg, server.params, inputs, targets,
                                                       jnp.asarray(counts), keys)
