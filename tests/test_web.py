@@ -300,7 +300,57 @@ def test_zipped_series_over_the_voxel_limit(app, volume_paths):
     finally:
         del app.config["FEDTENSOR_WEB_MAX_VOXELS"]
     assert r.status_code == 400
-    assert error_text(r) == "series.zip: 5,242,880 voxels; this server accepts at most 1,048,576"
+    assert error_text(r) == "DICOM series in series.zip has 5,242,880 voxels; at most 1,048,576 are accepted"
+
+
+def _deflated_slice(k: int, n: int, series_uid: str) -> bytes:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID = DeflatedExplicitVRLittleEndian, CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID = meta, CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.Modality, ds.Rows, ds.Columns = series_uid, "CT", n, n
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.ImageOrientationPatient, ds.PixelSpacing, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [1, 1], [0, 0, k]
+    ds.PixelData = np.zeros((n, n), np.uint16).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_deflated_dicom_is_refused_before_it_is_inflated(tmp_path):
+    """pydicom inflates a deflated file whole on reading: 2 KB of zip would become 8 MB per slice here
+    (and gigabytes at the largest Rows x Columns), so the upload is refused from its file meta alone."""
+    from pydicom.uid import generate_uid
+
+    from fedtensor.serve.uploads import UploadError, read_upload, save_upload
+
+    uid = generate_uid()
+    data = _zip({f"{k}.dcm": _deflated_slice(k, 2048, uid) for k in range(2)})
+    assert len(data) < 64 << 10
+    saved = save_upload(io.BytesIO(data), tmp_path)
+    with pytest.raises(UploadError, match="^bomb.zip: deflate-compressed DICOM files are not accepted"):
+        read_upload(saved, "bomb.zip", max_voxels=1 << 20)
+
+
+def test_dicom_series_voxel_cap_is_checked_on_the_headers(volume_paths, monkeypatch):
+    """The library reader refuses an over-large series before decoding a single slice's pixels."""
+    import pydicom
+
+    from fedtensor.errors import VolumeError
+    from fedtensor.io import read_dicom_series
+
+    def no_decoding(self):
+        raise AssertionError("pixel data decoded before the size check")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoding))
+    with pytest.raises(VolumeError, match="has 5,242,880 voxels; at most 5,242,879 are accepted"):
+        read_dicom_series(volume_paths["ct_series_dicom"], max_voxels=5_242_879)
 
 
 # ------------------------------------------------------------------------------------------ results

@@ -103,13 +103,15 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
     return out
 
 
-def read_dicom_series(directory: str | os.PathLike) -> Volume:
+def read_dicom_series(directory: str | os.PathLike, max_voxels: int | None = None) -> Volume:
     """Read a directory holding exactly one DICOM image series as an (x, y, z) volume.
 
     See the module docstring for the axis, spacing, affine (LPS → RAS) and rescale conventions.
     Raises :class:`VolumeError` (one line) for: several series in the directory, multi-frame or
     colour images, inconsistent Rows/Columns/orientation/pixel spacing, duplicate slice positions,
-    missing or uneven slice gaps (tolerance 1 % of the gap), and undecodable pixel data.
+    missing or uneven slice gaps (tolerance 1 % of the gap), undecodable pixel data, and more than
+    ``max_voxels`` voxels (checked from the headers, before any pixel data is decoded: compressed
+    pixel data can be far smaller than the array it decodes to).
     """
     directory = Path(directory)
     if not directory.exists():
@@ -153,6 +155,9 @@ def read_dicom_series(directory: str | os.PathLike) -> Volume:
             raise VolumeError(f"inconsistent PixelSpacing in DICOM series: {name} differs from {name0}")
     if rows0 <= 0 or cols0 <= 0:
         raise VolumeError(f"DICOM file {name0} has an invalid image size {rows0}x{cols0}")
+    if max_voxels is not None and rows0 * cols0 * len(slices) > max_voxels:
+        raise VolumeError(f"DICOM series in {directory} has {rows0 * cols0 * len(slices):,} voxels; "
+                          f"at most {max_voxels:,} are accepted")
 
     r, c = iop0[:3], iop0[3:]
     normal = np.cross(r, c)

@@ -108,23 +108,42 @@ def read_upload(path: Path, name: str, max_voxels: int | None = None):
     """The :class:`~fedtensor.io.Volume` in a saved upload; messages mention ``name``, not the path.
 
     ``max_voxels`` is checked *before* the voxels are read (a NIfTI's header, a zipped series' inflated
-    size), so a small compressed file that claims a huge volume cannot exhaust the server's memory."""
-    from fedtensor.io import read_volume
+    size, a DICOM series' headers), so a small compressed file that claims a huge volume cannot exhaust
+    the server's memory."""
+    from fedtensor.io import read_dicom_series, read_volume
 
     if path.name.endswith(".zip"):
         # 8 bytes per voxel covers any DICOM pixel encoding plus its per-file headers
         cap = MAX_INFLATED_BYTES if max_voxels is None else min(MAX_INFLATED_BYTES, 8 * max_voxels + (64 << 20))
         source = extract_series(path, path.parent / "dicom", max_bytes=cap)
+        _refuse_deflated(source, name)
     else:
         source = path
         if max_voxels is not None:
             _check_declared_size(source, name, max_voxels)
     try:
+        if source.is_dir():  # the pixel data may be compressed: the cap is checked on the headers
+            return read_dicom_series(source, max_voxels=max_voxels).validate()
         return read_volume(source).validate()
     except VolumeError as e:
         raise UploadError(_scrub(str(e), source, name)) from None
     except MemoryError:
         raise UploadError(f"{name}: not enough memory to read this volume") from None
+
+
+def _refuse_deflated(directory: Path, name: str) -> None:
+    """Refuse a series with deflate-compressed files: pydicom inflates a whole such file when it reads
+    it, before any header can be checked, so a few kilobytes could expand to gigabytes."""
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    for p in sorted(directory.iterdir()):
+        try:
+            syntax = read_file_meta_info(p).get("TransferSyntaxUID")
+        except Exception:  # noqa: BLE001 - not a DICOM file: the series reader skips or reports it
+            continue
+        if syntax == DeflatedExplicitVRLittleEndian:
+            raise UploadError(f"{name}: deflate-compressed DICOM files are not accepted by this server")
 
 
 def _check_declared_size(path: Path, name: str, max_voxels: int) -> None:
