@@ -179,13 +179,26 @@ def _publish_local(data: Path, model_dir: Path, meta: str | None) -> dict:
     return ModelStore(data).publish(blob, manifest, meta_d).to_dict()
 
 
+def server_config(host: str, max_bytes: int, stage_timeout: float | None) -> dict:
+    """The app config of a server listening on ``host``.
+
+    The web interface (no authentication) is on for loopback hosts only, and then answers only requests
+    addressed to a loopback name: a page elsewhere whose name resolves to 127.0.0.1 (DNS rebinding) gets
+    a 400. (Werkzeug cannot match a bracketed IPv6 Host header, so ``::1`` is served without that check.)
+    """
+    config = {"MAX_CONTENT_LENGTH": max_bytes, "FEDTENSOR_ROUND_STAGE_TIMEOUT": stage_timeout,
+              "FEDTENSOR_WEB": is_loopback(host)}
+    if config["FEDTENSOR_WEB"] and ":" not in host:
+        config["TRUSTED_HOSTS"] = sorted({"localhost", "127.0.0.1", host})
+    return config
+
+
 def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout: float | None) -> None:
     from werkzeug.serving import make_server
 
     from fedtensor.serve.app import create_app
 
-    app = create_app(data, config={"MAX_CONTENT_LENGTH": max_bytes, "FEDTENSOR_ROUND_STAGE_TIMEOUT": stage_timeout,
-                                   "FEDTENSOR_WEB": is_loopback(host)})
+    app = create_app(data, config=server_config(host, max_bytes, stage_timeout))
     _probe_listen(host, port)  # werkzeug would print its own message and sys.exit(1) instead
     srv = make_server(host, port, app, threaded=True)
     store, registry = app.extensions["fedtensor_store"], app.extensions["fedtensor_auth"]

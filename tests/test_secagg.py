@@ -527,3 +527,55 @@ def test_self_mask_hides_a_late_input_after_its_pairwise_masks_are_revealed():
     b5 = run.clients[5]._b  # with b_5 as well (which honest clients never reveal for a dropped peer) ...
     P.add_masks(y, (), [P.self_mask_seed(b5, p.round_id)])
     assert not y.any()  # ... the input would be exposed
+
+
+def test_tampered_self_mask_share_is_detected_with_exactly_t_responders():
+    """With exactly t responses Shamir has no redundancy to expose a wrong share; the commitment to b_u
+    sent in ShareKeys does (otherwise the sum would come out silently wrong)."""
+    p = make_params(n=3, t=2, m=16)
+    for tamper in (False, True):
+        run = Run(p)
+        x = inputs(run.ids, p.vector_length)
+        run.round0()
+        run.round1()
+        run.round2(x)
+        responses = {u: run.clients[u].unmask(run.request) for u in (1, 2)}  # client 3 never answers
+        if tamper:  # shift responder 2's share so that b_1 comes out +1 in its first chunk: in range
+            shares = list(responses[2].b_shares)
+            k = next(i for i, s in enumerate(shares) if s.owner == 1)
+            raw, size = shares[k].share, shamir.ELEMENT_BYTES
+            weight = shamir._lagrange_weights((1, 2), 0)[1]
+            y = (int.from_bytes(raw[:size], "little") + pow(weight, -1, shamir.PRIME)) % shamir.PRIME
+            shares[k] = dataclasses.replace(shares[k], share=y.to_bytes(size, "little") + raw[size:])
+            responses[2] = dataclasses.replace(responses[2], b_shares=tuple(shares))
+        for r in responses.values():
+            run.server.receive_unmask(r)
+        if tamper:
+            with pytest.raises(SecAggAbort, match="self-mask secret of client 1 does not match its commitment"):
+                run.server.finalize()
+        else:
+            np.testing.assert_allclose(run.server.finalize().sum, sum(x.values()), atol=1e-4)
+
+
+def test_server_refuses_a_low_order_public_key_at_advertise():
+    """An all-zero X25519 key would make every honest peer fail its key agreement later (and the round
+    abort): the server turns it away at once, and the round goes on without that client."""
+    p = make_params(n=4, t=3, m=8)
+    run = Run(p)
+    msg = run.clients[4].advertise_keys()
+    with pytest.raises(SecAggMessageError, match="invalid X25519 public key of client 4"):
+        run.server.receive_advertise(dataclasses.replace(msg, c_public=bytes(32)))
+    run.round0(skip=(4,))
+    run.round1()
+    x = inputs([1, 2, 3], p.vector_length)
+    run.round2(x)
+    np.testing.assert_allclose(run.round3().sum, sum(x.values()), atol=1e-4)
+
+
+def test_summed_weights_must_not_wrap():
+    """Each client's weight is only bounded by W, so n·W must stay below 2^32: otherwise n weights of
+    1.6e9 (each ≤ W = 2^31) would sum, mod 2^32, to a total below W and pass the server's check."""
+    fp = FixedPoint(1.0, 0.5)
+    with pytest.raises(SecAggError, match="must stay below 2\\^32"):
+        SecAggParams(1, 3, 2, 4, fp, weighted=True, max_total_weight=2**31)
+    SecAggParams(1, 3, 2, 4, fp, weighted=True, max_total_weight=2**32 // 3)

@@ -645,3 +645,111 @@ def test_web_interface_can_be_left_out_for_public_hosts(tmp_path):
     assert public.get("/api/v1/models").status_code == 401
     local = create_app(tmp_path / "loc", config={"TESTING": True}).test_client()
     assert local.get("/").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ races and edges
+
+
+def test_concurrent_publishes_on_one_base_version_one_wins(svc, models, monkeypatch):
+    """Two admins publish on base_version 1 at once; validation (slowed here) runs outside the publish
+    lock, so only the base check under the lock can refuse the second."""
+    import threading
+
+    from fedtensor.serve import store as store_mod
+
+    real = store_mod.check_model_bytes
+    monkeypatch.setattr(store_mod, "check_model_bytes", lambda data: (time.sleep(0.3), real(data))[1])
+    statuses = []
+
+    def post(i):
+        data = models[i][0]
+        statuses.append(_multipart_post(svc, {"model": ("m", data, "application/octet-stream"),
+                                              "sha256": (None, hashlib.sha256(data).hexdigest().encode(), "text/plain"),
+                                              "base_version": (None, b"1", "text/plain")}).status_code)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == [201, 409]
+    assert [v.version for v in svc.store.versions()] == [1, 2]
+
+
+def test_a_round_whose_base_was_superseded_publishes_nothing(svc, models):
+    """An admin publishes version 2 while a round on version 1 runs: the round's result would silently
+    discard version 2, so the round fails instead."""
+    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b"], "threshold": 2}).json["round"]
+    ps = _participants(svc, "ab")
+    for p in ps.values():
+        p.join()
+    for p in ps.values():
+        p.share()
+    svc.store.publish(models[1][0], models[1][1])
+    for p in ps.values():
+        p.mask(np.zeros(p.sa.params.vector_length, np.float32), 1)
+    for p in ps.values():
+        try:
+            p.unmask()
+        except ServiceError:
+            pass
+    final = svc.get(f"/rounds/{rid}").json
+    assert final["status"] == "aborted" and "stale publish" in final["reason"], final
+    assert [v.version for v in svc.store.versions()] == [1, 2]
+    assert svc.store.model_bytes(2) == models[1][0]
+
+
+def test_latest_never_passes_off_an_older_version(svc, models):
+    svc.store.publish(models[1][0], models[1][1])
+    (svc.dir / "versions" / "v000002" / "version.json").write_text("{damaged")
+    svc.app = create_app(svc.dir, config={"TESTING": True})  # restarted: nothing cached in memory
+    svc.http = svc.app.test_client()
+    r = svc.get("/models/latest")
+    assert r.status_code == 500 and "version 2" in r.json["error"]
+    assert svc.post("/rounds", who="admin", json={}).status_code == 500  # no round on a stale base
+    assert svc.get("/models/1").status_code == 200
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"clients": 5}, "clients must be a list"),
+    ({"clients": "ab"}, "clients must be a list"),
+    ({"stage_timeout": True}, "stage_timeout must be a positive number"),
+])
+def test_malformed_round_requests_are_4xx(svc, body, message):
+    r = svc.post("/rounds", who="admin", json=body)
+    assert r.status_code == 400 and message in r.json["error"]
+    assert svc.get("/rounds/current").status_code in (200, 404)
+
+
+def test_publish_with_a_non_ascii_digit_base_version_is_400(svc, models):
+    data = models[1][0]
+    r = _multipart_post(svc, {"model": ("m", data, "application/octet-stream"),
+                              "sha256": (None, hashlib.sha256(data).hexdigest().encode(), "text/plain"),
+                              "base_version": (None, "²".encode(), "text/plain")})
+    assert r.status_code == 400 and "base_version" in r.json["error"]
+
+
+def test_a_revoked_client_name_can_get_a_new_token(tmp_path):
+    reg = TokenRegistry(tmp_path)
+    old, old_token = reg.add_client("alice")
+    reg.add_client("bob")
+    reg.remove("alice")
+    new, token = reg.add_client("alice")
+    assert new.id > max(p.id for p in reg.clients() if p.name == "bob") > old.id  # ids never reused
+    assert reg.authenticate(token) == new and reg.authenticate(old_token) is None
+    with pytest.raises(Exception, match="already exists"):
+        reg.add_client("alice")
+
+
+def test_loopback_web_interface_refuses_foreign_host_names(tmp_path):
+    """DNS rebinding: a page on attacker.example resolving to 127.0.0.1 reaches the server's socket, but
+    its requests carry its own Host name."""
+    from fedtensor_cli.serve_cmd import server_config
+
+    config = server_config("127.0.0.1", 1 << 20, None)
+    assert config["FEDTENSOR_WEB"] is True
+    local = create_app(tmp_path / "d", config={"TESTING": True, **config}).test_client()
+    assert local.get("/", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+    assert local.get("/", headers={"Host": "localhost:8000"}).status_code == 200
+    assert local.get("/federation", headers={"Host": "attacker.example:8000"}).status_code == 400
+    assert server_config("0.0.0.0", 1 << 20, None)["FEDTENSOR_WEB"] is False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 
@@ -154,7 +155,7 @@ def _form_json(name: str) -> dict:
 def publish():
     """multipart/form-data: ``model`` (file, model.safetensors), ``sha256`` (its hex digest, required),
     optional ``manifest`` and ``meta`` (JSON objects) and ``base_version`` (409 unless still the latest)."""
-    from fedtensor.serve.store import sha256_hex
+    from fedtensor.serve.store import PublishConflict, sha256_hex
 
     if not request.mimetype == "multipart/form-data":
         raise ApiError(415, "send multipart/form-data with a 'model' file and its 'sha256'")
@@ -168,18 +169,14 @@ def publish():
     if sha256_hex(data) != want:
         raise ApiError(400, "the model file does not match the 'sha256' sent (corrupted upload)")
     manifest, meta = _form_json("manifest"), _form_json("meta")
-    store = _store()
-    latest = store.latest()
     base = request.form.get("base_version")
-    if base is not None:
-        if not base.strip().isdigit():
-            raise ApiError(400, "base_version must be a version number")
-        if latest is None or int(base) != latest.version:
-            cur = latest.version if latest else "none"
-            raise ApiError(409, f"stale publish: base_version {base} is not the latest version ({cur})")
-    if latest is not None and latest.sha256 == want:
-        raise ApiError(409, f"this model is already the latest version ({latest.version}); not published again")
-    info = store.publish(data, manifest, meta)
+    if base is not None and not re.fullmatch(r"[0-9]{1,9}", base.strip()):
+        raise ApiError(400, "base_version must be a version number")
+    try:
+        info = _store().publish(data, manifest, meta, base_version=None if base is None else int(base),
+                                new_model=True)
+    except PublishConflict as err:
+        raise ApiError(409, str(err)) from None
     resp = jsonify(_version_json(info))
     resp.status_code = 201
     resp.headers["Location"] = url_for(".model_info", version=info.version)

@@ -111,15 +111,17 @@ class TokenRegistry:
                       key=lambda p: p.id)
 
     def add_client(self, name: str) -> tuple[Principal, str]:
-        """Register client ``name``; returns it and its new token (the only time the token is seen)."""
+        """Register client ``name`` (new, or revoked before); returns it and its new token (the only time the
+        token is seen)."""
         if not isinstance(name, str) or not _NAME.match(name) or name == ADMIN:
             raise AuthError(
                 f"invalid client name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (and not {ADMIN!r})"
             )
         with self._lock:
             entries = dict(self._load())
-            if name in entries:
+            if name in entries and not entries[name].get("revoked"):
                 raise AuthError(f"client {name!r} already exists (remove it first to issue a new token)")
+            # a revoked name may come back, always under a new id (ids are never reused)
             cid = max([int(e["id"]) for e in entries.values()] + [0]) + 1
             if cid > MAX_CLIENT_ID:
                 raise AuthError("no client ids left")

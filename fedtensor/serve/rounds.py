@@ -232,9 +232,10 @@ class RoundCoordinator:
             if base is None:
                 raise RoundError(409, "no global model has been published yet: publish version 1 first")
             known = {p.name: p for p in self.registry.clients() if not p.is_admin}
-            names = sorted(known) if clients is None else list(clients)
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            if clients is not None and not (isinstance(clients, (list, tuple))
+                                            and all(isinstance(n, str) for n in clients)):
                 raise RoundError(400, "clients must be a list of client names")
+            names = sorted(known) if clients is None else list(clients)
             unknown = sorted(set(names) - set(known))
             if unknown:
                 raise RoundError(400, f"unknown client(s): {', '.join(unknown)}")
@@ -248,7 +249,8 @@ class RoundCoordinator:
             clip = self.settings.clip if clip is None else clip
             w = self.settings.max_total_weight if max_total_weight is None else max_total_weight
             timeout = self.settings.stage_timeout if stage_timeout == "default" else stage_timeout
-            if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                            and timeout > 0):
                 raise RoundError(400, "stage_timeout must be a positive number of seconds or null")
             vec_len = flat_params(self.store.model_bytes(base.version))[0].size
             number = self._history["last_round"] + 1
@@ -450,7 +452,7 @@ class RoundCoordinator:
                          "total_weight": result.total_weight, "secure_aggregation": True,
                          "tolerance": result.tolerance / max(1, result.total_weight)}
             manifest["federated"] = federated
-            info = self.store.publish(new, manifest, federated)
+            info = self.store.publish(new, manifest, federated, base_version=rd.base_version)
         except (FedtensorError, ValueError) as err:
             self._fail(rd, f"the aggregate could not be published: {err}")
             return
@@ -494,7 +496,7 @@ def _max_size(p: SecAggParams, stage: str) -> int:
         return wire_size(AdvertiseKeys(0, 0, b"\0" * k, b"\0" * k))
     if stage == "share":
         e = EncryptedShare(0, 0, 0, b"\0" * _NONCE_BYTES, b"\0" * _SHARE_CT_BYTES)
-        return wire_size(ShareKeys(0, 0, (e,) * (n - 1)))
+        return wire_size(ShareKeys(0, 0, b"\0" * P.COMMITMENT_BYTES, (e,) * (n - 1)))
     if stage == "masked":
         return wire_size(MaskedInput(0, 0, b"\0" * (4 * p.words)))
     shares = (RevealedShare(0, b"\0" * _SHARE_BYTES),) * n

@@ -54,6 +54,11 @@ class CorruptVersionError(StoreError):
     """A stored version no longer matches its recorded SHA-256 (or its record is unreadable)."""
 
 
+class PublishConflict(StoreError):
+    """A publish that would no longer be right: its base is not the latest version any more, or the model
+    already is the latest."""
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """One published global model."""
@@ -200,13 +205,10 @@ class ModelStore:
         return out
 
     def latest(self) -> VersionInfo | None:
-        """The newest readable version, or ``None`` for an empty store."""
-        for v in reversed(self._numbers()):
-            try:
-                return self._record(v)
-            except StoreError:
-                continue
-        return None
+        """The newest version, or ``None`` for an empty store; :class:`CorruptVersionError` when its record
+        is unreadable (an older version is never passed off as the latest)."""
+        nums = self._numbers()
+        return self._record(nums[-1]) if nums else None
 
     def get(self, version: int) -> VersionInfo:
         """The record of ``version``; :class:`VersionNotFound` if absent."""
@@ -266,11 +268,15 @@ class ModelStore:
             if entry.name.startswith(".tmp-"):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
-    def publish(self, model_bytes: bytes, manifest: dict | None = None, meta: dict | None = None) -> VersionInfo:
+    def publish(self, model_bytes: bytes, manifest: dict | None = None, meta: dict | None = None, *,
+                base_version: int | None = None, new_model: bool = False) -> VersionInfo:
         """Store ``model_bytes`` as the next version; returns its record.
 
         ``manifest`` becomes ``model.json`` (its ``model_id`` is set to the SHA-256 of the bytes; a different
         ``model_id`` already in it is an error). ``meta`` is free-form JSON (round, clients, losses, ...).
+        :class:`PublishConflict` unless ``base_version`` (when given) is still the latest version, or when
+        ``new_model`` and these bytes already are the latest: both are checked under the publish lock, so
+        two publishers based on the same version cannot both succeed.
         """
         if not isinstance(model_bytes, (bytes, bytearray, memoryview)) or len(model_bytes) == 0:
             raise StoreError("model bytes are empty")
@@ -295,7 +301,13 @@ class ModelStore:
         with self._exclusive():
             self._sweep()
             nums = self._numbers()
-            version = (nums[-1] if nums else 0) + 1
+            current = nums[-1] if nums else 0
+            if base_version is not None and base_version != current:
+                raise PublishConflict(f"stale publish: base_version {base_version} is not the latest version "
+                                      f"({current or 'none'})")
+            if new_model and current and self._record(current).sha256 == sha:
+                raise PublishConflict(f"this model is already the latest version ({current}); not published again")
+            version = current + 1
             info = VersionInfo(version, sha, utc_now(), meta_d, len(model_bytes), sha256_hex(manifest_data))
             tmp = self.vdir / f".tmp-{os.getpid()}-{threading.get_ident()}-{version}"
             try:

@@ -140,7 +140,7 @@ class SecAggClient:
         self._c_shared = c_shared
         self._own_b_share = b_shares[self.id]
         self._stage = "shared"
-        return ShareKeys(p.round_id, self.id, tuple(out))
+        return ShareKeys(p.round_id, self.id, P.seed_commitment(self._b, p.round_id, self.id), tuple(out))
 
     # -- round 2 -----------------------------------------------------------------------------------
 

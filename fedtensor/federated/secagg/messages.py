@@ -53,10 +53,12 @@ class EncryptedShare:
 
 @dataclass(frozen=True)
 class ShareKeys:
-    """Round 1, client → server: one encrypted share pair for every other client of U1."""
+    """Round 1, client → server: a commitment to b_u (so that corrupted b-shares cannot pass unnoticed when
+    only t clients answer the unmasking) and one encrypted share pair for every other client of U1."""
 
     round_id: int
     sender: int
+    b_commitment: bytes
     shares: tuple[EncryptedShare, ...]
 
 
@@ -111,7 +113,7 @@ Message = (
     | MaskedInput | UnmaskRequest | RevealedShare | UnmaskResponse
 )
 
-_MAGIC = b"FSA1"
+_MAGIC = b"FSA2"  # 2: ShareKeys carries the commitment to b_u
 _TYPES: tuple[type, ...] = (
     AdvertiseKeys, KeyBroadcast, EncryptedShare, ShareKeys, ShareForward,
     MaskedInput, UnmaskRequest, RevealedShare, UnmaskResponse,
@@ -122,7 +124,7 @@ _SCHEMA: dict[type, tuple[tuple[str, object], ...]] = {
     AdvertiseKeys: (("round_id", "i"), ("sender", "i"), ("c_public", "b"), ("s_public", "b")),
     KeyBroadcast: (("round_id", "i"), ("threshold", "i"), ("clients", AdvertiseKeys)),
     EncryptedShare: (("round_id", "i"), ("sender", "i"), ("recipient", "i"), ("nonce", "b"), ("ciphertext", "b")),
-    ShareKeys: (("round_id", "i"), ("sender", "i"), ("shares", EncryptedShare)),
+    ShareKeys: (("round_id", "i"), ("sender", "i"), ("b_commitment", "b"), ("shares", EncryptedShare)),
     ShareForward: (("round_id", "i"), ("recipient", "i"), ("participants", "I"), ("shares", EncryptedShare)),
     MaskedInput: (("round_id", "i"), ("sender", "i"), ("data", "b")),
     UnmaskRequest: (("round_id", "i"), ("survivors", "I"), ("dropped", "I")),

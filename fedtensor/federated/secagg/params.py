@@ -49,6 +49,11 @@ class SecAggParams:
         if self.weighted:
             if not (isinstance(self.max_total_weight, int) and 1 <= self.max_total_weight < 2**32):
                 raise SecAggError("weighted secure aggregation needs max_total_weight, an int in [1, 2^32)")
+            # Each client's weight is only bounded by W: the summed weight coordinate must not wrap mod
+            # 2^32, or a total far above W could pass the server's Σw ≤ W check (and the mean be garbage).
+            if self.num_clients * self.max_total_weight >= 2**32:
+                raise SecAggError(f"max_total_weight {self.max_total_weight} × {self.num_clients} clients must stay "
+                                  "below 2^32 (the summed weights would wrap)")
         self.fixed_point.check_capacity(self.num_clients, self.max_total_weight if self.weighted else None)
 
     @property

@@ -33,6 +33,7 @@ PROTOCOL = b"fedtensor-secagg-v1"
 KEY_BYTES = 32  # X25519 public/private keys, b_u, AES-256-GCM keys
 PRG_KEY_BYTES = 16  # AES-128-CTR mask keys
 NONCE_BYTES = 12
+COMMITMENT_BYTES = 32  # SHA-256 of b_u (see seed_commitment)
 TAG_BYTES = 16
 MAX_CLIENT_ID = (1 << 31) - 1
 MAX_ROUND_ID = (1 << 63) - 1
@@ -107,6 +108,12 @@ def agree(sk: X25519PrivateKey, peer_public: bytes, peer: int) -> bytes:
         raise SecAggMessageError(f"invalid X25519 public key of client {peer}: {exc}") from None
 
 
+def check_public_key(peer_public: bytes, peer: int) -> None:
+    """Raise :class:`SecAggMessageError` unless ``peer_public`` is a key every client can agree with (a
+    trial exchange: X25519 refuses low-order points, whose shared secret would be all zeros)."""
+    agree(X25519PrivateKey.generate(), peer_public, peer)
+
+
 def _hkdf(ikm: bytes, label: bytes, *context: int, length: int = KEY_BYTES) -> bytes:
     info = PROTOCOL + b"|" + label + b"|" + struct.pack(f"<{len(context)}Q", *context)
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(ikm)
@@ -130,6 +137,12 @@ def pairwise_seed(shared: bytes, round_id: int, u: int, v: int) -> bytes:
 def self_mask_seed(b: bytes, round_id: int) -> bytes:
     """PRG key of the self mask, derived from the shared-out 32-byte secret b_u."""
     return _hkdf(b, b"self-mask", round_id, length=PRG_KEY_BYTES)
+
+
+def seed_commitment(b: bytes, round_id: int, owner: int) -> bytes:
+    """SHA-256 commitment to client ``owner``'s secret b_u (256 random bits: the hash reveals nothing of
+    it, and a different b_u cannot match it)."""
+    return hashlib.sha256(PROTOCOL + b"|b-commitment|" + struct.pack("<2Q", round_id, owner) + b).digest()
 
 
 def encrypt_share(key: bytes, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:

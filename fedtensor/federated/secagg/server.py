@@ -78,6 +78,7 @@ class SecAggServer:
         self._keys: dict[int, AdvertiseKeys] = {}
         self._u1: tuple[int, ...] = ()
         self._shares: dict[int, ShareKeys] = {}
+        self._b_commitments: dict[int, bytes] = {}
         self._u2: tuple[int, ...] = ()
         self._acc: np.ndarray | None = None
         self._masked_from: list[int] = []
@@ -134,6 +135,8 @@ class SecAggServer:
             raise SecAggMessageError(f"public keys of client {sender} are not {P.KEY_BYTES} bytes")
         if msg.c_public == msg.s_public:
             raise SecAggMessageError(f"client {sender} advertised the same key twice")
+        for key in (msg.c_public, msg.s_public):  # one bad key would make every peer abort later
+            P.check_public_key(key, sender)
         used = {k for m in self._keys.values() for k in (m.c_public, m.s_public)}
         if msg.c_public in used or msg.s_public in used:
             raise SecAggMessageError(f"client {sender} advertised a public key already used by another client")
@@ -153,6 +156,8 @@ class SecAggServer:
     def receive_shares(self, msg: ShareKeys) -> None:
         """Round 1: store a client's encrypted shares (one for every other member of U1)."""
         sender = self._accept(msg, ShareKeys, self._u1, self._shares)
+        if len(msg.b_commitment) != P.COMMITMENT_BYTES:
+            raise SecAggMessageError(f"ShareKeys from client {sender} holds a commitment of the wrong size")
         want = set(self._u1) - {sender}
         seen = set()
         for e in msg.shares:
@@ -168,6 +173,7 @@ class SecAggServer:
         if seen != want:
             raise SecAggMessageError(f"ShareKeys from client {sender} lacks shares for {sorted(want - seen)}")
         self._shares[sender] = msg
+        self._b_commitments[sender] = msg.b_commitment
 
     def forward_shares(self) -> dict[int, ShareForward]:
         """Close round 1: U2 = clients whose shares arrived; route to each the ciphertexts addressed to it."""
@@ -239,7 +245,11 @@ class SecAggServer:
         plus, minus = [], []
         try:
             for u in self._u3:
-                minus.append(P.self_mask_seed(shamir.combine(b_sh[u], p.threshold), p.round_id))
+                b = shamir.combine(b_sh[u], p.threshold)
+                if P.seed_commitment(b, p.round_id, u) != self._b_commitments[u]:
+                    raise SecAggError(f"reconstructed self-mask secret of client {u} does not match its commitment "
+                                      "(corrupted shares)")
+                minus.append(P.self_mask_seed(b, p.round_id))
             for v in self._dropped:
                 sk = P.private_from_bytes(shamir.combine(s_sh[v], p.threshold))
                 if P.public_bytes(sk) != self._keys[v].s_public:
