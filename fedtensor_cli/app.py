@@ -32,6 +32,7 @@ from fedtensor_cli.errors import (
     exit_code_for,
     print_error,
     report,
+    route_warnings,
 )
 from fedtensor_cli.measure import quality, quality_from_stats, rate
 
@@ -92,8 +93,8 @@ def rate_target(
     mode, value = given[0]
     if value is not None and value != value:  # NaN
         raise UsageFailure(f"--{mode.replace('_', '-')} must be a number, got nan")
-    if mode == "psnr" and not 0 < value < float("inf"):
-        raise UsageFailure(f"--psnr must be a finite number of dB > 0, got {value:g}")
+    if mode == "psnr" and not 0 < value < 400:
+        raise UsageFailure(f"--psnr must be a number of dB between 0 and 400, got {value:g}")
     if mode == "max_error" and not 0 <= value < float("inf"):
         raise UsageFailure(f"--max-error must be a finite number >= 0, got {value:g}")
     if mode == "bpv" and not 0 < value < float("inf"):
@@ -389,9 +390,11 @@ def info(input: InputArg, json_out: JsonOpt = False) -> None:  # noqa: A002
     paths.require_input(input)
     header = read_info(input.read_bytes())  # the header plus file_bytes, bits_per_voxel, ratio
     if json_out:
-        render.emit_json({"command": "info", "input": input, **header})
+        ours = {"command": "info", "input": input}  # first, and never masked by keys of the (untrusted) file
+        render.emit_json({**ours, **{k: v for k, v in header.items() if k not in ours}})
     else:
-        render.out_console().print(render.info_table({"file": str(input), **header}))
+        render.out_console().print(render.info_table({"file": str(input),
+                                                      **{k: v for k, v in header.items() if k != "file"}}))
 
 
 @app.command()
@@ -490,6 +493,7 @@ _USAGE_ERRORS = (click.ClickException, *((typer.TyperException,) if hasattr(type
 def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> None:
     """Console-script entry point: run the app; never let a traceback reach the user."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    route_warnings()
     try:
         enable_persistent_cache()  # before any command imports JAX: later runs skip XLA's compiler
         rv = app(args=args, prog_name=prog_name, standalone_mode=False)

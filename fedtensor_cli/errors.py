@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Any, Callable, TypeVar
 
 import typer
@@ -61,6 +62,27 @@ def print_error(message: str) -> None:
     """Print ``error: <message>`` to stderr; the message is plain text (never parsed as rich markup)."""
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(Text.assemble(("error:", "bold red"), " ", one_line(message)))
+
+
+def route_warnings() -> None:
+    """Third-party warnings and log records (numpy, nibabel, pydicom) as at most one ``warning:`` line
+    each on stderr, never a multi-line report; numpy's floating-point notes (on paths whose results the
+    library checks itself) are dropped."""
+    import logging
+    import warnings
+
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = one_line(str(message)) or category.__name__
+        if text not in shown:
+            shown.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+    warnings.simplefilter("ignore", RuntimeWarning)
+    for name in ("nibabel", "pydicom"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def exit_code_for(exc: BaseException) -> int:

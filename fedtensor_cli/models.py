@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -36,6 +37,12 @@ def is_url(spec: str) -> bool:
 def split_version(spec: str) -> tuple[str, int | None]:
     """``"http://h:p#3"`` → ``("http://h:p", 3)``; no fragment → latest (None)."""
     url, _, frag = spec.partition("#")
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError as e:
+        raise UsageFailure(f"--model: not a valid URL {url!r} ({e})") from None
+    if not host:
+        raise UsageFailure(f"--model: the URL {url!r} names no host")
     if not frag:
         return url, None
     if not frag.isdigit() or int(frag) < 1:

@@ -93,14 +93,19 @@ def prepare_output_dir(path: Path) -> None:
 
 
 def batch_outputs(inputs: list[Path], out_dir: Path, suffix: str) -> list[tuple[Path, Path | None, str | None]]:
-    """Pair each input with ``out_dir/<stem><suffix>``; a second input with the same stem gets an error."""
-    seen: dict[str, Path] = {}
+    """Pair each input with ``out_dir/<stem><suffix>``; inputs sharing an output name all get an error
+    (none of them is written: which one would win must not depend on listing order or on another's
+    failure)."""
+    by_name: dict[str, list[Path]] = {}
+    for src in inputs:
+        by_name.setdefault(stem(src) + suffix, []).append(src)
     pairs: list[tuple[Path, Path | None, str | None]] = []
     for src in inputs:
         name = stem(src) + suffix
-        if name in seen:
-            pairs.append((src, None, f"output name {name} already used by {seen[name].name}"))
+        clash = by_name[name]
+        if len(clash) > 1:
+            pairs.append((src, None, f"{', '.join(p.name for p in clash)} would all be written as {name}; "
+                                     "rename or move all but one"))
         else:
-            seen[name] = src
             pairs.append((src, out_dir / name, None))
     return pairs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import signal
 import socket
@@ -137,6 +138,10 @@ def register(app: typer.Typer) -> None:
         if not is_loopback(host) and not allow_remote:
             raise UsageFailure(f"--host {host} is not a loopback address: add --allow-remote "
                                "(and serve it behind a TLS proxy: tokens travel in clear over plain HTTP)")
+        if not math.isfinite(max_upload_mb):
+            raise UsageFailure(f"--max-upload-mb must be a finite number, got {max_upload_mb}")
+        if math.isnan(stage_timeout):
+            raise UsageFailure("--stage-timeout must be a number of seconds (0: none), got nan")
         _run_server(data, host, port, int(max_upload_mb * (1 << 20)), stage_timeout or None)
 
     @app.command("fetch-model")

@@ -7,6 +7,8 @@ shows progress and prints the summary.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -23,6 +25,8 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         raise UsageFailure(f"{what} must be comma-separated numbers, got {text!r}") from None
     if not vals:
         raise UsageFailure(f"{what} must not be empty")
+    if not all(math.isfinite(v) for v in vals):
+        raise UsageFailure(f"{what} must be finite numbers, got {text!r}")
     return vals
 
 

@@ -180,6 +180,9 @@ def test_rate_target_single_mode(kwargs: dict, expected: tuple) -> None:
         ["--psnr", "0"],
         ["--psnr", "-3"],
         ["--psnr", "inf"],
+        ["--psnr", "1000"],
+        ["--max-error", "inf"],
+        ["--model", "http://[::1"],
         ["--bpv", "0"],
         ["--bpv", "nan"],
         ["--max-error", "-1"],
@@ -374,8 +377,8 @@ def test_stems_and_name_collisions(tmp_path: Path) -> None:
     assert paths.stem(Path("x.ftz")) == "x"
     assert paths.stem(Path("series")) == "series"
     pairs = paths.batch_outputs([Path("a.nii"), Path("a.npy"), Path("b.npy")], tmp_path, ".ftz")
-    assert [p[1] for p in pairs] == [tmp_path / "a.ftz", None, tmp_path / "b.ftz"]
-    assert pairs[1][2] and "a.ftz" in pairs[1][2]
+    assert [p[1] for p in pairs] == [None, None, tmp_path / "b.ftz"]  # neither a wins by its place in the list
+    assert pairs[0][2] == pairs[1][2] == "a.nii, a.npy would all be written as a.ftz; rename or move all but one"
 
 
 def test_empty_directories_are_errors(tmp_path: Path) -> None:
@@ -564,3 +567,45 @@ def test_single_dicom_series_is_compressed_as_one(data_dir: Path, tmp_path: Path
         pytest.skip("ct_series_dicom not in the shared data")
     c = run_json("compress", series, tmp_path / "series.ftz", "--psnr", 40)
     assert not c.get("batch") and len(c["shape"]) == 3 and c["psnr_db"] >= 40
+
+
+def test_info_json_keys_of_the_file_never_mask_the_commands_own(tmp_path: Path, ftz_path: Path) -> None:
+    from fedtensor.codec.container import pack, unpack
+
+    header, sections = unpack(ftz_path.read_bytes())
+    forged = tmp_path / "forged.ftz"
+    forged.write_bytes(pack({**header, "input": "/etc/passwd", "command": "rm"}, sections))
+    info = run_json("info", forged)
+    assert info["input"] == str(forged) and info["command"] == "info"
+
+
+def test_third_party_warnings_are_single_lines(capsys, monkeypatch, tmp_path: Path) -> None:
+    """A warning raised while a command runs is one 'warning:' line, and the error stays one line."""
+    import warnings
+
+    from fedtensor.errors import FedtensorError
+
+    def noisy(*args, **kwargs):
+        warnings.warn("first line of a library warning\nand a second line", UserWarning)
+        np.float64(1.0) / np.float64(0.0)  # numpy's RuntimeWarning: dropped
+        raise FedtensorError("the failure itself")
+
+    monkeypatch.setattr(paths, "require_input", noisy)
+    with warnings.catch_warnings(), pytest.raises(SystemExit):
+        main(["info", str(tmp_path / "x.ftz")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["warning: first line of a library warning and a second line", "error: the failure itself"]
+
+
+@pytest.mark.parametrize("text", ["nan,16", "8,inf"])
+def test_non_finite_channel_lists_are_usage_errors(text: str) -> None:
+    from fedtensor_cli.train_cmd import _ints
+
+    with pytest.raises(UsageFailure, match="must be finite numbers"):
+        _ints(text, "--channels")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_serve_refuses_a_non_finite_upload_limit(tmp_path: Path, value: str) -> None:
+    result = run("serve", "--data", tmp_path / "d", "--max-upload-mb", value)
+    assert_one_error(result, code=2, contains="--max-upload-mb must be a finite number")

@@ -578,3 +578,60 @@ def test_whole_volume_other_modes(load_volume, name, kw):
     else:
         assert max_err64(vol.data, out.data) <= kw["max_error"]
     assert_header_consistent(blob, vol, out.data)
+
+
+# ------------------------------------------------------------------------------------------ extreme inputs
+
+
+def _noise(dtype, scale=100.0, shape=(12, 10, 9), seed=0):
+    return np.random.default_rng(seed).normal(size=shape) * scale
+
+
+@pytest.mark.parametrize("max_error", [5e18, 1e300])
+def test_max_error_beyond_the_range_codes_one_grid_point(max_error):
+    x = _noise(None).astype(np.int16)
+    blob = compress(Volume(x), max_error=max_error)
+    y = decompress(blob).data
+    assert y.dtype == x.dtype and np.abs(y.astype(np.int64) - x).max() <= max_error
+    assert np.all(y == x.min()) and len(blob) < 600  # the header, and an all-zero grid
+
+
+def test_max_error_zero_on_an_integer_valued_float_volume_is_bit_exact():
+    x = np.rint(_noise(None)).astype(np.float32)
+    x[x == 0] = 1.0  # no -0.0: it has no integer code
+    y = decompress(compress(Volume(x), max_error=0)).data
+    assert y.dtype == np.float32 and np.array_equal(x.view(np.uint32), y.view(np.uint32))
+    x[0, 0, 0] = -0.0
+    with pytest.raises(RateError, match="holds -0.0"):
+        compress(Volume(x), max_error=0)
+    with pytest.raises(RateError, match="needs integer-valued voxels"):
+        compress(Volume(x + np.float32(0.5)), max_error=0)
+
+
+@pytest.mark.parametrize("mode", [dict(psnr=45), dict(bpv=2.0)])
+def test_ranges_the_transform_codecs_cannot_measure_are_refused(mode):
+    """Subnormal ranges: every squared error underflows (the stats read ∞ dB for a ~17 dB volume).
+    Values beyond float32: the transforms compute in float32 (they failed inside an eigensolver)."""
+    with pytest.raises(RateError, match="too small for --psnr or --bpv"):
+        compress(Volume(_noise(None, 1e-310)), **mode)
+    with pytest.raises(RateError, match="beyond float32's range"):
+        compress(Volume(_noise(None, 1e307)), **mode)
+
+
+def test_max_error_on_values_near_float64_limits_keeps_its_bound():
+    x = _noise(None, 1e307)
+    blob = compress(Volume(x), max_error=1e305)
+    assert np.abs(decompress(blob).data - x).max() <= 1e305
+    assert read_info(blob)["stats"]["psnr"] is None or math.isnan(read_info(blob)["stats"]["psnr"])
+
+
+def test_a_value_range_beyond_float64_is_refused():
+    x = np.full((4, 4, 4), 1.7e308)
+    x[0] = -1.7e308
+    with pytest.raises(VolumeError, match="value range overflows"):
+        Volume(x).validate()
+
+
+def test_block_with_the_global_codec_is_refused_not_ignored():
+    with pytest.raises(RateError, match="block-tucker codec only"):
+        compress(Volume(_noise(None).astype(np.int16)), codec="omlsvd-global", block=8)

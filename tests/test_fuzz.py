@@ -480,3 +480,30 @@ def test_header_only_json_edit_is_caught_by_checksum(streams):
     with pytest.raises(FormatError, match="checksum"):
         decompress(blob[:h0] + edited.encode() + blob[h1:])
     json.loads(edited)  # still valid JSON: only the checksum catches it
+
+
+@pytest.mark.parametrize("param, value", [
+    ("step", math.nan), ("step", 0.0), ("step", -1.0), ("step", "1"), ("scale", math.inf), ("scale", 0),
+    ("offset", math.nan), ("offset", None), ("step", None),
+])
+def test_forged_codec_parameters_are_rejected(streams, param, value):
+    """Parameters no encoder writes, in a re-signed file, are refused (a NaN step decoded to a constant)."""
+    for name in ("block-tucker-psnr40", "omlsvd-global-psnr40", "lossless", "max-error3", "float-max-error"):
+        header, sections = unpack(streams[name][0])
+        if param not in header["params"]:
+            continue
+        params = {**header["params"], param: value}
+        if value is None:
+            del params[param]
+        with pytest.raises(FormatError, match="bad .* parameters"):
+            decompress(pack({**header, "params": params}, sections))
+
+
+@pytest.mark.parametrize("dtype, value", [("<i2", 40000), ("|u1", -1), ("|u1", 1.5), ("<f4", math.inf),
+                                          ("<i2", "3"), ("<i2", [1])])
+def test_forged_constant_that_its_dtype_cannot_hold_is_rejected(dtype, value):
+    blob = compress(Volume(np.full((4, 5, 6), 7, np.dtype(dtype)), (1, 1, 1), np.eye(4)))
+    header, sections = unpack(blob)
+    assert header["codec"] == "constant"
+    with pytest.raises(FormatError, match="bad constant parameters"):
+        decompress(pack({**header, "params": {"value": value}}, sections))

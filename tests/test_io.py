@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -558,3 +559,62 @@ def test_atomic_permission_denied_simulated(tmp_path, monkeypatch):
         atomic_write_bytes(tmp_path / "x.bin", b"data")
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+def _raw_is_abc(ds):  # an IS element holding text, as a damaged file would (pydicom will not write one)
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 4, b"abc ", 0, False, True)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_raw_is_abc, "invalid NumberOfFrames: 'abc'"),
+    (lambda ds: ds.add_new(0x00280010, "US", None), "inconsistent image size in DICOM series: .* is 0x8"),
+])
+def test_malformed_dicom_integers_are_volume_errors(tmp_path, damage, message):
+    """A value that is no int (or is empty) is a one-line VolumeError, not a ValueError or TypeError
+    from ``int()``."""
+    _synthetic_series(tmp_path, n=4)
+    victim = sorted(tmp_path.iterdir())[1]
+    ds = pydicom.dcmread(victim)
+    damage(ds)
+    ds.save_as(victim, enforce_file_format=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid IS value as it reads it
+        with pytest.raises(VolumeError, match=message):
+            read_volume(tmp_path)
+
+
+@pytest.mark.parametrize("srow", [[0.0, 0, 0, 0], [np.nan, 0, 0, 0]])
+def test_nifti_with_an_unusable_affine_reads_on_the_voxel_grid(tmp_path, srow):
+    """An all-zero or NaN sform: the voxels are kept, the affine becomes diag(spacing), and the volume
+    writes back as NIfTI (a singular affine used to fail there, a NaN one in the codec)."""
+    x = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(x.shape)
+    hdr.set_data_dtype(x.dtype)
+    hdr.set_zooms((0.5, 0.75, 2.0))
+    hdr["sform_code"], hdr["qform_code"] = 1, 0
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = srow, [0, 0, 0, 0], [0, 0, 0, 0]
+    nib.Nifti1Image(x, None, header=hdr).to_filename(tmp_path / "bad.nii")
+    vol = read_volume(tmp_path / "bad.nii")
+    assert np.array_equal(vol.data, x) and vol.spacing == (0.5, 0.75, 2.0)
+    assert np.array_equal(vol.affine, np.diag([0.5, 0.75, 2.0, 1.0])) and "unusable" in vol.meta["affine"]
+    write_volume(vol, tmp_path / "back.nii.gz")
+    assert np.array_equal(read_volume(tmp_path / "back.nii.gz").data, x)
+
+
+def test_singular_affine_writes_its_sform_only(tmp_path):
+    affine = np.diag([1.0, 1.0, 0.0, 1.0])
+    write_volume(Volume(np.ones((3, 4, 5), np.uint8), (1, 1, 1), affine), tmp_path / "s.nii")
+    img = nib.load(tmp_path / "s.nii")
+    assert np.array_equal(img.get_sform(), affine) and int(img.header["qform_code"]) == 0
+    with pytest.raises(VolumeError, match="finite 4x4"):
+        Volume(np.ones((3, 4, 5), np.uint8), (1, 1, 1), np.full((4, 4), np.nan)).validate()
+
+
+def test_text_file_named_npy_is_not_offered_as_a_pickle(tmp_path):
+    (tmp_path / "t.npy").write_text("hello")
+    with pytest.raises(VolumeError, match="not a NumPy array file$"):
+        read_volume(tmp_path / "t.npy")

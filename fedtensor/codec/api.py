@@ -24,11 +24,14 @@ EXACT_CODECS = ("lossless", "max-error")
 MAX_VOXELS = 1 << 30  # the exact-mode coders still hold a few int64 copies: ~1 G voxels fits a 24 GB machine
 _MAX_RETRIES = 12
 _MIN_STEP = 1e-12  # normalised units, far below float32 resolution: only an unreachable PSNR drives steps here
+_MIN_RANGE = 1e-100  # below it squared errors at any PSNR target underflow float64 (the SSE would read 0)
 
 
 def _psnr_from_sse(sse: float, n: int, value_range: float) -> float:
     if sse == 0:
         return math.inf
+    if not math.isfinite(sse):  # squared errors of values near float64's limit overflow: unknown
+        return math.nan
     return 20 * math.log10(value_range / math.sqrt(sse / n)) if value_range > 0 else -math.inf
 
 
@@ -308,11 +311,16 @@ def _exact(volume: Volume, max_error: float | None, header: dict) -> bytes:
     integer = data.dtype.kind in "iu"
     if max_error is None:
         if not _integer_valued(data):
-            raise RateError("--lossless needs integer-valued voxels; use --max-error for float volumes")
+            why = " (it holds -0.0, which integer coding cannot restore bit for bit)" if (
+                np.array_equal(data, np.rint(data)) and np.abs(data).max() < 2**52) else ""
+            raise RateError(f"exact coding (--lossless, --max-error 0) needs integer-valued voxels{why}; give "
+                            "this float volume a positive --max-error")
         offset = int(data.min())
         params, sections = lossless.encode_integers(data.astype(np.int64) - offset)
         return pack({**header, "codec": "lossless", "params": {**params, "offset": offset, "step": 1},
                      "stats": {"psnr": math.inf, "max_abs_error": 0.0}}, sections)
+    value_range = float(data.max()) - float(data.min())
+    max_error = min(max_error, value_range)  # any bound beyond the range: one grid point, the minimum
     if integer:
         e = int(math.floor(max_error))
         k, offset = 2 * e + 1, int(data.min())
@@ -369,10 +377,12 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         raise RateError(f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
     if psnr is not None and not (0 < psnr < 400):
         raise RateError(f"--psnr must be a positive number of dB, got {psnr}")
-    if bpv is not None and not bpv > 0:
-        raise RateError(f"--bpv must be positive, got {bpv}")
-    if max_error is not None and not max_error >= 0:
-        raise RateError(f"--max-error must be >= 0, got {max_error}")
+    if bpv is not None and not (bpv > 0 and math.isfinite(bpv)):
+        raise RateError(f"--bpv must be a positive number, got {bpv}")
+    if max_error is not None and not (max_error >= 0 and math.isfinite(max_error)):
+        raise RateError(f"--max-error must be a finite number >= 0, got {max_error}")
+    if block is not None and codec != "block-tucker":
+        raise RateError(f"--block applies to the block-tucker codec only, not {codec}")
     if block is not None:
         sides = (block,) * 3 if np.ndim(block) == 0 else tuple(block)
         if len(sides) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= 32 for n in sides):
@@ -386,12 +396,19 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         "target": {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)},
         "modality": volume.meta.get("modality") or volume.meta.get("Modality"), "model": None,
     }
-    if volume.data.min() == volume.data.max():
+    value_range = float(volume.data.max()) - float(volume.data.min())
+    if value_range == 0:
         blob = _constant(volume, header)
-    elif lossless or (max_error is not None and (max_error < 1 and volume.dtype.kind in "iu")):
+    elif lossless or (max_error is not None and (max_error == 0 or max_error < 1 and volume.dtype.kind in "iu")):
         blob = _exact(volume, None, header)
     elif max_error is not None:
         blob = _exact(volume, max_error, header)
+    elif value_range < _MIN_RANGE:
+        raise RateError(f"the volume's value range ({value_range:.3g}) is too small for --psnr or --bpv: its "
+                        "errors would underflow float64; scale it, or use --max-error")
+    elif np.abs(volume.data).max() > np.finfo(np.float32).max:
+        raise RateError("the volume holds values beyond float32's range (±3.4e38), where the transform codecs "
+                        "compute; use --max-error")
     else:
         blob = _lossy(volume, codec, block, psnr, bpv, header)
     return blob
@@ -414,11 +431,35 @@ def _check_header(h: dict) -> tuple[tuple[int, int, int], np.dtype]:
     return shape, dtype
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_params(codec, p: dict, dtype: np.dtype) -> None:
+    """Refuse codec parameters no encoder writes (a forged header whose checksum was re-computed would
+    otherwise decode to garbage, e.g. a NaN step to a constant)."""
+    keys = {"block-tucker": ("step", "scale"), "omlsvd-global": ("step", "scale"), "lossless": ("step",),
+            "max-error": ("step",)}
+    try:
+        if codec in keys:
+            ok = _finite(p.get("offset")) and all(_finite(p.get(k)) and p[k] > 0 for k in keys[codec])
+        elif codec == "constant":
+            value = p.get("value")
+            ok = _finite(value) and np.array(value).astype(dtype).item() == value
+        else:
+            return  # an unknown codec is refused with its own message
+    except (OverflowError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise FormatError(f"corrupted .ftz header: bad {codec} parameters")
+
+
 def decompress(data: bytes) -> Volume:
     """Decode ``.ftz`` bytes back to a :class:`Volume` (original dtype, spacing and affine)."""
     h, sections = unpack(data)
     shape, dtype = _check_header(h)
     p, codec = h["params"], h.get("codec")
+    _check_params(codec, p, dtype)
     try:
         if codec == "block-tucker":
             x = stream.decode_into(np.empty(shape, dtype), p, sections, float(p["offset"]), float(p["scale"]))

@@ -63,6 +63,16 @@ def _scalar(ds, keyword: str, default: float, fname: str) -> float:
     return v
 
 
+def _int(ds, keyword: str, default: int, fname: str) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise VolumeError(f"DICOM file {fname} has an invalid {keyword}: {value!r}") from None
+
+
 def _read_datasets(directory: Path) -> list[tuple[str, object]]:
     """(file name, dataset) for every DICOM image file directly in ``directory``."""
     import pydicom
@@ -137,16 +147,17 @@ def read_dicom_series(directory: str | os.PathLike, max_voxels: int | None = Non
     name0, ds0 = slices[0]
     iop0 = _floats(ds0, "ImageOrientationPatient", 6, name0)
     ps0 = _floats(ds0, "PixelSpacing", 2, name0)
-    rows0, cols0 = int(ds0.get("Rows", 0)), int(ds0.get("Columns", 0))
+    rows0, cols0 = _int(ds0, "Rows", 0, name0), _int(ds0, "Columns", 0, name0)
     for name, ds in slices:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = _int(ds, "NumberOfFrames", 1, name)
         if frames != 1:
             raise VolumeError(f"DICOM file {name} is multi-frame ({frames} frames); only single-frame series are supported")
-        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        if _int(ds, "SamplesPerPixel", 1, name) != 1:
             raise VolumeError(f"DICOM file {name} is not a greyscale image (SamplesPerPixel={ds.SamplesPerPixel})")
-        if (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != (rows0, cols0):
+        rows, cols = _int(ds, "Rows", 0, name), _int(ds, "Columns", 0, name)
+        if (rows, cols) != (rows0, cols0):
             raise VolumeError(
-                f"inconsistent image size in DICOM series: {name} is {ds.get('Rows')}x{ds.get('Columns')}, "
+                f"inconsistent image size in DICOM series: {name} is {rows}x{cols}, "
                 f"{name0} is {rows0}x{cols0} (rows x columns)"
             )
         if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, name), iop0, atol=1e-4):

@@ -54,9 +54,14 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         raise VolumeError(f"cannot read NIfTI file {path}: {one_line(e)}") from None
 
     data = as_native_3d(data, path)
+    meta = {"source": str(path), "format": "nifti"}
+    usable = np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0
     if len(zooms) < 3 or not all(np.isfinite(zooms)) or min(zooms) <= 0:
-        zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
-    vol = Volume(data=data, spacing=zooms, affine=affine, meta={"source": str(path), "format": "nifti"})
+        zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)) if usable else (1.0, 1.0, 1.0)
+    if not usable:  # a broken header (NaN or all-zero sform): keep the voxels, on the plain voxel grid
+        affine = np.diag([*zooms, 1.0])
+        meta["affine"] = "the file's affine is unusable (non-finite or singular); replaced by diag(spacing)"
+    vol = Volume(data=data, spacing=zooms, affine=affine, meta=meta)
     return validated(vol, path)
 
 
@@ -64,7 +69,7 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     """Write ``volume`` as NIfTI-1 (``.nii`` or ``.nii.gz``, chosen by suffix), atomically.
 
     Data are stored unscaled in ``volume.data``'s dtype; the affine goes to the sform (code 1,
-    scanner) and, when it agrees with ``volume.spacing``, also to the qform; the header zooms are
+    scanner) and, when it agrees with ``volume.spacing`` (and is not singular), also to the qform; the header zooms are
     ``volume.spacing``. NIfTI-1 stores the sform in float32, so an affine round-trips exactly when
     its entries are float32-representable (always the case for one read from a NIfTI file).
     """
@@ -75,11 +80,14 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     affine = np.asarray(volume.affine, dtype=np.float64)
     spacing = tuple(float(s) for s in volume.spacing)
     try:
-        img = nib.Nifti1Image(data, affine)
+        img = nib.Nifti1Image(data, None)
         img.header.set_data_dtype(data.dtype)
-        consistent = np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-5, atol=1e-6)
-        img.set_qform(affine, code=1 if consistent else 0)
         img.set_sform(affine, code=1)
+        consistent = np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-5, atol=1e-6)
+        if consistent and abs(np.linalg.det(affine[:3, :3])) > 0:
+            img.set_qform(affine, code=1)
+        else:  # a qform must be a rotation and zooms: none matches this affine
+            img.set_qform(None, code=0)
         img.header.set_zooms(spacing)
         img.header.set_xyzt_units(xyz="mm")
     except Exception as e:

@@ -51,7 +51,12 @@ def read_npy(path: str | os.PathLike) -> Volume:
     """Read a 3D ``.npy`` array (``allow_pickle=False``); spacing (1, 1, 1), identity affine."""
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":  # else numpy suggests loading it as a pickle
+                raise VolumeError(f"cannot read .npy file {path}: not a NumPy array file")
         arr = np.load(path, allow_pickle=False, mmap_mode=None)
+    except VolumeError:
+        raise
     except FileNotFoundError:
         raise VolumeError(f"no such file or directory: {path}") from None
     except Exception as e:  # ValueError (pickled/object array, bad header), EOFError, OSError, ...

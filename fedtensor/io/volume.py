@@ -45,7 +45,8 @@ class Volume:
         return int(self.data.nbytes)
 
     def validate(self) -> "Volume":
-        """Raise :class:`VolumeError` unless this is a non-empty, finite 3D volume of a supported dtype."""
+        """Raise :class:`VolumeError` unless this is a non-empty, finite 3D volume of a supported dtype, with
+        a finite value range, spacing and affine."""
         a = self.data
         if a.ndim != 3:
             raise VolumeError(f"expected a 3D volume, got {a.ndim}D array of shape {a.shape}")
@@ -57,8 +58,10 @@ class Volume:
             )
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise VolumeError("volume contains NaN or Inf values")
+        if a.dtype.kind == "f" and not np.isfinite(float(a.max()) - float(a.min())):
+            raise VolumeError("volume's value range overflows (max − min is beyond float64)")
         if len(self.spacing) != 3 or not all(np.isfinite(self.spacing)) or min(self.spacing) <= 0:
             raise VolumeError(f"invalid voxel spacing {self.spacing}")
-        if self.affine.shape != (4, 4):
-            raise VolumeError(f"affine must be 4x4, got {self.affine.shape}")
+        if self.affine.shape != (4, 4) or not np.isfinite(self.affine).all():
+            raise VolumeError(f"affine must be a finite 4x4 matrix, got shape {self.affine.shape}")
         return self
