@@ -32,7 +32,7 @@ from fedtensor_cli.errors import (
     exit_code_for,
     print_error,
     report,
-    route_warnings,
+    routed_warnings,
 )
 from fedtensor_cli.measure import quality, quality_from_stats, rate
 
@@ -493,10 +493,10 @@ _USAGE_ERRORS = (click.ClickException, *((typer.TyperException,) if hasattr(type
 def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> None:
     """Console-script entry point: run the app; never let a traceback reach the user."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
-    route_warnings()
     try:
         enable_persistent_cache()  # before any command imports JAX: later runs skip XLA's compiler
-        rv = app(args=args, prog_name=prog_name, standalone_mode=False)
+        with routed_warnings():
+            rv = app(args=args, prog_name=prog_name, standalone_mode=False)
     except typer.Abort:
         print_error("aborted")
         sys.exit(EXIT_FAILURE)

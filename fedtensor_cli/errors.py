@@ -15,10 +15,11 @@ Set ``FEDTENSOR_DEBUG=1`` to re-raise unexpected exceptions with their traceback
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -64,25 +65,39 @@ def print_error(message: str) -> None:
     console.print(Text.assemble(("error:", "bold red"), " ", one_line(message)))
 
 
-def route_warnings() -> None:
-    """Third-party warnings and log records (numpy, nibabel, pydicom) as at most one ``warning:`` line
-    each on stderr, never a multi-line report; numpy's floating-point notes (on paths whose results the
-    library checks itself) are dropped."""
+@contextlib.contextmanager
+def routed_warnings() -> Iterator[None]:
+    """While a command runs: warnings and the WARNING records of nibabel and pydicom as at most one
+    ``warning:`` line each on stderr (never a multi-line report around the one-line error); numpy's
+    floating-point notes ("… encountered in …", on paths whose results the library checks) are dropped.
+    Everything is restored afterwards (``main`` may run in-process, e.g. under tests)."""
     import logging
     import warnings
 
     shown: set[str] = set()
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        text = one_line(str(message)) or category.__name__
-        if text not in shown:
+    def say(text: str) -> None:
+        text = one_line(text)
+        if text and text not in shown:  # pydicom both warns and logs the same message
             shown.add(text)
             print(f"warning: {text}", file=sys.stderr)
 
-    warnings.showwarning = show
-    warnings.simplefilter("ignore", RuntimeWarning)
-    for name in ("nibabel", "pydicom"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    class OneLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            say(record.getMessage())
+
+    loggers = [logging.getLogger(name) for name in ("nibabel", "pydicom")]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *args, **kwargs: say(str(message) or category.__name__)
+        warnings.filterwarnings("ignore", message=".*encountered in", category=RuntimeWarning)
+        for lg in loggers:
+            lg.handlers, lg.propagate = [OneLine(logging.WARNING)], False
+        try:
+            yield
+        finally:
+            for lg, handlers, propagate in saved:
+                lg.handlers, lg.propagate = handlers, propagate
 
 
 def exit_code_for(exc: BaseException) -> int:

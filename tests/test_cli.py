@@ -580,21 +580,28 @@ def test_info_json_keys_of_the_file_never_mask_the_commands_own(tmp_path: Path, 
 
 
 def test_third_party_warnings_are_single_lines(capsys, monkeypatch, tmp_path: Path) -> None:
-    """A warning raised while a command runs is one 'warning:' line, and the error stays one line."""
+    """A warning or a library's log record while a command runs is one 'warning:' line (once), the error
+    stays one line, and nothing of the routing outlives the command."""
+    import logging
     import warnings
 
     from fedtensor.errors import FedtensorError
 
     def noisy(*args, **kwargs):
         warnings.warn("first line of a library warning\nand a second line", UserWarning)
+        logging.getLogger("pydicom").warning("first line of a library warning\nand a second line")  # same: once
+        logging.getLogger("nibabel.nifti1").warning("pixdim[1,2,3] should be non-zero")
         np.float64(1.0) / np.float64(0.0)  # numpy's RuntimeWarning: dropped
         raise FedtensorError("the failure itself")
 
     monkeypatch.setattr(paths, "require_input", noisy)
-    with warnings.catch_warnings(), pytest.raises(SystemExit):
+    before = (warnings.showwarning, list(warnings.filters), logging.getLogger("nibabel").handlers[:])
+    with pytest.raises(SystemExit):
         main(["info", str(tmp_path / "x.ftz")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == ["warning: first line of a library warning and a second line", "error: the failure itself"]
+    assert err == ["warning: first line of a library warning and a second line",
+                   "warning: pixdim[1,2,3] should be non-zero", "error: the failure itself"]
+    assert (warnings.showwarning, list(warnings.filters), logging.getLogger("nibabel").handlers) == before
 
 
 @pytest.mark.parametrize("text", ["nan,16", "8,inf"])

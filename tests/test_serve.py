@@ -441,7 +441,7 @@ def test_round_submissions_are_validated_and_change_nothing(svc, models):
     before = state()
     cases = [
         ("unauthenticated", None, f"/rounds/{rid}/advertise", encode(adv_b), 401),
-        ("malformed", "b", f"/rounds/{rid}/advertise", b"FSA1\x01garbage", 400),
+        ("malformed", "b", f"/rounds/{rid}/advertise", b"FSA2\x01garbage", 400),
         ("not a message", "b", f"/rounds/{rid}/advertise", b"hello", 400),
         ("wrong type for the stage", "b", f"/rounds/{rid}/advertise", encode(MaskedInput(rid, svc.ids["b"], b"")), 400),
         ("oversized", "b", f"/rounds/{rid}/advertise", encode(adv_b) + b"\0" * 64, 413),
@@ -753,3 +753,11 @@ def test_loopback_web_interface_refuses_foreign_host_names(tmp_path):
     assert local.get("/", headers={"Host": "localhost:8000"}).status_code == 200
     assert local.get("/federation", headers={"Host": "attacker.example:8000"}).status_code == 400
     assert server_config("0.0.0.0", 1 << 20, None)["FEDTENSOR_WEB"] is False
+
+
+def test_a_damaged_newest_version_does_not_block_the_next_publish(svc, models):
+    svc.store.publish(models[1][0], models[1][1])
+    (svc.dir / "versions" / "v000002" / "version.json").write_text("{damaged")
+    store = ModelStore(svc.dir)
+    info = store.publish(models[2][0], models[2][1], new_model=True, base_version=2)
+    assert info.version == 3 and store.latest().version == 3

@@ -149,10 +149,10 @@ def read_dicom_series(directory: str | os.PathLike, max_voxels: int | None = Non
     ps0 = _floats(ds0, "PixelSpacing", 2, name0)
     rows0, cols0 = _int(ds0, "Rows", 0, name0), _int(ds0, "Columns", 0, name0)
     for name, ds in slices:
-        frames = _int(ds, "NumberOfFrames", 1, name)
+        frames = _int(ds, "NumberOfFrames", 1, name) or 1  # 0 is written by some tools for single frames
         if frames != 1:
             raise VolumeError(f"DICOM file {name} is multi-frame ({frames} frames); only single-frame series are supported")
-        if _int(ds, "SamplesPerPixel", 1, name) != 1:
+        if (_int(ds, "SamplesPerPixel", 1, name) or 1) != 1:
             raise VolumeError(f"DICOM file {name} is not a greyscale image (SamplesPerPixel={ds.SamplesPerPixel})")
         rows, cols = _int(ds, "Rows", 0, name), _int(ds, "Columns", 0, name)
         if (rows, cols) != (rows0, cols0):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtensor.errors import FedtensorError
-from fedtensor.serve.store import utc_now
+from fedtensor.serve.store import fsync_path, utc_now
 
 CLIENTS_FILE = "clients.json"
 ADMIN = "admin"
@@ -62,11 +62,7 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power loss only once synced
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(path.parent)  # the rename itself survives a power loss only once its directory is synced
 
 
 def hash_token(token: str) -> str:

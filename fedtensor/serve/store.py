@@ -113,7 +113,7 @@ def check_model_bytes(data: bytes) -> dict:
     return info
 
 
-def _fsync_path(p: Path) -> None:
+def fsync_path(p: Path) -> None:
     fd = os.open(p, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -210,6 +210,13 @@ class ModelStore:
         nums = self._numbers()
         return self._record(nums[-1]) if nums else None
 
+    def _latest_sha(self, version: int) -> str | None:
+        """SHA-256 of ``version``, or None when its record is damaged (a new version may replace it)."""
+        try:
+            return self._record(version).sha256
+        except StoreError:
+            return None
+
     def get(self, version: int) -> VersionInfo:
         """The record of ``version``; :class:`VersionNotFound` if absent."""
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
@@ -305,7 +312,7 @@ class ModelStore:
             if base_version is not None and base_version != current:
                 raise PublishConflict(f"stale publish: base_version {base_version} is not the latest version "
                                       f"({current or 'none'})")
-            if new_model and current and self._record(current).sha256 == sha:
+            if new_model and current and self._latest_sha(current) == sha:
                 raise PublishConflict(f"this model is already the latest version ({current}); not published again")
             version = current + 1
             info = VersionInfo(version, sha, utc_now(), meta_d, len(model_bytes), sha256_hex(manifest_data))
@@ -315,11 +322,11 @@ class ModelStore:
                 _write_synced(tmp / MODEL_FILE, model_bytes)
                 _write_synced(tmp / MANIFEST_FILE, manifest_data)
                 _write_synced(tmp / VERSION_FILE, json.dumps(info.to_dict(), indent=2, sort_keys=True).encode())
-                _fsync_path(tmp)
+                fsync_path(tmp)
                 os.rename(tmp, self._dir(version))  # the commit point
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise StoreError(f"cannot publish model version {version}: {e.strerror or e}") from None
-            _fsync_path(self.vdir)
+            fsync_path(self.vdir)
         self._cache[version] = info
         return info

@@ -7,7 +7,7 @@ Server → client: :class:`KeyBroadcast` (after round 0), :class:`ShareForward` 
 client), :class:`UnmaskRequest` (after round 2).
 
 Every message carries the ``round_id``; every client message its ``sender``. The encoding is
-``b"FSA1" | type tag | fields``: ints as 8-byte little-endian, bytes and tuples length-prefixed (4 bytes).
+``b"FSA2" | type tag | fields``: ints as 8-byte little-endian, bytes and tuples length-prefixed (4 bytes).
 """
 
 from __future__ import annotations
@@ -216,7 +216,11 @@ def _dec_body(cls: type, r: _Reader):
 def decode(data: bytes) -> Message:
     """Parse :func:`encode` output; raises :class:`SecAggMessageError` on anything malformed."""
     r = _Reader(data)
-    if bytes(r.take(4)) != _MAGIC:
+    magic = bytes(r.take(4))
+    if magic == b"FSA1":
+        raise SecAggMessageError("secure-aggregation message of format 1 (an older fedtensor); this one speaks "
+                                 "format 2: update every party")
+    if magic != _MAGIC:
         raise SecAggMessageError("not a secure-aggregation message (bad magic)")
     tag = r.take(1)[0]
     if not 1 <= tag <= len(_TYPES):
