@@ -7,6 +7,7 @@ Heavy modules (JAX) are imported inside the commands so that ``--help`` and ``--
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from time import perf_counter
@@ -257,6 +258,20 @@ def _single_or_batch(
         render.out_console().print(table(record))
 
 
+def _not_its_original(ref_dtype, test_dtype, info: dict | None, measured: float) -> str | None:
+    """A warning when ORIGINAL does not look like the volume DECODED was made from: another dtype, or an
+    .ftz whose recorded PSNR is far above the ``measured`` one against ORIGINAL."""
+    problems = []
+    if ref_dtype != test_dtype:
+        problems.append(f"ORIGINAL is {ref_dtype} but DECODED is {test_dtype}")
+    recorded = ((info or {}).get("stats") or {}).get("psnr")
+    if isinstance(recorded, (int, float)) and math.isfinite(recorded) and math.isfinite(measured):
+        if measured < recorded - 1.0:
+            problems.append(f"the stream recorded {recorded:.2f} dB at compression but measures {measured:.2f} dB "
+                            "against ORIGINAL: is it the volume it was made from?")
+    return "; ".join(problems) or None
+
+
 def _warn_mismatches(records: Sequence[dict[str, Any]]) -> None:
     """One 'warning: …' line on stderr per stream that was tuned for another restoration model."""
     for r in records:
@@ -432,17 +447,20 @@ def evaluate(
             data = decoded.read_bytes()
             test = decode(data)
             record["compressed_bytes"] = len(data)
-            record.update(rate(len(data), ref.shape, ref.dtype))
+            record.update(rate(len(data), test.shape, test.dtype))  # the ratio to the volume the stream holds
         else:
             test = read_volume(decoded)
         record.update(quality(ref.data, test.data))  # raises on a shape mismatch
+        record["warning"] = _not_its_original(ref.dtype, test.dtype, read_info(data) if is_ftz else None,
+                                              record["psnr_db"])
         if model is not None:
             from fedtensor.nn import model_mismatch, restore
 
             info = read_info(data)
             restored = restore(test, info, model, tta=tta)
             record.update(_restored_fields(model, quality(ref.data, restored.data)))
-            record["warning"] = model_mismatch(info, model, test.data)
+            record["warning"] = "; ".join(w for w in (record["warning"], model_mismatch(info, model, test.data)) if w)
+            record["warning"] = record["warning"] or None
     _warn_mismatches([{**record, "input": decoded}])
     if json_out:
         render.emit_json({"command": "evaluate", **record})

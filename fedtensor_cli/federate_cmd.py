@@ -82,8 +82,8 @@ def register(app: typer.Typer) -> None:
             raise UsageFailure(str(err)) from None
         if out.exists() and not out.is_dir():
             raise UsageFailure(f"--out must be a directory: {out}")
-        volumes = expand_data(list(data))
-        val_volumes = expand_data(list(val)) if val else None
+        volumes = expand_data(list(data), skip=(out, cache))
+        val_volumes = expand_data(list(val), skip=(out, cache)) if val else None
         show = render.interactive(json_out)
         on_version = _publisher(publish) if publish is not None else None
         with _Progress(show) as prog:

@@ -37,13 +37,21 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return tuple(int(v) for v in vals)
 
 
-def expand_data(items: list[Path]) -> list[Path]:
-    """Volume files and DICOM series as given; a batch directory contributes each of its volumes."""
+def _run_artefact(p: Path, skip: set[Path]) -> bool:
+    """A directory a run writes (``--out``, ``--cache``, or any model/checkpoint directory), not a series:
+    with ``--out`` inside DATA, a resumed run must not read its own model as a volume."""
+    return p.is_dir() and (p.resolve() in skip or (p / "model.json").is_file() or (p / "checkpoint").is_dir())
+
+
+def expand_data(items: list[Path], skip: tuple[Path | None, ...] = ()) -> list[Path]:
+    """Volume files and DICOM series as given; a batch directory contributes each of its volumes (but not
+    the ``skip`` directories, nor other model or checkpoint directories in it)."""
+    skipped = {Path(s).resolve() for s in skip if s is not None}
     out: list[Path] = []
     for p in items:
         paths.require_input(p)
         if p.is_dir() and paths.is_batch_dir(p):
-            out.extend(paths.batch_volume_inputs(p))
+            out.extend(q for q in paths.batch_volume_inputs(p) if not _run_artefact(q, skipped))
         else:
             out.append(p)
     if not out:
@@ -110,8 +118,8 @@ def register(app: typer.Typer) -> None:
             cfg.check()
         except ValueError as err:
             raise UsageFailure(str(err)) from None
-        volumes = expand_data(list(data))
-        val_volumes = expand_data(list(val)) if val else None
+        volumes = expand_data(list(data), skip=(out, cache))
+        val_volumes = expand_data(list(val), skip=(out, cache)) if val else None
         if out.exists() and not out.is_dir():
             raise UsageFailure(f"--out must be a directory: {out}")
         show = render.interactive(json_out)

@@ -616,3 +616,27 @@ def test_non_finite_channel_lists_are_usage_errors(text: str) -> None:
 def test_serve_refuses_a_non_finite_upload_limit(tmp_path: Path, value: str) -> None:
     result = run("serve", "--data", tmp_path / "d", "--max-upload-mb", value)
     assert_one_error(result, code=2, contains="--max-upload-mb must be a finite number")
+
+
+def test_training_data_directories_skip_run_directories(tmp_path: Path) -> None:
+    """With --out inside DATA, a resumed run must not read its own model (or cache) as a volume."""
+    from fedtensor_cli.train_cmd import expand_data
+
+    data = tmp_path / "vols"
+    (data / "model" / "checkpoint").mkdir(parents=True)
+    (data / "model" / "model.json").write_text("{}")
+    (data / "mycache").mkdir()
+    (data / "mycache" / "x.npz").write_bytes(b"")
+    for name in ("a.npy", "b.npy"):
+        np.save(data / name, smooth_volume())
+    got = expand_data([data], skip=(data / "model", data / "mycache"))
+    assert sorted(p.name for p in got) == ["a.npy", "b.npy"]
+
+
+def test_evaluate_warns_when_original_is_not_the_streams_volume(tmp_path: Path, ftz_path: Path) -> None:
+    other = tmp_path / "other.npy"
+    np.save(other, np.ascontiguousarray(smooth_volume()[::-1]))  # same shape and dtype, other voxels
+    result = run("evaluate", other, ftz_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert "is it the volume it was made from?" in result.stderr
+    assert json.loads(result.stdout)["warning"]

@@ -161,3 +161,13 @@ def test_client_update_is_the_simulated_client(head_sources):
                                    jnp.asarray(data.counts), jax.random.PRNGKey(0)[None])
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(sim)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["prox_mu", "server_learning_rate", "learning_rate", "clip"])
+def test_fed_config_refuses_non_finite_settings(field):
+    from fedtensor.federated.simulation import FedConfig
+
+    with pytest.raises(FederationError, match="must be (finite|> 0)"):
+        FedConfig(**{field: float("nan")}).check()
+    with pytest.raises(FederationError, match="must be finite"):
+        FedConfig(**{field: float("inf")}).check()

@@ -6,6 +6,7 @@ takes well under a minute on two CPU cores; the real-data figures come from benc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from fedtensor.nn import (
     train,
 )
 from fedtensor.nn.data import PatchSampler, Source, make_pairs, prefetched_batches, split_by_volume
-from fedtensor.nn.infer import RestorationModel, correction_map
+from fedtensor.nn.infer import RestorationModel, correction_map, model_from_bytes
 from fedtensor.nn.model import RECEPTIVE_RADIUS, conv3d, half_resolution_kernel, space_to_depth
 from fedtensor.nn.normalize import assemble_input, block_phases, normaliser_for, operating_point
 from fedtensor.nn.train import Trainer
@@ -301,6 +302,56 @@ def test_train_writes_model_and_resumes_identically(sources, tmp_path):
         train(None, tmp_path / "b", cfg, sources=sources)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"lr": math.inf}, "must be finite"), ({"clip": math.nan}, "must be finite"), ({"seed": -1}, "seed must be"),
+])
+def test_train_config_refuses_non_finite_settings(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{**TRAIN_CFG, **change}).check()
+
+
+def test_a_diverged_run_stops_with_an_error_and_keeps_no_nan_model(sources, tmp_path):
+    with pytest.raises(ModelError, match="training diverged: non-finite loss in epoch 1"):
+        train(None, tmp_path / "d", TrainConfig(**{**TRAIN_CFG, "lr": 1e30, "clip": 1e30}), sources=sources)
+    assert not (tmp_path / "d" / "model.safetensors").exists()
+
+
+def test_one_volume_cannot_be_trained_and_validated_on(sources, tmp_path):
+    with pytest.raises(ModelError, match="the same volume is given twice"):
+        train(None, tmp_path / "t", TrainConfig(**TRAIN_CFG), sources=sources[:1], val_sources=[
+            dataclasses.replace(sources[0], label="renamed")])
+
+
+def test_a_constant_volume_is_refused_with_its_name(tmp_path):
+    p = tmp_path / "flat.npy"
+    np.save(p, np.full((20, 20, 20), 7, np.int16))
+    with pytest.raises(ModelError, match="flat.npy is a constant volume"):
+        make_pairs([p], targets=(34.0,), blocks=("8",))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: [],
+    lambda m: {k: v for k, v in m.items() if k != "history"},
+    lambda m: {**m, "epoch": "1"},
+    lambda m: {k: v for k, v in m.items() if k != "best_sha256"},  # the best weights unverifiable
+])
+def test_a_damaged_checkpoint_record_is_a_clear_error(sources, tmp_path, damage):
+    out = tmp_path / "r"
+    cfg = TrainConfig(**{**TRAIN_CFG, "epochs": 1})
+    train(None, out, cfg, sources=sources)
+    state = out / "checkpoint" / "state.json"
+    state.write_text(json.dumps(damage(json.loads(state.read_text()))))
+    with pytest.raises(ModelError, match="corrupted training checkpoint"):
+        train(None, out, cfg, sources=sources)
+
+
+def test_resuming_with_other_settings_names_the_settings(sources, tmp_path):
+    out = tmp_path / "r"
+    train(None, out, TrainConfig(**{**TRAIN_CFG, "epochs": 1}), sources=sources)
+    with pytest.raises(ModelError, match="other settings or data"):  # not "does not match this architecture"
+        train(None, out, TrainConfig(**{**TRAIN_CFG, "epochs": 1, "channels": (4, 8)}), sources=sources)
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -325,13 +376,21 @@ def test_corrupted_checkpoint_gives_clear_error(rmodel, tmp_path):
     f.write_bytes(bytes(raw))
     with pytest.raises(ModelError, match="corrupted model checkpoint.*SHA-256"):
         load_model(d)
-    (d / "model.json").unlink()  # without the manifest, the file itself is checked
-    f.write_bytes(bytes(raw[:200]))
-    with pytest.raises(ModelError, match="corrupted"):
+    (d / "model.json").unlink()  # without the manifest's id the weights cannot be verified: refused
+    with pytest.raises(ModelError, match="has no model.json naming its model id"):
         load_model(d)
-    f.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ModelError, match="corrupted"):
-        load_model(d)
+    for damaged in (bytes(raw[:200]), b"not a checkpoint at all"):  # the parser itself refuses these
+        with pytest.raises(ModelError, match="^corrupted model checkpoint"):
+            model_from_bytes(damaged)
+    nan = tmp_path / "nan"
+    save_model(rmodel.net, nan)
+    params = nnx.state(rmodel.net, nnx.Param)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    net = new_net(TINY)
+    nnx.update(net, jax.tree_util.tree_unflatten(treedef, [jnp.full(x.shape, jnp.nan) for x in leaves]))
+    save_model(net, nan)  # weights of a diverged run: not loaded (they would restore to garbage)
+    with pytest.raises(ModelError, match="weights are not all finite"):
+        load_model(nan)
     with pytest.raises(ModelError, match="not found"):
         load_model(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -421,3 +480,12 @@ def test_compress_for_quality_meets_the_target_with_restoration(tmp_path):
     info = read_info(data)
     assert info["model"] == mid and info["restoration"]["psnr"] >= 34.0
     assert psnr(vol.data, decompress_restored(data, d).data) >= 34.0
+
+
+def test_model_warns_on_a_codec_it_was_not_trained_on(rmodel):
+    from fedtensor.nn import model_mismatch
+
+    bt_only = RestorationModel(rmodel.net, "0" * 64, TINY, {"codecs": ["block-tucker"]})
+    warning = model_mismatch({"codec": "omlsvd-global"}, bt_only)
+    assert "trained on block-tucker streams only and this one is omlsvd-global" in warning
+    assert model_mismatch({"codec": "block-tucker"}, bt_only) is None

@@ -65,7 +65,7 @@ from fedtensor.nn.checkpoint import (
 )
 from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, training_sources
 from fedtensor.nn.model import NetConfig, abstract_net
-from fedtensor.nn.train import TrainConfig, Trainer, clear_run, export_model, model_bytes
+from fedtensor.nn.train import TrainConfig, Trainer, clear_run, export_model, model_bytes, read_state_meta
 from fedtensor.nn.train import write_history as train_history
 
 HISTORY_FIELDS = ("round", "clients", "patches", "train_loss", "val_loss", "val_gain_db", "seconds", "updates_per_s")
@@ -295,13 +295,17 @@ def _save_state(out_dir: Path, server: Server, best, meta: dict) -> None:
             f.unlink(missing_ok=True)
 
 
-def _load_state(out_dir: Path, server: Server):
+_META_FIELDS = {"state_file": str, "best_file": str, "sha256": str, "best_sha256": str, "round": int,
+                "history": list, "best_round": int}
+
+
+def _load_state(out_dir: Path, server: Server, fp: str):
     sd = out_dir / STATE_DIR
+    meta = read_state_meta(sd, "federation", fp, _META_FIELDS)
     try:
-        meta = json.loads((sd / STATE_JSON).read_text())
         data = (sd / meta["state_file"]).read_bytes()
         best_data = (sd / meta["best_file"]).read_bytes()
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, TypeError):
         raise ModelError(f"corrupted federation checkpoint in {sd} (use --force to start over)") from None
     if meta.get("sha256") != sha256_hex(data) or meta.get("best_sha256") != sha256_hex(best_data):
         raise ModelError(f"corrupted federation checkpoint in {sd}: SHA-256 mismatch (use --force to start over)")
@@ -372,13 +376,11 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
     history: list[dict] = []
     best, best_loss, best_round, start = None, math.inf, 0, 1
     if (out_dir / STATE_DIR / STATE_JSON).exists():
-        params, opt_state, best, meta = _load_state(out_dir, server)
-        if meta.get("fingerprint") != fp:
-            raise ModelError(f"{out_dir} holds a federated run with other settings or data; "
-                             "use --force to start over, or another --out")
+        params, opt_state, best, meta = _load_state(out_dir, server, fp)
         server.params, server.opt_state = params, opt_state
         history, best_round, start = meta["history"], meta["best_round"], meta["round"] + 1
-        best_loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
+        best_loss = meta.get("best_loss")
+        best_loss = float(best_loss) if isinstance(best_loss, (int, float)) else math.inf
         if start <= cfg.rounds or not (out_dir / MODEL_FILE).exists():  # repair a torn model directory
             export_model(out_dir, best, trainer.net_config,
                          _manifest(cfg, train_labels, val_labels, history, best_round, best_loss, fp, alloc, kinds))
@@ -401,6 +403,9 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
             rec["val_loss"], rec["val_gain_db"] = trainer.validate(server.params, val_batches)
         rec["seconds"] = time.perf_counter() - t0
         rec["updates_per_s"] = len(chosen) / t_train if t_train > 0 else None
+        if not all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0)):
+            raise ModelError(f"federated training diverged: non-finite loss in round {rnd} (try a lower --lr, "
+                             "--server-lr or --prox-mu)")
         history.append(rec)
         score = rec["val_loss"] if rec["val_loss"] is not None else rec["train_loss"]
         if best is None or not val_batches or score < best_loss * (1 - 1e-4):

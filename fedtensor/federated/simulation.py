@@ -17,6 +17,7 @@ reference the tests and the benchmark compare with.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -97,6 +98,8 @@ class FedConfig:
             raise FederationError(f"sample fraction must be in (0, 1], got {self.sample_fraction}")
         if self.server_optimizer not in ("fedavg", "fedadam"):
             raise FederationError(f"unknown server optimizer {self.server_optimizer!r}; use fedavg or fedadam")
+        if not all(math.isfinite(v) for v in (self.learning_rate, self.server_learning_rate, self.prox_mu, self.clip)):
+            raise FederationError("learning rates, prox mu and clip must be finite")
         if self.prox_mu < 0 or self.clip < 0:
             raise FederationError("prox mu and clip must be ≥ 0")
         return self

@@ -116,7 +116,7 @@ def sha256_hex(data: bytes) -> str:
 def check_model_dir(model_dir: Path) -> Path:
     d = Path(model_dir)
     if not d.is_dir():
-        raise ModelError(f"model directory not found: {d}")
+        raise ModelError(f"not a model directory (a file): {d}" if d.exists() else f"model directory not found: {d}")
     if not (d / MODEL_FILE).is_file():
         hint = " (training has not finished an epoch yet)" if (d / STATE_DIR).is_dir() else ""
         raise ModelError(f"not a fedtensor model directory (no {MODEL_FILE}): {d}{hint}")
@@ -143,7 +143,9 @@ def read_model_bytes(model_dir: Path) -> tuple[bytes, str, dict]:
     mid = sha256_hex(data)
     manifest = read_manifest(d)
     want = manifest.get("model_id")
-    if want is not None and want != mid:
+    if want is None:
+        raise ModelError(f"{d} has no {MANIFEST_FILE} naming its model id: {MODEL_FILE} cannot be verified")
+    if want != mid:
         raise ModelError(f"corrupted model checkpoint in {d}: SHA-256 of {MODEL_FILE} does not match model.json "
                          f"({mid[:12]}… ≠ {str(want)[:12]}…)")
     return data, mid, manifest

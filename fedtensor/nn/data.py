@@ -182,6 +182,8 @@ def make_pairs(paths: Sequence[Path], *, codecs: Sequence[str] = ("block-tucker"
     labels: set[str] = set()
     for path in paths:  # labels are unique: a repeated name gets a trailing "_"
         vol = read_volume(path)
+        if vol.data.min() == vol.data.max():  # coded exactly as its value: no (decoded, original) difference
+            raise ModelError(f"{path} is a constant volume: nothing to learn from it; leave it out")
         label = volume_label(Path(path))
         while label in labels:
             label += "_"
@@ -220,6 +222,12 @@ def training_sources(paths: Sequence[Path] | None, val_paths: Sequence[Path] | N
     sources = list(sources or [])
     if not sources:
         raise ModelError("no training volumes given")
+    seen: dict[str, str] = {}
+    for s in [*sources, *(val_sources or [])]:
+        if s.digest in seen:
+            raise ModelError(f"the same volume is given twice ({seen[s.digest]} and {s.label}): a volume is either "
+                             "trained on or validated on, once")
+        seen[s.digest] = s.label
     if val_sources:
         clash = {s.label for s in sources} & {s.label for s in val_sources}
         if clash:

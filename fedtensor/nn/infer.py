@@ -89,6 +89,8 @@ def model_from_bytes(data: bytes, model_id: str = "", manifest: dict | None = No
         raise ModelError("not a fedtensor restoration model (missing or bad architecture metadata)") from None
     graphdef, abstract = abstract_net(config)
     state = tree_from_bytes(abstract, data, "model checkpoint")
+    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state)):
+        raise ModelError("the model's weights are not all finite (from a diverged training run?)")
     net = nnx.merge(graphdef, jax.tree_util.tree_map(jnp.asarray, state))
     return RestorationModel(net, model_id, config, manifest or {}, path)
 
@@ -265,6 +267,10 @@ def model_mismatch(info: dict, model, decoded: np.ndarray | None = None) -> str 
         problems.append(f"this stream was tuned for restoration model {str(want)[:12]}…, but model "
                         f"{model.short_id}… is being used: the restored quality may differ from the one "
                         "recorded at compression")
+    codecs = model.manifest.get("codecs")
+    if info.get("codec") in RESTORABLE_CODECS and isinstance(codecs, list) and codecs and info["codec"] not in codecs:
+        problems.append(f"restoration model {model.short_id}… was trained on {', '.join(map(str, codecs))} streams "
+                        f"only and this one is {info['codec']}: restoration may lower its quality")
     kinds = model.manifest.get("intensity_kinds")
     if decoded is not None and info.get("codec") in RESTORABLE_CODECS and isinstance(kinds, list) and kinds:
         kind = normaliser_for(decoded).kind

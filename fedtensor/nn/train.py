@@ -91,6 +91,11 @@ class TrainConfig:
 
         if self.epochs < 1 or self.patches_per_epoch < 1 or self.batch < 1 or self.patience < 1:
             raise ValueError("epochs, patches per epoch, batch and patience must be ≥ 1")
+        if not all(math.isfinite(v) for v in (self.lr, self.warmup_epochs, self.weight_decay, self.clip,
+                                              self.val_fraction, *self.targets)):
+            raise ValueError("learning rate, warm-up, weight decay, clip, val fraction and targets must be finite")
+        if self.seed < 0:
+            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
         if self.patch % 4 or self.patch < 16:
             raise ValueError(f"patch must be a multiple of 4, at least 16, got {self.patch}")
         if not 0 <= self.val_fraction < 1:
@@ -291,16 +296,38 @@ def clear_run(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _load_state(out_dir: Path, trainer: Trainer):
-    sd = out_dir / STATE_DIR
+def read_state_meta(sd: Path, kind: str, fp: str, fields: dict) -> dict:
+    """The checkpoint record ``state.json`` of a ``kind`` run ("training", "federation"), checked: a dict
+    with ``fields`` of their types, of this run's fingerprint ``fp`` (checked before any weights are read,
+    so a run with other settings is named as such, not as an architecture mismatch)."""
     try:
         meta = json.loads((sd / STATE_JSON).read_text())
-        data = (sd / meta.get("state_file", STATE_FILE)).read_bytes()
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
+                                             for k, t in fields.items()):
+        raise ModelError(f"corrupted {kind} checkpoint in {sd} (use --force to start over)")
+    if meta.get("fingerprint") != fp:
+        raise ModelError(f"{sd.parent} holds a {kind} run with other settings or data (or another kind of run); "
+                         "use --force to start over, or another --out")
+    return meta
+
+
+_META_FIELDS = {"sha256": str, "epoch": int, "history": list, "best_epoch": int, "bad_epochs": int}
+
+
+def _load_state(out_dir: Path, trainer: Trainer, fp: str):
+    sd = out_dir / STATE_DIR
+    meta = read_state_meta(sd, "training", fp, _META_FIELDS)
+    try:
+        data = (sd / meta.get("state_file", STATE_FILE)).read_bytes()  # (older runs: fixed names)
         best_file = meta.get("best_file") or ("best.safetensors" if (sd / "best.safetensors").is_file() else None)
         best_data = (sd / best_file).read_bytes() if best_file else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, TypeError):
         raise ModelError(f"corrupted training checkpoint in {sd} (use --force to start over)") from None
-    if meta.get("sha256") != sha256_hex(data) or (best_data is not None and meta.get("best_sha256", sha256_hex(best_data)) != sha256_hex(best_data)):
+    legacy = best_file == "best.safetensors" and "best_sha256" not in meta  # older runs kept no hash of it
+    if meta["sha256"] != sha256_hex(data) or not (best_data is None or legacy
+                                                  or meta.get("best_sha256") == sha256_hex(best_data)):
         raise ModelError(f"corrupted training checkpoint in {sd}: SHA-256 mismatch (use --force to start over)")
     params, opt = trainer.init_state()
     tree = tree_from_bytes({"params": params, "opt": opt}, data, "training checkpoint")
@@ -367,12 +394,10 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
     history: list[dict] = []
     best, best_loss, best_epoch, bad, start_epoch, finished = None, math.inf, 0, 0, 1, False
     if state_json.exists():
-        params, opt_state, best, meta = _load_state(out_dir, trainer)
-        if meta.get("fingerprint") != fp:
-            raise ModelError(f"{out_dir} holds a training run with other settings or data; "
-                             "use --force to start over, or another --out")
+        params, opt_state, best, meta = _load_state(out_dir, trainer, fp)
         history = meta["history"]
-        best_loss = meta["best_loss"] if meta["best_loss"] is not None else math.inf
+        best_loss = meta.get("best_loss")
+        best_loss = float(best_loss) if isinstance(best_loss, (int, float)) else math.inf
         best_epoch, bad = meta["best_epoch"], meta["bad_epochs"]
         start_epoch = meta["epoch"] + 1
         finished = _stops(cfg, meta["epoch"], bad, bool(val_batches))  # under this run's stopping rule
@@ -409,6 +434,10 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
             rec["val_loss"], rec["val_gain_db"] = trainer.validate(params, val_batches)
         rec["seconds"] = time.perf_counter() - t_epoch
         rec["patches_per_s"] = n_timed * cfg.batch / t_steps if t_steps > 0 else None
+        if not all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0)):
+            raise ModelError(f"training diverged: non-finite loss in epoch {epoch} (try a lower --lr); the "
+                             f"checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else
+                             "training diverged: non-finite loss in epoch 1 (try a lower --lr)")
         history.append(rec)
         score = rec["val_loss"] if rec["val_loss"] is not None else rec["train_loss"]
         if score < best_loss * (1 - 1e-4) or not val_batches:
