@@ -89,7 +89,8 @@ def register(app: typer.Typer) -> None:
         with _Progress(show) as prog:
             summary = run_federation(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
                                      progress=prog, on_version=on_version)
-        summary = {**summary, "history_csv": str(out / "history.csv"), "loss_png": str(out / "loss.png")}
+        png = out / "loss.png"  # absent when the plot could not be drawn (the CSV always is there)
+        summary = {**summary, "history_csv": str(out / "history.csv"), "loss_png": str(png) if png.is_file() else None}
         if json_out:
             render.emit_json({"command": "federate", **summary})
         else:
@@ -143,7 +144,7 @@ def _table(s: dict, cfg):
         ("best val loss", render.num(s.get("best_val_loss"))),
         ("val PSNR gain", render.num(s.get("best_val_gain_db"), "+.2f", " dB")),
         ("throughput", render.num(s.get("updates_per_s"), ".3g", " client updates/s")),
-        ("curves", f"{s['history_csv']}, {s['loss_png']}"),
+        ("curves", ", ".join(x for x in (s["history_csv"], s["loss_png"]) if x)),
     ]
     for k, v in rows:
         t.add_row(k, v)

@@ -126,7 +126,8 @@ def register(app: typer.Typer) -> None:
         with _Progress(show) as prog:
             summary = run_training(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
                                    progress=prog)
-        summary = {**summary, "history_csv": str(out / "history.csv"), "loss_png": str(out / "loss.png")}
+        png = out / "loss.png"  # absent when the plot could not be drawn (the CSV always is there)
+        summary = {**summary, "history_csv": str(out / "history.csv"), "loss_png": str(png) if png.is_file() else None}
         if json_out:
             render.emit_json({"command": "train", **summary})
         else:
@@ -213,7 +214,7 @@ def _table(s: dict):
         ("best epoch", str(s["best_epoch"])),
         ("best val loss", render.num(s.get("best_val_loss"))),
         ("throughput", render.num(s.get("patches_per_s"), ".3g", " patches/s")),
-        ("curves", f"{s['history_csv']}, {s['loss_png']}"),
+        ("curves", ", ".join(x for x in (s["history_csv"], s["loss_png"]) if x)),
     ]
     if best and best.get("val_gain_db") is not None:
         rows.insert(7, ("val PSNR gain", f"{best['val_gain_db']:+.2f} dB"))

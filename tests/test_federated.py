@@ -171,3 +171,11 @@ def test_fed_config_refuses_non_finite_settings(field):
         FedConfig(**{field: float("nan")}).check()
     with pytest.raises(FederationError, match="must be finite"):
         FedConfig(**{field: float("inf")}).check()
+
+
+def test_secure_aggregation_with_fewer_than_two_sampled_clients_is_refused_up_front():
+    from fedtensor.federated.restoration import FederateConfig
+
+    with pytest.raises(FederationError, match="at least 2 clients per round"):
+        FederateConfig(clients=3, sample_fraction=0.2, secure_agg=True).check()
+    FederateConfig(clients=3, sample_fraction=0.5, secure_agg=True).check()

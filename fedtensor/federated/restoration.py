@@ -107,6 +107,9 @@ class FederateConfig:
             raise FederationError("patches per client must be ≥ 0")
         parse_partition(self.partition)
         self.fed_config().check()
+        if self.secure_agg and max(1, int(round(self.sample_fraction * self.clients))) < 2:
+            raise FederationError("secure aggregation needs at least 2 clients per round (raise --clients or "
+                                  "--sample-fraction)")
         try:
             self.train_config().check()
         except ValueError as err:
@@ -424,7 +427,8 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
     man = json.loads((out_dir / MANIFEST_FILE).read_text())
     fed = man["federation"]
     return {"model_id": man["model_id"], "out": str(out_dir), "best_round": fed["best_round"],
-            "rounds_run": fed["rounds_run"], "best_val_gain_db": fed["best_val_gain_db"], "best_val_loss": fed["best_loss"],
+            "rounds_run": fed["rounds_run"], "best_val_gain_db": fed["best_val_gain_db"],
+            "best_val_loss": fed["best_loss"] if val_labels else None,  # else a training loss
             "train_volumes": train_labels, "val_volumes": val_labels, "partition": fed["partition"],
             "history": fed["history"],
             "updates_per_s": _median([r.get("updates_per_s") for r in fed["history"][1:]] or

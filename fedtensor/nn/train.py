@@ -457,7 +457,8 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
     man = json.loads((out_dir / MANIFEST_FILE).read_text())
     return {"model_id": man["model_id"], "out": str(out_dir), "best_epoch": man["training"]["best_epoch"],
             "epochs_run": len(man["training"]["history"]), "train_volumes": train_labels, "val_volumes": val_labels,
-            "best_val_loss": man["training"]["best_loss"], "history": man["training"]["history"],
+            "best_val_loss": man["training"]["best_loss"] if val_labels else None,  # else a training loss
+            "history": man["training"]["history"],
             "patches_per_s": _median([r.get("patches_per_s") for r in man["training"]["history"]])}
 
 
