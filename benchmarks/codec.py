@@ -244,8 +244,9 @@ def summarise(results: list[dict], targets: list[float], codecs: list[str]) -> d
         v["ratios"] = {}
         for t in targets:
             j, f = j2k.get(str(t), {}), ft.get(str(t), {})
+            both = f.get("reached") and j.get("reached")  # bits compare only at a PSNR both reached
             v["ratios"][str(t)] = {
-                "bpv_fedtensor_over_jpeg2000": ratio(f.get("bpv"), j.get("bpv")),
+                "bpv_fedtensor_over_jpeg2000": ratio(f.get("bpv"), j.get("bpv")) if both else None,
                 "compress_speed_fedtensor_over_jpeg2000": ratio(f.get("compress_mvox_s"), j.get("compress_mvox_s")),
                 "decompress_speed_fedtensor_over_jpeg2000": ratio(
                     f.get("decompress_mvox_s"), j.get("decompress_mvox_s")

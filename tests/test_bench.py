@@ -234,3 +234,38 @@ def test_cli_bench(tiny_volume, tmp_path):
     assert (out / "results.csv").exists()
     res = runner.invoke(app, ["bench", str(tiny_volume), "--codecs", "nope", "--out", str(out)])
     assert res.exit_code == 2 and "unknown codec" in res.output
+
+
+def test_search_scan_finds_a_smaller_stream_below_a_non_monotone_crossing():
+    """PSNR swings ±1.5 dB as the error bound moves (as SZ3's does), and so does the size: the
+    bisection stops at the first crossing; the scan below it finds the smaller stream that still reaches
+    the target."""
+    def psnr_of(p):
+        return 60 - 20 * math.log10(p) + 1.5 * math.sin(40 * math.log10(p))
+
+    def bytes_of(p):
+        return int(1e6 / p * (1 - 0.1 * math.sin(40 * math.log10(p))))
+
+    results = {}
+    for scan in (0, 24):
+        space = ParamSpace(1e-4, 1e4, log=True, increasing=False, guess=lambda t: 1.0, scan=scan)
+        evaluate, _ = _codec(psnr_of, bytes_of)
+        cache: dict = {}
+        results[scan] = find_smallest(evaluate, space, 45.0, cache)
+        assert results[scan].reached and results[scan].psnr >= 45.0
+    grid = [10 ** (e / 2000) for e in range(0, 4000)]
+    best = min(bytes_of(p) for p in grid if psnr_of(p) >= 45.0)
+    assert results[24].nbytes < results[0].nbytes
+    assert results[24].nbytes <= 1.03 * best  # within a few % of a dense scan's best
+
+
+def test_jpeg2000_codestreams_carry_no_encoder_comment():
+    imagecodecs = pytest.importorskip("imagecodecs")
+    from fedtensor.baselines.slicewise import without_comments
+
+    x = (np.random.default_rng(0).normal(size=(48, 40)) * 100 + 1000).astype(np.uint16)
+    raw = imagecodecs.jpeg2k_encode(x, level=45.0, codecformat="J2K", reversible=False, bitspersample=12)
+    stripped = without_comments(raw)
+    assert b"\xff\x64" in raw[:200] and b"\xff\x64" not in stripped[:200] and len(stripped) < len(raw)
+    assert np.array_equal(imagecodecs.jpeg2k_decode(stripped), imagecodecs.jpeg2k_decode(raw))
+    assert without_comments(b"\x00\x00\x00\x0cjP  ") == b"\x00\x00\x00\x0cjP  "  # a JP2 file: untouched

@@ -128,6 +128,9 @@ class ParamSpace:
 
     ``log``: the parameter is spaced geometrically. ``increasing``: quality grows with the parameter
     (an OpenJPEG PSNR level) rather than falls (a quantiser step). ``guess(target)`` is a first try.
+    ``scan``: for codecs whose PSNR and size swing up and down as the parameter moves (SZ3), this many
+    more settings are tried on a grid over the :data:`SCAN_DB` below the lowest-quality feasible one,
+    where a smaller stream that still reaches the target may lie.
     """
 
     lo: float
@@ -135,6 +138,7 @@ class ParamSpace:
     log: bool = True
     increasing: bool = False
     guess: Callable[[float], float] | None = None
+    scan: int = 0
 
     def slope(self) -> float:
         """A prior for dPSNR/du: 20 dB per decade of a step or error bound, 1 dB per unit of a level."""
@@ -181,6 +185,9 @@ class SearchResult:
     seconds: float
     reached: bool
     trials: list = field(default_factory=list)
+
+
+SCAN_DB = 3.0  # width of a ParamSpace.scan grid, in dB of the space's prior slope (SZ3 swings by ~1.5 dB)
 
 
 def find_smallest(
@@ -293,6 +300,12 @@ def find_smallest(
             break
         new_width = hi[0] - lo[0]
         use_secant = new_width <= 0.5 * width  # the secant stalls on one side: bisect next
+    # 3. a codec whose quality is not monotone in its parameter: a grid below the crossing
+    lo, hi = bracket()
+    if space.scan and hi is not None:
+        width = SCAN_DB / space.slope()
+        for k in range(1, space.scan + 1):
+            ev(max(0.0, hi[0] - width * k / space.scan))
     feasible = sorted(((space.u(p), t) for p, t in cache.items() if t.psnr >= target), key=lambda x: x[0])
     result = SearchResult(target, None, None, None, spent, 0.0, False)
     if feasible:

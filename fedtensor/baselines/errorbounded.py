@@ -62,11 +62,11 @@ class _Volumetric(Baseline):
         raise NotImplementedError
 
 
-def _bound_space(volume, guess_factor: float) -> ParamSpace:
+def _bound_space(volume, guess_factor: float, scan: int = 0) -> ParamSpace:
     data = np.asarray(volume.data)
     span = max(float(data.max()) - float(data.min()), 1e-12)
     return ParamSpace(span * 1e-7, span, log=True, increasing=False,
-                      guess=lambda t: guess_factor * rmse_for(span, t))
+                      guess=lambda t: guess_factor * rmse_for(span, t), scan=scan)
 
 
 class Sz3(_Volumetric):
@@ -79,7 +79,9 @@ class Sz3(_Volumetric):
         return imagecodecs_version("sz3_version")
 
     def space(self, volume) -> ParamSpace:
-        return _bound_space(volume, math.sqrt(3))  # uniform error in ±e: rmse = e/√3
+        # uniform error in ±e: rmse = e/√3. PSNR and size swing by ~1.5 dB as e moves: a grid below the
+        # crossing found 9–27 % smaller streams on the sample CTs
+        return _bound_space(volume, math.sqrt(3), scan=24)
 
     def encode_array(self, x, param):
         return _ic().sz3_encode(x, mode="abs", abs=float(param))

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from fedtensor.baselines.base import ParamSpace, imagecodecs as _ic, imagecodecs_version, rmse_for
-from fedtensor.baselines.slicewise import SlicewiseCodec, UnsignedMap
+from fedtensor.baselines.slicewise import SlicewiseCodec, UnsignedMap, without_comments
 
 
 class Htj2k(SlicewiseCodec):
@@ -34,7 +34,7 @@ class Htj2k(SlicewiseCodec):
         return ParamSpace(1e-7, 1.0, log=True, increasing=False, guess=guess)
 
     def encode_slice(self, u, param, m):
-        return _ic().htj2k_encode(u, level=float(param), reversible=False)
+        return without_comments(_ic().htj2k_encode(u, level=float(param), reversible=False))
 
     def decode_slice(self, b):
         return _ic().htj2k_decode(b)

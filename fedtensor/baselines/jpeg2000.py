@@ -4,7 +4,7 @@ Lossy: the searched parameter is OpenJPEG's ``level``, its per-slice PSNR-qualit
 2^bits − 1, so it is not the benchmark's PSNR; the search measures the real whole-volume PSNR).
 Samples are the volume shifted to unsigned with ``bitspersample`` = bits needed for max − min (see
 :class:`~fedtensor.baselines.slicewise.UnsignedMap`). Streams are bare J2K codestreams (no JP2 box),
-one per slice. OpenJPEG runs single-threaded.
+one per slice, without OpenJPEG's comment marker. OpenJPEG runs single-threaded.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from fedtensor.baselines.base import ParamSpace, imagecodecs as _ic, imagecodecs_version, to_dtype
-from fedtensor.baselines.slicewise import SlicewiseCodec, UnsignedMap
+from fedtensor.baselines.slicewise import SlicewiseCodec, UnsignedMap, without_comments
 
 
 class Jpeg2000(SlicewiseCodec):
@@ -33,8 +33,8 @@ class Jpeg2000(SlicewiseCodec):
         return ParamSpace(5.0, 150.0, log=False, increasing=True, guess=lambda t: t + shift)
 
     def encode_slice(self, u, param, m):
-        return _ic().jpeg2k_encode(u, level=float(param), codecformat="J2K", reversible=False,
-                                   bitspersample=m.bits, numthreads=1)
+        return without_comments(_ic().jpeg2k_encode(u, level=float(param), codecformat="J2K", reversible=False,
+                                                    bitspersample=m.bits, numthreads=1))
 
     def decode_slice(self, b):
         return _ic().jpeg2k_decode(b, numthreads=1)
@@ -51,8 +51,8 @@ class Jpeg2000Lossless(Jpeg2000):
         return None
 
     def encode_slice(self, u, param, m):
-        return _ic().jpeg2k_encode(u, level=0, codecformat="J2K", reversible=True, bitspersample=m.bits,
-                                   numthreads=1)
+        return without_comments(_ic().jpeg2k_encode(u, level=0, codecformat="J2K", reversible=True,
+                                                    bitspersample=m.bits, numthreads=1))
 
     def encode_lossless(self, volume) -> bytes:
         data = np.asarray(volume.data)
@@ -77,8 +77,9 @@ class Jpeg2kSlicewise:
 
     def compress(self, data: np.ndarray, level: float, codecformat: str = "J2K") -> list[bytes]:
         return [
-            self._ic.jpeg2k_encode(self.map.forward(data[:, :, k]), level=float(level), codecformat=codecformat,
-                                   reversible=False, bitspersample=self.bitspersample, numthreads=self.numthreads)
+            without_comments(self._ic.jpeg2k_encode(
+                self.map.forward(data[:, :, k]), level=float(level), codecformat=codecformat, reversible=False,
+                bitspersample=self.bitspersample, numthreads=self.numthreads))
             for k in range(data.shape[2])
         ]
 

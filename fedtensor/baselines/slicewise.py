@@ -114,3 +114,19 @@ class SlicewiseCodec(Baseline):
                 raise FormatError(f"corrupted {self.name} stream (slice shape)")
             out[:, :, k] = to_dtype(m.inverse(u), dtype)
         return out
+
+
+def without_comments(codestream: bytes) -> bytes:
+    """A J2K codestream without the COM marker segments of its main header (the encoder's banner,
+    "Created by OpenJPEG …": nothing a decoder needs, and slice-wise coding would pay it once per slice,
+    2 % of JPEG2000's bits on a 122×101-slice CT at 45 dB)."""
+    if codestream[:2] != b"\xff\x4f":  # not a bare codestream (e.g. a JP2 file): as it is
+        return codestream
+    kept, pos = [codestream[:2]], 2
+    while pos + 4 <= len(codestream) and codestream[pos:pos + 2] != b"\xff\x90":  # up to the first tile (SOT)
+        end = pos + 2 + int.from_bytes(codestream[pos + 2:pos + 4], "big")
+        if codestream[pos:pos + 2] != b"\xff\x64":  # COM
+            kept.append(codestream[pos:end])
+        pos = end
+    kept.append(codestream[pos:])
+    return b"".join(kept)
