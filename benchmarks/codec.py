@@ -21,7 +21,6 @@ This is a benchmark, not a test. Run ``python benchmarks/codec.py --help`` for t
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import traceback
