@@ -114,7 +114,7 @@ def bisect_jpeg2k(codec: Jpeg2kSlicewise, data: np.ndarray, target: float, steps
 
 
 def run_jpeg2k(data: np.ndarray, targets: list[float], args) -> dict:
-    codec = Jpeg2kSlicewise(data, numthreads=args.j2k_threads)
+    codec = Jpeg2kSlicewise(data, numthreads=args.j2k_threads, packing=args.j2k_packing)
     info = {
         "slices": int(data.shape[2]),
         "bitspersample": codec.bitspersample,
@@ -122,6 +122,7 @@ def run_jpeg2k(data: np.ndarray, targets: list[float], args) -> dict:
         "offset": codec.offset,
         "integer_valued": codec.integer_valued,
         "numthreads": args.j2k_threads,
+        "packing": args.j2k_packing,
         "targets": {},
     }
     cache: dict = {}
@@ -429,6 +430,9 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write all figures as JSON")
     p.add_argument("--bisect-steps", type=int, default=16,
                    help="bisection steps on the OpenJPEG level after bracketing (default 16)")
+    p.add_argument("--j2k-packing", choices=("slices", "components"), default="slices",
+                   help="JPEG2000 packing: one codestream per slice (default, as DICOM stores frames), or one "
+                        "codestream whose components are the slices (each still coded in 2D; a stronger rival)")
     p.add_argument("--j2k-threads", type=int, default=None,
                    help="OpenJPEG numthreads (default: imagecodecs' default, single-threaded)")
     p.add_argument("--ft-codec", default=None, help="fedtensor codec= argument (default: library default)")
@@ -514,7 +518,7 @@ def main(argv=None) -> int:
                     "repeat": args.repeat,
                     "codecs": codecs,
                     "bisect_steps": args.bisect_steps,
-                    "j2k_threads": args.j2k_threads,
+                    "j2k_threads": args.j2k_threads, "j2k_packing": args.j2k_packing,
                     "ft_codec": args.ft_codec,
                     "ft_block": args.ft_block,
                     "reader": reader,

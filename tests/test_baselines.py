@@ -179,3 +179,19 @@ def test_jpeg2k_slicewise_compat(ct_crop):
     out = c.decompress(streams)
     assert out.dtype == ct_crop.dtype and psnr(ct_crop.data, out) > 30
     assert sum(map(len, c.compress(ct_crop.data, 60.0, codecformat="JP2"))) > sum(map(len, streams))
+
+
+def test_jpeg2k_one_codestream_of_slice_components(ct_crop):
+    """Components = slices, no inter-component transform: each slice still coded in 2D; one header."""
+    _skip_unavailable("jpeg2000")
+    from fedtensor.baselines.jpeg2000 import Jpeg2kSlicewise
+
+    per_slice = Jpeg2kSlicewise(ct_crop.data)
+    one = Jpeg2kSlicewise(ct_crop.data, packing="components")
+    streams = one.compress(ct_crop.data, 60.0)
+    assert len(streams) == 1
+    out = one.decompress(streams)
+    assert out.shape == ct_crop.shape and out.dtype == ct_crop.dtype and psnr(ct_crop.data, out) > 30
+    assert len(streams[0]) < sum(map(len, per_slice.compress(ct_crop.data, 60.0)))
+    with pytest.raises(ValueError, match="packing"):
+        Jpeg2kSlicewise(ct_crop.data, packing="volume")

@@ -64,11 +64,18 @@ class Jpeg2kSlicewise:
 
     ``compress(data, level, codecformat="J2K")`` returns one codestream per slice ``data[:, :, k]``
     (``"JP2"`` adds the JP2 container); ``decompress(streams)`` restores the volume's dtype.
+
+    ``packing="components"``: one codestream whose components are the slices (no inter-component
+    transform: each slice is still coded in 2D on its own), so the main header is paid once and the rate
+    is allocated across all slices at once; a stronger rival than one codestream per slice (as DICOM
+    stores J2K frames), up to ~11 % fewer bits on the sample CTs.
     """
 
-    def __init__(self, data: np.ndarray, numthreads: int | None = None):
+    def __init__(self, data: np.ndarray, numthreads: int | None = None, packing: str = "slices"):
+        if packing not in ("slices", "components"):
+            raise ValueError(f"packing must be 'slices' or 'components', got {packing!r}")
         self._ic = _ic()
-        self.shape, self.dtype, self.numthreads = data.shape, data.dtype, numthreads
+        self.shape, self.dtype, self.numthreads, self.packing = data.shape, data.dtype, numthreads, packing
         self.map = UnsignedMap.for_data(data)
         self.integer_valued = self.map.exact
         self.offset = self.map.offset
@@ -76,6 +83,11 @@ class Jpeg2kSlicewise:
         self.store_dtype = self.map.dtype.type
 
     def compress(self, data: np.ndarray, level: float, codecformat: str = "J2K") -> list[bytes]:
+        if self.packing == "components":
+            planes = np.ascontiguousarray(np.moveaxis(self.map.forward(data), 2, 0))
+            return [without_comments(self._ic.jpeg2k_encode(
+                planes, level=float(level), codecformat=codecformat, reversible=False, planar=True, mct=False,
+                bitspersample=self.bitspersample, numthreads=self.numthreads))]
         return [
             without_comments(self._ic.jpeg2k_encode(
                 self.map.forward(data[:, :, k]), level=float(level), codecformat=codecformat, reversible=False,
@@ -84,6 +96,9 @@ class Jpeg2kSlicewise:
         ]
 
     def decompress(self, streams: list[bytes]) -> np.ndarray:
+        if self.packing == "components":  # decoded as (x, y, slice): the volume's own layout
+            return to_dtype(self.map.inverse(self._ic.jpeg2k_decode(streams[0], numthreads=self.numthreads)),
+                            self.dtype)
         out = np.empty(self.shape, dtype=self.dtype)
         for k, b in enumerate(streams):
             out[:, :, k] = to_dtype(self.map.inverse(self._ic.jpeg2k_decode(b, numthreads=self.numthreads)),
