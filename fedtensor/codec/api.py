@@ -406,7 +406,7 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     elif value_range < _MIN_RANGE:
         raise RateError(f"the volume's value range ({value_range:.3g}) is too small for --psnr or --bpv: its "
                         "errors would underflow float64; scale it, or use --max-error")
-    elif np.abs(volume.data).max() > np.finfo(np.float32).max:
+    elif max(-float(volume.data.min()), float(volume.data.max())) > np.finfo(np.float32).max:  # (no copy)
         raise RateError("the volume holds values beyond float32's range (±3.4e38), where the transform codecs "
                         "compute; use --max-error")
     else:
