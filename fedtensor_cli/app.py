@@ -273,7 +273,8 @@ def _not_its_original(ref_dtype, test_dtype, info: dict | None, measured: float)
 
 
 def _warn_mismatches(records: Sequence[dict[str, Any]]) -> None:
-    """One 'warning: …' line on stderr per stream that was tuned for another restoration model."""
+    """One 'warning: …' line on stderr per record that carries one (another restoration model, another
+    original)."""
     for r in records:
         if r.get("warning"):
             typer.echo(f"warning: {Path(r['input']).name}: {r['warning']}", err=True)
@@ -459,8 +460,8 @@ def evaluate(
             info = read_info(data)
             restored = restore(test, info, model, tta=tta)
             record.update(_restored_fields(model, quality(ref.data, restored.data)))
-            record["warning"] = "; ".join(w for w in (record["warning"], model_mismatch(info, model, test.data)) if w)
-            record["warning"] = record["warning"] or None
+            found = [w for w in (record["warning"], model_mismatch(info, model, test.data)) if w]
+            record["warning"] = "; ".join(found) or None
     _warn_mismatches([{**record, "input": decoded}])
     if json_out:
         render.emit_json({"command": "evaluate", **record})
