@@ -38,9 +38,13 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 
 def _run_artefact(p: Path, skip: set[Path]) -> bool:
-    """A directory a run writes (``--out``, ``--cache``, or any model/checkpoint directory), not a series:
-    with ``--out`` inside DATA, a resumed run must not read its own model as a volume."""
-    return p.is_dir() and (p.resolve() in skip or (p / "model.json").is_file() or (p / "checkpoint").is_dir())
+    """A directory a run writes (``--out``, ``--cache``, a model or checkpoint directory, or the
+    checkpoint and cache directories of an ``--out`` that is DATA itself), not a series: a resumed run
+    must not read its own files as a volume."""
+    if not p.is_dir():
+        return False
+    own = p.parent.resolve() in skip and p.name in ("checkpoint", "cache")
+    return own or p.resolve() in skip or (p / "model.json").is_file() or (p / "checkpoint").is_dir()
 
 
 def expand_data(items: list[Path], skip: tuple[Path | None, ...] = ()) -> list[Path]:

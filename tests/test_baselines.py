@@ -195,3 +195,13 @@ def test_jpeg2k_one_codestream_of_slice_components(ct_crop):
     assert len(streams[0]) < sum(map(len, per_slice.compress(ct_crop.data, 60.0)))
     with pytest.raises(ValueError, match="packing"):
         Jpeg2kSlicewise(ct_crop.data, packing="volume")
+
+
+def test_jpeg2k_components_of_a_single_slice(ct_crop):
+    _skip_unavailable("jpeg2000")
+    from fedtensor.baselines.jpeg2000 import Jpeg2kSlicewise
+
+    one_slice = np.ascontiguousarray(ct_crop.data[:, :, :1])
+    c = Jpeg2kSlicewise(one_slice, packing="components")
+    out = c.decompress(c.compress(one_slice, 60.0))
+    assert out.shape == one_slice.shape and psnr(one_slice, out) > 30

@@ -640,3 +640,15 @@ def test_evaluate_warns_when_original_is_not_the_streams_volume(tmp_path: Path, 
     assert result.exit_code == 0, result.output
     assert "is it the volume it was made from?" in result.stderr
     assert json.loads(result.stdout)["warning"]
+
+
+def test_out_equal_to_data_skips_its_own_checkpoint_and_cache(tmp_path: Path) -> None:
+    from fedtensor_cli.train_cmd import expand_data
+
+    data = tmp_path / "vols"
+    for sub in ("checkpoint", "cache", "series"):
+        (data / sub).mkdir(parents=True)
+        (data / sub / "x.dcm").write_bytes(b"")
+    np.save(data / "a.npy", smooth_volume())
+    got = expand_data([data], skip=(data, None))
+    assert sorted(p.name for p in got) == ["a.npy", "series"]  # a real series directory stays

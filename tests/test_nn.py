@@ -316,6 +316,32 @@ def test_a_diverged_run_stops_with_an_error_and_keeps_no_nan_model(sources, tmp_
     assert not (tmp_path / "d" / "model.safetensors").exists()
 
 
+def test_weights_that_diverge_on_an_epochs_last_step_are_caught(sources, tmp_path, monkeypatch):
+    """The losses of an epoch are measured before each update: NaN weights from its last step show only
+    in the weights (and, without validation volumes, nothing else would catch them)."""
+    real, calls = Trainer.train_step, []
+
+    def last_step_diverges(self, params, opt_state, batch, step):
+        params, opt_state, loss = real(self, params, opt_state, batch, step)
+        calls.append(step)
+        if len(calls) == self.cfg.steps_per_epoch:
+            params = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), params)
+        return params, opt_state, loss
+
+    monkeypatch.setattr(Trainer, "train_step", last_step_diverges)
+    with pytest.raises(ModelError, match="training diverged"):
+        train(None, tmp_path / "d", TrainConfig(**{**TRAIN_CFG, "val_fraction": 0.0}), sources=sources)
+    assert not (tmp_path / "d" / "model.safetensors").exists()
+
+
+def test_sources_without_a_digest_are_told_apart_by_content(sources):
+    from fedtensor.nn.data import training_sources
+
+    bare = [dataclasses.replace(s, digest="") for s in sources]
+    train_src, val_src = training_sources(None, None, bare, None, TrainConfig(**TRAIN_CFG), None, lambda *a: None)
+    assert len(train_src) + len(val_src) == len(sources)
+
+
 def test_one_volume_cannot_be_trained_and_validated_on(sources, tmp_path):
     with pytest.raises(ModelError, match="the same volume is given twice"):
         train(None, tmp_path / "t", TrainConfig(**TRAIN_CFG), sources=sources[:1], val_sources=[

@@ -207,7 +207,8 @@ def find_smallest(
     targets of one volume), else by stepping out from ``space.guess(target)`` with doubling steps; it is
     then narrowed by safeguarded secant steps on PSNR(u) that fall back to plain bisection whenever the
     bracket fails to halve, until the feasible end is within ``tol_db`` of the target, the bracket is
-    narrower than ``min_width`` (in u), or ``max_steps`` new evaluations were spent.
+    narrower than ``min_width`` (in u), or ``max_steps`` new evaluations were spent. A space with
+    ``scan`` then spends that many more evaluations on a grid below the lowest-quality feasible trial.
 
     Among all feasible trials, the one with the fewest bytes wins (robust to small non-monotonicities
     of a codec's own rate control). ``evaluate`` may leave ``nbytes`` unset when measuring size is

@@ -97,8 +97,8 @@ class Jpeg2kSlicewise:
 
     def decompress(self, streams: list[bytes]) -> np.ndarray:
         if self.packing == "components":  # decoded as (x, y, slice): the volume's own layout
-            return to_dtype(self.map.inverse(self._ic.jpeg2k_decode(streams[0], numthreads=self.numthreads)),
-                            self.dtype)
+            planes = self._ic.jpeg2k_decode(streams[0], numthreads=self.numthreads).reshape(self.shape)  # 1 slice: 2D
+            return to_dtype(self.map.inverse(planes), self.dtype)
         out = np.empty(self.shape, dtype=self.dtype)
         for k, b in enumerate(streams):
             out[:, :, k] = to_dtype(self.map.inverse(self._ic.jpeg2k_decode(b, numthreads=self.numthreads)),

@@ -65,7 +65,8 @@ from fedtensor.nn.checkpoint import (
 )
 from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, training_sources
 from fedtensor.nn.model import NetConfig, abstract_net
-from fedtensor.nn.train import TrainConfig, Trainer, clear_run, export_model, model_bytes, read_state_meta
+from fedtensor.nn.train import (TrainConfig, Trainer, clear_run, export_model, finite_tree, model_bytes,
+                                read_state_meta)
 from fedtensor.nn.train import write_history as train_history
 
 HISTORY_FIELDS = ("round", "clients", "patches", "train_loss", "val_loss", "val_gain_db", "seconds", "updates_per_s")
@@ -406,7 +407,8 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
             rec["val_loss"], rec["val_gain_db"] = trainer.validate(server.params, val_batches)
         rec["seconds"] = time.perf_counter() - t0
         rec["updates_per_s"] = len(chosen) / t_train if t_train > 0 else None
-        if not all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0)):
+        if not (all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0))
+                and finite_tree(server.params)):
             raise ModelError(f"federated training diverged: non-finite loss in round {rnd} (try a lower --lr, "
                              "--server-lr or --prox-mu)")
         history.append(rec)

@@ -224,10 +224,11 @@ def training_sources(paths: Sequence[Path] | None, val_paths: Sequence[Path] | N
         raise ModelError("no training volumes given")
     seen: dict[str, str] = {}
     for s in [*sources, *(val_sources or [])]:
-        if s.digest in seen:
-            raise ModelError(f"the same volume is given twice ({seen[s.digest]} and {s.label}): a volume is either "
+        digest = s.digest or data_hash(s.original)  # sources built by hand may carry none
+        if digest in seen:
+            raise ModelError(f"the same volume is given twice ({seen[digest]} and {s.label}): a volume is either "
                              "trained on or validated on, once")
-        seen[s.digest] = s.label
+        seen[digest] = s.label
     if val_sources:
         clash = {s.label for s in sources} & {s.label for s in val_sources}
         if clash:

@@ -304,12 +304,13 @@ def read_state_meta(sd: Path, kind: str, fp: str, fields: dict) -> dict:
         meta = json.loads((sd / STATE_JSON).read_text())
     except (OSError, ValueError):
         meta = None
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
-                                             for k, t in fields.items()):
+    if not isinstance(meta, dict):
         raise ModelError(f"corrupted {kind} checkpoint in {sd} (use --force to start over)")
     if meta.get("fingerprint") != fp:
         raise ModelError(f"{sd.parent} holds a {kind} run with other settings or data (or another kind of run); "
                          "use --force to start over, or another --out")
+    if not all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool) for k, t in fields.items()):
+        raise ModelError(f"corrupted {kind} checkpoint in {sd} (use --force to start over)")
     return meta
 
 
@@ -434,7 +435,7 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
             rec["val_loss"], rec["val_gain_db"] = trainer.validate(params, val_batches)
         rec["seconds"] = time.perf_counter() - t_epoch
         rec["patches_per_s"] = n_timed * cfg.batch / t_steps if t_steps > 0 else None
-        if not all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0)):
+        if not (all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0)) and finite_tree(params)):
             raise ModelError(f"training diverged: non-finite loss in epoch {epoch} (try a lower --lr); the "
                              f"checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else
                              "training diverged: non-finite loss in epoch 1 (try a lower --lr)")
@@ -460,6 +461,12 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
             "best_val_loss": man["training"]["best_loss"] if val_labels else None,  # else a training loss
             "history": man["training"]["history"],
             "patches_per_s": _median([r.get("patches_per_s") for r in man["training"]["history"]])}
+
+
+def finite_tree(tree) -> bool:
+    """Every leaf finite (a step's loss is measured before its update: only the weights show a last-step
+    divergence)."""
+    return all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _median(values) -> float | None:
