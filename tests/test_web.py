@@ -229,7 +229,9 @@ def test_failure_inside_the_job_is_shown_not_raised(client, tmp_path, crop_path)
     assert job.state == "failed"
     page = client.get(r.headers["Location"])
     assert page.status_code == 200
-    assert error_text(page) == "--lossless needs integer-valued voxels; use --max-error for float volumes"
+    assert error_text(page) == (
+        "exact coding (--lossless, --max-error 0) needs integer-valued voxels; give this float volume a positive "
+        "--max-error")
     assert client.get(r.headers["Location"] + "/status").json["state"] == "failed"
     assert client.get(r.headers["Location"] + "/download/ftz").status_code == 404
     assert client.get(r.headers["Location"] + "/compare").status_code == 409
