@@ -196,6 +196,10 @@ def _decompress_one(src: Path, dst: Path, *, force: bool, model: Any = None, tta
         t0 = perf_counter()
         vol, warning = restore(vol, info, model, tta=tta), model_mismatch(info, model, vol.data)
         restore_s = perf_counter() - t0
+    elif info.get("model"):  # compress --model chose this rate counting on the restoration
+        tuned = info["model"].get("id") if isinstance(info["model"], dict) else info["model"]
+        warning = (f"this stream was compressed for restoration by model {str(tuned)[:12]}…: without --model it "
+                   "decodes below the quality it was compressed for")
     write_volume(vol, dst, force=force)
     return {
         "ok": True,
@@ -207,7 +211,8 @@ def _decompress_one(src: Path, dst: Path, *, force: bool, model: Any = None, tta
         "compressed_bytes": len(data),
         "output_bytes": dst.stat().st_size,
         "decode_seconds": decode_s,
-        **({"model_id": model.model_id, "restore_seconds": restore_s, "warning": warning} if model is not None else {}),
+        **({"model_id": model.model_id, "restore_seconds": restore_s} if model is not None else {}),
+        **({"warning": warning} if warning else {}),
     }
 
 

@@ -80,8 +80,9 @@ def register(app: typer.Typer) -> None:
             cfg.check()
         except FederationError as err:
             raise UsageFailure(str(err)) from None
-        if out.exists() and not out.is_dir():
-            raise UsageFailure(f"--out must be a directory: {out}")
+        for option, path in (("--out", out), ("--cache", cache)):
+            if path is not None and path.exists() and not path.is_dir():
+                raise UsageFailure(f"{option} must be a directory: {path}")
         volumes = expand_data(list(data), skip=(out, cache))
         val_volumes = expand_data(list(val), skip=(out, cache)) if val else None
         show = render.interactive(json_out)

@@ -124,8 +124,9 @@ def register(app: typer.Typer) -> None:
             raise UsageFailure(str(err)) from None
         volumes = expand_data(list(data), skip=(out, cache))
         val_volumes = expand_data(list(val), skip=(out, cache)) if val else None
-        if out.exists() and not out.is_dir():
-            raise UsageFailure(f"--out must be a directory: {out}")
+        for option, path in (("--out", out), ("--cache", cache)):
+            if path is not None and path.exists() and not path.is_dir():
+                raise UsageFailure(f"{option} must be a directory: {path}")
         show = render.interactive(json_out)
         with _Progress(show) as prog:
             summary = run_training(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,

@@ -652,3 +652,16 @@ def test_out_equal_to_data_skips_its_own_checkpoint_and_cache(tmp_path: Path) ->
     np.save(data / "a.npy", smooth_volume())
     got = expand_data([data], skip=(data, None))
     assert sorted(p.name for p in got) == ["a.npy", "series"]  # a real series directory stays
+
+
+def test_bench_with_an_empty_codec_list_is_a_usage_error(vol_path: Path) -> None:
+    from fedtensor.bench.cli import BenchUsageError, normalize_args
+
+    with pytest.raises(BenchUsageError, match="--codecs names no codec"):
+        normalize_args([str(vol_path)], None, [""])
+
+
+def test_train_refuses_a_cache_that_is_a_file(tmp_path: Path, vol_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    result = run("train", vol_path, "--out", tmp_path / "m", "--cache", tmp_path / "afile")
+    assert_one_error(result, code=2, contains="--cache must be a directory")

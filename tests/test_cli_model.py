@@ -119,6 +119,11 @@ def test_compress_with_model_records_it_and_mismatch_warns(ct_crop, identity_mod
     assert res.exit_code == 0
     warn = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(warn) == 1 and warn[0].startswith("warning: ") and "tuned for" in warn[0]
+    res = run("decompress", out, tmp_path / "plain.npy")  # no --model: say what restoration would add
+    warn = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == 0 and len(warn) == 1 and "without --model it decodes below" in warn[0]
+    res = run("decompress", out, tmp_path / "again.npy", "--json")
+    assert json.loads(res.stdout)["warning"].startswith("this stream was compressed for restoration")
 
 
 def test_compress_bpv_with_model_tags_the_stream(ct_crop, random_model, tmp_path):

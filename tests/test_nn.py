@@ -304,6 +304,7 @@ def test_train_writes_model_and_resumes_identically(sources, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"lr": math.inf}, "must be finite"), ({"clip": math.nan}, "must be finite"), ({"seed": -1}, "seed must be"),
+    ({"blocks": ("8x8",)}, "three sides"), ({"blocks": ()}, "at least one block shape"),
 ])
 def test_train_config_refuses_non_finite_settings(change, message):
     with pytest.raises(ValueError, match=message):

@@ -64,6 +64,8 @@ def normalize_args(volumes: Sequence[str | Path], targets: Sequence[str] | None,
         bad = [t for t in tv if not 0 < t < 400]
         if bad:
             raise BenchUsageError(f"--targets must be PSNRs in dB between 0 and 400, got {bad[0]:g}")
+    if codecs is not None and not c_list:  # `--codecs ""` must not silently mean every codec
+        raise BenchUsageError(f"--codecs names no codec; choose from: {', '.join(NAMES)}")
     unknown = [c for c in c_list if c not in NAMES]
     if unknown:
         raise BenchUsageError(f"unknown codec {unknown[0]!r}; choose from: {', '.join(NAMES)}")

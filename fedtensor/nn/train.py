@@ -111,8 +111,12 @@ class TrainConfig:
             specs = [parse_block(b) for b in self.blocks]
         except ValueError:
             raise ValueError(f"blocks must be 'auto', a side (e.g. 8) or a shape (e.g. 8x8x16), got {self.blocks}") from None
+        if not specs:
+            raise ValueError("blocks must name at least one block shape ('auto', a side, or e.g. 8x8x16)")
+        if any(isinstance(b, tuple) and len(b) != 3 for b in specs):
+            raise ValueError(f"a block shape has three sides (e.g. 8x8x16), got {self.blocks}")
         sides = [v for b in specs if b is not None for v in ((b,) if isinstance(b, int) else b)]
-        if not specs or any(not 2 <= v <= 32 for v in sides):
+        if any(not 2 <= v <= 32 for v in sides):
             raise ValueError("block sides must be between 2 and 32")
         return self
 
