@@ -187,14 +187,14 @@ def _publish_local(data: Path, model_dir: Path, meta: str | None) -> dict:
 def server_config(host: str, max_bytes: int, stage_timeout: float | None) -> dict:
     """The app config of a server listening on ``host``.
 
-    The web interface (no authentication) is on for loopback hosts only, and then answers only requests
-    addressed to a loopback name: a page elsewhere whose name resolves to 127.0.0.1 (DNS rebinding) gets
-    a 400. (Werkzeug cannot match a bracketed IPv6 Host header, so ``::1`` is served without that check.)
+    The web interface (no authentication) is on for loopback hosts only, and the server then answers only
+    requests addressed to a loopback name: a page elsewhere whose name resolves to 127.0.0.1 or ::1 (DNS
+    rebinding) gets a 400.
     """
     config = {"MAX_CONTENT_LENGTH": max_bytes, "FEDTENSOR_ROUND_STAGE_TIMEOUT": stage_timeout,
               "FEDTENSOR_WEB": is_loopback(host)}
-    if config["FEDTENSOR_WEB"] and ":" not in host:
-        config["TRUSTED_HOSTS"] = sorted({"localhost", "127.0.0.1", host})
+    if config["FEDTENSOR_WEB"]:
+        config["FEDTENSOR_ALLOWED_HOSTS"] = sorted({"localhost", "127.0.0.1", "::1", host.strip("[]").lower()})
     return config
 
 

@@ -752,7 +752,19 @@ def test_loopback_web_interface_refuses_foreign_host_names(tmp_path):
     assert local.get("/", headers={"Host": "127.0.0.1:8000"}).status_code == 200
     assert local.get("/", headers={"Host": "localhost:8000"}).status_code == 200
     assert local.get("/federation", headers={"Host": "attacker.example:8000"}).status_code == 400
+    assert local.get("/api/v1/health", headers={"Host": "attacker.example"}).status_code == 400
     assert server_config("0.0.0.0", 1 << 20, None)["FEDTENSOR_WEB"] is False
+    v6 = create_app(tmp_path / "v6", config={"TESTING": True, **server_config("::1", 1 << 20, None)}).test_client()
+    assert v6.get("/", headers={"Host": "[::1]:8000"}).status_code == 200
+    assert v6.get("/", headers={"Host": "[::2]:8000"}).status_code == 400
+
+
+@pytest.mark.parametrize("host, name", [("[::1]:8000", "::1"), ("[::1]", "::1"), ("LocalHost:80", "localhost"),
+                                        ("127.0.0.1", "127.0.0.1"), ("::1", "::1")])
+def test_host_names_are_parsed_without_their_port(host, name):
+    from fedtensor.serve.app import host_name
+
+    assert host_name(host) == name
 
 
 def test_a_damaged_newest_version_does_not_block_the_next_publish(svc, models):

@@ -20,7 +20,7 @@ import secrets
 from pathlib import Path
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 
 from fedtensor.errors import FedtensorError
 from fedtensor.serve.api import ApiError
@@ -74,6 +74,15 @@ def _json_error(status: int, message: str, headers: dict | None = None):
     return resp
 
 
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8000`` → ``::1``, ``localhost:80`` →
+    ``localhost`` (lower case)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _is_api() -> bool:
     return request.path == API_PREFIX or request.path.startswith(API_PREFIX + "/")
 
@@ -117,6 +126,15 @@ def create_app(data_dir: str | os.PathLike, *, config: dict | None = None) -> Fl
         from fedtensor.serve import web
 
         app.register_blueprint(web.bp)
+
+    allowed = app.config.get("FEDTENSOR_ALLOWED_HOSTS")
+    if allowed:
+        names = {str(h).lower() for h in allowed}
+
+        @app.before_request
+        def _host_check():  # DNS rebinding: a foreign page resolving its name to our address
+            if host_name(request.host) not in names:
+                raise BadRequest(f"requests must be addressed to {', '.join(sorted(names))}")
 
     # The API always answers JSON errors, never an HTML page or a stack trace.
     @app.errorhandler(ApiError)
