@@ -212,7 +212,7 @@ def _decompress_one(src: Path, dst: Path, *, force: bool, model: Any = None, tta
         "output_bytes": dst.stat().st_size,
         "decode_seconds": decode_s,
         **({"model_id": model.model_id, "restore_seconds": restore_s} if model is not None else {}),
-        **({"warning": warning} if warning else {}),
+        **({"warning": warning} if warning or model is not None else {}),  # (with --model: always, maybe None)
     }
 
 
