@@ -18,7 +18,7 @@ from flax import nnx
 from typer.testing import CliRunner
 
 from fedtensor.codec import decompress, read_info
-from fedtensor.io import Volume, read_volume
+from fedtensor.io import read_volume
 from fedtensor.metrics import psnr
 from fedtensor.nn import NetConfig, load_model, new_net, restore, save_model
 from fedtensor_cli.app import app
