@@ -14,7 +14,8 @@ import typer
 
 from fedtensor_cli import render
 from fedtensor_cli.errors import UsageFailure, cli_errors
-from fedtensor_cli.train_cmd import DataArgument, ModelDirOption, PhaseProgress, _floats, _ints, expand_data
+from fedtensor_cli.train_cmd import (DataArgument, ModelDirOption, PhaseProgress, _floats, _ints, curve_files,
+                                     run_inputs)
 
 
 def register(app: typer.Typer) -> None:
@@ -80,18 +81,13 @@ def register(app: typer.Typer) -> None:
             cfg.check()
         except FederationError as err:
             raise UsageFailure(str(err)) from None
-        for option, path in (("--out", out), ("--cache", cache)):
-            if path is not None and path.exists() and not path.is_dir():
-                raise UsageFailure(f"{option} must be a directory: {path}")
-        volumes = expand_data(list(data), skip=(out, cache))
-        val_volumes = expand_data(list(val), skip=(out, cache)) if val else None
+        volumes, val_volumes = run_inputs(list(data), list(val) if val else None, out, cache)
         show = render.interactive(json_out)
         on_version = _publisher(publish) if publish is not None else None
         with _Progress(show) as prog:
             summary = run_federation(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
                                      progress=prog, on_version=on_version)
-        png = out / "loss.png"  # absent when the plot could not be drawn (the CSV always is there)
-        summary = {**summary, "history_csv": str(out / "history.csv"), "loss_png": str(png) if png.is_file() else None}
+        summary = {**summary, **curve_files(out)}
         if json_out:
             render.emit_json({"command": "federate", **summary})
         else:

@@ -47,6 +47,22 @@ def _run_artefact(p: Path, skip: set[Path]) -> bool:
     return own or p.resolve() in skip or (p / "model.json").is_file() or (p / "checkpoint").is_dir()
 
 
+def run_inputs(data: list[Path], val: list[Path] | None, out: Path, cache: Path | None
+               ) -> tuple[list[Path], list[Path] | None]:
+    """``(volumes, validation volumes)`` of a ``train``/``federate`` run, after checking that ``--out``
+    and ``--cache`` can be directories; the run's own directories inside DATA are never volumes."""
+    for option, path in (("--out", out), ("--cache", cache)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise UsageFailure(f"{option} must be a directory: {path}")
+    return expand_data(data, skip=(out, cache)), (expand_data(val, skip=(out, cache)) if val else None)
+
+
+def curve_files(out: Path) -> dict:
+    """The loss-curve files of a run in ``out`` (the PNG is absent when the plot could not be drawn)."""
+    png = out / "loss.png"
+    return {"history_csv": str(out / "history.csv"), "loss_png": str(png) if png.is_file() else None}
+
+
 def expand_data(items: list[Path], skip: tuple[Path | None, ...] = ()) -> list[Path]:
     """Volume files and DICOM series as given; a batch directory contributes each of its volumes (but not
     the ``skip`` directories, nor other model or checkpoint directories in it)."""
@@ -122,17 +138,12 @@ def register(app: typer.Typer) -> None:
             cfg.check()
         except ValueError as err:
             raise UsageFailure(str(err)) from None
-        volumes = expand_data(list(data), skip=(out, cache))
-        val_volumes = expand_data(list(val), skip=(out, cache)) if val else None
-        for option, path in (("--out", out), ("--cache", cache)):
-            if path is not None and path.exists() and not path.is_dir():
-                raise UsageFailure(f"{option} must be a directory: {path}")
+        volumes, val_volumes = run_inputs(list(data), list(val) if val else None, out, cache)
         show = render.interactive(json_out)
         with _Progress(show) as prog:
             summary = run_training(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
                                    progress=prog)
-        png = out / "loss.png"  # absent when the plot could not be drawn (the CSV always is there)
-        summary = {**summary, "history_csv": str(out / "history.csv"), "loss_png": str(png) if png.is_file() else None}
+        summary = {**summary, **curve_files(out)}
         if json_out:
             render.emit_json({"command": "train", **summary})
         else:
