@@ -48,6 +48,7 @@ from fedtensor.federated.simulation import (
     local_updates_vmapped,
     round_vmapped,
     sample_clients,
+    sampled_count,
     secure_mean_delta,
 )
 from fedtensor.nn.checkpoint import (
@@ -65,7 +66,7 @@ from fedtensor.nn.checkpoint import (
 )
 from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, training_sources
 from fedtensor.nn.model import NetConfig, abstract_net
-from fedtensor.nn.train import (TrainConfig, Trainer, clear_run, export_model, finite_tree, model_bytes,
+from fedtensor.nn.train import (TrainConfig, Trainer, clear_run, export_model, finite_epoch, model_bytes,
                                 read_state_meta)
 from fedtensor.nn.train import write_history as train_history
 
@@ -108,7 +109,7 @@ class FederateConfig:
             raise FederationError("patches per client must be ≥ 0")
         parse_partition(self.partition)
         self.fed_config().check()
-        if self.secure_agg and max(1, int(round(self.sample_fraction * self.clients))) < 2:
+        if self.secure_agg and sampled_count(self.clients, self.sample_fraction) < 2:
             raise FederationError("secure aggregation needs at least 2 clients per round (raise --clients or "
                                   "--sample-fraction)")
         try:
@@ -383,8 +384,7 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
         params, opt_state, best, meta = _load_state(out_dir, server, fp)
         server.params, server.opt_state = params, opt_state
         history, best_round, start = meta["history"], meta["best_round"], meta["round"] + 1
-        best_loss = meta.get("best_loss")
-        best_loss = float(best_loss) if isinstance(best_loss, (int, float)) else math.inf
+        best_loss = meta["best_loss"]
         if start <= cfg.rounds or not (out_dir / MODEL_FILE).exists():  # repair a torn model directory
             export_model(out_dir, best, trainer.net_config,
                          _manifest(cfg, train_labels, val_labels, history, best_round, best_loss, fp, alloc, kinds))
@@ -407,8 +407,7 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
             rec["val_loss"], rec["val_gain_db"] = trainer.validate(server.params, val_batches)
         rec["seconds"] = time.perf_counter() - t0
         rec["updates_per_s"] = len(chosen) / t_train if t_train > 0 else None
-        if not (all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0))
-                and finite_tree(server.params)):
+        if not finite_epoch(rec, server.params):
             raise ModelError(f"federated training diverged: non-finite loss in round {rnd} (try a lower --lr, "
                              "--server-lr or --prox-mu)")
         history.append(rec)

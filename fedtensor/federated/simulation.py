@@ -234,9 +234,13 @@ def _server_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     return _SERVER_OPTS[name, lr]
 
 
+def sampled_count(n_clients: int, fraction: float) -> int:
+    """How many of ``n_clients`` a round samples (at least one)."""
+    return max(1, int(round(fraction * n_clients)))
+
+
 def sample_clients(n_clients: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    k = max(1, int(round(fraction * n_clients)))
-    return np.sort(rng.choice(n_clients, size=k, replace=False))
+    return np.sort(rng.choice(n_clients, size=sampled_count(n_clients, fraction), replace=False))
 
 
 def _round_inputs(server: Server, data: ClientData, key, rng: np.random.Generator):

@@ -65,6 +65,11 @@ def tree_to_bytes(tree: Any, metadata: dict[str, str] | None = None) -> bytes:
     return stn.save(flat, metadata=metadata)
 
 
+def finite_tree(tree: Any) -> bool:
+    """Every leaf of a pytree of arrays finite (weights of a diverged run are not)."""
+    return all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(tree))
+
+
 def tree_from_bytes(template: Any, data: bytes, what: str) -> Any:
     """Fill ``template``'s structure with the arrays stored in ``data`` (shapes and dtypes checked)."""
     import safetensors.numpy as stn

@@ -30,6 +30,7 @@ from flax import nnx
 from fedtensor.nn.checkpoint import (
     FORMAT,
     ModelError,
+    finite_tree,
     read_model_bytes,
     safetensors_metadata,
     tree_from_bytes,
@@ -89,7 +90,7 @@ def model_from_bytes(data: bytes, model_id: str = "", manifest: dict | None = No
         raise ModelError("not a fedtensor restoration model (missing or bad architecture metadata)") from None
     graphdef, abstract = abstract_net(config)
     state = tree_from_bytes(abstract, data, "model checkpoint")
-    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state)):
+    if not finite_tree(state):
         raise ModelError("the model's weights are not all finite (from a diverged training run?)")
     net = nnx.merge(graphdef, jax.tree_util.tree_map(jnp.asarray, state))
     return RestorationModel(net, model_id, config, manifest or {}, path)

@@ -43,6 +43,7 @@ from fedtensor.nn.checkpoint import (
     STATE_FILE,
     STATE_JSON,
     ModelError,
+    finite_tree,
     sha256_hex,
     tree_from_bytes,
     tree_to_bytes,
@@ -303,7 +304,8 @@ def clear_run(out_dir: Path) -> None:
 def read_state_meta(sd: Path, kind: str, fp: str, fields: dict) -> dict:
     """The checkpoint record ``state.json`` of a ``kind`` run ("training", "federation"), checked: a dict
     with ``fields`` of their types, of this run's fingerprint ``fp`` (checked before any weights are read,
-    so a run with other settings is named as such, not as an architecture mismatch)."""
+    so a run with other settings is named as such, not as an architecture mismatch); its ``best_loss`` as
+    a float (∞ when none was recorded)."""
     try:
         meta = json.loads((sd / STATE_JSON).read_text())
     except (OSError, ValueError):
@@ -315,6 +317,8 @@ def read_state_meta(sd: Path, kind: str, fp: str, fields: dict) -> dict:
                          "use --force to start over, or another --out")
     if not all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool) for k, t in fields.items()):
         raise ModelError(f"corrupted {kind} checkpoint in {sd} (use --force to start over)")
+    best = meta.get("best_loss")  # None (JSON has no ∞) until a finite score was seen
+    meta["best_loss"] = float(best) if isinstance(best, (int, float)) and not isinstance(best, bool) else math.inf
     return meta
 
 
@@ -401,8 +405,7 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
     if state_json.exists():
         params, opt_state, best, meta = _load_state(out_dir, trainer, fp)
         history = meta["history"]
-        best_loss = meta.get("best_loss")
-        best_loss = float(best_loss) if isinstance(best_loss, (int, float)) else math.inf
+        best_loss = meta["best_loss"]
         best_epoch, bad = meta["best_epoch"], meta["bad_epochs"]
         start_epoch = meta["epoch"] + 1
         finished = _stops(cfg, meta["epoch"], bad, bool(val_batches))  # under this run's stopping rule
@@ -439,10 +442,9 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
             rec["val_loss"], rec["val_gain_db"] = trainer.validate(params, val_batches)
         rec["seconds"] = time.perf_counter() - t_epoch
         rec["patches_per_s"] = n_timed * cfg.batch / t_steps if t_steps > 0 else None
-        if not (all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0)) and finite_tree(params)):
-            raise ModelError(f"training diverged: non-finite loss in epoch {epoch} (try a lower --lr); the "
-                             f"checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else
-                             "training diverged: non-finite loss in epoch 1 (try a lower --lr)")
+        if not finite_epoch(rec, params):
+            kept = f"; the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else ""
+            raise ModelError(f"training diverged: non-finite loss in epoch {epoch} (try a lower --lr){kept}")
         history.append(rec)
         score = rec["val_loss"] if rec["val_loss"] is not None else rec["train_loss"]
         if score < best_loss * (1 - 1e-4) or not val_batches:
@@ -467,10 +469,10 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
             "patches_per_s": _median([r.get("patches_per_s") for r in man["training"]["history"]])}
 
 
-def finite_tree(tree) -> bool:
-    """Every leaf finite (a step's loss is measured before its update: only the weights show a last-step
-    divergence)."""
-    return all(bool(jnp.isfinite(x).all()) for x in jax.tree_util.tree_leaves(tree))
+def finite_epoch(rec: dict, params) -> bool:
+    """Whether an epoch's (or round's) losses and the weights it ends with are all finite. A step's loss
+    is measured before its update: only the weights show a divergence in the last step."""
+    return all(math.isfinite(v) for v in (rec["train_loss"], rec["val_loss"] or 0.0)) and finite_tree(params)
 
 
 def _median(values) -> float | None:
