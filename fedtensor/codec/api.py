@@ -225,14 +225,14 @@ def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bp
     return best
 
 
-def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict):
+def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict,
+           value_range: float):
     """Transform codecs under a PSNR floor or a bits-per-voxel ceiling.
 
     ``block-tucker`` streams over slabs along axis 0 (:mod:`fedtensor.codec.stream`): memory stays
     bounded by one slab's working set plus the coded bytes.
     """
     x = volume.data
-    value_range = float(x.max()) - float(x.min())
     n = x.size
     offset, scale = normalization(x)
     target_psnr = psnr if psnr is not None else 45.0  # bpv mode: sizes ranks and blocks for a typical target
@@ -305,8 +305,9 @@ def _constant(volume: Volume, header: dict) -> bytes:
                  "stats": {"psnr": math.inf, "max_abs_error": 0.0}}, [])
 
 
-def _exact(volume: Volume, max_error: float | None, header: dict) -> bytes:
-    """Lossless (``max_error`` None or < 1 on integers) or near-lossless on a grid of step 2E."""
+def _exact(volume: Volume, max_error: float | None, header: dict, value_range: float) -> bytes:
+    """Lossless (``max_error`` None or < 1 on integers) or near-lossless on a grid of step 2E
+    (``value_range``: max − min of the volume)."""
     data = volume.data
     integer = data.dtype.kind in "iu"
     if max_error is None:
@@ -319,13 +320,12 @@ def _exact(volume: Volume, max_error: float | None, header: dict) -> bytes:
         params, sections = lossless.encode_integers(data.astype(np.int64) - offset)
         return pack({**header, "codec": "lossless", "params": {**params, "offset": offset, "step": 1},
                      "stats": {"psnr": math.inf, "max_abs_error": 0.0}}, sections)
-    value_range = float(data.max()) - float(data.min())
     max_error = min(max_error, value_range)  # any bound beyond the range: one grid point, the minimum
     if integer:
         e = int(math.floor(max_error))
         k, offset = 2 * e + 1, int(data.min())
         q = (data.astype(np.int64) - offset + e) // k
-        return _pack_grid(data, q, k, offset, header, max_error)
+        return _pack_grid(data, q, k, offset, header, max_error, value_range)
     x = data.astype(np.float64)
     offset = float(x.min())
     step = 2.0 * max_error
@@ -335,18 +335,17 @@ def _exact(volume: Volume, max_error: float | None, header: dict) -> bytes:
             raise RateError(f"--max-error {max_error} is too small for this volume's range")
         decoded = to_dtype(offset + q * step, data.dtype)
         if float(np.max(np.abs(decoded - x))) <= max_error:
-            return _pack_grid(data, q.astype(np.int64), step, offset, header, max_error)
+            return _pack_grid(data, q.astype(np.int64), step, offset, header, max_error, value_range)
         step *= 1 - 1e-6  # the output dtype's rounding ate into the bound: tighten the grid
     raise RateError(f"--max-error {max_error} is below the precision of this {data.dtype} volume")
 
 
-def _pack_grid(data, q, step, offset, header, max_error) -> bytes:
+def _pack_grid(data, q, step, offset, header, max_error, value_range) -> bytes:
     params, sections = lossless.encode_integers(q)
     decoded = _dequantize_grid(q, step, offset, data.dtype)
     sse, err = stream.error_stats(data, decoded)
     if err > max_error:  # the guarantee is checked, never assumed
         raise FedtensorError(f"internal error: max-error bound violated ({err} > {max_error})")
-    value_range = float(data.max()) - float(data.min())
     stats = {"psnr": _psnr_from_sse(sse, data.size, value_range), "max_abs_error": err}
     return pack({**header, "codec": "max-error", "params": {**params, "step": step, "offset": offset},
                  "stats": stats}, sections)
@@ -396,21 +395,22 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         "target": {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)},
         "modality": volume.meta.get("modality") or volume.meta.get("Modality"), "model": None,
     }
-    value_range = float(volume.data.max()) - float(volume.data.min())
+    lo, hi = float(volume.data.min()), float(volume.data.max())  # one pass each, shared by every mode
+    value_range = hi - lo
     if value_range == 0:
         blob = _constant(volume, header)
     elif lossless or (max_error is not None and (max_error == 0 or max_error < 1 and volume.dtype.kind in "iu")):
-        blob = _exact(volume, None, header)
+        blob = _exact(volume, None, header, value_range)
     elif max_error is not None:
-        blob = _exact(volume, max_error, header)
+        blob = _exact(volume, max_error, header, value_range)
     elif value_range < _MIN_RANGE:
         raise RateError(f"the volume's value range ({value_range:.3g}) is too small for --psnr or --bpv: its "
                         "errors would underflow float64; scale it, or use --max-error")
-    elif max(-float(volume.data.min()), float(volume.data.max())) > np.finfo(np.float32).max:  # (no copy)
+    elif max(-lo, hi) > np.finfo(np.float32).max:
         raise RateError("the volume holds values beyond float32's range (±3.4e38), where the transform codecs "
                         "compute; use --max-error")
     else:
-        blob = _lossy(volume, codec, block, psnr, bpv, header)
+        blob = _lossy(volume, codec, block, psnr, bpv, header, value_range)
     return blob
 
 
