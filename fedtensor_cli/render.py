@@ -210,7 +210,13 @@ def _compact(value: Any) -> str:
 
 
 def info_table(info: Mapping[str, Any]) -> Table:
-    return _kv_table("fedtensor info", [(str(k), _compact(v)) for k, v in info.items()])
+    return _kv_table("fedtensor info", [(str(k), _info_value(str(k), v)) for k, v in info.items()])
+
+
+def _info_value(key: str, value: Any) -> str:
+    if key == "adaptation" and isinstance(value, str):  # base64 float16 coefficients: their size says enough
+        return f"restoration output layer fitted to this stream ({len(value) * 3 // 4} bytes of float16)"
+    return _compact(value)
 
 
 def batch_table(title: str, records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Table:

@@ -172,3 +172,26 @@ def test_corrupted_model_is_a_one_line_error(stream, identity_model, tmp_path):
     (bad / "model.safetensors").write_bytes(bytes(blob))
     one_error(run("decompress", stream, tmp_path / "d.npy", "--model", bad), "")
     assert not (tmp_path / "d.npy").exists()
+
+
+def test_a_stream_with_a_fitted_layer_is_restored_with_it(ct_crop, stream, random_model, tmp_path):
+    """decompress/evaluate --model use the output layer the encoder fitted (fedtensor.nn.adapt); info
+    summarises it instead of printing its base64."""
+    from fedtensor.nn import tag_stream
+    from fedtensor.nn.adapt import encode_adaptation, fit_adaptation
+
+    data, model = stream.read_bytes(), load_model(random_model)
+    decoded, orig = decompress(data), np.load(ct_crop)
+    coef = fit_adaptation(model, decoded.data, read_info(data), orig, inputs=True)
+    tagged = tmp_path / "adapted.ftz"
+    tagged.write_bytes(tag_stream(data, model.model_id, adaptation=coef))
+    run_json("decompress", tagged, tmp_path / "r.npy", "--model", random_model)
+    want = restore(decoded, read_info(tagged.read_bytes()), model).data
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npy"), want)
+    plain = restore(decoded, read_info(data), model).data
+    assert psnr(orig, want) > max(psnr(orig, plain), psnr(orig, decoded.data))
+    rec = run_json("evaluate", ct_crop, tagged, "--model", random_model)
+    assert rec["psnr_db_restored"] == pytest.approx(psnr(orig, want), abs=1e-9)
+    shown = run("info", tagged)
+    assert shown.exit_code == 0 and "output layer fitted" in shown.stdout and "816 bytes" in shown.stdout
+    assert encode_adaptation(coef)[:24] not in shown.stdout

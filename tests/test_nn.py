@@ -497,15 +497,17 @@ def test_cli_train(volume_files, tmp_path):
 
 
 def test_compress_for_quality_meets_the_target_with_restoration(tmp_path):
-    from fedtensor.codec import read_info
+    from fedtensor.codec import compress, read_info
     from fedtensor.metrics import psnr
 
     vol = Volume(phantom((40, 36, 20), seed=5))
     d = tmp_path / "identity"
-    mid = save_model(new_net(TINY), d)  # untrained: restoration is the identity, so no rate can be saved
+    mid = save_model(new_net(TINY), d)  # untrained: restoration is the identity (but for a fitted layer)
     data = compress_for_quality(vol, d, psnr=34.0, block=8, iterations=2)
     info = read_info(data)
-    assert info["model"] == mid and info["restoration"]["psnr"] >= 34.0
+    assert len(data) <= len(compress(vol, psnr=34.0, block=8))
+    if info["model"] is not None:  # a cheaper stream was found: it records what it counted on
+        assert info["model"] == mid and info["restoration"]["psnr"] >= 34.0
     assert psnr(vol.data, decompress_restored(data, d).data) >= 34.0
 
 
@@ -516,3 +518,127 @@ def test_model_warns_on_a_codec_it_was_not_trained_on(rmodel):
     warning = model_mismatch({"codec": "omlsvd-global"}, bt_only)
     assert "trained on block-tucker streams only and this one is omlsvd-global" in warning
     assert model_mismatch({"codec": "block-tucker"}, bt_only) is None
+
+
+# ------------------------------------------------------------------------------- per-stream adaptation
+
+
+def test_identity_adaptation_is_the_plain_net(rmodel):
+    from fedtensor.nn.model import identity_adaptation
+
+    data = phantom((32, 28, 20), seed=4)
+    norm = normaliser_for(data)
+    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
+    x = norm.net_input(data, s)
+    plain = correction_map(rmodel, x, block, cond, tile=None)
+    same = correction_map(rmodel, x, block, cond, tile=None, coef=identity_adaptation(TINY.channels[0]))
+    np.testing.assert_allclose(same, plain, atol=1e-5 * float(np.abs(plain).max()), rtol=0)
+
+
+@pytest.fixture(scope="module")
+def adapted_case(rmodel):
+    """A real block-tucker stream of a phantom, its decoded volume and the fitted output layer."""
+    from fedtensor.codec import compress, decompress, read_info
+    from fedtensor.nn.adapt import fit_adaptation
+
+    vol = Volume(phantom((72, 64, 40), seed=6))
+    data = compress(vol, psnr=34, block=8)
+    info, dec = read_info(data), decompress(data)
+    return vol, data, info, dec, fit_adaptation(rmodel, dec.data, info, vol.data, tile=64)
+
+
+def test_fitted_adaptation_never_does_worse_than_the_plain_net(rmodel, adapted_case):
+    """The least-squares space contains the plain net: the fit restores at least as well, and here (a
+    random net, whose plain correction is noise) it turns a loss into a gain."""
+    from fedtensor.codec import read_info
+    from fedtensor.metrics import psnr
+
+    vol, data, info, dec, coef = adapted_case
+    assert coef.shape == (8, TINY.channels[0] + 3) and np.array_equal(coef, coef.astype(np.float16))
+    tagged = tag_stream(data, rmodel.model_id, adaptation=coef)
+    base = psnr(vol.data, dec.data)
+    plain = psnr(vol.data, restore(dec, info, rmodel).data)
+    adapted = psnr(vol.data, restore(dec, read_info(tagged), rmodel).data)
+    assert plain < base < adapted
+    assert len(tagged) - len(data) < 600  # 8 × 11 float16 + the model id, in the header
+
+
+def test_adaptation_fit_does_not_depend_on_the_tiling(rmodel, adapted_case):
+    from fedtensor.nn.adapt import fit_adaptation
+
+    vol, _, info, dec, coef = adapted_case
+    whole = fit_adaptation(rmodel, dec.data, info, vol.data, tile=None)
+    np.testing.assert_allclose(whole, coef, rtol=2e-3, atol=2e-3 * float(np.abs(coef).max()))
+
+
+def test_adaptation_is_used_only_with_its_model_and_checked(rmodel, adapted_case):
+    import base64
+
+    from fedtensor.codec import read_info
+    from fedtensor.errors import FormatError
+    from fedtensor.nn.adapt import HEADER_KEY, stream_adaptation
+
+    vol, data, info, dec, coef = adapted_case
+    tagged_info = read_info(tag_stream(data, rmodel.model_id, adaptation=coef))
+    np.testing.assert_array_equal(stream_adaptation(tagged_info, rmodel), coef)
+    other = read_info(tag_stream(data, "f" * 64, adaptation=coef))
+    assert stream_adaptation(other, rmodel) is None  # fitted on another model's features: not applied
+    np.testing.assert_array_equal(restore(dec, other, rmodel).data, restore(dec, info, rmodel).data)
+    np.testing.assert_array_equal(restore_array(dec.data, tagged_info, rmodel, adapted=False),
+                                  restore_array(dec.data, info, rmodel))
+    # fitted to the single pass: test-time augmentation is not applied on top
+    np.testing.assert_array_equal(restore(dec, tagged_info, rmodel, tta=True).data, restore(dec, tagged_info, rmodel).data)
+    large = np.zeros((8, coef.shape[1] + 40), np.float32)
+    large_info = read_info(tag_stream(data, rmodel.model_id, adaptation=large))
+    np.testing.assert_array_equal(stream_adaptation(large_info, rmodel), large)
+    retagged = read_info(tag_stream(tag_stream(data, rmodel.model_id, adaptation=coef), rmodel.model_id))
+    assert HEADER_KEY not in retagged  # a re-tag drops the old stream's fit
+    bad_values = [
+        "not base64!",
+        base64.b64encode(b"\0" * 10).decode(),  # wrong length
+        base64.b64encode(np.full(coef.size, np.inf, "<f2").tobytes()).decode(),
+        base64.b64encode(np.full(coef.size, 6e4, "<f2").tobytes()).decode(),
+        12,
+    ]
+    for value in bad_values:
+        with pytest.raises(FormatError, match="adaptation"):
+            stream_adaptation({**tagged_info, HEADER_KEY: value}, rmodel)
+
+
+def test_compress_for_quality_sends_the_fitted_layer_only_when_it_pays(rmodel, tmp_path, monkeypatch):
+    """Every candidate stream is fitted once (one pass of the net gives both restored PSNRs) and the
+    header bytes count: a fit that gains too little (a random net's features, here) leaves the plain
+    stream."""
+    import fedtensor.nn.adapt as adapt
+    from fedtensor.codec import compress
+
+    vol = Volume(phantom((48, 44, 24), seed=7))
+    d = tmp_path / "random"
+    save_model(rmodel.net, d)
+    real_fit, steps = adapt.fit, []
+
+    def fit(model, decoded, info, original, tile=None):
+        steps.append(info["params"]["step"])
+        return real_fit(model, decoded, info, original, tile=tile)
+
+    monkeypatch.setattr(adapt, "fit", fit)
+    assert compress_for_quality(vol, d, psnr=34.0, block=8, iterations=3) == compress(vol, psnr=34.0, block=8)
+    assert len(steps) == len(set(steps)) == 4  # the target's stream and 3 bisection candidates
+
+
+def test_fit_predicts_the_restored_errors(rmodel, adapted_case):
+    """The search reads the restored PSNRs off the normal equations: they are the float restorations'.
+    The large layer (with a filter of the inputs) fits at least as well as the small one."""
+    from fedtensor.codec import read_info
+    from fedtensor.nn.adapt import fit
+
+    vol, data, info, dec, coef = adapted_case
+    found = fit(rmodel, dec.data, info, vol.data, tile=64)
+    np.testing.assert_array_equal(found.small[0], coef)
+    assert found.large[0].shape == (8, TINY.channels[0] + 3 + 40)
+    orig = vol.data.astype(np.float64)
+    for c, sse in found.options():
+        header = info if c is None else read_info(tag_stream(data, rmodel.model_id, adaptation=c))
+        exact = float(np.sum((orig - restore_array(dec.data, header, rmodel, tile=64)) ** 2))
+        assert sse == pytest.approx(exact, rel=1e-4)
+    assert found.large[1] <= found.small[1] < found.sse_plain

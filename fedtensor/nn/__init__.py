@@ -11,7 +11,8 @@ Library entry points (heavy imports happen here, so import this package lazily f
 
 Modules: :mod:`.model` (the net), :mod:`.normalize` (intensities, conditioning), :mod:`.data` (codec
 pairs, cache, split, patches), :mod:`.train` (optax loop, checkpoints, history), :mod:`.infer` (tiled
-inference, restore, evaluate, rate search), :mod:`.checkpoint` (model directories, ids, errors).
+inference, restore, evaluate, rate search), :mod:`.adapt` (the output layer the encoder fits to a
+stream), :mod:`.checkpoint` (model directories, ids, errors).
 """
 
 from fedtensor.nn.checkpoint import ModelError, model_id

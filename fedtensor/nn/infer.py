@@ -15,6 +15,7 @@ rounding, and the seams are blended rather than cut.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import warnings
 from functools import partial
@@ -64,18 +65,39 @@ class RestorationModel:
     def short_id(self) -> str:
         return self.model_id[:12]
 
-    def apply(self, x: np.ndarray, cond: np.ndarray) -> np.ndarray:
-        """The net on a batch: ``x (N,D,H,W,IN_CHANNELS)``, ``cond (N,4)`` → correction ``(N,D,H,W)``."""
+    def apply(self, x: np.ndarray, cond: np.ndarray, coef: np.ndarray | None = None) -> np.ndarray:
+        """The net on a batch: ``x (N,D,H,W,IN_CHANNELS)``, ``cond (N,4)`` → correction ``(N,D,H,W)``;
+        with ``coef``, through the per-stream output layer (:mod:`fedtensor.nn.adapt`)."""
+        x, cond = jnp.asarray(x, jnp.float32), jnp.asarray(cond, jnp.float32)
+        if coef is None:
+            return np.asarray(_run(*self._split(), x, cond))
+        return np.asarray(_run_adapted(*self._split(), x, cond, jnp.asarray(coef, jnp.float32)))
+
+    def parts(self, x: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`~fedtensor.nn.model.RestorationNet.parts` on a batch, as numpy arrays."""
+        return tuple(np.asarray(a) for a in _parts(*self._split(), jnp.asarray(x, jnp.float32),
+                                                   jnp.asarray(cond, jnp.float32)))
+
+    def _split(self):
         if self._apply is None:
             self._apply = nnx.split(self.net)
-        graphdef, state = self._apply
-        return np.asarray(_run(graphdef, state, jnp.asarray(x, jnp.float32), jnp.asarray(cond, jnp.float32)))
+        return self._apply
+
+
+# One compiled function per architecture and input shape, shared by all models.
+@partial(jax.jit, static_argnums=0)
+def _run(graphdef, state, x, cond):
+    return nnx.merge(graphdef, state)(x, cond)[..., 0]
 
 
 @partial(jax.jit, static_argnums=0)
-def _run(graphdef, state, x, cond):
-    """One compiled function per architecture and input shape, shared by all models."""
-    return nnx.merge(graphdef, state)(x, cond)[..., 0]
+def _run_adapted(graphdef, state, x, cond, coef):
+    return nnx.merge(graphdef, state).adapted(x, cond, coef)[..., 0]
+
+
+@partial(jax.jit, static_argnums=0)
+def _parts(graphdef, state, x, cond):
+    return nnx.merge(graphdef, state).parts(x, cond)
 
 
 def model_from_bytes(data: bytes, model_id: str = "", manifest: dict | None = None,
@@ -146,46 +168,65 @@ def _window(size: int, low_inner: bool, high_inner: bool) -> np.ndarray:
     return w
 
 
+def check_tile(tile: int | None) -> int | None:
+    if tile is not None:
+        tile = int(tile)
+        if tile % ALIGN or tile < 2 * MARGIN + RAMP + ALIGN:
+            raise ValueError(f"tile must be a multiple of {ALIGN} and ≥ {2 * MARGIN + RAMP + ALIGN}, got {tile}")
+    return tile
+
+
+def padded_input(feats: np.ndarray, block, flipped=(False, False, False)):
+    """``(padded features, per-axis block-phase arrays, pads)``: ``feats (D,H,W,F)`` padded by
+    :data:`EDGE_PAD` (reflection) and up to a multiple of ``ALIGN``; the phases are those of every padded
+    position's original-volume index (mirrored where ``flipped``)."""
+    shape = feats.shape[:3]
+    pads = [(EDGE_PAD, EDGE_PAD + (-(n + 2 * EDGE_PAD)) % ALIGN) for n in shape]
+    xp = np.pad(feats, [*pads, (0, 0)], mode="reflect" if min(shape) > 1 else "edge")
+    phases = []
+    for n, (lo, hi), b, flip in zip(shape, pads, block, flipped):
+        j = np.arange(-lo, n + hi)
+        phases.append(phase_of(n - 1 - j if flip else j, b))
+    return xp, phases, pads
+
+
+def tiles(big: tuple[int, int, int], tile: int | None):
+    """``(slices, window)`` of the tiles covering a padded volume of shape ``big``: starts multiples of
+    ``ALIGN``, overlapping, each ``window`` zero within ``MARGIN`` of an interior side (see the module
+    docstring); one whole-volume tile with window 1 when ``tile`` is None."""
+    if tile is None:
+        yield tuple(slice(0, n) for n in big), np.ones(big, np.float32)
+        return
+    axes = [_tile_starts(n, tile) for n in big]
+    sizes = [min(tile, n) for n in big]
+    for starts in itertools.product(*axes):
+        sl = tuple(slice(s, s + t) for s, t in zip(starts, sizes))
+        ws = [_window(t, s > 0, s + t < n) for s, t, n in zip(starts, sizes, big)]
+        yield sl, ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
+
+
 def correction_map(model: RestorationModel, feats: np.ndarray, block, cond: np.ndarray,
-                   tile: int | None = DEFAULT_TILE, flipped=(False, False, False)) -> np.ndarray:
+                   tile: int | None = DEFAULT_TILE, flipped=(False, False, False),
+                   coef: np.ndarray | None = None) -> np.ndarray:
     """The net's correction (in units of the step) for a whole volume's intensity features
     ``feats (D,H,W,F)`` (:meth:`~fedtensor.nn.normalize.Normaliser.net_input`).
 
     ``tile=None`` runs one pass over the whole (padded) volume; otherwise tiles of ≤ ``tile``³ voxels.
     ``flipped[k]`` says that ``feats`` is the volume mirrored along axis k (the block grid is then
-    mirrored too: test-time augmentation).
+    mirrored too: test-time augmentation). ``coef``: a per-stream output layer (:mod:`fedtensor.nn.adapt`).
     """
-    if tile is not None:
-        tile = int(tile)
-        if tile % ALIGN or tile < 2 * MARGIN + RAMP + ALIGN:
-            raise ValueError(f"tile must be a multiple of {ALIGN} and ≥ {2 * MARGIN + RAMP + ALIGN}, got {tile}")
-    shape = feats.shape[:3]
-    pads = [(EDGE_PAD, EDGE_PAD + (-(n + 2 * EDGE_PAD)) % ALIGN) for n in shape]
-    xp = np.pad(feats, [*pads, (0, 0)], mode="reflect" if min(shape) > 1 else "edge")
+    tile = check_tile(tile)
+    xp, phases, pads = padded_input(feats, block, flipped)
     big = xp.shape[:3]
-    # absolute (original-volume) index of every padded position, per axis → block-phase channels
-    phases = []
-    for n, (lo, hi), b, flip in zip(shape, pads, block, flipped):
-        j = np.arange(-lo, n + hi)
-        phases.append(phase_of(n - 1 - j if flip else j, b))
     cond = np.asarray(cond, np.float32)[None]
-    if tile is None:
-        out = model.apply(assemble_input(xp, phases)[None], cond)[0]
-    else:
-        acc = np.zeros(big, np.float32)
-        wsum = np.zeros(big, np.float32)
-        axes = [_tile_starts(n, tile) for n in big]
-        sizes = [min(tile, n) for n in big]
-        for starts in itertools.product(*axes):
-            sl = tuple(slice(s, s + t) for s, t in zip(starts, sizes))
-            sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])
-            y = model.apply(sub[None], cond)[0]
-            ws = [_window(t, s > 0, s + t < n) for s, t, n in zip(starts, sizes, big)]
-            w = ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
-            acc[sl] += w * y
-            wsum[sl] += w
-        out = acc / np.maximum(wsum, 1e-12)
-    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))
+    acc = np.zeros(big, np.float32)
+    wsum = np.zeros(big, np.float32)
+    for sl, w in tiles(big, tile):
+        sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])
+        acc[sl] += w * model.apply(sub[None], cond, coef)[0]
+        wsum[sl] += w
+    out = acc / np.maximum(wsum, 1e-12)
+    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, feats.shape[:3]))
     return np.ascontiguousarray(out[crop])
 
 
@@ -199,28 +240,34 @@ def _header(info: dict) -> tuple[str, dict]:
 
 
 def restore_array(decoded: np.ndarray, info: dict, model, *, tile: int | None = DEFAULT_TILE,
-                  tta: bool = False) -> np.ndarray:
+                  tta: bool = False, adapted: bool = True) -> np.ndarray:
     """Float64 restored voxels (original units, not yet cast) of a decoded volume.
 
     ``info`` is the stream's header (:func:`fedtensor.codec.read_info`): its codec and parameters (the
     quantiser step, the block shape) are the operating point the model is conditioned on.
     ``tta=True`` averages the corrections of the 8 mirrored versions of the volume (8× the time).
+    A per-stream output layer the encoder fitted for this model (:mod:`fedtensor.nn.adapt`) is used, and
+    then ``tta`` is not (the layer was fitted to the single pass); ``adapted=False`` ignores the layer.
     """
+    from fedtensor.nn.adapt import stream_adaptation  # (it builds on this module)
+
     model = as_model(model)
     codec, params = _header(info)
     decoded = np.asarray(decoded)
     if codec not in RESTORABLE_CODECS:
         return decoded.astype(np.float64)
+    coef = stream_adaptation(info, model) if adapted else None
+    tta = tta and coef is None
     norm = normaliser_for(decoded)
     s, cond, block = operating_point(codec, params, norm)
     feats = norm.net_input(decoded, s)
     if not tta:
-        f = correction_map(model, feats, block, cond, tile)
+        f = correction_map(model, feats, block, cond, tile, coef=coef)
     else:
         f = np.zeros(decoded.shape, np.float32)
         for flips in itertools.product((False, True), repeat=3):
             axes = tuple(k for k in range(3) if flips[k])
-            f += np.flip(correction_map(model, np.flip(feats, axes), block, cond, tile, flips), axes)
+            f += np.flip(correction_map(model, np.flip(feats, axes), block, cond, tile, flips, coef), axes)
         f /= 8
     return decoded.astype(np.float64) + (s * norm.scale) * f.astype(np.float64)
 
@@ -302,16 +349,20 @@ def decompress_restored(data: bytes, model, *, tile: int | None = DEFAULT_TILE, 
     return vol
 
 
-def tag_stream(data: bytes, model_id: str, extra: dict | None = None) -> bytes:
+def tag_stream(data: bytes, model_id: str, extra: dict | None = None, adaptation: np.ndarray | None = None) -> bytes:
     """Re-pack ``.ftz`` bytes with the restoration model id in the header (``"model"``) and, if given,
-    figures measured with restoration (``"restoration"``). The payload is unchanged."""
+    figures measured with restoration (``"restoration"``) and the model's per-stream output layer
+    (:func:`fedtensor.nn.adapt.fit_adaptation`). The payload is unchanged."""
     from fedtensor.codec.container import pack, unpack
+    from fedtensor.nn.adapt import HEADER_KEY, encode_adaptation
 
     header, sections = unpack(data)
-    header = {k: v for k, v in header.items() if k != "sections"}
+    header = {k: v for k, v in header.items() if k not in ("sections", "restoration", HEADER_KEY)}
     header["model"] = model_id
     if extra:
         header["restoration"] = extra
+    if adaptation is not None:
+        header[HEADER_KEY] = encode_adaptation(adaptation)
     return pack(header, sections)
 
 
@@ -342,41 +393,69 @@ def evaluate(original: np.ndarray, data: bytes, model=None, *, tile: int | None 
 
 def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tucker", block: int | None = None,
                          search_db: float = 4.0, iterations: int = 6, tile: int | None = DEFAULT_TILE,
-                         tta: bool = False) -> bytes:
+                         tta: bool = False, adapt: bool = True) -> bytes:
     """The cheapest stream whose *restored* PSNR still reaches ``psnr``, tagged with the model id.
 
-    Bisects the codec's own PSNR target in ``[psnr − search_db, psnr]``; every candidate is decoded,
-    restored and measured against the original, so the guarantee holds with restoration. When
-    restoration does not help, the plain ``compress(psnr=…)`` stream is returned (untagged).
+    Bisects the codec's own PSNR target in ``[psnr − search_db, psnr]``. Each candidate is restored by the
+    plain net and, with ``adapt``, by the two output layers fitted to it (:mod:`fedtensor.nn.adapt`; the
+    stream then carries the layer: a few hundred header bytes, counted); the search reads all three
+    restored PSNRs off one pass of the net (:func:`fedtensor.nn.adapt.fit`; with ``tta`` it restores with
+    the plain net too). The chosen stream is
+    then decoded, restored and measured against the original (the next smallest if it falls short), so
+    the guarantee holds with restoration. When restoration saves nothing, the plain ``compress(psnr=…)``
+    stream is returned (untagged).
     """
     from fedtensor.codec import compress, decompress, read_info
     from fedtensor.metrics import psnr as psnr_fn
+    from fedtensor.nn.adapt import fit
 
     model = as_model(model)
     orig = volume.data
+    value_range = float(orig.max()) - float(orig.min())
 
-    def trial(t: float):
-        blob = compress(volume, psnr=t, codec=codec, block=block)
-        info = read_info(blob)
-        r = psnr_fn(orig, restore(decompress(blob), info, model, tile=tile, tta=tta).data)
-        return blob, r
+    def sent(raw: bytes, coef) -> bytes:
+        return tag_stream(raw, model.model_id, adaptation=coef)
 
-    plain, r_plain = trial(psnr)
-    if r_plain < psnr:
-        return plain
-    best, best_r, best_t = plain, r_plain, psnr
+    def restored_db(raw: bytes, coef, decoded=None) -> float:
+        blob = sent(raw, coef)
+        decoded = decompress(blob) if decoded is None else decoded
+        return psnr_fn(orig, restore(decoded, read_info(blob), model, tile=tile, tta=tta).data)
+
+    def db(sse: float) -> float:
+        return math.inf if sse <= 0 else 10 * math.log10(value_range ** 2 * orig.size / sse)
+
+    passing = []  # (bytes sent, restored dB, codec target, raw stream, coef)
+    streams = {}  # codec target → raw stream
+
+    def trial(t: float) -> bool:
+        raw = streams[t] = compress(volume, psnr=t, codec=codec, block=block)
+        decoded = decompress(raw)
+        options = fit(model, decoded.data, read_info(raw), orig, tile=tile).options()
+        ok = False
+        for coef, sse in options if adapt else options[:1]:
+            r = restored_db(raw, coef, decoded) if tta and coef is None else db(sse)
+            if r >= psnr:
+                passing.append((len(sent(raw, coef)), r, t, raw, coef))
+                ok = True
+        return ok
+
     lo, hi = psnr - search_db, psnr
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        blob, r = trial(mid)
-        if r >= psnr:
-            if len(blob) < len(best):
-                best, best_r, best_t = blob, r, mid
-            hi = mid
-        else:
-            lo = mid
-    return tag_stream(best, model.model_id, {"psnr": best_r, "target_psnr": psnr, "codec_psnr_target": best_t,
-                                             "tta": tta})
+    if trial(psnr):
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if trial(mid):
+                hi = mid
+            else:
+                lo = mid
+    for size, _, t, raw, coef in sorted(passing, key=lambda c: c[0]):
+        r = restored_db(raw, coef)
+        if r < psnr:  # integer rounding can cost a predicted PSNR a few hundredths of a dB
+            continue
+        if t == psnr:  # the codec's own stream for the target: restoration saved nothing
+            break
+        return tag_stream(raw, model.model_id, {"psnr": r, "target_psnr": psnr, "codec_psnr_target": t,
+                                                "tta": tta}, adaptation=coef)
+    return streams[psnr]
 
 
 __all__ = [

@@ -197,6 +197,25 @@ class RestorationNet(nnx.Module):
         self.linear = Conv3d(IN_CHANNELS, 1, rng, k=5, zero_init=True)
 
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        _, head, linear = self.parts(x, cond)
+        return depth_to_space(head + linear)
+
+    def adapted(self, x: jax.Array, cond: jax.Array, coef: jax.Array) -> jax.Array:
+        """The correction with a per-stream output layer ``coef (8, K)`` (see :mod:`fedtensor.nn.adapt`):
+        at half-resolution phase p, ``coef[p] · [h, head_p, linear_p, 1]`` (K = C1 + 3) or
+        ``coef[p] · [h, head_p, linear_p, 1, space_to_depth(x)]`` (K = C1 + 3 + 8·IN_CHANNELS: a 2×2×2
+        linear filter of the inputs on top). :func:`identity_adaptation` gives exactly ``self(x, cond)``."""
+        h, head, linear = self.parts(x, cond)
+        c1 = h.shape[-1]
+        out = (jnp.einsum("bdhwk,pk->bdhwp", h, coef[:, :c1]) + head * coef[:, c1] + linear * coef[:, c1 + 1]
+               + coef[:, c1 + 2])
+        if coef.shape[1] > c1 + 3:
+            out = out + jnp.einsum("bdhwk,pk->bdhwp", space_to_depth(x), coef[:, c1 + 3:])
+        return depth_to_space(out)
+
+    def parts(self, x: jax.Array, cond: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Half-resolution ``(features h (…, C1), head output (…, 8), linear path (…, 8))``; the
+        correction is ``depth_to_space(head + linear)``, one channel per space-to-depth phase."""
         act = nnx.silu
         e = act(self.embed(cond))
         xs = space_to_depth(x)
@@ -207,7 +226,15 @@ class RestorationNet(nnx.Module):
         h = h + depth_to_space(self.up(act(q)))
         h = act(self.film_dec(self.dec(h), e))
         linear = conv3d(xs, half_resolution_kernel(self.linear.kernel[...])) + self.linear.bias[...]
-        return depth_to_space(self.head(h) + linear)
+        return h, self.head(h), linear
+
+
+def identity_adaptation(c1: int, inputs: bool = False) -> np.ndarray:
+    """The output-layer coefficients ``(8, c1 + 3)`` (``inputs``: ``(8, c1 + 3 + 8·IN_CHANNELS)``) under
+    which :meth:`RestorationNet.adapted` is the plain net: head and linear path weighted 1, nothing else."""
+    coef = np.zeros((8, c1 + 3 + (8 * IN_CHANNELS if inputs else 0)), np.float32)
+    coef[:, c1:c1 + 2] = 1.0
+    return coef
 
 
 def param_count(net: nnx.Module) -> int:
@@ -225,4 +252,4 @@ def new_net(config: NetConfig = NetConfig(), seed: int = 0) -> RestorationNet:
 
 
 __all__ = ["NetConfig", "RestorationNet", "abstract_net", "new_net", "conv3d", "half_resolution_kernel",
-           "param_count", "space_to_depth", "depth_to_space"]
+           "identity_adaptation", "param_count", "space_to_depth", "depth_to_space"]

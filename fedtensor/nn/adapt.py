@@ -1,0 +1,165 @@
+"""Per-stream adaptation of the restoration net's output layer, fitted by the encoder.
+
+A model trained on other hospitals' volumes can be miscalibrated for the volume at hand (in the
+leave-one-out benchmark an 8-bit head CT lost 1 dB to a model trained on HU CTs). The encoder has the
+original, so it can fix that for a few hundred bytes, as video codecs' adaptive loop filters do: at each
+of the 8 half-resolution phases ``p`` of the net's output, the correction becomes
+
+    coef[p] · [h, head_p, linear_p, 1]                       small layer, K = C1 + 3
+    coef[p] · [h, head_p, linear_p, 1, space_to_depth(x)]    large layer, K = C1 + 3 + 8·IN_CHANNELS
+
+(``h`` the net's last C1 features, ``head_p`` / ``linear_p`` its two output paths, ``x`` its input: the
+large layer adds a 2×2×2 linear filter of the inputs). The plain net is ``coef`` =
+:func:`~fedtensor.nn.model.identity_adaptation`. ``coef`` is the weighted least-squares fit of the
+codec's error over the whole volume (normal equations accumulated tile by tile, so memory stays
+bounded; the small layer's are a block of the large one's, so one pass of the net fits both and gives
+their errors), rounded to float16 and stored, base64-encoded, in the stream's header under
+:data:`HEADER_KEY`: 8·K numbers, 304 or 944 bytes for the default net. The least-squares spaces contain
+the plain net, so a fitted correction is never worse on the volume than the plain one (up to float16
+and integer rounding; :func:`~fedtensor.nn.infer.compress_for_quality` measures the result anyway).
+
+The layer is fitted to the net's single pass, so a stream that carries one is restored without
+test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import NamedTuple
+
+import numpy as np
+
+from fedtensor.errors import FormatError
+from fedtensor.nn.infer import DEFAULT_TILE, RestorationModel, as_model, check_tile, padded_input, tiles
+from fedtensor.nn.model import IN_CHANNELS, identity_adaptation, space_to_depth
+from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser_for, operating_point
+
+HEADER_KEY = "adaptation"
+_RIDGE = 1e-6  # relative to the mean of the normal matrix's diagonal: keeps collinear features solvable
+_MAX_COEF = 1e4  # no fit comes near this; a forged header beyond it is refused
+_ROWS = 1 << 16  # rows of the design matrix held at once (float64)
+
+
+class Fit(NamedTuple):
+    """The squared error (original units², summed over the volume, before any integer rounding) of the
+    plain restoration, and the fitted output layers with theirs: the small one (the net's features and
+    outputs) and the large one (also a 2×2×2 filter of the inputs)."""
+
+    sse_plain: float
+    small: tuple[np.ndarray, float]
+    large: tuple[np.ndarray, float]
+
+    def options(self) -> list[tuple[np.ndarray | None, float]]:
+        """``(coef or None for the plain net, sse)``, in order of header size."""
+        return [(None, self.sse_plain), self.small, self.large]
+
+
+def fit_adaptation(model: RestorationModel | str, decoded: np.ndarray, info: dict, original: np.ndarray, *,
+                   tile: int | None = DEFAULT_TILE, inputs: bool = False) -> np.ndarray:
+    """The float16-exact output-layer coefficients ``(8, K)`` that best restore ``decoded`` (the stream's
+    decoded voxels, ``info`` its header) towards ``original`` in the least-squares sense; ``inputs``: the
+    large layer (K = C1 + 43, with a filter of the inputs), else the small one (K = C1 + 3)."""
+    found = fit(model, decoded, info, original, tile=tile)
+    return (found.large if inputs else found.small)[0]
+
+
+def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original: np.ndarray, *,
+        tile: int | None = DEFAULT_TILE) -> Fit:
+    """Both output layers, with the squared errors of the plain and the adapted restorations, from one
+    pass of the net (no restoration needs to be run to know them)."""
+    model = as_model(model)
+    tile = check_tile(tile)
+    codec, params = info.get("codec"), info.get("params") or {}
+    c1 = model.config.channels[0]
+    small, large = c1 + 3, c1 + 3 + 8 * IN_CHANNELS
+    if codec not in RESTORABLE_CODECS:
+        sse = float(np.sum((np.asarray(original, np.float64) - decoded) ** 2))
+        return Fit(sse, (identity_adaptation(c1), sse), (identity_adaptation(c1, True), sse))
+    norm = normaliser_for(decoded)
+    s, cond, block = operating_point(codec, params, norm)
+    xp, phases, pads = padded_input(norm.net_input(decoded, s), block)
+    big = xp.shape[:3]
+    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, decoded.shape))
+    target = np.zeros(big, np.float32)  # the codec's error in the net's units; zero weight off the volume
+    target[crop] = (np.asarray(original, np.float64) - decoded) / (s * norm.scale)
+    inside = np.zeros(big, np.float32)
+    inside[crop] = 1.0
+    wsum = np.zeros(big, np.float32)
+    for sl, w in tiles(big, tile):
+        wsum[sl] += w
+    # Normal equations of the large layer; the small one's are their leading block.
+    lhs, rhs, yy = np.zeros((8, large, large)), np.zeros((8, large)), np.zeros(8)
+    cond = np.asarray(cond, np.float32)[None]
+    for sl, w in tiles(big, tile):
+        sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])[None]
+        h, head, linear = (a[0].reshape(-1, a.shape[-1]) for a in model.parts(sub, cond))
+        xs = np.asarray(space_to_depth(sub))[0].reshape(len(h), -1)
+        weight = _phases(inside[sl] * w / np.maximum(wsum[sl], 1e-12))
+        y = _phases(target[sl])
+        for p in range(8):
+            use = np.flatnonzero(weight[:, p] > 0)
+            for rows in np.array_split(use, max(1, len(use) // _ROWS)):  # bounded float64 copies
+                x = np.column_stack([h[rows], head[rows, p], linear[rows, p], np.ones(len(rows)),
+                                     xs[rows]]).astype(np.float64)
+                wr, yr = weight[rows, p], y[rows, p]
+                xw = x * wr[:, None]
+                lhs[p] += xw.T @ x
+                rhs[p] += xw.T @ yr
+                yy[p] += wr @ yr ** 2
+
+    def solve(k: int) -> np.ndarray:
+        coef = identity_adaptation(c1, k == large).astype(np.float64)
+        for p in range(8):
+            a = lhs[p, :k, :k] + _RIDGE * max(np.trace(lhs[p, :k, :k]) / k, 1e-30) * np.eye(k)
+            try:
+                sol = np.linalg.solve(a, rhs[p, :k])
+            except np.linalg.LinAlgError:
+                continue
+            if np.isfinite(sol).all() and np.abs(sol).max() < _MAX_COEF:
+                coef[p] = sol
+        return coef.astype(np.float16).astype(np.float64)
+
+    def sse(c: np.ndarray) -> float:  # Σ w (y − c·x)² from the normal equations, in original units
+        k = c.shape[1]
+        e = sum(yy[p] - 2 * c[p] @ rhs[p, :k] + c[p] @ lhs[p, :k, :k] @ c[p] for p in range(8))
+        return max(float(e), 0.0) * (s * norm.scale) ** 2
+
+    fits = [(c.astype(np.float32), sse(c)) for c in (solve(small), solve(large))]
+    return Fit(sse(identity_adaptation(c1).astype(np.float64)), *fits)
+
+
+def _phases(a: np.ndarray) -> np.ndarray:
+    """A full-resolution tile ``(D, H, W)`` as ``(D·H·W/8, 8)``: its half-resolution voxels' 8 phases, in
+    the net's space-to-depth order."""
+    return np.asarray(space_to_depth(a[None, ..., None]))[0].reshape(-1, 8).astype(np.float64)
+
+
+def encode_adaptation(coef: np.ndarray) -> str:
+    """The header value of ``coef``: base64 of its little-endian float16 bytes."""
+    return base64.b64encode(np.asarray(coef, "<f2").tobytes()).decode("ascii")
+
+
+def stream_adaptation(info: dict, model: RestorationModel) -> np.ndarray | None:
+    """The output-layer coefficients recorded in a stream's header for ``model``, or None (none recorded,
+    or recorded for another model: they only make sense with the features they were fitted on).
+
+    Raises :class:`~fedtensor.errors.FormatError` for a malformed value."""
+    value = info.get(HEADER_KEY)
+    if value is None or info.get("model") != model.model_id:
+        return None
+    c1 = model.config.channels[0]
+    try:
+        raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+    except (binascii.Error, ValueError):
+        raw = b""
+    widths = {8 * k * 2: k for k in (c1 + 3, c1 + 3 + 8 * IN_CHANNELS)}
+    if len(raw) not in widths:
+        raise FormatError("corrupted stream: malformed restoration adaptation in the header")
+    coef = np.frombuffer(raw, "<f2").astype(np.float32).reshape(8, widths[len(raw)])
+    if not (np.isfinite(coef).all() and np.abs(coef).max() < _MAX_COEF):
+        raise FormatError("corrupted stream: restoration adaptation out of range")
+    return coef
+
+
+__all__ = ["HEADER_KEY", "Fit", "fit", "fit_adaptation", "encode_adaptation", "stream_adaptation"]
