@@ -623,7 +623,7 @@ def test_compress_for_quality_sends_the_fitted_layer_only_when_it_pays(rmodel, t
 
     monkeypatch.setattr(adapt, "fit", fit)
     assert compress_for_quality(vol, d, psnr=34.0, block=8, iterations=3) == compress(vol, psnr=34.0, block=8)
-    assert len(steps) == len(set(steps)) == 4  # the target's stream and 3 bisection candidates
+    assert 2 <= len(steps) == len(set(steps)) <= 4  # the target's stream, then at most 3 more candidates
 
 
 def test_fit_predicts_the_restored_errors(rmodel, adapted_case):

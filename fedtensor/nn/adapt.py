@@ -38,7 +38,7 @@ from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser
 HEADER_KEY = "adaptation"
 _RIDGE = 1e-6  # relative to the mean of the normal matrix's diagonal: keeps collinear features solvable
 _MAX_COEF = 1e4  # no fit comes near this; a forged header beyond it is refused
-_ROWS = 1 << 16  # rows of the design matrix held at once (float64)
+_ROWS = 1 << 14  # rows of the design matrix per float32 product (its rounding error stays small)
 
 
 class Fit(NamedTuple):
@@ -99,14 +99,15 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
         y = _phases(target[sl])
         for p in range(8):
             use = np.flatnonzero(weight[:, p] > 0)
-            for rows in np.array_split(use, max(1, len(use) // _ROWS)):  # bounded float64 copies
-                x = np.column_stack([h[rows], head[rows, p], linear[rows, p], np.ones(len(rows)),
-                                     xs[rows]]).astype(np.float64)
+            for rows in np.array_split(use, max(1, len(use) // _ROWS)):
+                # float32 products over a bounded chunk of rows, summed in float64 across chunks
+                x = np.column_stack([h[rows], head[rows, p], linear[rows, p], np.ones(len(rows), np.float32),
+                                     xs[rows]])
                 wr, yr = weight[rows, p], y[rows, p]
                 xw = x * wr[:, None]
                 lhs[p] += xw.T @ x
                 rhs[p] += xw.T @ yr
-                yy[p] += wr @ yr ** 2
+                yy[p] += float(wr.astype(np.float64) @ yr.astype(np.float64) ** 2)
 
     def solve(k: int) -> np.ndarray:
         coef = identity_adaptation(c1, k == large).astype(np.float64)
@@ -132,7 +133,7 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
 def _phases(a: np.ndarray) -> np.ndarray:
     """A full-resolution tile ``(D, H, W)`` as ``(D·H·W/8, 8)``: its half-resolution voxels' 8 phases, in
     the net's space-to-depth order."""
-    return np.asarray(space_to_depth(a[None, ..., None]))[0].reshape(-1, 8).astype(np.float64)
+    return np.asarray(space_to_depth(a[None, ..., None]))[0].reshape(-1, 8).astype(np.float32)
 
 
 def encode_adaptation(coef: np.ndarray) -> str:

@@ -396,7 +396,8 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
                          tta: bool = False, adapt: bool = True) -> bytes:
     """The cheapest stream whose *restored* PSNR still reaches ``psnr``, tagged with the model id.
 
-    Bisects the codec's own PSNR target in ``[psnr − search_db, psnr]``. Each candidate is restored by the
+    Searches the codec's own PSNR target in ``[psnr − search_db, psnr]`` (secant steps, at most
+    ``iterations`` after the first trial at ``psnr``). Each candidate is restored by the
     plain net and, with ``adapt``, by the two output layers fitted to it (:mod:`fedtensor.nn.adapt`; the
     stream then carries the layer: a few hundred header bytes, counted); the search reads all three
     restored PSNRs off one pass of the net (:func:`fedtensor.nn.adapt.fit`; with ``tta`` it restores with
@@ -427,26 +428,39 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
     passing = []  # (bytes sent, restored dB, codec target, raw stream, coef)
     streams = {}  # codec target → raw stream
 
-    def trial(t: float) -> bool:
+    def trial(t: float) -> float:
+        """The best restored PSNR of the codec's stream at ``t`` dB (and every option reaching the target
+        noted in ``passing``)."""
         raw = streams[t] = compress(volume, psnr=t, codec=codec, block=block)
         decoded = decompress(raw)
         options = fit(model, decoded.data, read_info(raw), orig, tile=tile).options()
-        ok = False
+        best = -math.inf
         for coef, sse in options if adapt else options[:1]:
             r = restored_db(raw, coef, decoded) if tta and coef is None else db(sse)
+            best = max(best, r)
             if r >= psnr:
                 passing.append((len(sent(raw, coef)), r, t, raw, coef))
-                ok = True
-        return ok
+        return best
 
+    # The lowest codec target whose best restoration reaches ``psnr``: the restored PSNR runs about
+    # parallel to the target (a steady gain), so secant steps on it land within a few trials; a step
+    # that leaves the bracket found so far bisects it instead.
     lo, hi = psnr - search_db, psnr
-    if trial(psnr):
+    t, r = psnr, trial(psnr)
+    if r >= psnr:
+        slope = 1.0
         for _ in range(iterations):
-            mid = 0.5 * (lo + hi)
-            if trial(mid):
-                hi = mid
+            nxt = t - (r - psnr) / slope + (0.005 if r < psnr else 0.0)
+            nxt = min(max(nxt, lo + 0.01), hi - 0.01) if lo < nxt < hi else 0.5 * (lo + hi)
+            r_next = trial(nxt)
+            slope = min(max((r_next - r) / (nxt - t), 0.5), 2.0)
+            t, r = nxt, r_next
+            if r >= psnr:
+                hi = t
             else:
-                lo = mid
+                lo = t
+            if hi - lo < 0.02 or 0 <= r - psnr < 0.01:
+                break
     for size, _, t, raw, coef in sorted(passing, key=lambda c: c[0]):
         r = restored_db(raw, coef)
         if r < psnr:  # integer rounding can cost a predicted PSNR a few hundredths of a dB
