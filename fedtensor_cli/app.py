@@ -194,7 +194,7 @@ def _decompress_one(src: Path, dst: Path, *, force: bool, model: Any = None, tta
         from fedtensor.nn import model_mismatch, restore
 
         t0 = perf_counter()
-        vol, warning = restore(vol, info, model, tta=tta), model_mismatch(info, model, vol.data)
+        vol, warning = restore(vol, info, model, tta=tta), model_mismatch(info, model, vol.data, tta)
         restore_s = perf_counter() - t0
     elif info.get("model"):  # compress --model chose this rate counting on the restoration
         tuned = info["model"].get("id") if isinstance(info["model"], dict) else info["model"]
@@ -465,7 +465,7 @@ def evaluate(
             info = read_info(data)
             restored = restore(test, info, model, tta=tta)
             record.update(_restored_fields(model, quality(ref.data, restored.data)))
-            found = [w for w in (record["warning"], model_mismatch(info, model, test.data)) if w]
+            found = [w for w in (record["warning"], model_mismatch(info, model, test.data, tta)) if w]
             record["warning"] = "; ".join(found) or None
     _warn_mismatches([{**record, "input": decoded}])
     if json_out:

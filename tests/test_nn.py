@@ -580,24 +580,37 @@ def test_adaptation_is_used_only_with_its_model_and_checked(rmodel, adapted_case
 
     vol, data, info, dec, coef = adapted_case
     tagged_info = read_info(tag_stream(data, rmodel.model_id, adaptation=coef))
-    np.testing.assert_array_equal(stream_adaptation(tagged_info, rmodel), coef)
+    got, tta = stream_adaptation(tagged_info, rmodel)
+    np.testing.assert_array_equal(got, coef)
+    assert tta is False
     other = read_info(tag_stream(data, "f" * 64, adaptation=coef))
     assert stream_adaptation(other, rmodel) is None  # fitted on another model's features: not applied
     np.testing.assert_array_equal(restore(dec, other, rmodel).data, restore(dec, info, rmodel).data)
     np.testing.assert_array_equal(restore_array(dec.data, tagged_info, rmodel, adapted=False),
                                   restore_array(dec.data, info, rmodel))
-    # fitted to the single pass: test-time augmentation is not applied on top
+    # restored as the layer was fitted: without test-time augmentation here, whatever the caller asks
     np.testing.assert_array_equal(restore(dec, tagged_info, rmodel, tta=True).data, restore(dec, tagged_info, rmodel).data)
     large = np.zeros((8, coef.shape[1] + 40), np.float32)
-    large_info = read_info(tag_stream(data, rmodel.model_id, adaptation=large))
-    np.testing.assert_array_equal(stream_adaptation(large_info, rmodel), large)
+    large_info = read_info(tag_stream(data, rmodel.model_id, adaptation=large, adaptation_tta=True))
+    got, tta = stream_adaptation(large_info, rmodel)
+    np.testing.assert_array_equal(got, large)
+    assert tta is True
+    assert "fitted without test-time augmentation" in model_mismatch(tagged_info, rmodel, tta=True)
+    assert "fitted with test-time augmentation" in model_mismatch(large_info, rmodel, tta=False)
+    assert model_mismatch(tagged_info, rmodel, tta=False) is None and model_mismatch(large_info, rmodel) is None
     retagged = read_info(tag_stream(tag_stream(data, rmodel.model_id, adaptation=coef), rmodel.model_id))
     assert HEADER_KEY not in retagged  # a re-tag drops the old stream's fit
+    def layer(raw: bytes, tta=False) -> dict:
+        return {"layer": base64.b64encode(raw).decode(), "tta": tta}
+
     bad_values = [
-        "not base64!",
-        base64.b64encode(b"\0" * 10).decode(),  # wrong length
-        base64.b64encode(np.full(coef.size, np.inf, "<f2").tobytes()).decode(),
-        base64.b64encode(np.full(coef.size, 6e4, "<f2").tobytes()).decode(),
+        {"layer": "not base64!", "tta": False},
+        layer(b"\0" * 10),  # wrong length
+        layer(np.full(coef.size, np.inf, "<f2").tobytes()),
+        layer(np.full(coef.size, 6e4, "<f2").tobytes()),
+        layer(np.zeros(coef.size, "<f2").tobytes(), tta="yes"),
+        {"layer": 12, "tta": False},
+        base64.b64encode(np.zeros(coef.size, "<f2").tobytes()).decode(),  # not an object
         12,
     ]
     for value in bad_values:
@@ -626,6 +639,37 @@ def test_compress_for_quality_sends_the_fitted_layer_only_when_it_pays(rmodel, t
     assert 2 <= len(steps) == len(set(steps)) <= 4  # the target's stream, then at most 3 more candidates
 
 
+def test_tiled_test_time_augmentation_equals_whole_volume(rmodel):
+    """Each tile is mirrored on its own; every tile is aligned, so that is the whole volume's mirror."""
+    data = phantom((72, 60, 36), seed=8)  # sides that are not multiples of the alignment or the block
+    norm = normaliser_for(data)
+    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
+    x = norm.net_input(data, s)
+    whole = correction_map(rmodel, x, block, cond, tile=None, tta=True)
+    tiled = correction_map(rmodel, x, block, cond, tile=64, tta=True)
+    np.testing.assert_allclose(tiled, whole, atol=2e-5 * float(np.abs(whole).max()), rtol=0)
+
+
+def test_a_mirrored_layer_is_the_layer_of_the_mirrored_tile(rmodel):
+    """Test-time augmentation with a fitted layer: the identity layer gives plain augmentation, and a
+    layer that is only an input filter (no net term) is the same on every mirrored pass."""
+    from fedtensor.nn.model import identity_adaptation
+
+    data = phantom((40, 36, 28), seed=9)
+    norm = normaliser_for(data)
+    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
+    x = norm.net_input(data, s)
+    c1 = TINY.channels[0]
+    plain = correction_map(rmodel, x, block, cond, tile=None, tta=True)
+    same = correction_map(rmodel, x, block, cond, tile=None, tta=True, coef=identity_adaptation(c1, True))
+    np.testing.assert_allclose(same, plain, atol=1e-5 * float(np.abs(plain).max()), rtol=0)
+    filt = np.zeros((8, c1 + 43), np.float32)
+    filt[:, c1 + 3:] = np.random.default_rng(0).normal(size=(8, 40))
+    one = correction_map(rmodel, x, block, cond, tile=None, coef=filt)
+    mean = correction_map(rmodel, x, block, cond, tile=None, coef=filt, tta=True)
+    np.testing.assert_allclose(mean, one, atol=1e-5 * float(np.abs(one).max()), rtol=0)
+
+
 def test_fit_predicts_the_restored_errors(rmodel, adapted_case):
     """The search reads the restored PSNRs off the normal equations: they are the float restorations'.
     The large layer (with a filter of the inputs) fits at least as well as the small one."""
@@ -642,3 +686,11 @@ def test_fit_predicts_the_restored_errors(rmodel, adapted_case):
         exact = float(np.sum((orig - restore_array(dec.data, header, rmodel, tile=64)) ** 2))
         assert sse == pytest.approx(exact, rel=1e-4)
     assert found.large[1] <= found.small[1] < found.sse_plain
+    # with test-time augmentation: the layers fitted to the mean of the 8 mirrored passes
+    mirrored = fit(rmodel, dec.data, info, vol.data, tile=64, tta=True)
+    for c, sse in mirrored.options():
+        header = info if c is None else read_info(tag_stream(data, rmodel.model_id, adaptation=c,
+                                                             adaptation_tta=True))
+        exact = float(np.sum((orig - restore_array(dec.data, header, rmodel, tile=64, tta=c is None)) ** 2))
+        assert sse == pytest.approx(exact, rel=1e-4)
+    assert mirrored.large[1] <= mirrored.small[1] < mirrored.sse_plain

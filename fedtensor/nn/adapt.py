@@ -31,7 +31,15 @@ from typing import NamedTuple
 import numpy as np
 
 from fedtensor.errors import FormatError
-from fedtensor.nn.infer import DEFAULT_TILE, RestorationModel, as_model, check_tile, padded_input, tiles
+from fedtensor.nn.infer import (
+    DEFAULT_TILE,
+    MIRRORS,
+    RestorationModel,
+    as_model,
+    check_tile,
+    padded_input,
+    tiles,
+)
 from fedtensor.nn.model import IN_CHANNELS, identity_adaptation, space_to_depth
 from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser_for, operating_point
 
@@ -56,18 +64,19 @@ class Fit(NamedTuple):
 
 
 def fit_adaptation(model: RestorationModel | str, decoded: np.ndarray, info: dict, original: np.ndarray, *,
-                   tile: int | None = DEFAULT_TILE, inputs: bool = False) -> np.ndarray:
+                   tile: int | None = DEFAULT_TILE, inputs: bool = False, tta: bool = False) -> np.ndarray:
     """The float16-exact output-layer coefficients ``(8, K)`` that best restore ``decoded`` (the stream's
     decoded voxels, ``info`` its header) towards ``original`` in the least-squares sense; ``inputs``: the
     large layer (K = C1 + 43, with a filter of the inputs), else the small one (K = C1 + 3)."""
-    found = fit(model, decoded, info, original, tile=tile)
+    found = fit(model, decoded, info, original, tile=tile, tta=tta)
     return (found.large if inputs else found.small)[0]
 
 
 def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original: np.ndarray, *,
-        tile: int | None = DEFAULT_TILE) -> Fit:
+        tile: int | None = DEFAULT_TILE, tta: bool = False) -> Fit:
     """Both output layers, with the squared errors of the plain and the adapted restorations, from one
-    pass of the net (no restoration needs to be run to know them)."""
+    pass of the net (no restoration needs to be run to know them); ``tta``: of the restorations with
+    test-time augmentation (8 passes), the layers fitted to the mean of the mirrored passes."""
     model = as_model(model)
     tile = check_tile(tile)
     codec, params = info.get("codec"), info.get("params") or {}
@@ -93,7 +102,7 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
     cond = np.asarray(cond, np.float32)[None]
     for sl, w in tiles(big, tile):
         sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])[None]
-        h, head, linear = (a[0].reshape(-1, a.shape[-1]) for a in model.parts(sub, cond))
+        h, head, linear = (a.reshape(-1, a.shape[-1]) for a in _tile_parts(model, sub, cond, tta))
         xs = np.asarray(space_to_depth(sub))[0].reshape(len(h), -1)
         weight = _phases(inside[sl] * w / np.maximum(wsum[sl], 1e-12))
         y = _phases(target[sl])
@@ -130,37 +139,57 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
     return Fit(sse(identity_adaptation(c1).astype(np.float64)), *fits)
 
 
+def _tile_parts(model: RestorationModel, sub: np.ndarray, cond: np.ndarray, tta: bool):
+    """The net's half-resolution parts ``(h, head, linear)`` of one tile, or (``tta``) their means over the
+    tile's 8 mirrored passes, each mirrored back onto the tile's own space-to-depth grid (the outputs'
+    phase channels permuted by ``XOR s``, see :func:`~fedtensor.nn.model.mirrored_adaptation`): the
+    regressors whose fitted combination :func:`~fedtensor.nn.infer.tile_correction` computes."""
+    if not tta:
+        return tuple(a[0] for a in model.parts(sub, cond))
+    acc = None
+    for flips in MIRRORS:
+        axes = tuple(k for k in range(3) if flips[k])
+        perm = np.arange(8) ^ (4 * flips[0] + 2 * flips[1] + flips[2])
+        h, head, linear = (np.flip(a[0], axes) for a in model.parts(np.flip(sub, tuple(a + 1 for a in axes)), cond))
+        parts = (h, head[..., perm], linear[..., perm])
+        acc = parts if acc is None else tuple(a + b for a, b in zip(acc, parts))
+    return tuple(a / len(MIRRORS) for a in acc)
+
+
 def _phases(a: np.ndarray) -> np.ndarray:
     """A full-resolution tile ``(D, H, W)`` as ``(D·H·W/8, 8)``: its half-resolution voxels' 8 phases, in
     the net's space-to-depth order."""
     return np.asarray(space_to_depth(a[None, ..., None]))[0].reshape(-1, 8).astype(np.float32)
 
 
-def encode_adaptation(coef: np.ndarray) -> str:
-    """The header value of ``coef``: base64 of its little-endian float16 bytes."""
-    return base64.b64encode(np.asarray(coef, "<f2").tobytes()).decode("ascii")
+def encode_adaptation(coef: np.ndarray, tta: bool = False) -> dict:
+    """The header value of a layer: its little-endian float16 bytes in base64, and whether it was fitted
+    to test-time augmentation (the decoder must then restore that way)."""
+    return {"layer": base64.b64encode(np.asarray(coef, "<f2").tobytes()).decode("ascii"), "tta": bool(tta)}
 
 
-def stream_adaptation(info: dict, model: RestorationModel) -> np.ndarray | None:
-    """The output-layer coefficients recorded in a stream's header for ``model``, or None (none recorded,
-    or recorded for another model: they only make sense with the features they were fitted on).
+def stream_adaptation(info: dict, model: RestorationModel) -> tuple[np.ndarray, bool] | None:
+    """``(coef, tta)``: the output layer recorded in a stream's header for ``model`` and whether it was
+    fitted to test-time augmentation; None when there is none, or one fitted for another model (it only
+    makes sense with the features it was fitted on).
 
     Raises :class:`~fedtensor.errors.FormatError` for a malformed value."""
     value = info.get(HEADER_KEY)
     if value is None or info.get("model") != model.model_id:
         return None
     c1 = model.config.channels[0]
+    layer, tta = (value.get("layer"), value.get("tta")) if isinstance(value, dict) else (None, None)
     try:
-        raw = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+        raw = base64.b64decode(layer, validate=True) if isinstance(layer, str) else b""
     except (binascii.Error, ValueError):
         raw = b""
     widths = {8 * k * 2: k for k in (c1 + 3, c1 + 3 + 8 * IN_CHANNELS)}
-    if len(raw) not in widths:
+    if len(raw) not in widths or not isinstance(tta, bool):
         raise FormatError("corrupted stream: malformed restoration adaptation in the header")
     coef = np.frombuffer(raw, "<f2").astype(np.float32).reshape(8, widths[len(raw)])
     if not (np.isfinite(coef).all() and np.abs(coef).max() < _MAX_COEF):
         raise FormatError("corrupted stream: restoration adaptation out of range")
-    return coef
+    return coef, tta
 
 
 __all__ = ["HEADER_KEY", "Fit", "fit", "fit_adaptation", "encode_adaptation", "stream_adaptation"]

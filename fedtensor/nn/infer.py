@@ -36,7 +36,7 @@ from fedtensor.nn.checkpoint import (
     safetensors_metadata,
     tree_from_bytes,
 )
-from fedtensor.nn.model import ALIGN, RECEPTIVE_RADIUS, NetConfig, RestorationNet, abstract_net
+from fedtensor.nn.model import ALIGN, RECEPTIVE_RADIUS, NetConfig, RestorationNet, abstract_net, mirrored_adaptation
 from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser_for, operating_point, phase_of
 
 EDGE_PAD = 8
@@ -176,18 +176,33 @@ def check_tile(tile: int | None) -> int | None:
     return tile
 
 
-def padded_input(feats: np.ndarray, block, flipped=(False, False, False)):
+def padded_input(feats: np.ndarray, block):
     """``(padded features, per-axis block-phase arrays, pads)``: ``feats (D,H,W,F)`` padded by
     :data:`EDGE_PAD` (reflection) and up to a multiple of ``ALIGN``; the phases are those of every padded
-    position's original-volume index (mirrored where ``flipped``)."""
+    position's original-volume index."""
     shape = feats.shape[:3]
     pads = [(EDGE_PAD, EDGE_PAD + (-(n + 2 * EDGE_PAD)) % ALIGN) for n in shape]
     xp = np.pad(feats, [*pads, (0, 0)], mode="reflect" if min(shape) > 1 else "edge")
-    phases = []
-    for n, (lo, hi), b, flip in zip(shape, pads, block, flipped):
-        j = np.arange(-lo, n + hi)
-        phases.append(phase_of(n - 1 - j if flip else j, b))
+    phases = [phase_of(np.arange(-lo, n + hi), b) for n, (lo, hi), b in zip(shape, pads, block)]
     return xp, phases, pads
+
+
+MIRRORS = tuple(itertools.product((False, True), repeat=3))
+
+
+def tile_correction(model: RestorationModel, sub: np.ndarray, cond: np.ndarray, coef: np.ndarray | None = None,
+                    tta: bool = False) -> np.ndarray:
+    """The correction of one assembled tile ``sub (1, D, H, W, IN_CHANNELS)`` (sides multiples of
+    ``ALIGN``); ``tta``: the mean over the tile's 8 mirrored versions, each mirrored back (a per-stream
+    layer is mirrored with them, :func:`~fedtensor.nn.model.mirrored_adaptation`)."""
+    if not tta:
+        return model.apply(sub, cond, coef)[0]
+    out = np.zeros(sub.shape[1:4], np.float32)
+    for flips in MIRRORS:
+        axes = tuple(k for k in range(3) if flips[k])
+        c = None if coef is None else mirrored_adaptation(coef, flips, model.config.channels[0])
+        out += np.flip(model.apply(np.flip(sub, tuple(a + 1 for a in axes)), cond, c)[0], axes)
+    return out / len(MIRRORS)
 
 
 def tiles(big: tuple[int, int, int], tile: int | None):
@@ -206,24 +221,24 @@ def tiles(big: tuple[int, int, int], tile: int | None):
 
 
 def correction_map(model: RestorationModel, feats: np.ndarray, block, cond: np.ndarray,
-                   tile: int | None = DEFAULT_TILE, flipped=(False, False, False),
-                   coef: np.ndarray | None = None) -> np.ndarray:
+                   tile: int | None = DEFAULT_TILE, coef: np.ndarray | None = None, tta: bool = False) -> np.ndarray:
     """The net's correction (in units of the step) for a whole volume's intensity features
     ``feats (D,H,W,F)`` (:meth:`~fedtensor.nn.normalize.Normaliser.net_input`).
 
     ``tile=None`` runs one pass over the whole (padded) volume; otherwise tiles of ≤ ``tile``³ voxels.
-    ``flipped[k]`` says that ``feats`` is the volume mirrored along axis k (the block grid is then
-    mirrored too: test-time augmentation). ``coef``: a per-stream output layer (:mod:`fedtensor.nn.adapt`).
+    ``coef``: a per-stream output layer (:mod:`fedtensor.nn.adapt`); ``tta``: test-time augmentation, the
+    mean over the 8 mirrored versions of each (padded) tile, which is the mean over the mirrored versions
+    of the padded volume (every tile is aligned, so its mirror keeps the net's space-to-depth grid).
     """
     tile = check_tile(tile)
-    xp, phases, pads = padded_input(feats, block, flipped)
+    xp, phases, pads = padded_input(feats, block)
     big = xp.shape[:3]
     cond = np.asarray(cond, np.float32)[None]
     acc = np.zeros(big, np.float32)
     wsum = np.zeros(big, np.float32)
     for sl, w in tiles(big, tile):
         sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])
-        acc[sl] += w * model.apply(sub[None], cond, coef)[0]
+        acc[sl] += w * tile_correction(model, sub[None], cond, coef, tta)
         wsum[sl] += w
     out = acc / np.maximum(wsum, 1e-12)
     crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, feats.shape[:3]))
@@ -246,8 +261,9 @@ def restore_array(decoded: np.ndarray, info: dict, model, *, tile: int | None = 
     ``info`` is the stream's header (:func:`fedtensor.codec.read_info`): its codec and parameters (the
     quantiser step, the block shape) are the operating point the model is conditioned on.
     ``tta=True`` averages the corrections of the 8 mirrored versions of the volume (8× the time).
-    A per-stream output layer the encoder fitted for this model (:mod:`fedtensor.nn.adapt`) is used, and
-    then ``tta`` is not (the layer was fitted to the single pass); ``adapted=False`` ignores the layer.
+    A per-stream output layer the encoder fitted for this model (:mod:`fedtensor.nn.adapt`) is used, with
+    or without test-time augmentation as it was fitted (``tta`` is then the stream's choice);
+    ``adapted=False`` ignores the layer.
     """
     from fedtensor.nn.adapt import stream_adaptation  # (it builds on this module)
 
@@ -256,19 +272,11 @@ def restore_array(decoded: np.ndarray, info: dict, model, *, tile: int | None = 
     decoded = np.asarray(decoded)
     if codec not in RESTORABLE_CODECS:
         return decoded.astype(np.float64)
-    coef = stream_adaptation(info, model) if adapted else None
-    tta = tta and coef is None
+    layer = stream_adaptation(info, model) if adapted else None
+    coef, tta = (None, tta) if layer is None else layer
     norm = normaliser_for(decoded)
     s, cond, block = operating_point(codec, params, norm)
-    feats = norm.net_input(decoded, s)
-    if not tta:
-        f = correction_map(model, feats, block, cond, tile, coef=coef)
-    else:
-        f = np.zeros(decoded.shape, np.float32)
-        for flips in itertools.product((False, True), repeat=3):
-            axes = tuple(k for k in range(3) if flips[k])
-            f += np.flip(correction_map(model, np.flip(feats, axes), block, cond, tile, flips, coef), axes)
-        f /= 8
+    f = correction_map(model, norm.net_input(decoded, s), block, cond, tile, coef=coef, tta=tta)
     return decoded.astype(np.float64) + (s * norm.scale) * f.astype(np.float64)
 
 
@@ -301,13 +309,23 @@ def to_dtype(x: np.ndarray, dtype) -> np.ndarray:
 _KIND_NAMES = {"ct": "CT (HU)", "u8": "8-bit", "mr": "percentile-scaled (MR and other)"}
 
 
-def model_mismatch(info: dict, model, decoded: np.ndarray | None = None) -> str | None:
+def model_mismatch(info: dict, model, decoded: np.ndarray | None = None, tta: bool | None = None) -> str | None:
     """A one-line warning when the stream records a model id other than ``model``'s, or when the
     ``decoded`` voxels are of an intensity kind the model was not trained on (its manifest's
     ``intensity_kinds``: restoration can then lower the quality — a model trained on HU CTs cost an
-    8-bit CT about 1 dB in the leave-one-out benchmark); else None."""
+    8-bit CT about 1 dB in the leave-one-out benchmark), or (given ``tta``, the caller's choice) when
+    the stream's fitted layer (:mod:`fedtensor.nn.adapt`) decides test-time augmentation otherwise; else
+    None."""
     model = as_model(model)
     problems = []
+    if tta is not None and info.get("codec") in RESTORABLE_CODECS:
+        from fedtensor.nn.adapt import stream_adaptation
+
+        layer = stream_adaptation(info, model)
+        if layer is not None and layer[1] != tta:
+            how = "with" if layer[1] else "without"
+            problems.append(f"this stream's restoration layer was fitted {how} test-time augmentation, so it is "
+                            f"restored {how} it{'' if layer[1] else ' (--tta ignored)'}")
     want = info.get("model")
     if isinstance(want, dict):
         want = want.get("id")
@@ -337,7 +355,7 @@ def restore_stream(data: bytes, model, *, tile: int | None = DEFAULT_TILE, tta: 
     info = read_info(data)
     model = as_model(model)
     decoded = decompress(data)
-    return restore(decoded, info, model, tile=tile, tta=tta), model_mismatch(info, model, decoded.data)
+    return restore(decoded, info, model, tile=tile, tta=tta), model_mismatch(info, model, decoded.data, tta)
 
 
 def decompress_restored(data: bytes, model, *, tile: int | None = DEFAULT_TILE, tta: bool = False,
@@ -349,10 +367,12 @@ def decompress_restored(data: bytes, model, *, tile: int | None = DEFAULT_TILE, 
     return vol
 
 
-def tag_stream(data: bytes, model_id: str, extra: dict | None = None, adaptation: np.ndarray | None = None) -> bytes:
+def tag_stream(data: bytes, model_id: str, extra: dict | None = None, adaptation: np.ndarray | None = None,
+               adaptation_tta: bool = False) -> bytes:
     """Re-pack ``.ftz`` bytes with the restoration model id in the header (``"model"``) and, if given,
     figures measured with restoration (``"restoration"``) and the model's per-stream output layer
-    (:func:`fedtensor.nn.adapt.fit_adaptation`). The payload is unchanged."""
+    (:func:`fedtensor.nn.adapt.fit_adaptation`; ``adaptation_tta``: fitted to test-time augmentation).
+    The payload is unchanged."""
     from fedtensor.codec.container import pack, unpack
     from fedtensor.nn.adapt import HEADER_KEY, encode_adaptation
 
@@ -362,7 +382,7 @@ def tag_stream(data: bytes, model_id: str, extra: dict | None = None, adaptation
     if extra:
         header["restoration"] = extra
     if adaptation is not None:
-        header[HEADER_KEY] = encode_adaptation(adaptation)
+        header[HEADER_KEY] = encode_adaptation(adaptation, adaptation_tta)
     return pack(header, sections)
 
 
@@ -385,7 +405,7 @@ def evaluate(original: np.ndarray, data: bytes, model=None, *, tile: int | None 
         dt = time.perf_counter() - t0
         out.update({"model_id": model.model_id, "psnr_restored_db": psnr(original, res.data),
                     "ssim_restored": float(ssim3d(original, res.data)), "restore_seconds": dt,
-                    "model_mismatch": model_mismatch(info, model, dec.data)})
+                    "model_mismatch": model_mismatch(info, model, dec.data, tta)})
         out["delta_psnr_db"] = out["psnr_restored_db"] - out["psnr_db"]
         out["delta_ssim"] = out["ssim_restored"] - out["ssim"]
     return out
@@ -397,14 +417,13 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
     """The cheapest stream whose *restored* PSNR still reaches ``psnr``, tagged with the model id.
 
     Searches the codec's own PSNR target in ``[psnr − search_db, psnr]`` (secant steps, at most
-    ``iterations`` after the first trial at ``psnr``). Each candidate is restored by the
-    plain net and, with ``adapt``, by the two output layers fitted to it (:mod:`fedtensor.nn.adapt`; the
-    stream then carries the layer: a few hundred header bytes, counted); the search reads all three
-    restored PSNRs off one pass of the net (:func:`fedtensor.nn.adapt.fit`; with ``tta`` it restores with
-    the plain net too). The chosen stream is
-    then decoded, restored and measured against the original (the next smallest if it falls short), so
-    the guarantee holds with restoration. When restoration saves nothing, the plain ``compress(psnr=…)``
-    stream is returned (untagged).
+    ``iterations`` after the first trial at ``psnr``). Each candidate is restored by the plain net and,
+    with ``adapt``, by the two output layers fitted to it (:mod:`fedtensor.nn.adapt`; the stream then
+    carries the layer: a few hundred header bytes, counted), all with test-time augmentation if ``tta``;
+    the search reads the three restored PSNRs off one fit (:func:`fedtensor.nn.adapt.fit`, one pass of
+    the net, or 8 with ``tta``). The chosen stream is then decoded, restored and measured against the
+    original (the next smallest if it falls short), so the guarantee holds with restoration. When
+    restoration saves nothing, the plain ``compress(psnr=…)`` stream is returned (untagged).
     """
     from fedtensor.codec import compress, decompress, read_info
     from fedtensor.metrics import psnr as psnr_fn
@@ -415,12 +434,11 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
     value_range = float(orig.max()) - float(orig.min())
 
     def sent(raw: bytes, coef) -> bytes:
-        return tag_stream(raw, model.model_id, adaptation=coef)
+        return tag_stream(raw, model.model_id, adaptation=coef, adaptation_tta=tta)
 
-    def restored_db(raw: bytes, coef, decoded=None) -> float:
+    def restored_db(raw: bytes, coef) -> float:
         blob = sent(raw, coef)
-        decoded = decompress(blob) if decoded is None else decoded
-        return psnr_fn(orig, restore(decoded, read_info(blob), model, tile=tile, tta=tta).data)
+        return psnr_fn(orig, restore(decompress(blob), read_info(blob), model, tile=tile, tta=tta).data)
 
     def db(sse: float) -> float:
         return math.inf if sse <= 0 else 10 * math.log10(value_range ** 2 * orig.size / sse)
@@ -432,11 +450,10 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
         """The best restored PSNR of the codec's stream at ``t`` dB (and every option reaching the target
         noted in ``passing``)."""
         raw = streams[t] = compress(volume, psnr=t, codec=codec, block=block)
-        decoded = decompress(raw)
-        options = fit(model, decoded.data, read_info(raw), orig, tile=tile).options()
+        options = fit(model, decompress(raw).data, read_info(raw), orig, tile=tile, tta=tta).options()
         best = -math.inf
         for coef, sse in options if adapt else options[:1]:
-            r = restored_db(raw, coef, decoded) if tta and coef is None else db(sse)
+            r = db(sse)
             best = max(best, r)
             if r >= psnr:
                 passing.append((len(sent(raw, coef)), r, t, raw, coef))
@@ -468,7 +485,7 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
         if t == psnr:  # the codec's own stream for the target: restoration saved nothing
             break
         return tag_stream(raw, model.model_id, {"psnr": r, "target_psnr": psnr, "codec_psnr_target": t,
-                                                "tta": tta}, adaptation=coef)
+                                                "tta": tta}, adaptation=coef, adaptation_tta=tta)
     return streams[psnr]
 
 
