@@ -25,7 +25,8 @@ ModelOpt = Annotated[
                       "weights-service URL (http://host:port[#version]; token in FEDTENSOR_TOKEN)."),
 ]
 TtaOpt = Annotated[
-    bool, typer.Option("--tta", help="Test-time augmentation: average the model over 8 mirrored passes (8× slower).")
+    bool, typer.Option("--tta", help="Test-time augmentation: average the model over 8 mirrored passes (8× slower). "
+                       "A stream whose restoration layer compress --model fitted is restored as it was fitted.")
 ]
 TOKEN_ENV = "FEDTENSOR_TOKEN"
 

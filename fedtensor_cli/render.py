@@ -214,8 +214,11 @@ def info_table(info: Mapping[str, Any]) -> Table:
 
 
 def _info_value(key: str, value: Any) -> str:
-    if key == "adaptation" and isinstance(value, str):  # base64 float16 coefficients: their size says enough
-        return f"restoration output layer fitted to this stream ({len(value) * 3 // 4} bytes of float16)"
+    layer = value.get("layer") if key == "adaptation" and isinstance(value, dict) else None
+    if isinstance(layer, str):  # base64 float16 coefficients: their count says enough
+        size = len(layer) * 3 // 4 - layer[-2:].count("=")
+        tta = " (for test-time augmentation)" if value.get("tta") is True else ""
+        return f"restoration output layer fitted to this stream: {size // 2} float16 coefficients{tta}"
     return _compact(value)
 
 

@@ -119,22 +119,36 @@ def test_compress_with_model_records_it_and_mismatch_warns(ct_crop, identity_mod
     assert res.exit_code == 0
     warn = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(warn) == 1 and warn[0].startswith("warning: ") and "tuned for" in warn[0]
-    res = run("decompress", out, tmp_path / "plain.npy")  # no --model: say what restoration would add
+    res = run("decompress", out, tmp_path / "plain.npy")  # the plain stream met the target: nothing to say
+    assert res.exit_code == 0 and not res.stderr.strip()
+    # a stream that counts on its model for the PSNR it was compressed for: without --model, say so
+    from fedtensor.nn import tag_stream
+
+    data = out.read_bytes()
+    counting = tmp_path / "counting.ftz"
+    counting.write_bytes(tag_stream(data, rec["model_id"], {"psnr": 40.0, "target_psnr": 40.0}))
+    res = run("decompress", counting, tmp_path / "below.npy")
     warn = [x for x in res.stderr.splitlines() if x.strip()]
     assert res.exit_code == 0 and len(warn) == 1 and "without --model it decodes below" in warn[0]
-    res = run("decompress", out, tmp_path / "again.npy", "--json")
+    res = run("decompress", counting, tmp_path / "again.npy", "--json")
     assert json.loads(res.stdout)["warning"].startswith("this stream was compressed for restoration")
 
 
-def test_compress_bpv_with_model_tags_the_stream(ct_crop, random_model, tmp_path):
+def test_compress_bpv_with_model_tags_the_stream(ct_crop, identity_model, random_model, tmp_path):
     out = tmp_path / "b.ftz"
-    rec = run_json("compress", ct_crop, out, "--bpv", 1.0, "--model", random_model)
+    rec = run_json("compress", ct_crop, out, "--bpv", 1.0, "--model", identity_model)
     info = read_info(out.read_bytes())
     assert info["model"] == rec["model_id"] and info["restoration"]["psnr"] == pytest.approx(rec["psnr_db_restored"])
     # tagging re-packs the header only: the payload decodes to the same voxels as an untagged stream
     plain = run_json("compress", ct_crop, tmp_path / "p.ftz", "--bpv", 1.0)
     assert plain["compressed_bytes"] < rec["compressed_bytes"]
     np.testing.assert_array_equal(decompress(out.read_bytes()).data, decompress((tmp_path / "p.ftz").read_bytes()).data)
+    # a model that lowers the volume's PSNR is reported, and the stream is not tied to it
+    worse = run("compress", ct_crop, tmp_path / "w.ftz", "--bpv", 1.0, "--model", random_model, "--json")
+    record = json.loads(worse.stdout)
+    assert worse.exit_code == 0 and record["psnr_db_restored"] < record["psnr_db"]
+    assert "lowers this volume's PSNR" in record["warning"] and "lowers this volume's PSNR" in worse.stderr
+    assert not read_info((tmp_path / "w.ftz").read_bytes()).get("model")
 
 
 def test_batch_decompress_with_model(stream, identity_model, tmp_path):
@@ -193,5 +207,5 @@ def test_a_stream_with_a_fitted_layer_is_restored_with_it(ct_crop, stream, rando
     rec = run_json("evaluate", ct_crop, tagged, "--model", random_model)
     assert rec["psnr_db_restored"] == pytest.approx(psnr(orig, want), abs=1e-9)
     shown = run("info", tagged)
-    assert shown.exit_code == 0 and "output layer fitted" in shown.stdout and "816 bytes" in shown.stdout
-    assert encode_adaptation(coef)[:24] not in shown.stdout
+    assert shown.exit_code == 0 and "output layer fitted" in shown.stdout and "408 float16" in shown.stdout
+    assert encode_adaptation(coef)["layer"][:24] not in shown.stdout

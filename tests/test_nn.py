@@ -506,7 +506,7 @@ def test_compress_for_quality_meets_the_target_with_restoration(tmp_path):
     data = compress_for_quality(vol, d, psnr=34.0, block=8, iterations=2)
     info = read_info(data)
     assert len(data) <= len(compress(vol, psnr=34.0, block=8))
-    if info["model"] is not None:  # a cheaper stream was found: it records what it counted on
+    if info.get("model") is not None:  # a cheaper stream was found: it records what it counted on
         assert info["model"] == mid and info["restoration"]["psnr"] >= 34.0
     assert psnr(vol.data, decompress_restored(data, d).data) >= 34.0
 
@@ -630,9 +630,9 @@ def test_compress_for_quality_sends_the_fitted_layer_only_when_it_pays(rmodel, t
     save_model(rmodel.net, d)
     real_fit, steps = adapt.fit, []
 
-    def fit(model, decoded, info, original, tile=None):
+    def fit(model, decoded, info, original, **kw):
         steps.append(info["params"]["step"])
-        return real_fit(model, decoded, info, original, tile=tile)
+        return real_fit(model, decoded, info, original, **kw)
 
     monkeypatch.setattr(adapt, "fit", fit)
     assert compress_for_quality(vol, d, psnr=34.0, block=8, iterations=3) == compress(vol, psnr=34.0, block=8)

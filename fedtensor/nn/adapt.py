@@ -14,12 +14,13 @@ large layer adds a 2×2×2 linear filter of the inputs). The plain net is ``coef
 codec's error over the whole volume (normal equations accumulated tile by tile, so memory stays
 bounded; the small layer's are a block of the large one's, so one pass of the net fits both and gives
 their errors), rounded to float16 and stored, base64-encoded, in the stream's header under
-:data:`HEADER_KEY`: 8·K numbers, 304 or 944 bytes for the default net. The least-squares spaces contain
-the plain net, so a fitted correction is never worse on the volume than the plain one (up to float16
-and integer rounding; :func:`~fedtensor.nn.infer.compress_for_quality` measures the result anyway).
+:data:`HEADER_KEY`: 8·K numbers, 0.4 or 1.3 KB of header for the default net. The least-squares spaces
+contain the plain net, so a fitted correction is never worse on the volume than the plain one (up to
+float16 and integer rounding; :func:`~fedtensor.nn.infer.compress_for_quality` measures the result).
 
-The layer is fitted to the net's single pass, so a stream that carries one is restored without
-test-time augmentation.
+With test-time augmentation the regressors are the means over the 8 mirrored passes of each aligned
+tile (:func:`~fedtensor.nn.infer.tile_correction`); the header records which kind of layer it is, and
+the decoder restores the way the layer was fitted.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
     big = xp.shape[:3]
     crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, decoded.shape))
     target = np.zeros(big, np.float32)  # the codec's error in the net's units; zero weight off the volume
-    target[crop] = (np.asarray(original, np.float64) - decoded) / (s * norm.scale)
-    inside = np.zeros(big, np.float32)
-    inside[crop] = 1.0
+    np.subtract(original, decoded, out=target[crop], dtype=np.float32)
+    target[crop] /= np.float32(s * norm.scale)
+    axis_inside = [(np.arange(n) >= c.start) & (np.arange(n) < c.stop) for n, c in zip(big, crop)]
     wsum = np.zeros(big, np.float32)
     for sl, w in tiles(big, tile):
         wsum[sl] += w
@@ -104,7 +105,9 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
         sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])[None]
         h, head, linear = (a.reshape(-1, a.shape[-1]) for a in _tile_parts(model, sub, cond, tta))
         xs = np.asarray(space_to_depth(sub))[0].reshape(len(h), -1)
-        weight = _phases(inside[sl] * w / np.maximum(wsum[sl], 1e-12))
+        m0, m1, m2 = (m[c] for m, c in zip(axis_inside, sl))
+        inside = m0[:, None, None] & m1[None, :, None] & m2[None, None, :]
+        weight = _phases(np.where(inside, w / np.maximum(wsum[sl], 1e-12), 0).astype(np.float32))
         y = _phases(target[sl])
         for p in range(8):
             use = np.flatnonzero(weight[:, p] > 0)
@@ -126,9 +129,10 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
                 sol = np.linalg.solve(a, rhs[p, :k])
             except np.linalg.LinAlgError:
                 continue
+            sol = sol.astype(np.float16).astype(np.float64)  # as sent (and checked by stream_adaptation)
             if np.isfinite(sol).all() and np.abs(sol).max() < _MAX_COEF:
                 coef[p] = sol
-        return coef.astype(np.float16).astype(np.float64)
+        return coef
 
     def sse(c: np.ndarray) -> float:  # Σ w (y − c·x)² from the normal equations, in original units
         k = c.shape[1]

@@ -419,45 +419,51 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
     Searches the codec's own PSNR target in ``[psnr − search_db, psnr]`` (secant steps, at most
     ``iterations`` after the first trial at ``psnr``). Each candidate is restored by the plain net and,
     with ``adapt``, by the two output layers fitted to it (:mod:`fedtensor.nn.adapt`; the stream then
-    carries the layer: a few hundred header bytes, counted), all with test-time augmentation if ``tta``;
-    the search reads the three restored PSNRs off one fit (:func:`fedtensor.nn.adapt.fit`, one pass of
-    the net, or 8 with ``tta``). The chosen stream is then decoded, restored and measured against the
-    original (the next smallest if it falls short), so the guarantee holds with restoration. When
+    carries the layer: 0.4–1.3 KB of header, counted), all with test-time augmentation if ``tta``. One
+    fit (:func:`fedtensor.nn.adapt.fit`: one pass of the net, 8 with ``tta``) predicts the three restored
+    PSNRs; the best is measured (a second pass) and steers the search. Every stream returned was decoded,
+    restored and measured against the original, so the guarantee holds with restoration. When
     restoration saves nothing, the plain ``compress(psnr=…)`` stream is returned (untagged).
     """
     from fedtensor.codec import compress, decompress, read_info
     from fedtensor.metrics import psnr as psnr_fn
     from fedtensor.nn.adapt import fit
 
+    if not (math.isfinite(search_db) and search_db > 0) or iterations < 0:
+        raise ValueError("search_db must be a positive number of dB and iterations ≥ 0")
     model = as_model(model)
     orig = volume.data
     value_range = float(orig.max()) - float(orig.min())
 
-    def sent(raw: bytes, coef) -> bytes:
-        return tag_stream(raw, model.model_id, adaptation=coef, adaptation_tta=tta)
+    def sent(raw: bytes, coef, r: float, t: float) -> bytes:
+        return tag_stream(raw, model.model_id, {"psnr": r, "target_psnr": psnr, "codec_psnr_target": t, "tta": tta},
+                          adaptation=coef, adaptation_tta=tta)
 
-    def restored_db(raw: bytes, coef) -> float:
-        blob = sent(raw, coef)
-        return psnr_fn(orig, restore(decompress(blob), read_info(blob), model, tile=tile, tta=tta).data)
+    def restored_db(raw: bytes, coef, decoded=None) -> float:
+        info = read_info(sent(raw, coef, psnr, psnr))
+        decoded = decompress(raw) if decoded is None else decoded
+        return psnr_fn(orig, restore(decoded, info, model, tile=tile, tta=tta).data)
 
     def db(sse: float) -> float:
         return math.inf if sse <= 0 else 10 * math.log10(value_range ** 2 * orig.size / sse)
 
-    passing = []  # (bytes sent, restored dB, codec target, raw stream, coef)
+    candidates = []  # (restored dB, measured (else predicted), codec target, raw stream, coef or None)
     streams = {}  # codec target → raw stream
 
     def trial(t: float) -> float:
-        """The best restored PSNR of the codec's stream at ``t`` dB (and every option reaching the target
-        noted in ``passing``)."""
+        """The measured restored PSNR of the codec's stream at ``t`` dB with the restoration predicted
+        best; the other restorations predicted to reach the target are noted, to be measured if chosen.
+        (The prediction is the float restoration's: rounding to an integer dtype can move it by a tenth
+        of a dB.)"""
         raw = streams[t] = compress(volume, psnr=t, codec=codec, block=block)
-        options = fit(model, decompress(raw).data, read_info(raw), orig, tile=tile, tta=tta).options()
-        best = -math.inf
-        for coef, sse in options if adapt else options[:1]:
-            r = db(sse)
-            best = max(best, r)
-            if r >= psnr:
-                passing.append((len(sent(raw, coef)), r, t, raw, coef))
-        return best
+        decoded = decompress(raw)
+        options = fit(model, decoded.data, read_info(raw), orig, tile=tile, tta=tta).options()
+        predicted = [(db(sse), k) for k, (_, sse) in enumerate(options if adapt else options[:1])]
+        best = max(predicted)[1]
+        measured = restored_db(raw, options[best][0], decoded)
+        candidates.append((measured, True, t, raw, options[best][0]))
+        candidates.extend((r, False, t, raw, options[k][0]) for r, k in predicted if k != best and r >= psnr)
+        return measured
 
     # The lowest codec target whose best restoration reaches ``psnr``: the restored PSNR runs about
     # parallel to the target (a steady gain), so secant steps on it land within a few trials; a step
@@ -478,15 +484,19 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
                 lo = t
             if hi - lo < 0.02 or 0 <= r - psnr < 0.01:
                 break
-    for size, _, t, raw, coef in sorted(passing, key=lambda c: c[0]):
-        r = restored_db(raw, coef)
-        if r < psnr:  # integer rounding can cost a predicted PSNR a few hundredths of a dB
-            continue
-        if t == psnr:  # the codec's own stream for the target: restoration saved nothing
-            break
-        return tag_stream(raw, model.model_id, {"psnr": r, "target_psnr": psnr, "codec_psnr_target": t,
-                                                "tta": tta}, adaptation=coef, adaptation_tta=tta)
-    return streams[psnr]
+    # The smallest stream that reaches the target, if it is smaller than the codec's own stream for it
+    # (the stream at the target itself saves nothing: it is sent plain, without the header).
+    plain = streams[psnr]
+    chosen = [c for c in candidates if c[2] != psnr and c[0] >= psnr]
+    for r, measured, t, raw, coef in sorted(chosen, key=lambda c: len(sent(c[3], c[4], c[0], c[2]))):
+        if not measured:
+            r = restored_db(raw, coef)
+            if r < psnr:
+                continue
+        blob = sent(raw, coef, r, t)
+        if len(blob) < len(plain):
+            return blob
+    return plain
 
 
 __all__ = [
