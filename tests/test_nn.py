@@ -75,6 +75,13 @@ def random_model(config=TINY, seed=1, scale=0.2) -> RestorationModel:
 INFO_BT = {"codec": "block-tucker", "params": {"block": [8, 8, 16], "step": 300.0, "offset": 0.0}}
 
 
+def net_features(data: np.ndarray):
+    """``(features, block, cond)`` of a volume decoded from an INFO_BT stream."""
+    norm = normaliser_for(data)
+    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
+    return norm.net_input(data, s), block, cond
+
+
 @pytest.fixture(scope="module")
 def rmodel() -> RestorationModel:
     return random_model()
@@ -165,9 +172,7 @@ def test_exact_codecs_are_not_restored(rmodel):
 
 def test_tiled_equals_whole_volume(rmodel):
     data = phantom((72, 64, 40), seed=3)
-    norm = normaliser_for(data)
-    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
-    x = norm.net_input(data, s)
+    x, block, cond = net_features(data)
     whole = correction_map(rmodel, x, block, cond, tile=None)
     tiled = correction_map(rmodel, x, block, cond, tile=64)  # 4 × 3 × 1 overlapping tiles
     assert whole.shape == data.shape
@@ -527,9 +532,7 @@ def test_identity_adaptation_is_the_plain_net(rmodel):
     from fedtensor.nn.model import identity_adaptation
 
     data = phantom((32, 28, 20), seed=4)
-    norm = normaliser_for(data)
-    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
-    x = norm.net_input(data, s)
+    x, block, cond = net_features(data)
     plain = correction_map(rmodel, x, block, cond, tile=None)
     same = correction_map(rmodel, x, block, cond, tile=None, coef=identity_adaptation(TINY.channels[0]))
     np.testing.assert_allclose(same, plain, atol=1e-5 * float(np.abs(plain).max()), rtol=0)
@@ -642,9 +645,7 @@ def test_compress_for_quality_sends_the_fitted_layer_only_when_it_pays(rmodel, t
 def test_tiled_test_time_augmentation_equals_whole_volume(rmodel):
     """Each tile is mirrored on its own; every tile is aligned, so that is the whole volume's mirror."""
     data = phantom((72, 60, 36), seed=8)  # sides that are not multiples of the alignment or the block
-    norm = normaliser_for(data)
-    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
-    x = norm.net_input(data, s)
+    x, block, cond = net_features(data)
     whole = correction_map(rmodel, x, block, cond, tile=None, tta=True)
     tiled = correction_map(rmodel, x, block, cond, tile=64, tta=True)
     np.testing.assert_allclose(tiled, whole, atol=2e-5 * float(np.abs(whole).max()), rtol=0)
@@ -656,9 +657,7 @@ def test_a_mirrored_layer_is_the_layer_of_the_mirrored_tile(rmodel):
     from fedtensor.nn.model import identity_adaptation
 
     data = phantom((40, 36, 28), seed=9)
-    norm = normaliser_for(data)
-    s, cond, block = operating_point("block-tucker", INFO_BT["params"], norm)
-    x = norm.net_input(data, s)
+    x, block, cond = net_features(data)
     c1 = TINY.channels[0]
     plain = correction_map(rmodel, x, block, cond, tile=None, tta=True)
     same = correction_map(rmodel, x, block, cond, tile=None, tta=True, coef=identity_adaptation(c1, True))
