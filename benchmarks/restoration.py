@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--adapted", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the encoder-fitted output layer (fedtensor.nn.adapt), its header bytes "
                         "counted in bpv")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the models already in OUT/models as they are (no training, whatever settings "
+                        "they were trained with)")
     p.add_argument("--retrain", action="store_true", help="start the models over instead of resuming them")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     return p.parse_args(argv)
@@ -118,7 +121,11 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
             log(f"  epoch {info['epoch']:2d} train {info['train_loss']:.5f} val {info['val_loss'] if info['val_loss'] is None else round(info['val_loss'], 5)}"
                 f" gain {'-' if g is None else f'{g:+.3f} dB'} {info['patches_per_s'] or 0:.1f} patches/s {info['seconds']:.0f}s")
 
-    summary = train(others, mdir, cfg, val_paths=val or None, cache_dir=cache, resume=not args.retrain, progress=progress)
+    if args.eval_only:
+        summary = trained_summary(mdir)
+    else:
+        summary = train(others, mdir, cfg, val_paths=val or None, cache_dir=cache, resume=not args.retrain,
+                        progress=progress)
     train_s = sum(r["seconds"] for r in summary["history"])  # this run's and any resumed epochs'
     model = load_model(mdir)
     vol = read_volume(held)
@@ -181,6 +188,22 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
             "val_volumes": summary["val_volumes"], "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
             "train_seconds": train_s, "patches_per_s": summary["patches_per_s"],
             "infer_mvox_s": speed, "voxels": int(orig.size), "modes": modes, "rows": rows}
+
+
+def trained_summary(mdir: Path) -> dict:
+    """What ``train`` reports, read from a finished model directory's ``model.json`` (``--eval-only``)."""
+    import json
+
+    try:
+        manifest = json.loads((mdir / "model.json").read_text())
+        t = manifest["training"]
+        history = t["history"]
+        speeds = [h["patches_per_s"] for h in history if h.get("patches_per_s")]
+        return {"model_id": manifest["model_id"], "train_volumes": t["train_volumes"], "val_volumes": t["val_volumes"],
+                "epochs_run": len(history), "best_epoch": t["best_epoch"], "history": history,
+                "patches_per_s": statistics.median(speeds) if speeds else None}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--eval-only: no finished model in {mdir} ({exc})") from None
 
 
 def print_tables(results: list[dict]) -> None:
