@@ -139,11 +139,12 @@ def _compress_one(
     encode_s = perf_counter() - t0
     restored = warning = None
     if model is not None:
+        from fedtensor.metrics import psnr as psnr_of
         from fedtensor.nn import restore, tag_stream
 
         decoded = decompress(data)
         restored = quality(vol.data, restore(decoded, read_info(data), model, tta=tta).data)
-        plain_db = quality(vol.data, decoded.data)["psnr_db"]
+        plain_db = float(psnr_of(vol.data, decoded.data))
         if read_info(data).get("model") == model.model_id:
             pass  # compress_for_quality chose a stream that counts on the restoration: it says so
         elif restored["psnr_db"] < plain_db:  # do not tie the stream to a model that lowers its quality
