@@ -94,7 +94,7 @@ def log(msg: str) -> None:
 
 def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) -> dict:
     from fedtensor.io import Volume, read_volume
-    from fedtensor.metrics import psnr, ssim3d
+    from fedtensor.metrics import psnr, psnr_from_sse, ssim3d
     from fedtensor.codec import compress, read_info
     from fedtensor.nn import TrainConfig, load_model, restore, tag_stream, train
     from fedtensor.nn.adapt import fit
@@ -155,8 +155,8 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
             for name, (coef, sse) in (("small", found.small), ("large", found.large)):
                 tagged = tag_stream(blob, model.model_id, adaptation=coef, adaptation_tta=tta)
                 bpv = C.bits_per_voxel(len(tagged), orig.size)
-                predicted = 10 * np.log10(C.value_range(orig) ** 2 * orig.size / sse)
-                need = encode_decode(vol, codec, round(float(predicted), 3), None, cache, label)[1]["bits_per_voxel"]
+                predicted = psnr_from_sse(sse, orig.size, C.value_range(orig))
+                need = encode_decode(vol, codec, round(predicted, 3), None, cache, label)[1]["bits_per_voxel"]
                 layers.append((1 - bpv / need, name, tagged, bpv))
             _, layer, tagged, bpv = max(layers)
             adapted_runs[mode] = (layer, read_info(tagged), bpv, fit_s)

@@ -60,6 +60,16 @@ def psnr(original, decoded, *, data_range: float | None = None) -> float:
     return 20.0 * math.log10(float(data_range)) - 10.0 * math.log10(mse)
 
 
+def psnr_from_sse(sse: float, n: int, data_range: float) -> float:
+    """:func:`psnr` from the sum of squared errors over ``n`` voxels: ``inf`` for no error, ``nan`` for an
+    overflowed (non-finite) sum, ``-inf`` when ``data_range`` ≤ 0."""
+    if sse == 0:
+        return math.inf
+    if not math.isfinite(sse):  # squared errors of values near float64's limit overflow: unknown
+        return math.nan
+    return 20 * math.log10(data_range / math.sqrt(sse / n)) if data_range > 0 else -math.inf
+
+
 def bits_per_voxel(n_bytes: int, shape) -> float:
     """8 · ``n_bytes`` / number of voxels in ``shape``."""
     n_vox = int(np.prod(shape, dtype=np.int64))

@@ -9,6 +9,7 @@ import pytest
 
 from fedtensor.codec import api, compress, decompress, stream
 from fedtensor.codec.normalize import normalization
+from fedtensor.metrics import psnr_from_sse
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,7 +48,7 @@ def test_first_guess_accounts_for_padding(load_volume):
     enc, b, offset, scale, mse = _encoder(x, 45.0, block=(8, 8, 16))
     step = stream.initial_step(x, b, enc.bases, offset, scale, mse, n_voxels=2 * x.size)
     sse = enc.estimate([step])[0][0]
-    assert abs(api._psnr_from_sse(sse, x.size, float(np.ptp(x))) - 45.0) < 0.1
+    assert abs(psnr_from_sse(sse, x.size, float(np.ptp(x))) - 45.0) < 0.1
 
 
 @pytest.mark.parametrize("target", [40.0, 45.0, 50.0])
@@ -74,8 +75,8 @@ def test_coarse_estimates_follow_the_decoded_errors(load_volume, name, trusted):
     coarse, ratio = enc.estimate_coarse(steps, api._ANCHOR)
     exact = [e[0] for e in enc.estimate(steps)]
     value_range = float(np.ptp(x))
-    db = [api._psnr_from_sse(e, x.size, value_range) for e in coarse]
-    want = [api._psnr_from_sse(e, x.size, value_range) for e in exact]
+    db = [psnr_from_sse(e, x.size, value_range) for e in coarse]
+    want = [psnr_from_sse(e, x.size, value_range) for e in exact]
     assert db[api._ANCHOR] == pytest.approx(want[api._ANCHOR], abs=1e-4)  # float32 sums, fused otherwise
     assert (abs(ratio - 1) <= api._TRUSTED_RATIO) == trusted
     if trusted:

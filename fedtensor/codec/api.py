@@ -16,6 +16,7 @@ from fedtensor.codec.normalize import denormalize, normalization, normalize, to_
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
+from fedtensor.metrics import psnr_from_sse
 from fedtensor.tensor.block import padded_shape
 from fedtensor_kernels import block_transform as kernels
 
@@ -25,14 +26,6 @@ MAX_VOXELS = 1 << 30  # the exact-mode coders still hold a few int64 copies: ~1 
 _MAX_RETRIES = 12
 _MIN_STEP = 1e-12  # normalised units, far below float32 resolution: only an unreachable PSNR drives steps here
 _MIN_RANGE = 1e-100  # below it squared errors at any PSNR target underflow float64 (the SSE would read 0)
-
-
-def _psnr_from_sse(sse: float, n: int, value_range: float) -> float:
-    if sse == 0:
-        return math.inf
-    if not math.isfinite(sse):  # squared errors of values near float64's limit overflow: unknown
-        return math.nan
-    return 20 * math.log10(value_range / math.sqrt(sse / n)) if value_range > 0 else -math.inf
 
 
 def _integer_valued(a: np.ndarray) -> bool:
@@ -145,7 +138,7 @@ def _step_from_estimates(coarse, estimate, psnr: float, first: float, n: int,
     interpolated step picks the answer.
     """
     def db(sse):
-        return np.array([_psnr_from_sse(e, n, value_range) if math.isfinite(e) else -math.inf for e in sse])
+        return np.array([psnr_from_sse(e, n, value_range) if math.isfinite(e) else -math.inf for e in sse])
 
     centre, best, slope = first, None, -20.0
     for _ in range(6):
@@ -204,7 +197,7 @@ def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bp
     if psnr is not None:
         def evaluate(step):
             sse, worst = attempt(step, measure=True)[1]
-            return _psnr_from_sse(sse, n, value_range), (sse, worst)
+            return psnr_from_sse(sse, n, value_range), (sse, worst)
 
         step, _, errors = _largest_step_reaching(evaluate, psnr, first_step)
         return attempt(step, measure=False, errors=errors)[0]
@@ -252,7 +245,7 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
             return None, enc.errors(step)
         sections, measured = enc.encode(step, measure=errors is None)
         sse, worst = errors or measured
-        stats = {"psnr": _psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
+        stats = {"psnr": psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
         params = {"block": list(b), "slab": slabs.depth, "step": step, "offset": offset, "scale": scale}
         bases = np.concatenate([u.ravel() for u in enc.bases]).astype("<f4").tobytes()
         return pack({**header, "params": params, "stats": stats}, [bases, *sections]), (sse, worst)
@@ -268,7 +261,7 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
         step = found.step if found else None
         for _ in range(4 if found else 0):
             blob, (sse, _) = attempt(step, measure=False)
-            reached = _psnr_from_sse(sse, n, value_range)
+            reached = psnr_from_sse(sse, n, value_range)
             if reached >= psnr:
                 return blob
             # Short of the target: step down along the local slope, a hair beyond (a fine step at least).
@@ -291,7 +284,7 @@ def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
         if measure and errors is None and psnr is not None:
             return None, (sse, worst)
         params, sections = tr.encode(q, step)
-        stats = {"psnr": _psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
+        stats = {"psnr": psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
         return pack({**header, "params": {**params, "offset": offset, "scale": scale}, "stats": stats},
                     sections), (sse, worst)
 
@@ -346,7 +339,7 @@ def _pack_grid(data, q, step, offset, header, max_error, value_range) -> bytes:
     sse, err = stream.error_stats(data, decoded)
     if err > max_error:  # the guarantee is checked, never assumed
         raise FedtensorError(f"internal error: max-error bound violated ({err} > {max_error})")
-    stats = {"psnr": _psnr_from_sse(sse, data.size, value_range), "max_abs_error": err}
+    stats = {"psnr": psnr_from_sse(sse, data.size, value_range), "max_abs_error": err}
     return pack({**header, "codec": "max-error", "params": {**params, "step": step, "offset": offset},
                  "stats": stats}, sections)
 

@@ -427,6 +427,7 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
     """
     from fedtensor.codec import compress, decompress, read_info
     from fedtensor.metrics import psnr as psnr_fn
+    from fedtensor.metrics import psnr_from_sse
     from fedtensor.nn.adapt import fit
 
     if not (math.isfinite(search_db) and search_db > 0) or iterations < 0:
@@ -444,9 +445,6 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
         decoded = decompress(raw) if decoded is None else decoded
         return psnr_fn(orig, restore(decoded, info, model, tile=tile, tta=tta).data)
 
-    def db(sse: float) -> float:
-        return math.inf if sse <= 0 else 10 * math.log10(value_range ** 2 * orig.size / sse)
-
     candidates = []  # (restored dB, measured (else predicted), codec target, raw stream, coef or None)
     streams = {}  # codec target → raw stream
 
@@ -458,7 +456,8 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
         raw = streams[t] = compress(volume, psnr=t, codec=codec, block=block)
         decoded = decompress(raw)
         options = fit(model, decoded.data, read_info(raw), orig, tile=tile, tta=tta).options()
-        predicted = [(db(sse), k) for k, (_, sse) in enumerate(options if adapt else options[:1])]
+        predicted = [(psnr_from_sse(sse, orig.size, value_range), k)
+                     for k, (_, sse) in enumerate(options if adapt else options[:1])]
         best = max(predicted)[1]
         measured = restored_db(raw, options[best][0], decoded)
         candidates.append((measured, True, t, raw, options[best][0]))
