@@ -39,10 +39,11 @@ from fedtensor.nn.infer import (
     as_model,
     check_tile,
     padded_input,
+    tile_input,
     tiles,
 )
-from fedtensor.nn.model import IN_CHANNELS, identity_adaptation, space_to_depth
-from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser_for, operating_point
+from fedtensor.nn.model import IN_CHANNELS, identity_adaptation, mirror_permutation, space_to_depth
+from fedtensor.nn.normalize import RESTORABLE_CODECS, normaliser_for, operating_point
 
 HEADER_KEY = "adaptation"
 _RIDGE = 1e-6  # relative to the mean of the normal matrix's diagonal: keeps collinear features solvable
@@ -88,9 +89,8 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
         return Fit(sse, (identity_adaptation(c1), sse), (identity_adaptation(c1, True), sse))
     norm = normaliser_for(decoded)
     s, cond, block = operating_point(codec, params, norm)
-    xp, phases, pads = padded_input(norm.net_input(decoded, s), block)
+    xp, phases, crop = padded_input(norm.net_input(decoded, s), block)
     big = xp.shape[:3]
-    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, decoded.shape))
     target = np.zeros(big, np.float32)  # the codec's error in the net's units; zero weight off the volume
     np.subtract(original, decoded, out=target[crop], dtype=np.float32)
     target[crop] /= np.float32(s * norm.scale)
@@ -102,7 +102,7 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
     lhs, rhs, yy = np.zeros((8, large, large)), np.zeros((8, large)), np.zeros(8)
     cond = np.asarray(cond, np.float32)[None]
     for sl, w in tiles(big, tile):
-        sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])[None]
+        sub = tile_input(xp, phases, sl)
         h, head, linear = (a.reshape(-1, a.shape[-1]) for a in _tile_parts(model, sub, cond, tta))
         xs = np.asarray(space_to_depth(sub))[0].reshape(len(h), -1)
         m0, m1, m2 = (m[c] for m, c in zip(axis_inside, sl))
@@ -146,14 +146,14 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
 def _tile_parts(model: RestorationModel, sub: np.ndarray, cond: np.ndarray, tta: bool):
     """The net's half-resolution parts ``(h, head, linear)`` of one tile, or (``tta``) their means over the
     tile's 8 mirrored passes, each mirrored back onto the tile's own space-to-depth grid (the outputs'
-    phase channels permuted by ``XOR s``, see :func:`~fedtensor.nn.model.mirrored_adaptation`): the
+    phase channels permuted by :func:`~fedtensor.nn.model.mirror_permutation`): the
     regressors whose fitted combination :func:`~fedtensor.nn.infer.tile_correction` computes."""
     if not tta:
         return tuple(a[0] for a in model.parts(sub, cond))
     acc = None
     for flips in MIRRORS:
         axes = tuple(k for k in range(3) if flips[k])
-        perm = np.arange(8) ^ (4 * flips[0] + 2 * flips[1] + flips[2])
+        perm = mirror_permutation(flips)
         h, head, linear = (np.flip(a[0], axes) for a in model.parts(np.flip(sub, tuple(a + 1 for a in axes)), cond))
         parts = (h, head[..., perm], linear[..., perm])
         acc = parts if acc is None else tuple(a + b for a, b in zip(acc, parts))

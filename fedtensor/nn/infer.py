@@ -177,14 +177,19 @@ def check_tile(tile: int | None) -> int | None:
 
 
 def padded_input(feats: np.ndarray, block):
-    """``(padded features, per-axis block-phase arrays, pads)``: ``feats (D,H,W,F)`` padded by
+    """``(padded features, per-axis block-phase arrays, crop)``: ``feats (D,H,W,F)`` padded by
     :data:`EDGE_PAD` (reflection) and up to a multiple of ``ALIGN``; the phases are those of every padded
-    position's original-volume index."""
+    position's original-volume index; ``crop`` slices the volume back out of the padded grid."""
     shape = feats.shape[:3]
     pads = [(EDGE_PAD, EDGE_PAD + (-(n + 2 * EDGE_PAD)) % ALIGN) for n in shape]
     xp = np.pad(feats, [*pads, (0, 0)], mode="reflect" if min(shape) > 1 else "edge")
     phases = [phase_of(np.arange(-lo, n + hi), b) for n, (lo, hi), b in zip(shape, pads, block)]
-    return xp, phases, pads
+    return xp, phases, tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, shape))
+
+
+def tile_input(xp: np.ndarray, phases, sl: tuple[slice, ...]) -> np.ndarray:
+    """The net's input ``(1, D, H, W, IN_CHANNELS)`` for the tile ``sl`` of :func:`padded_input`'s grid."""
+    return assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])[None]
 
 
 MIRRORS = tuple(itertools.product((False, True), repeat=3))
@@ -231,17 +236,15 @@ def correction_map(model: RestorationModel, feats: np.ndarray, block, cond: np.n
     of the padded volume (every tile is aligned, so its mirror keeps the net's space-to-depth grid).
     """
     tile = check_tile(tile)
-    xp, phases, pads = padded_input(feats, block)
+    xp, phases, crop = padded_input(feats, block)
     big = xp.shape[:3]
     cond = np.asarray(cond, np.float32)[None]
     acc = np.zeros(big, np.float32)
     wsum = np.zeros(big, np.float32)
     for sl, w in tiles(big, tile):
-        sub = assemble_input(xp[sl], [p[c] for p, c in zip(phases, sl)])
-        acc[sl] += w * tile_correction(model, sub[None], cond, coef, tta)
+        acc[sl] += w * tile_correction(model, tile_input(xp, phases, sl), cond, coef, tta)
         wsum[sl] += w
     out = acc / np.maximum(wsum, 1e-12)
-    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, feats.shape[:3]))
     return np.ascontiguousarray(out[crop])
 
 

@@ -229,15 +229,20 @@ class RestorationNet(nnx.Module):
         return h, self.head(h), linear
 
 
+def mirror_permutation(flips: tuple[bool, bool, bool]) -> np.ndarray:
+    """Where each space-to-depth offset ``o`` (``4a + 2b + c`` over the axes) of an ``ALIGN``-aligned tile
+    lands when the tile is mirrored along the axes in ``flips``: ``o XOR s``, ``s`` the mirrored axes' bits
+    (every group maps onto a group)."""
+    return np.arange(8) ^ (4 * bool(flips[0]) + 2 * bool(flips[1]) + bool(flips[2]))
+
+
 def mirrored_adaptation(coef: np.ndarray, flips: tuple[bool, bool, bool], c1: int) -> np.ndarray:
     """The output layer that, applied to the net's pass over an ``ALIGN``-aligned tile mirrored along the
     axes in ``flips`` (and mirrored back), gives the layer ``coef`` of the unmirrored tile's geometry.
 
-    Mirroring such a tile maps every space-to-depth group onto a group, with the sub-voxel offset
-    ``o`` (``4a + 2b + c`` over the axes) becoming ``o XOR s``, ``s`` the mirrored axes' bits: so the rows
-    (output phases) and the input filter's sub-voxel columns are permuted by ``XOR s``."""
-    s = 4 * bool(flips[0]) + 2 * bool(flips[1]) + bool(flips[2])
-    perm = np.arange(8) ^ s
+    The rows (output phases) and the input filter's sub-voxel columns are permuted by
+    :func:`mirror_permutation`."""
+    perm = mirror_permutation(flips)
     out = np.asarray(coef)[perm]
     if out.shape[1] > c1 + 3:
         filt = out[:, c1 + 3:].reshape(8, 8, IN_CHANNELS)[:, perm]
@@ -268,4 +273,4 @@ def new_net(config: NetConfig = NetConfig(), seed: int = 0) -> RestorationNet:
 
 
 __all__ = ["NetConfig", "RestorationNet", "abstract_net", "new_net", "conv3d", "half_resolution_kernel",
-           "identity_adaptation", "mirrored_adaptation", "param_count", "space_to_depth", "depth_to_space"]
+           "identity_adaptation", "mirror_permutation", "mirrored_adaptation", "param_count", "space_to_depth", "depth_to_space"]
