@@ -140,7 +140,12 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
         p0, s0 = psnr(orig, decoded), float(ssim3d(orig, decoded))
         row = {"target_db": t, "block": info["params"].get("block"), "bpv": info["bits_per_voxel"], "psnr": p0, "ssim": s0}
         adapted_runs = {}  # mode → (layer name, stream info, bpv with header, fit seconds)
-        for mode in [m for m in modes if m.startswith("adapted")]:
+        adapted_modes = [m for m in modes if m.startswith("adapted")]
+        if adapted_modes:  # the stream itself, to which the layer's header is added
+            blob = compress(vol, psnr=t, codec=codec)
+            if read_info(blob)["bits_per_voxel"] != info["bits_per_voxel"]:
+                raise RuntimeError(f"cached decoded volume of {label} @ {t} dB is stale; delete {cache}")
+        for mode in adapted_modes:
             # The encoder's fit of the output layer, sent in the header (its bytes counted), and its
             # choice of layer as compress_for_quality makes it: the one that saves more bits at equal PSNR
             # (read off the fit's predicted error).
@@ -148,9 +153,6 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
             t1 = time.perf_counter()
             found = fit(model, decoded, info, orig, tile=args.tile, tta=tta)
             fit_s = time.perf_counter() - t1
-            blob = compress(vol, psnr=t, codec=codec)
-            if read_info(blob)["bits_per_voxel"] != info["bits_per_voxel"]:
-                raise RuntimeError(f"cached decoded volume of {label} @ {t} dB is stale; delete {cache}")
             layers = []
             for name, (coef, sse) in (("small", found.small), ("large", found.large)):
                 tagged = tag_stream(blob, model.model_id, adaptation=coef, adaptation_tta=tta)
