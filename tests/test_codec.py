@@ -168,6 +168,27 @@ def test_bpv_mode_unreachable_target(crops):
         compress(crops["ct_head_uint8.nii.gz"], bpv=1e-4)
 
 
+@pytest.mark.parametrize("target", [{"bpv": 6.0}, {"bpv": 1e9}, {"psnr": 399.0}])
+def test_lossy_targets_take_the_exact_stream_where_it_costs_less(crops, target):
+    # A budget that holds the exact stream gets it (the best quality within it); a PSNR only a
+    # near-exact lossy stream reaches never costs more than the exact one.
+    vol = crops["ct_head_uint8.nii.gz"]
+    exact = compress(vol, lossless=True)
+    blob = compress(vol, **target)
+    assert unpack(blob)[1] == unpack(exact)[1]  # the exact stream's payload (headers differ in their target)
+    assert read_info(blob)["codec"] == "lossless" and read_info(blob)["target"] == target
+    assert np.array_equal(decompress(blob).data, vol.data)
+
+
+def test_lossy_targets_stay_lossy_where_exact_costs_more(crops):
+    vol = crops["ct_head_uint8.nii.gz"]
+    exact = len(compress(vol, lossless=True))
+    budget = 0.8 * 8 * exact / vol.data.size  # above the exact-first threshold, below the exact stream
+    assert budget >= 1.0
+    blob = compress(vol, bpv=budget)
+    assert read_info(blob)["codec"] == "block-tucker" and len(blob) <= budget * vol.data.size / 8
+
+
 @pytest.mark.parametrize("whole", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_omlsvd_global_reaches_40db(load_volume, crops, whole):
     vol = load_volume("ct_head_uint8.nii.gz") if whole else crops["ct_head_uint8.nii.gz"]

@@ -403,8 +403,37 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         raise RateError("the volume holds values beyond float32's range (±3.4e38), where the transform codecs "
                         "compute; use --max-error")
     else:
-        blob = _lossy(volume, codec, block, psnr, bpv, header, value_range)
+        blob = _lossy_or_exact(volume, codec, block, psnr, bpv, header, value_range)
     return blob
+
+
+_NEAR_EXACT_DB = 6.0  # a lossy stream this close to the integer grid's own PSNR may cost more than exact
+_EXACT_FIRST_BPV = 1.0  # budgets from here up may hold the exact stream (CT needs ≳ 1.5 bpv): code it first
+
+
+def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict,
+                    value_range: float) -> bytes:
+    """:func:`_lossy`, or the exact (lossless) stream where it is smaller, or (``bpv``) fits the budget:
+    a lossy file never costs more than the exact one, and exact is the best quality within a budget.
+
+    Only integer-valued volumes have an exact stream. It is coded only where it may win: first for a
+    ``bpv`` of at least :data:`_EXACT_FIRST_BPV` (sparing the budget's bisection when it fits), else when
+    the lossy stream's PSNR is within :data:`_NEAR_EXACT_DB` of rounding to integers
+    (``20·log10(range·√12)``). At the usual targets lossless costs several times the bits.
+    """
+    budget = None if bpv is None else bpv * volume.data.size / 8
+    exact = None
+    if budget is not None and bpv >= _EXACT_FIRST_BPV and _integer_valued(volume.data):
+        exact = _exact(volume, None, header, value_range)
+        if len(exact) <= budget:
+            return exact
+    blob = _lossy(volume, codec, block, psnr, bpv, header, value_range)
+    grid_db = 20 * math.log10(value_range * math.sqrt(12))
+    if exact is not None or not (unpack(blob)[0]["stats"]["psnr"] >= grid_db - _NEAR_EXACT_DB
+                                 and _integer_valued(volume.data)):
+        return blob
+    exact = _exact(volume, None, header, value_range)
+    return exact if len(exact) <= (budget if budget is not None else len(blob)) else blob
 
 
 def _check_header(h: dict) -> tuple[tuple[int, int, int], np.dtype]:
