@@ -107,13 +107,21 @@ def _codec_kwargs(mode: str, target: float | None) -> dict[str, Any]:
     return {"lossless": True} if mode == "lossless" else {mode: target}
 
 
-def _check_codec(codec: str, block: int | None) -> None:
+def _check_codec(codec: str | None, block: int | None, mode: str) -> str:
+    """The transform codec to use (``codec`` or the default), refusing options the mode would ignore."""
     from fedtensor.codec import CODECS
 
+    if mode in ("lossless", "max_error") and (codec is not None or block is not None):
+        flag = "--codec" if codec is not None else "--block"
+        raise UsageFailure(f"{flag} applies to --psnr and --bpv; --{mode.replace('_', '-')} has its own exact coder")
+    codec = codec or DEFAULT_CODEC
     if codec not in CODECS:
         raise UsageFailure(f"unknown codec {codec!r}; choose from: {', '.join(CODECS)}")
     if block is not None and not 2 <= block <= 32:
         raise UsageFailure(f"--block must be between 2 and 32, got {block}")
+    if block is not None and codec != DEFAULT_CODEC:
+        raise UsageFailure(f"--block applies to the {DEFAULT_CODEC} codec only, not {codec}")
+    return codec
 
 
 # ------------------------------------------------------------------------------------ one-file workers
@@ -346,7 +354,11 @@ def compress(
         typer.Option("--bpv", metavar="B", show_default=False, help="Target bits per voxel (whole file)."),
     ] = None,
     lossless: Annotated[bool, typer.Option("--lossless", help="Exact reconstruction (integer volumes).")] = False,
-    codec: Annotated[str, typer.Option("--codec", metavar="NAME", help="Codec: block-tucker or omlsvd-global.")] = DEFAULT_CODEC,
+    codec: Annotated[
+        Optional[str],
+        typer.Option("--codec", metavar="NAME",
+                     help=f"Codec of --psnr and --bpv: block-tucker or omlsvd-global (default: {DEFAULT_CODEC})."),
+    ] = None,
     block: Annotated[
         Optional[int], typer.Option("--block", metavar="N", help="Block edge length (default: chosen per volume).")
     ] = None,
@@ -363,7 +375,7 @@ def compress(
     With --model, --psnr is met *after* restoration by that model (a cheaper stream: the encoder also fits the model's output layer to the volume and sends it, 0.4–1.3 KB, when that makes the stream smaller), the stream records the model's id, and the restored figures are reported too.
     """
     mode, target = rate_target(psnr, max_error, bpv, lossless)
-    _check_codec(codec, block)
+    codec = _check_codec(codec, block, mode)
     if model_spec is not None and mode not in ("psnr", "bpv"):
         raise UsageFailure("--model works with --psnr or --bpv (the exact modes are never restored)")
     if tta and model_spec is None:

@@ -87,6 +87,9 @@ def prepare_output_dir(path: Path) -> None:
     """Create the batch OUTPUT directory (its parent must exist)."""
     if path.exists() and not path.is_dir():
         raise FedtensorError(f"output must be a directory when the input is a directory: {path}")
+    if not path.exists() and (volume_suffix(path) or path.name.lower().endswith(FTZ_SUFFIX)):
+        # a file name for a batch's output is a slip (a directory INPUT was meant to be one volume)
+        raise UsageFailure(f"the input is a directory, so OUTPUT must be a directory, not a file name: {path}")
     if not path.parent.is_dir():
         raise FedtensorError(f"output directory does not exist: {path.parent}")
     path.mkdir(exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from fedtensor.errors import FedtensorError
 from fedtensor_cli import render
 from fedtensor_cli.errors import UsageFailure, cli_errors
 
@@ -95,6 +96,10 @@ def register(app: typer.Typer) -> None:
             raise UsageFailure("--meta needs --publish")
         managing = bool(add_client or remove_client or list_clients or admin_token or publish or list_versions)
         if managing:
+            if not (add_client or admin_token or publish) and not data.is_dir():
+                # reading (or revoking from) a store that is not there: a mistyped --data, not a new store
+                raise FedtensorError(f"no weights store at {data} (it is created by --add-client, --admin-token, "
+                                     "--publish or by serving)")
             data.mkdir(mode=0o700, parents=True, exist_ok=True)
             registry = TokenRegistry(data)
             out: dict = {"command": "serve", "data": str(data)}

@@ -187,6 +187,9 @@ def test_rate_target_single_mode(kwargs: dict, expected: tuple) -> None:
         ["--bpv", "nan"],
         ["--max-error", "-1"],
         ["--block", "1"],
+        ["--lossless", "--codec", "omlsvd-global"],  # the exact modes have their own coder
+        ["--max-error", "2", "--block", "8"],
+        ["--codec", "omlsvd-global", "--block", "8"],
     ],
 )
 def test_bad_rate_options_are_usage_errors(tmp_path: Path, vol_path: Path, args: list[str]) -> None:
@@ -526,6 +529,17 @@ def test_directory_mode(tmp_path: Path) -> None:
     assert again.exit_code == 1
     assert json.loads(again.stdout)["failed"] == 2
     assert (out / "a.ftz").read_bytes() == before
+
+
+def test_directory_input_refuses_a_file_name_as_output(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    np.save(src / "a.npy", smooth_volume(seed=1))
+    run_json("compress", src, tmp_path / "out", "--psnr", 40)
+    for args in (("compress", src, tmp_path / "a.ftz"), ("decompress", tmp_path / "out", tmp_path / "a.nii.gz")):
+        result = run(*args)
+        assert result.exit_code == 2 and "must be a directory" in result.stderr
+        assert not args[2].exists()
 
 
 def test_directory_mode_reports_failures_per_file(tmp_path: Path) -> None:

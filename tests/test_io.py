@@ -78,6 +78,25 @@ def test_mr_slope_applied(volume_paths):
     np.testing.assert_allclose(vol.data, img.get_fdata(), rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("stored, slope, inter, expected", [
+    (np.uint16, 1, -1024, np.int16),  # CT stored unsigned with an intercept
+    (np.int16, 2, 0, np.int16),
+    (np.int16, 1, 40000, np.int32),  # beyond int16
+    (np.uint8, 1, 10, np.uint8),  # still fits the stored dtype
+    (np.int16, 0.5, 0, np.float32),  # fractional values
+    (np.int16, 1, 0.5, np.float32),
+])
+def test_nifti_integer_scaling_keeps_integers(tmp_path, stored, slope, inter, expected):
+    raw = np.random.default_rng(0).integers(0, 200, (6, 5, 4)).astype(stored)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_data_dtype(stored)
+    img.header.set_slope_inter(slope, inter)
+    nib.save(img, tmp_path / "s.nii.gz")
+    vol = read_volume(tmp_path / "s.nii.gz")
+    assert vol.dtype == expected
+    np.testing.assert_array_equal(vol.data, raw.astype(np.float64) * slope + inter)
+
+
 def test_dicom_meta_and_geometry(volume_paths, dicom_volume):
     vol = dicom_volume
     assert vol.meta["Modality"] == "CT"
@@ -373,8 +392,13 @@ def test_nifti_scaled_and_big_endian(tmp_path):
     img.header.set_slope_inter(2.0, 10.0)
     nib.save(img, tmp_path / "scaled.nii")
     vol = read_volume(tmp_path / "scaled.nii")
-    assert vol.dtype == np.float32
+    assert vol.dtype == np.int16  # integer slope and intercept: integers stay integers
     np.testing.assert_array_equal(vol.data, raw.astype(np.float32) * 2 + 10)
+    img.header.set_slope_inter(2.5, 10.0)
+    nib.save(img, tmp_path / "scaled.nii")
+    vol = read_volume(tmp_path / "scaled.nii")
+    assert vol.dtype == np.float32
+    np.testing.assert_array_equal(vol.data, raw.astype(np.float32) * 2.5 + 10)
 
     hdr = nib.Nifti1Header(endianness=">")
     hdr.set_data_dtype(">i2")

@@ -636,6 +636,13 @@ def test_cli_publish_and_fetch_model_over_http(real_server, tmp_path, models):
     assert [v["meta"] for v in json.loads(r.stdout)["versions"]] == [{"note": "seed"}, {"round": 2}, {"note": "cli"}]
 
 
+def test_listing_a_missing_store_is_an_error_and_creates_nothing(tmp_path):
+    for flag in ("--list", "--list-clients"):
+        r = _cli("serve", "--data", str(tmp_path / "typo" / "store"), flag, "--json")
+        assert r.returncode == 1 and r.stderr.startswith("error: no weights store at") and not r.stdout
+    assert not (tmp_path / "typo").exists()
+
+
 def test_web_interface_can_be_left_out_for_public_hosts(tmp_path):
     """``fedtensor serve`` on a non-loopback host passes FEDTENSOR_WEB=False: the unauthenticated pages are
     not served, the token-protected API still is."""

@@ -19,10 +19,23 @@ def _is_identity_scaling(slope, inter) -> bool:
     return slope == 1.0 and inter == 0.0
 
 
+def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """``raw · slope + inter``: integers stay integers (the on-disk dtype, else int16, else int32, the
+    first that holds them: CT stored as uint16 with ``scl_inter`` −1024 reads as int16), the rest float32."""
+    if raw.dtype.kind in "iu" and slope == round(slope) and inter == round(inter) and abs(slope) < 2**31:
+        ints = raw.astype(np.int64) * int(slope) + int(inter)
+        lo, hi = (int(ints.min()), int(ints.max())) if ints.size else (0, 0)
+        for dtype in (raw.dtype.newbyteorder("="), np.dtype(np.int16), np.dtype(np.int32)):
+            if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+                return ints.astype(dtype)
+    return (raw.astype(np.float64) * slope + inter).astype(np.float32)
+
+
 def read_nifti(path: str | os.PathLike) -> Volume:
     """Read a 3D NIfTI volume, keeping the on-disk dtype.
 
-    If the header has a non-identity ``scl_slope``/``scl_inter``, the scaling is applied and the data
+    If the header has a non-identity ``scl_slope``/``scl_inter``, the scaling is applied: integers
+    scaled by an integer slope and intercept stay integers (see :func:`_scaled`), anything else is
     returned as float32. ``spacing`` = first three header zooms (falling back to the affine's column
     norms if those are missing/zero), ``affine`` = ``img.affine``. A 4D image with one volume is
     squeezed to 3D; 2D and true 4D images raise :class:`VolumeError`.
@@ -44,8 +57,7 @@ def read_nifti(path: str | os.PathLike) -> Volume:
             if data.dtype.newbyteorder("=") != img.get_data_dtype().newbyteorder("="):
                 data = np.asarray(proxy.get_unscaled())  # keep the on-disk dtype
         else:
-            raw = np.asarray(proxy.get_unscaled())
-            data = (raw.astype(np.float64) * float(slope) + float(inter)).astype(np.float32)
+            data = _scaled(np.asarray(proxy.get_unscaled()), float(slope), float(inter))
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         affine = np.array(img.affine, dtype=np.float64)
     except VolumeError:
