@@ -7,11 +7,12 @@ Heavy modules (JAX) are imported inside the commands so that ``--help`` and ``--
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from pathlib import Path
 from time import perf_counter
-from typing import Annotated, Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import click
 import typer
@@ -206,15 +207,38 @@ def _counts_on_restoration(info: dict[str, Any]) -> bool:
     return isinstance(target, (int, float)) and isinstance(reached, (int, float)) and reached < target
 
 
+@contextlib.contextmanager
+def _naming(src: Path) -> Iterator[None]:
+    """Errors about a damaged .ftz file name the file (a batch or a script's log has many)."""
+    from fedtensor.errors import FormatError
+
+    try:
+        yield
+    except FormatError as err:
+        raise FormatError(f"{src}: {err}") from None
+
+
+def _read_ftz(src: Path) -> tuple[bytes, dict[str, Any]]:
+    """An .ftz file's bytes and checked header (:func:`fedtensor.codec.read_info`)."""
+    from fedtensor.codec import read_info
+    from fedtensor.errors import FedtensorError
+
+    if src.is_dir():
+        raise FedtensorError(f"{src} is a directory, not an .ftz file")
+    data = src.read_bytes()
+    with _naming(src):
+        return data, read_info(data)
+
+
 def _decompress_one(src: Path, dst: Path, *, force: bool, model: Any = None, tta: bool = False) -> dict[str, Any]:
-    from fedtensor.codec import decompress, read_info
+    from fedtensor.codec import decompress
     from fedtensor.io import write_volume
 
     paths.check_output(dst, force=force)
-    data = src.read_bytes()
-    info = read_info(data)
+    data, info = _read_ftz(src)
     t0 = perf_counter()
-    vol, warning = decompress(data), None
+    with _naming(src):
+        vol, warning = decompress(data), None
     decode_s = perf_counter() - t0
     restore_s = None
     if model is not None:
@@ -437,10 +461,11 @@ def decompress(
 @cli_errors
 def info(input: InputArg, json_out: JsonOpt = False) -> None:  # noqa: A002
     """Show an .ftz file's header (shape, dtype, geometry, codec and parameters) after checking it."""
-    from fedtensor.codec import read_info
+    import numpy
 
     paths.require_input(input)
-    header = read_info(input.read_bytes())  # the header plus file_bytes, bits_per_voxel, ratio
+    header = _read_ftz(input)[1]  # the header plus file_bytes, bits_per_voxel, ratio
+    header["dtype"] = numpy.dtype(header["dtype"]).name  # "uint8", as compress reports it (not "|u1")
     if json_out:
         ours = {"command": "info", "input": input}  # first, and never masked by keys of the (untrusted) file
         render.emit_json({**ours, **{k: v for k, v in header.items() if k not in ours}})
@@ -481,8 +506,9 @@ def evaluate(
             from fedtensor.codec import decompress as decode
             from fedtensor.codec import read_info
 
-            data = decoded.read_bytes()
-            test = decode(data)
+            data = _read_ftz(decoded)[0]
+            with _naming(decoded):
+                test = decode(data)
             record["compressed_bytes"] = len(data)
             record.update(rate(len(data), test.shape, test.dtype))  # the ratio to the volume the stream holds
         else:
@@ -532,6 +558,8 @@ def bench(
 
 def _usage_error_text(exc: Exception) -> str:
     text = exc.format_message()  # type: ignore[attr-defined]
+    if text.count("Did you mean") > 1:  # click and Typer each suggest the close command names
+        text = text[:text.rfind(" (Did you mean")] if text.endswith(")") else text
     ctx = getattr(exc, "ctx", None)
     if ctx is not None and getattr(ctx, "command_path", None):
         text += f" (see '{ctx.command_path} --help')"

@@ -219,7 +219,7 @@ def _info_value(key: str, value: Any) -> str:
         size = len(layer) * 3 // 4 - layer[-2:].count("=")
         tta = " (for test-time augmentation)" if value.get("tta") is True else ""
         return f"restoration output layer fitted to this stream: {size // 2} float16 coefficients{tta}"
-    return _compact(value)
+    return "—" if value is None else _compact(value)
 
 
 def batch_table(title: str, records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Table:

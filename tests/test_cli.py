@@ -593,6 +593,18 @@ def test_info_json_keys_of_the_file_never_mask_the_commands_own(tmp_path: Path, 
     assert info["input"] == str(forged) and info["command"] == "info"
 
 
+def test_errors_about_an_ftz_file_name_it(tmp_path: Path, ftz_path: Path, vol_path: Path) -> None:
+    bad = tmp_path / "bad.ftz"
+    bad.write_bytes(b"not an ftz file at all")
+    cut = tmp_path / "cut.ftz"
+    cut.write_bytes(ftz_path.read_bytes()[:-9])
+    for args in (("info", bad), ("decompress", cut, tmp_path / "o.nii.gz"), ("evaluate", vol_path, bad)):
+        assert_one_error(run(*args), code=1, contains=f"{args[-1] if args[0] == 'evaluate' else args[1]}: ")
+    (tmp_path / "dir.ftz").mkdir()
+    assert_one_error(run("info", tmp_path / "dir.ftz"), code=1, contains="is a directory, not an .ftz file")
+    assert run_json("info", ftz_path)["dtype"] in ("uint8", "int16", "float32")  # a dtype name, not "|u1"
+
+
 def test_third_party_warnings_are_single_lines(capsys, monkeypatch, tmp_path: Path) -> None:
     """A warning or a library's log record while a command runs is one 'warning:' line (once), the error
     stays one line, and nothing of the routing outlives the command."""
