@@ -15,7 +15,7 @@ import typer
 from fedtensor_cli import render
 from fedtensor_cli.errors import UsageFailure, cli_errors
 from fedtensor_cli.train_cmd import (DataArgument, ModelDirOption, PhaseProgress, _floats, _ints, curve_files,
-                                     run_inputs)
+                                     removed_if_failed, run_inputs)
 
 
 def register(app: typer.Typer) -> None:
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         volumes, val_volumes = run_inputs(list(data), list(val) if val else None, out, cache)
         show = render.interactive(json_out)
         on_version = _publisher(publish) if publish is not None else None
-        with _Progress(show) as prog:
+        with removed_if_failed(out), _Progress(show) as prog:
             summary = run_federation(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
                                      progress=prog, on_version=on_version)
         summary = {**summary, **curve_files(out)}

@@ -7,10 +7,11 @@ shows progress and prints the summary.
 
 from __future__ import annotations
 
+import contextlib
 import math
-
+import shutil
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -54,7 +55,26 @@ def run_inputs(data: list[Path], val: list[Path] | None, out: Path, cache: Path 
     for option, path in (("--out", out), ("--cache", cache)):
         if path is not None and path.exists() and not path.is_dir():
             raise UsageFailure(f"{option} must be a directory: {path}")
-    return expand_data(data, skip=(out, cache)), (expand_data(val, skip=(out, cache)) if val else None)
+    volumes, val_volumes = expand_data(data, skip=(out, cache)), (expand_data(val, skip=(out, cache)) if val else None)
+    seen: dict[Path, Path] = {}
+    for p in [*volumes, *(val_volumes or [])]:  # before any pair is made (the same data is caught later too)
+        if p.resolve() in seen:
+            raise UsageFailure(f"the same volume is given twice ({seen[p.resolve()]} and {p}): a volume is either "
+                               "trained on or validated on, once")
+        seen[p.resolve()] = p
+    return volumes, val_volumes
+
+
+@contextlib.contextmanager
+def removed_if_failed(out: Path) -> Iterator[None]:
+    """A run directory this run created is removed when the run fails before writing a file in it."""
+    fresh = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if fresh and out.is_dir() and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def curve_files(out: Path) -> dict:
@@ -140,7 +160,7 @@ def register(app: typer.Typer) -> None:
             raise UsageFailure(str(err)) from None
         volumes, val_volumes = run_inputs(list(data), list(val) if val else None, out, cache)
         show = render.interactive(json_out)
-        with _Progress(show) as prog:
+        with removed_if_failed(out), _Progress(show) as prog:
             summary = run_training(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
                                    progress=prog)
         summary = {**summary, **curve_files(out)}

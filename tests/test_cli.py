@@ -691,3 +691,20 @@ def test_train_refuses_a_cache_that_is_a_file(tmp_path: Path, vol_path: Path) ->
     (tmp_path / "afile").write_text("x")
     result = run("train", vol_path, "--out", tmp_path / "m", "--cache", tmp_path / "afile")
     assert_one_error(result, code=2, contains="--cache must be a directory")
+
+
+def test_train_refuses_a_volume_given_twice_before_any_work(tmp_path: Path, vol_path: Path) -> None:
+    result = run("train", vol_path, "--out", tmp_path / "m", "--val", vol_path)
+    assert_one_error(result, code=2, contains="the same volume is given twice")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "federate"])
+def test_a_failed_run_leaves_no_empty_run_directory(tmp_path: Path, command: str) -> None:
+    bad = tmp_path / "text.nii.gz"
+    bad.write_text("not a volume")
+    assert_one_error(run(command, bad, "--out", tmp_path / "m"), code=1, contains="text.nii.gz")
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "kept").mkdir()  # a directory the user made stays
+    run(command, bad, "--out", tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()
