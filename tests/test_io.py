@@ -97,6 +97,22 @@ def test_nifti_integer_scaling_keeps_integers(tmp_path, stored, slope, inter, ex
     np.testing.assert_array_equal(vol.data, raw.astype(np.float64) * slope + inter)
 
 
+@pytest.mark.parametrize("codes", [(4, 4), (0, 2), (2, 3)])
+def test_nifti_space_codes_survive_a_round_trip_through_ftz(tmp_path, codes):
+    from fedtensor.codec import compress, decompress
+
+    data = np.random.default_rng(1).integers(0, 500, (12, 10, 8)).astype(np.int16)
+    img = nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0]))
+    img.set_qform(img.affine, code=codes[0])
+    img.set_sform(img.affine, code=codes[1])
+    nib.save(img, tmp_path / "in.nii.gz")
+    vol = read_volume(tmp_path / "in.nii.gz")
+    write_volume(decompress(compress(vol, psnr=40)), tmp_path / "out.nii.gz")
+    header = nib.load(tmp_path / "out.nii.gz").header
+    # the sform always carries the affine; a qform code 0 (no qform) takes the sform's space
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (codes[0] or codes[1], codes[1])
+
+
 def test_dicom_meta_and_geometry(volume_paths, dicom_volume):
     vol = dicom_volume
     assert vol.meta["Modality"] == "CT"
@@ -339,7 +355,10 @@ def test_nifti_round_trip_real(name, volume_paths, dicom_volume, tmp_path):
     np.testing.assert_array_equal(back.data, vol.data)
     np.testing.assert_array_equal(back.affine, vol.affine)
     assert back.spacing == vol.spacing
-    assert back.meta == {"source": str(out), "format": "nifti"}
+    codes = vol.meta.get("nifti_codes")  # the space codes are kept (a missing qform takes the sform's)
+    kept = {} if codes is None else {"nifti_codes": {"qform_code": codes["qform_code"] or codes["sform_code"],
+                                                     "sform_code": codes["sform_code"]}}
+    assert back.meta == {"source": str(out), "format": "nifti", **kept}
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp file left
 
 
@@ -427,7 +446,7 @@ def test_nifti_4d_singleton_squeezed(tmp_path):
         (np.array([[[0.0, np.inf]]], np.float64), "NaN or Inf"),
         (np.zeros((0, 3, 4), np.int16), "empty"),
         (np.zeros((2, 3, 4), np.complex64), "unsupported dtype complex64"),
-        (np.zeros((2, 3, 4), np.int64), "unsupported dtype int64"),
+        (np.full((2, 3, 4), 2**40, np.int64), "unsupported dtype int64"),  # (int32-sized ones are narrowed)
     ],
 )
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".npy"])
@@ -642,3 +661,14 @@ def test_text_file_named_npy_is_not_offered_as_a_pickle(tmp_path):
     (tmp_path / "t.npy").write_text("hello")
     with pytest.raises(VolumeError, match="not a NumPy array file$"):
         read_volume(tmp_path / "t.npy")
+
+
+def test_int64_arrays_are_narrowed_when_every_value_fits(tmp_path):
+    small = np.arange(-110, 130, dtype=np.int64).reshape(4, 6, 10)
+    np.save(tmp_path / "small.npy", small)
+    with pytest.warns(UserWarning, match="int64 voxels read as int32"):
+        vol = read_volume(tmp_path / "small.npy")
+    assert vol.dtype == np.int32 and np.array_equal(vol.data, small)
+    np.save(tmp_path / "big.npy", small * 2**40)
+    with pytest.raises(VolumeError, match="unsupported dtype int64"):
+        read_volume(tmp_path / "big.npy")

@@ -15,6 +15,7 @@ from fedtensor.codec.container import pack, unpack
 from fedtensor.codec.normalize import denormalize, normalization, normalize, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
+from fedtensor.io.nifti import space_codes
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
 from fedtensor.metrics import psnr_from_sse
 from fedtensor.tensor.block import padded_shape
@@ -388,6 +389,8 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         "target": {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)},
         "modality": volume.meta.get("modality") or volume.meta.get("Modality"), "model": None,
     }
+    if "nifti_codes" in volume.meta:  # the space of the affine (NIfTI [qform, sform] codes), for the writer
+        header["nifti_codes"] = list(space_codes(volume.meta).values())
     lo, hi = float(volume.data.min()), float(volume.data.max())  # one pass each, shared by every mode
     value_range = hi - lo
     if value_range == 0:
@@ -507,6 +510,9 @@ def decompress(data: bytes) -> Volume:
     meta = {"format": "ftz", "codec": codec}
     if h.get("modality"):
         meta["modality"] = h["modality"]
+    codes = h.get("nifti_codes")
+    if isinstance(codes, list) and len(codes) == 2:
+        meta["nifti_codes"] = space_codes({"nifti_codes": dict(zip(("qform_code", "sform_code"), codes))})
     return Volume(x, tuple(h["spacing"]), np.asarray(h["affine"], float), meta)
 
 

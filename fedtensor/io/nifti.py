@@ -67,6 +67,9 @@ def read_nifti(path: str | os.PathLike) -> Volume:
 
     data = as_native_3d(data, path)
     meta = {"source": str(path), "format": "nifti"}
+    codes = {"qform_code": int(img.header["qform_code"]), "sform_code": int(img.header["sform_code"])}
+    if codes != {"qform_code": 1, "sform_code": 1}:  # the space the affine is in (scanner, aligned, MNI, …)
+        meta["nifti_codes"] = codes
     usable = np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0
     if len(zooms) < 3 or not all(np.isfinite(zooms)) or min(zooms) <= 0:
         zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)) if usable else (1.0, 1.0, 1.0)
@@ -77,11 +80,20 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     return validated(vol, path)
 
 
+def space_codes(meta: dict) -> dict[str, int]:
+    """The ``qform_code``/``sform_code`` recorded in ``meta`` (NIfTI codes 0–4), each 1 (scanner) when
+    absent or invalid."""
+    codes = meta.get("nifti_codes") if isinstance(meta.get("nifti_codes"), dict) else {}
+    return {k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 4 else 1
+            for k, v in ((k, codes.get(k)) for k in ("qform_code", "sform_code"))}
+
+
 def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write ``volume`` as NIfTI-1 (``.nii`` or ``.nii.gz``, chosen by suffix), atomically.
 
-    Data are stored unscaled in ``volume.data``'s dtype; the affine goes to the sform (code 1,
-    scanner) and, when it agrees with ``volume.spacing`` (and is not singular), also to the qform; the header zooms are
+    Data are stored unscaled in ``volume.data``'s dtype; the affine goes to the sform and, when it agrees
+    with ``volume.spacing`` (and is not singular), also to the qform, with the codes of
+    ``volume.meta["nifti_codes"]`` (as read from a NIfTI file; else 1, scanner); the header zooms are
     ``volume.spacing``. NIfTI-1 stores the sform in float32, so an affine round-trips exactly when
     its entries are float32-representable (always the case for one read from a NIfTI file).
     """
@@ -94,10 +106,11 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     try:
         img = nib.Nifti1Image(data, None)
         img.header.set_data_dtype(data.dtype)
-        img.set_sform(affine, code=1)
+        codes = space_codes(volume.meta)
+        img.set_sform(affine, code=codes["sform_code"] or 1)  # an affine is always written, so never code 0
         consistent = np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-5, atol=1e-6)
         if consistent and abs(np.linalg.det(affine[:3, :3])) > 0:
-            img.set_qform(affine, code=1)
+            img.set_qform(affine, code=codes["qform_code"] or codes["sform_code"] or 1)
         else:  # a qform must be a rotation and zooms: none matches this affine
             img.set_qform(None, code=0)
         img.header.set_zooms(spacing)

@@ -4,6 +4,7 @@ shared by all readers."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,12 @@ def as_native_3d(arr: np.ndarray, source: str | os.PathLike) -> np.ndarray:
         )
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
+    if a.dtype.kind in "iu" and a.dtype.itemsize == 8:  # NumPy's default integer: narrow it when it can be
+        narrow = np.dtype(np.int32 if a.dtype.kind == "i" else np.uint32)
+        if np.iinfo(narrow).min <= a.min() and a.max() <= np.iinfo(narrow).max:
+            warnings.warn(f"{source}: {a.dtype} voxels read as {narrow} (every value fits; decoded volumes are "
+                          f"{narrow})", stacklevel=2)
+            a = a.astype(narrow)
     return a
 
 
