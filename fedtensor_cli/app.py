@@ -108,8 +108,9 @@ def _codec_kwargs(mode: str, target: float | None) -> dict[str, Any]:
     return {"lossless": True} if mode == "lossless" else {mode: target}
 
 
-def _check_codec(codec: str | None, block: int | None, mode: str) -> str:
-    """The transform codec to use (``codec`` or the default), refusing options the mode would ignore."""
+def _check_codec(codec: str | None, block: str | None, mode: str) -> tuple[str, int | tuple[int, ...] | None]:
+    """``(codec, block)`` to use: ``codec`` or the default, and ``block`` parsed (a side, or a shape
+    ``AxBxC``); options the mode would ignore are refused."""
     from fedtensor.codec import CODECS
 
     if mode in ("lossless", "max_error") and (codec is not None or block is not None):
@@ -118,18 +119,25 @@ def _check_codec(codec: str | None, block: int | None, mode: str) -> str:
     codec = codec or DEFAULT_CODEC
     if codec not in CODECS:
         raise UsageFailure(f"unknown codec {codec!r}; choose from: {', '.join(CODECS)}")
-    if block is not None and not 2 <= block <= 32:
-        raise UsageFailure(f"--block must be between 2 and 32, got {block}")
-    if block is not None and codec != DEFAULT_CODEC:
+    if block is None:
+        return codec, None
+    try:
+        sides = tuple(int(v) for v in block.lower().replace("×", "x").split("x"))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 3) or not all(2 <= n <= 32 for n in sides):
+        raise UsageFailure(f"--block must be a side (8) or a shape (8x8x16), each between 2 and 32, got {block!r}")
+    if codec != DEFAULT_CODEC:
         raise UsageFailure(f"--block applies to the {DEFAULT_CODEC} codec only, not {codec}")
-    return codec
+    return codec, sides[0] if len(sides) == 1 else sides
 
 
 # ------------------------------------------------------------------------------------ one-file workers
 
 
 def _compress_one(
-    src: Path, dst: Path, *, mode: str, target: float | None, codec: str, block: int | None, force: bool,
+    src: Path, dst: Path, *, mode: str, target: float | None, codec: str, block: int | tuple[int, ...] | None,
+    force: bool,
     model: Any = None, tta: bool = False, ssim: bool = False,
 ) -> dict[str, Any]:
     from fedtensor.codec import compress, decompress, read_info
@@ -182,6 +190,7 @@ def _compress_one(
         "original_bytes": vol.nbytes,
         "compressed_bytes": len(data),
         **rate(len(data), vol.shape, vol.dtype),
+        "ssim": None,  # (measured with --ssim)
         **figures,
         "encode_seconds": encode_s,
         "decode_seconds": decode_s,
@@ -314,12 +323,18 @@ def _single_or_batch(
         render.out_console().print(table(record))
 
 
-def _not_its_original(ref_dtype, test_dtype, info: dict | None, measured: float) -> str | None:
-    """A warning when ORIGINAL does not look like the volume DECODED was made from: another dtype, or an
-    .ftz whose recorded PSNR is far above the ``measured`` one against ORIGINAL."""
+def _not_its_original(ref, test, info: dict | None, measured: float) -> str | None:
+    """A warning when the volume ``ref`` (ORIGINAL) does not look like the one ``test`` (DECODED) was made
+    from: another dtype, another placement in space, or an .ftz whose recorded PSNR is far above the
+    ``measured`` one against ORIGINAL."""
+    import numpy
+
     problems = []
-    if ref_dtype != test_dtype:
-        problems.append(f"ORIGINAL is {ref_dtype} but DECODED is {test_dtype}")
+    if ref.dtype != test.dtype:
+        problems.append(f"ORIGINAL is {ref.dtype} but DECODED is {test.dtype}")
+    placed = "npy" not in (ref.meta.get("format"), test.meta.get("format"))  # a .npy has no geometry
+    if placed and not numpy.allclose(ref.affine, test.affine, rtol=1e-5, atol=1e-4):
+        problems.append("ORIGINAL and DECODED lie differently in space (their affines differ)")
     recorded = ((info or {}).get("stats") or {}).get("psnr")
     if isinstance(recorded, (int, float)) and math.isfinite(recorded) and math.isfinite(measured):
         if measured < recorded - 1.0:
@@ -384,7 +399,9 @@ def compress(
                      help=f"Codec of --psnr and --bpv: block-tucker or omlsvd-global (default: {DEFAULT_CODEC})."),
     ] = None,
     block: Annotated[
-        Optional[int], typer.Option("--block", metavar="N", help="Block edge length (default: chosen per volume).")
+        Optional[str],
+        typer.Option("--block", metavar="N|AxBxC",
+                     help="Block side (8) or shape (8x8x16, as info shows it); default: chosen per volume."),
     ] = None,
     model_spec: ModelOpt = None,
     tta: TtaOpt = False,
@@ -399,7 +416,7 @@ def compress(
     With --model, --psnr is met *after* restoration by that model (a cheaper stream: the encoder also fits the model's output layer to the volume and sends it, 0.4–1.3 KB, when that makes the stream smaller), the stream records the model's id, and the restored figures are reported too.
     """
     mode, target = rate_target(psnr, max_error, bpv, lossless)
-    codec = _check_codec(codec, block, mode)
+    codec, block = _check_codec(codec, block, mode)
     if model_spec is not None and mode not in ("psnr", "bpv"):
         raise UsageFailure("--model works with --psnr or --bpv (the exact modes are never restored)")
     if tta and model_spec is None:
@@ -500,7 +517,7 @@ def evaluate(
     show = render.interactive(json_out)
     with render.status("evaluating …", show), loaded_model(model_spec) as model:
         ref = read_volume(original)
-        record: dict[str, Any] = {"original": original, "decoded": decoded,
+        record: dict[str, Any] = {"ok": True, "original": original, "decoded": decoded,
                                   "shape": list(ref.shape), "dtype": str(ref.dtype)}
         if is_ftz:
             from fedtensor.codec import decompress as decode
@@ -514,8 +531,7 @@ def evaluate(
         else:
             test = read_volume(decoded)
         record.update(quality(ref.data, test.data))  # raises on a shape mismatch
-        record["warning"] = _not_its_original(ref.dtype, test.dtype, read_info(data) if is_ftz else None,
-                                              record["psnr_db"])
+        record["warning"] = _not_its_original(ref, test, read_info(data) if is_ftz else None, record["psnr_db"])
         if model is not None:
             from fedtensor.nn import model_mismatch, restore
 

@@ -83,19 +83,21 @@ def register(app: typer.Typer) -> None:
             raise UsageFailure(str(err)) from None
         volumes, val_volumes = run_inputs(list(data), list(val) if val else None, out, cache)
         show = render.interactive(json_out)
-        on_version = _publisher(publish) if publish is not None else None
+        published: list[dict] = []
+        on_version = _publisher(publish, published) if publish is not None else None
         with removed_if_failed(out), _Progress(show) as prog:
             summary = run_federation(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
                                      progress=prog, on_version=on_version)
-        summary = {**summary, **curve_files(out)}
+        summary = {**summary, **curve_files(out), **({"published": published} if publish is not None else {})}
         if json_out:
             render.emit_json({"command": "federate", **summary})
         else:
             render.out_console().print(_table(summary, cfg))
 
 
-def _publisher(store_dir: Path):
-    """An ``on_version`` hook publishing each round's global model to a :class:`ModelStore`."""
+def _publisher(store_dir: Path, published: list[dict]):
+    """An ``on_version`` hook publishing each round's global model to a :class:`ModelStore` (each version
+    published is appended to ``published`` as ``{"round", "version", "sha256"}``)."""
     from fedtensor.serve.store import ModelStore
 
     store = ModelStore(store_dir)
@@ -103,7 +105,8 @@ def _publisher(store_dir: Path):
     def publish(rnd: int, blob: bytes, manifest: dict, rec: dict) -> None:
         meta = {"round": rnd, "source": "fedtensor federate", "n_clients": rec.get("clients"),
                 "loss": rec.get("train_loss"), "val_loss": rec.get("val_loss"), "val_gain_db": rec.get("val_gain_db")}
-        store.publish(blob, manifest, meta)
+        v = store.publish(blob, manifest, meta)
+        published.append({"round": rnd, "version": v.version, "sha256": v.sha256})
 
     return publish
 

@@ -150,7 +150,7 @@ def compress_table(r: Mapping[str, Any]) -> Table:
             ("ratio", num(r.get("ratio"), ".2f", " : 1")),
             ("bits per voxel", num(r.get("bpv"), ".4f")),
             ("PSNR", num(r.get("psnr_db"), ".2f", " dB")),
-            ("SSIM", num(r.get("ssim"), ".5f") if "ssim" in r else "not measured (--ssim)"),
+            ("SSIM", num(r.get("ssim"), ".5f") if r.get("ssim") is not None else "not measured (--ssim)"),
             ("max abs error", num(r.get("max_abs_error"), ".6g")),
             ("time", f"encode {seconds(enc)}{speed}"),
             *restored_rows(r),

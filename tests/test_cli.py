@@ -398,7 +398,7 @@ def test_compress_reports_ssim_only_when_asked(tmp_path: Path, vol_path: Path) -
     """PSNR and max error come from the encoder's own measurement of the decoded stream; the SSIM needs a
     decode of its own, so only --ssim pays for it."""
     c = run_json("compress", vol_path, tmp_path / "a.ftz")
-    assert "ssim" not in c and c["decode_seconds"] is None
+    assert c["ssim"] is None and c["decode_seconds"] is None
     e = run_json("evaluate", vol_path, tmp_path / "a.ftz")
     assert c["psnr_db"] == pytest.approx(e["psnr_db"], abs=1e-6)
     assert c["max_abs_error"] == pytest.approx(e["max_abs_error"])
@@ -708,3 +708,20 @@ def test_a_failed_run_leaves_no_empty_run_directory(tmp_path: Path, command: str
     (tmp_path / "kept").mkdir()  # a directory the user made stays
     run(command, bad, "--out", tmp_path / "kept")
     assert (tmp_path / "kept").is_dir()
+
+
+def test_compress_takes_a_block_shape_as_info_shows_it(tmp_path: Path, vol_path: Path) -> None:
+    c = run_json("compress", vol_path, tmp_path / "a.ftz", "--block", "4x4x8", "--psnr", 40)
+    assert c["params"]["block"] == [4, 4, 8] and c["psnr_db"] >= 40
+    assert_one_error(run("compress", vol_path, tmp_path / "b.ftz", "--block", "4x4"), code=2, contains="--block")
+
+
+def test_evaluate_warns_when_the_volumes_lie_differently_in_space(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    data = smooth_volume(seed=3)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(data, np.diag([5.0, 5.0, 5.0, 1.0])), tmp_path / "b.nii.gz")
+    assert run_json("evaluate", tmp_path / "a.nii.gz", tmp_path / "a.nii.gz")["warning"] is None
+    e = run_json("evaluate", tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")
+    assert e["ok"] and "affines differ" in e["warning"]

@@ -48,6 +48,8 @@ def test_cli_federates_and_resumes(app, head_crop_paths, tmp_path):
 
     versions = ModelStore(tmp_path / "store").versions()  # every round's global model, in order
     assert [v.meta["round"] for v in versions] == [1, 2] and all(v.meta["n_clients"] == 3 for v in versions)
+    assert full["published"] == [{"round": v.meta["round"], "version": v.version, "sha256": v.sha256}
+                                 for v in versions]
     assert load_model(ModelStore(tmp_path / "store").export(2, tmp_path / "v2")).config.channels == (8, 16)
     assert full["rounds_run"] == 2 and full["model_id"] == model_id(a)
     assert len(full["train_volumes"]) == 2 and len(full["val_volumes"]) == 1
