@@ -231,6 +231,9 @@ def test_cli_bench(tiny_volume, tmp_path):
     assert res.exit_code == 0, res.output
     obj = json.loads(res.output.strip().splitlines()[-1])
     assert obj["command"] == "bench" and obj["status_counts"] == {"ok": 3}
+    cells = {(c["codec"], c["target"]): c for c in obj["cells"]}  # each cell's figures, the rest in results.json
+    assert sorted(cells) == [("sz3", 40.0), ("sz3", 45.0), ("zstd", "lossless")]
+    assert all(cells["sz3", t]["psnr"] >= t and cells["sz3", t]["bpv"] > 0 for t in (40.0, 45.0))
     assert (out / "results.csv").exists()
     res = runner.invoke(app, ["bench", str(tiny_volume), "--codecs", "nope", "--out", str(out)])
     assert res.exit_code == 2 and "unknown codec" in res.output

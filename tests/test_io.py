@@ -672,3 +672,14 @@ def test_int64_arrays_are_narrowed_when_every_value_fits(tmp_path):
     np.save(tmp_path / "big.npy", small * 2**40)
     with pytest.raises(VolumeError, match="unsupported dtype int64"):
         read_volume(tmp_path / "big.npy")
+
+
+@pytest.mark.parametrize("keep", [200, 0.7, 0.95])  # into the file meta; past it; into the pixel data
+def test_a_truncated_slice_is_named_not_skipped(tmp_path, keep):
+    _synthetic_series(tmp_path, n=5)
+    victim = sorted(tmp_path.iterdir())[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:keep if isinstance(keep, int) else int(keep * len(data))])
+    victim.rename(victim := victim.with_suffix(""))  # found by its DICM magic, not by its name
+    with pytest.raises(VolumeError, match=f"(cannot read|cannot decode pixel data of) DICOM .*file {victim.name}"):
+        read_volume(tmp_path)

@@ -132,6 +132,8 @@ def run_command(volumes, targets, codecs, out: Path, jobs: int, *, figures: bool
         from fedtensor.bench.harness import _jsonable
 
         brief = {k: summary[k] for k in ("wall_s", "status_counts", "bd_rate", "errors", "figures")}
+        keys = ("volume", "codec", "target", "status", "bpv", "psnr", "ssim", "encode_mvox_s", "decode_mvox_s")
+        brief["cells"] = [{k: c.get(k) for k in keys} for c in summary.get("cells", [])]  # the rest: results.json
         print(json.dumps({"command": "bench", "out": str(cfg.out), **_jsonable(brief)}))
     else:
         print_summary(summary, cfg)

@@ -73,6 +73,17 @@ def _int(ds, keyword: str, default: int, fname: str) -> int:
         raise VolumeError(f"DICOM file {fname} has an invalid {keyword}: {value!r}") from None
 
 
+def _looks_like_dicom(path: Path) -> bool:
+    """A ``.dcm`` name or the DICOM Part 10 magic ``DICM`` after the 128-byte preamble."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_datasets(directory: Path) -> list[tuple[str, object]]:
     """(file name, dataset) for every DICOM image file directly in ``directory``."""
     import pydicom
@@ -93,7 +104,9 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ds = pydicom.dcmread(p, force=False)
-        except InvalidDicomError:
+        except InvalidDicomError as e:
+            if _looks_like_dicom(p):  # a damaged slice, not a stray file: skipping it would hide the cause
+                raise VolumeError(f"cannot read DICOM file {p.name} (truncated or corrupt?): {one_line(e)}") from None
             continue  # not a DICOM file (README, .DS_Store, ...)
         except Exception as e:  # truncated / corrupt DICOM
             raise VolumeError(f"cannot read DICOM file {p.name}: {one_line(e)}") from None
@@ -102,7 +115,8 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
             why = str(eof[0].message).splitlines()[0].split(" found in file")[0]
             raise VolumeError(f"cannot read DICOM file {p.name} (truncated or corrupt?): {why}")
         if "PixelData" not in ds:
-            if "Rows" in ds or "ImagePositionPatient" in ds:
+            sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+            if "Rows" in ds or "ImagePositionPatient" in ds or "Image Storage" in getattr(sop, "name", ""):
                 why = "; ".join(str(w.message).splitlines()[0] for w in caught[:1]) or "no pixel data"
                 raise VolumeError(f"cannot read DICOM image file {p.name} (truncated or corrupt?): {why}")
             continue  # DICOMDIR, structured report, presentation state, ...

@@ -82,6 +82,7 @@ def write_npy(volume: Volume, path: str | os.PathLike, *, force: bool = False) -
         try:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(volume.data), allow_pickle=False)
-        except OSError as e:
-            raise FedtensorError(f"cannot write {path}: {e.strerror or e}") from None
+        except OSError as e:  # numpy reports a short write as "N requested and M written", without errno
+            why = e.strerror or (f"only part of it was written ({e}): is the disk full?" if "requested" in str(e) else e)
+            raise FedtensorError(f"cannot write {path}: {why}") from None
     return path
