@@ -55,24 +55,26 @@ def load_reference(rev: str) -> tuple[types.ModuleType, types.ModuleType]:
 
 
 def coefficients(x: np.ndarray, b, psnr: float) -> tuple[np.ndarray, tuple]:
-    """Dead-zone quantised block-Tucker coefficients of ``x`` at ``psnr`` (coefficient domain)."""
+    """Dead-zone quantised block-Tucker coefficients of ``x`` at ``psnr`` (coefficient domain), rounded
+    band by band as the codec rounds them."""
     import jax.numpy as jnp
 
-    from fedtensor.codec.quantize import ROUNDING
+    from fedtensor.codec.quantize import band_rounding
     from fedtensor.tensor.block import block_bases, block_grid, project, to_blocks
 
     x = x.astype(np.float32)
     x = (x - x.mean()) / (float(x.max()) - float(x.min()))
     blocks = to_blocks(jnp.asarray(x), b)
     c = np.asarray(project(blocks, block_bases(blocks, b)), np.float64)
+    rounding = band_rounding(tuple(b))
     max_sse = x.size * 10 ** (-psnr / 10)
     lo, hi = 1e-6, 1.0
     for _ in range(40):  # geometric bisection on the step: error grows with it
         step = (lo * hi) ** 0.5
-        q = np.sign(c) * np.floor(np.abs(c) / step + ROUNDING)
+        q = np.sign(c) * np.floor(np.abs(c) / step + rounding)
         sse = float(np.sum((c - q * step) ** 2))
         lo, hi = (step, hi) if sse <= max_sse else (lo, step)
-    q = (np.sign(c) * np.floor(np.abs(c) / lo + ROUNDING)).astype(np.int32)
+    q = (np.sign(c) * np.floor(np.abs(c) / lo + rounding)).astype(np.int32)
     return q, block_grid(x.shape, b)
 
 

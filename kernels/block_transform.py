@@ -64,7 +64,7 @@ def _dequantize(q, step, offset):
 
 @jax.jit
 def transform_quantize_reference(x: jax.Array, k: jax.Array, step, rounding) -> jax.Array:
-    """``quantize(x @ k)`` for ``x`` of shape ``(N, B)``."""
+    """``quantize(x @ k)`` for ``x`` of shape ``(N, B)``; ``rounding`` one value or one per column ``(B,)``."""
     return _quantize(jnp.dot(x, k, precision=FP32), step, rounding)
 
 
@@ -82,15 +82,15 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _forward_kernel(x_ref, k_ref, scal_ref, q_ref, *, n_k: int, k_tile: int, precision):
-    step, rounding = scal_ref[0], scal_ref[1]
+def _forward_kernel(x_ref, k_ref, scal_ref, col_ref, q_ref, *, n_k: int, k_tile: int, precision):
+    step = scal_ref[0]
 
     def body(t, acc):
         sl = pl.ds(t * k_tile, k_tile)
         return acc + jnp.dot(x_ref[:, sl], k_ref[sl, :], precision=precision, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(q_ref.shape, jnp.float32))
-    q_ref[...] = _quantize(acc, step, rounding)
+    q_ref[...] = _quantize(acc, step, col_ref[...][None, :])  # each output column (band) its own rounding
 
 
 def _inverse_kernel(q_ref, kt_ref, scal_ref, x_ref, *, n_k: int, k_tile: int, precision):
@@ -109,8 +109,9 @@ def _pow2_at_least(n: int, m: int) -> int:
 
 
 def _tiled_matmul_call(kernel, a: jax.Array, m: jax.Array, scalars, out_dtype, interpret: bool,
-                       precision: str, tiles, num_warps) -> jax.Array:
-    """Run ``kernel`` over (row tile × column tile) programs of ``a (N×B) @ m (B×B)``, padded then cropped.
+                       precision: str, tiles, num_warps, columns: jax.Array | None = None) -> jax.Array:
+    """Run ``kernel`` over (row tile × column tile) programs of ``a (N×B) @ m (B×B)``, padded then cropped;
+    ``columns`` (``(B,)``, optional) is a per-output-column vector the kernel gets tile by tile.
 
     ``B`` is padded to a power of two (Triton's block shapes must be powers of two; the auto-chosen block
     volumes already are), ``N`` to a multiple of the row tile.
@@ -125,19 +126,24 @@ def _tiled_matmul_call(kernel, a: jax.Array, m: jax.Array, scalars, out_dtype, i
         from jax.experimental.pallas import triton as pltriton
 
         params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps)
+    in_specs = [
+        pl.BlockSpec((row_tile, cols), lambda i, j: (i, 0)),
+        pl.BlockSpec((cols, col_tile), lambda i, j: (0, j)),
+        pl.BlockSpec((2,), lambda i, j: (0,)),
+    ]
+    operands = [_pad_to(a, rows, cols), _pad_to(m, cols, cols), jnp.stack([jnp.float32(v) for v in scalars])]
+    if columns is not None:
+        in_specs.append(pl.BlockSpec((col_tile,), lambda i, j: (j,)))
+        operands.append(jnp.pad(columns.astype(jnp.float32), (0, cols - b)))
     out = pl.pallas_call(
         partial(kernel, n_k=cols // k_tile, k_tile=k_tile, precision=PRECISIONS[precision]),
         grid=(rows // row_tile, cols // col_tile),
-        in_specs=[
-            pl.BlockSpec((row_tile, cols), lambda i, j: (i, 0)),
-            pl.BlockSpec((cols, col_tile), lambda i, j: (0, j)),
-            pl.BlockSpec((2,), lambda i, j: (0,)),
-        ],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((row_tile, col_tile), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((rows, cols), out_dtype),
         interpret=interpret,
         **params,
-    )(_pad_to(a, rows, cols), _pad_to(m, cols, cols), jnp.stack([jnp.float32(v) for v in scalars]))
+    )(*operands)
     return out[:n, :b]
 
 
@@ -147,9 +153,11 @@ _STATIC = ("interpret", "precision", "tiles", "num_warps")
 @partial(jax.jit, static_argnames=_STATIC)
 def transform_quantize_pallas(x: jax.Array, k: jax.Array, step, rounding, *, interpret: bool = False,
                               precision: str = "highest", tiles=TILES, num_warps=NUM_WARPS) -> jax.Array:
-    """Pallas version of :func:`transform_quantize_reference` (static shapes: pad, then crop)."""
-    return _tiled_matmul_call(_forward_kernel, x.astype(jnp.float32), k, (step, rounding), jnp.int32, interpret,
-                              precision, tiles, num_warps)
+    """Pallas version of :func:`transform_quantize_reference` (static shapes: pad, then crop); ``rounding``
+    is one value or one per column (band)."""
+    columns = jnp.broadcast_to(jnp.asarray(rounding, jnp.float32), (k.shape[1],))
+    return _tiled_matmul_call(_forward_kernel, x.astype(jnp.float32), k, (step, 0.0), jnp.int32, interpret,
+                              precision, tiles, num_warps, columns=columns)
 
 
 @partial(jax.jit, static_argnames=_STATIC)
@@ -201,9 +209,10 @@ def impl_for(block) -> str:
 
 def transform_quantize(x, k, step, rounding) -> jax.Array:
     """Fused block transform + quantisation on a flat block stack: Pallas on a GPU, the ``jnp`` reference
-    elsewhere (any block volume; the codec itself goes through :func:`forward_blocks` and :func:`impl_for`)."""
+    elsewhere (any block volume; the codec itself goes through :func:`forward_blocks` and :func:`impl_for`).
+    ``rounding``: one value, or one per band ``(B,)``."""
     fn = transform_quantize_pallas if accelerated() else transform_quantize_reference
-    return fn(jnp.asarray(x, jnp.float32), k, np.float32(step), np.float32(rounding))
+    return fn(jnp.asarray(x, jnp.float32), k, np.float32(step), np.asarray(rounding, np.float32))
 
 
 def dequantize_inverse(q, k, step, offset) -> jax.Array:
@@ -218,12 +227,14 @@ def dequantize_inverse(q, k, step, offset) -> jax.Array:
 
 
 def forward_blocks(blocks: jax.Array, bases, step, rounding, impl: str = "reference") -> jax.Array:
-    """int32 quantisation indices of every block's coefficients (same grid shape)."""
+    """int32 quantisation indices of every block's coefficients (same grid shape); ``rounding`` is one
+    value or one per band (the block's shape)."""
     if impl == "reference":
         u1, u2, u3 = bases
         c = jnp.einsum("xyzijk,ia,jb,kc->xyzabc", blocks, u1, u2, u3, precision=FP32)
         return _quantize(c, step, rounding)
     flat = blocks.reshape(-1, int(np.prod(blocks.shape[3:])))
+    rounding = jnp.broadcast_to(jnp.asarray(rounding, jnp.float32), blocks.shape[3:]).reshape(-1)  # C order = kron's
     q = transform_quantize_pallas(flat, kron_basis(bases), step, rounding, interpret=impl == "interpret")
     return q.reshape(blocks.shape)
 

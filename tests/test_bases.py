@@ -126,7 +126,7 @@ def test_sample_decoded_error_matches_a_reference(dtype):
     corners = (np.stack(np.unravel_index(idx, grid), axis=1) * np.asarray(b)).astype(np.int32)
     got = float(stream._sample_decoded_mse(jnp.asarray(raw), jnp.asarray(corners), coef, u, step, m, shape,
                                            np.dtype(dtype).name))
-    q = np.asarray(stream.dequantize(stream.quantize(coef, step, stream.ROUNDING), step, stream.RECON_OFFSET),
+    q = np.asarray(stream.dequantize(stream.quantize(coef, step, stream.band_rounding(b)), step, stream.RECON_OFFSET),
                    np.float64)
     rec = np.einsum("nabc,ia,jb,kc->nijk", q, *[a.astype(np.float64) for a in bases]) * scale + offset
     if np.dtype(dtype).kind == "u":

@@ -5,7 +5,7 @@ import pytest
 
 import jax.numpy as jnp
 
-from fedtensor.codec.quantize import RECON_OFFSET, ROUNDING, dequantize, quantize
+from fedtensor.codec.quantize import RECON_OFFSET, ROUNDING, band_rounding, dequantize, quantize
 from fedtensor.tensor.block import block_bases, expand, project, to_blocks
 from fedtensor_kernels import block_transform as bt
 
@@ -28,15 +28,18 @@ def test_kron_reference_matches_separable_projection(shape, b):
     np.testing.assert_allclose(coef, expected, atol=2e-3 + 1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("per_band", [False, True])
 @pytest.mark.parametrize("n,b", [(5, (4, 4, 4)), (130, (4, 4, 8)), (260, (8, 8, 8))])
-def test_pallas_forward_equals_reference(n, b):
+def test_pallas_forward_equals_reference(n, b, per_band):
     rng = np.random.default_rng(n)
     us = [np.linalg.qr(rng.standard_normal((m, m)))[0].astype(np.float32) for m in b]
     k = bt.kron_basis(us)
     x = (rng.standard_normal((n, int(np.prod(b)))) * 50).astype(np.float32)
     step = 3.0
-    ref = np.asarray(bt.transform_quantize_reference(x, k, step, ROUNDING))
-    got = np.asarray(bt.transform_quantize_pallas(x, k, step, ROUNDING, interpret=True))
+    # one rounding, or one per band (column) spanning the whole unit interval: a misplaced column shows
+    rounding = rng.uniform(0, 1, k.shape[1]).astype(np.float32) if per_band else ROUNDING
+    ref = np.asarray(bt.transform_quantize_reference(x, k, step, rounding))
+    got = np.asarray(bt.transform_quantize_pallas(x, k, step, rounding, interpret=True))
     assert got.shape == ref.shape and got.dtype == np.int32
     # Summation order differs; a coefficient sitting exactly on a bin edge may round either way.
     mismatch = np.abs(got - ref)
@@ -92,8 +95,9 @@ def test_block_grid_kernels_match_reference(ct_crop, b, impl):
     """forward_blocks / inverse_blocks: Pallas vs the separable jnp path the CPU codec runs."""
     blocks, bases = _ct_blocks(ct_crop, b)
     step = jnp.float32(2e-3)
-    q_ref = np.asarray(bt.forward_blocks(blocks, bases, step, ROUNDING, "reference"))
-    q_pal = np.asarray(bt.forward_blocks(blocks, bases, step, ROUNDING, impl))
+    rounding = band_rounding(b)  # the codec's, one per band
+    q_ref = np.asarray(bt.forward_blocks(blocks, bases, step, rounding, "reference"))
+    q_pal = np.asarray(bt.forward_blocks(blocks, bases, step, rounding, impl))
     assert q_pal.shape == q_ref.shape == blocks.shape and np.abs(q_ref).max() > 10
     mismatch = np.abs(q_pal - q_ref)  # different summation order: a value on a bin edge may round either way
     assert mismatch.max() <= 1 and (mismatch > 0).mean() < 1e-3
@@ -101,7 +105,7 @@ def test_block_grid_kernels_match_reference(ct_crop, b, impl):
     x_pal = np.asarray(bt.inverse_blocks(jnp.asarray(q_ref), bases, step, RECON_OFFSET, impl))
     np.testing.assert_allclose(x_pal, x_ref, atol=1e-5)
     # and the reference is the codec's quantiser on the separable projection
-    np.testing.assert_array_equal(q_ref, np.asarray(quantize(project(blocks, bases), step)))
+    np.testing.assert_array_equal(q_ref, np.asarray(quantize(project(blocks, bases), step, rounding)))
 
 
 def test_kernel_choice_at_run_time(monkeypatch):
@@ -154,3 +158,11 @@ def test_stream_decoded_by_the_other_path_keeps_its_quality(ct_crop, monkeypatch
         assert np.abs(other - own).max() <= 1 and (other != own).mean() < 1e-3
         sse = float(np.sum((other - x) ** 2))
         assert 10 * np.log10(np.ptp(x) ** 2 * x.size / sse) >= read_info(blob)["stats"]["psnr"] - 0.01 >= 44.99
+
+
+def test_band_rounding_widens_the_dead_zone_with_the_degree():
+    r = band_rounding((4, 4, 8))
+    assert r.shape == (4, 4, 8) and r.dtype == np.float32 and not r.flags.writeable
+    assert r[0, 0, 0] == pytest.approx(0.45) and r[-1, -1, -1] == pytest.approx(0.25)
+    assert r[1, 0, 0] == r[0, 1, 0] == r[0, 0, 1] and r[1, 1, 0] < r[1, 0, 0]  # a function of i + j + k only
+    assert 0 < r.min() and r.max() < 0.5  # every band keeps a dead zone

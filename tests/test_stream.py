@@ -14,8 +14,8 @@ from fedtensor.codec import compress, decompress, stream
 from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.container import pack, unpack
 from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.normalize import denormalize, device_map, from_unit, normalize, to_unit
-from fedtensor.codec.quantize import ROUNDING, dequantize
+from fedtensor.codec.normalize import device_map, from_unit, to_unit
+from fedtensor.codec.quantize import band_rounding, dequantize
 from fedtensor.errors import FormatError
 from fedtensor.io.volume import Volume
 from fedtensor_kernels import block_transform as bt
@@ -69,7 +69,7 @@ def test_streamed_encoding_equals_whole_volume_encoding(chest_crop, small_slabs)
     # Pallas kernel on a GPU).
     m = device_map(x.dtype, p["offset"], p["scale"])
     q = np.asarray(bt.forward_blocks(to_blocks(to_unit(jnp.asarray(x), m), b), bases,
-                                     jnp.float32(step), ROUNDING, bt.impl_for(b)))
+                                     jnp.float32(step), band_rounding(b), bt.impl_for(b)))
     rows = depth // b[0]
     coders = BlockCoders()
     for i, section in enumerate(sections[1:]):

@@ -35,7 +35,7 @@ from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.entropy import BinaryStream
 from fedtensor.codec.normalize import (DeviceMap, decoded_shifted, denormalize, device_map, from_unit, normalize,
                                        rows_per_chunk, shifted, to_unit)
-from fedtensor.codec.quantize import RECON_OFFSET, ROUNDING, dequantize, quantize
+from fedtensor.codec.quantize import RECON_OFFSET, band_rounding, dequantize, quantize
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import _to_blocks, expand, from_blocks, padded_shape, project
 from fedtensor.tensor.precision import FP32
@@ -175,7 +175,7 @@ def _slab_grams(slab, m, blocks_rows, b):
 @partial(jax.jit, static_argnames=("b", "impl"))
 def _forward(slab, bases, step, b, impl, m=None):
     """Quantisation indices of a slab (raw, normalised by ``m`` on the device; or already normalised)."""
-    return kernels.forward_blocks(_to_blocks(to_unit(slab, m), b), bases, step, ROUNDING, impl)
+    return kernels.forward_blocks(_to_blocks(to_unit(slab, m), b), bases, step, band_rounding(b), impl)
 
 
 @partial(jax.jit, static_argnames=("shape", "impl"))
@@ -219,8 +219,10 @@ def _decoded_errors(c, unit, slab, m, rows, bases, steps, dtype):
     """:func:`_estimate` from the slab's coefficients ``c`` and normalised voxels ``unit`` (traceable)."""
     valid = (jnp.arange(slab.shape[0]) < rows)[:, None, None]
 
+    rounding = band_rounding(c.shape[-3:])
+
     def one(step):
-        rec = from_blocks(expand(dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET), bases), slab.shape)
+        rec = from_blocks(expand(dequantize(quantize(c, step, rounding), step, RECON_OFFSET), bases), slab.shape)
         d = jnp.where(valid, _decoded_error(slab, unit, rec, m, dtype), 0.0)
         return jnp.sum(d * d, axis=(1, 2)), jnp.max(jnp.abs(d))
 
@@ -248,8 +250,10 @@ def _estimate_coarse(slab, m, rows, bases, steps, anchor, b, dtype):
     c = project(_to_blocks(unit, b), bases)
     real = (jnp.arange(c.shape[0]) * b[0] < rows).reshape((-1,) + (1,) * (c.ndim - 1))
 
+    rounding = band_rounding(b)
+
     def one(step):
-        e = jnp.where(real, c - dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET), 0.0)
+        e = jnp.where(real, c - dequantize(quantize(c, step, rounding), step, RECON_OFFSET), 0.0)
         return jnp.sum(e * e)
 
     return jax.lax.map(one, steps), _decoded_errors(c, unit, slab, m, rows, bases, anchor, dtype)
@@ -510,10 +514,11 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     hi = 4 * math.prod(b) ** 0.5
     floor = math.prod(b) ** 0.5 / 2**30  # |coef| ≤ √B for a unit-range volume: int32 indices never overflow
     lo = max(hi * 1e-9, floor)
-    step = largest_step_within(coef, mse * coef.size, lo, hi)
+    rounding = band_rounding(b)
+    step = largest_step_within(coef, mse * coef.size, lo, hi, rounding)
     voxel = float(_sample_decoded_mse(blocks, corners, coef, u, np.float32(step), m, tuple(x.shape), x.dtype.name))
-    in_coef = float(quantization_sse(coef, np.float32(step))) / coef.size
-    wider = float(quantization_sse(coef, np.float32(step * 1.1))) / coef.size
+    in_coef = float(quantization_sse(coef, np.float32(step), rounding)) / coef.size
+    wider = float(quantization_sse(coef, np.float32(step * 1.1), rounding)) / coef.size
     if not (voxel > 0 and wider > in_coef > 0 and math.isfinite(voxel)):
         return max(floor, step)
     # The error grows locally as a power of the step: follow it to the corrected error budget.
@@ -540,7 +545,7 @@ def _sample_decoded_mse(blocks, corners, coef, bases, step, m, shape, dtype):
     def chunk(i, acc):
         start = jnp.minimum(i * size, n - size)
         blk, c, corner = (jax.lax.dynamic_slice_in_dim(a, start, size) for a in (blocks, coef, corners))
-        rec = jnp.einsum("nabc,ia,jb,kc->nijk", dequantize(quantize(c, step, ROUNDING), step, RECON_OFFSET),
+        rec = jnp.einsum("nabc,ia,jb,kc->nijk", dequantize(quantize(c, step, band_rounding(b)), step, RECON_OFFSET),
                          *bases, precision=FP32)
         d = _decoded_error(blk, to_unit(blk, m), rec, m, dtype)
         if _in_own_units(m, dtype):

@@ -94,16 +94,17 @@ def data_hash(a: np.ndarray) -> str:
 
 @functools.lru_cache(maxsize=1)
 def codec_fingerprint() -> str:
-    """SHA-256 (hex) of the codec's and tensor core's source files (read once per process): part of
-    every cache key. ``$FEDTENSOR_NN_CODEC_KEY`` replaces it (to reuse a cache across codec edits that
-    do not change the decoded output)."""
+    """SHA-256 (hex) of the codec's, tensor core's and kernels' source files (read once per process):
+    part of every cache key. ``$FEDTENSOR_NN_CODEC_KEY`` replaces it (to reuse a cache across codec edits
+    that do not change the decoded output)."""
     if os.environ.get("FEDTENSOR_NN_CODEC_KEY"):
         return hashlib.sha256(os.environ["FEDTENSOR_NN_CODEC_KEY"].encode()).hexdigest()
     import fedtensor.codec
     import fedtensor.tensor
+    import fedtensor_kernels
 
     h = hashlib.sha256(__version__.encode())
-    for pkg in (fedtensor.codec, fedtensor.tensor):
+    for pkg in (fedtensor.codec, fedtensor.tensor, fedtensor_kernels):
         for f in sorted(Path(pkg.__file__).parent.glob("*.py")):
             h.update(f.name.encode())
             h.update(f.read_bytes())
