@@ -166,3 +166,20 @@ def test_band_rounding_widens_the_dead_zone_with_the_degree():
     assert r[0, 0, 0] == pytest.approx(0.45) and r[-1, -1, -1] == pytest.approx(0.25)
     assert r[1, 0, 0] == r[0, 1, 0] == r[0, 0, 1] and r[1, 1, 0] < r[1, 0, 0]  # a function of i + j + k only
     assert 0 < r.min() and r.max() < 0.5  # every band keeps a dead zone
+
+
+@pytest.mark.parametrize("n", [500, 40000])  # whole arrays, and ones the bisection first subsamples
+def test_largest_step_within_meets_the_budget_with_per_band_rounding(n):
+    from fedtensor.codec.quantize import largest_step_within, quantization_sse
+
+    b = (4, 4, 8)
+    c = jnp.asarray(np.random.default_rng(n).laplace(0, 1, (n, *b)).astype(np.float32))
+    rounding = band_rounding(b)
+    budget = 0.05 * c.size
+    step = largest_step_within(c, budget, 1e-6, 100.0, rounding)
+    assert float(quantization_sse(c, np.float32(step), rounding)) <= budget
+    assert float(quantization_sse(c, np.float32(step * 1.05), rounding)) > budget  # the largest, nearly
+    # the per-band dead zone is what the bisection measured: with one rounding the step differs
+    assert abs(largest_step_within(c, budget, 1e-6, 100.0) / step - 1) > 1e-3
+    with pytest.raises(ValueError, match="trailing position"):
+        largest_step_within(c, budget, 1e-6, 100.0, band_rounding((8, 4, 4)))

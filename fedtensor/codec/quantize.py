@@ -73,9 +73,13 @@ _SUBSAMPLE = 1 << 16  # coefficients of the strided subsample that narrows the b
 @partial(jax.jit, static_argnames="stride")
 def _subsample(c: jax.Array, rounding, stride: int) -> tuple[jax.Array, jax.Array]:
     """Every ``stride``-th coefficient and its rounding, zero-padded to :data:`_SUBSAMPLE` (zeros add no
-    error at any step): the bisection on subsamples compiles once, whatever the array's size."""
+    error at any step): the bisection on subsamples compiles once, whatever the array's size.
+
+    ``rounding`` is one value or one per trailing position of ``c`` (e.g. per band): the ``k``-th flat
+    coefficient's is its flat position modulo ``rounding.size``, so no array of ``c``'s size is made."""
     sub = c.reshape(-1)[::stride]
-    r = jnp.broadcast_to(jnp.asarray(rounding, jnp.float32), c.shape).reshape(-1)[::stride]
+    r = jnp.asarray(rounding, jnp.float32).reshape(-1)
+    r = r[(jnp.arange(sub.size) * stride) % r.size]
     return jnp.pad(sub, (0, _SUBSAMPLE - sub.size)), jnp.pad(r, (0, _SUBSAMPLE - r.size))
 
 
@@ -87,6 +91,8 @@ def largest_step_within(c: jax.Array, max_sse: float, lo: float, hi: float, roun
     """
     size = c.size
     rounding = jnp.asarray(rounding, jnp.float32)
+    if rounding.ndim > c.ndim or c.shape[c.ndim - rounding.ndim:] != rounding.shape:
+        raise ValueError(f"rounding of shape {rounding.shape} is not one per trailing position of {c.shape}")
     stride = -(-size // _SUBSAMPLE) | 1  # odd: visits every position of a power-of-two block
     if stride > 1:
         taken = min(_SUBSAMPLE, -(-size // stride))
