@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 from pathlib import Path
 from time import perf_counter
@@ -122,7 +123,8 @@ def _check_codec(codec: str | None, block: str | None, mode: str) -> tuple[str, 
     if block is None:
         return codec, None
     try:
-        sides = tuple(int(v) for v in block.lower().replace("×", "x").split("x"))
+        # 8, 8x8x16, or the [8, 8, 16] that info shows
+        sides = tuple(int(v) for v in re.split(r"[x×,]", block.lower().strip(" []").replace(" ", "")))
     except ValueError:
         sides = ()
     if len(sides) not in (1, 3) or not all(2 <= n <= 32 for n in sides):
@@ -401,7 +403,7 @@ def compress(
     block: Annotated[
         Optional[str],
         typer.Option("--block", metavar="N|AxBxC",
-                     help="Block side (8) or shape (8x8x16, as info shows it); default: chosen per volume."),
+                     help="Block side (8) or shape (8x8x16, or 8,8,16 as info shows it); default: chosen per volume."),
     ] = None,
     model_spec: ModelOpt = None,
     tta: TtaOpt = False,
@@ -574,8 +576,8 @@ def bench(
 
 def _usage_error_text(exc: Exception) -> str:
     text = exc.format_message()  # type: ignore[attr-defined]
-    if text.count("Did you mean") > 1:  # click and Typer each suggest the close command names
-        text = text[:text.rfind(" (Did you mean")] if text.endswith(")") else text
+    if text.count("Did you mean") > 1:  # click and Typer each suggest the close command names: keep click's
+        text = text[:text.find("Did you mean", text.find("Did you mean") + 1)].rstrip(" (")
     ctx = getattr(exc, "ctx", None)
     if ctx is not None and getattr(ctx, "command_path", None):
         text += f" (see '{ctx.command_path} --help')"

@@ -157,7 +157,7 @@ def transform_quantize_pallas(x: jax.Array, k: jax.Array, step, rounding, *, int
     is one value or one per column (band)."""
     columns = jnp.broadcast_to(jnp.asarray(rounding, jnp.float32), (k.shape[1],))
     return _tiled_matmul_call(_forward_kernel, x.astype(jnp.float32), k, (step, 0.0), jnp.int32, interpret,
-                              precision, tiles, num_warps, columns=columns)
+                              precision, tiles, num_warps, columns=columns)  # (the inverse's 2 scalars' layout)
 
 
 @partial(jax.jit, static_argnames=_STATIC)

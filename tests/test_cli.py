@@ -725,3 +725,11 @@ def test_evaluate_warns_when_the_volumes_lie_differently_in_space(tmp_path: Path
     assert run_json("evaluate", tmp_path / "a.nii.gz", tmp_path / "a.nii.gz")["warning"] is None
     e = run_json("evaluate", tmp_path / "a.nii.gz", tmp_path / "b.nii.gz")
     assert e["ok"] and "affines differ" in e["warning"]
+
+
+@pytest.mark.parametrize("typo, suggestion", [("infoo", "'info'"), ("compres", "'compress', 'decompress'")])
+def test_a_mistyped_command_gets_one_suggestion(typo: str, suggestion: str) -> None:
+    result = subprocess.run([sys.executable, "-c", "from fedtensor_cli.app import main; main()", typo],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("Did you mean") == 1 and suggestion in result.stderr

@@ -180,6 +180,21 @@ def test_lossy_targets_take_the_exact_stream_where_it_costs_less(crops, target):
     assert np.array_equal(decompress(blob).data, vol.data)
 
 
+@pytest.mark.parametrize("target", [{"bpv": 0.7}, {"psnr": 40.0}, {"psnr": 50.0}])  # exact: 0.56 bpv
+def test_a_label_map_gets_the_exact_stream_at_lossy_targets(target):
+    # A label map (few values, large flat regions) codes exactly in fewer bits than any lossy stream.
+    grid = np.indices((40, 36, 32))
+    labels = np.zeros(grid.shape[1:], np.uint8)
+    rng = np.random.default_rng(5)
+    for value in rng.integers(20, 255, 10):
+        centre, radius = rng.integers(6, 30, 3), rng.integers(3, 8)
+        labels[((grid - centre[:, None, None, None]) ** 2).sum(0) < radius**2] = value
+    vol = Volume(labels, (1.0, 1.0, 1.0), np.eye(4), {})
+    blob = compress(vol, **target)
+    assert read_info(blob)["codec"] == "lossless" and unpack(blob)[1] == unpack(compress(vol, lossless=True))[1]
+    assert np.array_equal(decompress(blob).data, labels)
+
+
 def test_lossy_targets_stay_lossy_where_exact_costs_more(crops):
     vol = crops["ct_head_uint8.nii.gz"]
     exact = len(compress(vol, lossless=True))

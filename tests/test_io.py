@@ -85,6 +85,9 @@ def test_mr_slope_applied(volume_paths):
     (np.uint8, 1, 10, np.uint8),  # still fits the stored dtype
     (np.int16, 0.5, 0, np.float32),  # fractional values
     (np.int16, 1, 0.5, np.float32),
+    (np.int16, 1, 1e30, np.float32),  # beyond every integer dtype
+    (np.uint32, 70000, 0, np.uint32),  # still fits the stored dtype
+    (np.int16, 2**30, 0, np.float32),  # the product beyond int32
 ])
 def test_nifti_integer_scaling_keeps_integers(tmp_path, stored, slope, inter, expected):
     raw = np.random.default_rng(0).integers(0, 200, (6, 5, 4)).astype(stored)
@@ -94,10 +97,10 @@ def test_nifti_integer_scaling_keeps_integers(tmp_path, stored, slope, inter, ex
     nib.save(img, tmp_path / "s.nii.gz")
     vol = read_volume(tmp_path / "s.nii.gz")
     assert vol.dtype == expected
-    np.testing.assert_array_equal(vol.data, raw.astype(np.float64) * slope + inter)
+    np.testing.assert_array_equal(vol.data, (raw.astype(np.float64) * slope + inter).astype(expected))
 
 
-@pytest.mark.parametrize("codes", [(4, 4), (0, 2), (2, 3)])
+@pytest.mark.parametrize("codes", [(4, 4), (0, 2), (2, 3), (4, 0), (5, 5)])
 def test_nifti_space_codes_survive_a_round_trip_through_ftz(tmp_path, codes):
     from fedtensor.codec import compress, decompress
 
@@ -109,8 +112,8 @@ def test_nifti_space_codes_survive_a_round_trip_through_ftz(tmp_path, codes):
     vol = read_volume(tmp_path / "in.nii.gz")
     write_volume(decompress(compress(vol, psnr=40)), tmp_path / "out.nii.gz")
     header = nib.load(tmp_path / "out.nii.gz").header
-    # the sform always carries the affine; a qform code 0 (no qform) takes the sform's space
-    assert (int(header["qform_code"]), int(header["sform_code"])) == (codes[0] or codes[1], codes[1])
+    # the sform always carries the affine: a code 0 (none) on either side takes the other's space
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (codes[0] or codes[1], codes[1] or codes[0])
 
 
 def test_dicom_meta_and_geometry(volume_paths, dicom_volume):
@@ -683,3 +686,11 @@ def test_a_truncated_slice_is_named_not_skipped(tmp_path, keep):
     victim.rename(victim := victim.with_suffix(""))  # found by its DICM magic, not by its name
     with pytest.raises(VolumeError, match=f"(cannot read|cannot decode pixel data of) DICOM .*file {victim.name}"):
         read_volume(tmp_path)
+
+
+def test_stray_files_named_dcm_are_skipped(tmp_path):
+    stack = _synthetic_series(tmp_path, n=4)
+    (tmp_path / "._x1.dcm").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)  # a macOS AppleDouble file
+    (tmp_path / "notes.dcm").write_text("not an image")
+    vol = read_volume(tmp_path)
+    assert vol.shape[2] == 4 and np.array_equal(vol.data[:, :, 0], stack[0].T)

@@ -12,7 +12,7 @@ import numpy as np
 from fedtensor import __version__
 from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
-from fedtensor.codec.normalize import denormalize, normalization, normalize, to_dtype
+from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
 from fedtensor.io.nifti import space_codes
@@ -408,34 +408,57 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         raise RateError("the volume holds values beyond float32's range (±3.4e38), where the transform codecs "
                         "compute; use --max-error")
     else:
-        blob = _lossy_or_exact(volume, codec, block, psnr, bpv, header, value_range)
+        blob = _lossy_or_exact(volume, codec, block, psnr, bpv, header, value_range, lo)
     return blob
 
 
 _NEAR_EXACT_DB = 6.0  # a lossy stream this close to the integer grid's own PSNR may cost more than exact
 _EXACT_FIRST_BPV = 1.0  # budgets from here up may hold the exact stream (CT needs ≳ 1.5 bpv): code it first
+_EXACT_MAX_VOXELS = 1 << 25  # the exact coder holds whole-volume int64 copies: not tried unasked beyond this
+
+
+def _value_entropy(x: np.ndarray, lo: float, value_range: float, stride: int = 7) -> float:
+    """Zeroth-order entropy of an integer volume's values, in bits per voxel, estimated on every
+    ``stride``-th voxel (inf for other dtypes or a range too wide to count cheaply). The exact coder
+    predicts each voxel from its neighbours, so it rarely needs more: a label map or mask has a small
+    one, a CT one (~10 bits) far above any lossy target's bits."""
+    if x.dtype.kind not in "iu" or value_range >= 1 << 20:
+        return math.inf
+    counts = np.zeros(int(value_range) + 1, np.int64)
+    chunk = rows_per_chunk(x.shape)
+    for k in range(0, x.shape[0], chunk):  # a few rows at a time: no whole-volume int64 copy
+        sample = x[k:k + chunk].reshape(-1)[::stride]
+        counts += np.bincount(sample.astype(np.int64) - int(lo), minlength=counts.size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
 
 
 def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict,
-                    value_range: float) -> bytes:
+                    value_range: float, lo: float) -> bytes:
     """:func:`_lossy`, or the exact (lossless) stream where it is smaller, or (``bpv``) fits the budget:
-    a lossy file never costs more than the exact one, and exact is the best quality within a budget.
+    exact is the best quality within a budget, and a lossy stream should not cost more.
 
-    Only integer-valued volumes have an exact stream. It is coded only where it may win: first for a
-    ``bpv`` of at least :data:`_EXACT_FIRST_BPV` (sparing the budget's bisection when it fits), else when
-    the lossy stream's PSNR is within :data:`_NEAR_EXACT_DB` of rounding to integers
-    (``20·log10(range·√12)``). At the usual targets lossless costs several times the bits.
+    Only integer-valued volumes of at most :data:`_EXACT_MAX_VOXELS` voxels are tried, and only where
+    exact may win — the values' zeroth-order entropy (:func:`_value_entropy`) within twice the budget or
+    the lossy stream's bits, a budget of :data:`_EXACT_FIRST_BPV` or more (coded first: it spares the
+    budget's bisection when it fits), or a lossy stream within :data:`_NEAR_EXACT_DB` of the PSNR of
+    rounding to integers (``20·log10(range·√12)``). At the usual targets on CT, lossless costs several
+    times the bits and is never coded.
     """
-    budget = None if bpv is None else bpv * volume.data.size / 8
-    exact = None
-    if budget is not None and bpv >= _EXACT_FIRST_BPV and _integer_valued(volume.data):
+    x, n = volume.data, volume.data.size
+    budget = None if bpv is None else bpv * n / 8
+    eligible = n <= _EXACT_MAX_VOXELS
+    entropy = _value_entropy(x, lo, value_range) if eligible else math.inf
+    if budget is not None and eligible and (bpv >= _EXACT_FIRST_BPV or entropy <= 2 * bpv) and _integer_valued(x):
         exact = _exact(volume, None, header, value_range)
         if len(exact) <= budget:
             return exact
+        eligible = False  # tried: it does not fit
     blob = _lossy(volume, codec, block, psnr, bpv, header, value_range)
-    grid_db = 20 * math.log10(value_range * math.sqrt(12))
-    if exact is not None or not (unpack(blob)[0]["stats"]["psnr"] >= grid_db - _NEAR_EXACT_DB
-                                 and _integer_valued(volume.data)):
+    if not eligible:
+        return blob
+    near_exact = unpack(blob)[0]["stats"]["psnr"] >= 20 * math.log10(value_range * math.sqrt(12)) - _NEAR_EXACT_DB
+    if not (near_exact or entropy <= 2 * 8 * len(blob) / n) or not _integer_valued(x):
         return blob
     exact = _exact(volume, None, header, value_range)
     return exact if len(exact) <= (budget if budget is not None else len(blob)) else blob

@@ -11,8 +11,7 @@ version.
 
 from __future__ import annotations
 
-import functools
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ BAND_ROUNDING_DC = 0.45
 BAND_ROUNDING_DROP = 0.2
 
 
-@functools.lru_cache(maxsize=32)
+@lru_cache(maxsize=32)
 def band_rounding(b: tuple[int, int, int]) -> np.ndarray:
     """The rounding of each band of a ``b`` block (shape ``b``, float32, read-only)."""
     degree = np.add.outer(np.add.outer(np.arange(b[0]), np.arange(b[1])), np.arange(b[2]))

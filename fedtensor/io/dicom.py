@@ -74,9 +74,8 @@ def _int(ds, keyword: str, default: int, fname: str) -> int:
 
 
 def _looks_like_dicom(path: Path) -> bool:
-    """A ``.dcm`` name or the DICOM Part 10 magic ``DICM`` after the 128-byte preamble."""
-    if path.suffix.lower() == ".dcm":
-        return True
+    """The DICOM Part 10 magic ``DICM`` after the 128-byte preamble (a name says nothing: macOS leaves
+    ``._IM0001.dcm`` resource files next to the slices)."""
     try:
         with open(path, "rb") as fh:
             return fh.read(132)[128:] == b"DICM"

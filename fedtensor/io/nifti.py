@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -22,12 +23,13 @@ def _is_identity_scaling(slope, inter) -> bool:
 def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     """``raw · slope + inter``: integers stay integers (the on-disk dtype, else int16, else int32, the
     first that holds them: CT stored as uint16 with ``scl_inter`` −1024 reads as int16), the rest float32."""
-    if raw.dtype.kind in "iu" and slope == round(slope) and inter == round(inter) and abs(slope) < 2**31:
-        ints = raw.astype(np.int64) * int(slope) + int(inter)
-        lo, hi = (int(ints.min()), int(ints.max())) if ints.size else (0, 0)
+    if raw.dtype.kind in "iu" and raw.size and all(math.isfinite(v) and v == round(v) for v in (slope, inter)):
+        # the scaled range, exactly (Python integers), before any int64 arithmetic that could wrap
+        ends = [int(v) * int(slope) + int(inter) for v in (raw.min(), raw.max())]
+        lo, hi = min(ends), max(ends)
         for dtype in (raw.dtype.newbyteorder("="), np.dtype(np.int16), np.dtype(np.int32)):
             if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
-                return ints.astype(dtype)
+                return (raw.astype(np.int64) * int(slope) + int(inter)).astype(dtype)
     return (raw.astype(np.float64) * slope + inter).astype(np.float32)
 
 
@@ -81,10 +83,10 @@ def read_nifti(path: str | os.PathLike) -> Volume:
 
 
 def space_codes(meta: dict) -> dict[str, int]:
-    """The ``qform_code``/``sform_code`` recorded in ``meta`` (NIfTI codes 0–4), each 1 (scanner) when
-    absent or invalid."""
+    """The ``qform_code``/``sform_code`` recorded in ``meta`` (NIfTI codes 0–5: unknown, scanner, aligned,
+    Talairach, MNI, other template), each 1 (scanner) when absent or invalid."""
     codes = meta.get("nifti_codes") if isinstance(meta.get("nifti_codes"), dict) else {}
-    return {k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 4 else 1
+    return {k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 5 else 1
             for k, v in ((k, codes.get(k)) for k in ("qform_code", "sform_code"))}
 
 
@@ -107,7 +109,8 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
         img = nib.Nifti1Image(data, None)
         img.header.set_data_dtype(data.dtype)
         codes = space_codes(volume.meta)
-        img.set_sform(affine, code=codes["sform_code"] or 1)  # an affine is always written, so never code 0
+        # an affine is always written, so never code 0: a missing sform takes the qform's space
+        img.set_sform(affine, code=codes["sform_code"] or codes["qform_code"] or 1)
         consistent = np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-5, atol=1e-6)
         if consistent and abs(np.linalg.det(affine[:3, :3])) > 0:
             img.set_qform(affine, code=codes["qform_code"] or codes["sform_code"] or 1)
