@@ -413,7 +413,6 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
 
 
 _NEAR_EXACT_DB = 6.0  # a lossy stream this close to the integer grid's own PSNR may cost more than exact
-_EXACT_FIRST_BPV = 1.0  # budgets from here up may hold the exact stream (CT needs ≳ 1.5 bpv): code it first
 _EXACT_MAX_VOXELS = 1 << 25  # the exact coder holds whole-volume int64 copies: not tried unasked beyond this
 
 
@@ -439,17 +438,17 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     exact is the best quality within a budget, and a lossy stream should not cost more.
 
     Only integer-valued volumes of at most :data:`_EXACT_MAX_VOXELS` voxels are tried, and only where
-    exact may win — the values' zeroth-order entropy (:func:`_value_entropy`) within twice the budget or
-    the lossy stream's bits, a budget of :data:`_EXACT_FIRST_BPV` or more (coded first: it spares the
-    budget's bisection when it fits), or a lossy stream within :data:`_NEAR_EXACT_DB` of the PSNR of
-    rounding to integers (``20·log10(range·√12)``). At the usual targets on CT, lossless costs several
-    times the bits and is never coded.
+    exact may win: the values' zeroth-order entropy (:func:`_value_entropy`; the exact stream needed
+    0.4–0.9 of it on the sample CTs) within twice the budget (coded first: it spares the budget's
+    bisection when it fits) or twice the lossy stream's bits, or a lossy stream within
+    :data:`_NEAR_EXACT_DB` of the PSNR of rounding to integers (``20·log10(range·√12)``). At the usual
+    targets on CT, lossless costs several times the bits and is never coded.
     """
     x, n = volume.data, volume.data.size
     budget = None if bpv is None else bpv * n / 8
     eligible = n <= _EXACT_MAX_VOXELS
     entropy = _value_entropy(x, lo, value_range) if eligible else math.inf
-    if budget is not None and eligible and (bpv >= _EXACT_FIRST_BPV or entropy <= 2 * bpv) and _integer_valued(x):
+    if budget is not None and eligible and entropy <= 2 * bpv and _integer_valued(x):
         exact = _exact(volume, None, header, value_range)
         if len(exact) <= budget:
             return exact
