@@ -84,8 +84,12 @@ def parse_args(argv=None):
                    help="evaluate the models already in OUT/models as they are (no training, whatever settings "
                         "they were trained with)")
     p.add_argument("--retrain", action="store_true", help="start the models over instead of resuming them")
-    p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write every figure to this JSON file (a relative path is taken inside --out)")
+    args = p.parse_args(argv)
+    if args.json is not None and not args.json.is_absolute():
+        args.json = args.out / args.json  # next to the models and logs it describes, never the checkout's root
+    return args
 
 
 def log(msg: str) -> None:
