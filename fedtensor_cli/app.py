@@ -510,6 +510,8 @@ def evaluate(
     from fedtensor.io import read_volume
 
     is_ftz = decoded.name.lower().endswith(paths.FTZ_SUFFIX)
+    if original.name.lower().endswith(paths.FTZ_SUFFIX) and not is_ftz:
+        raise UsageFailure(f"ORIGINAL {original} is an .ftz file: the order is ORIGINAL DECODED (swapped?)")
     if model_spec is not None and not is_ftz:
         raise UsageFailure("--model needs DECODED to be an .ftz file (the model is conditioned on its header)")
     if tta and model_spec is None:

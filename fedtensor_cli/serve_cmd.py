@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
 
         Without a management option the server runs until Ctrl-C. It listens on 127.0.0.1 unless --host is given; a non-loopback host also needs --allow-remote, because tokens travel in clear over plain HTTP.
         """
-        from fedtensor.serve.auth import TokenRegistry
+        from fedtensor.serve.auth import AuthError, TokenRegistry, check_client_name
         from fedtensor.serve.store import ModelStore
 
         if data.exists() and not data.is_dir():
@@ -95,6 +95,11 @@ def register(app: typer.Typer) -> None:
         if meta is not None and publish is None:
             raise UsageFailure("--meta needs --publish")
         managing = bool(add_client or remove_client or list_clients or admin_token or publish or list_versions)
+        for name in add_client or []:  # a bad name is a bad command line: refused before anything is written
+            try:
+                check_client_name(name)
+            except AuthError as err:
+                raise UsageFailure(str(err)) from None
         if managing:
             if not (add_client or admin_token or publish) and not data.is_dir():
                 # reading (or revoking from) a store that is not there: a mistyped --data, not a new store

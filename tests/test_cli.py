@@ -733,3 +733,7 @@ def test_a_mistyped_command_gets_one_suggestion(typo: str, suggestion: str) -> N
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.count("Did you mean") == 1 and suggestion in result.stderr
+
+
+def test_evaluate_with_the_arguments_swapped_says_so(tmp_path: Path, ftz_path: Path, vol_path: Path) -> None:
+    assert_one_error(run("evaluate", ftz_path, vol_path), code=2, contains="the order is ORIGINAL DECODED")

@@ -576,7 +576,7 @@ def test_cli_manages_clients_and_refuses_a_remote_host(tmp_path, cli_app):
     r = cli_app("serve", "--data", data, "--add-client", "hospital-a")
     assert r.exit_code == 1 and "already exists" in r.stderr
     r = cli_app("serve", "--data", data, "--add-client", "bad name!")
-    assert r.exit_code == 1 and r.stderr.startswith("error:")
+    assert r.exit_code == 2 and r.stderr.startswith("error: invalid client name")  # a bad command line
     r = cli_app("serve", "--data", data, "--host", "0.0.0.0")
     assert r.exit_code == 2 and "--allow-remote" in r.stderr
 
@@ -634,6 +634,12 @@ def test_cli_publish_and_fetch_model_over_http(real_server, tmp_path, models):
     assert (tmp_path / "f3" / "model.safetensors").read_bytes() == models[2][0]
     r = _cli("serve", "--data", str(data), "--list", "--json")
     assert [v["meta"] for v in json.loads(r.stdout)["versions"]] == [{"note": "seed"}, {"round": 2}, {"note": "cli"}]
+
+
+def test_a_bad_client_name_is_a_usage_error_and_writes_nothing(tmp_path):
+    r = _cli("serve", "--data", str(tmp_path / "store"), "--add-client", "ok", "--add-client", "")
+    assert r.returncode == 2 and r.stderr.startswith("error: invalid client name ''")
+    assert not (tmp_path / "store").exists()  # not even the valid name before it
 
 
 def test_listing_a_missing_store_is_an_error_and_creates_nothing(tmp_path):

@@ -69,6 +69,12 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def check_client_name(name) -> None:
+    """:class:`AuthError` unless ``name`` can name a client: 1-64 letters, digits, '.', '_' or '-'."""
+    if not isinstance(name, str) or not _NAME.match(name) or name == ADMIN:
+        raise AuthError(f"invalid client name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (and not {ADMIN!r})")
+
+
 class TokenRegistry:
     """The clients of one data directory and their hashed tokens."""
 
@@ -114,10 +120,7 @@ class TokenRegistry:
     def add_client(self, name: str) -> tuple[Principal, str]:
         """Register client ``name`` (new, or revoked before); returns it and its new token (the only time the
         token is seen)."""
-        if not isinstance(name, str) or not _NAME.match(name) or name == ADMIN:
-            raise AuthError(
-                f"invalid client name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (and not {ADMIN!r})"
-            )
+        check_client_name(name)
         with self._lock:
             entries = dict(self._load())
             if name in entries and not entries[name].get("revoked"):
