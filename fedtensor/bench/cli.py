@@ -159,6 +159,6 @@ def print_summary(summary: dict, cfg: BenchConfig) -> None:
         con.print(t)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.get("status_counts", {}).items()))
     con.print(f"cells — {counts}; wall time {summary['wall_s'] / 60:.1f} min; outputs in {cfg.out}/ "
-              "(results.csv, results.json, bd_rate.md, summary.md, *.png)")
+              f"(results.csv, results.json, bd_rate.md, summary.md{', *.png' if cfg.figures else ''})")
     for e in summary.get("errors", [])[:20]:
         con.print(Text.assemble(("warning: ", "yellow"), str(e)))
