@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import sys
 from pathlib import Path
 from time import perf_counter
@@ -122,16 +121,18 @@ def _check_codec(codec: str | None, block: str | None, mode: str) -> tuple[str, 
         raise UsageFailure(f"unknown codec {codec!r}; choose from: {', '.join(CODECS)}")
     if block is None:
         return codec, None
+    from fedtensor.tensor.block import parse_block
+
     try:
-        # 8, 8x8x16, or the [8, 8, 16] that info shows
-        sides = tuple(int(v) for v in re.split(r"[x×,]", block.lower().strip(" []").replace(" ", "")))
+        parsed = parse_block(block)  # 8, 8x8x16, or the [8, 8, 16] that info shows
     except ValueError:
-        sides = ()
+        parsed = ()
+    sides = (parsed,) if isinstance(parsed, int) else parsed or ()
     if len(sides) not in (1, 3) or not all(2 <= n <= 32 for n in sides):
         raise UsageFailure(f"--block must be a side (8) or a shape (8x8x16), each between 2 and 32, got {block!r}")
     if codec != DEFAULT_CODEC:
         raise UsageFailure(f"--block applies to the {DEFAULT_CODEC} codec only, not {codec}")
-    return codec, sides[0] if len(sides) == 1 else sides
+    return codec, parsed
 
 
 # ------------------------------------------------------------------------------------ one-file workers

@@ -40,6 +40,7 @@ from fedtensor.nn.normalize import (
     normaliser_for,
     operating_point,
 )
+from fedtensor.tensor.block import parse_block
 
 
 
@@ -109,18 +110,6 @@ def codec_fingerprint() -> str:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def parse_block(spec) -> int | tuple[int, int, int] | None:
-    """``"auto"``/None → None (the codec chooses); ``8`` / ``"8"`` → 8; ``"8x8x16"`` → (8, 8, 16)."""
-    if spec is None or str(spec).lower() == "auto":
-        return None
-    if isinstance(spec, int):
-        return spec
-    if isinstance(spec, (tuple, list)):
-        return tuple(int(v) for v in spec)
-    parts = [int(v) for v in str(spec).lower().split("x")]
-    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _block_tag(block) -> str:

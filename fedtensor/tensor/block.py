@@ -8,6 +8,7 @@ one batched contraction.
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import jax
@@ -21,6 +22,21 @@ from fedtensor.tensor.tucker import _leading_eigvecs
 def block_shape(b) -> tuple[int, int, int]:
     """``b`` as a per-axis block shape: an int means a cube."""
     return (int(b),) * 3 if np.ndim(b) == 0 else tuple(int(n) for n in b)
+
+
+def parse_block(spec) -> int | tuple[int, ...] | None:
+    """A block given as text or numbers: ``"auto"``/None → None (the codec chooses); ``8`` / ``"8"`` → 8;
+    ``"8x8x16"``, ``"8,8,16"`` or ``"[8, 8, 16]"`` (as ``fedtensor info`` shows it) → (8, 8, 16).
+    :class:`ValueError` for anything that is not integers; the sides' count and range are the codec's
+    to check."""
+    if spec is None or str(spec).lower() == "auto":
+        return None
+    if isinstance(spec, int):
+        return spec
+    if isinstance(spec, (tuple, list)):
+        return tuple(int(v) for v in spec)
+    parts = [int(v) for v in re.split(r"[x×,]", str(spec).lower().strip(" []").replace(" ", ""))]
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def padded_shape(shape, b) -> tuple[int, int, int]:
