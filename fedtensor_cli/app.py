@@ -524,11 +524,11 @@ def evaluate(
         ref = read_volume(original)
         record: dict[str, Any] = {"ok": True, "original": original, "decoded": decoded,
                                   "shape": list(ref.shape), "dtype": str(ref.dtype)}
+        info = None
         if is_ftz:
             from fedtensor.codec import decompress as decode
-            from fedtensor.codec import read_info
 
-            data = _read_ftz(decoded)[0]
+            data, info = _read_ftz(decoded)
             with _naming(decoded):
                 test = decode(data)
             record["compressed_bytes"] = len(data)
@@ -536,11 +536,10 @@ def evaluate(
         else:
             test = read_volume(decoded)
         record.update(quality(ref.data, test.data))  # raises on a shape mismatch
-        record["warning"] = _not_its_original(ref, test, read_info(data) if is_ftz else None, record["psnr_db"])
-        if model is not None:
+        record["warning"] = _not_its_original(ref, test, info, record["psnr_db"])
+        if model is not None:  # (DECODED is an .ftz: checked above)
             from fedtensor.nn import model_mismatch, restore
 
-            info = read_info(data)
             restored = restore(test, info, model, tta=tta)
             record.update(_restored_fields(model, quality(ref.data, restored.data)))
             found = [w for w in (record["warning"], model_mismatch(info, model, test.data, tta)) if w]
