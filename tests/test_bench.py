@@ -15,6 +15,7 @@ from fedtensor.baselines import ParamSpace, Trial, find_smallest
 from fedtensor.bench import BenchConfig, bd_psnr, bd_rate, load_cells, run_bench
 from fedtensor.bench import harness
 from fedtensor.bench.cli import BenchUsageError, normalize_args
+from fedtensor.errors import VolumeError
 from fedtensor.io import Volume, read_volume, write_volume
 
 # ------------------------------------------------------------------------------------------ BD-rate
@@ -215,6 +216,8 @@ def test_normalize_args(tiny_volume):
     assert t == [40.0, 45.0] and c == ["jpeg2000", "sz3"]
     with pytest.raises(BenchUsageError, match="no such volume"):
         normalize_args([str(tiny_volume), "45"], None, None)
+    with pytest.raises(VolumeError, match="input not found: nope.nii.gz"):
+        normalize_args([str(tiny_volume), "nope.nii.gz"], None, None)
     with pytest.raises(BenchUsageError, match="unknown codec"):
         normalize_args([str(tiny_volume)], None, ["jpeg3000"])
     with pytest.raises(BenchUsageError, match="between 0 and 400"):

@@ -374,6 +374,24 @@ def test_shared_dicom_series_is_not_a_batch(data_dir: Path) -> None:
     assert not paths.is_batch_dir(series)
 
 
+def test_a_truncated_dicom_slice_is_one_error_line(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """pydicom both warns and logs the end of file it met; the user sees only the error naming the file."""
+    series = data_dir / "ct_series_dicom"
+    if not series.is_dir():
+        pytest.skip("ct_series_dicom not in the shared data")
+    copy = tmp_path / "series"
+    copy.mkdir()
+    for f in sorted(series.iterdir()):
+        (copy / f.name).write_bytes(f.read_bytes())
+    victim = sorted(copy.iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:-1000])
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", str(copy), str(tmp_path / "o.ftz")])  # main: the warning routing users get
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: cannot read DICOM file") and victim.name in err[0], err
+
+
 def test_stems_and_name_collisions(tmp_path: Path) -> None:
     assert paths.stem(Path("ct.nii.gz")) == "ct"
     assert paths.stem(Path("a.b.npy")) == "a.b"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedtensor.bench.harness import BenchConfig, run_bench
+from fedtensor.errors import VolumeError
 
 
 class BenchUsageError(ValueError):
@@ -51,8 +52,10 @@ def normalize_args(volumes: Sequence[str | Path], targets: Sequence[str] | None,
             t_list.append(s)
         elif s in NAMES and codecs:
             c_list.append(s)
-        else:
-            raise BenchUsageError(f"no such volume: {s}")
+        elif is_number or s in NAMES:  # a target or codec given where a volume goes
+            raise BenchUsageError(f"no such volume: {s} (targets and codecs follow --targets / --codecs)")
+        else:  # as every other command words (and exits on) a missing input
+            raise VolumeError(f"input not found: {s}")
     if not paths:
         raise BenchUsageError("give at least one VOLUME (.nii, .nii.gz, .npy or a DICOM series directory)")
     tv: list[float] | None = None

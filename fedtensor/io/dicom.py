@@ -23,6 +23,8 @@ NIfTI those tools write):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 from collections import defaultdict
@@ -83,6 +85,19 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _pydicom_log_muted():
+    """pydicom logs every warning it issues; while a file is read its warnings are caught instead,
+    to become the error's cause or be re-issued, so the log would only repeat them."""
+    logger = logging.getLogger("pydicom")
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
 def _read_datasets(directory: Path) -> list[tuple[str, object]]:
     """(file name, dataset) for every DICOM image file directly in ``directory``."""
     import pydicom
@@ -100,7 +115,7 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
         if not p.is_file():
             continue
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, _pydicom_log_muted():
                 warnings.simplefilter("always")
                 ds = pydicom.dcmread(p, force=False)
         except InvalidDicomError as e:
@@ -119,6 +134,8 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
                 why = "; ".join(str(w.message).splitlines()[0] for w in caught[:1]) or "no pixel data"
                 raise VolumeError(f"cannot read DICOM image file {p.name} (truncated or corrupt?): {why}")
             continue  # DICOMDIR, structured report, presentation state, ...
+        for w in caught:  # a readable file's notes reach the caller once (pydicom also logs each)
+            warnings.warn(str(w.message), w.category, stacklevel=2)
         out.append((p.name, ds))
     if not out:
         hint = " (subdirectories are not searched; pass the series directory itself)" if n_subdirs else ""
