@@ -34,7 +34,7 @@ fuzz: venv
 # tests/test_browser.py drives Debian's headless Chromium through its chromedriver (never a downloaded
 # browser); installed here when missing and apt-get is usable. FEDTENSOR_NO_BROWSER=1 skips those tests.
 browser:
-	@if [ -z "$$FEDTENSOR_NO_BROWSER" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then \
+	@if [ "$$FEDTENSOR_NO_BROWSER" != 1 ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then \
 	    if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
 	            || echo "warning: could not install chromium; the browser tests will fail (FEDTENSOR_NO_BROWSER=1 skips them)" >&2; \

@@ -22,7 +22,7 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", metavar="DIR|URL", show_default=False,
                  help="Restoration model: a directory written by 'fedtensor train'/'federate', or a "
-                      "weights-service URL (http://host:port[#version]; token in FEDTENSOR_TOKEN)."),
+                      "weights-service URL (http://host:port\\[#version]; token in FEDTENSOR_TOKEN)."),
 ]
 TtaOpt = Annotated[
     bool, typer.Option("--tta", help="Test-time augmentation: average the model over 8 mirrored passes (8× slower). "

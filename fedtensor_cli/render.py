@@ -112,10 +112,14 @@ def target_text(record: Mapping[str, Any]) -> str:
 
 
 def params_text(params: Any) -> str:
-    """``block=8, step=1.338, offset=49.53``: the codec parameters of a stream header, compactly."""
+    """``block=16x16x8, step=1.338, offset=49.53``: the codec parameters of a stream header, compactly
+    (a block shape as ``--block`` takes it)."""
     if not isinstance(params, Mapping):
         return ""
     simple = {k: v for k, v in params.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    block = params.get("block")
+    if isinstance(block, list) and block and all(isinstance(n, int) and not isinstance(n, bool) for n in block):
+        simple = {"block": "x".join(map(str, block)), **simple}
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in simple.items())
 
 

@@ -755,3 +755,12 @@ def test_a_mistyped_command_gets_one_suggestion(typo: str, suggestion: str) -> N
 
 def test_evaluate_with_the_arguments_swapped_says_so(tmp_path: Path, ftz_path: Path, vol_path: Path) -> None:
     assert_one_error(run("evaluate", ftz_path, vol_path), code=2, contains="the order is ORIGINAL DECODED")
+
+
+def test_compress_table_shows_the_block_as_block_takes_it_and_help_keeps_version_syntax() -> None:
+    from fedtensor_cli.render import params_text
+
+    text = params_text({"block": [16, 16, 8], "step": 0.04173, "slab": 16})
+    assert text.startswith("block=16x16x8, ") and "step=0.04173" in text
+    assert params_text({"axes": [0, 1], "offset": 0}) == "offset=0"
+    assert "host:port[#version]" in " ".join(run("decompress", "--help").output.split())

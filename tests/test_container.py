@@ -214,3 +214,23 @@ def test_errors_are_fedtensor_errors_with_one_line_messages(blob):
         with pytest.raises(FedtensorError) as err:
             unpack(bad)
         assert "\n" not in str(err.value) and str(err.value)
+
+
+def test_header_is_strict_json_and_non_finite_stats_round_trip():
+    """An exact stream's PSNR is infinite: written as the string "inf" (JSON has no Infinity), read back as
+    the float; headers written before that (with Python's Infinity extension) still read."""
+    import math
+
+    header = {**HEADER, "stats": {"psnr": math.inf, "max_abs_error": 0.0, "other": math.nan}}
+    data = pack(header, SECTIONS)
+    raw = data[PREFIX.size:PREFIX.size + PREFIX.unpack_from(data)[2]].decode()
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    assert json.loads(raw, parse_constant=refuse)["stats"]["psnr"] == "inf"  # what a strict parser sees
+    stats = unpack(data)[0]["stats"]
+    assert stats["psnr"] == math.inf and stats["max_abs_error"] == 0.0 and math.isnan(stats["other"])
+    old = json.dumps({**header, "sections": [len(s) for s in SECTIONS]}, sort_keys=True).encode()
+    assert "Infinity" in old.decode()
+    assert unpack(_build(old, b"".join(SECTIONS)))[0]["stats"]["psnr"] == math.inf

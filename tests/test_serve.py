@@ -786,3 +786,14 @@ def test_a_damaged_newest_version_does_not_block_the_next_publish(svc, models):
     store = ModelStore(svc.dir)
     info = store.publish(models[2][0], models[2][1], new_model=True, base_version=2)
     assert info.version == 3 and store.latest().version == 3
+
+
+@pytest.mark.parametrize("url, why", [("http://127.0.0.1:abc", "Port"), ("http://127.0.0.1:70000", "out of range"),
+                                      ("http://:8000", "no host"), ("ftp://host:8000", "must start with")])
+def test_bad_service_urls_are_clear_errors(url, why):
+    """A mistyped URL is the user's error, named before any request (it was an internal error, exit 3)."""
+    from fedtensor.serve.client import api_base
+
+    with pytest.raises(ServiceError, match=why):
+        api_base(url)
+    assert api_base("http://127.0.0.1:8000/api/v1/") == "http://127.0.0.1:8000"

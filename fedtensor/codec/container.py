@@ -1,6 +1,7 @@
 """The ``.ftz`` container.
 
-Layout: ``b"FTZ1"`` · u16 format version · u32 header length · UTF-8 JSON header · payload sections
+Layout: ``b"FTZ1"`` · u16 format version · u32 header length · UTF-8 JSON header (strict JSON: a
+non-finite figure in ``"stats"``, e.g. an exact stream's PSNR, is the string ``"inf"``) · payload sections
 (lengths listed in the header's ``"sections"``) · 32-byte SHA-256 of everything before it. All integers
 are little-endian. Readers check magic, version, lengths and hash before any decoding.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 
 from fedtensor.errors import FormatError
@@ -22,10 +24,22 @@ _HASH_BYTES = 32
 MAX_HEADER_BYTES = 16 << 20
 
 
+def _strict(value):
+    """``value`` with every non-finite float as the string ``"inf"``, ``"-inf"`` or ``"nan"``: JSON has no
+    such numbers (Python's ``Infinity`` is an extension strict parsers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def pack(header: dict, sections: list[bytes]) -> bytes:
     """Serialise ``header`` (JSON-able) and payload ``sections`` into one ``.ftz`` byte string."""
-    header = {**header, "sections": [len(s) for s in sections]}
-    blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    header = {**_strict(header), "sections": [len(s) for s in sections]}
+    blob = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
     body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob)), blob, *sections])
     return body + hashlib.sha256(body).digest()
 
@@ -61,6 +75,9 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
         raise FormatError("corrupted .ftz header: bad section table")
     if end + sum(lengths) != len(data) - _HASH_BYTES:
         raise FormatError("corrupted .ftz file: section lengths do not match the file size")
+    stats = header.get("stats")
+    if isinstance(stats, dict):  # its non-finite figures (an exact stream's PSNR) are written as strings
+        header["stats"] = {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in stats.items()}
     sections, pos = [], end
     for n in lengths:
         sections.append(data[pos:pos + n])

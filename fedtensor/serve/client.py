@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable, Protocol
@@ -53,6 +54,13 @@ def api_base(url: str) -> str:
         u = u[: -len(API)]
     if not u.startswith(("http://", "https://")):
         raise ServiceError(f"service URL must start with http:// or https://, got {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(u)
+        parts.port  # noqa: B018 — raises on a port that is not a number in 0…65535
+    except ValueError as err:
+        raise ServiceError(f"bad service URL {url!r}: {err}") from None
+    if not parts.hostname:
+        raise ServiceError(f"bad service URL {url!r}: no host")
     return u
 
 
