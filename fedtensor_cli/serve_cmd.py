@@ -237,6 +237,9 @@ def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout:
         pass
     finally:
         srv.server_close()
+        web_jobs = app.extensions.get("fedtensor_web")
+        if web_jobs is not None:  # a running web job stops at its next stage, so the exit is not held up
+            web_jobs.close()
     print("stopped", file=sys.stderr)
 
 

@@ -50,7 +50,8 @@ def server(tmp_path_factory):
     from fedtensor.serve.app import create_app
 
     root = tmp_path_factory.mktemp("web")
-    app = create_app(root / "data", config={"FEDTENSOR_WEB_TMP": str(root), "MAX_CONTENT_LENGTH": 64 << 20})
+    app = create_app(root / "data", config={"FEDTENSOR_WEB": True, "FEDTENSOR_WEB_TMP": str(root),
+                                                "MAX_CONTENT_LENGTH": 64 << 20})
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()

@@ -649,14 +649,16 @@ def test_listing_a_missing_store_is_an_error_and_creates_nothing(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
-def test_web_interface_can_be_left_out_for_public_hosts(tmp_path):
-    """``fedtensor serve`` on a non-loopback host passes FEDTENSOR_WEB=False: the unauthenticated pages are
-    not served, the token-protected API still is."""
-    public = create_app(tmp_path / "pub", config={"TESTING": True, "FEDTENSOR_WEB": False}).test_client()
+@pytest.mark.parametrize("config", [{"FEDTENSOR_WEB": False}, {}], ids=["public-host", "wsgi-default"])
+def test_web_interface_is_left_out_unless_asked_for(tmp_path, config):
+    """``fedtensor serve`` on a non-loopback host passes FEDTENSOR_WEB=False, and an app made by
+    ``create_app`` under a WSGI server (the documented deployment) has no web pages unless its config asks:
+    the unauthenticated pages are not served, the token-protected API still is."""
+    public = create_app(tmp_path / "pub", config={"TESTING": True, **config}).test_client()
     assert public.get("/").status_code == 404 and public.get("/federation").status_code == 404
     assert public.get("/api/v1/health").status_code == 200
     assert public.get("/api/v1/models").status_code == 401
-    local = create_app(tmp_path / "loc", config={"TESTING": True}).test_client()
+    local = create_app(tmp_path / "loc", config={"TESTING": True, "FEDTENSOR_WEB": True}).test_client()
     assert local.get("/").status_code == 200
 
 
@@ -797,3 +799,101 @@ def test_bad_service_urls_are_clear_errors(url, why):
     with pytest.raises(ServiceError, match=why):
         api_base(url)
     assert api_base("http://127.0.0.1:8000/api/v1/") == "http://127.0.0.1:8000"
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+
+
+def _with_nan(model_bytes: bytes) -> bytes:
+    """The same safetensors model, metadata included, with one weight NaN."""
+    import safetensors.numpy as stn
+    from safetensors import safe_open
+
+    tensors = stn.load(model_bytes)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] = np.nan
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(model_bytes)
+        f.flush()
+        with safe_open(f.name, "np") as g:
+            meta = g.metadata()
+    return stn.save(tensors, metadata=meta)
+
+
+def test_publish_refuses_what_clients_could_not_load_or_parse(svc, models):
+    """NaN weights (load_model refuses them), a manifest contradicting the weights' own architecture, and
+    NaN/Infinity in meta (strict JSON parsers refuse the listing afterwards) are 400s that change nothing."""
+    before = svc.snapshot()
+    good, bad = models[1][0], _with_nan(models[1][0])
+
+    def fields(blob, **extra):
+        return {"model": ("m", blob, "application/octet-stream"),
+                "sha256": (None, hashlib.sha256(blob).hexdigest().encode(), "text/plain"), **extra}
+
+    cases = {
+        "nan weights": (fields(bad), "not all finite"),
+        "manifest contradicts": (fields(good, manifest=(None, b'{"net": {"channels": [999]}}', "application/json")),
+                                 "contradicts"),
+        "nan meta": (fields(good, meta=(None, b'{"loss": NaN}', "application/json")), "NaN"),
+        "infinite meta": (fields(good, meta=(None, b'{"round": Infinity}', "application/json")), "Infinity"),
+    }
+    for name, (f, why) in cases.items():
+        r = _multipart_post(svc, f)
+        assert r.status_code == 400 and why in r.json["error"], (name, r.json)
+    assert svc.snapshot() == before
+    with pytest.raises(StoreError, match="not all finite"):
+        svc.store.publish(bad, {}, {})
+    info = svc.store.publish(good, {}, {"loss": float("nan")})  # a Python caller's NaN figure: stored as null
+    assert info.meta["loss"] is None
+
+
+def test_open_round_reads_a_chunked_body_and_refuses_non_finite_numbers(svc):
+    """A body without Content-Length (chunked) is read, not replaced by the defaults; unusable numbers
+    are 400s with a clear message."""
+    body = json.dumps({"clients": ["a", "b"], "threshold": 2, "stage_timeout": 30, "bogus": 1}).encode()
+
+    def chunked(payload):
+        return svc.post("/rounds", who="admin", input_stream=__import__("io").BytesIO(payload),
+                        headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+                        environ_overrides={"wsgi.input_terminated": True})  # as Werkzeug's server does
+
+    r = chunked(body)
+    assert r.status_code == 400 and "bogus" in r.json["error"]
+    for bad, why in [(b'{"stage_timeout": Infinity}', "not valid JSON"), (b'{"clip": 1e300}', "clip must be"),
+                     (b'{"clip": 1e-300}', "clip must be"), (b'{"stage_timeout": 1e300}', "stage_timeout")]:
+        r = svc.post("/rounds", who="admin", data=bad, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and why in r.json["error"], (bad, r.json)
+    r = chunked(json.dumps({"clients": ["a", "b"], "threshold": 2, "stage_timeout": 30}).encode())
+    assert r.status_code == 201, r.json
+    info = svc.get("/rounds/current", who="admin").json
+    assert info["params"]["threshold"] == 2 and [c["name"] for c in info["cohort"]] == ["a", "b"], info
+    assert 0 < info["stage_seconds_left"] <= 30
+
+
+def test_a_damaged_token_file_is_a_500_that_names_no_path(svc):
+    (svc.dir / "clients.json").write_text('{"clients": ')
+    r = svc.get("/models", who="a")
+    assert r.status_code == 500 and "token file" in r.json["error"] and str(svc.dir) not in r.json["error"]
+
+
+def _add_clients(args):
+    d, names, start = args
+    reg = TokenRegistry(d)
+    time.sleep(max(0.0, start - time.time()))  # every process at once (spawned ones start staggered)
+    return [reg.add_client(n)[0].id for n in names]
+
+
+def test_token_registry_is_safe_across_processes(tmp_path):
+    """Parallel `serve --add-client` runs lose no registration and never share an id."""
+    import multiprocessing
+
+    d = tmp_path / "reg"
+    d.mkdir()
+    start = time.time() + 8
+    jobs = [(d, [f"p{i}-{k}" for k in range(10)], start) for i in range(4)]
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = [i for got in pool.map(_add_clients, jobs) for i in got]
+    names = {p.name: p.id for p in TokenRegistry(d).clients()}
+    assert len(names) == 40 and sorted(names.values()) == sorted(ids) == list(range(1, 41))

@@ -8,6 +8,7 @@ Jobs run on the app's real worker thread; tests wait for them.
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 import zipfile
@@ -41,7 +42,7 @@ def app(tmp_path_factory, crop_path):
     from fedtensor.serve.app import create_app
 
     root = tmp_path_factory.mktemp("web")
-    app = create_app(root / "data", config={"FEDTENSOR_WEB_TMP": str(root / "tmp"),
+    app = create_app(root / "data", config={"FEDTENSOR_WEB": True, "FEDTENSOR_WEB_TMP": str(root / "tmp"),
                                             "FEDTENSOR_SAMPLES": {"head_crop.nii.gz": crop_path,
                                                                   "ct_head_uint8.nii.gz": SAMPLE},
                                             "MAX_CONTENT_LENGTH": 16 << 20})
@@ -398,7 +399,8 @@ def test_status_json(done_job, app):
     assert s.status_code == 200 and s.json["state"] == "done" and s.json["compare_state"] == "done"
     assert app.test_client().get(url + "/status").status_code == 404  # another session
     assert app.test_client().get(url + "/status").json == {
-        "error": "no such job in this session (jobs expire after an hour of inactivity)"}
+        "error": "no such job in this session (jobs expire after an hour of inactivity and do not "
+                 "survive a restart of the server)"}
 
 
 def test_compare_fragment_has_the_three_rivals_at_the_same_psnr(done_job):
@@ -495,6 +497,18 @@ def test_delete_needs_the_token_and_removes_the_files(client):
     assert client.get(url).status_code == 404
 
 
+def test_a_job_whose_files_were_cleaned_away_is_410_not_500(client):
+    r, job = submit(client, sample="head_crop.nii.gz", mode="lossless")
+    url = r.headers["Location"]
+    assert job.state == "done" and job.finished.wait(60)
+    import shutil
+
+    shutil.rmtree(job.dir)  # a temp cleaner ran
+    for path in ("/slice/original/2/3.png", "/download/ftz", "/download/nifti"):
+        r = client.get(url + path)
+        assert r.status_code == 410 and "run the job again" in error_text(r), path
+
+
 # ------------------------------------------------------------------------------------------ clean-up
 
 
@@ -576,7 +590,7 @@ def tiny_models(tmp_path_factory):
 def test_federation_page(tmp_path, tiny_models):
     from fedtensor.serve.app import create_app
 
-    app = create_app(tmp_path / "data", config={"FEDTENSOR_WEB_TMP": str(tmp_path)})
+    app = create_app(tmp_path / "data", config={"FEDTENSOR_WEB": True, "FEDTENSOR_WEB_TMP": str(tmp_path)})
     try:
         c = app.test_client()
         r = c.get("/federation")
@@ -642,3 +656,58 @@ def test_nifti_declaring_a_huge_volume_is_refused_before_reading(app, tmp_path):
     r, _ = submit(c, volume=(io.BytesIO(gzip.compress(bytes(raw))), "bomb.nii.gz"), mode="lossless")
     assert r.status_code == 400
     assert error_text(r) == f"bomb.nii.gz: {1024 ** 3:,} voxels; this server accepts at most {DEFAULT_MAX_VOXELS:,}"
+
+
+def test_deleting_a_running_job_stops_it_at_its_next_stage(tmp_path):
+    """The worker is single: a deleted job must not keep every other job waiting behind its comparison."""
+    import threading
+
+    from fedtensor.serve.jobs import Job, JobManager, new_token
+
+    m = JobManager(tmp_path)
+    started, stages = threading.Event(), []
+    try:
+        sid = new_token()
+        jid, d = m.new_dir(sid)
+
+        def compare(job):  # the rival codecs, one stage each
+            started.set()
+            for k in range(200):
+                job.check()
+                stages.append(k)
+                time.sleep(0.05)
+            return [{"codec": "never"}]
+
+        job = m.submit(Job(jid, sid, "x", d, None, "CT", {}), lambda j: {}, compare)
+        assert started.wait(30)
+        m.delete(sid, jid)
+        assert job.finished.wait(5) and len(stages) < 200
+        assert job.compare_rows == [] and not d.exists()
+    finally:
+        m.close()
+
+
+def test_temp_areas_of_dead_servers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from fedtensor.serve.jobs import JobManager
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan, alive, foreign = (tmp_path / f"fedtensor-web-{k}" for k in ("orphan", "alive", "nomarker"))
+    for d, pid in ((orphan, dead.stdout.strip()), (alive, str(os.getpid())), (foreign, None)):
+        (d / "sid" / "jid").mkdir(parents=True)
+        if pid is not None:
+            (d / ".owner-pid").write_text(pid)
+    m = JobManager(tmp_path)
+    try:
+        assert not orphan.exists() and alive.exists() and foreign.exists() and m.root.exists()
+    finally:
+        m.close()
+
+
+def test_display_names_keep_any_script_and_drop_controls():
+    from fedtensor.serve.uploads import display_name
+
+    assert display_name("脑部扫描.nii.gz") == "脑部扫描.nii.gz" and display_name("tést é.nii") == "tést é.nii"
+    assert display_name("../../etc/passwd") == "passwd" and display_name("a\u202eb\x00.nii") == "a_b_.nii"

@@ -137,17 +137,26 @@ def manifest_file(version: int):
     return _bytes_response(data, "application/json", info.manifest_sha256 or info.sha256, info.sha256, info.version)
 
 
-def _form_json(name: str) -> dict:
-    raw = request.form.get(name)
-    if raw is None or raw.strip() == "":
+def _refuse_constant(token: str):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _json_object(raw: str | bytes | None, what: str) -> dict:
+    """``raw`` parsed as a JSON object ({} when empty). Strict JSON: NaN and Infinity (Python's extension)
+    are refused, since they would be stored, then served to clients whose parsers refuse them."""
+    if raw is None or not raw.strip():
         return {}
     try:
-        d = json.loads(raw)
-    except ValueError:
-        raise ApiError(400, f"form field {name!r} is not valid JSON") from None
+        d = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise ApiError(400, f"{what} is not valid JSON (NaN and Infinity are not JSON numbers)") from None
     if not isinstance(d, dict):
-        raise ApiError(400, f"form field {name!r} must be a JSON object")
+        raise ApiError(400, f"{what} must be a JSON object")
     return d
+
+
+def _form_json(name: str) -> dict:
+    return _json_object(request.form.get(name), f"form field {name!r}")
 
 
 @bp.post("/models")
@@ -195,9 +204,8 @@ def _round_error(err: RoundError):
 def open_round():
     """JSON (all optional): ``clients`` (names), ``threshold``, ``clip``, ``max_total_weight``,
     ``stage_timeout`` (seconds or null)."""
-    body = request.get_json(silent=True) if request.content_length else {}
-    if not isinstance(body, dict):
-        raise ApiError(400, "send a JSON object")
+    # The whole body, however it was sent (a chunked one has no Content-Length): never defaults in its place.
+    body = _json_object(request.get_data(cache=False), "the request body")
     allowed = {"clients", "threshold", "clip", "max_total_weight", "stage_timeout"}
     extra = sorted(set(body) - allowed)
     if extra:
@@ -205,8 +213,9 @@ def open_round():
     for k in ("threshold", "max_total_weight"):
         if k in body and (isinstance(body[k], bool) or not isinstance(body[k], int)):
             raise ApiError(400, f"{k} must be an integer")
-    if "clip" in body and (isinstance(body["clip"], bool) or not isinstance(body["clip"], (int, float))):
-        raise ApiError(400, "clip must be a number")
+    if "clip" in body and (isinstance(body["clip"], bool) or not isinstance(body["clip"], (int, float))
+                           or not 1e-6 <= body["clip"] <= 1e6):
+        raise ApiError(400, "clip must be a number between 1e-6 and 1e6 (the bound on each update coordinate)")
     kwargs = {k: body[k] for k in allowed if k in body}
     try:
         info = _rounds().open(**kwargs)

@@ -25,7 +25,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
 from fedtensor.errors import FedtensorError
 from fedtensor.serve.api import ApiError
 from fedtensor.serve.api import bp as api_bp
-from fedtensor.serve.auth import TokenRegistry
+from fedtensor.serve.auth import TokenFileError, TokenRegistry
 from fedtensor.serve.rounds import RoundCoordinator, RoundError, RoundSettings
 from fedtensor.serve.store import CorruptVersionError, ModelStore, StoreError, VersionNotFound
 
@@ -59,8 +59,8 @@ def _status_for(err: FedtensorError) -> int:
         return err.status
     if isinstance(err, VersionNotFound):
         return 404
-    if isinstance(err, CorruptVersionError):
-        return 500  # our own data is damaged: a server fault, reported clearly
+    if isinstance(err, (CorruptVersionError, TokenFileError)):
+        return 500  # our own data is damaged: a server fault
     if isinstance(err, StoreError):
         return 400
     return 400
@@ -90,7 +90,9 @@ def _is_api() -> bool:
 def create_app(data_dir: str | os.PathLike, *, config: dict | None = None) -> Flask:
     """The app for ``data_dir``. ``config`` entries override Flask's config; fedtensor's own keys:
     ``MAX_CONTENT_LENGTH`` (default 256 MiB), ``FEDTENSOR_ROUND_CLIP`` (0.5),
-    ``FEDTENSOR_ROUND_MAX_TOTAL_WEIGHT`` (2^14), ``FEDTENSOR_ROUND_STAGE_TIMEOUT`` (600 s; None = none)."""
+    ``FEDTENSOR_ROUND_MAX_TOTAL_WEIGHT`` (2^14), ``FEDTENSOR_ROUND_STAGE_TIMEOUT`` (600 s; None = none),
+    ``FEDTENSOR_WEB`` (False: the unauthenticated web pages, for a loopback server only) and
+    ``FEDTENSOR_ALLOWED_HOSTS`` (host names the app answers)."""
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise FedtensorError(f"data directory is not a directory: {data_dir}")
@@ -120,9 +122,10 @@ def create_app(data_dir: str | os.PathLike, *, config: dict | None = None) -> Fl
     app.extensions["fedtensor_auth"] = registry
     app.extensions["fedtensor_rounds"] = RoundCoordinator(store, registry, data_dir, settings)
     app.register_blueprint(api_bp, url_prefix=API_PREFIX)
-    # the web interface has no client authentication: it is for the local user, so a server listening on
-    # a public address runs the authenticated API only (FEDTENSOR_WEB=False)
-    if app.config.get("FEDTENSOR_WEB", True) and importlib.util.find_spec("fedtensor.serve.web") is not None:
+    # The web interface has no client authentication: it is for the local user, so it must be asked for
+    # (`fedtensor serve` does on a loopback host); an app deployed as documented, under a WSGI server on a
+    # public address, runs the authenticated API only.
+    if app.config.get("FEDTENSOR_WEB", False) and importlib.util.find_spec("fedtensor.serve.web") is not None:
         from fedtensor.serve import web
 
         app.register_blueprint(web.bp)
@@ -146,6 +149,8 @@ def create_app(data_dir: str | os.PathLike, *, config: dict | None = None) -> Fl
         status = _status_for(err)
         if status >= 500:
             app.logger.error("%s: %s", type(err).__name__, err)
+        if isinstance(err, TokenFileError):  # its message names a server path: for the log only
+            err = FedtensorError("the server's token file is damaged (see the server log)")
         if _is_api():
             return _json_error(status, str(err))
         return " ".join(str(err).split()), status, {"Content-Type": "text/plain; charset=utf-8"}

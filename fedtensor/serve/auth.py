@@ -12,6 +12,8 @@ so timing does not reveal which (or how much of a) hash matched. The file is re-
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -21,6 +23,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from fedtensor.errors import FedtensorError
 from fedtensor.serve.store import fsync_path, utc_now
@@ -33,6 +36,10 @@ MAX_CLIENT_ID = 2**31 - 1  # secure-aggregation client ids are ints in [1, 2^31)
 
 class AuthError(FedtensorError):
     """Bad client name, unknown client, unreadable token file."""
+
+
+class TokenFileError(AuthError):
+    """The token file is damaged: a fault of the server, not of the request (a 500 that names no path)."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +107,24 @@ class TokenRegistry:
                 if not isinstance(entries, dict):
                     raise ValueError
             except (OSError, ValueError, KeyError, TypeError):
-                raise AuthError(f"token file is unreadable: {self.path}") from None
+                raise TokenFileError(f"token file is unreadable: {self.path}") from None
             self._stamp, self._entries = stamp, entries
         return self._entries
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The registry's read-modify-write, one at a time: across threads, and across processes (two
+        ``fedtensor serve --add-client`` at once, or one beside a running server) by ``flock``, so that no
+        registration or revocation is lost to another's write."""
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.parent / ".clients.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
 
     def _save(self, entries: dict[str, dict]) -> None:
         write_private(self.path, json.dumps({"clients": entries}, indent=2, sort_keys=True).encode())
@@ -121,7 +143,7 @@ class TokenRegistry:
         """Register client ``name`` (new, or revoked before); returns it and its new token (the only time the
         token is seen)."""
         check_client_name(name)
-        with self._lock:
+        with self._exclusive():
             entries = dict(self._load())
             if name in entries and not entries[name].get("revoked"):
                 raise AuthError(f"client {name!r} already exists (remove it first to issue a new token)")
@@ -136,7 +158,7 @@ class TokenRegistry:
 
     def set_admin(self) -> str:
         """Issue a new admin token (replacing any previous one); returns it."""
-        with self._lock:
+        with self._exclusive():
             entries = dict(self._load())
             token = secrets.token_urlsafe(32)
             entries[ADMIN] = {"id": 0, "role": ADMIN, "sha256": hash_token(token), "created": utc_now()}
@@ -145,7 +167,7 @@ class TokenRegistry:
 
     def remove(self, name: str) -> None:
         """Revoke ``name``'s token (its client id is never reused)."""
-        with self._lock:
+        with self._exclusive():
             entries = dict(self._load())
             if name not in entries:
                 raise AuthError(f"no client named {name!r}")

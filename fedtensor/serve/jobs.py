@@ -12,6 +12,7 @@ removes the whole area (also run at interpreter exit).
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import secrets
 import shutil
@@ -61,7 +62,14 @@ class Job:
     created: float = field(default_factory=time.time)
     touched: float = field(default_factory=time.time)
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)  # deleted, or shutdown
     volume: object = field(default=None, repr=False)  # dropped once the job has finished
+
+    def check(self) -> None:
+        """Between stages: stop here if the job was deleted or the server is stopping (the worker is
+        single: a deleted job must not hold every other user's job behind its rival-codec search)."""
+        if self.cancelled.is_set():
+            raise JobCancelled
 
     def status(self) -> dict:
         return {"id": self.id, "state": self.state, "stage": self.stage, "error": self.error,
@@ -77,6 +85,10 @@ def _one_line(e: BaseException) -> str:
     return f"internal error while processing the volume ({type(e).__name__})"
 
 
+class JobCancelled(Exception):
+    """Raised at a job's next stage once it was deleted or the server is stopping (see :meth:`Job.check`)."""
+
+
 class JobManager:
     """Jobs by (session, id), their directories under ``root`` (a new temp directory, in ``parent`` if
     given), and the worker that runs them."""
@@ -87,7 +99,8 @@ class JobManager:
         try:
             if parent is not None:
                 Path(parent).mkdir(parents=True, exist_ok=True)
-            self.root = Path(tempfile.mkdtemp(prefix="fedtensor-web-", dir=parent))
+            self.root = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=parent))
+            (self.root / _OWNER).write_text(str(os.getpid()))
         except OSError as e:
             raise FedtensorError(f"cannot create the web temp area in {parent or tempfile.gettempdir()}: "
                                  f"{e.strerror or e}") from None
@@ -100,6 +113,7 @@ class JobManager:
         self._last_sweep = 0.0
         self._closed = False
         atexit.register(_close_ref, weakref.ref(self))
+        _remove_orphans(self.root.parent, keep=self.root)
 
     # -- access --------------------------------------------------------------------------------
     def new_dir(self, sid: str) -> tuple[str, Path]:
@@ -155,6 +169,9 @@ class JobManager:
             try:
                 job.result = work(job)
                 job.state, job.stage = "done", "done"
+            except JobCancelled:
+                job.state, job.error, job.compare_state = "failed", "cancelled", "off"
+                return
             except Exception as e:  # noqa: BLE001 - reported on the page, never as a traceback
                 job.state, job.error, job.compare_state = "failed", _one_line(e), "off"
                 return
@@ -164,6 +181,8 @@ class JobManager:
             try:
                 job.compare_rows = compare(job)
                 job.compare_state = "done"
+            except JobCancelled:
+                job.compare_state = "off"
             except Exception as e:  # noqa: BLE001
                 job.compare_state, job.compare_stage = "failed", _one_line(e)
         finally:
@@ -179,6 +198,7 @@ class JobManager:
             if job is None or job.sid != sid:
                 return False
             del self._jobs[jid]
+        job.cancelled.set()
         if job.finished.is_set():
             shutil.rmtree(job.dir, ignore_errors=True)
         return True  # a running job's files go when it finishes
@@ -206,8 +226,28 @@ class JobManager:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
+            for job in self._jobs.values():  # a running job stops at its next stage: exit is not held up
+                job.cancelled.set()
             self._jobs.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+_PREFIX, _OWNER = "fedtensor-web-", ".owner-pid"
+
+
+def _remove_orphans(parent: Path, keep: Path) -> None:
+    """Remove the temp areas of servers that died without closing them (killed, power lost): ours by
+    owner, named like ours, holding the pid of a process that no longer runs."""
+    for d in parent.glob(_PREFIX + "*"):
+        try:
+            if d == keep or d.stat().st_uid != os.getuid():
+                continue
+            pid = int((d / _OWNER).read_text())
+            os.kill(pid, 0)  # raises ProcessLookupError when no such process runs
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):  # not ours to judge (another user's process, no marker, ...)
+            continue
 
 
 def _close_ref(ref) -> None:

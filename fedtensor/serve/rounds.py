@@ -250,7 +250,7 @@ class RoundCoordinator:
             w = self.settings.max_total_weight if max_total_weight is None else max_total_weight
             timeout = self.settings.stage_timeout if stage_timeout == "default" else stage_timeout
             if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                                            and timeout > 0):
+                                            and 0 < timeout < 1e9):  # finite: it is served back as JSON
                 raise RoundError(400, "stage_timeout must be a positive number of seconds or null")
             vec_len = flat_params(self.store.model_bytes(base.version))[0].size
             number = self._history["last_round"] + 1
@@ -384,7 +384,9 @@ class RoundCoordinator:
         if rd is None or r != rd.number:
             if r > last:
                 raise RoundError(409, f"round {r} has not started (the last round is {last})")
-            raise RoundError(409, f"round {r} is over (stale); the current round is {last}")
+            if rd is None:  # closed, aborted, or lost to a restart of the server: none is open
+                raise RoundError(409, f"round {r} is over (stale); no round is open")
+            raise RoundError(409, f"round {r} is over (stale); the current round is {rd.number}")
         if rd.status != "open" and not allow_closed:
             raise RoundError(409, f"round {r} is {rd.status}" + (f": {rd.reason}" if rd.reason else ""))
         return rd

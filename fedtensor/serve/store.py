@@ -25,6 +25,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -94,7 +95,7 @@ def check_model_bytes(data: bytes) -> dict:
     """Raise :class:`StoreError` unless ``data`` is a fedtensor restoration model that ``load_model`` can
     read (safetensors header, architecture metadata, every parameter's name, shape and dtype); returns the
     architecture metadata. Nothing is materialised on a device."""
-    from fedtensor.nn.checkpoint import FORMAT, ModelError, safetensors_metadata, tree_from_bytes
+    from fedtensor.nn.checkpoint import FORMAT, ModelError, finite_tree, safetensors_metadata, tree_from_bytes
     from fedtensor.nn.model import NetConfig
 
     try:
@@ -107,10 +108,23 @@ def check_model_bytes(data: bytes) -> dict:
     except (KeyError, ValueError, TypeError):
         raise StoreError("not a fedtensor restoration model (missing or bad architecture metadata)") from None
     try:
-        tree_from_bytes(_abstract_params(config), data, "model")
+        params = tree_from_bytes(_abstract_params(config), data, "model")
     except ModelError as err:
         raise StoreError(str(err)) from None
+    if not finite_tree(params):  # load_model refuses it: every client would fail on this version
+        raise StoreError("the model's weights are not all finite (from a diverged training run?)")
     return info
+
+
+def _plain(value):
+    """``value`` as JSON gives it back (tuples as lists), every non-finite float as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return json.loads(json.dumps(value))  # raises on what JSON cannot hold
 
 
 def fsync_path(p: Path) -> None:
@@ -294,13 +308,14 @@ class ModelStore:
             raise StoreError("manifest model_id does not match the SHA-256 of the model bytes")
         if self.validate:
             arch = check_model_bytes(model_bytes)
-            manifest.setdefault("format", arch.get("format"))
-            manifest.setdefault("version", arch.get("version"))
-            manifest.setdefault("net", arch.get("net"))
+            for key in ("format", "version", "net"):  # the weights' own architecture is the truth
+                if key in manifest and _plain(manifest[key]) != arch.get(key):
+                    raise StoreError(f"the manifest's {key!r} contradicts the model file's own metadata")
+                manifest[key] = arch.get(key)
         manifest["model_id"] = sha
-        try:
-            manifest_data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            meta_d = json.loads(json.dumps(meta or {}))
+        try:  # strict JSON: a non-finite figure is null (clients' parsers refuse NaN and Infinity)
+            manifest_data = json.dumps(_plain(manifest), indent=2, sort_keys=True, allow_nan=False).encode()
+            meta_d = _plain(meta or {})
         except (TypeError, ValueError) as e:
             raise StoreError(f"manifest and meta must be JSON objects ({e})") from None
         if not isinstance(meta_d, dict):

@@ -34,7 +34,7 @@ class UploadError(FedtensorError):
 def display_name(name: str | None) -> str:
     """A short, printable version of the client's file name (for messages and download names only)."""
     base = re.split(r"[\\/]", name or "")[-1]
-    base = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")
+    base = re.sub(r"[^\w. -]", "_", base).strip(" .")  # letters of any script; no controls or marks
     return base[:80] or "upload"
 
 

@@ -215,6 +215,7 @@ def _work(job: Job, store) -> dict:
         model_dir = store.export(job.model_version, job.dir / "model")
 
     def progress(stage: str) -> None:
+        job.check()
         job.stage = stage
 
     return pipeline.run(job.volume, job.settings, job.dir, model_dir=model_dir, progress=progress)
@@ -222,6 +223,7 @@ def _work(job: Job, store) -> dict:
 
 def _compare(job: Job) -> list:
     def progress(i: int, n: int, name: str) -> None:
+        job.check()
         job.compare_stage = f"{i} of {n} codecs done" + (f"; coding {name}" if name else "")
 
     return compare.compare(job.volume, job.result["psnr"], progress=progress)
@@ -230,10 +232,14 @@ def _compare(job: Job) -> list:
 # -- results ---------------------------------------------------------------------------------------
 
 
+_GONE = "this job's files are gone (the server's temp area was cleaned up); run the job again"
+
+
 def _job(jid: str) -> Job:
     job = jobs().get(sid(), jid)
     if job is None:
-        abort(404, "no such job in this session (jobs expire after an hour of inactivity)")
+        abort(404, "no such job in this session (jobs expire after an hour of inactivity and do not "
+                   "survive a restart of the server)")
     return job
 
 
@@ -310,7 +316,10 @@ def job_slice(jid: str, kind: str, axis: int, index: int):
     center = center if math.isfinite(center) else default[1]
     width = width if math.isfinite(width) and width > 0 else default[2]
     dmax = dmax if math.isfinite(dmax) and dmax > 0 else 1.0
-    png = slices.render(job.dir, kind, axis, index, center, width, dmax)
+    try:
+        png = slices.render(job.dir, kind, axis, index, center, width, dmax)
+    except FileNotFoundError:
+        abort(410, _GONE)
     return Response(png, mimetype="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -326,6 +335,8 @@ def job_download(jid: str, what: str):
     for ext in (".nii.gz", ".nii", ".zip"):
         if stem.lower().endswith(ext):
             stem = stem[: -len(ext)]
+    if not (job.dir / fname).is_file():
+        abort(410, _GONE)
     return send_file(job.dir / fname, mimetype=mime, as_attachment=True, download_name=stem + suffix)
 
 
