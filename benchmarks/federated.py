@@ -72,7 +72,7 @@ def restoration_problem(k: int, args, seed: int = 0):
 def one_round(fn, loss_fn, data, params, cfg, r, secure=False):
     server = Server(params, cfg)
     t = time.perf_counter()
-    kw = {"secure": secure, "seed": r if secure else None} if fn is run_round else {}
+    kw = {"secure": secure, "round_id": r} if fn is run_round else {}
     fn(loss_fn, server, data, jax.random.PRNGKey(r), np.random.default_rng(r), **kw)
     jax.block_until_ready(server.params)
     return time.perf_counter() - t

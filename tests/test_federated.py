@@ -71,9 +71,41 @@ def test_secure_aggregation_matches_plain():
     data, params = _problem(n_clients=5)
     cfg = FedConfig(local_steps=4, batch_size=4, learning_rate=1e-2)
     p_plain, _ = _run(run_round, data, params, cfg, rounds=2)
-    p_secure, _ = _run(run_round, data, params, cfg, rounds=2, secure=True, seed=7)
+    p_secure, _ = _run(run_round, data, params, cfg, rounds=2, secure=True)
     for a, b in zip(jax.tree.leaves(p_plain), jax.tree.leaves(p_secure)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+def test_simulated_secure_rounds_never_reuse_masks(monkeypatch):
+    """Each round's masks come from fresh randomness: seeded ones could be recomputed from the (public)
+    configuration, and masks reused across rounds reveal the difference of a client's updates."""
+    from fedtensor.federated import secagg
+
+    masked = []
+    real = secagg.secure_aggregate
+
+    def spy(updates, **kw):
+        transcript = []
+        res = real(updates, **{**kw, "transcript": transcript})
+        masked.append([m for d, m in transcript if d == "to_server" and type(m).__name__ == "MaskedInput"])
+        return res
+
+    monkeypatch.setattr(secagg.simulation, "secure_aggregate", spy)
+    data, params = _problem(n_clients=3)
+    cfg = FedConfig(local_steps=2, batch_size=4, learning_rate=1e-2)
+    server = Server(params, cfg)
+    same_updates = jax.tree.map(lambda p: jnp.stack([p + 0.01] * 3), server.params)
+    from fedtensor.federated.simulation import secure_mean_delta
+
+    a = secure_mean_delta(server.params, same_updates, np.array([1, 2, 3]), round_id=1)
+    b = secure_mean_delta(server.params, same_updates, np.array([1, 2, 3]), round_id=1)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the result does not depend on the masks
+    assert len(masked) == 2 and len(masked[0]) == 3
+    for m0, m1 in zip(*masked):  # the same client input, masked twice: nothing alike
+        assert m0.round_id == m1.round_id == 1 and m0.sender == m1.sender
+        w0, w1 = np.frombuffer(m0.data, "<u4"), np.frombuffer(m1.data, "<u4")
+        assert np.mean(w0 == w1) < 0.01
 
 
 def test_bad_inputs():

@@ -110,10 +110,22 @@ def test_shamir_threshold_and_consistency():
         assert shamir.combine({x: sh[x] for x in subset}, 3) == secret
     with pytest.raises(SecAggError, match="need 3"):
         shamir.combine({3: sh[3], 7: sh[7]}, 3)
+    # 5 shares, t = 3: one wrong share anywhere is corrected (it was an abort, blaming whichever share
+    # the first three's polynomial missed); two are detected, and no party is named for them
+    for wrong in xs:
+        bad = dict(sh)
+        bad[wrong] = bytes([sh[wrong][0] ^ 1]) + sh[wrong][1:]
+        assert shamir.combine(bad, 3) == secret
     bad = dict(sh)
-    bad[40] = bytes([sh[40][0] ^ 1]) + sh[40][1:]
-    with pytest.raises(SecAggError, match="inconsistent"):
+    for wrong in (3, 12):
+        bad[wrong] = bytes([sh[wrong][0] ^ 1]) + sh[wrong][1:]
+    with pytest.raises(SecAggError, match="inconsistent") as e:
         shamir.combine(bad, 3)
+    assert "party" not in str(e.value)
+    bigger = shamir.split(secret, 4, list(range(1, 13)), rng)  # 12 shares, t = 4: four wrong ones corrected
+    for wrong in (1, 2, 5, 11):
+        bigger[wrong] = bytes(shamir.SHARE_BYTES)
+    assert shamir.combine(bigger, 4) == secret
     with pytest.raises(SecAggError, match="32 bytes"):
         shamir.split(b"short", 3, xs, rng)
 
@@ -579,3 +591,16 @@ def test_summed_weights_must_not_wrap():
     with pytest.raises(SecAggError, match="must stay below 2\\^32"):
         SecAggParams(1, 3, 2, 4, fp, weighted=True, max_total_weight=2**31)
     SecAggParams(1, 3, 2, 4, fp, weighted=True, max_total_weight=2**32 // 3)
+
+
+def test_non_canonical_public_keys_are_refused():
+    """X25519 ignores bit 255: the same key with it set is another byte string, which would pass the
+    server's byte-wise "key already used" and c ≠ s checks."""
+    sk = P.private_from_bytes(os.urandom(32))
+    pub = P.public_bytes(sk)
+    P.check_public_key(pub, 3)
+    alias = pub[:31] + bytes([pub[31] | 0x80])
+    with pytest.raises(SecAggMessageError, match="canonical"):
+        P.check_public_key(alias, 3)
+    with pytest.raises(SecAggMessageError, match="canonical"):
+        P.agree(sk, ((1 << 255) - 19 + 1).to_bytes(32, "little"), 4)  # 1 + p ≡ 1, encoded unreduced

@@ -427,13 +427,20 @@ def test_concurrent_clients_run_a_whole_round(svc, models, tmp_path):
     assert np.abs(got - want).max() <= svc.store.latest().meta["tolerance"] + 1e-7
 
 
+def _public_key() -> bytes:
+    """A random X25519 public key: 32 random bytes, canonical (top bit clear; ≥ 2^255 − 19 has odds 2^-250)."""
+    raw = bytearray(os.urandom(32))
+    raw[31] &= 0x7F
+    return bytes(raw)
+
+
 def test_round_submissions_are_validated_and_change_nothing(svc, models):
     rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2}).json["round"]
     octet = {"Content-Type": "application/octet-stream"}
-    a_keys = (os.urandom(32), os.urandom(32))
+    a_keys = (_public_key(), _public_key())
     adv_a = AdvertiseKeys(rid, svc.ids["a"], *a_keys)
     assert svc.post(f"/rounds/{rid}/advertise", who="a", data=encode(adv_a), headers=octet).status_code == 202
-    adv_b = AdvertiseKeys(rid, svc.ids["b"], os.urandom(32), os.urandom(32))
+    adv_b = AdvertiseKeys(rid, svc.ids["b"], _public_key(), _public_key())
 
     def state():
         return svc.get(f"/rounds/{rid}").json["submitted"], svc.snapshot()
@@ -447,10 +454,10 @@ def test_round_submissions_are_validated_and_change_nothing(svc, models):
         ("oversized", "b", f"/rounds/{rid}/advertise", encode(adv_b) + b"\0" * 64, 413),
         ("sender is another client", "c", f"/rounds/{rid}/advertise", encode(adv_b), 403),
         ("not in the cohort", "d", f"/rounds/{rid}/advertise",
-         encode(AdvertiseKeys(rid, svc.ids["d"], os.urandom(32), os.urandom(32))), 403),
+         encode(AdvertiseKeys(rid, svc.ids["d"], _public_key(), _public_key())), 403),
         ("admin cannot submit", "admin", f"/rounds/{rid}/advertise", encode(adv_b), 403),
         ("message for another round", "b", f"/rounds/{rid}/advertise",
-         encode(AdvertiseKeys(rid + 5, svc.ids["b"], os.urandom(32), os.urandom(32))), 409),
+         encode(AdvertiseKeys(rid + 5, svc.ids["b"], _public_key(), _public_key())), 409),
         ("stale round", "b", f"/rounds/{rid - 1}/advertise", encode(adv_b), 409),
         ("future round", "b", f"/rounds/{rid + 1}/advertise", encode(adv_b), 409),
         ("stage not open yet", "b", f"/rounds/{rid}/masked", encode(MaskedInput(rid, svc.ids["b"], b"\0" * 8)), 409),
@@ -458,7 +465,7 @@ def test_round_submissions_are_validated_and_change_nothing(svc, models):
         ("unknown stage", "b", f"/rounds/{rid}/frobnicate", encode(adv_b), 404),
         # well-formed, but the SecAgg server refuses it: b advertises a public key a already uses
         ("reused public key", "b", f"/rounds/{rid}/advertise",
-         encode(AdvertiseKeys(rid, svc.ids["b"], a_keys[0], os.urandom(32))), 400),
+         encode(AdvertiseKeys(rid, svc.ids["b"], a_keys[0], _public_key())), 400),
     ]
     for name, who, path, body, code in cases:
         r = svc.post(path, who=who, data=body, headers=octet)
@@ -471,7 +478,7 @@ def test_round_submissions_are_validated_and_change_nothing(svc, models):
 
 
 def test_round_stage_deadline_drops_late_clients(svc):
-    rid = svc.post("/rounds", who="admin", json={"threshold": 2, "stage_timeout": 0.3}).json["round"]
+    rid = svc.post("/rounds", who="admin", json={"threshold": 3, "stage_timeout": 0.3}).json["round"]
     ps = _participants(svc, "abcd")
     for n in "abc":
         ps[n].join()

@@ -228,7 +228,7 @@ def client_update(params, data: Batch, cfg: FederateConfig, key) -> tuple[Any, d
     return new, {"loss": float(mean_loss), "count": n}
 
 
-def federated_round(server: Server, data: ClientData, cfg: FederateConfig, key, *, secure_seed: int | None = None) -> np.ndarray:
+def federated_round(server: Server, data: ClientData, cfg: FederateConfig, key, *, round_id: int = 0) -> np.ndarray:
     """Local training of every client in ``data`` (one jitted program) and the server step; returns the
     clients' mean local losses."""
     loss = restoration_loss(cfg.net_config())
@@ -237,7 +237,7 @@ def federated_round(server: Server, data: ClientData, cfg: FederateConfig, key, 
     counts = jnp.asarray(data.counts)
     if cfg.secure_agg:
         client_params, losses = local_updates_vmapped(loss, fc, server.params, data.inputs, data.targets, counts, keys)
-        delta = secure_mean_delta(server.params, client_params, data.counts, seed=secure_seed)
+        delta = secure_mean_delta(server.params, client_params, data.counts, round_id=round_id)
     else:
         delta, losses = round_vmapped(loss, fc, server.params, data.inputs, data.targets, counts, keys)
     server.apply(delta)
@@ -397,7 +397,7 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
         data = as_client_data([client_batch(samplers, alloc[k], cfg.seed, rnd, int(k)) for k in chosen])
         t1 = time.perf_counter()
         losses = federated_round(server, data, cfg, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), rnd),
-                                 secure_seed=cfg.seed * 1_000_003 + rnd)
+                                 round_id=rnd)
         jax.block_until_ready(server.params)
         t_train = time.perf_counter() - t1
         rec: dict[str, Any] = {"round": rnd, "clients": len(chosen), "patches": int(data.counts.sum()),

@@ -184,8 +184,13 @@ def weighted_mean_delta(global_params: Params, client_params: Params, counts: np
 
 
 def secure_mean_delta(global_params: Params, client_params: Params, counts: np.ndarray, *,
-                      threshold: int | None = None, clip: float = 8.0, seed: int | None = None) -> Params:
-    """The same weighted mean, computed by secure aggregation: the server only ever sees masked vectors."""
+                      threshold: int | None = None, clip: float = 8.0, round_id: int = 0) -> Params:
+    """The same weighted mean, computed by secure aggregation: the server only ever sees masked vectors.
+
+    The clients' keys and masks are fresh randomness (``os.urandom``) every call, as in a deployment: a
+    seeded mask could be recomputed by anyone knowing the seed, and one reused across rounds would reveal
+    the difference of a client's updates. The result does not depend on them (the masks cancel exactly
+    in the fixed-point sum), so runs stay reproducible."""
     from fedtensor.federated.secagg import secure_sum
 
     deltas = jax.tree.map(lambda g, c: c - g[None], global_params, client_params)
@@ -193,7 +198,7 @@ def secure_mean_delta(global_params: Params, client_params: Params, counts: np.n
     flat = np.concatenate([np.asarray(leaf).reshape(len(counts), -1) for leaf in leaves], axis=1)
     n = len(counts)
     mean = secure_sum(list(flat.astype(np.float32)), threshold=threshold or max(2, (2 * n) // 3 + 1),
-                      weights=[int(c) for c in counts], clip=clip, seed=seed)
+                      weights=[int(c) for c in counts], clip=clip, round_id=round_id)
     out, pos = [], 0
     for leaf in leaves:
         size = int(np.prod(leaf.shape[1:]))
@@ -250,8 +255,9 @@ def _round_inputs(server: Server, data: ClientData, key, rng: np.random.Generato
 
 
 def run_round(loss_fn: LossFn, server: Server, data: ClientData, key, rng: np.random.Generator, *,
-              secure: bool = False, seed: int | None = None) -> dict:
-    """One FedAvg round over the sampled clients, local training in one jitted program; returns metrics."""
+              secure: bool = False, round_id: int = 0) -> dict:
+    """One FedAvg round over the sampled clients, local training in one jitted program; returns metrics
+    (``secure``: aggregated by :func:`secure_mean_delta`, as round ``round_id``)."""
     chosen, keys, counts = _round_inputs(server, data, key, rng)
     if len(chosen) == data.n_clients:  # everyone (chosen is sorted): no copy of all the clients' data
         inputs, targets = data.inputs, data.targets
@@ -260,7 +266,7 @@ def run_round(loss_fn: LossFn, server: Server, data: ClientData, key, rng: np.ra
     if secure:
         client_params, losses = local_updates_vmapped(loss_fn, server.cfg, server.params, inputs, targets,
                                                       jnp.asarray(counts), keys)
-        delta = secure_mean_delta(server.params, client_params, counts, seed=seed)
+        delta = secure_mean_delta(server.params, client_params, counts, round_id=round_id)
     else:
         delta, losses = round_vmapped(loss_fn, server.cfg, server.params, inputs, targets, jnp.asarray(counts), keys)
     server.apply(delta)

@@ -261,7 +261,12 @@ class RoundParticipant:
         info = info or self.current()
         if info.get("status") != "open" or info.get("stage") != "advertise":
             raise ServiceError(f"round {info.get('round')} is not accepting clients (stage {info.get('stage')})", 409)
-        self.info, params = info, params_from_info(info)
+        params = params_from_info(info)
+        if 2 * params.threshold <= params.num_clients:  # a server could then unmask one client's update
+            raise ServiceError(f"round {params.round_id} asks for {params.threshold} of {params.num_clients} "
+                               "clients to unmask; joining needs more than half, so that no two disjoint "
+                               "halves of the cohort can each be asked for a different secret", 409)
+        self.info = info
         self.sa = SecAggClient(int(self.me["id"]), params)
         return self._post("advertise", self.sa.advertise_keys())
 

@@ -136,7 +136,7 @@ class RoundSettings:
     """Defaults for new rounds (``create_app`` config ``FEDTENSOR_ROUND_*``)."""
 
     # Fixed point shares int32 between clients: W·clip·scale < 2^31 (W = max_total_weight), so a loose
-    # bound W costs precision: the mean's error is ≤ n / (2·scale·Σn_k). The defaults give scale 2^18.
+    # bound W costs precision: the mean's error is ≤ n / (2·scale·Σn_k). The defaults give scale 2^17.
     clip: float = 0.5  # |Δ| per coordinate a client may send (clients clip before masking)
     max_total_weight: int = 1 << 14  # public bound on Σ n_k (sample counts): keep it tight
     stage_timeout: float | None = 600.0  # seconds a stage stays open; None: only all-in or admin close
@@ -246,6 +246,8 @@ class RoundCoordinator:
             cohort = {known[n].id: n for n in names}
             n = len(cohort)
             t = default_threshold(n) if threshold is None else threshold
+            if isinstance(t, int) and 2 * t <= n:  # clients refuse such a round (see RoundParticipant.join)
+                raise RoundError(400, f"threshold {t} of {n} clients: it must exceed n/2")
             clip = self.settings.clip if clip is None else clip
             w = self.settings.max_total_weight if max_total_weight is None else max_total_weight
             timeout = self.settings.stage_timeout if stage_timeout == "default" else stage_timeout

@@ -100,8 +100,15 @@ def public_bytes(sk: X25519PrivateKey) -> bytes:
     return sk.public_key().public_bytes_raw()
 
 
+_FIELD_P = (1 << 255) - 19
+
+
 def agree(sk: X25519PrivateKey, peer_public: bytes, peer: int) -> bytes:
-    """Raw X25519 shared secret with ``peer``'s public key (rejects malformed / low-order keys)."""
+    """Raw X25519 shared secret with ``peer``'s public key (rejects malformed / low-order keys, and
+    non-canonical encodings: X25519 ignores the top bit and reduces mod 2^255 − 19, so one key has other
+    byte strings, which would slip past the comparisons of keys as bytes)."""
+    if len(peer_public) == 32 and int.from_bytes(peer_public, "little") >= _FIELD_P:
+        raise SecAggMessageError(f"invalid X25519 public key of client {peer}: not canonically encoded")
     try:
         return sk.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
