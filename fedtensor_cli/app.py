@@ -157,7 +157,9 @@ def _compress_one(
     else:
         data = compress(vol, codec=codec, block=block, **_codec_kwargs(mode, target))
     encode_s = perf_counter() - t0
-    restored = warning = None
+    restored, warning = None, _exact_note(read_info(data), model)
+    if warning:
+        model = None  # an exact stream: neither restored nor tied to the model
     if model is not None:
         from fedtensor.metrics import psnr as psnr_of
         from fedtensor.nn import restore, tag_stream
@@ -198,8 +200,19 @@ def _compress_one(
         "encode_seconds": encode_s,
         "decode_seconds": decode_s,
         **_restored_fields(model, restored),
-        **({"warning": warning} if model is not None else {}),
+        **({"relies_on_restoration": _counts_on_restoration(info)} if model is not None else {}),
+        **({"warning": warning} if warning or model is not None else {}),
     }
+
+
+def _exact_note(info: dict[str, Any], model: Any) -> str | None:
+    """The warning for ``--model`` on a stream of an exact codec (lossless, max-error, constant), which is
+    never restored (its guarantees hold as decoded); None for a restorable stream or without a model."""
+    from fedtensor.nn.normalize import RESTORABLE_CODECS
+
+    if model is None or info.get("codec") in RESTORABLE_CODECS:
+        return None
+    return f"a {info.get('codec')} stream is exact as decoded: not restored (--model ignored)"
 
 
 def _restored_fields(model: Any, restored: dict[str, float] | None) -> dict[str, Any]:
@@ -253,6 +266,9 @@ def _decompress_one(src: Path, dst: Path, *, force: bool, model: Any = None, tta
         vol, warning = decompress(data), None
     decode_s = perf_counter() - t0
     restore_s = None
+    exact = _exact_note(info, model)
+    if exact:
+        model, warning = None, exact
     if model is not None:
         from fedtensor.nn import model_mismatch, restore
 
@@ -537,6 +553,9 @@ def evaluate(
             test = read_volume(decoded)
         record.update(quality(ref.data, test.data))  # raises on a shape mismatch
         record["warning"] = _not_its_original(ref, test, info, record["psnr_db"])
+        exact = _exact_note(info, model)
+        if exact:
+            model, record["warning"] = None, "; ".join(w for w in (record["warning"], exact) if w)
         if model is not None:  # (DECODED is an .ftz: checked above)
             from fedtensor.nn import model_mismatch, restore
 
@@ -593,12 +612,33 @@ register_serve(app)
 _USAGE_ERRORS = (click.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, systemd, a batch scheduler's time limit) stops a command as Ctrl-C does: temp files
+    removed, a fresh run directory left as it was, a checkpoint to resume from, "error: interrupted"."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # (in-process callers, e.g. tests)
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> None:
     """Console-script entry point: run the app; never let a traceback reach the user."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     try:
         enable_persistent_cache()  # before any command imports JAX: later runs skip XLA's compiler
-        with routed_warnings():
+        with routed_warnings(), _sigterm_as_interrupt():
             rv = app(args=args, prog_name=prog_name, standalone_mode=False)
     except typer.Abort:
         print_error("aborted")

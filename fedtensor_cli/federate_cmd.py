@@ -98,14 +98,19 @@ def register(app: typer.Typer) -> None:
 def _publisher(store_dir: Path, published: list[dict]):
     """An ``on_version`` hook publishing each round's global model to a :class:`ModelStore` (each version
     published is appended to ``published`` as ``{"round", "version", "sha256"}``)."""
-    from fedtensor.serve.store import ModelStore
+    from fedtensor.serve.store import ModelStore, sha256_hex
 
     store = ModelStore(store_dir)
 
     def publish(rnd: int, blob: bytes, manifest: dict, rec: dict) -> None:
-        meta = {"round": rnd, "source": "fedtensor federate", "n_clients": rec.get("clients"),
-                "loss": rec.get("train_loss"), "val_loss": rec.get("val_loss"), "val_gain_db": rec.get("val_gain_db")}
-        v = store.publish(blob, manifest, meta)
+        latest = store.latest()
+        if latest is not None and latest.sha256 == sha256_hex(blob):  # published before the run was cut off
+            v = latest
+        else:
+            meta = {"round": rnd, "source": "fedtensor federate", "n_clients": rec.get("clients"),
+                    "loss": rec.get("train_loss"), "val_loss": rec.get("val_loss"),
+                    "val_gain_db": rec.get("val_gain_db")}
+            v = store.publish(blob, manifest, meta)
         published.append({"round": rnd, "version": v.version, "sha256": v.sha256})
 
     return publish
@@ -129,14 +134,16 @@ class _Progress(PhaseProgress):
 def _table(s: dict, cfg):
     from rich.table import Table
 
+    from fedtensor.federated.simulation import sampled_count
+
     t = Table(title="fedtensor federate", show_header=False)
     t.add_column("", style="bold")
     t.add_column("")
     rows = [
         ("model id", s["model_id"]),
         ("model dir", s["out"]),
-        ("clients", f"{cfg.clients} ({cfg.partition}, {cfg.sample_fraction:g} sampled per round"
-                    f"{', secure aggregation' if cfg.secure_agg else ''})"),
+        ("clients", f"{cfg.clients} ({cfg.partition}, {sampled_count(cfg.clients, cfg.sample_fraction)} sampled per "
+                    f"round{', secure aggregation' if cfg.secure_agg else ''})"),
         ("train volumes", ", ".join(s["train_volumes"])),
         ("val volumes", ", ".join(s["val_volumes"]) or "-"),
         ("rounds run", str(s["rounds_run"])),

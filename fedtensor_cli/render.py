@@ -159,7 +159,7 @@ def compress_table(r: Mapping[str, Any]) -> Table:
             ("time", f"encode {seconds(enc)}{speed}"),
             *restored_rows(r),
             ("codec", f"{r.get('codec')}  {params_text(r.get('params'))}"),
-            ("target", target_text(r) + (" (after restoration)" if r.get("model_id") and r.get("mode") == "psnr" else "")),
+            ("target", target_text(r) + (" (after restoration)" if r.get("relies_on_restoration") else "")),
         ],
     )
 

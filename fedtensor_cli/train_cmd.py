@@ -39,13 +39,16 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 
 def _run_artefact(p: Path, skip: set[Path]) -> bool:
-    """A directory a run writes (``--out``, ``--cache``, a model or checkpoint directory, or the
-    checkpoint and cache directories of an ``--out`` that is DATA itself), not a series: a resumed run
-    must not read its own files as a volume."""
+    """A directory a run writes (``--out``, ``--cache``, a directory holding one of them, e.g. the
+    ``models`` of ``--out models/ct``, a model or checkpoint directory, or the checkpoint and cache
+    directories of an ``--out`` that is DATA itself), not a series: a resumed run must not read its own
+    files as a volume."""
     if not p.is_dir():
         return False
+    resolved = p.resolve()
     own = p.parent.resolve() in skip and p.name in ("checkpoint", "cache")
-    return own or p.resolve() in skip or (p / "model.json").is_file() or (p / "checkpoint").is_dir()
+    holds_own = any(s.is_relative_to(resolved) for s in skip)
+    return own or holds_own or (p / "model.json").is_file() or (p / "checkpoint").is_dir()
 
 
 def run_inputs(data: list[Path], val: list[Path] | None, out: Path, cache: Path | None
@@ -128,7 +131,8 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up + cosine).")] = 2e-3,
         channels: Annotated[str, typer.Option("--channels", metavar="C1,C2", help="Channels at ½ and ¼ resolution.")] = "16,32",
         val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of volumes held out for validation.")] = 0.2,
-        patience: Annotated[int, typer.Option("--patience", min=1, help="Early stopping: epochs without improvement.")] = 3,
+        patience: Annotated[int, typer.Option("--patience", min=1, help="Early stopping: epochs without improvement of the validation loss (checked from "
+                                                    "epoch 5 on).")] = 3,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the initialisation and the patches.")] = 0,
         cache: Annotated[Optional[Path], typer.Option("--cache", metavar="DIR", help="Cache of decoded training volumes (default DIR/cache).")] = None,
         force: Annotated[bool, typer.Option("--force", "-f", help="Start over instead of resuming a run in DIR.")] = False,
@@ -230,6 +234,8 @@ class _Progress(PhaseProgress):
         elif event == "epoch":
             gain = info.get("val_gain_db")
             self.last = f" · val {info['val_loss']:.4g} ({gain:+.2f} dB)" if gain is not None else ""
+            # the epoch's own figures on the bar now (the next step would show them under the next epoch)
+            p.update(self.tasks["train"], info=f"epoch {info['epoch']} loss {info['train_loss']:.4g}{self.last}")
             if info.get("finished"):
                 p.update(self.tasks["train"], completed=p.tasks[self.tasks["train"]].total)
 

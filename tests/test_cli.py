@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -696,6 +697,11 @@ def test_out_equal_to_data_skips_its_own_checkpoint_and_cache(tmp_path: Path) ->
     np.save(data / "a.npy", smooth_volume())
     got = expand_data([data], skip=(data, None))
     assert sorted(p.name for p in got) == ["a.npy", "series"]  # a real series directory stays
+    # --out models/ct inside DATA: `models` holds the run (its checkpoint/ is not a series either), so
+    # the resumed run must not take it for a DICOM series without images
+    (data / "models" / "ct" / "checkpoint").mkdir(parents=True)
+    got = expand_data([data], skip=(data / "models" / "ct", None))
+    assert sorted(p.name for p in got) == ["a.npy", "cache", "checkpoint", "series"]
 
 
 def test_bench_with_an_empty_codec_list_is_a_usage_error(vol_path: Path) -> None:
@@ -764,3 +770,19 @@ def test_compress_table_shows_the_block_as_block_takes_it_and_help_keeps_version
     assert text.startswith("block=16x16x8, ") and "step=0.04173" in text
     assert params_text({"axes": [0, 1], "offset": 0}) == "offset=0"
     assert "host:port[#version]" in " ".join(run("decompress", "--help").output.split())
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
+    """kill / systemd / a scheduler's time limit: KeyboardInterrupt (clean-up, "interrupted", exit 130),
+    not a silent death leaving a fresh run directory behind; the previous handler comes back after."""
+    import os
+    import signal
+
+    from fedtensor_cli.app import _sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with _sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal arrives at once: never reached
+    assert signal.getsignal(signal.SIGTERM) is before

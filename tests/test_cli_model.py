@@ -209,3 +209,16 @@ def test_a_stream_with_a_fitted_layer_is_restored_with_it(ct_crop, stream, rando
     shown = run("info", tagged)
     assert shown.exit_code == 0 and "output layer fitted" in shown.stdout and "408 float16" in shown.stdout
     assert encode_adaptation(coef)["layer"][:24] not in shown.stdout
+
+
+def test_an_exact_stream_is_neither_restored_nor_tied_to_the_model(ct_crop, identity_model, tmp_path):
+    """--model on a lossless stream (compress refuses --lossless with --model outright): one warning that it
+    is ignored; no model id in the figures, nothing called "restored"."""
+    out = tmp_path / "ll.ftz"
+    run_json("compress", ct_crop, out, "--lossless")
+    res = run("decompress", out, tmp_path / "d.npy", "--model", identity_model)
+    warn = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.exit_code == 0 and len(warn) == 1 and "lossless stream is exact as decoded" in warn[0]
+    assert "restored by" not in res.stdout
+    ev = run_json("evaluate", ct_crop, out, "--model", identity_model)
+    assert "model_id" not in ev and "psnr_db_restored" not in ev and "not restored" in ev["warning"]

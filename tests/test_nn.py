@@ -361,6 +361,30 @@ def test_a_constant_volume_is_refused_with_its_name(tmp_path):
         make_pairs([p], targets=(34.0,), blocks=("8",))
 
 
+def test_exact_streams_give_no_pairs_and_a_volume_without_any_is_named(tmp_path, head_crop_paths):
+    """Where the codec's exact stream is the smaller (small, simple volumes at high targets) there is
+    nothing to restore: that pair is left out with a warning; a volume with no pair left is an error
+    naming it (it was an internal error, "codec 'lossless' is not restorable")."""
+    from fedtensor.io import read_volume
+
+    head = read_volume(head_crop_paths[0]).data
+    small = tmp_path / "small.npy"
+    np.save(small, np.ascontiguousarray(head[:24, :24, :16]))
+    with pytest.warns(UserWarning, match="no training pair at 60 dB"):
+        (src,) = make_pairs([small], targets=(30.0, 60.0), blocks=("8",))
+    assert [p.target for p in src.pairs] == [30.0] and all(p.codec == "block-tucker" for p in src.pairs)
+    with pytest.raises(ModelError, match="small.npy: the codec stores it exactly at every target"):
+        make_pairs([small], targets=(60.0,), blocks=("8",))
+
+
+def test_volumes_sharing_a_name_are_labelled_by_their_directory(tmp_path):
+    from fedtensor.nn.data import volume_labels
+
+    a, b, c = tmp_path / "a" / "scan.nii.gz", tmp_path / "b" / "scan.nii.gz", tmp_path / "b" / "other.npy"
+    assert volume_labels([a, b, c]) == ["a-scan", "b-scan", "other"]
+    assert volume_labels([b, a]) == ["b-scan", "a-scan"]  # whatever the order: a resumed run finds its data
+
+
 @pytest.mark.parametrize("damage", [
     lambda m: [],
     lambda m: {k: v for k, v in m.items() if k != "history"},
@@ -375,6 +399,66 @@ def test_a_damaged_checkpoint_record_is_a_clear_error(sources, tmp_path, damage)
     state.write_text(json.dumps(damage(json.loads(state.read_text()))))
     with pytest.raises(ModelError, match="corrupted training checkpoint"):
         train(None, out, cfg, sources=sources)
+
+
+def test_a_run_directory_is_held_and_a_model_without_checkpoint_never_overwritten(sources, tmp_path):
+    """A second run into a busy --out is refused; a directory holding a model but no checkpoint (a
+    fetched or published one) is refused unless --force; a finished run's rerun writes nothing."""
+    import fcntl
+    import os
+    import shutil
+
+    from fedtensor.federated.restoration import FederateConfig, federate
+
+    cfg = TrainConfig(**{**TRAIN_CFG, "epochs": 1})
+    out = tmp_path / "m"
+    first = train(None, out, cfg, sources=sources)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert train(None, out, cfg, sources=sources)["model_id"] == first["model_id"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamps  # nothing rewritten
+
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process's run
+    try:
+        with pytest.raises(ModelError, match="in use by another"):
+            train(None, out, cfg, sources=sources)
+    finally:
+        os.close(fd)
+
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(out / name, fetched / name)
+    before = (fetched / "model.safetensors").read_bytes()
+    with pytest.raises(ModelError, match="holds a model but no training checkpoint"):
+        train(None, fetched, cfg, sources=sources)
+    with pytest.raises(ModelError, match="holds a model but no training checkpoint"):
+        federate(None, fetched, FederateConfig(clients=2, rounds=1, local_steps=1, batch=4, patch=16,
+                                               channels=(8, 16), targets=(34.0,), blocks=("8",)), sources=sources)
+    assert (fetched / "model.safetensors").read_bytes() == before
+    train(None, fetched, cfg, sources=sources, resume=False)  # --force
+    with pytest.raises(ModelError, match="holds a training run, not a federation run"):
+        federate(None, out, FederateConfig(clients=2, rounds=1, local_steps=1, batch=4, patch=16, channels=(8, 16),
+                                           targets=(34.0,), blocks=("8",)), sources=sources)
+
+
+def test_a_round_whose_publishing_failed_is_published_on_resume(sources, tmp_path):
+    from fedtensor.federated.restoration import FederateConfig, federate
+
+    cfg = FederateConfig(clients=2, rounds=3, local_steps=1, batch=4, patch=16, channels=(8, 16),
+                         targets=(34.0,), blocks=("8",))
+    published, fail = [], {2}
+
+    def on_version(rnd, blob, manifest, meta):
+        if rnd in fail:
+            fail.discard(rnd)
+            raise OSError("the store is unreachable")
+        published.append(rnd)
+
+    with pytest.raises(OSError):
+        federate(None, tmp_path / "f", cfg, sources=sources, on_version=on_version)
+    federate(None, tmp_path / "f", cfg, sources=sources, on_version=on_version)
+    assert published == [1, 2, 3]
 
 
 def test_resuming_with_other_settings_names_the_settings(sources, tmp_path):

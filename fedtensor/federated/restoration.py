@@ -25,7 +25,6 @@ model_bytes, manifest, meta)`` with the round's global model (to publish it, e.g
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import time
@@ -67,7 +66,8 @@ from fedtensor.nn.checkpoint import (
 from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, training_sources
 from fedtensor.nn.model import NetConfig, abstract_net
 from fedtensor.nn.train import (TrainConfig, Trainer, clear_run, export_model, finite_epoch, model_bytes,
-                                read_state_meta)
+                                read_state_meta, run_directory)
+from fedtensor.nn.train import plot_history as nn_plot_history
 from fedtensor.nn.train import write_history as train_history
 
 HISTORY_FIELDS = ("round", "clients", "patches", "train_loss", "val_loss", "val_gain_db", "seconds", "updates_per_s")
@@ -253,26 +253,8 @@ def write_history(out_dir: Path, history: list[dict]) -> None:
 
 
 def plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [r["round"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax1.plot(rounds, [r["train_loss"] for r in history], "o-", label="clients' local training")
-    val = [(r["round"], r["val_loss"], r["val_gain_db"]) for r in history if r.get("val_loss") is not None]
-    if val:
-        ax1.plot([v[0] for v in val], [v[1] for v in val], "s-", label="validation (global model)")
-        ax2.plot([v[0] for v in val], [v[2] for v in val], "s-", color="C1")
-    ax1.set_xlabel("round"), ax1.set_ylabel("loss (MSE / step²)"), ax1.set_yscale("log"), ax1.legend()
-    ax1.grid(alpha=0.3)
-    ax2.set_xlabel("round"), ax2.set_ylabel("validation PSNR gain (dB)"), ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    nn_plot_history(history, path, x="round", train_label="clients' local training",
+                    val_label="validation (global model)")
 
 
 def fingerprint(cfg: FederateConfig, train_src: Sequence[Source], val_src: Sequence[Source]) -> str:
@@ -344,20 +326,26 @@ def _version_manifest(params, net_config: NetConfig, cfg: FederateConfig, rnd: i
 
 
 def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateConfig = FederateConfig(), *,
-             val_paths: Sequence[Path] | None = None, sources: Sequence[Source] | None = None,
-             val_sources: Sequence[Source] | None = None, cache_dir: str | Path | None = None, resume: bool = True,
-             progress: Callable[[str, dict], None] | None = None, on_version: OnVersion | None = None) -> dict:
+             resume: bool = True, **kwargs) -> dict:
     """Train a restoration model federated over ``cfg.clients`` simulated clients into ``out_dir``.
 
     Data and validation as :func:`fedtensor.nn.train` (``val_paths``/``val_sources`` or
     ``cfg.val_fraction`` of the volumes, split by volume). ``resume=True`` continues a run found in
     ``out_dir`` (same settings and data, else :class:`ModelError`; ``rounds`` may grow).
     ``progress(event, info)`` receives ``"data"``, ``"start"`` and ``"round"`` events; ``on_version``
-    receives every round's global model. Returns a summary.
+    receives every round's global model (before the round's checkpoint: a round whose publishing failed
+    is run and published again on resume). Returns a summary.
     """
     cfg.check()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_directory(out_dir, resume):
+        return _federate(paths, out_dir, cfg, resume=resume, **kwargs)
+
+
+def _federate(paths: Sequence[Path] | None, out_dir: Path, cfg: FederateConfig, *,
+              val_paths: Sequence[Path] | None = None, sources: Sequence[Source] | None = None,
+              val_sources: Sequence[Source] | None = None, cache_dir: str | Path | None = None, resume: bool = True,
+              progress: Callable[[str, dict], None] | None = None, on_version: OnVersion | None = None) -> dict:
     emit = progress or (lambda event, info: None)
     tcfg = cfg.train_config()
     cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
@@ -417,11 +405,11 @@ def federate(paths: Sequence[Path] | None, out_dir: str | Path, cfg: FederateCon
         export_model(out_dir, best, trainer.net_config,
                      _manifest(cfg, train_labels, val_labels, history, best_round, best_loss, fp, alloc, kinds))
         write_history(out_dir, history)
-        _save_state(out_dir, server, best, {"fingerprint": fp, "round": rnd, "history": history, "best_round": best_round,
-                                            "best_loss": best_loss if math.isfinite(best_loss) else None})
-        if on_version is not None:
+        if on_version is not None:  # before the checkpoint: a failed publish is retried by the resumed run
             blob, manifest = _version_manifest(server.params, trainer.net_config, cfg, rnd, rec, kinds)
             on_version(rnd, blob, manifest, {**rec, "best_round": best_round})
+        _save_state(out_dir, server, best, {"fingerprint": fp, "round": rnd, "history": history, "best_round": best_round,
+                                            "best_loss": best_loss if math.isfinite(best_loss) else None})
         emit("round", {**rec, "best_round": best_round})
     if not (out_dir / MODEL_FILE).exists():
         raise ModelError(f"{out_dir} has a finished run but no {MODEL_FILE}; use --force to train again")

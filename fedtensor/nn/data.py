@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from fedtensor.nn.checkpoint import ModelError
 from fedtensor.nn.model import ALIGN, IN_CHANNELS
 from fedtensor.nn.normalize import (
     N_FEATURES,
+    RESTORABLE_CODECS,
     Normaliser,
     assemble_input,
     block_phases,
@@ -158,6 +160,19 @@ def pair_from(decoded: np.ndarray, info: dict, target: float) -> Pair:
                 decoded, p, float(info["stats"]["psnr"]), float(info["bits_per_voxel"]))
 
 
+def volume_labels(paths: Sequence[Path]) -> list[str]:
+    """A unique label per volume: its name, qualified by its directory where two share a name
+    (``a/scan.nii.gz``, ``b/scan.nii.gz`` → ``a-scan``, ``b-scan``), whatever their order."""
+    names = [volume_label(Path(p)) for p in paths]
+    labels = [f"{Path(p).resolve().parent.name}-{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    seen: set[str] = set()
+    for i, label in enumerate(labels):  # still alike (same name in same-named directories): numbered
+        while labels[i] in seen:
+            labels[i] += "_"
+        seen.add(labels[i])
+    return labels
+
+
 def make_pairs(paths: Sequence[Path], *, codecs: Sequence[str] = ("block-tucker",),
                targets: Sequence[float] = (36, 38, 40, 42, 44), blocks: Sequence = ("auto", 8),
                cache_dir: Path | None = None,
@@ -169,23 +184,27 @@ def make_pairs(paths: Sequence[Path], *, codecs: Sequence[str] = ("block-tucker"
             for t in targets]
     total, done = len(paths) * len(jobs), 0
     sources: list[Source] = []
-    labels: set[str] = set()
-    for path in paths:  # labels are unique: a repeated name gets a trailing "_"
+    for path, label in zip(paths, volume_labels(paths)):
         vol = read_volume(path)
         if vol.data.min() == vol.data.max():  # coded exactly as its value: no (decoded, original) difference
             raise ModelError(f"{path} is a constant volume: nothing to learn from it; leave it out")
-        label = volume_label(Path(path))
-        while label in labels:
-            label += "_"
-        labels.add(label)
         digest = data_hash(vol.data)
-        pairs = []
+        pairs, exact = [], []
         for codec, block, target in jobs:
             if progress:
                 progress(done, total, f"{label} {codec} block {_block_tag(block) if codec == 'block-tucker' else '-'} {target:g} dB")
             decoded, info = encode_decode(vol, codec, target, block, cache_dir, label, digest)
-            pairs.append(pair_from(decoded, info, target))
             done += 1
+            if info["codec"] not in RESTORABLE_CODECS:  # the exact stream was smaller: nothing to restore
+                exact.append(f"{target:g} dB")
+                continue
+            pairs.append(pair_from(decoded, info, target))
+        if not pairs:
+            raise ModelError(f"{path}: the codec stores it exactly at every target (it is too small or too simple "
+                             "for lossy coding), so it gives no pairs to learn from; leave it out")
+        if exact:
+            warnings.warn(f"{label}: no training pair at {', '.join(dict.fromkeys(exact))} (the exact stream was smaller)",
+                          stacklevel=2)
         sources.append(Source(label, vol.data, pairs, digest))
     if progress:
         progress(done, total, "done")

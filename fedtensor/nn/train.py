@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -218,15 +220,26 @@ def model_bytes(params, net_config: NetConfig, extra: dict | None = None) -> byt
     return tree_to_bytes(params, {"fedtensor_model": json.dumps(meta, sort_keys=True)})
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomically, and only when ``path`` does not already hold ``data`` (a finished run's rerun writes
+    nothing, so it also works on a read-only model directory)."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    write_atomic(path, data)
+
+
 def export_model(out_dir: Path, params, net_config: NetConfig, manifest: dict) -> str:
     """Write ``model.safetensors`` + ``model.json``; return the model id (SHA-256 of the weights file)."""
     out_dir = Path(out_dir)
     data = model_bytes(params, net_config, {"normalisation": "ct|u8|mr (fedtensor.nn.normalize)"})
     mid = sha256_hex(data)
-    write_atomic(out_dir / MODEL_FILE, data)
+    _write_if_changed(out_dir / MODEL_FILE, data)
     full = {"format": FORMAT, "version": FORMAT_VERSION, "model_id": mid, "net": net_config.to_dict(),
             "library": __version__, **manifest}
-    write_atomic(out_dir / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=True).encode())
+    _write_if_changed(out_dir / MANIFEST_FILE, json.dumps(full, indent=2, sort_keys=True).encode())
     return mid
 
 
@@ -254,24 +267,33 @@ def write_history(out_dir: Path, history: list[dict], fields: Sequence[str] = HI
         pass
 
 
-def plot_history(history: list[dict], path: Path) -> None:
+def plot_history(history: list[dict], path: Path, *, x: str = "epoch", train_label: str = "training",
+                 val_label: str = "validation") -> None:
+    """Loss curves (and, with validation, the validation PSNR gain) over ``x`` ("epoch", or "round")."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    ep = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax1.plot(ep, [r["train_loss"] for r in history], "o-", label="training")
+    ep = [r[x] for r in history]
     val = [(e, r["val_loss"]) for e, r in zip(ep, history) if r.get("val_loss") is not None]
+    # without validation there is no gain to plot: one panel, not an empty second one
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(9, 3.4) if val else (4.8, 3.4), squeeze=False)
+    ax1 = axes[0, 0]
+    ax1.plot(ep, [r["train_loss"] for r in history], "o-", label=train_label)
     if val:
-        ax1.plot(*zip(*val), "s-", label="validation")
-        ax2.plot(ep, [r["val_gain_db"] for r in history], "s-", color="C1")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss (MSE / step²)"), ax1.set_yscale("log"), ax1.legend()
+        ax1.plot(*zip(*val), "s-", label=val_label)
+        ax2 = axes[0, 1]
+        ax2.plot([e for e, _ in val], [r["val_gain_db"] for r in history if r.get("val_loss") is not None], "s-",
+                 color="C1")
+        ax2.set_xlabel(x), ax2.set_ylabel("validation PSNR gain (dB)"), ax2.grid(alpha=0.3)
+    ax1.set_xlabel(x), ax1.set_ylabel("loss (MSE / step²)"), ax1.set_yscale("log"), ax1.legend()
     ax1.grid(alpha=0.3)
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("validation PSNR gain (dB)"), ax2.grid(alpha=0.3)
+    for ax in axes[0]:  # epochs (rounds) are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -301,6 +323,29 @@ def clear_run(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def run_directory(out_dir: Path, resume: bool) -> Iterator[None]:
+    """``out_dir`` held by this run (``train`` or ``federate``) while it runs.
+
+    Created if needed and locked (``flock`` on the directory): a second run into it is refused while the first holds it,
+    instead of both writing and reporting success. Without ``--force`` (``resume``), a directory that
+    holds a model but no checkpoint — a fetched or published model, a weights-service version — is
+    refused, never overwritten."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (out_dir / MODEL_FILE).exists() and not (out_dir / STATE_DIR / STATE_JSON).exists():
+        raise ModelError(f"{out_dir} holds a model but no training checkpoint (a fetched or published model?); "
+                         "use another --out, or --force to replace it")
+    fd = os.open(out_dir, os.O_RDONLY)  # the directory itself is locked: no lock file is left in it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ModelError(f"{out_dir} is in use by another training or federated run") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def read_state_meta(sd: Path, kind: str, fp: str, fields: dict) -> dict:
     """The checkpoint record ``state.json`` of a ``kind`` run ("training", "federation"), checked: a dict
     with ``fields`` of their types, of this run's fingerprint ``fp`` (checked before any weights are read,
@@ -312,8 +357,12 @@ def read_state_meta(sd: Path, kind: str, fp: str, fields: dict) -> dict:
         meta = None
     if not isinstance(meta, dict):
         raise ModelError(f"corrupted {kind} checkpoint in {sd} (use --force to start over)")
+    found = "training" if "epoch" in meta else "federation" if "round" in meta else kind
+    if found != kind:
+        raise ModelError(f"{sd.parent} holds a {found} run, not a {kind} run; use another --out, or --force to "
+                         "replace it")
     if meta.get("fingerprint") != fp:
-        raise ModelError(f"{sd.parent} holds a {kind} run with other settings or data (or another kind of run); "
+        raise ModelError(f"{sd.parent} holds a {kind} run with other settings or data; "
                          "use --force to start over, or another --out")
     if not all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool) for k, t in fields.items()):
         raise ModelError(f"corrupted {kind} checkpoint in {sd} (use --force to start over)")
@@ -366,9 +415,7 @@ def _save_state(out_dir: Path, params, opt, best, meta: dict) -> None:
 
 
 def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = TrainConfig(), *,
-          val_paths: Sequence[Path] | None = None, sources: Sequence[Source] | None = None,
-          val_sources: Sequence[Source] | None = None, cache_dir: str | Path | None = None, resume: bool = True,
-          progress: Callable[[str, dict], None] | None = None, workers: int | None = None) -> dict:
+          resume: bool = True, **kwargs) -> dict:
     """Train a restoration model on ``paths`` (volumes) — or on prepared ``sources`` — into ``out_dir``.
 
     Validation volumes: ``val_paths`` (or ``val_sources``) when given, used for validation only;
@@ -381,7 +428,14 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
     """
     cfg.check()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_directory(out_dir, resume):
+        return _train(paths, out_dir, cfg, resume=resume, **kwargs)
+
+
+def _train(paths: Sequence[Path] | None, out_dir: Path, cfg: TrainConfig, *,
+           val_paths: Sequence[Path] | None = None, sources: Sequence[Source] | None = None,
+           val_sources: Sequence[Source] | None = None, cache_dir: str | Path | None = None, resume: bool = True,
+           progress: Callable[[str, dict], None] | None = None, workers: int | None = None) -> dict:
     emit = progress or (lambda event, info: None)
     cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
     train_src, val_src = training_sources(paths, val_paths, sources, val_sources, cfg, cache, emit)
@@ -465,6 +519,8 @@ def train(paths: Sequence[Path] | None, out_dir: str | Path, cfg: TrainConfig = 
     return {"model_id": man["model_id"], "out": str(out_dir), "best_epoch": man["training"]["best_epoch"],
             "epochs_run": len(man["training"]["history"]), "train_volumes": train_labels, "val_volumes": val_labels,
             "best_val_loss": man["training"]["best_loss"] if val_labels else None,  # else a training loss
+            "best_val_gain_db": next((r.get("val_gain_db") for r in man["training"]["history"]
+                                      if r["epoch"] == man["training"]["best_epoch"]), None),
             "history": man["training"]["history"],
             "patches_per_s": _median([r.get("patches_per_s") for r in man["training"]["history"]])}
 
