@@ -694,3 +694,22 @@ def test_stray_files_named_dcm_are_skipped(tmp_path):
     (tmp_path / "notes.dcm").write_text("not an image")
     vol = read_volume(tmp_path)
     assert vol.shape[2] == 4 and np.array_equal(vol.data[:, :, 0], stack[0].T)
+
+
+def test_locked_excludes_other_processes_and_can_give_up(tmp_path):
+    """The one lock helper behind the model store, the token file and a training run's directory."""
+    import subprocess
+    import sys
+
+    from fedtensor.io.atomic import locked
+
+    probe = ("import sys; from fedtensor.io.atomic import locked\n"
+             "with locked(sys.argv[1], wait=False) as mine: print(mine)")
+    for target in (tmp_path / "file.lock", tmp_path):  # a lock file (created), or a directory itself
+        with locked(target) as mine:
+            assert mine
+            other = subprocess.run([sys.executable, "-c", probe, str(target)], capture_output=True, text=True)
+            assert other.stdout.strip() == "False", other.stderr
+        other = subprocess.run([sys.executable, "-c", probe, str(target)], capture_output=True, text=True)
+        assert other.stdout.strip() == "True", other.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.lock"]  # nothing left for the directory

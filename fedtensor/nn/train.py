@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +34,7 @@ import optax
 from flax import nnx
 
 from fedtensor import __version__
+from fedtensor.io.atomic import locked
 from fedtensor.nn.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -335,15 +334,10 @@ def run_directory(out_dir: Path, resume: bool) -> Iterator[None]:
     if resume and (out_dir / MODEL_FILE).exists() and not (out_dir / STATE_DIR / STATE_JSON).exists():
         raise ModelError(f"{out_dir} holds a model but no training checkpoint (a fetched or published model?); "
                          "use another --out, or --force to replace it")
-    fd = os.open(out_dir, os.O_RDONLY)  # the directory itself is locked: no lock file is left in it
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ModelError(f"{out_dir} is in use by another training or federated run") from None
+    with locked(out_dir, wait=False) as mine:  # the directory itself: no lock file is left in it
+        if not mine:
+            raise ModelError(f"{out_dir} is in use by another training or federated run")
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def read_state_meta(sd: Path, kind: str, fp: str, fields: dict) -> dict:

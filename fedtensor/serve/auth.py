@@ -13,7 +13,6 @@ so timing does not reveal which (or how much of a) hash matched. The file is re-
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fedtensor.errors import FedtensorError
+from fedtensor.io.atomic import locked
 from fedtensor.serve.store import fsync_path, utc_now
 
 CLIENTS_FILE = "clients.json"
@@ -116,15 +116,9 @@ class TokenRegistry:
         """The registry's read-modify-write, one at a time: across threads, and across processes (two
         ``fedtensor serve --add-client`` at once, or one beside a running server) by ``flock``, so that no
         registration or revocation is lost to another's write."""
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path.parent / ".clients.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, locked(self.path.parent / ".clients.lock"):
+            yield
 
     def _save(self, entries: dict[str, dict]) -> None:
         write_private(self.path, json.dumps({"clients": entries}, indent=2, sort_keys=True).encode())

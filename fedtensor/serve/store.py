@@ -21,7 +21,6 @@ swept away by the next publisher. Versions are never modified or deleted.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fedtensor.errors import FedtensorError
+from fedtensor.io.atomic import locked
 
 MODEL_FILE = "model.safetensors"  # = fedtensor.nn.checkpoint.MODEL_FILE (not imported: that pulls in JAX)
 MANIFEST_FILE = "model.json"
@@ -167,14 +167,8 @@ class ModelStore:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """In-process lock + ``flock`` on root/.lock (other processes publishing into the same store)."""
-        with self._lock:
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+        with self._lock, locked(self.root / ".lock"):
+            yield
 
     # -- reading -----------------------------------------------------------------------------------
 
