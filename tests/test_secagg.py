@@ -110,22 +110,14 @@ def test_shamir_threshold_and_consistency():
         assert shamir.combine({x: sh[x] for x in subset}, 3) == secret
     with pytest.raises(SecAggError, match="need 3"):
         shamir.combine({3: sh[3], 7: sh[7]}, 3)
-    # 5 shares, t = 3: one wrong share anywhere is corrected (it was an abort, blaming whichever share
-    # the first three's polynomial missed); two are detected, and no party is named for them
+    # a wrong share anywhere is detected; no party is named (it cannot be told which share is wrong, nor
+    # whether its holder or the dealer is to blame: naming one blamed honest clients)
     for wrong in xs:
         bad = dict(sh)
         bad[wrong] = bytes([sh[wrong][0] ^ 1]) + sh[wrong][1:]
-        assert shamir.combine(bad, 3) == secret
-    bad = dict(sh)
-    for wrong in (3, 12):
-        bad[wrong] = bytes([sh[wrong][0] ^ 1]) + sh[wrong][1:]
-    with pytest.raises(SecAggError, match="inconsistent") as e:
-        shamir.combine(bad, 3)
-    assert "party" not in str(e.value)
-    bigger = shamir.split(secret, 4, list(range(1, 13)), rng)  # 12 shares, t = 4: four wrong ones corrected
-    for wrong in (1, 2, 5, 11):
-        bigger[wrong] = bytes(shamir.SHARE_BYTES)
-    assert shamir.combine(bigger, 4) == secret
+        with pytest.raises(SecAggError, match="inconsistent") as e:
+            shamir.combine(bad, 3)
+        assert "party" not in str(e.value)
     with pytest.raises(SecAggError, match="32 bytes"):
         shamir.split(b"short", 3, xs, rng)
 

@@ -904,3 +904,16 @@ def test_token_registry_is_safe_across_processes(tmp_path):
         ids = [i for got in pool.map(_add_clients, jobs) for i in got]
     names = {p.name: p.id for p in TokenRegistry(d).clients()}
     assert len(names) == 40 and sorted(names.values()) == sorted(ids) == list(range(1, 41))
+
+
+def test_a_stale_rounds_error_names_the_open_round_or_none(svc):
+    octet = {"Content-Type": "application/octet-stream"}
+    for _ in range(2):
+        rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b"], "threshold": 2}).json["round"]
+        assert svc.post(f"/rounds/{rid}/abort", who="admin").status_code == 200
+    stale = AdvertiseKeys(rid - 1, svc.ids["a"], _public_key(), _public_key())
+    r = svc.post(f"/rounds/{rid - 1}/advertise", who="a", data=encode(stale), headers=octet)
+    assert r.status_code == 409 and "no round is open" in r.json["error"], r.json
+    now = svc.post("/rounds", who="admin", json={"clients": ["a", "b"], "threshold": 2}).json["round"]
+    r = svc.post(f"/rounds/{rid - 1}/advertise", who="a", data=encode(stale), headers=octet)
+    assert r.status_code == 409 and f"the current round is {now}" in r.json["error"], r.json

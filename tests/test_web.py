@@ -711,3 +711,5 @@ def test_display_names_keep_any_script_and_drop_controls():
 
     assert display_name("脑部扫描.nii.gz") == "脑部扫描.nii.gz" and display_name("tést é.nii") == "tést é.nii"
     assert display_name("../../etc/passwd") == "passwd" and display_name("a\u202eb\x00.nii") == "a_b_.nii"
+    assert display_name("हिंदी स्कैन.nii.gz") == "हिंदी स्कैन.nii.gz"  # combining marks are kept
+    assert display_name("te\u0301st.nii") == "tést.nii"  # macOS's decomposed é, composed

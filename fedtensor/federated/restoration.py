@@ -66,7 +66,7 @@ from fedtensor.nn.checkpoint import (
 from fedtensor.nn.data import Batch, PatchSampler, Source, intensity_kinds, training_sources
 from fedtensor.nn.model import NetConfig, abstract_net
 from fedtensor.nn.train import (TrainConfig, Trainer, clear_run, export_model, finite_epoch, model_bytes,
-                                read_state_meta, run_directory)
+                                mark_run, read_state_meta, run_directory)
 from fedtensor.nn.train import plot_history as nn_plot_history
 from fedtensor.nn.train import write_history as train_history
 
@@ -379,6 +379,7 @@ def _federate(paths: Sequence[Path] | None, out_dir: Path, cfg: FederateConfig, 
 
     emit("start", {"rounds": cfg.rounds, "start_round": start, "clients": cfg.clients, "train_volumes": train_labels,
                    "val_volumes": val_labels, "partition": alloc.tolist()})
+    mark_run(out_dir)
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         chosen = sample_clients(cfg.clients, cfg.sample_fraction, np.random.default_rng([cfg.seed, rnd, 1]))

@@ -158,17 +158,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool = Fa
 def locked(path: str | os.PathLike, *, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``path`` (a lock file, created if needed, or a directory) while the
     block runs, against other processes. Yields True; with ``wait=False`` yields False at once when another
-    process holds it (and the block runs unlocked: the caller decides)."""
+    process holds it (and the block runs unlocked: the caller decides).
+
+    A directory on a filesystem that cannot lock one (NFS emulates ``flock`` with write locks, which a
+    directory opened read-only cannot take) is not locked: the block runs, unprotected, as before."""
     import fcntl
 
     p = Path(path)
-    fd = os.open(p, os.O_RDONLY) if p.is_dir() else os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+    directory = p.is_dir()
+    fd = os.open(p, os.O_RDONLY) if directory else os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
+        except OSError:
+            if not directory:
+                raise
         yield True
     finally:
         os.close(fd)  # releases the lock

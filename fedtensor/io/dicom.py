@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -85,17 +86,28 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
+_MUTED = {"readers": 0, "was": False}
+_MUTED_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _pydicom_log_muted():
     """pydicom logs every warning it issues; while a file is read its warnings are caught instead,
-    to become the error's cause or be re-issued, so the log would only repeat them."""
+    to become the error's cause or be re-issued, so the log would only repeat them. (Counted: readers
+    in several threads, e.g. the web server's, overlap; the last one out restores the logger.)"""
     logger = logging.getLogger("pydicom")
-    was = logger.disabled
-    logger.disabled = True
+    with _MUTED_LOCK:
+        if _MUTED["readers"] == 0:
+            _MUTED["was"] = logger.disabled
+            logger.disabled = True
+        _MUTED["readers"] += 1
     try:
         yield
     finally:
-        logger.disabled = was
+        with _MUTED_LOCK:
+            _MUTED["readers"] -= 1
+            if _MUTED["readers"] == 0:
+                logger.disabled = _MUTED["was"]
 
 
 def _read_datasets(directory: Path) -> list[tuple[str, object]]:

@@ -326,18 +326,25 @@ def clear_run(out_dir: Path) -> None:
 def run_directory(out_dir: Path, resume: bool) -> Iterator[None]:
     """``out_dir`` held by this run (``train`` or ``federate``) while it runs.
 
-    Created if needed and locked (``flock`` on the directory): a second run into it is refused while the first holds it,
-    instead of both writing and reporting success. Without ``--force`` (``resume``), a directory that
-    holds a model but no checkpoint — a fetched or published model, a weights-service version — is
-    refused, never overwritten."""
+    Created if needed and locked (``flock`` on the directory): a second run into it is refused while the
+    first holds it, instead of both writing and reporting success. Without ``--force`` (``resume``), a
+    directory that holds a model but no checkpoint directory — a fetched or published model, a
+    weights-service version — is refused, never overwritten. (A run makes its checkpoint directory
+    before it first exports a model: see :func:`mark_run`.)"""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if resume and (out_dir / MODEL_FILE).exists() and not (out_dir / STATE_DIR / STATE_JSON).exists():
-        raise ModelError(f"{out_dir} holds a model but no training checkpoint (a fetched or published model?); "
-                         "use another --out, or --force to replace it")
     with locked(out_dir, wait=False) as mine:  # the directory itself: no lock file is left in it
         if not mine:
             raise ModelError(f"{out_dir} is in use by another training or federated run")
+        if resume and (out_dir / MODEL_FILE).exists() and not (out_dir / STATE_DIR).is_dir():
+            raise ModelError(f"{out_dir} holds a model but no training checkpoint (a fetched or published model?); "
+                             "use another --out, or --force to replace it")
         yield
+
+
+def mark_run(out_dir: Path) -> None:
+    """Make the run's checkpoint directory before its first model export: a run cut off between that
+    export and its first checkpoint is still known as a run (and resumes) by :func:`run_directory`."""
+    (out_dir / STATE_DIR).mkdir(exist_ok=True)
 
 
 def read_state_meta(sd: Path, kind: str, fp: str, fields: dict) -> dict:
@@ -463,6 +470,7 @@ def _train(paths: Sequence[Path] | None, out_dir: Path, cfg: TrainConfig, *,
     else:
         params, opt_state = trainer.init_state()
 
+    mark_run(out_dir)
     spe = cfg.steps_per_epoch
     emit("start", {"epochs": cfg.epochs, "steps_per_epoch": spe, "start_epoch": start_epoch,
                    "train_volumes": train_labels, "val_volumes": val_labels, "params": param_count_state(params),

@@ -116,7 +116,7 @@ class TokenRegistry:
         """The registry's read-modify-write, one at a time: across threads, and across processes (two
         ``fedtensor serve --add-client`` at once, or one beside a running server) by ``flock``, so that no
         registration or revocation is lost to another's write."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the token file
         with self._lock, locked(self.path.parent / ".clients.lock"):
             yield
 

@@ -386,7 +386,7 @@ class RoundCoordinator:
         if rd is None or r != rd.number:
             if r > last:
                 raise RoundError(409, f"round {r} has not started (the last round is {last})")
-            if rd is None:  # closed, aborted, or lost to a restart of the server: none is open
+            if rd is None or rd.status != "open":  # the last one closed or aborted, or lost to a restart
                 raise RoundError(409, f"round {r} is over (stale); no round is open")
             raise RoundError(409, f"round {r} is over (stale); the current round is {rd.number}")
         if rd.status != "open" and not allow_closed:

@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import struct
+import unicodedata
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -34,7 +35,9 @@ class UploadError(FedtensorError):
 def display_name(name: str | None) -> str:
     """A short, printable version of the client's file name (for messages and download names only)."""
     base = re.split(r"[\\/]", name or "")[-1]
-    base = re.sub(r"[^\w. -]", "_", base).strip(" .")  # letters of any script; no controls or marks
+    base = unicodedata.normalize("NFC", base)  # (macOS writes é as e + a combining accent)
+    # letters, marks and digits of any script, and "._ -"; controls, format characters and the rest: "_"
+    base = "".join(c if c in "._ -" or unicodedata.category(c)[0] in "LMN" else "_" for c in base).strip(" .")
     return base[:80] or "upload"
 
 

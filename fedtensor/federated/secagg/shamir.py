@@ -6,14 +6,13 @@ share for the party with id ``x`` (the evaluation point, 1 ≤ x < p) is therefo
 written as 3 × 16 little-endian bytes = :data:`SHARE_BYTES` bytes.
 
 Any ``t`` shares determine the secret (Lagrange interpolation at 0); ``t − 1`` shares are independent
-of it (information-theoretic). When more than ``t`` shares are supplied, :func:`combine` uses the
-redundancy: up to ``(n − t) // 2`` wrong shares are corrected, and more are detected (an error) instead
-of silently yielding a wrong secret.
+of it (information-theoretic). When more than ``t`` shares are supplied, :func:`combine` interpolates
+from the first ``t`` and checks that every other share lies on the same polynomial, so a corrupted
+share is detected instead of silently yielding a wrong secret.
 """
 
 from __future__ import annotations
 
-import itertools
 from functools import lru_cache
 from typing import Callable, Mapping, Sequence
 
@@ -92,49 +91,29 @@ def _parse(share: bytes) -> list[int]:
     return vals
 
 
-#: Most candidate polynomials :func:`combine` tries when some shares are wrong (each costs O(n·t²)).
-_MAX_CANDIDATES = 512
-
-
-def _candidate_bases(xs: Sequence[int], t: int):
-    """Sets of ``t`` points to interpolate from: the first ``t``, then the first ``t + k`` less ``k`` of
-    them (k = 1, 2, …), so that a few wrong shares anywhere are left out by some candidate."""
-    yield tuple(xs[:t])
-    tries = 1
-    for k in range(1, len(xs) - t + 1):
-        for left_out in itertools.combinations(range(t + k), k):
-            if tries >= _MAX_CANDIDATES:
-                return
-            tries += 1
-            yield tuple(x for i, x in enumerate(xs[:t + k]) if i not in left_out)
-
-
 def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """Recover the secret from at least ``threshold`` shares ``{x: share}``, correcting wrong ones.
+    """Recover the secret from at least ``threshold`` shares ``{x: share}``.
 
-    With ``n`` shares, up to ``(n − t) // 2`` wrong shares are corrected (unique decoding of the
-    Reed–Solomon code the shares form): the secret is that of the one polynomial of degree ``t − 1``
-    on which at least ``(n + t) / 2`` shares lie, found among candidate interpolations. A wrong share
-    cannot be blamed on its holder (the dealer may have sent it wrong), so none is named.
+    Interpolates from the first ``t`` and checks that every other share lies on the same polynomial. A
+    wrong share is detected, not located: from the first ``t`` alone it cannot be told which share is the
+    wrong one, nor whether its holder or the dealer is to blame, so no party is named.
 
-    Raises :class:`SecAggError` when there are too few shares or too many wrong ones."""
-    t = threshold
-    if len(shares) < t:
-        raise SecAggError(f"need {t} Shamir shares, have {len(shares)}")
+    Raises :class:`SecAggError` when there are too few shares or when they are inconsistent."""
+    if len(shares) < threshold:
+        raise SecAggError(f"need {threshold} Shamir shares, have {len(shares)}")
     xs = sorted(shares)
     _check_points(xs)
+    base, extra = tuple(xs[:threshold]), xs[threshold:]
     vals = {x: _parse(shares[x]) for x in xs}
-    need = -(-(len(xs) + t) // 2)
-    for base in _candidate_bases(xs, t):
-        rows = [[vals[x][k] for x in base] for k in range(N_CHUNKS)]
-        others = [x for x in xs if x not in base]  # the base's own shares lie on its polynomial
-        agree = t + sum(all(sum(w * y for w, y in zip(_lagrange_weights(base, x), ys)) % PRIME == vals[x][k]
-                            for k, ys in enumerate(rows)) for x in others)
-        if agree < need:
-            continue
-        w0 = _lagrange_weights(base, 0)
-        secret = [sum(w * y for w, y in zip(w0, ys)) % PRIME for ys in rows]
-        if any(s >> (8 * clen) for s, clen in zip(secret, _CHUNK_LENS)):
-            break  # the shares' polynomial holds no secret of ours: dealt wrong
-        return b"".join(s.to_bytes(clen, "little") for s, clen in zip(secret, _CHUNK_LENS))
-    raise SecAggError("inconsistent Shamir shares (too many are off every polynomial of the threshold's degree)")
+    w0 = _lagrange_weights(base, 0)
+    checks = [(x, _lagrange_weights(base, x)) for x in extra]
+    out = bytearray()
+    for k, clen in enumerate(_CHUNK_LENS):
+        ys = [vals[x][k] for x in base]
+        s = sum(w * y for w, y in zip(w0, ys)) % PRIME
+        if any(sum(w * y for w, y in zip(wx, ys)) % PRIME != vals[x][k] for x, wx in checks):
+            raise SecAggError("inconsistent Shamir shares (not all on one polynomial of the threshold's degree)")
+        if s >> (8 * clen):
+            raise SecAggError("inconsistent Shamir shares (reconstructed value out of range)")
+        out += s.to_bytes(clen, "little")
+    return bytes(out)
