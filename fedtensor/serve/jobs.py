@@ -187,9 +187,10 @@ class JobManager:
                 job.compare_state, job.compare_stage = "failed", _one_line(e)
         finally:
             job.volume = None
-            job.finished.set()
-            if job.id not in self._jobs:  # deleted while it ran
-                shutil.rmtree(job.dir, ignore_errors=True)
+            with self._lock:  # against delete(): one of the two removes the files, before "finished"
+                if job.id not in self._jobs:  # deleted while it ran
+                    shutil.rmtree(job.dir, ignore_errors=True)
+                job.finished.set()
 
     # -- clean-up ------------------------------------------------------------------------------
     def delete(self, sid: str, jid: str) -> bool:
@@ -198,8 +199,9 @@ class JobManager:
             if job is None or job.sid != sid:
                 return False
             del self._jobs[jid]
+            finished = job.finished.is_set()
         job.cancelled.set()
-        if job.finished.is_set():
+        if finished:
             shutil.rmtree(job.dir, ignore_errors=True)
         return True  # a running job's files go when it finishes
 
