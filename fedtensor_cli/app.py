@@ -157,7 +157,8 @@ def _compress_one(
     else:
         data = compress(vol, codec=codec, block=block, **_codec_kwargs(mode, target))
     encode_s = perf_counter() - t0
-    restored, warning = None, _exact_note(read_info(data), model)
+    info = read_info(data)  # (checksums the stream: once, and again only if tagging re-packs it)
+    restored, warning = None, _exact_note(info, model)
     if warning:
         model = None  # an exact stream: neither restored nor tied to the model
     if model is not None:
@@ -165,16 +166,16 @@ def _compress_one(
         from fedtensor.nn import restore, tag_stream
 
         decoded = decompress(data)
-        restored = quality(vol.data, restore(decoded, read_info(data), model, tta=tta).data)
+        restored = quality(vol.data, restore(decoded, info, model, tta=tta).data)
         plain_db = float(psnr_of(vol.data, decoded.data))
-        if read_info(data).get("model") == model.model_id:
+        if info.get("model") == model.model_id:
             pass  # compress_for_quality chose a stream that counts on the restoration: it says so
         elif restored["psnr_db"] < plain_db:  # do not tie the stream to a model that lowers its quality
             warning = (f"restoration model {model.short_id}… lowers this volume's PSNR ({plain_db:.2f} → "
                        f"{restored['psnr_db']:.2f} dB): the stream is not tied to it")
         else:  # the plain stream (or --bpv): record the model it was measured with
             data = tag_stream(data, model.model_id, {"psnr": restored["psnr_db"], "tta": tta})
-    info = read_info(data)
+            info = read_info(data)
     figures, decode_s = quality_from_stats(info.get("stats"), ssim=ssim), None
     if figures is None:  # not all recorded by the codec (SSIM never is): decode and measure
         t0 = perf_counter()
