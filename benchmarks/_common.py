@@ -361,24 +361,15 @@ def _json_default(o: Any):
     return str(o)
 
 
-def _clean_floats(o: Any):
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(o, float) and (math.isinf(o) or math.isnan(o)):
-        return str(o)
-    if isinstance(o, dict):
-        return {k: _clean_floats(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean_floats(v) for v in o]
-    return o
-
-
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON (inf/nan as strings, numpy scalars as numbers)."""
+    from fedtensor.jsonable import jsonable
+
     p = Path(path)
     if p.parent and not p.parent.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w") as f:
-        json.dump(_clean_floats(obj), f, indent=2, default=_json_default)
+        json.dump(jsonable(obj), f, indent=2, default=_json_default)
         f.write("\n")
 
 

@@ -132,12 +132,12 @@ def run_command(volumes, targets, codecs, out: Path, jobs: int, *, figures: bool
     if json_out:
         import json
 
-        from fedtensor.bench.harness import _jsonable
+        from fedtensor.jsonable import jsonable
 
         brief = {k: summary[k] for k in ("wall_s", "status_counts", "bd_rate", "errors", "figures")}
         keys = ("volume", "codec", "target", "status", "bpv", "psnr", "ssim", "encode_mvox_s", "decode_mvox_s")
         brief["cells"] = [{k: c.get(k) for k in keys} for c in summary.get("cells", [])]  # the rest: results.json
-        print(json.dumps({"command": "bench", "out": str(cfg.out), **_jsonable(brief)}))
+        print(json.dumps({"command": "bench", "out": str(cfg.out), **jsonable(brief)}))
     else:
         print_summary(summary, cfg)
     return summary

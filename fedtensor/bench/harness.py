@@ -32,6 +32,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from fedtensor.errors import RateError
+from fedtensor.jsonable import jsonable
 
 CELLS_FILE = "cells.jsonl"
 LOSSLESS = "lossless"
@@ -172,23 +173,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_cells(out: Path, cells: dict[str, dict]) -> None:
-    lines = [json.dumps(_jsonable(c), sort_keys=True, allow_nan=False) for c in cells.values()]
+    lines = [json.dumps(jsonable(c), sort_keys=True, allow_nan=False) for c in cells.values()]
     write_text_atomic(Path(out) / CELLS_FILE, "\n".join(lines) + ("\n" if lines else ""))
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating, float)):
-        f = float(o)
-        return f if math.isfinite(f) else ("inf" if f > 0 else ("-inf" if f < 0 else "nan"))
-    if isinstance(o, Path):
-        return str(o)
-    return o
 
 
 def num(x) -> float | None:

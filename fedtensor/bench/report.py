@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fedtensor.bench.bdrate import bd_psnr, bd_rate
-from fedtensor.bench.harness import LOSSLESS, _jsonable, num, target_key, write_text_atomic
+from fedtensor.bench.harness import LOSSLESS, num, target_key, write_text_atomic
+from fedtensor.jsonable import jsonable
 
 ANCHOR = "fedtensor"
 CSV_COLUMNS = (
@@ -278,6 +279,6 @@ def write_reports(cfg, specs, cells: dict[str, dict], *, wall_s: float, jobs: in
         "tasks": task_log, "errors": errors, "figures": figures,
         "cells": rows,
     }
-    write_text_atomic(out / "results.json", json.dumps(_jsonable(summary), indent=1, allow_nan=False) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n")
     summary["summary_md"] = summary_md
     return summary

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 
 from fedtensor.errors import FormatError
+from fedtensor.jsonable import jsonable
 
 MAGIC = b"FTZ1"
 FORMAT_VERSION = 2  # 2: block-tucker coded in slabs along axis 0, categorical chunk coding
@@ -24,21 +24,10 @@ _HASH_BYTES = 32
 MAX_HEADER_BYTES = 16 << 20
 
 
-def _strict(value):
-    """``value`` with every non-finite float as the string ``"inf"``, ``"-inf"`` or ``"nan"``: JSON has no
-    such numbers (Python's ``Infinity`` is an extension strict parsers refuse)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def pack(header: dict, sections: list[bytes]) -> bytes:
     """Serialise ``header`` (JSON-able) and payload ``sections`` into one ``.ftz`` byte string."""
-    header = {**_strict(header), "sections": [len(s) for s in sections]}
+    # strict JSON: Python's Infinity is an extension strict parsers refuse
+    header = {**jsonable(header), "sections": [len(s) for s in sections]}
     blob = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
     body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob)), blob, *sections])
     return body + hashlib.sha256(body).digest()
