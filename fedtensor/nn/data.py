@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from fedtensor import __version__
+from fedtensor.io.atomic import atomic_write_bytes
 from fedtensor.nn.checkpoint import ModelError
 from fedtensor.nn.model import ALIGN, IN_CHANNELS
 from fedtensor.nn.normalize import (
@@ -148,9 +149,8 @@ def encode_decode(volume, codec: str, target: float, block, cache_dir: Path | No
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, decoded=decoded, info=np.array(json.dumps(info)))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
+        # A temp file of its own: runs sharing a cache (parallel folds) may write one entry at once.
+        atomic_write_bytes(path, buf.getvalue(), force=True)
     return decoded, info
 
 
