@@ -151,8 +151,8 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
         if adapted_modes:  # the stream itself, to which the layer's header is added
             blob = compress(vol, psnr=t, codec=codec)
             if read_info(blob)["bits_per_voxel"] != info["bits_per_voxel"]:
-                # Another process's encoding (GPU reductions may order sums differently run to run, and a
-                # step on a rate boundary then rounds the other way): evaluate this stream throughout.
+                # Another process's encoding: on a GPU the rate search can land on a neighbouring step from
+                # one process to the next (docs/bench/gpu_h100.md). Evaluate this stream throughout.
                 log(f"  {label} @ {t} dB: the cached decoded volume is not this encoding's; using this one")
                 info = {k: v for k, v in read_info(blob).items() if k != "affine"}
                 decoded = decompress(blob).data
