@@ -3,17 +3,19 @@
 # first one process per volume fills the shared cache of (decoded, original) pairs, then each held-out
 # CT trains and is evaluated in its own process (one GPU, the host's cores shared between them).
 #   FEDTENSOR_DATA=... benchmarks/gpu_restoration.sh
-# ARGS: restoration.py options for every fold (default: a 4x wider net, channels 32/64, than the CPU runs);
-# FOLD_LIMIT: seconds each fold may take. One log (lines prefixed by the fold) and one JSON per fold,
-# plus the trained models (model.json + weights) as models.tar, go to $OUT (default ./gpu-results).
+# ARGS: restoration.py options for every fold (default: channels 32/64, 3.5x the parameters of the CPU
+# runs' net; add --eval-only to evaluate models already in RUN). FOLD_LIMIT: seconds each fold may take
+# (on one H100 the four folds trained in 5 min together; evaluating them there takes several more).
+# One log (lines prefixed by the fold) and one JSON per fold, plus the trained models (model.json +
+# weights) as models.tar, go to $OUT (default results/gpu). See docs/bench/gpu_h100.md.
 set -u
-OUT=$(realpath -m "${OUT:-gpu-results}")
+OUT=$(realpath -m "${OUT:-results/gpu}")
 RUN=${RUN:-results/restoration_gpu}
 VOLUMES=${VOLUMES:-"ct_chest.nii.gz ct_abdomen.nii.gz ct_head_uint8.nii.gz ct_series_dicom"}
 VAL=${VAL:-mr_brain_gd.nii.gz}
 ARGS=${ARGS:-"--codecs block-tucker --epochs 30 --patience 5 --channels 32 64 --batch 16 --patches-per-epoch 6400"}
 PAIRS_LIMIT=${PAIRS_LIMIT:-150}
-FOLD_LIMIT=${FOLD_LIMIT:-420}
+FOLD_LIMIT=${FOLD_LIMIT:-1800}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # several JAX processes share the GPU
 mkdir -p "$OUT" "$RUN"
 echo "=== pairs $(date +%T)"

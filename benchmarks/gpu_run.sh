@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One batch of the GPU figures (kernels, codec throughput next to OpenJPEG, federated vmap vs loop,
 # restoration speed, the kernel/streaming tests on the GPU), each step under its own time limit so one
-# slow step cannot eat the rest. Logs and JSON go to $OUT (default ./gpu-results).
+# slow step cannot eat the rest. Logs and JSON go to $OUT (default results/gpu, which git ignores).
 #   FEDTENSOR_DATA=... J2K_LEVELS="L256 L512" benchmarks/gpu_run.sh
 # J2K_LEVELS: OpenJPEG levels for the throughput shapes found by an earlier (CPU) run of
 # `benchmarks/throughput.py --no-fedtensor` — the volumes are deterministic, so the bisection need not
 # be repeated on the GPU machine. STEPS picks a subset; SHAPES and FED_ARGS change those steps' sizes.
 set -u
-OUT=${OUT:-gpu-results}
+OUT=${OUT:-results/gpu}
 STEPS=${STEPS:-"kernels throughput federated restoration_speed gpu_tests"}
 SHAPES=${SHAPES:-"256x256x256 512x512x512"}
 FED_ARGS=${FED_ARGS:-"--clients 8 32 128 --chunk 128"}
