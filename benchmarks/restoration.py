@@ -141,24 +141,22 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
     if args.adapted:
         modes += ["adapted", "adapted-tta"] if args.tta else ["adapted"]
     rows, speed = [], {}
+    adapted_modes = [m for m in modes if m.startswith("adapted")]
     for t in args.targets:
         decoded, info = encode_decode(vol, codec, t, None, cache, label)
+        if adapted_modes:  # the stream itself, to which the layer's header is added
+            blob = compress(vol, psnr=t, codec=codec)
+            fresh = read_info(blob)
+            if fresh["bits_per_voxel"] != info["bits_per_voxel"]:
+                # Another process's encoding: on a GPU the rate search can land on a neighbouring step from
+                # one process to the next (docs/bench/gpu_h100.md). Evaluate this stream throughout.
+                log(f"  {label} @ {t} dB: the cached decoded volume is not this encoding's; using this one")
+                info = {k: v for k, v in fresh.items() if k != "affine"}
+                decoded = decompress(blob).data
         dvol = Volume(decoded, vol.spacing, vol.affine, {})
         p0, s0 = psnr(orig, decoded), float(ssim3d(orig, decoded))
         row = {"target_db": t, "block": info["params"].get("block"), "bpv": info["bits_per_voxel"], "psnr": p0, "ssim": s0}
         adapted_runs = {}  # mode → (layer name, stream info, bpv with header, fit seconds)
-        adapted_modes = [m for m in modes if m.startswith("adapted")]
-        if adapted_modes:  # the stream itself, to which the layer's header is added
-            blob = compress(vol, psnr=t, codec=codec)
-            if read_info(blob)["bits_per_voxel"] != info["bits_per_voxel"]:
-                # Another process's encoding: on a GPU the rate search can land on a neighbouring step from
-                # one process to the next (docs/bench/gpu_h100.md). Evaluate this stream throughout.
-                log(f"  {label} @ {t} dB: the cached decoded volume is not this encoding's; using this one")
-                info = {k: v for k, v in read_info(blob).items() if k != "affine"}
-                decoded = decompress(blob).data
-                dvol = Volume(decoded, vol.spacing, vol.affine, {})
-                p0, s0 = psnr(orig, decoded), float(ssim3d(orig, decoded))
-                row.update(block=info["params"].get("block"), bpv=info["bits_per_voxel"], psnr=p0, ssim=s0)
         for mode in adapted_modes:
             # The encoder's fit of the output layer, sent in the header (its bytes counted), and its
             # choice of layer as compress_for_quality makes it: the one that saves more bits at equal PSNR
