@@ -15,8 +15,9 @@ For each codec (block-tucker, and the paper's omlsvd-global) and each held-out C
 
 Every figure is given for plain restoration and (``--tta``, default) for test-time augmentation: the
 mean correction over the 8 mirrored versions of the volume (8× the inference time); and (``--adapted``,
-default) with the output layer the encoder fits to the stream (:mod:`fedtensor.nn.adapt`), the small or
-the large one, whichever saves more bits, without and with test-time augmentation; its header bytes
+default) with the output layer the encoder fits to the stream (:mod:`fedtensor.nn.adapt`): of the small
+and the large one, each also in intensity classes, whichever saves more bits, without and with
+test-time augmentation; its header bytes
 are counted in that mode's bpv. It also reports the
 training throughput (patches/s, steady state, first step excluded) and the inference speed (MVoxel/s
 of ``restore`` on the held-out volume, after a warm-up call, so compilation is excluded).
@@ -80,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--adapted", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the encoder-fitted output layer (fedtensor.nn.adapt), its header bytes "
                         "counted in bpv")
+    p.add_argument("--modes", nargs="+", choices=["plain", "tta", "adapted", "adapted-tta"], default=None,
+                   help="evaluate only these of the modes --tta / --adapted enable (e.g. after a change to one)")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate the models already in OUT/models as they are (no training, whatever settings "
                         "they were trained with)")
@@ -140,6 +143,7 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
     modes = ["plain", "tta"] if args.tta else ["plain"]
     if args.adapted:
         modes += ["adapted", "adapted-tta"] if args.tta else ["adapted"]
+    modes = [m for m in modes if args.modes is None or m in args.modes]
     rows, speed = [], {}
     adapted_modes = [m for m in modes if m.startswith("adapted")]
     for t in args.targets:
@@ -166,7 +170,7 @@ def run_fold(args, codec: str, held: Path, others: list[Path], val: list[Path]) 
             found = fit(model, decoded, info, orig, tile=args.tile, tta=tta)
             fit_s = time.perf_counter() - t1
             layers = []
-            for name, (coef, sse) in (("small", found.small), ("large", found.large)):
+            for name, (coef, sse) in found.layers.items():
                 tagged = tag_stream(blob, model.model_id, adaptation=coef, adaptation_tta=tta)
                 bpv = C.bits_per_voxel(len(tagged), orig.size)
                 predicted = psnr_from_sse(sse, orig.size, C.value_range(orig))

@@ -222,7 +222,10 @@ def _info_value(key: str, value: Any) -> str:
     if isinstance(layer, str):  # base64 float16 coefficients: their count says enough
         size = len(layer) * 3 // 4 - layer[-2:].count("=")
         tta = " (for test-time augmentation)" if value.get("tta") is True else ""
-        return f"restoration output layer fitted to this stream: {size // 2} float16 coefficients{tta}"
+        classes = value.get("classes")
+        n = len(classes) + 1 if isinstance(classes, list) and classes else 1
+        per = f" in {n} intensity classes" if n > 1 else ""
+        return f"restoration output layer fitted to this stream: {size // 2} float16 coefficients{per}{tta}"
     return "—" if value is None else _compact(value)
 
 

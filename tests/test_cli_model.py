@@ -192,7 +192,7 @@ def test_a_stream_with_a_fitted_layer_is_restored_with_it(ct_crop, stream, rando
     """decompress/evaluate --model use the output layer the encoder fitted (fedtensor.nn.adapt); info
     summarises it instead of printing its base64."""
     from fedtensor.nn import tag_stream
-    from fedtensor.nn.adapt import encode_adaptation, fit_adaptation
+    from fedtensor.nn.adapt import encode_adaptation, fit, fit_adaptation
 
     data, model = stream.read_bytes(), load_model(random_model)
     decoded, orig = decompress(data), np.load(ct_crop)
@@ -209,6 +209,16 @@ def test_a_stream_with_a_fitted_layer_is_restored_with_it(ct_crop, stream, rando
     shown = run("info", tagged)
     assert shown.exit_code == 0 and "output layer fitted" in shown.stdout and "408 float16" in shown.stdout
     assert encode_adaptation(coef)["layer"][:24] not in shown.stdout
+    # a layer in intensity classes: used by decompress, summarised by info
+    layers = fit(model, decoded.data, read_info(data), orig).layers
+    name = max((k for k in layers if k.startswith("small/")), key=lambda k: int(k.split("/")[1]))
+    classed = layers[name][0]
+    tagged.write_bytes(tag_stream(data, model.model_id, adaptation=classed))
+    run_json("decompress", tagged, tmp_path / "c.npy", "--model", random_model)
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), restore(decoded, read_info(tagged.read_bytes()), model).data)
+    assert psnr(orig, np.load(tmp_path / "c.npy")) > psnr(orig, decoded.data)
+    shown = run("info", tagged)
+    assert f"in {classed.coef.shape[0]} intensity classes" in shown.stdout
 
 
 def test_an_exact_stream_is_neither_restored_nor_tied_to_the_model(ct_crop, identity_model, tmp_path):

@@ -40,7 +40,7 @@ from fedtensor.nn import (
 )
 from fedtensor.nn.data import PatchSampler, Source, make_pairs, prefetched_batches, split_by_volume
 from fedtensor.nn.infer import RestorationModel, correction_map, model_from_bytes
-from fedtensor.nn.model import RECEPTIVE_RADIUS, conv3d, half_resolution_kernel, space_to_depth
+from fedtensor.nn.model import RECEPTIVE_RADIUS, OutputLayer, conv3d, half_resolution_kernel, space_to_depth
 from fedtensor.nn.normalize import assemble_input, block_phases, normaliser_for, operating_point
 from fedtensor.nn.train import Trainer
 
@@ -669,8 +669,8 @@ def test_adaptation_is_used_only_with_its_model_and_checked(rmodel, adapted_case
     vol, data, info, dec, coef = adapted_case
     tagged_info = read_info(tag_stream(data, rmodel.model_id, adaptation=coef))
     got, tta = stream_adaptation(tagged_info, rmodel)
-    np.testing.assert_array_equal(got, coef)
-    assert tta is False
+    np.testing.assert_array_equal(got.coef, coef[None])
+    assert tta is False and got.thresholds.shape == (0,)
     other = read_info(tag_stream(data, "f" * 64, adaptation=coef))
     assert stream_adaptation(other, rmodel) is None  # fitted on another model's features: not applied
     np.testing.assert_array_equal(restore(dec, other, rmodel).data, restore(dec, info, rmodel).data)
@@ -681,8 +681,12 @@ def test_adaptation_is_used_only_with_its_model_and_checked(rmodel, adapted_case
     large = np.zeros((8, coef.shape[1] + 40), np.float32)
     large_info = read_info(tag_stream(data, rmodel.model_id, adaptation=large, adaptation_tta=True))
     got, tta = stream_adaptation(large_info, rmodel)
-    np.testing.assert_array_equal(got, large)
+    np.testing.assert_array_equal(got.coef, large[None])
     assert tta is True
+    classed = OutputLayer(np.stack([coef, -coef, 2 * coef]), np.array([0.25, 0.5], np.float32))
+    got, _ = stream_adaptation(read_info(tag_stream(data, rmodel.model_id, adaptation=classed)), rmodel)
+    np.testing.assert_array_equal(got.coef, classed.coef)
+    np.testing.assert_array_equal(got.thresholds, classed.thresholds)
     assert "fitted without test-time augmentation" in model_mismatch(tagged_info, rmodel, tta=True)
     assert "fitted with test-time augmentation" in model_mismatch(large_info, rmodel, tta=False)
     assert model_mismatch(tagged_info, rmodel, tta=False) is None and model_mismatch(large_info, rmodel) is None
@@ -700,6 +704,14 @@ def test_adaptation_is_used_only_with_its_model_and_checked(rmodel, adapted_case
         {"layer": 12, "tta": False},
         base64.b64encode(np.zeros(coef.size, "<f2").tobytes()).decode(),  # not an object
         12,
+        {**layer(np.zeros(coef.size, "<f2").tobytes()), "classes": [0.5]},  # one class's coefficients for two
+        {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": 0.5},
+        {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": ["a"]},
+        {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": [0.1]},  # not float16-exact
+        {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": [float("nan")]},
+        {**layer(np.zeros(3 * coef.size, "<f2").tobytes()), "classes": [0.5, 0.25]},  # not increasing
+        {**layer(np.zeros(3 * coef.size, "<f2").tobytes()), "classes": [0.5, 0.5]},
+        {**layer(np.zeros(10 * coef.size, "<f2").tobytes()), "classes": [k / 16 for k in range(9)]},  # too many
     ]
     for value in bad_values:
         with pytest.raises(FormatError, match="adaptation"):
@@ -752,6 +764,46 @@ def test_a_mirrored_layer_is_the_layer_of_the_mirrored_tile(rmodel):
     one = correction_map(rmodel, x, block, cond, tile=None, coef=filt)
     mean = correction_map(rmodel, x, block, cond, tile=None, coef=filt, tta=True)
     np.testing.assert_allclose(mean, one, atol=1e-5 * float(np.abs(one).max()), rtol=0)
+
+
+def test_a_classed_layer_applies_each_class_to_its_own_voxels(rmodel):
+    """Class j (intensity input at or above j thresholds) takes class j's coefficients: with the identity
+    layer below the threshold and nothing above, the correction is the plain net's where the voxel's
+    intensity is below it and zero elsewhere; with TTA too (a class moves with its voxel)."""
+    from fedtensor.nn.model import identity_adaptation
+
+    data = phantom((40, 36, 28), seed=10)
+    x, block, cond = net_features(data)
+    c1 = TINY.channels[0]
+    t = np.float32(np.float16(np.median(x[..., 0])))
+    below = x[..., 0] < t
+    assert 0.2 < below.mean() < 0.8
+    layer = OutputLayer(np.stack([identity_adaptation(c1), np.zeros((8, c1 + 3), np.float32)]), np.array([t]))
+    for tta in (False, True):
+        plain = correction_map(rmodel, x, block, cond, tile=None, tta=tta)
+        got = correction_map(rmodel, x, block, cond, tile=None, tta=tta, coef=layer)
+        np.testing.assert_allclose(got, np.where(below, plain, 0), atol=1e-5 * float(np.abs(plain).max()), rtol=0)
+
+
+def test_classed_layers_are_fitted_at_the_intensity_quantiles(rmodel, adapted_case):
+    from fedtensor.nn.adapt import CLASS_COUNTS, class_thresholds, fit
+
+    vol, data, info, dec, coef = adapted_case
+    found = fit(rmodel, dec.data, info, vol.data, tile=64)
+    classed = {k: v for k, v in found.layers.items() if "/" in k}
+    assert {k.split("/")[1] for k in classed} == {str(c) for c in CLASS_COUNTS}  # a smooth phantom: all distinct
+    for name, (layer, sse) in classed.items():
+        n = int(name.split("/")[1])
+        assert layer.coef.shape[:2] == (n, 8) and len(layer.thresholds) == n - 1
+        assert np.array_equal(layer.coef, layer.coef.astype(np.float16))
+        assert sse <= found.layers[name.split("/")[0]][1] * (1 + 1e-9)  # more classes never fit worse
+    # thresholds at quantiles; one at the minimum (an empty class) is dropped, repeated counts too
+    ramp = np.concatenate([np.zeros(600), np.linspace(0, 1, 400)]).astype(np.float32)
+    t = class_thresholds(ramp)
+    assert all(len(v) and v.min() > 0 for v in t.values())
+    assert len({tuple(v) for v in t.values()}) == len(t)
+    assert 2 not in t  # the median is the minimum here
+    np.testing.assert_array_equal(t[4], [np.float16(np.quantile(ramp, 0.75))])
 
 
 def test_fit_predicts_the_restored_errors(rmodel, adapted_case):

@@ -36,7 +36,7 @@ from fedtensor.nn.checkpoint import (
     safetensors_metadata,
     tree_from_bytes,
 )
-from fedtensor.nn.model import ALIGN, RECEPTIVE_RADIUS, NetConfig, RestorationNet, abstract_net, mirrored_adaptation
+from fedtensor.nn.model import ALIGN, RECEPTIVE_RADIUS, NetConfig, OutputLayer, RestorationNet, abstract_net
 from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser_for, operating_point, phase_of
 
 EDGE_PAD = 8
@@ -65,13 +65,15 @@ class RestorationModel:
     def short_id(self) -> str:
         return self.model_id[:12]
 
-    def apply(self, x: np.ndarray, cond: np.ndarray, coef: np.ndarray | None = None) -> np.ndarray:
+    def apply(self, x: np.ndarray, cond: np.ndarray, coef: OutputLayer | np.ndarray | None = None) -> np.ndarray:
         """The net on a batch: ``x (N,D,H,W,IN_CHANNELS)``, ``cond (N,4)`` → correction ``(N,D,H,W)``;
         with ``coef``, through the per-stream output layer (:mod:`fedtensor.nn.adapt`)."""
         x, cond = jnp.asarray(x, jnp.float32), jnp.asarray(cond, jnp.float32)
         if coef is None:
             return np.asarray(_run(*self._split(), x, cond))
-        return np.asarray(_run_adapted(*self._split(), x, cond, jnp.asarray(coef, jnp.float32)))
+        layer = OutputLayer.of(coef)
+        return np.asarray(_run_adapted(*self._split(), x, cond, jnp.asarray(layer.coef, jnp.float32),
+                                       jnp.asarray(layer.thresholds, jnp.float32)))
 
     def parts(self, x: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`~fedtensor.nn.model.RestorationNet.parts` on a batch, as numpy arrays."""
@@ -91,8 +93,8 @@ def _run(graphdef, state, x, cond):
 
 
 @partial(jax.jit, static_argnums=0)
-def _run_adapted(graphdef, state, x, cond, coef):
-    return nnx.merge(graphdef, state).adapted(x, cond, coef)[..., 0]
+def _run_adapted(graphdef, state, x, cond, coef, thresholds):
+    return nnx.merge(graphdef, state).adapted(x, cond, coef, thresholds)[..., 0]
 
 
 @partial(jax.jit, static_argnums=0)
@@ -195,17 +197,17 @@ def tile_input(xp: np.ndarray, phases, sl: tuple[slice, ...]) -> np.ndarray:
 MIRRORS = tuple(itertools.product((False, True), repeat=3))
 
 
-def tile_correction(model: RestorationModel, sub: np.ndarray, cond: np.ndarray, coef: np.ndarray | None = None,
+def tile_correction(model: RestorationModel, sub: np.ndarray, cond: np.ndarray, coef: OutputLayer | np.ndarray | None = None,
                     tta: bool = False) -> np.ndarray:
     """The correction of one assembled tile ``sub (1, D, H, W, IN_CHANNELS)`` (sides multiples of
     ``ALIGN``); ``tta``: the mean over the tile's 8 mirrored versions, each mirrored back (a per-stream
-    layer is mirrored with them, :func:`~fedtensor.nn.model.mirrored_adaptation`)."""
+    layer is mirrored with them, :meth:`~fedtensor.nn.model.OutputLayer.mirrored`)."""
     if not tta:
         return model.apply(sub, cond, coef)[0]
     out = np.zeros(sub.shape[1:4], np.float32)
     for flips in MIRRORS:
         axes = tuple(k for k in range(3) if flips[k])
-        c = None if coef is None else mirrored_adaptation(coef, flips, model.config.channels[0])
+        c = None if coef is None else OutputLayer.of(coef).mirrored(flips, model.config.channels[0])
         out += np.flip(model.apply(np.flip(sub, tuple(a + 1 for a in axes)), cond, c)[0], axes)
     return out / len(MIRRORS)
 
@@ -226,7 +228,7 @@ def tiles(big: tuple[int, int, int], tile: int | None):
 
 
 def correction_map(model: RestorationModel, feats: np.ndarray, block, cond: np.ndarray,
-                   tile: int | None = DEFAULT_TILE, coef: np.ndarray | None = None, tta: bool = False) -> np.ndarray:
+                   tile: int | None = DEFAULT_TILE, coef: OutputLayer | np.ndarray | None = None, tta: bool = False) -> np.ndarray:
     """The net's correction (in units of the step) for a whole volume's intensity features
     ``feats (D,H,W,F)`` (:meth:`~fedtensor.nn.normalize.Normaliser.net_input`).
 
@@ -421,10 +423,11 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
 
     Searches the codec's own PSNR target in ``[psnr − search_db, psnr]`` (secant steps, at most
     ``iterations`` after the first trial at ``psnr``). Each candidate is restored by the plain net and,
-    with ``adapt``, by the two output layers fitted to it (:mod:`fedtensor.nn.adapt`; the stream then
-    carries the layer: 0.4–1.3 KB of header, counted), all with test-time augmentation if ``tta``. One
-    fit (:func:`fedtensor.nn.adapt.fit`: one pass of the net, 8 with ``tta``) predicts the three restored
-    PSNRs; the best is measured (a second pass) and steers the search. Every stream returned was decoded,
+    with ``adapt``, by the output layers fitted to it (:mod:`fedtensor.nn.adapt`, the small and the large
+    one, each also in 2–8 intensity classes; the stream then carries the layer: 0.4–10 KB of header,
+    counted), all with test-time augmentation if ``tta``. One fit (:func:`fedtensor.nn.adapt.fit`: one
+    pass of the net, 8 with ``tta``) predicts every restored PSNR; the best is measured (a second pass)
+    and steers the search. Every stream returned was decoded,
     restored and measured against the original, so the guarantee holds with restoration. When
     restoration saves nothing, the plain ``compress(psnr=…)`` stream is returned (untagged).
     """

@@ -32,6 +32,7 @@ reverse mode). Weights are shared, so checkpoints are portable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -200,17 +201,32 @@ class RestorationNet(nnx.Module):
         _, head, linear = self.parts(x, cond)
         return depth_to_space(head + linear)
 
-    def adapted(self, x: jax.Array, cond: jax.Array, coef: jax.Array) -> jax.Array:
+    def adapted(self, x: jax.Array, cond: jax.Array, coef: jax.Array, thresholds: jax.Array | None = None) -> jax.Array:
         """The correction with a per-stream output layer ``coef (8, K)`` (see :mod:`fedtensor.nn.adapt`):
         at half-resolution phase p, ``coef[p] · [h, head_p, linear_p, 1]`` (K = C1 + 3) or
         ``coef[p] · [h, head_p, linear_p, 1, space_to_depth(x)]`` (K = C1 + 3 + 8·IN_CHANNELS: a 2×2×2
-        linear filter of the inputs on top). :func:`identity_adaptation` gives exactly ``self(x, cond)``."""
+        linear filter of the inputs on top). :func:`identity_adaptation` gives exactly ``self(x, cond)``.
+
+        A classed layer ``coef (C, 8, K)`` has one such layer per intensity class: an output voxel whose
+        intensity input (channel 0 of ``x``, the clipped normalised intensity) is at least ``j`` of the
+        ``C − 1`` increasing ``thresholds`` takes class ``j``'s coefficients."""
         h, head, linear = self.parts(x, cond)
         c1 = h.shape[-1]
-        out = (jnp.einsum("bdhwk,pk->bdhwp", h, coef[:, :c1]) + head * coef[:, c1] + linear * coef[:, c1 + 1]
-               + coef[:, c1 + 2])
-        if coef.shape[1] > c1 + 3:
-            out = out + jnp.einsum("bdhwk,pk->bdhwp", space_to_depth(x), coef[:, c1 + 3:])
+        xs = space_to_depth(x)
+        coef = coef[None] if coef.ndim == 2 else coef
+
+        def layer(c):  # one class's output, every voxel
+            out = jnp.einsum("bdhwk,pk->bdhwp", h, c[:, :c1]) + head * c[:, c1] + linear * c[:, c1 + 1] + c[:, c1 + 2]
+            if c.shape[1] > c1 + 3:
+                out = out + jnp.einsum("bdhwk,pk->bdhwp", xs, c[:, c1 + 3:])
+            return out
+
+        out = layer(coef[0])
+        if coef.shape[0] > 1:
+            intensity = xs[..., 0::IN_CHANNELS]  # each phase's own voxel (space_to_depth: phase-major)
+            cls = jnp.sum(intensity[..., None] >= jnp.asarray(thresholds, jnp.float32), axis=-1)
+            for j in range(1, coef.shape[0]):  # C is small: every class's (cheap) layer, then a select
+                out = jnp.where(cls == j, layer(coef[j]), out)
         return depth_to_space(out)
 
     def parts(self, x: jax.Array, cond: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -229,6 +245,27 @@ class RestorationNet(nnx.Module):
         return h, self.head(h), linear
 
 
+class OutputLayer(NamedTuple):
+    """A per-stream output layer (:mod:`fedtensor.nn.adapt`, :meth:`RestorationNet.adapted`): coefficients
+    ``coef (C, 8, K)`` of ``C`` intensity classes, split at the ``C − 1`` increasing ``thresholds``
+    (float32) of the net's intensity input."""
+
+    coef: np.ndarray
+    thresholds: np.ndarray
+
+    @classmethod
+    def of(cls, layer) -> OutputLayer:
+        """``layer`` as an :class:`OutputLayer`: an ``(8, K)`` array is the one-class layer."""
+        if isinstance(layer, OutputLayer):
+            return layer
+        coef = np.asarray(layer, np.float32)
+        return cls(coef[None] if coef.ndim == 2 else coef, np.zeros(0, np.float32))
+
+    def mirrored(self, flips: tuple[bool, bool, bool], c1: int) -> OutputLayer:
+        """See :func:`mirrored_adaptation`."""
+        return self._replace(coef=mirrored_adaptation(self.coef, flips, c1))
+
+
 def mirror_permutation(flips: tuple[bool, bool, bool]) -> np.ndarray:
     """Where each space-to-depth offset ``o`` (``4a + 2b + c`` over the axes) of an ``ALIGN``-aligned tile
     lands when the tile is mirrored along the axes in ``flips``: ``o XOR s``, ``s`` the mirrored axes' bits
@@ -238,15 +275,16 @@ def mirror_permutation(flips: tuple[bool, bool, bool]) -> np.ndarray:
 
 def mirrored_adaptation(coef: np.ndarray, flips: tuple[bool, bool, bool], c1: int) -> np.ndarray:
     """The output layer that, applied to the net's pass over an ``ALIGN``-aligned tile mirrored along the
-    axes in ``flips`` (and mirrored back), gives the layer ``coef`` of the unmirrored tile's geometry.
+    axes in ``flips`` (and mirrored back), gives the layer ``coef`` (``(8, K)``, or ``(C, 8, K)``
+    classed) of the unmirrored tile's geometry.
 
     The rows (output phases) and the input filter's sub-voxel columns are permuted by
-    :func:`mirror_permutation`."""
+    :func:`mirror_permutation`. (An intensity class goes with its voxel, which mirroring moves along.)"""
     perm = mirror_permutation(flips)
-    out = np.asarray(coef)[perm]
-    if out.shape[1] > c1 + 3:
-        filt = out[:, c1 + 3:].reshape(8, 8, IN_CHANNELS)[:, perm]
-        out = np.concatenate([out[:, :c1 + 3], filt.reshape(8, -1)], axis=1)
+    out = np.asarray(coef)[..., perm, :]
+    if out.shape[-1] > c1 + 3:
+        filt = out[..., c1 + 3:].reshape(*out.shape[:-1], 8, IN_CHANNELS)[..., perm, :]
+        out = np.concatenate([out[..., :c1 + 3], filt.reshape(*out.shape[:-1], -1)], axis=-1)
     return out
 
 
@@ -273,4 +311,4 @@ def new_net(config: NetConfig = NetConfig(), seed: int = 0) -> RestorationNet:
 
 
 __all__ = ["NetConfig", "RestorationNet", "abstract_net", "new_net", "conv3d", "half_resolution_kernel",
-           "identity_adaptation", "mirror_permutation", "mirrored_adaptation", "param_count", "space_to_depth", "depth_to_space"]
+           "identity_adaptation", "OutputLayer", "mirror_permutation", "mirrored_adaptation", "param_count", "space_to_depth", "depth_to_space"]
