@@ -54,6 +54,11 @@ from fedtensor.nn.normalize import RESTORABLE_CODECS, normaliser_for, operating_
 
 HEADER_KEY = "adaptation"
 _RIDGE = 1e-6  # relative to the mean of the normal matrix's diagonal: keeps collinear features solvable
+# Relative to each feature's own diagonal entry: bounds the coefficients of features that are nearly
+# collinear (in a narrow intensity class the intensity inputs all but equal the constant). Without it
+# such a class can take coefficients of ~10³ that cancel, and the error predicted from the (float32
+# accumulated) normal equations is then meaningless.
+_RIDGE_FEATURE = 1e-3
 _MAX_COEF = 1e4  # no fit comes near this; a forged header beyond it is refused
 _ROWS = 1 << 14  # rows of the design matrix per float32 product (its rounding error stays small)
 
@@ -177,7 +182,8 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
         coef = np.stack([identity_adaptation(c1, k == large)] * len(eqs)).astype(np.float64)
         for c, (l_, r_, _) in enumerate(eqs):
             for p in range(8):
-                a = l_[p, :k, :k] + _RIDGE * max(np.trace(l_[p, :k, :k]) / k, 1e-30) * np.eye(k)
+                a = l_[p, :k, :k]
+                a = a + np.diag(_RIDGE_FEATURE * np.diag(a) + _RIDGE * max(np.trace(a) / k, 1e-30))
                 try:
                     sol = np.linalg.solve(a, r_[p, :k])
                 except np.linalg.LinAlgError:
