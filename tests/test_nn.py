@@ -707,6 +707,7 @@ def test_adaptation_is_used_only_with_its_model_and_checked(rmodel, adapted_case
         {**layer(np.zeros(coef.size, "<f2").tobytes()), "classes": [0.5]},  # one class's coefficients for two
         {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": 0.5},
         {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": ["a"]},
+        {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": [True]},
         {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": [0.1]},  # not float16-exact
         {**layer(np.zeros(2 * coef.size, "<f2").tobytes()), "classes": [float("nan")]},
         {**layer(np.zeros(3 * coef.size, "<f2").tobytes()), "classes": [0.5, 0.25]},  # not increasing

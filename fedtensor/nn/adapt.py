@@ -263,7 +263,8 @@ def stream_adaptation(info: dict, model: RestorationModel) -> tuple[OutputLayer,
     except (binascii.Error, ValueError):
         raw = b""
     try:
-        thresholds = np.array(classes if isinstance(classes, list) else None, np.float64)
+        numbers = isinstance(classes, list) and not any(isinstance(t, bool) for t in classes)
+        thresholds = np.array(classes if numbers else None, np.float64)
     except (TypeError, ValueError):
         thresholds = np.array(np.nan)
     n = thresholds.size + 1
