@@ -91,9 +91,10 @@ def parse_args(argv=None):
                    help="only fill the cache with the training pairs of --volumes and --val-volumes, then stop "
                         "(one such process per volume fills a cache that parallel --folds runs then share)")
     p.add_argument("--json", type=Path, default=None,
-                   help="also write every figure to this JSON file (a relative path is taken inside --out)")
+                   help="also write every figure to this JSON file (a relative path is taken inside --out, "
+                        "unless it already starts with --out)")
     args = p.parse_args(argv)
-    if args.json is not None and not args.json.is_absolute():
+    if args.json is not None and not args.json.is_absolute() and not args.json.is_relative_to(args.out):
         args.json = args.out / args.json  # next to the models and logs it describes, never the checkout's root
     return args
 
