@@ -104,7 +104,7 @@ def class_thresholds(intensity: np.ndarray, counts=CLASS_COUNTS) -> dict[int, np
     """Per class count C, the increasing float16-exact thresholds (at most C − 1) splitting ``intensity``
     (the net's intensity input over the volume) at its quantiles j/C; a threshold at the minimum (no
     voxel below it) is dropped, and so is a count whose thresholds another count already has."""
-    flat = intensity.ravel()
+    flat = intensity.reshape(-1)  # (a view for the 1-D strided channel fit passes: only the sample is copied)
     sample = flat[:: max(1, flat.size // _QUANTILE_SAMPLE)]
     lowest, out = float(sample.min()), {}
     for c in counts:
@@ -132,7 +132,7 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
     norm = normaliser_for(decoded)
     s, cond, block = operating_point(codec, params, norm)
     feats = norm.net_input(decoded, s)
-    splits = class_thresholds(feats[..., 0], classes) if classes else {}
+    splits = class_thresholds(feats.reshape(-1, feats.shape[-1])[:, 0], classes) if classes else {}
     # Normal equations per base bin (between consecutive thresholds of all counts) and phase: every
     # count's classes are unions of base bins, so one pass fits them all.
     base = np.unique(np.concatenate([np.zeros(0, np.float32), *splits.values()])).astype(np.float32)

@@ -205,9 +205,10 @@ def tile_correction(model: RestorationModel, sub: np.ndarray, cond: np.ndarray, 
     if not tta:
         return model.apply(sub, cond, coef)[0]
     out = np.zeros(sub.shape[1:4], np.float32)
+    layer = None if coef is None else OutputLayer.of(coef)
     for flips in MIRRORS:
         axes = tuple(k for k in range(3) if flips[k])
-        c = None if coef is None else OutputLayer.of(coef).mirrored(flips, model.config.channels[0])
+        c = None if layer is None else layer.mirrored(flips, model.config.channels[0])
         out += np.flip(model.apply(np.flip(sub, tuple(a + 1 for a in axes)), cond, c)[0], axes)
     return out / len(MIRRORS)
 
