@@ -219,13 +219,13 @@ def info_table(info: Mapping[str, Any]) -> Table:
 
 def _info_value(key: str, value: Any) -> str:
     layer = value.get("layer") if key == "adaptation" and isinstance(value, dict) else None
-    if isinstance(layer, str):  # base64 float16 coefficients: their count says enough
+    if isinstance(layer, str):  # base64 of the coded coefficients: their size says enough
         size = len(layer) * 3 // 4 - layer[-2:].count("=")
         tta = " (for test-time augmentation)" if value.get("tta") is True else ""
         classes = value.get("classes")
         n = len(classes) + 1 if isinstance(classes, list) and classes else 1
         per = f" in {n} intensity classes" if n > 1 else ""
-        return f"restoration output layer fitted to this stream: {size // 2} float16 coefficients{per}{tta}"
+        return f"restoration output layer fitted to this stream: {size} bytes{per}{tta}"
     return "—" if value is None else _compact(value)
 
 

@@ -30,6 +30,9 @@ _WEIGHT = 2.0  # pseudo-count pulling a context towards its backoff (or 1/2 at t
 _CLIP = 1e-5  # every binary decision keeps at least this probability either way
 _TRAINED = 4096  # symbols a context class must have seen before its chunks start large
 _CHUNKS_AT_ONCE = 16  # chunks whose models the batched encoder computes together
+#: Magnitude bound of :meth:`BinaryStream.laplace`'s symbols (its model gives each of the 2·LIMIT + 1
+#: values a probability of at least 2⁻²⁴, which costs the likely ones under 0.01 bit).
+LAPLACE_LIMIT = 1 << 15
 
 
 class BinaryStream:
@@ -44,6 +47,7 @@ class BinaryStream:
     _bernoulli = constriction.stream.model.Bernoulli(perfect=False)
     # Codes exactly as ``_bernoulli`` with every probability 1/2, but builds no model per bit (7× faster).
     _even = constriction.stream.model.Bernoulli(0.5, perfect=False)
+    _laplace = constriction.stream.model.QuantizedLaplace(-LAPLACE_LIMIT, LAPLACE_LIMIT)
 
     def __init__(self, compressed: np.ndarray | None = None, allow_empty: bool = False):
         """Encode, or (given ``compressed``) decode. A section to decode must not be empty unless
@@ -75,6 +79,18 @@ class BinaryStream:
         self._coder.encode(values, self._bernoulli, p1)
         return values
 
+    def laplace(self, scales: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+        """Code ``len(scales)`` signed integers in ``[−LAPLACE_LIMIT, LAPLACE_LIMIT]``, integer ``i`` under
+        a zero-mean Laplace distribution of scale ``scales[i]`` (> 0) quantised to the integers."""
+        scales = np.asarray(scales, np.float64)
+        if len(scales) == 0:
+            return np.zeros(0, np.int32)
+        if self.decoding:
+            return self._decode(self._laplace, np.zeros(len(scales)), scales)
+        values = np.asarray(values, np.int32)
+        self._coder.encode(values, self._laplace, np.zeros(len(scales)), scales)
+        return values
+
     def categorical_alike(self, probs: np.ndarray, values: np.ndarray | None, n: int) -> np.ndarray:
         """Code ``n`` symbols all under the one distribution ``probs`` (the same code as
         :meth:`categorical` with ``probs`` on every row, without building a model per symbol)."""
@@ -94,9 +110,9 @@ class BinaryStream:
         self._coder.encode(values, model)
         return values
 
-    def _decode(self, model, params) -> np.ndarray:
+    def _decode(self, model, *params) -> np.ndarray:
         try:
-            return np.asarray(self._coder.decode(model, params), np.int32)
+            return np.asarray(self._coder.decode(model, *params), np.int32)
         except Exception as err:  # constriction rejects data that no encoder could have produced
             raise FormatError(f"corrupted entropy-coded stream ({err.__class__.__name__})") from None
 
