@@ -84,24 +84,28 @@ _QUANTILE_SAMPLE = 1 << 21  # voxels the class thresholds are read from (at most
 
 class Fit(NamedTuple):
     """The squared error (original units², summed over the volume, before any integer rounding) of the
-    plain restoration, and every fitted output layer with its own, by name: ``small`` (the net's features
-    and outputs), ``large`` (also a 2×2×2 filter of the inputs), and the classed ones, ``small/C`` and
-    ``large/C``, one such layer per intensity class (C classes)."""
+    plain restoration, and every fitted output layer (an :class:`OutputLayer`) with its own, by name:
+    ``small`` (the net's features and outputs), ``large`` (also a 2×2×2 filter of the inputs), and the
+    classed ones, ``small/C`` and ``large/C``, one such layer per intensity class (C classes)."""
 
     sse_plain: float
-    layers: dict
+    layers: dict[str, tuple[OutputLayer, float]]
 
     @property
     def small(self) -> tuple[np.ndarray, float]:
-        return self.layers["small"]
+        """The one-class small layer's coefficients ``(8, K)`` and squared error."""
+        layer, sse = self.layers["small"]
+        return layer.coef[0], sse
 
     @property
     def large(self) -> tuple[np.ndarray, float]:
-        return self.layers["large"]
+        """The one-class large layer's coefficients ``(8, K)`` and squared error."""
+        layer, sse = self.layers["large"]
+        return layer.coef[0], sse
 
-    def options(self) -> list[tuple[np.ndarray | OutputLayer | None, float]]:
-        """``(layer or None for the plain net, sse)``, in order of header size."""
-        return [(None, self.sse_plain), *sorted(self.layers.values(), key=lambda v: OutputLayer.of(v[0]).coef.size)]
+    def options(self) -> list[tuple[OutputLayer | None, float]]:
+        """``(layer or None for the plain net, sse)``, in order of coefficient count."""
+        return [(None, self.sse_plain), *sorted(self.layers.values(), key=lambda v: v[0].coef.size)]
 
 
 def fit_adaptation(model: RestorationModel | str, decoded: np.ndarray, info: dict, original: np.ndarray, *,
@@ -303,14 +307,15 @@ def fit(model: RestorationModel | str, decoded: np.ndarray, info: dict, original
     c1 = model.config.channels[0]
     if eq is None:
         sse = float(np.sum((np.asarray(original, np.float64) - decoded) ** 2))
-        return Fit(sse, {"small": (identity_adaptation(c1), sse), "large": (identity_adaptation(c1, True), sse)})
+        return Fit(sse, {name: (OutputLayer.of(identity_adaptation(c1, name == "large")), sse)
+                         for name in ("small", "large")})
     if bytes_per_db is None:
         bytes_per_db = _GROWTH_PER_DB * float(info.get("file_bytes") or 0)
     layers = {}
     for t in [np.zeros(0, np.float32), *eq.splits.values()]:
         for name, k in (("small", eq.small), ("large", eq.large)):
             layer, err = coded_layer(eq, t, k, bytes_per_db)
-            layers[f"{name}/{len(t) + 1}" if len(t) else name] = (layer if len(t) else layer.coef[0], err)
+            layers[f"{name}/{len(t) + 1}" if len(t) else name] = (layer, err)
     one = eq.merged(np.zeros(0, np.float32))
     return Fit(eq.sse(one, identity_adaptation(c1).astype(np.float64)[None]), layers)
 
