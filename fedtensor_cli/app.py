@@ -433,7 +433,7 @@ def compress(
 
     Give at most one of --psnr, --max-error, --bpv, --lossless (default: --psnr 45). The PSNR and max error reported are those of the decoded stream, measured while encoding; --ssim decodes it once more for the 3D SSIM (fedtensor evaluate reports all three).
 
-    With --model, --psnr is met *after* restoration by that model (a cheaper stream: the encoder also fits the model's output layer to the volume, in up to 8 intensity classes, and sends it, 0.4–10 KB, when that makes the stream smaller), the stream records the model's id, and the restored figures are reported too.
+    With --model, --psnr is met *after* restoration by that model (a cheaper stream: the encoder also fits the model's output layer to the volume, in up to 16 intensity classes, and sends it, quantised and entropy-coded in 0.2–4 KB, when that makes the stream smaller), the stream records the model's id, and the restored figures are reported too.
     """
     mode, target = rate_target(psnr, max_error, bpv, lossless)
     codec, block = _check_codec(codec, block, mode)

@@ -365,6 +365,8 @@ def _encode_layer(coef: np.ndarray) -> bytes:
     cap = np.floor(np.log2(LAPLACE_LIMIT / 2 / np.maximum(spread, 1e-300)))
     e = np.clip(np.minimum(need, cap), _EXPONENTS[0], _EXPONENTS[1] - 1).astype(np.int64)
     r = np.round(cols * 2.0 ** e) - np.round(centre * 2.0 ** e)
+    if not np.all(np.abs(r) <= LAPLACE_LIMIT):
+        raise ValueError("output layer coefficients too large to code")
     z = np.where(r.any(axis=0), np.clip(np.round(4 * (np.log2(np.maximum(np.abs(r).mean(axis=0), 0.2)) + 8)) + 1,
                                         1, 255), 0).astype(np.uint8)
     side = np.concatenate([e.astype(np.int8).view(np.uint8), centre.astype(np.int8).view(np.uint8), z])

@@ -425,7 +425,7 @@ def compress_for_quality(volume, model, *, psnr: float, codec: str = "block-tuck
     Searches the codec's own PSNR target in ``[psnr − search_db, psnr]`` (secant steps, at most
     ``iterations`` after the first trial at ``psnr``). Each candidate is restored by the plain net and,
     with ``adapt``, by the output layers fitted to it (:mod:`fedtensor.nn.adapt`, the small and the large
-    one, each also in 2–8 intensity classes; the stream then carries the layer: 0.4–10 KB of header,
+    one, each also in 2–16 intensity classes; the stream then carries the layer: 0.2–4 KB of header,
     counted), all with test-time augmentation if ``tta``. One fit (:func:`fedtensor.nn.adapt.fit`: one
     pass of the net, 8 with ``tta``) predicts every restored PSNR; the best is measured (a second pass)
     and steers the search. Every stream returned was decoded,
