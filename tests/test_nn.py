@@ -676,8 +676,15 @@ def test_coded_coefficients_round_trip_and_quantisation_compensates(rmodel):
     coef = (rng.laplace(0, 40, (3, 8, k)).round() * 2.0 ** -exps).astype(np.float32)
     coef[:, :, 0] = 0  # an all-zero column codes nothing
     coef[:, :, 1] = 1  # a column at its centre too
-    blob = _encode_layer(coef)
+    blob, sent = _encode_layer(coef)
+    np.testing.assert_array_equal(sent, coef)
     np.testing.assert_array_equal(_decode_layer(blob, 3, (k, k + 40)), coef)
+    # a column finer than the coder holds (2¹⁵ steps across it) is rounded, and says so
+    fine = coef.copy()
+    fine[0, 0, 2] = 1 + 2.0 ** -20
+    rounded, sent = _encode_layer(fine)
+    np.testing.assert_array_equal(_decode_layer(rounded, 3, (k, k + 40)), sent)
+    assert np.abs(sent - fine).max() > 0
     assert len(blob) < coef.size  # under a byte a coefficient: the float16 form took two
     x = rng.normal(size=(4000, 1)) + 0.1 * rng.normal(size=(4000, k))  # nearly collinear features
     a = np.broadcast_to(x.T @ x, (5, k, k))
@@ -731,7 +738,7 @@ def test_adaptation_is_used_only_with_its_model_and_checked(rmodel, adapted_case
         return {"layer": base64.b64encode(raw).decode(), "tta": tta}
 
     def blob(classes: int = 1, **kw) -> bytes:
-        return _encode_layer(np.stack([coef] * classes)) if not kw else _encode_layer(kw["coef"])
+        return _encode_layer(np.stack([coef] * classes) if not kw else kw["coef"])[0]
 
     one, side = blob(), 3 + 3 * coef.shape[1]
     bad_exponent = bytearray(one)

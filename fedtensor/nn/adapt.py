@@ -282,9 +282,10 @@ def coded_layer(eq: Equations, t: np.ndarray, k: int, bytes_per_db: float) -> tu
         # equal squared error per coefficient under plain rounding: ``share`` of the fit's error in all
         step = np.sqrt(12 * share * exact / eq.unit ** 2 / (k * np.maximum(weight, 1e-30)))
         step = 2.0 ** np.clip(np.round(np.log2(step)), -_EXPONENTS[1], -_EXPONENTS[0])
-        layer = OutputLayer(quantise(coef, a, step).astype(np.float32), t)
-        err = eq.sse(eqs, layer.coef.astype(np.float64))
-        cost = 4 / 3 * len(_encode_layer(layer.coef)) + bytes_per_db * 10 * np.log10(max(err, exact) / exact)
+        blob, sent = _encode_layer(quantise(coef, a, step).astype(np.float32))
+        layer = OutputLayer(sent, t)
+        err = eq.sse(eqs, sent.astype(np.float64))
+        cost = 4 / 3 * len(blob) + bytes_per_db * 10 * np.log10(max(err, exact) / exact)
         if best is None or cost < best[0]:
             best = (cost, layer, err)
         if err < exact * (1 + 1e-5):
@@ -346,14 +347,14 @@ def _phases(a: np.ndarray) -> np.ndarray:
 _SIDE = struct.Struct("<BH")  # the blob's class count and feature count K; then K step exponents, centres, scales
 
 
-def _encode_layer(coef: np.ndarray) -> bytes:
+def _encode_layer(coef: np.ndarray) -> tuple[bytes, np.ndarray]:
     """The coefficients ``(C, 8, K)``, column by column (feature ``j``): integers ``n`` with coefficient
     ``n · 2^−e_j``, ``e_j`` the smallest exponent at which the column is integral (within
     :data:`_EXPONENTS` and while ``n`` stays within 2¹⁴ of the centre; a column needing more precision
     is rounded); coded as ``n − centre_j · 2^e_j`` (``centre_j`` the column's median, rounded) under a
     quantised Laplace model of the column's own scale. Side information: ``C``, ``K`` and per column
     ``e_j`` (int8), ``centre_j`` (int8) and the scale's index (uint8: ``2^((z − 1)/4 − 8)``, 0 for a
-    column equal to its centre, which codes nothing)."""
+    column equal to its centre, which codes nothing). Returns the blob and the coefficients it holds."""
     coef = np.asarray(coef, np.float32)
     cols = coef.reshape(-1, coef.shape[-1]).astype(np.float64)
     centre = np.clip(np.round(np.median(cols, axis=0)), -128, 127)
@@ -370,7 +371,8 @@ def _encode_layer(coef: np.ndarray) -> bytes:
     z = np.where(r.any(axis=0), np.clip(np.round(4 * (np.log2(np.maximum(np.abs(r).mean(axis=0), 0.2)) + 8)) + 1,
                                         1, 255), 0).astype(np.uint8)
     side = np.concatenate([e.astype(np.int8).view(np.uint8), centre.astype(np.int8).view(np.uint8), z])
-    return _SIDE.pack(len(coef), cols.shape[1]) + side.tobytes() + _code_residuals(r[:, z > 0], z[z > 0])
+    blob = _SIDE.pack(len(coef), cols.shape[1]) + side.tobytes() + _code_residuals(r[:, z > 0], z[z > 0])
+    return blob, _coefficients(r, centre, e, coef.shape)
 
 
 def _code_residuals(r: np.ndarray, z: np.ndarray) -> bytes:
@@ -404,8 +406,12 @@ def _decode_layer(blob: bytes, classes: int, widths) -> np.ndarray:
     stream.check_consumed()
     if _code_residuals(r[:, used], z[used]) != words:  # the coder's one output: no trailing words
         raise FormatError("corrupted stream: malformed restoration adaptation in the header")
+    return _coefficients(r, centres, exps, (classes, 8, k))
+
+
+def _coefficients(r: np.ndarray, centres: np.ndarray, exps: np.ndarray, shape) -> np.ndarray:
     scale = 2.0 ** exps
-    return ((r + np.round(centres * scale)) / scale).astype(np.float32).reshape(classes, 8, k)
+    return ((r + np.round(centres * scale)) / scale).astype(np.float32).reshape(shape)
 
 
 def encode_adaptation(coef: OutputLayer | np.ndarray, tta: bool = False) -> dict:
@@ -414,7 +420,7 @@ def encode_adaptation(coef: OutputLayer | np.ndarray, tta: bool = False) -> dict
     classed layer, its intensity class thresholds. The coefficients round-trip exactly when each
     feature's column is a multiple of a power of two within 2¹⁵ of its centre (a fit's always are)."""
     layer = OutputLayer.of(coef)
-    value = {"layer": base64.b64encode(_encode_layer(layer.coef)).decode("ascii"), "tta": bool(tta)}
+    value = {"layer": base64.b64encode(_encode_layer(layer.coef)[0]).decode("ascii"), "tta": bool(tta)}
     if len(layer.thresholds):
         value["classes"] = [float(t) for t in layer.thresholds]  # float16-exact: the repr is exact
     return value
