@@ -668,7 +668,7 @@ def test_coded_coefficients_round_trip_and_quantisation_compensates(rmodel):
     """A layer whose columns are multiples of powers of two round-trips exactly through the header;
     rounding one coefficient at a time with compensation (quantise) adds less error than plain rounding
     under correlated features, and never leaves the step grid."""
-    from fedtensor.nn.adapt import _decode_layer, _encode_layer, quantise
+    from fedtensor.nn.adapt import _decode_layer, _encode_layer, quantise, rounding_factor
 
     rng = np.random.default_rng(3)
     k = TINY.channels[0] + 3
@@ -690,7 +690,7 @@ def test_coded_coefficients_round_trip_and_quantisation_compensates(rmodel):
     a = np.broadcast_to(x.T @ x, (5, k, k))
     w = rng.normal(size=(5, k))
     step = np.full(k, 0.25)
-    q = quantise(w, a, step)
+    q = quantise(w, rounding_factor(a), step)
     np.testing.assert_array_equal(q, np.round(q / step) * step)
 
     def added(v):

@@ -252,20 +252,28 @@ def solve(eqs, k: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
     return coef, a
 
 
-def quantise(coef: np.ndarray, a: np.ndarray, step: np.ndarray) -> np.ndarray:
+def rounding_factor(a: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor ``U`` of ``a⁻¹`` (``a⁻¹ = UᵀU``) for :func:`quantise`, for each metric
+    ``a (…, K, K)`` (positive definite: the fit's are ridged); the identity (plain rounding) if one is
+    too ill-conditioned to factor."""
+    try:
+        return np.swapaxes(np.linalg.cholesky(np.linalg.inv(a)), -1, -2)
+    except np.linalg.LinAlgError:
+        return np.broadcast_to(np.eye(a.shape[-1]), a.shape)
+
+
+def quantise(coef: np.ndarray, factor: np.ndarray, step: np.ndarray) -> np.ndarray:
     """``coef (…, K)`` rounded to multiples of ``step (K,)``, one coefficient at a time, each rounding
-    error compensated by the coefficients not yet rounded under the metric ``a (…, K, K)`` (the optimal
-    brain quantiser, as GPTQ rounds network weights): at a coarse step it adds a quarter to a tenth of
-    the squared error plain rounding adds."""
+    error compensated by the coefficients not yet rounded under the metric ``a`` whose
+    :func:`rounding_factor` is ``factor`` (the optimal brain quantiser in GPTQ's Cholesky form): at a
+    coarse step it adds a quarter to a tenth of the squared error plain rounding adds."""
     shape = coef.shape
     w = coef.reshape(-1, shape[-1]).copy()
-    hinv = np.linalg.inv(a.reshape(-1, shape[-1], shape[-1]))
+    u = factor.reshape(-1, shape[-1], shape[-1])
     for j in range(shape[-1]):
         q = np.round(w[:, j] / step[j]) * step[j]
-        err = (w[:, j] - q) / hinv[:, j, j]
-        w[:, j] = q
-        w[:, j + 1:] -= err[:, None] * hinv[:, j, j + 1:]
-        hinv[:, j + 1:, j + 1:] -= hinv[:, j + 1:, j, None] * hinv[:, j, None, j + 1:] / hinv[:, j, j, None, None]
+        w[:, j:] -= ((w[:, j] - q) / u[:, j, j])[:, None] * u[:, j, j:]
+        w[:, j] = q  # exactly on the grid
     return w.reshape(shape)
 
 
@@ -277,12 +285,13 @@ def coded_layer(eq: Equations, t: np.ndarray, k: int, bytes_per_db: float) -> tu
     coef, a = solve(eqs, k, eq.c1)
     exact = max(eq.sse(eqs, coef), 1e-30)
     weight = np.diagonal(a, axis1=-2, axis2=-1).reshape(-1, k).sum(0)
+    factor = rounding_factor(a)
     best = None
     for share in _PRECISIONS:  # coarse to fine, until a finer step has nothing left to gain
         # equal squared error per coefficient under plain rounding: ``share`` of the fit's error in all
         step = np.sqrt(12 * share * exact / eq.unit ** 2 / (k * np.maximum(weight, 1e-30)))
         step = 2.0 ** np.clip(np.round(np.log2(step)), -_EXPONENTS[1], -_EXPONENTS[0])
-        blob, sent = _encode_layer(quantise(coef, a, step).astype(np.float32))
+        blob, sent = _encode_layer(quantise(coef, factor, step).astype(np.float32))
         layer = OutputLayer(sent, t)
         err = eq.sse(eqs, sent.astype(np.float64))
         cost = 4 / 3 * len(blob) + bytes_per_db * 10 * np.log10(max(err, exact) / exact)
