@@ -637,6 +637,29 @@ def adapted_case(rmodel):
     return vol, data, info, dec, fit_adaptation(rmodel, dec.data, info, vol.data, tile=64, bytes_per_db=1e6)
 
 
+def test_coded_layer_decoder_gives_a_layer_or_a_format_error_on_any_bytes():
+    """Fuzzing the header's coefficient coder: bit flips, cuts and random bytes decode to a layer of the
+    asked shape or raise FormatError, nothing else."""
+    from fedtensor.errors import FormatError
+    from fedtensor.nn.adapt import _decode_layer, _encode_layer
+
+    rng = np.random.default_rng(1)
+    blob = _encode_layer((rng.laplace(0, 30, (3, 8, 11)).round() / 64).astype(np.float32))[0]
+    for i in range(600):
+        b = bytearray(blob)
+        if i % 3 == 0:
+            for _ in range(rng.integers(1, 4)):
+                b[rng.integers(len(b))] ^= 1 << rng.integers(8)
+        elif i % 3 == 1:
+            b = b[:rng.integers(len(b))]
+        else:
+            b = bytearray(rng.integers(0, 256, rng.integers(0, 200), dtype=np.uint8).tobytes())
+        try:
+            assert _decode_layer(bytes(b), 3, (11, 51)).shape == (3, 8, 11)
+        except FormatError:
+            pass
+
+
 def test_fitted_adaptation_never_does_worse_than_the_plain_net(rmodel, adapted_case):
     """The least-squares space contains the plain net: the fit restores at least as well, and here (a
     random net, whose plain correction is noise) it turns a loss into a gain."""
