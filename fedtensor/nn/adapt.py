@@ -427,7 +427,8 @@ def encode_adaptation(coef: OutputLayer | np.ndarray, tta: bool = False) -> dict
     """The header value of a layer: its coefficients, entropy-coded (:func:`_encode_layer`) in base64,
     whether it was fitted to test-time augmentation (the decoder must then restore that way) and, for a
     classed layer, its intensity class thresholds. The coefficients round-trip exactly when each
-    feature's column is a multiple of a power of two within 2¹⁵ of its centre (a fit's always are)."""
+    feature's column is a multiple of a power of two (2⁻³⁹ or coarser) within 2¹⁴ steps of its centre;
+    :func:`fit`'s always are (it prices the coefficients the coder holds)."""
     layer = OutputLayer.of(coef)
     value = {"layer": base64.b64encode(_encode_layer(layer.coef)[0]).decode("ascii"), "tta": bool(tta)}
     if len(layer.thresholds):
