@@ -702,7 +702,7 @@ def test_coded_coefficients_round_trip_and_quantisation_compensates(rmodel):
     blob, sent = _encode_layer(coef)
     np.testing.assert_array_equal(sent, coef)
     np.testing.assert_array_equal(_decode_layer(blob, 3, (k, k + 40)), coef)
-    # a column finer than the coder holds (2¹⁵ steps across it) is rounded, and says so
+    # a column finer than the coder holds (more than 2¹⁴ steps from its centre) is rounded, and says so
     fine = coef.copy()
     fine[0, 0, 2] = 1 + 2.0 ** -20
     rounded, sent = _encode_layer(fine)

@@ -24,7 +24,7 @@ filters: quantised (each feature's coefficients to a power-of-two step, rounded 
 error compensated by the ones not yet rounded, :func:`quantise`) and entropy-coded (a quantised Laplace
 model per feature, :func:`encode_adaptation`). The precision is chosen per layer by its cost: header
 bytes plus the restoration lost, each dB valued as the bytes the stream would need to gain it. A layer
-of 8·K coefficients per class (K = 35 or 75 for the default net) takes 0.2–0.6 KB, 3–8× less than
+of 8·K coefficients per class (K = 35 or 75 for the default net) takes 0.2–0.6 KB a class, 3–8× less than
 float16 would. Which layer a stream carries is the encoder's choice (the most bits saved, header
 included: see :func:`~fedtensor.nn.infer.compress_for_quality`). The least-squares spaces contain the
 plain net, so a fitted correction is never worse on the volume than the plain one (up to its rounding
