@@ -720,6 +720,14 @@ def test_coded_coefficients_round_trip_and_quantisation_compensates(rmodel):
         return sum(float((vi - wi) @ ai @ (vi - wi)) for vi, wi, ai in zip(v, w, a))
 
     assert added(q) < 0.5 * added(np.round(w / step) * step)
+    # the fit's metrics can be ill-conditioned (~10⁷ on the 8-bit head): the factor must still hold
+    x = rng.normal(size=(4000, 1)) + 1e-4 * rng.normal(size=(4000, k))
+    a = np.broadcast_to(x.T @ x + 1e-9 * np.eye(k), (5, k, k))
+    assert np.linalg.cond(a[0]) > 1e6
+    u = rounding_factor(a)
+    np.testing.assert_array_equal(u, np.triu(u))
+    np.testing.assert_allclose(np.swapaxes(u, -1, -2) @ u @ a, np.broadcast_to(np.eye(k), a.shape), atol=1e-5)
+    assert added(quantise(w, u, step)) < 0.5 * added(np.round(w / step) * step)
 
 
 def test_adaptation_is_used_only_with_its_model_and_checked(rmodel, adapted_case):

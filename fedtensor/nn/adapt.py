@@ -253,13 +253,20 @@ def solve(eqs, k: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rounding_factor(a: np.ndarray) -> np.ndarray:
-    """The upper Cholesky factor ``U`` of ``a⁻¹`` (``a⁻¹ = UᵀU``) for :func:`quantise`, for each metric
-    ``a (…, K, K)`` (positive definite: the fit's are ridged); the identity (plain rounding) if one is
-    too ill-conditioned to factor."""
-    try:
-        return np.swapaxes(np.linalg.cholesky(np.linalg.inv(a)), -1, -2)
-    except np.linalg.LinAlgError:
-        return np.broadcast_to(np.eye(a.shape[-1]), a.shape)
+    """The upper triangular ``U`` with ``UᵀU = a⁻¹`` for :func:`quantise`, for each metric
+    ``a (…, K, K)`` (positive definite: the fit's are ridged). It comes from the Cholesky factor of
+    ``a`` itself, taken from the last row up (``a = WWᵀ``, ``W`` upper, ``U = W⁻¹``): factoring the
+    explicit inverse fails on the fit's ill-conditioned metrics (condition ~10⁷). A row that cannot be
+    factored gets the identity (plain rounding)."""
+    flat = a.reshape(-1, a.shape[-1], a.shape[-1])
+    out = np.broadcast_to(np.eye(a.shape[-1]), flat.shape).copy()
+    for i, m in enumerate(flat):
+        try:
+            w = np.linalg.cholesky(m[::-1, ::-1])[::-1, ::-1]
+        except np.linalg.LinAlgError:
+            continue
+        out[i] = np.linalg.inv(w)
+    return out.reshape(a.shape)
 
 
 def quantise(coef: np.ndarray, factor: np.ndarray, step: np.ndarray) -> np.ndarray:
