@@ -133,6 +133,11 @@ def class_thresholds(intensity: np.ndarray, counts=CLASS_COUNTS) -> dict[int, np
     return out
 
 
+def _widths(c1: int) -> tuple[int, int]:
+    """The feature counts K of the small and the large layer of a net whose last features number c1."""
+    return c1 + 3, c1 + 3 + 8 * IN_CHANNELS
+
+
 class Equations(NamedTuple):
     """The weighted normal equations of the large layer's least-squares fit, per base intensity bin and
     phase: ``lhs (B, 8, K, K)``, ``rhs (B, 8, K)``, ``yy (B, 8)`` (Σ w y²), in the net's units (``unit``
@@ -149,11 +154,11 @@ class Equations(NamedTuple):
 
     @property
     def small(self) -> int:
-        return self.c1 + 3
+        return _widths(self.c1)[0]
 
     @property
     def large(self) -> int:
-        return self.c1 + 3 + 8 * IN_CHANNELS
+        return _widths(self.c1)[1]
 
     def merged(self, t: np.ndarray):
         """The ``(lhs, rhs, yy)`` of each class split at ``t`` (a subset of ``base``)."""
@@ -176,7 +181,7 @@ def equations(model: RestorationModel | str, decoded: np.ndarray, info: dict, or
     tile = check_tile(tile)
     codec, params = info.get("codec"), info.get("params") or {}
     c1 = model.config.channels[0]
-    large = c1 + 3 + 8 * IN_CHANNELS
+    _, large = _widths(c1)
     if codec not in RESTORABLE_CODECS:
         return None
     norm = normaliser_for(decoded)
@@ -238,7 +243,7 @@ def solve(eqs, k: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
     :meth:`Equations.merged`), unrounded, and the ridged normal matrices ``(C, 8, k, k)`` it solves; a
     phase whose equations are singular keeps the plain net's coefficients (and an identity matrix)."""
     a = _ridged(np.stack([l_ for l_, _, _ in eqs]), k)
-    coef = np.stack([identity_adaptation(c1, k > c1 + 3)] * len(eqs)).astype(np.float64)
+    coef = np.stack([identity_adaptation(c1, k == _widths(c1)[1])] * len(eqs)).astype(np.float64)
     for c, (_, r_, _) in enumerate(eqs):
         for p in range(8):
             try:
@@ -469,7 +474,7 @@ def stream_adaptation(info: dict, model: RestorationModel) -> tuple[OutputLayer,
             or not (np.isfinite(thresholds).all() and np.all(np.diff(thresholds) > 0))
             or not np.array_equal(thresholds.astype(np.float16), thresholds)):
         raise FormatError("corrupted stream: malformed restoration adaptation in the header")
-    coef = _decode_layer(raw, n, (c1 + 3, c1 + 3 + 8 * IN_CHANNELS))
+    coef = _decode_layer(raw, n, _widths(c1))
     if not (np.isfinite(coef).all() and np.abs(coef).max() < _MAX_COEF):
         raise FormatError("corrupted stream: restoration adaptation out of range")
     return OutputLayer(coef, thresholds.astype(np.float32)), tta
