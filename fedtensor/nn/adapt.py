@@ -250,6 +250,7 @@ def solve(eqs, k: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
                 sol = np.linalg.solve(a[c, p], r_[p, :k])
             except np.linalg.LinAlgError:
                 sol = None
+            # half the decoder's bound: headroom for the compensated rounding, which moves coefficients
             if sol is not None and np.isfinite(sol).all() and np.abs(sol).max() < _MAX_COEF / 2:
                 coef[c, p] = sol
             else:
