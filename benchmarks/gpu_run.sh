@@ -8,7 +8,8 @@
 # be repeated on the GPU machine. STEPS picks a subset; SHAPES and FED_ARGS change those steps' sizes.
 set -u
 OUT=${OUT:-results/gpu}
-STEPS=${STEPS:-"kernels throughput federated restoration_speed gpu_tests"}
+STEPS=${STEPS:-"kernels throughput federated restoration_speed gpu_tests reproducibility"}
+REPRO_ARGS=${REPRO_ARGS:-"--volumes ct_chest.nii.gz ct_abdomen.nii.gz ct_head_uint8.nii.gz --targets 38 40 42"}
 SHAPES=${SHAPES:-"256x256x256 512x512x512"}
 FED_ARGS=${FED_ARGS:-"--clients 8 32 128 --chunk 128"}
 mkdir -p "$OUT"
@@ -30,3 +31,13 @@ step gpu_tests 70 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step restoration_speed 60 python3 benchmarks/restoration_speed.py --batch 8 32 128 --json "$OUT/restoration_speed.json"
 step federated 70 python3 benchmarks/federated.py $FED_ARGS
 step throughput 220 python3 benchmarks/throughput.py --shapes $SHAPES ${levels[@]+"${levels[@]}"} --json "$OUT/throughput.json"
+# The encoder's streams compared across fresh processes, as XLA comes and with deterministic GPU ops;
+# the two runs share the GPU (no preallocation), which also puts the autotuner under load.
+repro() {
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 benchmarks/reproducibility.py $REPRO_ARGS --json "$OUT/repro_default.json" &
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" \
+        python3 benchmarks/reproducibility.py $REPRO_ARGS --json "$OUT/repro_deterministic.json"
+    wait
+}
+[[ " $STEPS " == *" reproducibility "* ]] && { echo "=== reproducibility $(date +%T)"; timeout 300 bash -c "$(declare -f repro); OUT=$OUT REPRO_ARGS='$REPRO_ARGS' repro" 2>&1 | tee "$OUT/reproducibility.log"; }
+
