@@ -216,3 +216,63 @@ def test_forged_slab_depths_outside_the_encoders_range_are_refused(shape, depth)
     forged = pack(h, [sections[0]] + [sections[1]] * (n - 1))
     with pytest.raises(FormatError, match="slab layout"):
         decompress(forged)
+
+
+@pytest.fixture
+def small_groups(monkeypatch, small_slabs):
+    """Groups of 2¹⁸ voxels (two ~2¹⁷-voxel slabs), so a 96³ crop has several."""
+    monkeypatch.setattr(stream, "GROUP_VOXELS", 1 << 18)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_slab_groups_code_alike_in_workers_and_here(chest_crop, small_groups, monkeypatch, workers):
+    monkeypatch.setenv("FEDTENSOR_WORKERS", "1")
+    here = compress(chest_crop, psnr=45, block=4)
+    h, sections = unpack(here)
+    slabs = stream.check_params(h["params"], len(sections), chest_crop.data.shape)
+    assert slabs.n_groups >= 3 and h["params"]["group"] == slabs.group
+    monkeypatch.setenv("FEDTENSOR_WORKERS", workers)
+    assert stream.worker_count(slabs.n_groups) == int(workers)
+    assert compress(chest_crop, psnr=45, block=4) == here  # the stream never depends on the cores
+    decoded = decompress(here).data
+    assert _psnr(chest_crop.data, decoded) >= 45
+    monkeypatch.setenv("FEDTENSOR_WORKERS", "1")
+    np.testing.assert_array_equal(decompress(here).data, decoded)
+
+
+def test_each_group_restarts_from_the_first_slabs_statistics(chest_crop, small_groups):
+    # A group decodes by itself given the coders the first slab left, and not with those carried on.
+    blob = compress(chest_crop, psnr=45, block=4)
+    h, sections = unpack(blob)
+    slabs = stream.check_params(h["params"], len(sections), chest_crop.data.shape)
+    grids, n = slabs.grids(), slabs.group
+    primer = BlockCoders()
+    stream.decode_group(grids[:1], slabs.b, sections[1:2], primer)
+    carried = BlockCoders()
+    stream.decode_group(grids[:n], slabs.b, sections[1:n + 1], carried)
+    last = slice(n, min(2 * n, len(grids)))
+    qs = stream.decode_group(grids[last], slabs.b, sections[1 + last.start:1 + last.stop], primer)
+    assert [q.shape[:3] for q in qs] == grids[last]
+    with pytest.raises(FormatError):
+        stream.decode_group(grids[last], slabs.b, sections[1 + last.start:1 + last.stop], carried)
+
+
+@pytest.mark.parametrize("group", [0, -1, True, "2", 2.0, 10**6])
+def test_bad_slab_group_is_a_format_error(chest_crop, small_groups, group):
+    blob = compress(chest_crop, psnr=40, block=4)
+    h, sections = unpack(blob)
+    h = {k: v for k, v in h.items() if k != "sections"}
+    h["params"] = {**h["params"], "group": group}
+    with pytest.raises(FormatError, match="slab groups"):
+        decompress(pack(h, sections))
+
+
+def test_a_corrupted_group_is_reported_from_a_worker(chest_crop, small_groups, monkeypatch):
+    monkeypatch.setenv("FEDTENSOR_WORKERS", "2")
+    h, sections = unpack(compress(chest_crop, psnr=45, block=4))
+    h = {k: v for k, v in h.items() if k != "sections"}
+    last = bytearray(sections[-1])
+    last[len(last) // 2] ^= 0x5A
+    with pytest.raises(FormatError):
+        stream.decode_into(np.empty(chest_crop.data.shape, chest_crop.data.dtype), h["params"],
+                           [*sections[:-1], bytes(last)], h["params"]["offset"], h["params"]["scale"])

@@ -61,11 +61,29 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _children_rss() -> int:
+    """Resident set size of the main thread's child processes (the codec's entropy-coder workers)."""
+    total = 0
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children", "rb") as f:
+            pids = f.read().split()
+    except OSError:
+        return 0
+    for pid in pids:
+        try:
+            with open(b"/proc/%s/statm" % pid, "rb") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):  # it ended meanwhile
+            pass
+    return total
+
+
 class RssPeakSampler:
     """Peak extra resident memory during a block of code.
 
-    A background thread samples ``/proc/self/statm`` every ``interval_s`` (default 1 ms); the baseline is
-    the RSS just before the block. As an independent cross-check the kernel's high-water mark (VmHWM)
+    A background thread samples ``/proc/self/statm`` every ``interval_s`` (default 1 ms), and adds the
+    RSS of the main thread's child processes (worker processes count); the baseline is the RSS just
+    before the block. As an independent cross-check the kernel's high-water mark (VmHWM)
     is reset before the block and read after it, when the kernel allows (exact, unlike sampling, which
     can miss spikes shorter than the interval).
 
@@ -95,7 +113,7 @@ class RssPeakSampler:
             return
         try:
             while not self._stop.is_set():
-                rss = int(os.pread(fd, 128, 0).split()[1]) * _PAGE
+                rss = int(os.pread(fd, 128, 0).split()[1]) * _PAGE + _children_rss()
                 if rss > self.peak:
                     self.peak = rss
                 self.samples += 1

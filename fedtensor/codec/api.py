@@ -250,6 +250,8 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
         sse, worst = errors or measured
         stats = {"psnr": psnr_from_sse(sse, n, value_range), "max_abs_error": worst}
         params = {"block": list(b), "slab": slabs.depth, "step": step, "offset": offset, "scale": scale}
+        if slabs.n_groups > 1:
+            params["group"] = slabs.group
         bases = np.concatenate([u.ravel() for u in enc.bases]).astype("<f4").tobytes()
         return pack({**header, "params": params, "stats": stats}, [bases, *sections]), (sse, worst)
 

@@ -20,6 +20,7 @@ the decoder's output.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import math
 import time
@@ -31,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
-from fedtensor.codec.entropy import BinaryStream
+from fedtensor.codec.blockcoef import BlockCoders
 from fedtensor.codec.normalize import (DeviceMap, decoded_shifted, denormalize, device_map, from_unit, normalize,
                                        rows_per_chunk, shifted, to_unit)
+from fedtensor.codec.parallel import (GROUP_VOXELS, Workers, decode_group, encode_group, in_groups, narrow,
+                                      worker_count)
 from fedtensor.codec.quantize import RECON_OFFSET, band_rounding, dequantize, quantize
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import _to_blocks, expand, from_blocks, padded_shape, project
@@ -64,11 +66,26 @@ def slab_depth(shape, b, slab_voxels: int = SLAB_VOXELS) -> int:
 
 @dataclass(frozen=True)
 class Slabs:
-    """The slab layout of a volume ``shape`` under block shape ``b`` and slab thickness ``depth``."""
+    """The slab layout of a volume ``shape`` under block shape ``b`` and slab thickness ``depth``, and
+    its context groups of ``group`` slabs (default: :data:`~fedtensor.codec.parallel.GROUP_VOXELS`
+    voxels each; see :mod:`fedtensor.codec.parallel`)."""
 
     shape: tuple[int, int, int]
     b: tuple[int, int, int]
     depth: int
+    group: int = 0
+
+    def __post_init__(self):
+        if not self.group:
+            _, py, pz = padded_shape(self.shape, self.b)
+            object.__setattr__(self, "group", max(1, GROUP_VOXELS // (self.depth * py * pz)))
+
+    @property
+    def n_groups(self) -> int:
+        return -(-len(self) // self.group)
+
+    def grids(self) -> list[tuple[int, int, int]]:
+        return [self.grid(start) for start in self.starts]
 
     @property
     def starts(self) -> range:
@@ -386,32 +403,74 @@ class SlabEncoder:
         return (coef * ratio).tolist(), ratio
 
     def encode(self, step: float, measure: bool = False) -> tuple[list[bytes], tuple[float, float] | None]:
-        """One coded section per slab (and, with ``measure``, the decoded ``(SSE, max abs error)``)."""
-        sections, sse, worst = [], 0.0, 0.0
+        """One coded section per slab (and, with ``measure``, the decoded ``(SSE, max abs error)``).
+
+        The slabs' groups are coded in worker processes when there are several (and cores for them),
+        while this process transforms the next slabs; else slab by slab here."""
+        errors = [0.0, 0.0] if measure else None
+        slabs, b = self.slabs, self.slabs.b
+        quantised = self._quantised(step, errors)
+        workers = worker_count(slabs.n_groups)
+        if workers == 1:
+            sections, coders = [], BlockCoders()
+            for i, (grid, q) in enumerate(quantised):
+                t0 = time.perf_counter()
+                if i == 1:
+                    primer = copy.deepcopy(coders)
+                if i and i % slabs.group == 0:  # a new group
+                    coders = copy.deepcopy(primer)
+                sections += encode_group([grid], b, [q], coders)
+                del q
+                tick("entropy", t0)
+            return sections, tuple(errors) if measure else None
+        with Workers(workers) as w:  # they start while the first slab is coded here
+            t0, spent = time.perf_counter(), [0.0]
+            quantised = _timed(quantised, spent)
+            grid, q = next(quantised)
+            primer = BlockCoders()
+            sections = encode_group([grid], b, [q], primer)
+            del q
+            tasks = (([g for g, _ in group], b, [narrow(q) for _, q in group], primer)
+                     for group in in_groups(quantised, slabs.group, slabs.group - 1))
+            sections += [s for coded in w.map(encode_group, tasks) for s in coded]
+            tick("entropy", t0 + spent[0])  # this process's share and the wait for the workers
+        return sections, tuple(errors) if measure else None
+
+    def _quantised(self, step: float, errors: list[float] | None) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+        """Each slab's block grid and quantised coefficients; with ``errors``, the decoded ``[SSE, max
+        abs error]`` are added up there (each slab's once the consumer asks for the next)."""
         bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
-        coders = BlockCoders()  # context statistics carry on from slab to slab
         for start, slab in self._slabs():
             t0 = time.perf_counter()
             grid, r = self.slabs.grid(start), self.slabs.rows(start)
             q_dev = _forward(jax.device_put(slab), bases, s, self.slabs.b, self.impl, self.map)
             del slab  # only the int coefficients of a slab live on, and only while it is coded
             q = np.asarray(q_dev)[:grid[0]]
-            t0 = tick("transform+quantize", t0)
+            tick("transform+quantize", t0)
             # The measurement's inverse transform runs (asynchronously) while the host entropy-codes.
-            pending = self._decoded(q_dev, bases, s) if measure else None
-            stream = BinaryStream()
-            code_block_coefficients(stream, grid, self.slabs.b, q, coders)
-            sections.append(stream.finish())
-            t0 = tick("entropy", t0)
-            if measure:
+            pending = self._decoded(q_dev, bases, s) if errors is not None else None
+            del q_dev
+            yield grid, q
+            del q
+            if errors is not None:
+                t0 = time.perf_counter()
                 decoded = self._fetch(pending, r)
                 del pending
                 e = error_stats(self.x[start:start + r], decoded)
-                sse, worst = sse + e[0], max(worst, e[1])
+                errors[0], errors[1] = errors[0] + e[0], max(errors[1], e[1])
                 tick("search: error", t0)
                 del decoded
-            del q, q_dev
-        return sections, (sse, worst) if measure else None
+
+
+def _timed(items: Iterator, spent: list[float]) -> Iterator:
+    """``items``, adding the seconds spent producing them to ``spent[0]``."""
+    while True:
+        t0 = time.perf_counter()
+        item = next(items, None)
+        spent[0] += time.perf_counter() - t0
+        if item is None:
+            return
+        yield item
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -419,8 +478,8 @@ class SlabEncoder:
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_params(params: dict, n_sections: int, shape) -> tuple[tuple[int, int, int], int]:
-    """Validated ``(block shape, slab depth)``."""
+def check_params(params: dict, n_sections: int, shape) -> Slabs:
+    """The validated slab layout."""
     b = params.get("block")
     if not isinstance(b, list) or len(b) != 3 or not all(isinstance(n, int) and 1 <= n <= 64 for n in b):
         raise FormatError("corrupted block-tucker parameters")
@@ -430,27 +489,33 @@ def check_params(params: dict, n_sections: int, shape) -> tuple[tuple[int, int, 
     # decoder's working set the whole volume (memory) or millions of one-row slabs (time)
     thinnest = slab_depth(shape, b, MIN_SLAB_VOXELS)
     thickest = slab_depth(shape, b, max(MIN_SLAB_VOXELS, SLAB_VOXELS))
-    if (not isinstance(depth, int) or isinstance(depth, bool) or not thinnest <= depth <= thickest
-            or depth % b[0] or n_sections != 1 + len(range(0, shape[0], depth))):
+    n_slabs = len(range(0, shape[0], depth)) if _is_int(depth) and depth > 0 else 0
+    if not (_is_int(depth) and thinnest <= depth <= thickest and depth % b[0] == 0 and n_sections == 1 + n_slabs):
         raise FormatError("corrupted block-tucker parameters (slab layout)")
-    return b, depth
+    group = params.get("group", n_slabs)  # written only when there are several groups
+    if not (_is_int(group) and 1 <= group <= n_slabs):
+        raise FormatError("corrupted block-tucker parameters (slab groups)")
+    return Slabs(tuple(shape), b, depth, group)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: float, scale: float,
                 impl: str | None = None) -> np.ndarray:
     """Decode a block-tucker stream slab by slab into ``out`` (preallocated, original shape and dtype)."""
     shape = out.shape
-    b, depth = check_params(params, len(sections), shape)
+    slabs = check_params(params, len(sections), shape)
+    b, depth = slabs.b, slabs.depth
     impl = impl or kernels.impl_for(b)
     if len(sections[0]) != 4 * sum(n * n for n in b) or any(len(s) % 4 for s in sections[1:]):
         raise FormatError("corrupted block-tucker payload")
     flat = np.frombuffer(sections[0], "<f4")
     bounds = np.cumsum([0] + [n * n for n in b])
     bases = [jax.device_put(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
-    slabs = Slabs(tuple(shape), b, depth)
     step = np.float32(float(params["step"]))
     m = device_map(out.dtype, offset, scale)
-    coders = BlockCoders()
 
     def store(start: int, rec) -> None:  # waits for the slab's device work, then maps it into ``out``
         t0, r = time.perf_counter(), slabs.rows(start)
@@ -462,15 +527,10 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     # One slab of look-ahead: a slab's inverse transform is dispatched (JAX runs it asynchronously) and
     # stored only after the next slab's coefficients are entropy-decoded, so the two overlap.
     pending = None
-    for start, section in zip(slabs.starts, sections[1:]):
-        t0 = time.perf_counter()
-        grid = slabs.grid(start)
-        coded = BinaryStream(np.frombuffer(section, np.uint32))
-        q = code_block_coefficients(coded, grid, b, coders=coders)
-        coded.check_consumed()
+    for q, start in zip(_decoded_coefficients(slabs, sections[1:]), slabs.starts):
+        grid = q.shape[:3]
         if grid[0] * b[0] < depth:  # static shapes: zero block rows up to the slab depth
             q = np.concatenate([q, np.zeros((depth // b[0] - grid[0], *q.shape[1:]), q.dtype)])
-        tick("entropy", t0)
         rec = _decode(jax.device_put(q), bases, step, m, (depth, *shape[1:]), impl, out.dtype.name)
         del q
         if pending is not None:
@@ -481,6 +541,42 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     store(*pending)
     trim_heap()
     return out
+
+
+def _decoded_coefficients(slabs: Slabs, sections: list[bytes]) -> Iterator[np.ndarray]:
+    """Each slab's int32 coefficients, decoded group by group in worker processes when there are
+    several groups (and cores for them), else slab by slab here."""
+    grids, n = slabs.grids(), slabs.group
+    workers = worker_count(slabs.n_groups)
+    if workers == 1:
+        coders = BlockCoders()
+        for i, (grid, section) in enumerate(zip(grids, sections)):
+            t0 = time.perf_counter()
+            if i == 1:
+                primer = copy.deepcopy(coders)
+            if i and i % n == 0:  # a new group
+                coders = copy.deepcopy(primer)
+            q = decode_group([grid], slabs.b, [section], coders)[0]
+            tick("entropy", t0)
+            yield q
+        return
+    with Workers(workers) as w:
+        t0, primer = time.perf_counter(), BlockCoders()
+        q = decode_group(grids[:1], slabs.b, sections[:1], primer)[0]
+        tick("entropy", t0)
+        yield q
+        del q
+        tasks = ((grids[g[0]:g[-1] + 1], slabs.b, sections[g[0]:g[-1] + 1], primer, True)
+                 for g in in_groups(range(1, len(grids)), n, n - 1))
+        results = w.map(decode_group, tasks)
+        while True:
+            t0 = time.perf_counter()
+            qs = next(results, None)
+            tick("entropy", t0)  # waiting for the workers
+            if qs is None:
+                return
+            for q in qs:
+                yield q.astype(np.int32)
 
 
 def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: float, n_voxels: int | None = None) -> float:
