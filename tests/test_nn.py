@@ -948,3 +948,24 @@ def test_fit_predicts_the_restored_errors(rmodel, adapted_case):
         exact = float(np.sum((orig - restore_array(dec.data, header, rmodel, tile=64, tta=c is None)) ** 2))
         assert sse == pytest.approx(exact, rel=1e-4)
     assert mirrored.large[1] <= mirrored.small[1] < mirrored.sse_plain
+
+
+def test_a_runaway_compensation_still_sends_a_layer_the_decoder_takes(rmodel, adapted_case, monkeypatch):
+    """Compensated rounding can move coefficients far under a badly conditioned metric; the layer sent
+    must stay within the decoder's coefficient bound (plain rounding then)."""
+    from fedtensor.nn import adapt
+
+    vol, data, info, dec, _ = adapted_case
+    eq = adapt.equations(rmodel, dec.data, info, vol.data, tile=64, classes=())
+    t = np.zeros(0, np.float32)
+
+    def wild(a):  # a factor whose compensation multiplies each rounding error by 10⁹
+        k = a.shape[-1]
+        return np.broadcast_to(np.eye(k) + 1e9 * np.triu(np.ones((k, k)), 1), a.shape).copy()
+
+    monkeypatch.setattr(adapt, "rounding_factor", wild)
+    layer, err = adapt.coded_layer(eq, t, eq.small, 1e6)
+    assert np.abs(layer.coef).max() < adapt._MAX_COEF
+    np.testing.assert_array_equal(adapt._decode_layer(adapt._encode_layer(layer.coef)[0], 1, adapt._widths(eq.c1)),
+                                  layer.coef)
+    assert np.isfinite(err)
