@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedtensor.bench.memory import measure_peak_rss
-from fedtensor.codec import compress, decompress, stream
+from fedtensor.codec import compress, decompress, parallel, stream
 from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.container import pack, unpack
 from fedtensor.codec.entropy import BinaryStream
@@ -220,8 +220,10 @@ def test_forged_slab_depths_outside_the_encoders_range_are_refused(shape, depth)
 
 @pytest.fixture
 def small_groups(monkeypatch, small_slabs):
-    """Groups of 2¹⁸ voxels (two ~2¹⁷-voxel slabs), so a 96³ crop has several."""
+    """Groups of 2¹⁸ voxels (two ~2¹⁷-voxel slabs), so a 96³ crop has several, and workers that the
+    memory budget of so small a volume allows."""
     monkeypatch.setattr(stream, "GROUP_VOXELS", 1 << 18)
+    monkeypatch.setattr(parallel, "worker_bytes", lambda voxels: 4 * voxels)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -232,7 +234,7 @@ def test_slab_groups_code_alike_in_workers_and_here(chest_crop, small_groups, mo
     slabs = stream.check_params(h["params"], len(sections), chest_crop.data.shape)
     assert slabs.n_groups >= 3 and h["params"]["group"] == slabs.group
     monkeypatch.setenv("FEDTENSOR_WORKERS", workers)
-    assert stream.worker_count(slabs.n_groups) == int(workers)
+    assert stream.worker_count(slabs.n_groups, slabs.group_voxels, chest_crop.data.nbytes) == int(workers)
     assert compress(chest_crop, psnr=45, block=4) == here  # the stream never depends on the cores
     decoded = decompress(here).data
     assert _psnr(chest_crop.data, decoded) >= 45

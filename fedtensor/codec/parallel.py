@@ -36,9 +36,11 @@ GROUP_VOXELS = 1 << 24
 WORKERS_ENV = "FEDTENSOR_WORKERS"
 
 
-def worker_count(groups: int) -> int:
-    """Worker processes for ``groups`` groups: one per group, at most one per usable core (and at most
-    ``$FEDTENSOR_WORKERS``); 1 means coding in this process."""
+def worker_count(groups: int, group_voxels: int, budget: int) -> int:
+    """Worker processes for ``groups`` groups of ``group_voxels``: one per group, at most one per usable
+    core (and at most ``$FEDTENSOR_WORKERS``), and as many as ``budget`` bytes of memory hold (a worker
+    holds a group's int16 coefficients, as this process does for each worker, plus ~64 MB of its own:
+    :func:`worker_bytes`); 1 means coding in this process."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -46,7 +48,12 @@ def worker_count(groups: int) -> int:
     cap = os.environ.get(WORKERS_ENV, "").strip()
     if cap.isdigit():
         cores = min(cores, max(1, int(cap)))
-    return max(1, min(groups, cores))
+    return max(1, min(groups, cores, budget // worker_bytes(group_voxels)))
+
+
+def worker_bytes(group_voxels: int) -> int:
+    """Memory a worker adds (its group's coefficients on each side of the pipe, and the process)."""
+    return 4 * group_voxels + (64 << 20)
 
 
 def narrow(q: np.ndarray) -> np.ndarray:
@@ -121,18 +128,23 @@ class Workers:
         """``fn(*task)`` for each task, in order. A task is drawn from ``tasks`` only when a worker is
         free, so a lazy producer's work overlaps the workers' and at most ``n`` tasks are in flight."""
         tasks, busy = iter(tasks), deque()
-        for p in self._procs:
-            if not self._give(p, fn, tasks):
-                break
-            busy.append(p)
-        while busy:
-            p = busy.popleft()
-            result = _read(p.stdout)
-            if self._give(p, fn, tasks):
+        try:
+            for p in self._procs:
+                if not self._give(p, fn, tasks):
+                    break
                 busy.append(p)
-            if isinstance(result, BaseException):
-                raise result
-            yield result
+            while busy:
+                p = busy[0]
+                result = _read(p.stdout)
+                busy.popleft()
+                if self._give(p, fn, tasks):
+                    busy.append(p)
+                if isinstance(result, BaseException):
+                    raise result
+                yield result
+        finally:
+            for p in busy:  # tasks left outstanding (an error, or a caller that stopped early): a worker
+                p.kill()  # may be blocked writing a result nobody will read
 
     @staticmethod
     def _give(p, fn, tasks) -> bool:
@@ -163,16 +175,29 @@ def serve() -> None:
 
 
 def _write(f, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    f.write(struct.pack("<Q", len(data)))
+    """``obj`` pickled with its arrays' buffers out of band: written as they are, not copied first."""
+    buffers = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    views = [b.raw() for b in buffers]
+    f.write(struct.pack(f"<{2 + len(views)}Q", len(data), len(views), *(v.nbytes for v in views)))
     f.write(data)
+    for v in views:
+        f.write(v)
     f.flush()
 
 
 def _read(f):
-    head = f.read(8)
-    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-    data = f.read(n) if n > 0 else b""
-    if len(data) != n:
-        raise EOFError("an entropy-coder worker process ended")
-    return pickle.loads(data)
+    def exactly(n: int) -> bytearray:
+        buf, got = bytearray(n), 0
+        with memoryview(buf) as view:
+            while got < n:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise EOFError("an entropy-coder worker process ended")
+                got += k
+        return buf
+
+    n, count = struct.unpack("<2Q", exactly(16))
+    sizes = struct.unpack(f"<{count}Q", exactly(8 * count))
+    data = exactly(n)
+    return pickle.loads(data, buffers=[exactly(size) for size in sizes])

@@ -84,6 +84,11 @@ class Slabs:
     def n_groups(self) -> int:
         return -(-len(self) // self.group)
 
+    @property
+    def group_voxels(self) -> int:
+        _, py, pz = padded_shape(self.shape, self.b)
+        return self.group * self.depth * py * pz
+
     def grids(self) -> list[tuple[int, int, int]]:
         return [self.grid(start) for start in self.starts]
 
@@ -410,7 +415,7 @@ class SlabEncoder:
         errors = [0.0, 0.0] if measure else None
         slabs, b = self.slabs, self.slabs.b
         quantised = self._quantised(step, errors)
-        workers = worker_count(slabs.n_groups)
+        workers = worker_count(slabs.n_groups, slabs.group_voxels, self.x.nbytes)
         if workers == 1:
             sections, coders = [], BlockCoders()
             for i, (grid, q) in enumerate(quantised):
@@ -430,8 +435,9 @@ class SlabEncoder:
             primer = BlockCoders()
             sections = encode_group([grid], b, [q], primer)
             del q
-            tasks = (([g for g, _ in group], b, [narrow(q) for _, q in group], primer)
-                     for group in in_groups(quantised, slabs.group, slabs.group - 1))
+            narrowed = ((grid, narrow(q)) for grid, q in quantised)  # before a group piles up
+            tasks = (([g for g, _ in group], b, [q for _, q in group], primer)
+                     for group in in_groups(narrowed, slabs.group, slabs.group - 1))
             sections += [s for coded in w.map(encode_group, tasks) for s in coded]
             tick("entropy", t0 + spent[0])  # this process's share and the wait for the workers
         return sections, tuple(errors) if measure else None
@@ -527,7 +533,7 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     # One slab of look-ahead: a slab's inverse transform is dispatched (JAX runs it asynchronously) and
     # stored only after the next slab's coefficients are entropy-decoded, so the two overlap.
     pending = None
-    for q, start in zip(_decoded_coefficients(slabs, sections[1:]), slabs.starts):
+    for q, start in zip(_decoded_coefficients(slabs, sections[1:], out.nbytes), slabs.starts):
         grid = q.shape[:3]
         if grid[0] * b[0] < depth:  # static shapes: zero block rows up to the slab depth
             q = np.concatenate([q, np.zeros((depth // b[0] - grid[0], *q.shape[1:]), q.dtype)])
@@ -543,11 +549,11 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     return out
 
 
-def _decoded_coefficients(slabs: Slabs, sections: list[bytes]) -> Iterator[np.ndarray]:
+def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> Iterator[np.ndarray]:
     """Each slab's int32 coefficients, decoded group by group in worker processes when there are
-    several groups (and cores for them), else slab by slab here."""
+    several groups (and cores, and ``budget`` bytes of memory, for them), else slab by slab here."""
     grids, n = slabs.grids(), slabs.group
-    workers = worker_count(slabs.n_groups)
+    workers = worker_count(slabs.n_groups, slabs.group_voxels, budget)
     if workers == 1:
         coders = BlockCoders()
         for i, (grid, section) in enumerate(zip(grids, sections)):
