@@ -9,7 +9,7 @@ from fedtensor.codec import parallel
 from fedtensor.errors import FormatError
 
 
-def test_worker_count_follows_groups_cores_memory_and_the_cap(monkeypatch):
+def test_worker_count_follows_groups_cores_memory_or_the_users_count(monkeypatch):
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda _: set(range(6)), raising=False)
     monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
     each = parallel.worker_bytes(1 << 24)
@@ -18,8 +18,12 @@ def test_worker_count_follows_groups_cores_memory_and_the_cap(monkeypatch):
     assert parallel.worker_count(16, 1 << 24, 100 * each) == 6  # one per core
     assert parallel.worker_count(16, 1 << 24, 3 * each + 1) == 3  # as many as the memory holds
     assert parallel.worker_count(16, 1 << 24, each - 1) == 1
+    # the user's count wins over cores and memory, never over the groups
     monkeypatch.setenv(parallel.WORKERS_ENV, "2")
     assert parallel.worker_count(16, 1 << 24, 100 * each) == 2
+    monkeypatch.setenv(parallel.WORKERS_ENV, "8")
+    assert parallel.worker_count(16, 1 << 24, 0) == 8
+    assert parallel.worker_count(3, 1 << 24, 0) == 3
     monkeypatch.setenv(parallel.WORKERS_ENV, "0")
     assert parallel.worker_count(16, 1 << 24, 100 * each) == 1
 

@@ -12,8 +12,8 @@ same on every machine.
 
 Workers are plain ``python -c`` processes that import numpy and constriction but not JAX, and talk
 pickle over their pipes: no ``multiprocessing`` start method, so a caller's script is never re-run in
-them and a JAX process is never forked. ``FEDTENSOR_WORKERS`` caps their number (``1``: code in the
-calling process).
+them and a JAX process is never forked. By default there are as many as the cores and the input's
+size in memory allow; ``FEDTENSOR_WORKERS`` sets their number (``1``: code in the calling process).
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ WORKERS_ENV = "FEDTENSOR_WORKERS"
 
 
 def worker_count(groups: int, group_voxels: int, budget: int) -> int:
-    """Worker processes for ``groups`` groups of ``group_voxels``: one per group, at most one per usable
-    core (and at most ``$FEDTENSOR_WORKERS``), and as many as ``budget`` bytes of memory hold (a worker
-    holds a group's int16 coefficients, as this process does for each worker, plus ~64 MB of its own:
-    :func:`worker_bytes`); 1 means coding in this process."""
+    """Worker processes for ``groups`` groups of ``group_voxels``; 1 means coding in this process.
+
+    ``$FEDTENSOR_WORKERS`` sets the count (at most one per group). Otherwise: one per group, at most
+    one per usable core, and as many as ``budget`` bytes of memory hold at :func:`worker_bytes` each."""
+    asked = os.environ.get(WORKERS_ENV, "").strip()
+    if asked.isdigit():
+        return max(1, min(groups, int(asked)))
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    cap = os.environ.get(WORKERS_ENV, "").strip()
-    if cap.isdigit():
-        cores = min(cores, max(1, int(cap)))
     return max(1, min(groups, cores, budget // worker_bytes(group_voxels)))
 
 
