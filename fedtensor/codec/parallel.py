@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -41,6 +42,8 @@ def worker_count(groups: int, group_voxels: int, budget: int) -> int:
 
     ``$FEDTENSOR_WORKERS`` sets the count (at most one per group). Otherwise: one per group, at most
     one per usable core, and as many as ``budget`` bytes of memory hold at :func:`worker_bytes` each."""
+    if not sys.executable:  # an embedded interpreter: no python to start
+        return 1
     asked = os.environ.get(WORKERS_ENV, "").strip()
     if asked.isdigit():
         return max(1, min(groups, int(asked)))
@@ -160,6 +163,7 @@ _TASKS = {f.__name__: f for f in (encode_group, decode_group)}
 
 def serve() -> None:
     """A worker's loop: run each task read from stdin, write its result (or exception) to stdout."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle: it ends the workers
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the results
     while True:
