@@ -81,3 +81,14 @@ def test_a_caller_that_stops_early_leaves_no_worker_behind():
         results.close()  # two tasks were outstanding, one result unread
         procs = list(w._procs)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_workers_import_the_coder_without_jax_and_the_package_stays_whole():
+    import subprocess
+    import sys
+
+    code = ("import sys, fedtensor.codec.parallel; assert 'jax' not in sys.modules; "
+            "import fedtensor.codec as c; assert c.stream.SLAB_VOXELS and c.compress is c.api.compress; "
+            "assert not hasattr(c, 'no_such_module'); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
