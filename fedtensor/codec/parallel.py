@@ -18,6 +18,8 @@ size in memory allow; ``FEDTENSOR_WORKERS`` sets their number (``1``: code in th
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import pickle
 import signal
@@ -88,6 +90,19 @@ def decode_group(grids, b, sections, coders: BlockCoders | None = None, compact:
         coded.check_consumed()
         out.append(narrow(q) if compact else q)
     return out
+
+
+def slab_coders(group: int) -> Iterator[BlockCoders]:
+    """The coder state of each slab in turn, for coding them one by one in this process (draw the next
+    only once the last slab is coded): carried on within a group, and every group after the first
+    starting from a copy of the state the first slab left."""
+    coders = BlockCoders()
+    yield coders
+    primer = copy.deepcopy(coders)
+    for i in itertools.count(1):
+        if i % group == 0:
+            coders = copy.deepcopy(primer)
+        yield coders
 
 
 def in_groups(items: Iterable, n: int, first: int) -> Iterator[list]:

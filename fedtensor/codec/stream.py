@@ -20,7 +20,6 @@ the decoder's output.
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import math
 import time
@@ -36,7 +35,7 @@ from fedtensor.codec.blockcoef import BlockCoders
 from fedtensor.codec.normalize import (DeviceMap, decoded_shifted, denormalize, device_map, from_unit, normalize,
                                        rows_per_chunk, shifted, to_unit)
 from fedtensor.codec.parallel import (GROUP_VOXELS, Workers, decode_group, encode_group, in_groups, narrow,
-                                      worker_count)
+                                      slab_coders, worker_count)
 from fedtensor.codec.quantize import RECON_OFFSET, band_rounding, dequantize, quantize
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import _to_blocks, expand, from_blocks, padded_shape, project
@@ -417,13 +416,9 @@ class SlabEncoder:
         quantised = self._quantised(step, errors)
         workers = worker_count(slabs.n_groups, slabs.group_voxels, self.x.nbytes)
         if workers == 1:
-            sections, coders = [], BlockCoders()
-            for i, (grid, q) in enumerate(quantised):
+            sections = []
+            for (grid, q), coders in zip(quantised, slab_coders(slabs.group)):
                 t0 = time.perf_counter()
-                if i == 1:
-                    primer = copy.deepcopy(coders)
-                if i and i % slabs.group == 0:  # a new group
-                    coders = copy.deepcopy(primer)
                 sections += encode_group([grid], b, [q], coders)
                 del q
                 tick("entropy", t0)
@@ -555,13 +550,8 @@ def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> I
     grids, n = slabs.grids(), slabs.group
     workers = worker_count(slabs.n_groups, slabs.group_voxels, budget)
     if workers == 1:
-        coders = BlockCoders()
-        for i, (grid, section) in enumerate(zip(grids, sections)):
+        for grid, section, coders in zip(grids, sections, slab_coders(n)):
             t0 = time.perf_counter()
-            if i == 1:
-                primer = copy.deepcopy(coders)
-            if i and i % n == 0:  # a new group
-                coders = copy.deepcopy(primer)
             q = decode_group([grid], slabs.b, [section], coders)[0]
             tick("entropy", t0)
             yield q
