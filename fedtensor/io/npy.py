@@ -4,6 +4,7 @@ shared by all readers."""
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,19 @@ def validated(vol: Volume, source: str | os.PathLike) -> Volume:
         raise VolumeError(f"{source}: {e}") from None
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST construction is not safe
+# across threads: the web server's parallel slice requests failed now and then with "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905). fedtensor opens every .npy through here.
+_HEADER_LOCK = threading.Lock()
+
+
+def open_npy(path: str | os.PathLike) -> np.ndarray:
+    """``path`` memory-mapped read-only (``allow_pickle=False``), its header parsed under a lock shared by
+    every thread (a ``.npz`` gives its ``NpzFile``)."""
+    with _HEADER_LOCK:
+        return np.load(path, allow_pickle=False, mmap_mode="r")
+
+
 def read_npy(path: str | os.PathLike) -> Volume:
     """Read a 3D ``.npy`` array (``allow_pickle=False``); spacing (1, 1, 1), identity affine."""
     path = Path(path)
@@ -61,7 +75,9 @@ def read_npy(path: str | os.PathLike) -> Volume:
         with open(path, "rb") as fh:
             if fh.read(6) != b"\x93NUMPY":  # else numpy suggests loading it as a pickle
                 raise VolumeError(f"cannot read .npy file {path}: not a NumPy array file")
-        arr = np.load(path, allow_pickle=False, mmap_mode=None)
+        arr = open_npy(path)
+        if isinstance(arr, np.ndarray):
+            arr = np.array(arr)  # read into memory
     except VolumeError:
         raise
     except FileNotFoundError:

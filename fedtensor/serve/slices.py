@@ -9,10 +9,11 @@ window/level (grey); the difference is shown in a heat colour map from 0 to ``di
 from __future__ import annotations
 
 import functools
-import threading
 from pathlib import Path
 
 import numpy as np
+
+from fedtensor.io.npy import open_npy
 
 KINDS = ("original", "decoded", "diff")
 VIEWS = ("sagittal", "coronal", "axial")
@@ -25,15 +26,8 @@ def _heat_lut() -> np.ndarray:
     return (colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
-# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST construction is not safe
-# across threads: the threaded server's parallel slice requests failed now and then with "SystemError:
-# AST constructor recursion depth mismatch" (python/cpython#106905).
-_LOAD_LOCK = threading.Lock()
-
-
 def load(workdir: Path, kind: str) -> np.ndarray:
-    with _LOAD_LOCK:
-        return np.load(workdir / f"{kind}.npy", mmap_mode="r")
+    return open_npy(workdir / f"{kind}.npy")
 
 
 def plane(vol: np.ndarray, axis: int, index: int) -> np.ndarray:

@@ -19,9 +19,9 @@ import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 
 from fedtensor.errors import FedtensorError, VolumeError
+from fedtensor.io.npy import open_npy
 
 MAX_ZIP_MEMBERS = 4096
 MAX_INFLATED_BYTES = 4 << 30  # what a zipped series may expand to on disk
@@ -155,7 +155,7 @@ def _check_declared_size(path: Path, name: str, max_voxels: int) -> None:
 
     try:
         if path.name.endswith(".npy"):
-            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape  # maps, reads no voxels
+            shape = open_npy(path).shape  # maps, reads no voxels
         else:
             import nibabel as nib
 
