@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
-
 from fedtensor.errors import FedtensorError, VolumeError
 from fedtensor.io.npy import open_npy
 
