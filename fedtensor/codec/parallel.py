@@ -5,8 +5,8 @@ The context coder is numpy and constriction on one core, holding the GIL: thread
 but the first starts its coder statistics (:class:`~fedtensor.codec.blockcoef.BlockCoders`) from
 those the first slab left: after that slab, groups are coded and decoded independently, each in a
 worker process. A group spans :data:`GROUP_VOXELS` voxels, so only large volumes have more than one.
-The restart costs the bits the tables take to learn again: 256×256×512 CT at 45 dB, 2 groups,
-+0.43 % (+0.73 % had they started empty; 2²³- and 2²²-voxel groups: +1.0 % and +1.5 %).
+The restarts cost the bits the tables take to learn again: at 45 dB, +0.43 % on a 256×256×512 CT (2
+groups; +0.73 % had they started empty) and +0.91 % on a 512³ one (8 groups; docs/codec.md).
 The groups follow from the volume's geometry only, never from the number of cores, so a stream is the
 same on every machine.
 
