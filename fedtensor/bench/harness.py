@@ -31,6 +31,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from fedtensor.cores import usable_cores
 from fedtensor.errors import RateError
 from fedtensor.jsonable import jsonable
 
@@ -544,10 +545,7 @@ def _loadavg() -> float | None:
 
 
 def default_jobs() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    return usable_cores()
 
 
 def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:

@@ -33,6 +33,7 @@ import numpy as np
 
 from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.entropy import BinaryStream
+from fedtensor.cores import usable_cores
 
 #: Voxels per group of slabs coded with their own statistics.
 GROUP_VOXELS = 1 << 24
@@ -49,11 +50,7 @@ def worker_count(groups: int, group_voxels: int, budget: int) -> int:
     asked = os.environ.get(WORKERS_ENV, "").strip()
     if asked.isdigit():
         return max(1, min(groups, int(asked)))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(groups, cores, budget // worker_bytes(group_voxels)))
+    return max(1, min(groups, usable_cores(), budget // worker_bytes(group_voxels)))
 
 
 def worker_bytes(group_voxels: int) -> int:

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from fedtensor import __version__
+from fedtensor.cores import usable_cores
 from fedtensor.io.atomic import atomic_write_bytes
 from fedtensor.nn.checkpoint import ModelError
 from fedtensor.nn.model import ALIGN, IN_CHANNELS
@@ -341,7 +342,7 @@ class PatchSampler:
 
 def default_workers() -> int:
     """Sampler threads: one per core, at most 8."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return min(8, usable_cores())
 
 
 def prefetched_batches(sampler: PatchSampler, seed: Sequence[int], batch: int, n: int,
