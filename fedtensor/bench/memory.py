@@ -21,10 +21,11 @@ from typing import Any, Callable
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def current_rss() -> int:
-    """Resident set size of this process in bytes (from /proc/self/statm)."""
+def current_rss(pid: int | str = "self") -> int:
+    """Resident set size of a process (default this one) in bytes, from /proc/PID/statm; 0 when it
+    cannot be read (no /proc, or the process ended)."""
     try:
-        with open("/proc/self/statm", "rb") as f:
+        with open(f"/proc/{pid}/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0
@@ -63,19 +64,12 @@ def _reset_hwm() -> bool:
 
 def _children_rss() -> int:
     """Resident set size of the main thread's child processes (the codec's entropy-coder workers)."""
-    total = 0
     try:
-        with open(f"/proc/self/task/{os.getpid()}/children", "rb") as f:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
             pids = f.read().split()
     except OSError:
         return 0
-    for pid in pids:
-        try:
-            with open(b"/proc/%s/statm" % pid, "rb") as f:
-                total += int(f.read().split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):  # it ended meanwhile
-            pass
-    return total
+    return sum(current_rss(pid) for pid in pids)
 
 
 class RssPeakSampler:
