@@ -307,8 +307,7 @@ def coded_layer(eq: Equations, t: np.ndarray, k: int, bytes_per_db: float) -> tu
         blob, sent = _encode_layer(quantise(coef, factor, step).astype(np.float32))
         if not np.abs(sent).max() < _MAX_COEF:  # the compensation ran away: the decoder would refuse it
             # plain rounding stays within it: the solution is under half the bound
-            blob, sent = _encode_layer(quantise(coef, np.broadcast_to(np.eye(k), factor.shape), step)
-                                       .astype(np.float32))
+            blob, sent = _encode_layer((np.round(coef / step) * step).astype(np.float32))
         layer = OutputLayer(sent, t)
         err = eq.sse(eqs, sent.astype(np.float64))
         cost = 4 / 3 * len(blob) + bytes_per_db * 10 * np.log10(max(err, exact) / exact)
