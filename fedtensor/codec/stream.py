@@ -572,7 +572,7 @@ def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> I
             if qs is None:
                 return
             for q in qs:
-                yield q.astype(np.int32)
+                yield q.astype(np.int32, copy=False)  # int16 through the pipe, where it fitted
 
 
 def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: float, n_voxels: int | None = None) -> float:
