@@ -14,7 +14,7 @@ from fedtensor.codec import compress, decompress, parallel, stream
 from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.container import pack, unpack
 from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.normalize import device_map, from_unit, to_unit
+from fedtensor.codec.normalize import device_map, from_unit, normalization, to_unit
 from fedtensor.codec.quantize import band_rounding, dequantize
 from fedtensor.errors import FormatError
 from fedtensor.io.volume import Volume
@@ -122,6 +122,35 @@ def test_ragged_slab_layouts_round_trip(shape, block, monkeypatch):
     h = unpack(blob)[0]
     assert h["codec"] == "block-tucker" and h["params"]["slab"] % h["params"]["block"][0] == 0
     assert _psnr(x, decompress(blob).data) >= 40
+
+
+@pytest.mark.parametrize("size", [1, 63, 64, 1000, 4099])
+def test_square_limbs_sum_squares_exactly(size):
+    """The device's split sum of squares is exact up to the largest error an integer volume can have
+    (2²⁵ − 1), where float32 (or even float64) sums would round."""
+    rng = np.random.default_rng(size)
+    d = rng.integers(0, 1 << 25, size, dtype=np.int64)
+    d[rng.integers(0, size)] = (1 << 25) - 1
+    want = sum(int(v) ** 2 for v in d)
+    assert stream.exact_sse(stream.square_limbs(jnp.asarray(d, jnp.int32))) == float(want)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8])
+def test_device_error_measurement_equals_the_host_one(chest_crop, small_slabs, monkeypatch, dtype):
+    """The encoder's decoded error, summed on the device for integer volumes, is exactly what the host
+    computes from the decoded slabs, on every pass (the rate search's and the final encode's)."""
+    x = chest_crop.data.astype(np.float64)
+    x = ((x - x.min()) * (255 / np.ptp(x))).astype(dtype) if dtype == np.uint8 else x.astype(dtype)
+    offset, scale = normalization(x)
+    slabs = stream.Slabs(x.shape, (4, 4, 8), stream.slab_depth(x.shape, (4, 4, 8), stream.slab_voxels(x)))
+    assert len(slabs) > 3
+    enc = stream.SlabEncoder(x, slabs, offset, scale, stream.fit_bases(x, slabs, offset, scale))
+    step = 0.004
+    device = enc.errors(step), enc.encode(step, measure=True)[1]
+    monkeypatch.setattr(stream, "_in_own_units", lambda m, dtype: False)  # the host path
+    host = enc.errors(step), enc.encode(step, measure=True)[1]
+    assert device == host
+    assert device[0][0] > 0 and device[0][1] >= 1
 
 
 def test_psnr_is_guaranteed_across_slabs(chest_crop, small_slabs):

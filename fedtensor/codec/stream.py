@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +217,39 @@ def _on_host(rec: np.ndarray, rows: int, m: DeviceMap | None, dtype, offset: flo
     return rec if m is not None else denormalize(rec, dtype, offset, scale)
 
 
+@partial(jax.jit, static_argnames=("impl", "dtype"))
+def _exact_errors(q, bases, step, m, slab, rows, impl, dtype):
+    """A raw ``slab`` of an integer volume decoded from ``q`` (as :func:`_decode` decodes it) against
+    the original, in the volume's units: :func:`square_limbs` of the errors and the max abs error —
+    what :func:`error_stats` of the fetched slab gives, exactly, without fetching it (see
+    :func:`exact_sse`)."""
+    rec = _inverse(q, bases, step, slab.shape, impl)
+    d = jnp.abs(_decoded_error(slab, None, rec, m, dtype)).astype(jnp.int32)
+    d = jnp.where((jnp.arange(slab.shape[0]) < rows)[:, None, None], d, 0)
+    return square_limbs(d), jnp.max(d)
+
+
+#: Voxels per uint32 partial sum in :func:`square_limbs`.
+_RUN = 64
+
+
+def square_limbs(d):
+    """Σd² of non-negative int32 errors ``d`` < 2²⁵ in exact uint32 pieces (traceable): with
+    d = h·2¹² + l, d² = h²·2²⁴ + 2hl·2¹² + l², every term < 2²⁶, so its sums over runs of 64 voxels
+    fit uint32. Float32 sums would be inexact and float64 is off by default in JAX; the host finishes
+    the sum in Python integers (:func:`exact_sse`)."""
+    d = d.ravel().astype(jnp.uint32)
+    d = jnp.pad(d, (0, -d.size % _RUN)).reshape(-1, _RUN)
+    h, l = d >> 12, d & 0xFFF
+    return jnp.stack([(h * h).sum(axis=1), (2 * h * l).sum(axis=1), (l * l).sum(axis=1)])
+
+
+def exact_sse(limbs) -> float:
+    """The sum of squares that :func:`square_limbs` split up."""
+    hh, hl, ll = (int(v.sum(dtype=np.uint64)) for v in np.asarray(limbs))
+    return float((hh << 24) + (hl << 12) + ll)
+
+
 def _in_own_units(m: DeviceMap | None, dtype) -> bool:
     """Whether the rate search compares a volume in its own units (integers the device maps back, so
     rounding happens where the decoder's does) rather than in normalised units."""
@@ -342,32 +375,36 @@ class SlabEncoder:
         if not trim_each:
             trim_heap()
 
-    def _decoded(self, q, bases, step) -> jax.Array:
-        """The decoder's own output for a slab's indices (same jitted function, same shapes: what the
-        encoder measures is what the decoder returns), dispatched; :meth:`_fetch` waits for it."""
-        return _decode(q, bases, step, self.map, (self.slabs.depth, *self.x.shape[1:]), self.impl,
-                       self.x.dtype.name)
-
-    def _fetch(self, decoded: jax.Array, rows: int) -> np.ndarray:
-        return _on_host(np.asarray(decoded), rows, self.map, self.x.dtype, self.offset, self.scale)
-
     def errors(self, step: float) -> tuple[float, float]:
         """``(SSE, max abs error)`` of the decoded volume at ``step``, in its dtype (rounding included)."""
         sse, worst = 0.0, 0.0
         bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
         for start, slab in self._slabs():
             t0 = time.perf_counter()
-            r = self.slabs.rows(start)
-            q = _forward(jax.device_put(slab), bases, s, self.slabs.b, self.impl, self.map)
-            del slab
-            decoded = self._fetch(self._decoded(q, bases, s), r)
-            del q
+            slab = jax.device_put(slab)
+            q = _forward(slab, bases, s, self.slabs.b, self.impl, self.map)
+            measured = self._measure(q, slab, start, bases, s)
+            del slab, q
             t0 = tick("search: transform+quantize+inverse", t0)
-            e = error_stats(self.x[start:start + r], decoded)
+            e = measured()
             tick("search: error", t0)
             sse, worst = sse + e[0], max(worst, e[1])
-            del decoded  # before the next slab is made: one slab's working set at a time
+            del measured  # before the next slab is made: one slab's working set at a time
         return sse, worst
+
+    def _measure(self, q, slab, start: int, bases, step) -> Callable[[], tuple[float, float]]:
+        """The decoded error of the slab at ``start`` (quantised as ``q``; ``slab`` as sent to the
+        device), dispatched: the returned function waits for it and gives ``(SSE, max abs error)``.
+        Integer volumes the device maps are measured there, exactly, and only sums come back; the
+        others on the host, from the decoder's own output (same jitted function, same shapes: what the
+        encoder measures is what the decoder returns)."""
+        r, dtype = self.slabs.rows(start), self.x.dtype
+        if _in_own_units(self.map, dtype):
+            limbs, worst = _exact_errors(q, bases, step, self.map, slab, r, self.impl, dtype.name)
+            return lambda: (exact_sse(limbs), float(worst))
+        decoded = _decode(q, bases, step, self.map, slab.shape, self.impl, dtype.name)
+        return lambda: error_stats(self.x[start:start + r],
+                                   _on_host(np.asarray(decoded), r, self.map, dtype, self.offset, self.scale))
 
     def estimate(self, steps) -> list[tuple[float, float]]:
         """Estimated ``(SSE, max abs error)`` of the decoded volume at each of ``steps``, in one pass over
@@ -443,24 +480,23 @@ class SlabEncoder:
         bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
         for start, slab in self._slabs():
             t0 = time.perf_counter()
-            grid, r = self.slabs.grid(start), self.slabs.rows(start)
-            q_dev = _forward(jax.device_put(slab), bases, s, self.slabs.b, self.impl, self.map)
+            grid = self.slabs.grid(start)
+            slab = jax.device_put(slab)
+            q_dev = _forward(slab, bases, s, self.slabs.b, self.impl, self.map)
+            # The measurement's inverse transform runs (asynchronously) while the host entropy-codes.
+            measured = self._measure(q_dev, slab, start, bases, s) if errors is not None else None
             del slab  # only the int coefficients of a slab live on, and only while it is coded
             q = np.asarray(q_dev)[:grid[0]]
-            tick("transform+quantize", t0)
-            # The measurement's inverse transform runs (asynchronously) while the host entropy-codes.
-            pending = self._decoded(q_dev, bases, s) if errors is not None else None
             del q_dev
+            tick("transform+quantize", t0)
             yield grid, q
             del q
-            if errors is not None:
+            if measured is not None:
                 t0 = time.perf_counter()
-                decoded = self._fetch(pending, r)
-                del pending
-                e = error_stats(self.x[start:start + r], decoded)
+                e = measured()
+                del measured
                 errors[0], errors[1] = errors[0] + e[0], max(errors[1], e[1])
                 tick("search: error", t0)
-                del decoded
 
 
 def _timed(items: Iterator, spent: list[float]) -> Iterator:
