@@ -275,3 +275,30 @@ def test_jpeg2000_codestreams_carry_no_encoder_comment():
     assert b"\xff\x64" in raw[:200] and b"\xff\x64" not in stripped[:200] and len(stripped) < len(raw)
     assert np.array_equal(imagecodecs.jpeg2k_decode(stripped), imagecodecs.jpeg2k_decode(raw))
     assert without_comments(b"\x00\x00\x00\x0cjP  ") == b"\x00\x00\x00\x0cjP  "  # a JP2 file: untouched
+
+
+def test_memory_sampler_counts_workers_but_not_a_forked_image_twice():
+    """The benchmarks' peak memory adds the codec's worker processes; a child that has not exec'd yet
+    shares this process's pages and must not count them again."""
+    import subprocess
+    import sys
+    script = """
+import os, subprocess, sys, time
+from fedtensor.bench.memory import _children_rss, current_rss
+pid = os.fork()
+if pid == 0:
+    time.sleep(2)
+    os._exit(0)
+time.sleep(0.2)
+forked = _children_rss()
+os.waitpid(pid, 0)
+p = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(3)"])
+time.sleep(1.5)
+spawned, alone = _children_rss(), current_rss(p.pid)
+p.wait()
+print(forked, spawned, alone, current_rss())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    forked, spawned, alone, own = map(int, out.stdout.split())
+    assert own > 0 and forked == 0
+    assert spawned == alone >= 64 << 20

@@ -63,13 +63,25 @@ def _reset_hwm() -> bool:
 
 
 def _children_rss() -> int:
-    """Resident set size of the main thread's child processes (the codec's entropy-coder workers)."""
+    """Resident set size of the main thread's child processes (the codec's entropy-coder workers).
+
+    A child between fork and exec still runs this process's image and shares its pages (under vfork,
+    its very address space): its RSS would count them a second time, so it is left out."""
     try:
         with open(f"/proc/self/task/{os.getpid()}/children") as f:
             pids = f.read().split()
     except OSError:
         return 0
-    return sum(current_rss(pid) for pid in pids)
+    own = _cmdline("self")
+    return sum(current_rss(pid) for pid in pids if _cmdline(pid) != own)
+
+
+def _cmdline(pid: int | str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 class RssPeakSampler:
