@@ -1,5 +1,6 @@
 """The entropy coder's worker processes: their count, their pipe protocol, their errors."""
 
+import copy
 import io
 
 import numpy as np
@@ -12,20 +13,28 @@ from fedtensor.errors import FormatError
 def test_worker_count_follows_groups_cores_memory_or_the_users_count(monkeypatch):
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda _: set(range(6)), raising=False)
     monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
-    each = parallel.worker_bytes(1 << 24)
-    assert parallel.worker_count(1, 1 << 24, 100 * each) == 1  # one group: coded here
-    assert parallel.worker_count(4, 1 << 24, 100 * each) == 4  # one worker per group
-    assert parallel.worker_count(16, 1 << 24, 100 * each) == 6  # one per core
-    assert parallel.worker_count(16, 1 << 24, 3 * each + 1) == 3  # as many as the memory holds
-    assert parallel.worker_count(16, 1 << 24, each - 1) == 1
+    slab = 1 << 20
+    each = parallel.worker_bytes(slab)
+    assert parallel.worker_count(1, slab, 100 * each) == 1  # one group: coded here
+    assert parallel.worker_count(4, slab, 100 * each) == 4  # one worker per group
+    assert parallel.worker_count(16, slab, 100 * each) == 6  # one per core
+    assert parallel.worker_count(16, slab, 3 * each + 1) == 3  # as many as the memory holds
+    assert parallel.worker_count(16, slab, each - 1) == 1
     # the user's count wins over cores and memory, never over the groups
     monkeypatch.setenv(parallel.WORKERS_ENV, "2")
-    assert parallel.worker_count(16, 1 << 24, 100 * each) == 2
+    assert parallel.worker_count(16, slab, 100 * each) == 2
     monkeypatch.setenv(parallel.WORKERS_ENV, "8")
-    assert parallel.worker_count(16, 1 << 24, 0) == 8
-    assert parallel.worker_count(3, 1 << 24, 0) == 3
+    assert parallel.worker_count(16, slab, 0) == 8
+    assert parallel.worker_count(3, slab, 0) == 3
     monkeypatch.setenv(parallel.WORKERS_ENV, "0")
-    assert parallel.worker_count(16, 1 << 24, 100 * each) == 1
+    assert parallel.worker_count(16, slab, 100 * each) == 1
+
+
+def test_the_workers_memory_is_an_inputs_size_or_an_eighth_of_what_is_available(monkeypatch):
+    assert parallel.available_memory() > 0
+    monkeypatch.setattr(parallel, "available_memory", lambda: 8 << 30)
+    assert parallel.memory_budget(100 << 20) == 1 << 30
+    assert parallel.memory_budget(3 << 30) == 3 << 30
 
 
 def test_messages_round_trip_with_their_arrays_and_a_cut_pipe_is_an_eof():
@@ -48,37 +57,15 @@ def test_messages_round_trip_with_their_arrays_and_a_cut_pipe_is_an_eof():
         parallel._read(io.BytesIO(whole[:len(whole) // 3]))
 
 
-def test_workers_run_tasks_in_order_and_raise_their_errors(load_volume):
-    from fedtensor.codec.blockcoef import BlockCoders
-
-    rng = np.random.default_rng(0)
-    grids, b = [(2, 3, 4)] * 5, (4, 4, 4)
-    qs = [np.round(rng.laplace(0, 2, (*g, *b)) * (rng.random((*g, *b)) < 0.3)).astype(np.int32) for g in grids]
-    want = [parallel.encode_group(grids[i:i + 2], b, qs[i:i + 2]) for i in range(0, 5, 2)]
-    with parallel.Workers(2) as w:
-        got = list(w.map(parallel.encode_group, ((grids[i:i + 2], b, qs[i:i + 2]) for i in range(0, 5, 2))))
-        assert got == want
-        decoded = list(w.map(parallel.decode_group, ((grids[:2], b, s, None, True) for s in want[:1])))
-        for q, d in zip(qs, decoded[0]):
-            np.testing.assert_array_equal(q, d)
-        with pytest.raises(FormatError):
-            list(w.map(parallel.decode_group, [(grids[:2], b, [want[0][0], b"\x01" * 8])]))
-    # statistics carried into a group by the caller are used (a primer)
-    primer = BlockCoders()
-    parallel.encode_group(grids[:1], b, qs[:1], primer)
-    with parallel.Workers(1) as w:
-        (sections,) = w.map(parallel.encode_group, [(grids[1:3], b, qs[1:3], primer)])
-    assert sections != parallel.encode_group(grids[1:3], b, qs[1:3])
-
-
 def test_a_caller_that_stops_early_leaves_no_worker_behind():
     grids, b = [(8, 16, 16)] * 6, (4, 4, 4)
     q = np.ones((*grids[0], *b), np.int32)
-    sections = parallel.encode_group(grids[:1], b, [q])
+    (section,) = parallel.encode_group(grids[:1], b, [q])
+    primer = parallel.BlockCoders()
     with parallel.Workers(2) as w:
-        results = w.map(parallel.decode_group, [(grids[:1], b, sections)] * 6)
-        next(results)
-        results.close()  # two tasks were outstanding, one result unread
+        results = w.stream(parallel.decode_slab, [(i % 2, (i, grids[0], b, section, primer, True)) for i in range(6)])
+        np.testing.assert_array_equal(next(results), q)
+        results.close()  # tasks were outstanding, results unread
         procs = list(w._procs)
     assert all(p.poll() is not None for p in procs)
 
@@ -92,3 +79,33 @@ def test_workers_import_the_coder_without_jax_and_the_package_stays_whole():
             "assert not hasattr(c, 'no_such_module'); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_slab_tasks_run_on_their_groups_worker_interleaved_and_come_back_in_order():
+    """``Workers.stream``: slabs of three groups, sent round-robin across the groups and two workers, are
+    coded as if each group were coded alone in turn (its statistics carried from slab to slab in its
+    worker), and the results come back in task order."""
+    from fedtensor.codec.blockcoef import BlockCoders
+
+    rng = np.random.default_rng(1)
+    grid, b = (2, 3, 4), (4, 4, 4)
+    qs = [np.round(rng.laplace(0, 3, (*grid, *b)) * (rng.random((*grid, *b)) < 0.4)).astype(np.int32) for _ in range(9)]
+    primer = BlockCoders()
+    parallel.encode_group([grid], b, qs[:1], primer)
+    want = {g: parallel.encode_group([grid] * 3, b, qs[3 * g:3 * g + 3], copy.deepcopy(primer)) for g in range(3)}
+    order = [3 * g + r for r in range(3) for g in range(3)]  # 0, 3, 6, 1, 4, 7, ...
+    tasks = [(g % 2, (g, grid, b, qs[i], primer if r == 0 else None, r == 2))
+             for i in order for g, r in [divmod(i, 3)]]
+    with parallel.Workers(2) as w:
+        got = list(w.stream(parallel.encode_slab, tasks, ahead=1))
+        assert got == [want[i // 3][i % 3] for i in order]
+        with pytest.raises(KeyError):  # a task for a group its worker never started
+            list(w.stream(parallel.encode_slab, [(0, (5, grid, b, qs[0]))]))
+
+        def failing():
+            yield tasks[0]
+            raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            list(w.stream(parallel.encode_slab, failing()))
+        procs = list(w._procs)
+    assert all(p.poll() is not None for p in procs)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedtensor.bench.memory import measure_peak_rss
-from fedtensor.codec import compress, decompress, parallel, stream
+from fedtensor.codec import compress, decompress, stream
 from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.container import pack, unpack
 from fedtensor.codec.entropy import BinaryStream
@@ -249,13 +249,11 @@ def test_forged_slab_depths_outside_the_encoders_range_are_refused(shape, depth)
 
 @pytest.fixture
 def small_groups(monkeypatch, small_slabs):
-    """Groups of 2¹⁸ voxels (two ~2¹⁷-voxel slabs), so a 96³ crop has several, and workers that the
-    memory budget of so small a volume allows."""
+    """Groups of 2¹⁸ voxels (two ~2¹⁷-voxel slabs), so a 96³ crop has several."""
     monkeypatch.setattr(stream, "GROUP_VOXELS", 1 << 18)
-    monkeypatch.setattr(parallel, "worker_bytes", lambda voxels: 4 * voxels)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("workers", ["1", "2", "3"])
 def test_slab_groups_code_alike_in_workers_and_here(chest_crop, small_groups, monkeypatch, workers):
     monkeypatch.setenv("FEDTENSOR_WORKERS", "1")
     here = compress(chest_crop, psnr=45, block=4)
@@ -263,7 +261,7 @@ def test_slab_groups_code_alike_in_workers_and_here(chest_crop, small_groups, mo
     slabs = stream.check_params(h["params"], len(sections), chest_crop.data.shape)
     assert slabs.n_groups >= 3 and h["params"]["group"] == slabs.group
     monkeypatch.setenv("FEDTENSOR_WORKERS", workers)
-    assert stream.worker_count(slabs.n_groups, slabs.group_voxels, chest_crop.data.nbytes) == int(workers)
+    assert stream.worker_count(slabs.n_groups, slabs.slab_voxels, 0) == int(workers)
     assert compress(chest_crop, psnr=45, block=4) == here  # the stream never depends on the cores
     decoded = decompress(here).data
     assert _psnr(chest_crop.data, decoded) >= 45
@@ -307,3 +305,16 @@ def test_a_corrupted_group_is_reported_from_a_worker(chest_crop, small_groups, m
     with pytest.raises(FormatError):
         stream.decode_into(np.empty(chest_crop.data.shape, chest_crop.data.dtype), h["params"],
                            [*sections[:-1], bytes(last)], h["params"]["offset"], h["params"]["scale"])
+
+
+@pytest.mark.parametrize("n, group", [(10, 4), (8, 8), (9, 1), (17, 5)])
+def test_slab_coding_order_is_slab_0_then_round_robin_with_each_group_in_turn(n, group):
+    slabs = stream.Slabs((n * 4, 8, 8), (4, 4, 4), 4, group)
+    order = slabs.coding_order()
+    assert order[0] == 0 and sorted(order) == list(range(n))
+    for g in range(slabs.n_groups):
+        mine = [i for i in order if i // group == g]
+        assert mine == sorted(mine)
+    # every group's first slab comes before any group's third
+    firsts = [order.index(max(1, g * group)) for g in range(slabs.n_groups) if max(1, g * group) < n]
+    assert max(firsts) <= slabs.n_groups

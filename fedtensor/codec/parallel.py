@@ -22,11 +22,12 @@ import copy
 import itertools
 import os
 import pickle
+import queue
 import signal
 import struct
 import subprocess
 import sys
-from collections import deque
+import threading
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -38,10 +39,13 @@ from fedtensor.cores import usable_cores
 #: Voxels per group of slabs coded with their own statistics.
 GROUP_VOXELS = 1 << 24
 WORKERS_ENV = "FEDTENSOR_WORKERS"
+#: Tasks queued per worker (:meth:`Workers.stream`).
+AHEAD = 2
 
 
-def worker_count(groups: int, group_voxels: int, budget: int) -> int:
-    """Worker processes for ``groups`` groups of ``group_voxels``; 1 means coding in this process.
+def worker_count(groups: int, slab_voxels: int, budget: int) -> int:
+    """Worker processes for ``groups`` groups of slabs of ``slab_voxels``; 1 means coding in this
+    process.
 
     ``$FEDTENSOR_WORKERS`` sets the count (at most one per group). Otherwise: one per group, at most
     one per usable core, and as many as ``budget`` bytes of memory hold at :func:`worker_bytes` each."""
@@ -50,12 +54,34 @@ def worker_count(groups: int, group_voxels: int, budget: int) -> int:
     asked = os.environ.get(WORKERS_ENV, "").strip()
     if asked.isdigit():
         return max(1, min(groups, int(asked)))
-    return max(1, min(groups, usable_cores(), budget // worker_bytes(group_voxels)))
+    return max(1, min(groups, usable_cores(), budget // worker_bytes(slab_voxels)))
 
 
-def worker_bytes(group_voxels: int) -> int:
-    """Memory a worker adds (its group's coefficients on each side of the pipe, and the process)."""
-    return 4 * group_voxels + (64 << 20)
+def worker_bytes(slab_voxels: int) -> int:
+    """Memory a worker adds: the process (about 30 MB, and the coder's working set), and the int32
+    coefficients of the slabs it codes, is fed or has coded (:meth:`Workers.stream`)."""
+    return 4 * (AHEAD + 2) * slab_voxels + (48 << 20)
+
+
+def memory_budget(input_bytes: int) -> int:
+    """Memory the workers of a volume of ``input_bytes`` may take: the input's size, or an eighth of
+    the memory available now where that is more."""
+    return max(input_bytes, available_memory() // 8)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere the free pages); 0 if unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def narrow(q: np.ndarray) -> np.ndarray:
@@ -75,6 +101,28 @@ def encode_group(grids, b, qs, coders: BlockCoders | None = None) -> list[bytes]
         code_block_coefficients(s, grid, b, q, coders)
         sections.append(s.finish())
     return sections
+
+
+def encode_slab(group: int, grid, b, q, start: BlockCoders | None = None, last: bool = False) -> bytes:
+    """A worker's task: one slab's coded section, the statistics carried on from the group's previous
+    slab, which this worker coded (``start``: the group's first slab, coded from that state; ``last``:
+    the group ends here, its state is dropped)."""
+    return encode_group([grid], b, [q], _group_coders(group, start, last))[0]
+
+
+def decode_slab(group: int, grid, b, section: bytes, start: BlockCoders | None = None,
+                last: bool = False) -> np.ndarray:
+    """A worker's task: the coefficients of one slab (see :func:`encode_slab`), narrowed for the pipe."""
+    return decode_group([grid], b, [section], _group_coders(group, start, last), compact=True)[0]
+
+
+_GROUPS: dict[int, BlockCoders] = {}  # in a worker: the coder state of each group it is coding
+
+
+def _group_coders(group: int, start: BlockCoders | None, last: bool) -> BlockCoders:
+    if start is not None:
+        _GROUPS[group] = start
+    return _GROUPS.pop(group) if last else _GROUPS[group]
 
 
 def decode_group(grids, b, sections, coders: BlockCoders | None = None, compact: bool = False) -> list[np.ndarray]:
@@ -102,19 +150,6 @@ def slab_coders(group: int) -> Iterator[BlockCoders]:
         yield coders
 
 
-def in_groups(items: Iterable, n: int, first: int) -> Iterator[list]:
-    """Consecutive lists of ``items``: ``first`` of them (none when 0), then ``n`` each (the last list
-    may be shorter)."""
-    group, size = [], first or n
-    for item in items:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group, size = [], n
-    if group:
-        yield group
-
-
 class Workers:
     """``n`` worker processes running tasks in order, each with one task outstanding at a time."""
 
@@ -139,38 +174,68 @@ class Workers:
             p.wait()
             p.stdout.close()
 
-    def map(self, fn: Callable, tasks: Iterable[tuple]) -> Iterator:
-        """``fn(*task)`` for each task, in order. A task is drawn from ``tasks`` only when a worker is
-        free, so a lazy producer's work overlaps the workers' and at most ``n`` tasks are in flight."""
-        tasks, busy = iter(tasks), deque()
-        try:
-            for p in self._procs:
-                if not self._give(p, fn, tasks):
-                    break
-                busy.append(p)
-            while busy:
-                p = busy[0]
-                result = _read(p.stdout)
-                busy.popleft()
-                if self._give(p, fn, tasks):
-                    busy.append(p)
-                if isinstance(result, BaseException):
-                    raise result
+    def stream(self, fn: Callable, tasks: Iterable[tuple[int, tuple]], ahead: int = AHEAD) -> Iterator:
+        """``fn(*args)`` for each ``(worker, args)`` of ``tasks``, on worker number ``worker``, which runs
+        its tasks in the order given (state a task leaves in a worker is there for its next); the
+        results in task order, each as soon as it and those before it are in.
+
+        A thread per worker feeds it from a queue of ``ahead`` tasks: a lazy producer runs ahead of
+        busy workers without a slow one holding up the others, and about ``ahead + 1`` tasks and
+        results per worker are held at a time. A worker's exception is raised here; a caller that
+        stops early, or fails, kills the workers."""
+        done, failed, ready = {}, [], threading.Condition()
+        queues = [queue.Queue(ahead) for _ in self._procs]
+
+        def feed(p, tasks: queue.Queue) -> None:
+            while (item := tasks.get()) is not None:
+                i, args = item
+                if failed:
+                    continue  # drain: the caller raises
+                try:
+                    _write(p.stdin, (fn.__name__, args))
+                    result = _read(p.stdout)
+                except (OSError, EOFError) as err:
+                    result = err
+                with ready:
+                    if isinstance(result, BaseException):
+                        failed.append(result)
+                    done[i] = result
+                    ready.notify()
+
+        def ready_results(wait_for: int):  # in order, those in (waiting until ``wait_for`` is)
+            nonlocal taken
+            while True:
+                with ready:
+                    ready.wait_for(lambda: failed or taken in done or taken >= wait_for)
+                    if failed:
+                        raise failed[0]
+                    if taken not in done:
+                        return
+                    result = done.pop(taken)
+                taken += 1
                 yield result
+
+        threads = [threading.Thread(target=feed, args=pq, daemon=True) for pq in zip(self._procs, queues)]
+        for t in threads:
+            t.start()
+        sent = taken = 0
+        try:
+            for worker, args in tasks:
+                queues[worker].put((sent, args))
+                sent += 1
+                yield from ready_results(0)
+            yield from ready_results(sent)
         finally:
-            for p in busy:  # tasks left outstanding (an error, or a caller that stopped early): a worker
-                p.kill()  # may be blocked writing a result nobody will read
-
-    @staticmethod
-    def _give(p, fn, tasks) -> bool:
-        task = next(tasks, None)
-        if task is None:
-            return False
-        _write(p.stdin, (fn.__name__, task))
-        return True
+            if taken < sent:  # an error, or a caller that stopped early: a worker may be mid-task
+                for p in self._procs:
+                    p.kill()
+            for q in queues:
+                q.put(None)
+            for t in threads:
+                t.join()
 
 
-_TASKS = {f.__name__: f for f in (encode_group, decode_group)}
+_TASKS = {f.__name__: f for f in (encode_slab, decode_slab)}
 
 
 def serve() -> None:

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,8 @@ import numpy as np
 from fedtensor.codec.blockcoef import BlockCoders
 from fedtensor.codec.normalize import (DeviceMap, decoded_shifted, denormalize, device_map, from_unit, normalize,
                                        rows_per_chunk, shifted, to_unit)
-from fedtensor.codec.parallel import (GROUP_VOXELS, Workers, decode_group, encode_group, in_groups, narrow,
-                                      slab_coders, worker_count)
+from fedtensor.codec.parallel import (GROUP_VOXELS, Workers, decode_group, decode_slab, encode_group, encode_slab,
+                                      memory_budget, narrow, slab_coders, worker_count)
 from fedtensor.codec.quantize import RECON_OFFSET, band_rounding, dequantize, quantize
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import _to_blocks, expand, from_blocks, padded_shape, project
@@ -84,9 +84,26 @@ class Slabs:
         return -(-len(self) // self.group)
 
     @property
-    def group_voxels(self) -> int:
+    def slab_voxels(self) -> int:
         _, py, pz = padded_shape(self.shape, self.b)
-        return self.group * self.depth * py * pz
+        return self.depth * py * pz
+
+    def worker_tasks(self, items: Iterable[tuple[int, object]], workers: int, primer: BlockCoders) -> Iterator[tuple]:
+        """:meth:`~fedtensor.codec.parallel.Workers.stream`'s tasks for ``encode_slab`` / ``decode_slab``
+        from ``(slab number, coefficients or section)`` items (slab 0, coded by the caller into
+        ``primer``, excluded): group ``g``'s slabs on worker ``g % workers``, its first one starting from
+        the ``primer``."""
+        for i, data in items:
+            g = i // self.group
+            starts = i == max(1, g * self.group)  # group 0's worker goes on from slab 0
+            ends = i == min(len(self), (g + 1) * self.group) - 1
+            yield g % workers, (g, self.grid(self.starts[i]), self.b, data, primer if starts else None, ends)
+
+    def coding_order(self) -> list[int]:
+        """The slabs' numbers, slab 0 first (every group starts from the statistics it leaves), then
+        round-robin across the groups, each group's slabs in turn."""
+        n, g = len(self), self.group
+        return [0] + [k * g + r for r in range(g) for k in range(self.n_groups) if 0 < k * g + r < n]
 
     def grids(self) -> list[tuple[int, int, int]]:
         return [self.grid(start) for start in self.starts]
@@ -360,11 +377,12 @@ class SlabEncoder:
     def __post_init__(self):
         self.map = device_map(self.x.dtype, self.offset, self.scale)
 
-    def _slabs(self, trim_each: bool = True) -> Iterator[tuple[int, np.ndarray]]:
-        """The slabs in order; the heap is trimmed after each (``trim_each``: passes that hold host
-        arrays of a slab's size) or once after the last (passes whose per-slab buffers are alike in size,
-        so each slab reuses the last one's freed memory)."""
-        for start in self.slabs.starts:
+    def _slabs(self, trim_each: bool = True, order=None) -> Iterator[tuple[int, np.ndarray]]:
+        """The slabs (in ``order`` of their numbers, default in turn); the heap is trimmed after each
+        (``trim_each``: passes that hold host arrays of a slab's size) or once after the last (passes
+        whose per-slab buffers are alike in size, so each slab reuses the last one's freed memory)."""
+        starts = self.slabs.starts
+        for start in starts if order is None else (starts[i] for i in order):
             t0 = time.perf_counter()
             slab = self.slabs.slab(self.x, start, self.map, self.offset, self.scale)
             tick("normalize", t0)
@@ -446,39 +464,44 @@ class SlabEncoder:
     def encode(self, step: float, measure: bool = False) -> tuple[list[bytes], tuple[float, float] | None]:
         """One coded section per slab (and, with ``measure``, the decoded ``(SSE, max abs error)``).
 
-        The slabs' groups are coded in worker processes when there are several (and cores for them),
-        while this process transforms the next slabs; else slab by slab here."""
-        errors = [0.0, 0.0] if measure else None
+        With several groups (and cores for them) the slabs are coded in worker processes, a group's all
+        in one worker: this process codes slab 0 (every group starts from the statistics it leaves),
+        then transforms the others round-robin across the groups (:meth:`Slabs.coding_order`) and sends
+        each to its group's worker, so that every worker starts early. Else slab by slab here."""
         slabs, b = self.slabs, self.slabs.b
-        quantised = self._quantised(step, errors)
-        workers = worker_count(slabs.n_groups, slabs.group_voxels, self.x.nbytes)
+        errors = [(0.0, 0.0)] * len(slabs) if measure else None
+        workers = worker_count(slabs.n_groups, slabs.slab_voxels, memory_budget(self.x.nbytes))
         if workers == 1:
             sections = []
-            for (grid, q), coders in zip(quantised, slab_coders(slabs.group)):
+            for (_, grid, q), coders in zip(self._quantised(step, errors, range(len(slabs))), slab_coders(slabs.group)):
                 t0 = time.perf_counter()
                 sections += encode_group([grid], b, [q], coders)
                 del q
                 tick("entropy", t0)
-            return sections, tuple(errors) if measure else None
-        with Workers(workers) as w:  # they start while the first slab is coded here
-            t0, spent = time.perf_counter(), [0.0]
-            quantised = _timed(quantised, spent)
-            grid, q = next(quantised)
-            primer = BlockCoders()
-            sections = encode_group([grid], b, [q], primer)
-            del q
-            narrowed = ((grid, narrow(q)) for grid, q in quantised)  # before a group piles up
-            tasks = (([g for g, _ in group], b, [q for _, q in group], primer)
-                     for group in in_groups(narrowed, slabs.group, slabs.group - 1))
-            sections += [s for coded in w.map(encode_group, tasks) for s in coded]
-            tick("entropy", t0 + spent[0])  # this process's share and the wait for the workers
-        return sections, tuple(errors) if measure else None
+        else:
+            order = slabs.coding_order()
+            with Workers(workers) as w:  # they start while the first slab is coded here
+                t0, spent = time.perf_counter(), [0.0]
+                quantised = _timed(self._quantised(step, errors, order), spent)
+                _, grid, q = next(quantised)
+                primer = BlockCoders()
+                first = encode_group([grid], b, [q], primer)
+                del q
 
-    def _quantised(self, step: float, errors: list[float] | None) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
-        """Each slab's block grid and quantised coefficients; with ``errors``, the decoded ``[SSE, max
-        abs error]`` are added up there (each slab's once the consumer asks for the next)."""
+                tasks = slabs.worker_tasks(((i, narrow(q)) for i, _, q in quantised), workers, primer)
+                coded = list(w.stream(encode_slab, tasks))
+                tick("entropy", t0 + spent[0])  # this process's share and the wait for the workers
+            sections = first + [s for _, s in sorted(zip(order[1:], coded))]
+        if not measure:
+            return sections, None
+        # summed in slab order, whatever the coding order: the same float sums on every path
+        return sections, (sum(e[0] for e in errors), max(e[1] for e in errors))
+
+    def _quantised(self, step: float, errors: list | None, order) -> Iterator[tuple[int, tuple[int, int, int], np.ndarray]]:
+        """The slabs' numbers (in ``order``), block grids and quantised coefficients; with ``errors``,
+        each slab's decoded ``(SSE, max abs error)`` goes there (once the consumer asks for the next)."""
         bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
-        for start, slab in self._slabs():
+        for i, (start, slab) in zip(order, self._slabs(order=order)):
             t0 = time.perf_counter()
             grid = self.slabs.grid(start)
             slab = jax.device_put(slab)
@@ -489,13 +512,12 @@ class SlabEncoder:
             q = np.asarray(q_dev)[:grid[0]]
             del q_dev
             tick("transform+quantize", t0)
-            yield grid, q
+            yield i, grid, q
             del q
             if measured is not None:
                 t0 = time.perf_counter()
-                e = measured()
+                errors[i] = measured()
                 del measured
-                errors[0], errors[1] = errors[0] + e[0], max(errors[1], e[1])
                 tick("search: error", t0)
 
 
@@ -564,7 +586,8 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     # One slab of look-ahead: a slab's inverse transform is dispatched (JAX runs it asynchronously) and
     # stored only after the next slab's coefficients are entropy-decoded, so the two overlap.
     pending = None
-    for q, start in zip(_decoded_coefficients(slabs, sections[1:], out.nbytes), slabs.starts):
+    for i, q in _decoded_coefficients(slabs, sections[1:], memory_budget(out.nbytes)):
+        start = slabs.starts[i]
         grid = q.shape[:3]
         if grid[0] * b[0] < depth:  # static shapes: zero block rows up to the slab depth
             q = np.concatenate([q, np.zeros((depth // b[0] - grid[0], *q.shape[1:]), q.dtype)])
@@ -580,35 +603,33 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     return out
 
 
-def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> Iterator[np.ndarray]:
-    """Each slab's int32 coefficients, decoded group by group in worker processes when there are
-    several groups (and cores, and ``budget`` bytes of memory, for them), else slab by slab here."""
-    grids, n = slabs.grids(), slabs.group
-    workers = worker_count(slabs.n_groups, slabs.group_voxels, budget)
+def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Each slab's number and int coefficients: with several groups (and cores, and ``budget`` bytes of
+    memory, for them), decoded in worker processes, a group's all in one worker, in
+    :meth:`Slabs.coding_order`; else slab by slab here, in turn."""
+    grids = slabs.grids()
+    workers = worker_count(slabs.n_groups, slabs.slab_voxels, budget)
     if workers == 1:
-        for grid, section, coders in zip(grids, sections, slab_coders(n)):
+        for i, (grid, section, coders) in enumerate(zip(grids, sections, slab_coders(slabs.group))):
             t0 = time.perf_counter()
             q = decode_group([grid], slabs.b, [section], coders)[0]
             tick("entropy", t0)
-            yield q
+            yield i, q
         return
     with Workers(workers) as w:
         t0, primer = time.perf_counter(), BlockCoders()
         q = decode_group(grids[:1], slabs.b, sections[:1], primer)[0]
         tick("entropy", t0)
-        yield q
+        yield 0, q
         del q
-        tasks = ((grids[g[0]:g[-1] + 1], slabs.b, sections[g[0]:g[-1] + 1], primer, True)
-                 for g in in_groups(range(1, len(grids)), n, n - 1))
-        results = w.map(decode_group, tasks)
-        while True:
+        order = slabs.coding_order()[1:]
+        results = w.stream(decode_slab, slabs.worker_tasks(((i, sections[i]) for i in order), workers, primer))
+        for i in order:
             t0 = time.perf_counter()
-            qs = next(results, None)
+            q = next(results)
             tick("entropy", t0)  # waiting for the workers
-            if qs is None:
-                return
-            for q in qs:
-                yield q.astype(np.int32, copy=False)  # int16 through the pipe, where it fitted
+            yield i, q
+            del q
 
 
 def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: float, n_voxels: int | None = None) -> float:
