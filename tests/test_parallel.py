@@ -30,11 +30,10 @@ def test_worker_count_follows_groups_cores_memory_or_the_users_count(monkeypatch
     assert parallel.worker_count(16, slab, 100 * each) == 1
 
 
-def test_the_workers_memory_is_an_inputs_size_or_an_eighth_of_what_is_available(monkeypatch):
-    assert parallel.available_memory() > 0
-    monkeypatch.setattr(parallel, "available_memory", lambda: 8 << 30)
-    assert parallel.memory_budget(100 << 20) == 1 << 30
-    assert parallel.memory_budget(3 << 30) == 3 << 30
+def test_the_workers_memory_is_half_again_the_input_or_eight_workers():
+    assert parallel.memory_budget(1 << 30) == 3 << 29
+    assert parallel.memory_budget(1 << 20) == 512 << 20
+    assert 512 << 20 >= 8 * parallel.worker_bytes(1 << 20)
 
 
 def test_messages_round_trip_with_their_arrays_and_a_cut_pipe_is_an_eof():
