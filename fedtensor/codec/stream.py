@@ -48,6 +48,11 @@ from fedtensor_kernels import block_transform as kernels
 #: 1.6818); 2²⁰ keeps one slab's working set (~20–30 bytes per voxel) to a few tens of MB.
 SLAB_VOXELS = 1 << 20
 MIN_SLAB_VOXELS = 1 << 14
+#: Passes over at most this many slabs trim the heap after each slab (:func:`trim_heap`). A slab's
+#: freed buffers are then a large share of the input (the 2.4 MVoxel head CT's compress peaks at 5.8×
+#: its size untrimmed, 3.0–3.4× trimmed); over many slabs each reuses the last one's, and trimming
+#: every one only costs time (5 ms a slab: 0.6 s of a 512³ CT's compress).
+TRIM_EACH_SLABS = 16
 
 
 def slab_voxels(x: np.ndarray) -> int:
@@ -378,17 +383,19 @@ class SlabEncoder:
         self.map = device_map(self.x.dtype, self.offset, self.scale)
 
     def _slabs(self, order=None) -> Iterator[tuple[int, np.ndarray]]:
-        """The slabs (in ``order`` of their numbers, default in turn); the heap is trimmed once after the
-        last. Trimming after each slab saved no memory (every slab's buffers are alike in size, so
-        each reuses the last one's freed memory) and cost 5 ms a slab: 0.6 s of a 512³ CT's compress."""
-        starts = self.slabs.starts
+        """The slabs (in ``order`` of their numbers, default in turn), the heap trimmed after each when
+        they are few (:data:`TRIM_EACH_SLABS`), else once after the last."""
+        starts, each = self.slabs.starts, len(self.slabs) <= TRIM_EACH_SLABS
         for start in starts if order is None else (starts[i] for i in order):
             t0 = time.perf_counter()
             slab = self.slabs.slab(self.x, start, self.map, self.offset, self.scale)
             tick("normalize", t0)
             yield start, slab
             del slab  # let the consumer free it before the next slab is made
-        trim_heap()
+            if each:
+                trim_heap()
+        if not each:
+            trim_heap()
 
     def errors(self, step: float) -> tuple[float, float]:
         """``(SSE, max abs error)`` of the decoded volume at ``step``, in its dtype (rounding included)."""
@@ -592,6 +599,8 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
         del q
         if pending is not None:
             store(*pending)
+            if len(slabs) <= TRIM_EACH_SLABS:
+                trim_heap()
         pending = (start, rec)
         del rec
     store(*pending)
