@@ -318,3 +318,19 @@ def test_slab_coding_order_is_slab_0_then_round_robin_with_each_group_in_turn(n,
     # every group's first slab comes before any group's third
     firsts = [order.index(max(1, g * group)) for g in range(slabs.n_groups) if max(1, g * group) < n]
     assert max(firsts) <= slabs.n_groups
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_decoder_stopped_midway_leaves_no_worker_behind(chest_crop, small_groups, monkeypatch):
+    """The feeder threads stop before the workers' pipes close: none writes to a closed pipe."""
+    import os
+    monkeypatch.setenv("FEDTENSOR_WORKERS", "2")
+    h, sections = unpack(compress(chest_crop, psnr=45, block=4))
+    slabs = stream.check_params(h["params"], len(sections), chest_crop.data.shape)
+    decoded = stream._decoded_coefficients(slabs, sections[1:], 1 << 30)
+    assert [next(decoded)[0] for _ in range(3)] == slabs.coding_order()[:3]
+    with open(f"/proc/self/task/{os.getpid()}/children") as f:
+        assert len(f.read().split()) == 2
+    decoded.close()
+    with open(f"/proc/self/task/{os.getpid()}/children") as f:
+        assert f.read().split() == []

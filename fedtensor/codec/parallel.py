@@ -181,7 +181,7 @@ class Workers:
                 try:
                     _write(p.stdin, (fn.__name__, args))
                     result = _read(p.stdout)
-                except (OSError, EOFError) as err:
+                except (OSError, EOFError, ValueError) as err:  # ValueError: a pipe closed under us
                     result = err
                 with ready:
                     if isinstance(result, BaseException):

@@ -628,13 +628,15 @@ def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> I
         yield 0, q
         del q
         order = slabs.coding_order()[1:]
-        results = w.stream(decode_slab, slabs.worker_tasks(((i, sections[i]) for i in order), workers, primer))
-        for i in order:
-            t0 = time.perf_counter()
-            q = next(results)
-            tick("entropy", t0)  # waiting for the workers
-            yield i, q
-            del q
+        tasks = slabs.worker_tasks(((i, sections[i]) for i in order), workers, primer)
+        # closed before the workers are: a caller that stops early stops the feeder threads first
+        with contextlib.closing(w.stream(decode_slab, tasks)) as results:
+            for i in order:
+                t0 = time.perf_counter()
+                q = next(results)
+                tick("entropy", t0)  # waiting for the workers
+                yield i, q
+                del q
 
 
 def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: float, n_voxels: int | None = None) -> float:
