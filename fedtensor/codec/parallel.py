@@ -12,8 +12,11 @@ same on every machine.
 
 Workers are plain ``python -c`` processes that import numpy and constriction but not JAX, and talk
 pickle over their pipes: no ``multiprocessing`` start method, so a caller's script is never re-run in
-them and a JAX process is never forked. By default there are as many as the cores and the input's
-size in memory allow; ``FEDTENSOR_WORKERS`` sets their number (``1``: code in the calling process).
+them and a JAX process is never forked. Slabs go to them one at a time (:meth:`Workers.stream`), each
+to its group's worker, which keeps the group's statistics between slabs (:func:`encode_slab`,
+:func:`decode_slab`). By default there are as many as the groups, the cores and
+:func:`memory_budget` allow; ``FEDTENSOR_WORKERS`` sets their number (``1``: code in the calling
+process).
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ def slab_coders(group: int) -> Iterator[BlockCoders]:
 
 
 class Workers:
-    """``n`` worker processes running tasks in order, each with one task outstanding at a time."""
+    """``n`` worker processes (:func:`serve`), each running the tasks given to it in order."""
 
     def __init__(self, n: int):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}

@@ -633,7 +633,7 @@ def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> I
         with contextlib.closing(w.stream(decode_slab, tasks)) as results:
             for i in order:
                 t0 = time.perf_counter()
-                q = next(results)
+                q = next(results).astype(np.int32, copy=False)  # int16 through the pipe, where it fitted
                 tick("entropy", t0)  # waiting for the workers
                 yield i, q
                 del q
