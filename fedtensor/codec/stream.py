@@ -245,10 +245,14 @@ def _exact_errors(q, bases, step, m, slab, rows, impl, dtype):
     the original, in the volume's units: :func:`square_limbs` of the errors and the max abs error —
     what :func:`error_stats` of the fetched slab gives, exactly, without fetching it (see
     :func:`exact_sse`)."""
-    rec = _inverse(q, bases, step, slab.shape, impl)
-    d = jnp.abs(_decoded_error(slab, None, rec, m, dtype)).astype(jnp.int32)
-    d = jnp.where((jnp.arange(slab.shape[0]) < rows)[:, None, None], d, 0)
-    return square_limbs(d), jnp.max(d)
+    def plane(raw_rec):  # a plane at a time: the errors' integer copies stay a plane's size
+        raw, rec = raw_rec
+        d = jnp.abs(_decoded_error(raw, None, rec, m, dtype)).astype(jnp.int32)
+        return square_limbs(d), jnp.max(d)
+
+    limbs, worst = jax.lax.map(plane, (slab, _inverse(q, bases, step, slab.shape, impl)))
+    valid = jnp.arange(slab.shape[0]) < rows
+    return jnp.where(valid[:, None, None], limbs, 0), jnp.max(jnp.where(valid, worst, 0))
 
 
 #: Voxels per uint32 partial sum in :func:`square_limbs`.
@@ -267,8 +271,9 @@ def square_limbs(d):
 
 
 def exact_sse(limbs) -> float:
-    """The sum of squares that :func:`square_limbs` split up."""
-    hh, hl, ll = (int(v.sum(dtype=np.uint64)) for v in np.asarray(limbs))
+    """The sum of squares that :func:`square_limbs` split up (``(..., 3, runs)``: any leading axes)."""
+    a = np.asarray(limbs)
+    hh, hl, ll = (int(v) for v in a.sum(axis=tuple(range(a.ndim - 2)) + (a.ndim - 1,), dtype=np.uint64))
     return float((hh << 24) + (hl << 12) + ll)
 
 
