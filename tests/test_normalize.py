@@ -72,3 +72,15 @@ def test_no_device_map_where_float32_is_not_enough(dtype, offset, scale):
     """float64 volumes, integer ranges of 2**24 or more and float32 at the edge of its range keep the
     host's float64 path."""
     assert device_map(dtype, offset, scale) is None
+
+
+def test_the_offset_is_the_most_common_value_of_a_strided_sample():
+    rng = np.random.default_rng(3)
+    x = rng.integers(-1024, 2000, (64, 70, 90)).astype(np.int16)
+    x[:20] = -2048  # padding: the most common value, neither the minimum's neighbourhood nor the mean
+    offset, scale = normalization(x)
+    assert offset == -2048 and scale == float(x.max()) - (-2048)
+    y = rng.normal(0, 1, (7, 1, 5)).astype(np.float32)
+    y[0, 0, :3] = 0.25
+    assert normalization(y)[0] == 0.25
+    assert normalization(np.full((3, 4, 5), 7, np.uint8)) == (7.0, 1.0)

@@ -334,3 +334,17 @@ def test_a_decoder_stopped_midway_leaves_no_worker_behind(chest_crop, small_grou
     decoded.close()
     with open(f"/proc/self/task/{os.getpid()}/children") as f:
         assert f.read().split() == []
+
+
+def test_a_region_of_the_most_common_value_decodes_exactly(chest_crop):
+    """The normalisation's offset is the most common value, so blocks of it (air, padding) have only
+    zero coefficients and decode exactly, whatever the step; with the mean as the offset they shared a
+    nonzero DC coefficient and its quantisation error."""
+    x = chest_crop.data.copy()
+    x[:, :40] = -1000  # 42 % of the voxels: the most common value
+    assert normalization(x)[0] == -1000
+    vol = Volume(x, (1.0, 1.0, 1.0), np.eye(4), {})
+    for target in (35.0, 45.0):
+        y = decompress(compress(vol, psnr=target, block=4)).data
+        np.testing.assert_array_equal(y[:, :40], x[:, :40])
+        assert _psnr(x, y) >= target

@@ -34,10 +34,28 @@ def rows_per_chunk(shape) -> int:
 
 
 def normalization(x: np.ndarray) -> tuple[float, float]:
-    """``(offset, scale)``: the mean and the value range (1 for a constant volume)."""
+    """``(offset, scale)``: the volume's most common value and its value range (1 for a constant
+    volume).
+
+    The offset normalises to 0, so a block of the most common value — the air or padding around a CT,
+    the background of an MR — has only zero coefficients and decodes exactly. With the mean as the
+    offset such blocks shared one nonzero DC coefficient, whose quantisation error then rose and fell
+    with the step: on an MR whose background is 67 % of the voxels, PSNR swung by 0.3 dB between steps
+    1 % apart. The streams of the shipped CTs and MR are 0.2–5.5 % smaller at 40–50 dB for it.
+    """
     lo, hi = float(x.min()), float(x.max())
-    offset = float(np.mean(x, dtype=np.float64))
-    return offset, (hi - lo) if hi > lo else 1.0
+    return most_common(x), (hi - lo) if hi > lo else 1.0
+
+
+_MODE_SAMPLE = 1 << 18  # voxels of the strided sample whose most common value is taken
+
+
+def most_common(x: np.ndarray) -> float:
+    """The most common value of an evenly strided sample of about 2¹⁸ voxels of ``x`` (the smallest of
+    those tied)."""
+    stride = max(1, math.ceil((x.size / _MODE_SAMPLE) ** (1 / max(1, x.ndim))))
+    values, counts = np.unique(x[(slice(None, None, stride),) * x.ndim], return_counts=True)
+    return float(values[np.argmax(counts)])
 
 
 def normalize(x: np.ndarray, offset: float, scale: float) -> np.ndarray:
