@@ -261,7 +261,10 @@ def test_short_training_lowers_the_loss(sources):
     params, opt = trainer.init_state()
     before, _ = trainer.validate(params, [batch])
     losses = []
-    for k in range(40):  # a few steps on one batch: the jitted step must reduce its loss
+    # some steps on one batch: the jitted step must reduce its loss. (80: since the codec decodes the
+    # phantom's air to exactly its most common value, what is left there is the air's own noise,
+    # which no net predicts, and 40 steps gained 4.4 %.)
+    for k in range(80):
         params, opt, loss = trainer.train_step(params, opt, batch, k)
         losses.append(float(loss))
     after, gain = trainer.validate(params, [batch])
@@ -885,12 +888,15 @@ def test_classed_layers_are_fitted_at_the_intensity_quantiles(rmodel, adapted_ca
     vol, data, info, dec, coef = adapted_case
     found = fit(rmodel, dec.data, info, vol.data, tile=64)
     classed = {k: v for k, v in found.layers.items() if "/" in k}
-    assert {k.split("/")[1] for k in classed} == {str(c) for c in CLASS_COUNTS}  # a smooth phantom: all distinct
+    eq = equations(rmodel, dec.data, info, vol.data, tile=64)
+    # one layer per distinct set of quantile thresholds: the phantom's air decodes to exactly its most
+    # common value, the minimum, and thresholds there are dropped, so not every count is distinct
+    assert len(eq.splits) >= 5 and set(eq.splits) <= set(CLASS_COUNTS)
+    assert {k.split("/")[1] for k in classed} == {str(len(t) + 1) for t in eq.splits.values()}
     for name, (layer, sse) in classed.items():
         n = int(name.split("/")[1])
         assert layer.coef.shape[:2] == (n, 8) and len(layer.thresholds) == n - 1
     # more classes never fit worse (before the coefficients are quantised for the header)
-    eq = equations(rmodel, dec.data, info, vol.data, tile=64)
     for k in (eq.small, eq.large):
         one = eq.merged(np.zeros(0, np.float32))
         sse_one = eq.sse(one, solve(one, k, eq.c1)[0])
