@@ -6,8 +6,8 @@
 # J2K_LEVELS: OpenJPEG levels for the throughput shapes found by an earlier (CPU) run of
 # `benchmarks/throughput.py --no-fedtensor` — the volumes are deterministic, so the bisection need not
 # be repeated on the GPU machine. STEPS picks a subset; SHAPES and FED_ARGS change those steps' sizes.
-# FEDTENSOR_WORKERS passes through: the entropy coder's worker count (its default keeps the workers'
-# memory within one input's size, two workers at 512³); set it to compare with FEDTENSOR_WORKERS=1.
+# FEDTENSOR_WORKERS passes through: the entropy coder's worker count (by default one per slab group and
+# core, within 1.5x the input's size of memory or 512 MB: eight at 512³); compare with FEDTENSOR_WORKERS=1.
 set -u
 OUT=${OUT:-results/gpu}
 STEPS=${STEPS:-"kernels throughput federated restoration_speed gpu_tests reproducibility"}
