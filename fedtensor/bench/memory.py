@@ -10,6 +10,7 @@ On systems without ``/proc`` every figure is ``None``/0 rather than an error.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import sys
@@ -72,8 +73,12 @@ def _children_rss() -> int:
             pids = f.read().split()
     except OSError:
         return 0
-    own = _cmdline("self")
-    return sum(current_rss(pid) for pid in pids if _cmdline(pid) != own)
+    return sum(current_rss(pid) for pid in pids if _cmdline(pid) != _own_cmdline())
+
+
+@functools.cache
+def _own_cmdline() -> bytes:  # read once, not on every sample
+    return _cmdline("self")
 
 
 def _cmdline(pid: int | str) -> bytes:

@@ -104,6 +104,12 @@ class Slabs:
             ends = i == min(len(self), (g + 1) * self.group) - 1
             yield g % workers, (g, self.grid(self.starts[i]), self.b, data, primer if starts else None, ends)
 
+    @property
+    def trims_each(self) -> bool:
+        """Whether a pass trims the heap after every slab (few slabs: :data:`TRIM_EACH_SLABS`) rather
+        than once after the last."""
+        return len(self) <= TRIM_EACH_SLABS
+
     def coding_order(self) -> list[int]:
         """The slabs' numbers, slab 0 first (every group starts from the statistics it leaves), then
         round-robin across the groups, each group's slabs in turn."""
@@ -388,9 +394,9 @@ class SlabEncoder:
         self.map = device_map(self.x.dtype, self.offset, self.scale)
 
     def _slabs(self, order=None) -> Iterator[tuple[int, np.ndarray]]:
-        """The slabs (in ``order`` of their numbers, default in turn), the heap trimmed after each when
-        they are few (:data:`TRIM_EACH_SLABS`), else once after the last."""
-        starts, each = self.slabs.starts, len(self.slabs) <= TRIM_EACH_SLABS
+        """The slabs (in ``order`` of their numbers, default in turn), the heap trimmed after each or
+        once after the last (:attr:`Slabs.trims_each`)."""
+        starts, each = self.slabs.starts, self.slabs.trims_each
         for start in starts if order is None else (starts[i] for i in order):
             t0 = time.perf_counter()
             slab = self.slabs.slab(self.x, start, self.map, self.offset, self.scale)
@@ -604,7 +610,7 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
         del q
         if pending is not None:
             store(*pending)
-            if len(slabs) <= TRIM_EACH_SLABS:
+            if slabs.trims_each:
                 trim_heap()
         pending = (start, rec)
         del rec
