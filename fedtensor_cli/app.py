@@ -209,9 +209,11 @@ def _compress_one(
 def _exact_note(info: dict[str, Any], model: Any) -> str | None:
     """The warning for ``--model`` on a stream of an exact codec (lossless, max-error, constant), which is
     never restored (its guarantees hold as decoded); None for a restorable stream or without a model."""
+    if model is None:  # (before the import: fedtensor.nn brings flax and optax, half a second)
+        return None
     from fedtensor.nn.normalize import RESTORABLE_CODECS
 
-    if model is None or info.get("codec") in RESTORABLE_CODECS:
+    if info.get("codec") in RESTORABLE_CODECS:
         return None
     return f"a {info.get('codec')} stream is exact as decoded: not restored (--model ignored)"
 

@@ -8,6 +8,7 @@ real ``examples/data/ct_head_uint8.nii.gz``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -109,6 +110,25 @@ def test_module_entry_point_help_has_no_traceback() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "Usage" in proc.stdout and "compress" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def _modules_after(argv: list[str]) -> dict:
+    """Which heavy packages a CLI command imported, run in a fresh interpreter."""
+    code = ("import json, sys\nfrom fedtensor_cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    code = e.code\nprint(json.dumps({'code': code, **{m: m in sys.modules for m in ('jax', 'flax', 'optax')}}))")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                          env={**os.environ, "FEDTENSOR_JIT_CACHE": "0"})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_info_does_not_import_jax(ftz_path: Path) -> None:
+    # reading a header is instant; JAX's import alone is most of a second
+    assert _modules_after(["info", str(ftz_path), "--json"]) == {"code": 0, "jax": False, "flax": False, "optax": False}
+
+
+def test_compress_without_model_does_not_import_the_nn_stack(vol_path: Path, tmp_path: Path) -> None:
+    got = _modules_after(["compress", str(vol_path), str(tmp_path / "x.ftz"), "--psnr", "40"])
+    assert got == {"code": 0, "jax": True, "flax": False, "optax": False}
 
 
 # ------------------------------------------------------------------------------- main(): usage errors

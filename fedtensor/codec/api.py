@@ -12,18 +12,18 @@ import numpy as np
 from fedtensor import __version__
 from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
+from fedtensor.codec.header import MAX_VOXELS, check_header, check_params
 from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.errors import FedtensorError, FormatError, RateError
 from fedtensor.io.nifti import space_codes
-from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
+from fedtensor.io.volume import Volume
 from fedtensor.metrics import psnr_from_sse
 from fedtensor.tensor.block import padded_shape
 from fedtensor_kernels import block_transform as kernels
 
 CODECS = ("block-tucker", "omlsvd-global")
 EXACT_CODECS = ("lossless", "max-error")
-MAX_VOXELS = 1 << 30  # the exact-mode coders still hold a few int64 copies: ~1 G voxels fits a 24 GB machine
 _MAX_RETRIES = 12
 _MIN_STEP = 1e-12  # normalised units, far below float32 resolution: only an unreachable PSNR drives steps here
 _MIN_RANGE = 1e-100  # below it squared errors at any PSNR target underflow float64 (the SSE would read 0)
@@ -467,52 +467,12 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     return exact if len(exact) <= (budget if budget is not None else len(blob)) else blob
 
 
-def _check_header(h: dict) -> tuple[tuple[int, int, int], np.dtype]:
-    try:
-        shape = tuple(h["shape"])
-        dtype = np.dtype(h["dtype"])
-        spacing = np.asarray(h["spacing"], float)
-        affine = np.asarray(h["affine"], float)
-        if (len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
-                or math.prod(shape) >= MAX_VOXELS or dtype not in SUPPORTED_DTYPES
-                or affine.shape != (4, 4) or not np.isfinite(affine).all()
-                or spacing.shape != (3,) or not np.isfinite(spacing).all() or spacing.min() <= 0
-                or not isinstance(h.get("params"), dict)):
-            raise ValueError
-    except (KeyError, TypeError, ValueError, OverflowError):
-        raise FormatError("corrupted .ftz header: bad shape, dtype or geometry") from None
-    return shape, dtype
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_params(codec, p: dict, dtype: np.dtype) -> None:
-    """Refuse codec parameters no encoder writes (a forged header whose checksum was re-computed would
-    otherwise decode to garbage, e.g. a NaN step to a constant)."""
-    keys = {"block-tucker": ("step", "scale"), "omlsvd-global": ("step", "scale"), "lossless": ("step",),
-            "max-error": ("step",)}
-    try:
-        if codec in keys:
-            ok = _finite(p.get("offset")) and all(_finite(p.get(k)) and p[k] > 0 for k in keys[codec])
-        elif codec == "constant":
-            value = p.get("value")
-            ok = _finite(value) and np.array(value).astype(dtype).item() == value
-        else:
-            return  # an unknown codec is refused with its own message
-    except (OverflowError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise FormatError(f"corrupted .ftz header: bad {codec} parameters")
-
-
 def decompress(data: bytes) -> Volume:
     """Decode ``.ftz`` bytes back to a :class:`Volume` (original dtype, spacing and affine)."""
     h, sections = unpack(data)
-    shape, dtype = _check_header(h)
+    shape, dtype = check_header(h)
     p, codec = h["params"], h.get("codec")
-    _check_params(codec, p, dtype)
+    check_params(codec, p, dtype)
     try:
         if codec == "block-tucker":
             x = stream.decode_into(np.empty(shape, dtype), p, sections, float(p["offset"]), float(p["scale"]))
@@ -542,12 +502,3 @@ def decompress(data: bytes) -> Volume:
     if isinstance(codes, list) and len(codes) == 2:
         meta["nifti_codes"] = space_codes({"nifti_codes": dict(zip(("qform_code", "sform_code"), codes))})
     return Volume(x, tuple(h["spacing"]), np.asarray(h["affine"], float), meta)
-
-
-def read_info(data: bytes) -> dict:
-    """The validated header of ``.ftz`` bytes, plus ``file_bytes``, ``bits_per_voxel`` and ``ratio``."""
-    h, _ = unpack(data)
-    shape, dtype = _check_header(h)
-    n = math.prod(shape)
-    return {**h, "file_bytes": len(data), "bits_per_voxel": 8 * len(data) / n,
-            "ratio": n * dtype.itemsize / len(data)}

@@ -1,0 +1,64 @@
+"""The ``.ftz`` header's checks and :func:`read_info`, without JAX: reading a header (``fedtensor info``)
+should not cost JAX's import (most of a second)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedtensor.codec.container import unpack
+from fedtensor.errors import FormatError
+from fedtensor.io.volume import SUPPORTED_DTYPES
+
+MAX_VOXELS = 1 << 30  # the exact-mode coders still hold a few int64 copies: ~1 G voxels fits a 24 GB machine
+
+
+def check_header(h: dict) -> tuple[tuple[int, int, int], np.dtype]:
+    """``(shape, dtype)`` of a decoded header, whose shape, dtype and geometry are checked."""
+    try:
+        shape = tuple(h["shape"])
+        dtype = np.dtype(h["dtype"])
+        spacing = np.asarray(h["spacing"], float)
+        affine = np.asarray(h["affine"], float)
+        if (len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+                or math.prod(shape) >= MAX_VOXELS or dtype not in SUPPORTED_DTYPES
+                or affine.shape != (4, 4) or not np.isfinite(affine).all()
+                or spacing.shape != (3,) or not np.isfinite(spacing).all() or spacing.min() <= 0
+                or not isinstance(h.get("params"), dict)):
+            raise ValueError
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise FormatError("corrupted .ftz header: bad shape, dtype or geometry") from None
+    return shape, dtype
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_params(codec, p: dict, dtype: np.dtype) -> None:
+    """Refuse codec parameters no encoder writes (a forged header whose checksum was re-computed would
+    otherwise decode to garbage, e.g. a NaN step to a constant)."""
+    keys = {"block-tucker": ("step", "scale"), "omlsvd-global": ("step", "scale"), "lossless": ("step",),
+            "max-error": ("step",)}
+    try:
+        if codec in keys:
+            ok = _finite(p.get("offset")) and all(_finite(p.get(k)) and p[k] > 0 for k in keys[codec])
+        elif codec == "constant":
+            value = p.get("value")
+            ok = _finite(value) and np.array(value).astype(dtype).item() == value
+        else:
+            return  # an unknown codec is refused with its own message
+    except (OverflowError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise FormatError(f"corrupted .ftz header: bad {codec} parameters")
+
+
+def read_info(data: bytes) -> dict:
+    """The validated header of ``.ftz`` bytes, plus ``file_bytes``, ``bits_per_voxel`` and ``ratio``."""
+    h, _ = unpack(data)
+    shape, dtype = check_header(h)
+    n = math.prod(shape)
+    return {**h, "file_bytes": len(data), "bits_per_voxel": 8 * len(data) / n,
+            "ratio": n * dtype.itemsize / len(data)}
