@@ -72,6 +72,22 @@ def test_read_shared_volumes(name, volume_paths, dicom_volume):
     vol.validate()
 
 
+@pytest.mark.parametrize("name", ["ct_chest.nii.gz", "mr_brain_gd.nii.gz"])
+def test_nifti_read_in_c_order_with_nibabels_values(name, volume_paths):
+    # NIfTI is stored x fastest (Fortran order); the codec's slabs along axis 0 want C order
+    vol = read_volume(volume_paths[name])
+    assert vol.data.flags.c_contiguous
+    np.testing.assert_allclose(vol.data, nib.load(volume_paths[name]).get_fdata(), rtol=1e-6, atol=1e-4)
+
+
+def test_npy_in_fortran_order_read_in_c_order(tmp_path):
+    raw = np.asfortranarray(np.arange(60, dtype=">i2").reshape(3, 4, 5))
+    np.save(tmp_path / "f.npy", raw)
+    vol = read_volume(tmp_path / "f.npy")
+    assert vol.data.flags.c_contiguous and vol.data.dtype == np.dtype("int16") and vol.data.dtype.isnative
+    np.testing.assert_array_equal(vol.data, raw)
+
+
 def test_mr_slope_applied(volume_paths):
     img = nib.load(volume_paths["mr_brain_gd.nii.gz"])
     vol = read_volume(volume_paths["mr_brain_gd.nii.gz"])
