@@ -81,7 +81,7 @@ def read_npy(path: str | os.PathLike) -> Volume:
                 raise VolumeError(f"cannot read .npy file {path}: not a NumPy array file")
         arr = open_npy(path)
         if isinstance(arr, np.ndarray):
-            arr = np.array(arr)  # read into memory
+            arr = np.array(arr, order="C")  # read into memory, in the order as_native_3d keeps
     except VolumeError:
         raise
     except FileNotFoundError:
