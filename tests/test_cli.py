@@ -118,6 +118,7 @@ def _modules_after(argv: list[str]) -> dict:
             "    code = e.code\nprint(json.dumps({'code': code, **{m: m in sys.modules for m in ('jax', 'flax', 'optax')}}))")
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
                           env={**os.environ, "FEDTENSOR_JIT_CACHE": "0"})
+    assert proc.stdout.strip(), proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
