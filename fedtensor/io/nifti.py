@@ -29,8 +29,8 @@ def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
         lo, hi = min(ends), max(ends)
         for dtype in (raw.dtype.newbyteorder("="), np.dtype(np.int16), np.dtype(np.int32)):
             if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
-                return (raw.astype(np.int64) * int(slope) + int(inter)).astype(dtype)
-    return (raw.astype(np.float64) * slope + inter).astype(np.float32)
+                return (raw.astype(np.int64) * int(slope) + int(inter)).astype(dtype, order="C")
+    return (raw.astype(np.float64) * slope + inter).astype(np.float32, order="C")  # (as read_nifti returns it)
 
 
 def read_nifti(path: str | os.PathLike) -> Volume:
