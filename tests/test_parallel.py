@@ -30,6 +30,25 @@ def test_worker_count_follows_groups_cores_memory_or_the_users_count(monkeypatch
     assert parallel.worker_count(16, slab, 100 * each) == 1
 
 
+@pytest.mark.parametrize("shape, groups", [
+    ((96, 96, 96), 1), ((28, 512, 512), 1),  # below 2^23 voxels: one group, coded here
+    ((256, 256, 256), 8), ((256, 256, 512), 8), ((512, 512, 512), 8),  # eight groups
+    ((512, 512, 1024), 16), ((512, 512, 1000), 16)])  # then groups of 2^24 voxels
+def test_volumes_from_eight_million_voxels_code_in_at_least_eight_groups(shape, groups):
+    from fedtensor.codec.stream import Slabs, slab_depth
+    b = (4, 4, 8)
+    slabs = Slabs(shape, b, slab_depth(shape, b))
+    assert slabs.n_groups == groups
+    assert slabs.group * slabs.slab_voxels <= max(parallel.GROUP_VOXELS, slabs.slab_voxels * len(slabs))
+
+
+@pytest.mark.parametrize("depth", [28, 30, 32, 120])
+def test_a_small_volume_is_one_group_whatever_its_slabs(depth):
+    from fedtensor.codec.stream import Slabs
+    slabs = Slabs((120, 126, 164), (4, 4, 4), depth)  # the chest CT's shape: 5 slabs of 28 rows
+    assert slabs.n_groups == 1 and slabs.group == len(slabs)
+
+
 def test_the_workers_memory_is_half_again_the_input_or_eight_workers():
     assert parallel.memory_budget(1 << 30) == 3 << 29
     assert parallel.memory_budget(1 << 20) == 512 << 20

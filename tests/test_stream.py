@@ -250,7 +250,7 @@ def test_forged_slab_depths_outside_the_encoders_range_are_refused(shape, depth)
 @pytest.fixture
 def small_groups(monkeypatch, small_slabs):
     """Groups of 2¹⁸ voxels (two ~2¹⁷-voxel slabs), so a 96³ crop has several."""
-    monkeypatch.setattr(stream, "GROUP_VOXELS", 1 << 18)
+    monkeypatch.setattr(stream, "group_voxels", lambda voxels: 1 << 18)
 
 
 @pytest.mark.parametrize("workers", ["1", "2", "3"])

@@ -229,19 +229,33 @@ def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | N
     bounded by one slab's working set plus the coded bytes.
     """
     x = volume.data
-    n = x.size
-    offset, scale = normalization(x)
-    target_psnr = psnr if psnr is not None else 45.0  # bpv mode: sizes ranks and blocks for a typical target
-    mse = (value_range / scale / 10 ** (target_psnr / 20)) ** 2  # per voxel, normalised units
     if codec != "block-tucker":
-        return _lossy_global(x, value_range, offset, scale, n * mse, psnr, bpv, header)
+        offset, scale, mse = _normalization(x, psnr, value_range)
+        return _lossy_global(x, value_range, offset, scale, x.size * mse, psnr, bpv, header)
+    with stream.start_workers(x) as workers:  # they start up while the block shape and step are found
+        return _block_tucker(x, block, psnr, bpv, header, value_range, workers)
+
+
+def _normalization(x: np.ndarray, psnr: float | None, value_range: float) -> tuple[float, float, float]:
+    """``offset, scale`` of the volume's normalisation, and the target's mean squared error per voxel in
+    its units (bpv mode: that of 45 dB, which sizes ranks and blocks for a typical target)."""
+    offset, scale = normalization(x)
+    target_psnr = psnr if psnr is not None else 45.0
+    return offset, scale, (value_range / scale / 10 ** (target_psnr / 20)) ** 2
+
+
+def _block_tucker(x: np.ndarray, block, psnr: float | None, bpv: float | None, header: dict, value_range: float,
+                  workers) -> bytes:
+    """:func:`_lossy` for ``block-tucker``; ``workers``: the entropy coder's, if already started."""
+    n = x.size
+    offset, scale, mse = _normalization(x, psnr, value_range)
     t0 = time.perf_counter()
     b = block or _pick_block(x, offset, scale, mse)
     stream.trim_heap()  # the sampled tiles' memory goes back before the first slab pass
     stream.tick("block choice", t0)
     slabs = stream.Slabs(tuple(x.shape), b, stream.slab_depth(x.shape, b, stream.slab_voxels(x)))
     enc = stream.SlabEncoder(x, slabs, offset, scale, stream.fit_bases(x, slabs, offset, scale),
-                             kernels.impl_for(b))
+                             kernels.impl_for(b), workers)
 
     def attempt(step: float, measure: bool = True, errors=None):
         if measure and errors is None and psnr is not None:  # the PSNR search only needs the error

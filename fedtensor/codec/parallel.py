@@ -4,9 +4,10 @@ The context coder is numpy and constriction on one core, holding the GIL: thread
 (1.1–1.2× on two). Slabs therefore fall in *groups* of ``params.group`` slabs (one group when absent), and every group
 but the first starts its coder statistics (:class:`~fedtensor.codec.blockcoef.BlockCoders`) from
 those the first slab left: after that slab, groups are coded and decoded independently, each in a
-worker process. A group spans :data:`GROUP_VOXELS` voxels, so only large volumes have more than one.
-The restarts cost the bits the tables take to learn again: at 45 dB, +0.43 % on a 256×256×512 CT (2
-groups; +0.73 % had they started empty) and +0.91 % on a 512³ one (8 groups; docs/codec.md).
+worker process. Only volumes of :data:`SPLIT_VOXELS` or more have several groups: eight, or more of
+:data:`GROUP_VOXELS` each (:func:`group_voxels`), so that eight cores share even a 256³ volume's coding.
+The restarts cost the bits the tables take to learn again: at 45 dB, +1.0 % on a 256³ CT (8 groups),
++0.91 % on a 512³ one (8 groups; docs/codec.md).
 The groups follow from the volume's geometry only, never from the number of cores, so a stream is the
 same on every machine.
 
@@ -39,11 +40,22 @@ from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.entropy import BinaryStream
 from fedtensor.cores import usable_cores
 
-#: Voxels per group of slabs coded with their own statistics.
+#: Voxels per group of slabs coded with their own statistics, at most and at least.
 GROUP_VOXELS = 1 << 24
+MIN_GROUP_VOXELS = 1 << 21
+#: Volumes with fewer voxels are coded as one group (in this process).
+SPLIT_VOXELS = 1 << 23
 WORKERS_ENV = "FEDTENSOR_WORKERS"
 #: Tasks queued per worker (:meth:`Workers.stream`).
 AHEAD = 2
+
+
+def group_voxels(voxels: int) -> int | None:
+    """Voxels per context group of a volume of ``voxels`` (padded): ``None`` (one group) below
+    :data:`SPLIT_VOXELS`; else an eighth, within :data:`MIN_GROUP_VOXELS` … :data:`GROUP_VOXELS`."""
+    if voxels < SPLIT_VOXELS:
+        return None
+    return min(GROUP_VOXELS, max(MIN_GROUP_VOXELS, voxels // 8))
 
 
 def worker_count(groups: int, slab_voxels: int, budget: int) -> int:
@@ -148,6 +160,10 @@ class Workers:
         self._procs = [subprocess.Popen([sys.executable, "-c", "from fedtensor.codec.parallel import serve; serve()"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
                        for _ in range(n)]
+        self._killed = False
+
+    def __len__(self) -> int:
+        return len(self._procs)
 
     def __enter__(self) -> Workers:
         return self
@@ -158,11 +174,14 @@ class Workers:
                 p.stdin.close()
             except OSError:
                 pass
+        if exc[0] is None and not self._killed:
+            # Idle workers exit on their closed stdin; their interpreters' teardown (35 ms for eight on a
+            # GPU host, 5 % of a 256³ compress) need not hold up the caller.
+            threading.Thread(target=_reap, args=(self._procs,), daemon=True).start()
+            return
         for p in self._procs:
-            if exc[0] is not None:
-                p.kill()  # it may be mid-task
-            p.wait()
-            p.stdout.close()
+            p.kill()  # it may be mid-task
+        _reap(self._procs)
 
     def stream(self, fn: Callable, tasks: Iterable[tuple[int, tuple]], ahead: int = AHEAD) -> Iterator:
         """``fn(*args)`` for each ``(worker, args)`` of ``tasks``, on worker number ``worker``, which runs
@@ -217,12 +236,19 @@ class Workers:
             yield from ready_results(sent)
         finally:
             if taken < sent:  # an error, or a caller that stopped early: a worker may be mid-task
+                self._killed = True
                 for p in self._procs:
                     p.kill()
             for q in queues:
                 q.put(None)
             for t in threads:
                 t.join()
+
+
+def _reap(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.wait()
+        p.stdout.close()
 
 
 _TASKS = {f.__name__: f for f in (encode_slab, decode_slab)}

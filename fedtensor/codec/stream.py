@@ -19,8 +19,10 @@ the decoder's output.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import numpy as np
 from fedtensor.codec.blockcoef import BlockCoders
 from fedtensor.codec.normalize import (DeviceMap, decoded_shifted, denormalize, device_map, from_unit, normalize,
                                        rows_per_chunk, shifted, to_unit)
-from fedtensor.codec.parallel import (GROUP_VOXELS, Workers, decode_group, decode_slab, encode_group, encode_slab,
+from fedtensor.codec.parallel import (Workers, decode_group, decode_slab, encode_group, encode_slab, group_voxels,
                                       memory_budget, narrow, slab_coders, worker_count)
 from fedtensor.codec.quantize import RECON_OFFSET, band_rounding, dequantize, quantize
 from fedtensor.errors import FormatError
@@ -71,7 +73,7 @@ def slab_depth(shape, b, slab_voxels: int = SLAB_VOXELS) -> int:
 @dataclass(frozen=True)
 class Slabs:
     """The slab layout of a volume ``shape`` under block shape ``b`` and slab thickness ``depth``, and
-    its context groups of ``group`` slabs (default: :data:`~fedtensor.codec.parallel.GROUP_VOXELS`
+    its context groups of ``group`` slabs (default: :func:`~fedtensor.codec.parallel.group_voxels`
     voxels each; see :mod:`fedtensor.codec.parallel`)."""
 
     shape: tuple[int, int, int]
@@ -81,8 +83,9 @@ class Slabs:
 
     def __post_init__(self):
         if not self.group:
-            _, py, pz = padded_shape(self.shape, self.b)
-            object.__setattr__(self, "group", max(1, GROUP_VOXELS // (self.depth * py * pz)))
+            px, py, pz = padded_shape(self.shape, self.b)
+            voxels = group_voxels(px * py * pz)
+            object.__setattr__(self, "group", len(self) if voxels is None else max(1, voxels // self.slab_voxels))
 
     @property
     def n_groups(self) -> int:
@@ -389,6 +392,7 @@ class SlabEncoder:
     scale: float
     bases: list[np.ndarray]
     impl: str = "reference"
+    workers: Workers | None = None  # started by the caller (:func:`start_workers`); else each encode starts its own
 
     def __post_init__(self):
         self.map = device_map(self.x.dtype, self.offset, self.scale)
@@ -486,6 +490,8 @@ class SlabEncoder:
         slabs, b = self.slabs, self.slabs.b
         errors = [(0.0, 0.0)] * len(slabs) if measure else None
         workers = worker_count(slabs.n_groups, slabs.slab_voxels, memory_budget(self.x.nbytes))
+        if workers > 1 and self.workers is not None:
+            workers = min(workers, len(self.workers))
         if workers == 1:
             sections = []
             for (_, grid, q), coders in zip(self._quantised(step, errors, range(len(slabs))), slab_coders(slabs.group)):
@@ -495,15 +501,25 @@ class SlabEncoder:
                 tick("entropy", t0)
         else:
             order = slabs.coding_order()
-            with Workers(workers) as w:  # they start while the first slab is coded here
+            # started workers stay up for the next encode; else they start while slab 0 is coded here
+            with contextlib.nullcontext(self.workers) if self.workers is not None else Workers(workers) as w:
                 t0, spent = time.perf_counter(), [0.0]
                 quantised = _timed(self._quantised(step, errors, order), spent)
                 _, grid, q = next(quantised)
                 primer = BlockCoders()
-                first = encode_group([grid], b, [q], primer)
-                del q
-
-                tasks = slabs.worker_tasks(((i, narrow(q)) for i, _, q in quantised), workers, primer)
+                rest = ((i, narrow(q)) for i, _, q in quantised)
+                # Every group starts from the statistics slab 0 leaves: it is coded in a thread while
+                # the workers' first slabs are transformed here (the coder and the device waits release
+                # the GIL often enough for the two to overlap).
+                with concurrent.futures.ThreadPoolExecutor(1) as thread:
+                    first = thread.submit(encode_group, [grid], b, [q], primer)
+                    del q
+                    ahead = []
+                    while not first.done() and len(ahead) < workers and (item := next(rest, None)):
+                        ahead.append(item)
+                    first = first.result()
+                tasks = slabs.worker_tasks(itertools.chain(ahead, rest), workers, primer)
+                del ahead
                 coded = list(w.stream(encode_slab, tasks))
                 tick("entropy", t0 + spent[0])  # this process's share and the wait for the workers
             sections = first + [s for _, s in sorted(zip(order[1:], coded))]
@@ -534,6 +550,18 @@ class SlabEncoder:
                 errors[i] = measured()
                 del measured
                 tick("search: error", t0)
+
+
+def start_workers(x: np.ndarray) -> Workers | contextlib.nullcontext:
+    """The entropy coder's worker processes for ``x`` (a context manager), started now: a process takes
+    about 0.25 s to start Python and import numpy, which the block choice and rate search then hide.
+    ``nullcontext()`` for a volume coded in one group (:func:`~fedtensor.codec.parallel.group_voxels`;
+    counted before the block shape is known, so :meth:`SlabEncoder.encode` uses at most these)."""
+    voxels = group_voxels(x.size)
+    if voxels is None:
+        return contextlib.nullcontext()
+    n = worker_count(-(-x.size // voxels), slab_voxels(x), memory_budget(x.nbytes))
+    return Workers(n) if n > 1 else contextlib.nullcontext()
 
 
 def _timed(items: Iterator, spent: list[float]) -> Iterator:
