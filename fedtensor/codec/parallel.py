@@ -51,7 +51,7 @@ AHEAD = 2
 
 
 def group_voxels(voxels: int) -> int | None:
-    """Voxels per context group of a volume of ``voxels`` (padded): ``None`` (one group) below
+    """Voxels per context group of a volume of ``voxels`` (unpadded): ``None`` (one group) below
     :data:`SPLIT_VOXELS`; else an eighth, within :data:`MIN_GROUP_VOXELS` … :data:`GROUP_VOXELS`."""
     if voxels < SPLIT_VOXELS:
         return None

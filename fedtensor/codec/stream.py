@@ -83,8 +83,7 @@ class Slabs:
 
     def __post_init__(self):
         if not self.group:
-            px, py, pz = padded_shape(self.shape, self.b)
-            voxels = group_voxels(px * py * pz)
+            voxels = group_voxels(math.prod(self.shape))  # the volume's own: padding must not split a small one
             object.__setattr__(self, "group", len(self) if voxels is None else max(1, voxels // self.slab_voxels))
 
     @property
