@@ -376,7 +376,7 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     guaranteed), ``bpv`` (bits-per-voxel ceiling, best quality within it) or ``lossless`` (bit-exact
     for integer-valued volumes). Default: ``psnr=45``. ``block`` is the block-Tucker block side
     (an int, or a per-axis shape); ``None`` picks the shape per volume among :data:`AUTO_BLOCKS`.
-    Volumes over 2²⁴ voxels are entropy-coded in worker processes (:mod:`fedtensor.codec.parallel`;
+    Volumes of 2²³ voxels or more are entropy-coded in worker processes (:mod:`fedtensor.codec.parallel`;
     ``FEDTENSOR_WORKERS`` sets how many); the bytes do not depend on it.
     """
     volume.validate()
