@@ -62,19 +62,20 @@ def gvox(n: int, seconds: float) -> float:
     return n / seconds / 1e9
 
 
-def best_of(repeat: int, fn) -> tuple[tuple[float, dict], object]:
-    """``((seconds, stage seconds), result)`` of the fastest of ``repeat`` calls of ``fn``. Timed calls run
-    without the memory sampler, whose thread reads /proc of every worker process every 5 ms."""
-    best = None
-    for _ in range(repeat):
-        with stream.profiled() as stages:
-            t0 = time.perf_counter()
+def profiled_best(repeat: int, fn) -> tuple[float, dict, object]:
+    """``(seconds, stage seconds, result)`` of the fastest of ``repeat`` calls of ``fn`` (``C.time_best``,
+    no warm-up), with that call's codec stages (``stream.profiled``). Timed calls run without the memory
+    sampler, whose thread reads /proc of every worker process every 5 ms."""
+    stages = []
+
+    def call():
+        with stream.profiled() as seconds:
             result = fn()
-            seconds = time.perf_counter() - t0
-        if best is None or seconds < best[0][0]:
-            best = (seconds, dict(stages)), result
-        del result
-    return best
+        stages.append(dict(seconds))
+        return result
+
+    t = C.time_best(call, repeat, warmup=0)
+    return t.best_s, stages[t.all_s.index(t.best_s)], t.result
 
 
 def run_fedtensor(x: np.ndarray, psnr: float, warmup: bool, repeat: int = 1) -> dict:
@@ -93,9 +94,8 @@ def run_fedtensor(x: np.ndarray, psnr: float, warmup: bool, repeat: int = 1) -> 
         finally:
             stream.slab_voxels = chosen
         log(f"    fedtensor: warm-up on the first slab {time.perf_counter() - t0:.1f} s")
-    (t_enc, enc_stages), blob = best_of(repeat, lambda: compress(vol, psnr=psnr))
-    (t_dec, dec_stages), decoded = best_of(repeat, lambda: decompress(blob))
-    del decoded
+    t_enc, enc_stages, blob = profiled_best(repeat, lambda: compress(vol, psnr=psnr))
+    t_dec, dec_stages, _ = profiled_best(repeat, lambda: decompress(blob))
     enc = measure_peak_rss(lambda: compress(vol, psnr=psnr), interval_s=0.005)
     dec = measure_peak_rss(lambda: decompress(blob), interval_s=0.005)
     h = unpack(blob)[0]
@@ -141,9 +141,9 @@ def run_jpeg2k(x: np.ndarray, psnr: float, steps: int, threads: int | None, leve
             mid = 0.5 * (lo + hi)
             lo, hi = (lo, mid) if ev(mid)[0] >= psnr else (mid, hi)
         level = hi
-    (t_enc, _), streams = best_of(repeat, lambda: codec.compress(x, level))
-    (t_dec, _), decoded = best_of(repeat, lambda: codec.decompress(streams))
-    del decoded
+    enc_timing = C.time_best(lambda: codec.compress(x, level), repeat, warmup=0)
+    t_enc, streams = enc_timing.best_s, enc_timing.result
+    t_dec = C.time_best(lambda: codec.decompress(streams), repeat, warmup=0).best_s
     enc = measure_peak_rss(lambda: codec.compress(x, level), interval_s=0.005)
     dec = measure_peak_rss(lambda: codec.decompress(streams), interval_s=0.005)
     nbytes = sum(map(len, streams))
