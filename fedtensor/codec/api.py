@@ -114,6 +114,8 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
 _COARSE = 10 ** np.array([-0.024, -0.008, 0.008, 0.024])  # steps ~0.3 dB apart: the local PSNR(log step) curve
 _ANCHOR = 1  # the coarse step decoded in full; the others are scaled from their coefficients' errors
 _TRUSTED_RATIO = 0.02  # decoded / coefficient error within 2 % of 1: padding and rounding take no share
+_SCALED_RATIO = 0.25  # within 25 % of 1, the anchor's ratio still scales its neighbours' errors closely
+_RATIO_DRIFT = 10.0  # dB per decade of step below the anchor, per unit of |1 − ratio|: their optimism
 _FINE = 10 ** (0.0008 * np.arange(-2, 2))  # ~0.016 dB apart (the exact search stopped within 0.02 dB)
 _STRAIGHT_DB = 0.01  # of three coarse points around the bracket, the middle this close to the others' line: straight
 _MARGIN_DB = 0.01  # an interpolated step aims this far above the target
@@ -135,8 +137,9 @@ def _step_from_estimates(coarse, estimate, psnr: float, first: float, n: int,
     ``coarse(steps, anchor) -> ([sse], ratio)`` estimates several steps in one pass from one decoded
     step, ``estimate(steps) -> [(sse, max_err)]`` decodes them all. A coarse pass of four steps gives the
     local PSNR(log step) curve (about −20 dB per decade), extrapolated to the target until two
-    neighbours bracket it. Where the coarse estimates are close (the coefficients' errors predict the
-    decoded ones) and three around the bracket lie on a line (PSNR falls smoothly with the step), the
+    neighbours bracket it. Where the coarse estimates are close (the anchor's ratio of decoded to
+    coefficient error near 1, or within :data:`_SCALED_RATIO` of it with a margin for the drift of
+    that ratio) and three around the bracket lie on a line (PSNR falls smoothly with the step), the
     step is interpolated, a hair on the safe side; elsewhere a fine pass of decoded steps around the
     interpolated step picks the answer.
     """
@@ -170,8 +173,13 @@ def _step_from_estimates(coarse, estimate, psnr: float, first: float, n: int,
         centre = steps[k] * 10 ** ((psnr - reached[k]) / local)
         j = min(k, len(steps) - 3)  # three neighbours around the bracket: is the curve straight there?
         straight = abs(reached[j + 1] - (reached[j] + reached[j + 2]) / 2) <= _STRAIGHT_DB
-        if straight and abs(ratio - 1) <= _TRUSTED_RATIO:
-            return StepEstimate(max(float(steps[k]), centre * 10 ** (_MARGIN_DB / local)), local)
+        if straight and abs(ratio - 1) <= _SCALED_RATIO:
+            # Where rounding or padding take a share of the error, the share changes with the step:
+            # scaled by the anchor's ratio, smaller steps' estimates come out up to ~1 dB per decade
+            # optimistic per 0.1 of |1 − ratio| (0.02 dB at most on the sample CTs), larger ones pessimistic.
+            below = max(0.0, math.log10(float(steps[_ANCHOR]) / centre))
+            margin = _MARGIN_DB + (abs(ratio - 1) > _TRUSTED_RATIO) * _RATIO_DRIFT * abs(ratio - 1) * below
+            return StepEstimate(max(float(steps[k]), centre * 10 ** (margin / local)), local)
         break
     found = None
     for _ in range(3):
