@@ -4,9 +4,16 @@
 a single `packages.find` cannot both discover `fedtensor*` and rename a directory, so the list is built here.
 """
 
-from setuptools import find_packages, setup
+import sys
+
+from setuptools import Extension, find_packages, setup
 
 packages = find_packages(include=["fedtensor", "fedtensor.*", "fedtensor_cli", "fedtensor_cli.*"])
 packages += ["fedtensor_kernels"] + [f"fedtensor_kernels.{p}" for p in find_packages(where="kernels")]
 
-setup(packages=packages)
+# The entropy coder's compiled chunk models. Optional: without a C compiler the numpy code computes
+# the same models. No fused multiply-adds: the models must equal numpy's bit for bit.
+contexts = Extension("fedtensor.codec._contexts", ["fedtensor/codec/_contexts.c"], optional=True,
+                     extra_compile_args=[] if sys.platform == "win32" else ["-O2", "-ffp-contract=off"])
+
+setup(packages=packages, ext_modules=[contexts])

@@ -18,8 +18,9 @@ import math
 
 import numpy as np
 
+from fedtensor.codec import entropy
 from fedtensor.codec.entropy import BinaryStream
-from fedtensor.codec.grid import BIN_SATURATION, GridCoder, activity_bin, checkerboard
+from fedtensor.codec.grid import _BIN_LUT, BIN_SATURATION, N_BINS, GridCoder, activity_bin, checkerboard
 
 _ABS_CAP = 2 * BIN_SATURATION
 
@@ -74,6 +75,9 @@ class _Layout:
                 cols.append(np.where(has, column[np.where(has, pos - stride, 0)], self.bounds[n] - self.bounds[n - 1]))
             self.parents.append(np.stack(cols))
 
+        # The same, flat and degree after degree, for the compiled encoder (``_contexts.block_sites``).
+        self.parents_flat = np.concatenate([np.zeros(0, np.int64), *(p.ravel() for p in self.parents[1:])])
+
     def width(self, degree: int) -> int:
         return int(self.bounds[degree + 1] - self.bounds[degree])
 
@@ -95,7 +99,7 @@ def _anchor_order(grid: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     core = (slice(1, -1),) * 3
     nbr = np.stack([idx[core[:ax] + (step,) + core[ax + 1:]].ravel()
                     for ax in range(3) for step in (slice(2, None), slice(None, -2))])
-    return perm, new[nbr[:, perm]]
+    return perm, np.ascontiguousarray(new[nbr[:, perm]])
 
 
 def _rows(idx: np.ndarray, lo: int, hi: int):
@@ -151,6 +155,9 @@ def code_block_coefficients(
     # ("no parent"). Saturating at twice the top bin edge keeps every context bin exact: any sum that
     # holds a saturated term (or half a sum of such sums) is in the top bin anyway.
     coders.dc_plane = coef[:, 0].reshape(grid)[-1].astype(np.int64)
+    if not s.decoding and entropy._contexts is not None and coef.dtype.itemsize <= 4:
+        _encode_ac_native(s, coder, coef, eob, perm, nbr, n_anchor, lay)
+        return q
     prev_abs = np.zeros((n + 1, 2), np.uint8)
     prev_abs[:n, 0] = np.minimum(np.abs(coef[perm, 0]), _ABS_CAP)
     prev_live = slice(0, n)  # blocks whose previous degree may hold non-zeros (the DC: all)
@@ -186,3 +193,17 @@ def code_block_coefficients(
     if batch is not None:
         batch.flush()
     return q if q is not None else coef.reshape(*grid, *b)
+
+
+def _encode_ac_native(s: BinaryStream, coder: GridCoder, coef: np.ndarray, eob: np.ndarray, perm: np.ndarray,
+                      nbr: np.ndarray, n_anchor: int, lay: _Layout) -> None:
+    """The degree loop of :func:`code_block_coefficients` for an encoder, in compiled code: the same
+    sites, contexts and bytes. ``eob`` is in the anchors-first numbering, ``coef`` in lattice order."""
+    degrees = len(lay.bounds) - 2
+    capacity = int((lay.bounds[np.minimum(eob, degrees) + 1] - 1).sum())  # every band of each live degree
+    local, values = np.empty(capacity, np.int64), np.empty(capacity, np.int32)
+    passes = np.empty((2 * degrees, 4), np.int64)
+    _, n_passes = entropy._contexts.block_sites(
+        np.ascontiguousarray(coef, np.int32), np.ascontiguousarray(eob, np.int64), perm, nbr, lay.bounds, lay.order,
+        lay.parents_flat, _BIN_LUT, local, values, passes, n_anchor, N_BINS, _ABS_CAP)
+    coder.encode_passes(s, passes[:n_passes], local, values)

@@ -24,6 +24,11 @@ import numpy as np
 
 from fedtensor.errors import FormatError
 
+try:  # compiled chunk models for the batched encoder (setup.py builds it where a C compiler is found)
+    from fedtensor.codec import _contexts
+except ImportError:  # the numpy code below computes the same models, only slower
+    _contexts = None
+
 UNARY_CAP = 14
 _EG_CAP = 40  # Exp-Golomb prefix length bound: magnitudes < 2**40 + UNARY_CAP
 _WEIGHT = 2.0  # pseudo-count pulling a context towards its backoff (or 1/2 at the top)
@@ -275,21 +280,27 @@ class SignedCoder:
             return
         if len({c[4].dtype for c in calls}) > 1:  # (a promoted int32 -2**31 would escape the overflow check)
             raise ValueError("encode_calls: the calls' values must share one dtype")
+        self.encode_run(s, mag_of, [(c[0], c[2], c[3], len(c[1])) for c in calls],
+                        np.concatenate([c[1] for c in calls]), np.concatenate([c[4] for c in calls]))
+
+    def encode_run(self, s: BinaryStream, mag_of: np.ndarray, calls, local: np.ndarray, values: np.ndarray) -> None:
+        """:meth:`encode_calls` for calls given as ``(cls, key0, mkey0, length)``, their local contexts
+        and values one after the other in ``local`` and ``values``."""
         n_local = len(mag_of)
         # The chunks, sized as code() sizes them from the class table's total at each call's start.
         seen = self.zero[:, 1].copy()
         bounds, cls, key0, mkey0 = [0], [], [], []
-        for c, local, k0, m0, _ in calls:
+        for c, k0, m0, length in calls:
             first = _first_chunk(seen[c, k0:k0 + n_local].sum())
-            seen[c, k0:k0 + n_local] += np.bincount(local, minlength=n_local)
-            for sl in _chunks(len(local), first):
+            seen[c, k0:k0 + n_local] += np.bincount(local[bounds[-1]:bounds[-1] + length], minlength=n_local)
+            for sl in _chunks(length, first):
                 bounds.append(bounds[-1] + sl.stop - sl.start)
                 cls.append(c)
                 key0.append(k0)
                 mkey0.append(m0)
+        if bounds[-1] != len(local) or len(values) != len(local):
+            raise ValueError("encode_run: the calls' lengths do not add up to the symbols given")
         cls, key0, mkey0, bounds = np.array(cls), np.array(key0), np.array(mkey0), np.array(bounds)
-        local = np.concatenate([c[1] for c in calls])
-        values = np.concatenate([c[4] for c in calls])
         for c0 in range(0, len(cls), _CHUNKS_AT_ONCE):  # bounded memory: (chunks, contexts) arrays
             at = slice(c0, c0 + _CHUNKS_AT_ONCE)
             edges = bounds[c0:c0 + _CHUNKS_AT_ONCE + 1]
@@ -299,11 +310,28 @@ class SignedCoder:
 
     def _encode_chunks(self, s, mag_of, cls, key0, mkey0, bounds, local, values) -> None:
         """:meth:`encode_calls` for consecutive chunks (``bounds`` into ``local`` and ``values``)."""
-        n_chunks, n_local, n_mag = len(cls), len(mag_of), int(mag_of.max()) + 1
         sym, idx, neg, esc, rest = _binarise(values)
-        lnz, sym_nz = local[idx], sym[idx]
-        mnz = mag_of[lnz]
+        mnz = mag_of[local[idx]]
         nbits = _bit_lengths(rest)
+        models = self._chunk_models_native if _contexts is not None else self._chunk_models
+        table, p_neg, dist = models(mag_of, cls, key0, mkey0, bounds, local, sym, idx, mnz, neg, esc, nbits)
+        nz_bounds, esc_bounds = np.searchsorted(idx, bounds), np.searchsorted(esc, bounds)
+        for c in range(len(cls)):
+            a, b = bounds[c], bounds[c + 1]
+            s.categorical(np.take(table(c), local[a:b], axis=0), sym[a:b])
+            a, b = nz_bounds[c], nz_bounds[c + 1]
+            s.bernoulli(p_neg[c, mnz[a:b]], neg[a:b])
+            a, b = esc_bounds[c], esc_bounds[c + 1]
+            if b > a:
+                s.categorical_alike(dist[c], nbits[a:b], b - a)
+                owner, shift = _raw_bits(nbits[a:b])
+                s.even_bits((rest[a:b][owner] >> shift) & 1, len(owner))
+
+    def _chunk_models(self, mag_of, cls, key0, mkey0, bounds, local, sym, idx, mnz, neg, esc, nbits):
+        """Every chunk's model from the tables at its start, the chunks' counts added to the tables:
+        ``(table(c), P(v < 0) per chunk and magnitude key, Exp-Golomb length distribution per chunk)``,
+        ``table(c)`` P(symbol) per local context (:func:`_symbol_table`)."""
+        n_chunks, n_local, n_mag = len(cls), len(mag_of), int(mag_of.max()) + 1
         # Keys of every chunk's own counts: (chunk, local context) flattened, and of its non-zeros.
         keys = np.repeat(np.arange(n_chunks) * n_local, np.diff(bounds)) + local
         keys_nz = keys[idx]
@@ -311,7 +339,7 @@ class SignedCoder:
 
         # Every chunk's counts, added to the tables chunk after chunk; the tables each chunk starts from
         # are kept, and its model is computed from them with all the others'.
-        zero, mag = _counts(keys, keys_nz, chunk_nz * n_mag + mnz, sym_nz, neg, n_chunks * n_local, n_chunks * n_mag)
+        zero, mag = _counts(keys, keys_nz, chunk_nz * n_mag + mnz, sym[idx], neg, n_chunks * n_local, n_chunks * n_mag)
         del keys, keys_nz
         zero = zero.reshape(2, n_chunks, n_local)
         mag = mag.reshape(2, n_chunks, n_mag, UNARY_CAP + 1)
@@ -333,21 +361,22 @@ class SignedCoder:
         del zero, mag
         pnz, pm = _p_nonzero(z, zc), _p_levels(m, mc)
         del z, zc, m, mc
-        reach, p_sign = _reach(pm), pm[chunk_nz, mnz, UNARY_CAP]
-        dist = _length_dist(eg)
+        reach = _reach(pm)
+        # per chunk: (chunks, contexts, 16) is large
+        return (lambda c: _symbol_table(pnz[c], reach[c], mag_of)), pm[..., UNARY_CAP], _length_dist(eg)
 
-        nz_bounds, esc_bounds = np.searchsorted(idx, bounds), np.searchsorted(esc, bounds)
-        for c in range(n_chunks):
-            a, b = bounds[c], bounds[c + 1]
-            table = _symbol_table(pnz[c], reach[c], mag_of)  # per chunk: (chunks, contexts, 16) is large
-            s.categorical(np.take(table, local[a:b], axis=0), sym[a:b])
-            a, b = nz_bounds[c], nz_bounds[c + 1]
-            s.bernoulli(p_sign[a:b], neg[a:b])
-            a, b = esc_bounds[c], esc_bounds[c + 1]
-            if b > a:
-                s.categorical_alike(dist[c], nbits[a:b], b - a)
-                owner, shift = _raw_bits(nbits[a:b])
-                s.even_bits((rest[a:b][owner] >> shift) & 1, len(owner))
+    def _chunk_models_native(self, mag_of, cls, key0, mkey0, bounds, local, sym, idx, mnz, neg, esc, nbits):
+        """:meth:`_chunk_models` in compiled code (``fedtensor/codec/_contexts.c``): the same models,
+        bit for bit, and the same tables after."""
+        n_chunks, n_local, n_mag = len(cls), len(mag_of), int(mag_of.max()) + 1
+        tables = np.empty((n_chunks, n_local, UNARY_CAP + 2), np.float32)
+        signs_and_lengths = np.empty(n_chunks * (n_mag + _EG_CAP))
+        i64 = [np.ascontiguousarray(a, np.int64) for a in (cls, key0, mkey0, bounds, local, idx, sym[idx], neg, esc,
+                                                            nbits, mag_of)]
+        _contexts.chunk_models(*i64, self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, tables,
+                               signs_and_lengths, self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
+        p_neg = signs_and_lengths[:n_chunks * n_mag].reshape(n_chunks, n_mag)
+        return tables.__getitem__, p_neg, signs_and_lengths[n_chunks * n_mag:].reshape(n_chunks, _EG_CAP)
 
     def _code(self, s: BinaryStream, local: np.ndarray, tables, values: np.ndarray | None):
         mag_of = tables[4]

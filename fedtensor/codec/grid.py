@@ -82,6 +82,18 @@ class GridCoder:
         c, local, key0, mkey0, values = self.sites(pass_id, cls, pbin, nbin, ebin, values)
         return self.coder.code(s, c, local, key0, mkey0, _MAG_OF, values)
 
+    def encode_passes(self, s: BinaryStream, passes: np.ndarray, local: np.ndarray, values: np.ndarray,
+                      budget: int = 1 << 14) -> None:
+        """Encode passes given as rows ``(class, pass, start, stop)`` into ``local`` (local contexts, as
+        :meth:`sites` makes them) and ``values``, one after the other: the bytes of queuing each pass
+        in a :class:`SiteBatch`, coded ``budget`` symbols or more at a time."""
+        run, first = [], 0
+        for k, (cls, pass_id, start, stop) in enumerate(passes.tolist()):
+            run.append((min(cls, N_CLASSES - 1), pass_id * _N_LOCAL, pass_id * 2 * N_BINS, stop - start))
+            if stop - first >= budget or k == len(passes) - 1:
+                self.coder.encode_run(s, _MAG_OF, run, local[first:stop], values[first:stop])
+                run, first = [], stop
+
     def batch(self, s: BinaryStream) -> SiteBatch:
         """An encoder's queue of passes for this coder (see :class:`SiteBatch`)."""
         return SiteBatch(s, self.coder)

@@ -1,0 +1,368 @@
+/* The encoder's context modelling in compiled code: the coded sites of a block grid with their local
+ * contexts (fedtensor.codec.blockcoef), and the adaptive models of a run of chunks (fedtensor.codec.entropy).
+ *
+ * Both replace numpy code that is a few hundred small numpy calls per slab; here each is one pass over
+ * the coefficients. The numpy code stays, as the decoder and as the reference the tests compare with.
+ * The range coding itself stays with constriction, called from Python.
+ *
+ * The models must be bit-identical to numpy's (the decoder computes them there): every probability is
+ * the same IEEE double expression, evaluated in the same order, without contraction into fused
+ * multiply-adds (setup.py compiles with -ffp-contract=off), and cast to float32 where numpy casts.
+ * Counts are integers held in doubles, so their order of summation does not matter.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define UNARY_CAP 14
+#define LEVELS (UNARY_CAP + 1) /* unary levels and, last, the sign */
+#define SYMBOLS (UNARY_CAP + 2)
+#define EG_CAP 40
+#define WEIGHT 2.0
+#define CLIP 1e-5
+
+static double p_one(double ones, double total, double prior) {
+    double p = (ones + WEIGHT * prior) / (total + WEIGHT);
+    if (p < CLIP) p = CLIP; /* numpy: maximum, then minimum */
+    if (p > 1 - CLIP) p = 1 - CLIP;
+    return p;
+}
+
+static double backoff(double ones, double total) { return (ones + WEIGHT * 0.5) / (total + WEIGHT); }
+
+typedef struct {
+    Py_buffer b;
+    int held;
+} Buf;
+
+static int get(PyObject *obj, Buf *out, Py_ssize_t itemsize, Py_ssize_t count, int writable, const char *name) {
+    if (PyObject_GetBuffer(obj, &out->b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    out->held = 1;
+    if (out->b.itemsize != itemsize || (count >= 0 && out->b.len != count * itemsize)) {
+        PyErr_Format(PyExc_ValueError, "chunk_models: %s has the wrong item size or length", name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *chunk_models(PyObject *self, PyObject *args) {
+    PyObject *o[18];
+    Py_ssize_t n_keys, n_mag_keys, n_classes;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOOOnnn", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
+                          &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &o[16], &o[17], &n_keys,
+                          &n_mag_keys, &n_classes))
+        return NULL;
+    Buf b[18];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    /* cls, key0, mkey0 (n_chunks); bounds (n_chunks + 1); local (symbols); nz (positions of the non-zeros,
+       ascending), sym_nz (their symbols, 1 … UNARY_CAP + 1), neg (their signs); esc (positions of the
+       escapes, ascending), nbits (their Exp-Golomb length symbols); mag_of (local contexts). */
+    if (get(o[0], &b[0], 8, -1, 0, "cls") < 0) goto done;
+    Py_ssize_t n_chunks = b[0].b.len / 8;
+    if (get(o[1], &b[1], 8, n_chunks, 0, "key0") < 0 || get(o[2], &b[2], 8, n_chunks, 0, "mkey0") < 0 ||
+        get(o[3], &b[3], 8, n_chunks + 1, 0, "bounds") < 0 || get(o[4], &b[4], 8, -1, 0, "local") < 0 ||
+        get(o[5], &b[5], 8, -1, 0, "nz") < 0)
+        goto done;
+    Py_ssize_t n_sym = b[4].b.len / 8, n_nz = b[5].b.len / 8;
+    if (get(o[6], &b[6], 8, n_nz, 0, "sym_nz") < 0 || get(o[7], &b[7], 8, n_nz, 0, "neg") < 0 ||
+        get(o[8], &b[8], 8, -1, 0, "esc") < 0)
+        goto done;
+    Py_ssize_t n_esc = b[8].b.len / 8;
+    if (get(o[9], &b[9], 8, n_esc, 0, "nbits") < 0 || get(o[10], &b[10], 8, -1, 0, "mag_of") < 0) goto done;
+    Py_ssize_t n_local = b[10].b.len / 8;
+    const int64_t *cls = b[0].b.buf, *key0 = b[1].b.buf, *mkey0 = b[2].b.buf, *bounds = b[3].b.buf,
+                  *local = b[4].b.buf, *nz = b[5].b.buf, *sym_nz = b[6].b.buf, *neg = b[7].b.buf,
+                  *esc = b[8].b.buf, *nbits = b[9].b.buf, *mag_of = b[10].b.buf;
+    int64_t n_mag = 0;
+    for (Py_ssize_t l = 0; l < n_local; l++) {
+        if (mag_of[l] < 0) { PyErr_SetString(PyExc_ValueError, "chunk_models: negative magnitude key"); goto done; }
+        if (mag_of[l] + 1 > n_mag) n_mag = mag_of[l] + 1;
+    }
+    /* Tables (updated): zero (n_classes, 2, n_keys), zero_pooled (2, n_keys), mag (n_classes, 2, n_mag_keys,
+       LEVELS), mag_pooled (2, n_mag_keys, LEVELS), eg (2, EG_CAP). Out: symbol tables (n_chunks, n_local,
+       SYMBOLS) float32, P(negative) (n_chunks, n_mag), length distributions (n_chunks, EG_CAP). */
+    if (get(o[11], &b[11], 8, n_classes * 2 * n_keys, 1, "zero") < 0 ||
+        get(o[12], &b[12], 8, 2 * n_keys, 1, "zero_pooled") < 0 ||
+        get(o[13], &b[13], 8, n_classes * 2 * n_mag_keys * LEVELS, 1, "mag") < 0 ||
+        get(o[14], &b[14], 8, 2 * n_mag_keys * LEVELS, 1, "mag_pooled") < 0 ||
+        get(o[15], &b[15], 8, 2 * EG_CAP, 1, "eg") < 0 ||
+        get(o[16], &b[16], 4, n_chunks * n_local * SYMBOLS, 1, "tables") < 0 ||
+        get(o[17], &b[17], 8, n_chunks * (n_mag + EG_CAP), 1, "signs_and_lengths") < 0)
+        goto done;
+    double *zero = b[11].b.buf, *zero_pooled = b[12].b.buf, *mag = b[13].b.buf, *mag_pooled = b[14].b.buf,
+           *eg = b[15].b.buf;
+    float *tables = b[16].b.buf;
+    double *p_neg = b[17].b.buf, *dist = p_neg + n_chunks * n_mag;
+
+    /* Every index is checked before use: a bad call raises, never writes out of bounds. */
+    if (bounds[0] != 0 || bounds[n_chunks] != n_sym) {
+        PyErr_SetString(PyExc_ValueError, "chunk_models: bounds do not cover the symbols");
+        goto done;
+    }
+    for (Py_ssize_t c = 0; c < n_chunks; c++) {
+        if (cls[c] < 0 || cls[c] >= n_classes || key0[c] < 0 || key0[c] + n_local > n_keys || mkey0[c] < 0 ||
+            mkey0[c] + n_mag > n_mag_keys || bounds[c + 1] < bounds[c]) {
+            PyErr_SetString(PyExc_ValueError, "chunk_models: chunk out of range");
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n_sym; i++)
+        if (local[i] < 0 || local[i] >= n_local) { PyErr_SetString(PyExc_ValueError, "chunk_models: local context out of range"); goto done; }
+    for (Py_ssize_t j = 0; j < n_nz; j++)
+        if (nz[j] < 0 || nz[j] >= n_sym || (j && nz[j] <= nz[j - 1]) || sym_nz[j] < 1 || sym_nz[j] > UNARY_CAP + 1) {
+            PyErr_SetString(PyExc_ValueError, "chunk_models: non-zeros out of range");
+            goto done;
+        }
+    for (Py_ssize_t j = 0; j < n_esc; j++)
+        if (esc[j] < 0 || esc[j] >= n_sym || (j && esc[j] <= esc[j - 1]) || nbits[j] < 0 || nbits[j] >= EG_CAP) {
+            PyErr_SetString(PyExc_ValueError, "chunk_models: escapes out of range");
+            goto done;
+        }
+
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    double *pm = PyMem_RawMalloc(sizeof(double) * (size_t)(n_mag * LEVELS + n_mag * SYMBOLS + 1) +
+                                 sizeof(int64_t) * (size_t)(2 * n_local + n_mag * (SYMBOLS + 1)));
+    double *reach = pm + n_mag * LEVELS;
+    /* A chunk's histograms: of its local contexts, of those of its non-zeros, and per magnitude key of
+       its symbols 1 … UNARY_CAP + 1 and (last) its negatives. */
+    int64_t *hist = (int64_t *)(reach + n_mag * SYMBOLS + 1), *all = hist + n_mag * (SYMBOLS + 1),
+            *nonzero = all + n_local;
+    Py_ssize_t j = 0, e = 0;
+    for (Py_ssize_t c = 0; pm && c < n_chunks; c++) {
+        double *z0 = zero + (cls[c] * 2) * n_keys + key0[c], *z1 = z0 + n_keys;
+        double *zc0 = zero_pooled + key0[c], *zc1 = zc0 + n_keys;
+        double *m0 = mag + ((cls[c] * 2) * n_mag_keys + mkey0[c]) * LEVELS, *m1 = m0 + n_mag_keys * LEVELS;
+        double *mc0 = mag_pooled + mkey0[c] * LEVELS, *mc1 = mc0 + n_mag_keys * LEVELS;
+        /* The chunk's model (entropy._p_levels, _reach, _p_nonzero, _symbol_table, _length_dist). */
+        for (int64_t k = 0; k < n_mag; k++) {
+            double *p = pm + k * LEVELS, *r = reach + k * SYMBOLS, cum = 1.0;
+            for (int lev = 0; lev < LEVELS; lev++) {
+                Py_ssize_t at = k * LEVELS + lev;
+                p[lev] = p_one(m0[at], m1[at], backoff(mc0[at], mc1[at]));
+            }
+            for (int lev = 0; lev < UNARY_CAP; lev++) {
+                r[lev] = cum * (1 - p[lev]);
+                cum *= p[lev];
+            }
+            r[UNARY_CAP] = cum;
+            p_neg[c * n_mag + k] = p[UNARY_CAP];
+        }
+        float *table = tables + c * n_local * SYMBOLS;
+        for (Py_ssize_t l = 0; l < n_local; l++) {
+            double pnz = p_one(z0[l], z1[l], backoff(zc0[l], zc1[l]));
+            const double *r = reach + mag_of[l] * SYMBOLS;
+            float *row = table + l * SYMBOLS;
+            row[0] = (float)(1 - pnz);
+            for (int s = 0; s <= UNARY_CAP; s++) row[s + 1] = (float)(r[s] * pnz);
+        }
+        double *d = dist + c * EG_CAP, cum = 1.0;
+        for (int k = 0; k < EG_CAP; k++) {
+            double pe = p_one(eg[k], eg[EG_CAP + k], 0.5);
+            d[k] = cum * (1 - pe);
+            cum *= pe;
+        }
+        /* Then its counts (entropy._counts, _length_counts): histograms of the chunk, added at its end. */
+        memset(hist, 0, sizeof(int64_t) * (size_t)(2 * n_local + n_mag * (SYMBOLS + 1)));
+        for (int64_t i = bounds[c]; i < bounds[c + 1]; i++) all[local[i]]++;
+        for (; j < n_nz && nz[j] < bounds[c + 1]; j++) {
+            int64_t l = local[nz[j]], *h = hist + mag_of[l] * (SYMBOLS + 1);
+            nonzero[l]++;
+            h[sym_nz[j]]++;
+            h[SYMBOLS] += neg[j];
+        }
+        for (Py_ssize_t l = 0; l < n_local; l++) {
+            z1[l] += (double)all[l], zc1[l] += (double)all[l];
+            z0[l] += (double)nonzero[l], zc0[l] += (double)nonzero[l];
+        }
+        for (int64_t k = 0; k < n_mag; k++) {
+            const int64_t *h = hist + k * (SYMBOLS + 1);
+            int64_t tail[SYMBOLS + 1]; /* tail[s] = #(symbol >= s), s >= 1 */
+            tail[SYMBOLS] = 0;
+            for (int t = SYMBOLS - 1; t >= 1; t--) tail[t] = tail[t + 1] + h[t];
+            Py_ssize_t at = k * LEVELS;
+            for (int lev = 0; lev < UNARY_CAP; lev++) {
+                m0[at + lev] += (double)tail[lev + 2], mc0[at + lev] += (double)tail[lev + 2];
+                m1[at + lev] += (double)tail[lev + 1], mc1[at + lev] += (double)tail[lev + 1];
+            }
+            m0[at + UNARY_CAP] += (double)h[SYMBOLS], mc0[at + UNARY_CAP] += (double)h[SYMBOLS];
+            m1[at + UNARY_CAP] += (double)tail[1], mc1[at + UNARY_CAP] += (double)tail[1];
+        }
+        for (; e < n_esc && esc[e] < bounds[c + 1]; e++) {
+            for (int64_t k = 0; k <= nbits[e]; k++) {
+                eg[EG_CAP + k] += 1;
+                if (k < nbits[e]) eg[k] += 1;
+            }
+        }
+    }
+    failed = pm == NULL;
+    PyMem_RawFree(pm);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < 18; i++)
+        if (b[i].held) PyBuffer_Release(&b[i].b);
+    return result;
+}
+
+
+/* The sites blockcoef.code_block_coefficients codes after the DC, in its order, with their local
+ * contexts: see that function for the scheme. Returns (sites, calls); calls rows are (degree, pass,
+ * start, stop) into local and values. */
+static PyObject *block_sites(PyObject *self, PyObject *args) {
+    PyObject *o[11];
+    Py_ssize_t n_anchor, n_bins, abs_cap;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOnnn", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &n_anchor, &n_bins, &abs_cap))
+        return NULL;
+    Buf b[11];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    uint8_t *work = NULL;
+    /* coef (n, B) int32 in lattice order; eob (n) in the anchors-first numbering; perm (n); nbr (6, n);
+       bounds (D + 2); order (B); parents (3 × width per degree, degree after degree); lut (65536) uint8;
+       out: local (capacity) int64, values (capacity) int32, calls (2 D, 4) int64. */
+    if (get(o[1], &b[1], 8, -1, 0, "eob") < 0) goto done;
+    Py_ssize_t n = b[1].b.len / 8;
+    if (get(o[5], &b[5], 8, -1, 0, "order") < 0) goto done;
+    Py_ssize_t nb = b[5].b.len / 8;
+    if (get(o[0], &b[0], 4, n * nb, 0, "coef") < 0 || get(o[2], &b[2], 8, n, 0, "perm") < 0 ||
+        get(o[3], &b[3], 8, 6 * n, 0, "nbr") < 0 || get(o[4], &b[4], 8, -1, 0, "bounds") < 0)
+        goto done;
+    Py_ssize_t n_degrees = b[4].b.len / 8 - 2; /* degrees 1 … n_degrees after the DC */
+    const int64_t *bounds = b[4].b.buf;
+    if (n_degrees < 0 || bounds[0] != 0 || bounds[n_degrees + 1] != nb) {
+        PyErr_SetString(PyExc_ValueError, "block_sites: bounds do not cover the bands");
+        goto done;
+    }
+    Py_ssize_t max_width = 1;
+    for (Py_ssize_t d = 0; d <= n_degrees; d++) {
+        if (bounds[d + 1] <= bounds[d]) { PyErr_SetString(PyExc_ValueError, "block_sites: empty degree"); goto done; }
+        if (bounds[d + 1] - bounds[d] > max_width) max_width = bounds[d + 1] - bounds[d];
+    }
+    if (get(o[6], &b[6], 8, 3 * (nb - bounds[1]), 0, "parents") < 0 || get(o[7], &b[7], 1, 65536, 0, "lut") < 0 ||
+        get(o[8], &b[8], 8, -1, 1, "local") < 0)
+        goto done;
+    Py_ssize_t capacity = b[8].b.len / 8;
+    if (get(o[9], &b[9], 4, capacity, 1, "values") < 0 || get(o[10], &b[10], 8, 2 * n_degrees * 4, 1, "calls") < 0)
+        goto done;
+    const int32_t *coef = b[0].b.buf;
+    const int64_t *eob = b[1].b.buf, *perm = b[2].b.buf, *nbr = b[3].b.buf, *order = b[5].b.buf,
+                  *parents = b[6].b.buf;
+    const uint8_t *lut = b[7].b.buf;
+    int64_t *local = b[8].b.buf, *calls = b[10].b.buf;
+    int32_t *values = b[9].b.buf;
+    if (n_anchor < 0 || n_anchor > n) { PyErr_SetString(PyExc_ValueError, "block_sites: bad anchor count"); goto done; }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (perm[i] < 0 || perm[i] >= n) { PyErr_SetString(PyExc_ValueError, "block_sites: perm out of range"); goto done; }
+    for (Py_ssize_t i = 0; i < 6 * n; i++)
+        if (nbr[i] < 0 || nbr[i] > n) { PyErr_SetString(PyExc_ValueError, "block_sites: neighbour out of range"); goto done; }
+    for (Py_ssize_t i = 0; i < nb; i++)
+        if (order[i] < 0 || order[i] >= nb) { PyErr_SetString(PyExc_ValueError, "block_sites: order out of range"); goto done; }
+    for (Py_ssize_t d = 1; d <= n_degrees; d++) {
+        const int64_t *par = parents + 3 * (bounds[d] - bounds[1]);
+        for (Py_ssize_t i = 0; i < 3 * (bounds[d + 1] - bounds[d]); i++)
+            if (par[i] < 0 || par[i] > bounds[d] - bounds[d - 1]) {
+                PyErr_SetString(PyExc_ValueError, "block_sites: parent out of range");
+                goto done;
+            }
+    }
+
+    /* Per degree: the previous degree's saturated |coefficients| and this one's (each with an all-zero
+       row "outside the lattice" and column "no parent"), and the parents' sums. */
+    Py_ssize_t stride = max_width + 1, rows = n + 1;
+    work = PyMem_RawCalloc((size_t)(3 * rows * stride), 1);
+    if (!work) { PyErr_NoMemory(); goto done; }
+    Py_ssize_t sites = 0, n_calls = 0;
+    int overflow = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t *prev = work, *cur = work + rows * stride, *parent = work + 2 * rows * stride;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t a = coef[perm[i] * nb];
+        a = a < 0 ? -a : a;
+        prev[i * stride] = (uint8_t)(a < abs_cap ? a : abs_cap);
+    }
+    for (Py_ssize_t d = 1; d <= n_degrees && !overflow; d++) {
+        Py_ssize_t lo = bounds[d], width = bounds[d + 1] - lo;
+        const int64_t *par = parents + 3 * (lo - bounds[1]);
+        int any = 0;
+        for (Py_ssize_t i = 0; i < n && !any; i++) any = eob[i] >= d;
+        if (!any) break; /* eob >= d is monotone in d */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const uint8_t *p = prev + i * stride;
+            uint8_t *out = parent + i * stride;
+            for (Py_ssize_t c = 0; c < width; c++)
+                out[c] = (uint8_t)(p[par[c]] + p[par[width + c]] + p[par[2 * width + c]]);
+        }
+        memset(cur, 0, (size_t)(rows * stride));
+        memset(parent + n * stride, 0, (size_t)stride);
+        for (int pass = 0; pass < 2 && !overflow; pass++) {
+            Py_ssize_t first = pass ? n_anchor : 0, last = pass ? n : n_anchor, start = sites;
+            const uint8_t *nsrc = pass ? cur : parent;
+            for (Py_ssize_t i = first; i < last; i++) {
+                if (eob[i] < d) continue;
+                if (sites + width > capacity) { overflow = 1; break; }
+                int64_t extra = eob[i] - d;
+                int ebin = lut[extra < 0 ? 0 : (extra > 65535 ? 65535 : extra)];
+                const int32_t *row = coef + perm[i] * nb;
+                const uint8_t *pr = parent + i * stride, *nb_rows[6];
+                for (int k = 0; k < 6; k++) nb_rows[k] = nsrc + nbr[k * n + i] * stride;
+                for (Py_ssize_t c = 0; c < width; c++) {
+                    unsigned sum = (unsigned)nb_rows[0][c] + nb_rows[1][c] + nb_rows[2][c] + nb_rows[3][c] +
+                                   nb_rows[4][c] + nb_rows[5][c];
+                    if (!pass) sum /= 2;
+                    local[sites] = ((int64_t)lut[pr[c]] * n_bins + lut[sum]) * n_bins + ebin;
+                    values[sites++] = row[order[lo + c]];
+                }
+            }
+            for (Py_ssize_t i = first; i < last; i++) { /* after the pass: pass 1 reads pass 0's */
+                if (eob[i] < d) continue;
+                const int32_t *row = coef + perm[i] * nb;
+                for (Py_ssize_t c = 0; c < width; c++) {
+                    int64_t a = row[order[lo + c]];
+                    a = a < 0 ? -a : a;
+                    cur[i * stride + c] = (uint8_t)(a < abs_cap ? a : abs_cap);
+                }
+            }
+            if (sites > start) {
+                int64_t *call = calls + 4 * n_calls++;
+                call[0] = d, call[1] = pass, call[2] = start, call[3] = sites;
+            }
+        }
+        uint8_t *t = prev;
+        prev = cur, cur = t;
+    }
+    Py_END_ALLOW_THREADS
+    if (overflow) {
+        PyErr_SetString(PyExc_ValueError, "block_sites: more sites than the capacity given");
+        goto done;
+    }
+    result = Py_BuildValue("nn", sites, n_calls);
+done:
+    PyMem_RawFree(work);
+    for (int i = 0; i < 11; i++)
+        if (b[i].held) PyBuffer_Release(&b[i].b);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"block_sites", block_sites, METH_VARARGS,
+     "block_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, values, calls, n_anchor, n_bins, "
+     "abs_cap) -> (sites, calls)\n\nThe coded sites of a block grid after its DC, with their local contexts "
+     "(see blockcoef.code_block_coefficients)."},
+    {"chunk_models", chunk_models, METH_VARARGS,
+     "chunk_models(cls, key0, mkey0, bounds, local, nz, sym_nz, neg, esc, nbits, mag_of, zero, zero_pooled, mag, "
+     "mag_pooled, eg, tables, signs_and_lengths, n_keys, n_mag_keys, n_classes)\n\n"
+     "Each chunk's model from the count tables, then its counts added to them (see entropy.SignedCoder)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_contexts", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__contexts(void) { return PyModule_Create(&module); }
