@@ -531,26 +531,41 @@ class SlabEncoder:
 
     def _quantised(self, step: float, errors: list | None, order) -> Iterator[tuple[int, tuple[int, int, int], np.ndarray]]:
         """The slabs' numbers (in ``order``), block grids and quantised coefficients; with ``errors``,
-        each slab's decoded ``(SSE, max abs error)`` goes there (once the consumer asks for the next)."""
+        each slab's decoded ``(SSE, max abs error)`` goes there (once the consumer asks for the next).
+
+        Each slab's transform is dispatched before the previous slab is handed over: JAX runs it
+        asynchronously, on the device or on other cores, while the host entropy-codes."""
         bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
+        ahead = None
         for i, (start, slab) in zip(order, self._slabs(order)):
             t0 = time.perf_counter()
-            grid = self.slabs.grid(start)
             slab = jax.device_put(slab)
             q_dev = _forward(slab, bases, s, self.slabs.b, self.impl, self.map)
             # The measurement's inverse transform runs (asynchronously) while the host entropy-codes.
             measured = self._measure(q_dev, slab, start, bases, s) if errors is not None else None
             del slab  # only the int coefficients of a slab live on, and only while it is coded
-            q = np.asarray(q_dev)[:grid[0]]
-            del q_dev
             tick("transform+quantize", t0)
-            yield i, grid, q
-            del q
-            if measured is not None:
-                t0 = time.perf_counter()
-                errors[i] = measured()
-                del measured
-                tick("search: error", t0)
+            if ahead is not None:
+                yield from _handed_over(*ahead, errors)
+            ahead = (i, self.slabs.grid(start), q_dev, measured)
+            del q_dev, measured
+        if ahead is not None:
+            yield from _handed_over(*ahead, errors)
+
+
+def _handed_over(i: int, grid, q_dev, measured, errors: list | None):
+    """:meth:`SlabEncoder._quantised`'s slab ``i``, once its coefficients reach the host."""
+    t0 = time.perf_counter()
+    q = np.asarray(q_dev)[:grid[0]]
+    del q_dev
+    tick("transform+quantize", t0)
+    yield i, grid, q
+    del q
+    if measured is not None:
+        t0 = time.perf_counter()
+        errors[i] = measured()
+        del measured
+        tick("search: error", t0)
 
 
 def start_workers(x: np.ndarray) -> Workers | contextlib.nullcontext:
