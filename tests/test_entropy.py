@@ -414,7 +414,7 @@ def test_compiled_functions_refuse_bad_arguments():
 
     def block_sites(perm=perm, nbr=nbr, capacity=14, coef=coef):
         return native.block_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _BIN_LUT,
-                                  np.empty(capacity, np.int64), np.empty(capacity, np.int32),
+                                  np.empty(capacity, np.uint16), np.empty(capacity, np.int32),
                                   np.empty((6, 4), np.int64), 1, 8, 66)
 
     assert block_sites() == (14, 6)

@@ -227,7 +227,7 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
     uint8_t *work = NULL;
     /* coef (n, B) int32 in lattice order; eob (n) in the anchors-first numbering; perm (n); nbr (6, n);
        bounds (D + 2); order (B); parents (3 × width per degree, degree after degree); lut (65536) uint8;
-       out: local (capacity) int64, values (capacity) int32, calls (2 D, 4) int64. */
+       out: local (capacity) uint16, values (capacity) int32, calls (2 D, 4) int64. */
     if (get(o[1], &b[1], 8, -1, 0, "eob") < 0) goto done;
     Py_ssize_t n = b[1].b.len / 8;
     if (get(o[5], &b[5], 8, -1, 0, "order") < 0) goto done;
@@ -247,17 +247,24 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
         if (bounds[d + 1] - bounds[d] > max_width) max_width = bounds[d + 1] - bounds[d];
     }
     if (get(o[6], &b[6], 8, 3 * (nb - bounds[1]), 0, "parents") < 0 || get(o[7], &b[7], 1, 65536, 0, "lut") < 0 ||
-        get(o[8], &b[8], 8, -1, 1, "local") < 0)
+        get(o[8], &b[8], 2, -1, 1, "local") < 0)
         goto done;
-    Py_ssize_t capacity = b[8].b.len / 8;
+    Py_ssize_t capacity = b[8].b.len / 2;
     if (get(o[9], &b[9], 4, capacity, 1, "values") < 0 || get(o[10], &b[10], 8, 2 * n_degrees * 4, 1, "calls") < 0)
         goto done;
     const int32_t *coef = b[0].b.buf;
     const int64_t *eob = b[1].b.buf, *perm = b[2].b.buf, *nbr = b[3].b.buf, *order = b[5].b.buf,
                   *parents = b[6].b.buf;
     const uint8_t *lut = b[7].b.buf;
-    int64_t *local = b[8].b.buf, *calls = b[10].b.buf;
+    uint16_t *local = b[8].b.buf;
+    int64_t *calls = b[10].b.buf;
     int32_t *values = b[9].b.buf;
+    if (n_bins < 1 || n_bins * n_bins * n_bins > 65536) {
+        PyErr_SetString(PyExc_ValueError, "block_sites: local contexts must fit 16 bits");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < 65536; i++)
+        if (lut[i] >= n_bins) { PyErr_SetString(PyExc_ValueError, "block_sites: bin out of range"); goto done; }
     if (n_anchor < 0 || n_anchor > n) { PyErr_SetString(PyExc_ValueError, "block_sites: bad anchor count"); goto done; }
     for (Py_ssize_t i = 0; i < n; i++)
         if (perm[i] < 0 || perm[i] >= n) { PyErr_SetString(PyExc_ValueError, "block_sites: perm out of range"); goto done; }
@@ -317,7 +324,7 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
                     unsigned sum = (unsigned)nb_rows[0][c] + nb_rows[1][c] + nb_rows[2][c] + nb_rows[3][c] +
                                    nb_rows[4][c] + nb_rows[5][c];
                     if (!pass) sum /= 2;
-                    local[sites] = ((int64_t)lut[pr[c]] * n_bins + lut[sum]) * n_bins + ebin;
+                    local[sites] = (uint16_t)((lut[pr[c]] * n_bins + lut[sum]) * n_bins + ebin);
                     values[sites++] = row[order[lo + c]];
                 }
             }

@@ -201,7 +201,7 @@ def _encode_ac_native(s: BinaryStream, coder: GridCoder, coef: np.ndarray, eob: 
     sites, contexts and bytes. ``eob`` is in the anchors-first numbering, ``coef`` in lattice order."""
     degrees = len(lay.bounds) - 2
     capacity = int((lay.bounds[np.minimum(eob, degrees) + 1] - 1).sum())  # every band of each live degree
-    local, values = np.empty(capacity, np.int64), np.empty(capacity, np.int32)
+    local, values = np.empty(capacity, np.uint16), np.empty(capacity, np.int32)  # 6 bytes a site
     passes = np.empty((2 * degrees, 4), np.int64)
     _, n_passes = entropy._contexts.block_sites(
         np.ascontiguousarray(coef, np.int32), np.ascontiguousarray(eob, np.int64), perm, nbr, lay.bounds, lay.order,
