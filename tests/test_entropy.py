@@ -320,8 +320,8 @@ def test_site_batches_code_as_the_passes_one_by_one(budget, max_calls):
     assert s1.finish() == s2.finish()
 
 
-# The compiled context modelling (fedtensor/codec/_contexts.c) against the numpy code it replaces in the
-# encoder: the same bytes, bit for bit, so that the (numpy) decoder reads them.
+# The compiled context modelling (fedtensor/codec/_contexts.c) against the numpy code it replaces: the
+# same bytes, bit for bit, and the same decoded coefficients.
 
 def test_compiled_context_coder_is_built():
     """setup.py builds it wherever a C compiler is found (as here, and in CI): without it the encoder
@@ -369,11 +369,20 @@ def test_compiled_block_contexts_write_the_numpy_bytes(gx, gy, gz, b, scale, see
 
 
 @pytest.mark.parametrize("name", ["ct_chest.nii.gz", "ct_head_uint8.nii.gz", "ct_series_dicom"])
-def test_compiled_encoder_writes_the_numpy_stream(load_volume, name):
+def test_compiled_coder_writes_and_reads_as_numpy(load_volume, name):
+    """The same stream from both encoders, and the same volume from both decoders (whose models and
+    counts are the compiled ones or numpy's)."""
     vol = load_volume(name)
     compiled, reference = _encoded_both_ways(lambda: compress(vol, psnr=45.0))
     assert compiled == reference
-    assert np.array_equal(decompress(compiled).data.shape, vol.data.shape)
+    native = entropy._contexts
+    try:
+        entropy._contexts = None
+        by_numpy = decompress(compiled).data
+    finally:
+        entropy._contexts = native
+    by_compiled = decompress(compiled).data
+    assert by_compiled.dtype == vol.data.dtype and np.array_equal(by_compiled, by_numpy)
 
 
 def test_batched_encoder_tables_both_ways(encoder):

@@ -252,7 +252,9 @@ class SignedCoder:
         tables = (self.zero[cls, :, zs], self.zero_pooled[:, zs], self.mag[cls, :, ms], self.mag_pooled[:, ms], mag_of)
         first = _first_chunk(tables[0][1].sum())
         for sl in _chunks(len(local), first):
-            if s.decoding:
+            if s.decoding and _contexts is not None:
+                out[sl] = self._decode_native(s, cls, key0, mkey0, mag_of, local[sl])
+            elif s.decoding:
                 out[sl] = self._code(s, local[sl], tables, None)
             else:
                 self._code(s, local[sl], tables, values[sl])
@@ -403,6 +405,31 @@ class SignedCoder:
         if len(esc):
             mag[esc] = self._suffix(s, None, len(esc)) + UNARY_CAP
         self._update(tables, local, lnz, mnz, sym_nz, neg)
+        out = np.zeros(len(local), np.int64)
+        out[idx] = np.where(neg.astype(bool), -mag, mag)
+        return out
+
+    def _decode_native(self, s: BinaryStream, cls: int, key0: int, mkey0: int, mag_of: np.ndarray,
+                       local: np.ndarray) -> np.ndarray:
+        """:meth:`_code` for a decoder, its model and counts computed by the compiled
+        ``chunk_models``: first for a chunk of no symbols (the model only), then, once decoded, for
+        the chunk's symbols (their counts; the Exp-Golomb lengths are counted by :meth:`_suffix`)."""
+        n_mag, none = int(mag_of.max()) + 1, np.zeros(0, np.int64)
+        table, signs = np.empty((1, len(mag_of), UNARY_CAP + 2), np.float32), np.empty(n_mag + _EG_CAP)
+        args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,
+                self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
+        head, mag_of64 = [np.array([v], np.int64) for v in (cls, key0, mkey0)], np.asarray(mag_of, np.int64)
+        _contexts.chunk_models(*head, np.zeros(2, np.int64), none, none, none, none, none, none, mag_of64, *args)
+        sym = s.categorical(np.take(table[0], local, axis=0), None)
+        idx = np.flatnonzero(sym)
+        neg = s.bernoulli(signs[mag_of[local[idx]]], None)
+        sym_nz = sym[idx]
+        mag = sym_nz.astype(np.int64)
+        esc = np.flatnonzero(sym_nz > UNARY_CAP)
+        if len(esc):
+            mag[esc] = self._suffix(s, None, len(esc)) + UNARY_CAP
+        _contexts.chunk_models(*head, np.array([0, len(local)], np.int64), np.asarray(local, np.int64), idx,
+                               sym_nz.astype(np.int64), neg.astype(np.int64), none, none, mag_of64, *args)
         out = np.zeros(len(local), np.int64)
         out[idx] = np.where(neg.astype(bool), -mag, mag)
         return out
