@@ -2,7 +2,8 @@
  * contexts (fedtensor.codec.blockcoef), and the adaptive models of a run of chunks (fedtensor.codec.entropy).
  *
  * Both replace numpy code that is a few hundred small numpy calls per slab; here each is one pass over
- * the coefficients. The numpy code stays, as the decoder and as the reference the tests compare with.
+ * the coefficients. The decoder uses chunk_models too (a chunk's model, then its counts). The numpy
+ * code stays, as the fallback and as the reference the tests compare with.
  * The range coding itself stays with constriction, called from Python.
  *
  * The models must be bit-identical to numpy's (the decoder computes them there): every probability is

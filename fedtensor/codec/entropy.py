@@ -24,7 +24,7 @@ import numpy as np
 
 from fedtensor.errors import FormatError
 
-try:  # compiled chunk models for the batched encoder (setup.py builds it where a C compiler is found)
+try:  # compiled context modelling (setup.py builds it where a C compiler is found)
     from fedtensor.codec import _contexts
 except ImportError:  # the numpy code below computes the same models, only slower
     _contexts = None
@@ -364,7 +364,7 @@ class SignedCoder:
         pnz, pm = _p_nonzero(z, zc), _p_levels(m, mc)
         del z, zc, m, mc
         reach = _reach(pm)
-        # per chunk: (chunks, contexts, 16) is large
+        # Symbol tables are made chunk by chunk: all (chunks, contexts, 16) at once would be large.
         return (lambda c: _symbol_table(pnz[c], reach[c], mag_of)), pm[..., UNARY_CAP], _length_dist(eg)
 
     def _chunk_models_native(self, mag_of, cls, key0, mkey0, bounds, local, sym, idx, mnz, neg, esc, nbits):

@@ -570,14 +570,12 @@ def _handed_over(i: int, grid, q_dev, measured, errors: list | None):
     """:meth:`SlabEncoder._quantised`'s slab ``i``, once its coefficients reach the host."""
     t0 = time.perf_counter()
     q = np.asarray(q_dev)[:grid[0]]
-    del q_dev
     tick("transform+quantize", t0)
     yield i, grid, q
     del q
     if measured is not None:
         t0 = time.perf_counter()
         errors[i] = measured()
-        del measured
         tick("search: error", t0)
 
 
