@@ -394,20 +394,26 @@ class SignedCoder:
                 self._suffix(s, rest, len(esc))
             self._update(tables, local, lnz, mnz, np.take(sym, idx), neg)
             return None
+        out, idx, sym_nz, neg = self._decode_symbols(s, probs, local, mag_of, pneg)
+        lnz = np.take(local, idx)
+        self._update(tables, local, lnz, np.take(mag_of, lnz), sym_nz, neg)
+        return out
+
+    def _decode_symbols(self, s: BinaryStream, probs: np.ndarray, local: np.ndarray, mag_of: np.ndarray,
+                        pneg: np.ndarray):
+        """A chunk's values decoded under its model (``probs`` per symbol, P(v < 0) per magnitude key),
+        and for its counts the non-zeros' positions, symbols and signs."""
         sym = s.categorical(probs, None)
         idx = np.flatnonzero(sym)
-        lnz = np.take(local, idx)
-        mnz = np.take(mag_of, lnz)
-        neg = s.bernoulli(np.take(pneg, mnz), None)
+        neg = s.bernoulli(np.take(pneg, np.take(mag_of, np.take(local, idx))), None)
         sym_nz = np.take(sym, idx)
         mag = sym_nz.astype(np.int64)
         esc = np.flatnonzero(sym_nz > UNARY_CAP)
         if len(esc):
             mag[esc] = self._suffix(s, None, len(esc)) + UNARY_CAP
-        self._update(tables, local, lnz, mnz, sym_nz, neg)
         out = np.zeros(len(local), np.int64)
         out[idx] = np.where(neg.astype(bool), -mag, mag)
-        return out
+        return out, idx, sym_nz, neg
 
     def _decode_native(self, s: BinaryStream, cls: int, key0: int, mkey0: int, mag_of: np.ndarray,
                        local: np.ndarray) -> np.ndarray:
@@ -420,18 +426,10 @@ class SignedCoder:
                 self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
         head, mag_of64 = [np.array([v], np.int64) for v in (cls, key0, mkey0)], np.asarray(mag_of, np.int64)
         _contexts.chunk_models(*head, np.zeros(2, np.int64), none, none, none, none, none, none, mag_of64, *args)
-        sym = s.categorical(np.take(table[0], local, axis=0), None)
-        idx = np.flatnonzero(sym)
-        neg = s.bernoulli(signs[mag_of[local[idx]]], None)
-        sym_nz = sym[idx]
-        mag = sym_nz.astype(np.int64)
-        esc = np.flatnonzero(sym_nz > UNARY_CAP)
-        if len(esc):
-            mag[esc] = self._suffix(s, None, len(esc)) + UNARY_CAP
+        out, idx, sym_nz, neg = self._decode_symbols(s, np.take(table[0], local, axis=0), local, mag_of,
+                                                     signs[:n_mag])
         _contexts.chunk_models(*head, np.array([0, len(local)], np.int64), np.asarray(local, np.int64), idx,
                                sym_nz.astype(np.int64), neg.astype(np.int64), none, none, mag_of64, *args)
-        out = np.zeros(len(local), np.int64)
-        out[idx] = np.where(neg.astype(bool), -mag, mag)
         return out
 
     @staticmethod
