@@ -705,6 +705,9 @@ def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> I
                 del q
 
 
+_MIN_SAMPLE_BLOCKS = 256  # fewer large blocks misjudged the step: 77 of 16×16×8 in the head CT, by 19 %
+
+
 def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: float, n_voxels: int | None = None) -> float:
     """Quantiser step meeting ``mse`` (normalised units) on ~``n_voxels`` of evenly spread sampled blocks.
 
@@ -723,7 +726,7 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     # One block drawn (seeded) from each of ``count`` equal runs of the grid: spread evenly, yet not
     # aliased with the grid's sides as an even stride is (every 8th block of a 2-deep grid is always
     # the first in depth).
-    count = min(max(1, n_voxels // math.prod(b)), total)
+    count = min(max(1, n_voxels // math.prod(b), _MIN_SAMPLE_BLOCKS), total)
     edges = np.linspace(0, total, count + 1)
     idx = np.unique(np.minimum(edges[:-1] + np.random.default_rng(0).random(count) * np.diff(edges), total - 1)
                     .astype(np.int64))
