@@ -83,7 +83,8 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
     }
     /* Tables (updated): zero (n_classes, 2, n_keys), zero_pooled (2, n_keys), mag (n_classes, 2, n_mag_keys,
        LEVELS), mag_pooled (2, n_mag_keys, LEVELS), eg (2, EG_CAP). Out: symbol tables (n_chunks, n_local,
-       SYMBOLS) float32, P(negative) (n_chunks, n_mag), length distributions (n_chunks, EG_CAP). */
+       SYMBOLS) float32 (the rows of the contexts each chunk holds; all of an empty chunk's), P(negative)
+       (n_chunks, n_mag), length distributions (n_chunks, EG_CAP). */
     if (get(o[11], &b[11], 8, n_classes * 2 * n_keys, 1, "zero") < 0 ||
         get(o[12], &b[12], 8, 2 * n_keys, 1, "zero_pooled") < 0 ||
         get(o[13], &b[13], 8, n_classes * 2 * n_mag_keys * LEVELS, 1, "mag") < 0 ||
@@ -151,23 +152,28 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
             r[UNARY_CAP] = cum;
             p_neg[c * n_mag + k] = p[UNARY_CAP];
         }
-        float *table = tables + c * n_local * SYMBOLS;
-        for (Py_ssize_t l = 0; l < n_local; l++) {
-            double pnz = p_one(z0[l], z1[l], backoff(zc0[l], zc1[l]));
-            const double *r = reach + mag_of[l] * SYMBOLS;
-            float *row = table + l * SYMBOLS;
-            row[0] = (float)(1 - pnz);
-            for (int s = 0; s <= UNARY_CAP; s++) row[s + 1] = (float)(r[s] * pnz);
-        }
         double *d = dist + c * EG_CAP, cum = 1.0;
         for (int k = 0; k < EG_CAP; k++) {
             double pe = p_one(eg[k], eg[EG_CAP + k], 0.5);
             d[k] = cum * (1 - pe);
             cum *= pe;
         }
-        /* Then its counts (entropy._counts, _length_counts): histograms of the chunk, added at its end. */
+        /* Its histograms (entropy._counts, _length_counts), added to the tables at its end. */
         memset(hist, 0, sizeof(int64_t) * (size_t)(2 * n_local + n_mag * (SYMBOLS + 1)));
         for (int64_t i = bounds[c]; i < bounds[c + 1]; i++) all[local[i]]++;
+        /* The rows of the local contexts the chunk holds (the others are never read; a chunk of a
+           hundred thousand symbols holds a few hundred contexts, one of a few hundred a few dozen):
+           all rows for a chunk of no symbols, a decoder's model before it decodes. */
+        float *table = tables + c * n_local * SYMBOLS;
+        int every = bounds[c + 1] == bounds[c];
+        for (Py_ssize_t l = 0; l < n_local; l++) {
+            if (!every && !all[l]) continue;
+            double pnz = p_one(z0[l], z1[l], backoff(zc0[l], zc1[l]));
+            const double *r = reach + mag_of[l] * SYMBOLS;
+            float *row = table + l * SYMBOLS;
+            row[0] = (float)(1 - pnz);
+            for (int s = 0; s <= UNARY_CAP; s++) row[s + 1] = (float)(r[s] * pnz);
+        }
         for (; j < n_nz && nz[j] < bounds[c + 1]; j++) {
             int64_t l = local[nz[j]], *h = hist + mag_of[l] * (SYMBOLS + 1);
             nonzero[l]++;

@@ -369,7 +369,8 @@ class SignedCoder:
 
     def _chunk_models_native(self, mag_of, cls, key0, mkey0, bounds, local, sym, idx, mnz, neg, esc, nbits):
         """:meth:`_chunk_models` in compiled code (``fedtensor/codec/_contexts.c``): the same models,
-        bit for bit, and the same tables after."""
+        bit for bit, and the same tables after. ``table(c)`` holds only the rows of the local contexts
+        chunk ``c`` holds (computing all of them took most of the time); the others are not set."""
         n_chunks, n_local, n_mag = len(cls), len(mag_of), int(mag_of.max()) + 1
         tables = np.empty((n_chunks, n_local, UNARY_CAP + 2), np.float32)
         signs_and_lengths = np.empty(n_chunks * (n_mag + _EG_CAP))
