@@ -430,3 +430,20 @@ def test_compiled_functions_refuse_bad_arguments():
     for bad in (dict(perm=i64(0, 2)), dict(nbr=np.full_like(nbr, 3)), dict(capacity=13), dict(coef=coef[:1])):
         with pytest.raises(ValueError):
             block_sites(**bad)
+
+
+def test_categorical_rows_codes_in_pieces_as_one_call():
+    """Gathering the probability rows a piece at a time writes the bytes of one call over all rows,
+    and decodes them back."""
+    rng = np.random.default_rng(3)
+    table = rng.random((40, entropy.UNARY_CAP + 2)).astype(np.float32)
+    rows = rng.integers(0, 40, 3 * entropy._ROWS_AT_ONCE + 17)
+    values = rng.integers(0, table.shape[1], len(rows)).astype(np.int32)
+    whole, pieces = BinaryStream(), BinaryStream()
+    whole.categorical(table[rows], values)
+    pieces.categorical_rows(table, rows, values)
+    data = pieces.finish()
+    assert data == whole.finish()
+    back = BinaryStream(np.frombuffer(data, np.uint32))
+    np.testing.assert_array_equal(back.categorical_rows(table, rows, None), values)
+    back.check_consumed()
