@@ -19,6 +19,9 @@ from fedtensor.tensor.precision import FP32
 from fedtensor.tensor.tucker import leading_eigvecs_host
 
 
+_TILES_AT_ONCE = 16  # tiles :func:`tile_bits` transforms in one step
+
+
 def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 1.0) -> jax.Array:
     """Block-Tucker coefficients ``(n_blocks, n_bands)`` of the normalised ``(tiles - offset) / scale``,
     ``tiles`` ``(T, X, Y, Z)`` in any dtype.
@@ -98,13 +101,21 @@ def _tile_coefficients(tiles: jax.Array, m, bases, b: tuple[int, int, int]) -> j
 def _tile_bits(tiles: jax.Array, m, bases, step, b: tuple[int, int, int], clip: int) -> jax.Array:
     nb, width = math.prod(b), 2 * clip + 1
     band = jnp.arange(nb, dtype=jnp.int32) * width
+    # _TILES_AT_ONCE tiles a step (padded with tiles that count nothing): one tile a step was many small
+    # operations, 12-20 % slower.
+    n, k = tiles.shape[0], min(_TILES_AT_ONCE, tiles.shape[0])
+    steps = -(-n // k)
+    tiles = jnp.pad(tiles, ((0, steps * k - n),) + ((0, 0),) * 3).reshape(steps, k, *tiles.shape[1:])
+    counted = (jnp.arange(steps * k) < n).astype(jnp.int32).reshape(steps, k, 1, 1)
 
-    def count(hist, tile):
-        c = project(_tile_blocks(tile, m, b), bases).reshape(-1, nb)
+    def count(hist, batch):
+        some, weight = batch
+        c = jax.vmap(lambda tile: project(_tile_blocks(tile, m, b), bases).reshape(-1, nb))(some)
         q = jnp.clip(jnp.sign(c) * jnp.floor(jnp.abs(c) / step + ROUNDING), -clip, clip).astype(jnp.int32)
-        return hist.at[(band + q + clip).ravel()].add(1), None
+        return hist.at[(band + q + clip).ravel()].add(jnp.broadcast_to(weight, q.shape).ravel()), None
 
-    hist = jax.lax.scan(count, jnp.zeros(nb * width, jnp.int32), tiles)[0].reshape(nb, width).astype(jnp.float32)
+    hist = jax.lax.scan(count, jnp.zeros(nb * width, jnp.int32), (tiles, counted))[0]
+    hist = hist.reshape(nb, width).astype(jnp.float32)
     totals = hist.sum(axis=1, keepdims=True)
     return -jnp.sum(jnp.where(hist > 0, hist * jnp.log2(jnp.maximum(hist, 1.0) / totals), 0.0))
 
