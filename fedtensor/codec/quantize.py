@@ -51,8 +51,31 @@ def dequantize(q: jax.Array, step, offset=RECON_OFFSET) -> jax.Array:
 @jax.jit
 def quantization_sse(c: jax.Array, step, rounding=ROUNDING) -> jax.Array:
     """Squared error of quantising ``c`` at ``step`` (equals the voxel error for orthonormal transforms);
-    ``rounding`` broadcasts against ``c`` (e.g. per band: :func:`band_rounding` on ``(..., bx, by, bz)``)."""
-    return jnp.sum(jnp.square(c - dequantize(quantize(c, step, rounding), step)))
+    ``rounding`` is one value or one per trailing position of ``c`` (e.g. per band: :func:`band_rounding`
+    on ``(..., bx, by, bz)``)."""
+    return _chunked_sse(c, step, rounding)
+
+
+_SSE_CHUNK = 1 << 15  # coefficients :func:`_chunked_sse` sums a step
+
+
+def _chunked_sse(c: jax.Array, step, rounding) -> jax.Array:
+    """:func:`quantization_sse` a chunk of about :data:`_SSE_CHUNK` coefficients at a time (traceable):
+    XLA's buffers stay a chunk's size, where over all of ``c`` at once they took 3-4× its size (the
+    uint8 head CT's first step guess peaked at 5.8× the volume's size). ``rounding`` is one value or
+    one per trailing position of ``c``."""
+    r = jnp.asarray(rounding, jnp.float32)
+    rows = c.reshape(-1, r.size)
+    n, k = rows.shape[0], max(1, min(rows.shape[0], _SSE_CHUNK // r.size))
+
+    def add(i, total):
+        # The last chunk is moved back to end at the last row and counts only rows not counted yet.
+        start = jnp.minimum(i * k, n - k)
+        chunk = jax.lax.dynamic_slice_in_dim(rows, start, k)
+        e = jnp.square(chunk - dequantize(quantize(chunk, step, r.reshape(1, -1)), step))
+        return total + jnp.sum(jnp.where((start + jnp.arange(k) >= i * k)[:, None], e, 0.0))
+
+    return jax.lax.fori_loop(0, -(-n // k), add, jnp.float32(0))
 
 
 @partial(jax.jit, static_argnames="iterations")
@@ -60,7 +83,7 @@ def _bisect_step(c: jax.Array, rounding, max_sse, lo, hi, iterations: int) -> tu
     def body(_, bounds):
         lo, hi = bounds
         mid = jnp.sqrt(lo * hi)
-        ok = quantization_sse(c, mid, rounding) <= max_sse
+        ok = _chunked_sse(c, mid, rounding) <= max_sse
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
     return jax.lax.fori_loop(0, iterations, body, (jnp.float32(lo), jnp.float32(hi)))
