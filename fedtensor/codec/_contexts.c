@@ -41,7 +41,7 @@ static int get(PyObject *obj, Buf *out, Py_ssize_t itemsize, Py_ssize_t count, i
     if (PyObject_GetBuffer(obj, &out->b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
     out->held = 1;
     if (out->b.itemsize != itemsize || (count >= 0 && out->b.len != count * itemsize)) {
-        PyErr_Format(PyExc_ValueError, "chunk_models: %s has the wrong item size or length", name);
+        PyErr_Format(PyExc_ValueError, "%s has the wrong item size or length", name);
         return -1;
     }
     return 0;
@@ -57,16 +57,16 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
     Buf b[18];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
-    /* cls, key0, mkey0 (n_chunks); bounds (n_chunks + 1); local (symbols); nz (positions of the non-zeros,
+    /* cls, key0, mkey0 (n_chunks); bounds (n_chunks + 1); local (symbols, uint16); nz (positions of the non-zeros,
        ascending), sym_nz (their symbols, 1 … UNARY_CAP + 1), neg (their signs); esc (positions of the
        escapes, ascending), nbits (their Exp-Golomb length symbols); mag_of (local contexts). */
     if (get(o[0], &b[0], 8, -1, 0, "cls") < 0) goto done;
     Py_ssize_t n_chunks = b[0].b.len / 8;
     if (get(o[1], &b[1], 8, n_chunks, 0, "key0") < 0 || get(o[2], &b[2], 8, n_chunks, 0, "mkey0") < 0 ||
-        get(o[3], &b[3], 8, n_chunks + 1, 0, "bounds") < 0 || get(o[4], &b[4], 8, -1, 0, "local") < 0 ||
+        get(o[3], &b[3], 8, n_chunks + 1, 0, "bounds") < 0 || get(o[4], &b[4], 2, -1, 0, "local") < 0 ||
         get(o[5], &b[5], 8, -1, 0, "nz") < 0)
         goto done;
-    Py_ssize_t n_sym = b[4].b.len / 8, n_nz = b[5].b.len / 8;
+    Py_ssize_t n_sym = b[4].b.len / 2, n_nz = b[5].b.len / 8;
     if (get(o[6], &b[6], 8, n_nz, 0, "sym_nz") < 0 || get(o[7], &b[7], 8, n_nz, 0, "neg") < 0 ||
         get(o[8], &b[8], 8, -1, 0, "esc") < 0)
         goto done;
@@ -74,8 +74,9 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
     if (get(o[9], &b[9], 8, n_esc, 0, "nbits") < 0 || get(o[10], &b[10], 8, -1, 0, "mag_of") < 0) goto done;
     Py_ssize_t n_local = b[10].b.len / 8;
     const int64_t *cls = b[0].b.buf, *key0 = b[1].b.buf, *mkey0 = b[2].b.buf, *bounds = b[3].b.buf,
-                  *local = b[4].b.buf, *nz = b[5].b.buf, *sym_nz = b[6].b.buf, *neg = b[7].b.buf,
-                  *esc = b[8].b.buf, *nbits = b[9].b.buf, *mag_of = b[10].b.buf;
+                  *nz = b[5].b.buf, *sym_nz = b[6].b.buf, *neg = b[7].b.buf, *esc = b[8].b.buf,
+                  *nbits = b[9].b.buf, *mag_of = b[10].b.buf;
+    const uint16_t *local = b[4].b.buf;
     int64_t n_mag = 0;
     for (Py_ssize_t l = 0; l < n_local; l++) {
         if (mag_of[l] < 0) { PyErr_SetString(PyExc_ValueError, "chunk_models: negative magnitude key"); goto done; }
@@ -111,7 +112,7 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
         }
     }
     for (Py_ssize_t i = 0; i < n_sym; i++)
-        if (local[i] < 0 || local[i] >= n_local) { PyErr_SetString(PyExc_ValueError, "chunk_models: local context out of range"); goto done; }
+        if (local[i] >= n_local) { PyErr_SetString(PyExc_ValueError, "chunk_models: local context out of range"); goto done; }
     for (Py_ssize_t j = 0; j < n_nz; j++)
         if (nz[j] < 0 || nz[j] >= n_sym || (j && nz[j] <= nz[j - 1]) || sym_nz[j] < 1 || sym_nz[j] > UNARY_CAP + 1) {
             PyErr_SetString(PyExc_ValueError, "chunk_models: non-zeros out of range");
@@ -365,11 +366,79 @@ done:
     return result;
 }
 
+/* An encoder's decisions for a chunk run's values (entropy._binarise, with the non-zeros' magnitude keys
+ * and the escapes' Exp-Golomb lengths): one pass over the values instead of a dozen numpy ones. Outputs
+ * have room for every value; returns (non-zeros, escapes), or raises OverflowError for a value whose
+ * magnitude the coder cannot hold (numpy's abs overflows in the value's own type, or |v| − UNARY_CAP ≥
+ * 2**EG_CAP). */
+static PyObject *binarise(PyObject *self, PyObject *args) {
+    PyObject *o[11];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10]))
+        return NULL;
+    Buf b[11];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    /* values (n) int32 or int64; local (n) uint16; mag_of (n_local) int64. Out: sym (n) int32; nz, sym_nz,
+       neg, mnz (n) int64; esc, rest, nbits (n) int64. */
+    if (PyObject_GetBuffer(o[0], &b[0].b, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    b[0].held = 1;
+    Py_ssize_t wide = b[0].b.itemsize, n = wide ? b[0].b.len / wide : 0;
+    if (wide != 4 && wide != 8) {
+        PyErr_SetString(PyExc_ValueError, "binarise: values must be int32 or int64");
+        goto done;
+    }
+    if (get(o[1], &b[1], 2, n, 0, "local") < 0 || get(o[2], &b[2], 8, -1, 0, "mag_of") < 0 ||
+        get(o[3], &b[3], 4, n, 1, "sym") < 0)
+        goto done;
+    for (int i = 4; i < 11; i++)
+        if (get(o[i], &b[i], 8, n, 1, "binarise output") < 0) goto done;
+    Py_ssize_t n_local = b[2].b.len / 8;
+    const uint16_t *local = b[1].b.buf;
+    const int64_t *mag_of = b[2].b.buf;
+    int32_t *sym = b[3].b.buf;
+    int64_t *nz = b[4].b.buf, *sym_nz = b[5].b.buf, *neg = b[6].b.buf, *mnz = b[7].b.buf, *esc = b[8].b.buf,
+            *rest = b[9].b.buf, *nbits = b[10].b.buf;
+    for (Py_ssize_t l = 0; l < n_local; l++)
+        if (mag_of[l] < 0) { PyErr_SetString(PyExc_ValueError, "binarise: negative magnitude key"); goto done; }
+    Py_ssize_t k = 0, e = 0;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t v = wide == 4 ? (int64_t)((const int32_t *)b[0].b.buf)[i] : ((const int64_t *)b[0].b.buf)[i];
+        if (local[i] >= n_local) { bad = 2; break; }
+        if (v == 0) { sym[i] = 0; continue; }
+        if ((wide == 4 && v == INT32_MIN) || (wide == 8 && v == INT64_MIN)) { bad = 1; break; }
+        int64_t a = v < 0 ? -v : v;
+        int32_t s = a > UNARY_CAP ? UNARY_CAP + 1 : (int32_t)a;
+        sym[i] = s;
+        nz[k] = i, sym_nz[k] = s, neg[k] = v < 0, mnz[k] = mag_of[local[i]];
+        k++;
+        if (s > UNARY_CAP) {
+            int64_t r = a - UNARY_CAP;
+            if (r >= ((int64_t)1 << EG_CAP)) { bad = 1; break; }
+            esc[e] = i, rest[e] = r, nbits[e] = 63 - __builtin_clzll((unsigned long long)r);
+            e++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (bad == 1) PyErr_SetString(PyExc_OverflowError, "value too large for the entropy coder");
+    else if (bad == 2) PyErr_SetString(PyExc_ValueError, "binarise: local context out of range");
+    else result = Py_BuildValue("nn", k, e);
+done:
+    for (int i = 0; i < 11; i++)
+        if (b[i].held) PyBuffer_Release(&b[i].b);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"block_sites", block_sites, METH_VARARGS,
      "block_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, values, calls, n_anchor, n_bins, "
      "abs_cap) -> (sites, calls)\n\nThe coded sites of a block grid after its DC, with their local contexts "
      "(see blockcoef.code_block_coefficients)."},
+    {"binarise", binarise, METH_VARARGS,
+     "binarise(values, local, mag_of, sym, nz, sym_nz, neg, mnz, esc, rest, nbits) -> (non-zeros, escapes)\n\n"
+     "An encoder's decisions for values (see entropy._binarise)."},
     {"chunk_models", chunk_models, METH_VARARGS,
      "chunk_models(cls, key0, mkey0, bounds, local, nz, sym_nz, neg, esc, nbits, mag_of, zero, zero_pooled, mag, "
      "mag_pooled, eg, tables, signs_and_lengths, n_keys, n_mag_keys, n_classes)\n\n"

@@ -324,11 +324,17 @@ class SignedCoder:
 
     def _encode_chunks(self, s, mag_of, cls, key0, mkey0, bounds, local, values) -> None:
         """:meth:`encode_calls` for consecutive chunks (``bounds`` into ``local`` and ``values``)."""
-        sym, idx, neg, esc, rest = _binarise(values)
-        mnz = mag_of[local[idx]]
-        nbits = _bit_lengths(rest)
-        models = self._chunk_models_native if _contexts is not None else self._chunk_models
-        table, p_neg, dist = models(mag_of, cls, key0, mkey0, bounds, local, sym, idx, mnz, neg, esc, nbits)
+        if _contexts is not None:
+            local = _narrow_local(local, mag_of)
+            sym, idx, sym_nz, neg, mnz, esc, rest, nbits = _binarise_native(values, local, mag_of)
+            table, p_neg, dist = self._chunk_models_native(mag_of, cls, key0, mkey0, bounds, local, sym_nz, idx, mnz,
+                                                           neg, esc, nbits)
+        else:
+            sym, idx, neg, esc, rest = _binarise(values)
+            mnz = mag_of[local[idx]]
+            nbits = _bit_lengths(rest)
+            table, p_neg, dist = self._chunk_models(mag_of, cls, key0, mkey0, bounds, local, sym[idx], idx, mnz, neg,
+                                                    esc, nbits)
         nz_bounds, esc_bounds = np.searchsorted(idx, bounds), np.searchsorted(esc, bounds)
         for c in range(len(cls)):
             a, b = bounds[c], bounds[c + 1]
@@ -341,7 +347,7 @@ class SignedCoder:
                 owner, shift = _raw_bits(nbits[a:b])
                 s.even_bits((rest[a:b][owner] >> shift) & 1, len(owner))
 
-    def _chunk_models(self, mag_of, cls, key0, mkey0, bounds, local, sym, idx, mnz, neg, esc, nbits):
+    def _chunk_models(self, mag_of, cls, key0, mkey0, bounds, local, sym_nz, idx, mnz, neg, esc, nbits):
         """Every chunk's model from the tables at its start, the chunks' counts added to the tables:
         ``(table(c), P(v < 0) per chunk and magnitude key, Exp-Golomb length distribution per chunk)``,
         ``table(c)`` P(symbol) per local context (:func:`_symbol_table`)."""
@@ -353,7 +359,7 @@ class SignedCoder:
 
         # Every chunk's counts, added to the tables chunk after chunk; the tables each chunk starts from
         # are kept, and its model is computed from them with all the others'.
-        zero, mag = _counts(keys, keys_nz, chunk_nz * n_mag + mnz, sym[idx], neg, n_chunks * n_local, n_chunks * n_mag)
+        zero, mag = _counts(keys, keys_nz, chunk_nz * n_mag + mnz, sym_nz, neg, n_chunks * n_local, n_chunks * n_mag)
         del keys, keys_nz
         zero = zero.reshape(2, n_chunks, n_local)
         mag = mag.reshape(2, n_chunks, n_mag, UNARY_CAP + 1)
@@ -379,16 +385,16 @@ class SignedCoder:
         # Symbol tables are made chunk by chunk: all (chunks, contexts, 16) at once would be large.
         return (lambda c: _symbol_table(pnz[c], reach[c], mag_of)), pm[..., UNARY_CAP], _length_dist(eg)
 
-    def _chunk_models_native(self, mag_of, cls, key0, mkey0, bounds, local, sym, idx, mnz, neg, esc, nbits):
+    def _chunk_models_native(self, mag_of, cls, key0, mkey0, bounds, local, sym_nz, idx, mnz, neg, esc, nbits):
         """:meth:`_chunk_models` in compiled code (``fedtensor/codec/_contexts.c``): the same models,
         bit for bit, and the same tables after. ``table(c)`` holds only the rows of the local contexts
         chunk ``c`` holds (computing all of them took most of the time); the others are not set."""
         n_chunks, n_local, n_mag = len(cls), len(mag_of), int(mag_of.max()) + 1
         tables = np.empty((n_chunks, n_local, UNARY_CAP + 2), np.float32)
         signs_and_lengths = np.empty(n_chunks * (n_mag + _EG_CAP))
-        i64 = [np.ascontiguousarray(a, np.int64) for a in (cls, key0, mkey0, bounds, local, idx, sym[idx], neg, esc,
-                                                            nbits, mag_of)]
-        _contexts.chunk_models(*i64, self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, tables,
+        i64 = [np.ascontiguousarray(a, np.int64) for a in (cls, key0, mkey0, bounds, idx, sym_nz, neg, esc, nbits,
+                                                            mag_of)]
+        _contexts.chunk_models(*i64[:4], _narrow_local(local, mag_of), *i64[4:], self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, tables,
                                signs_and_lengths, self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
         p_neg = signs_and_lengths[:n_chunks * n_mag].reshape(n_chunks, n_mag)
         return tables.__getitem__, p_neg, signs_and_lengths[n_chunks * n_mag:].reshape(n_chunks, _EG_CAP)
@@ -437,9 +443,10 @@ class SignedCoder:
         args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,
                 self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
         head, mag_of64 = [np.array([v], np.int64) for v in (cls, key0, mkey0)], np.asarray(mag_of, np.int64)
-        _contexts.chunk_models(*head, np.zeros(2, np.int64), none, none, none, none, none, none, mag_of64, *args)
+        _contexts.chunk_models(*head, np.zeros(2, np.int64), np.zeros(0, np.uint16), none, none, none, none, none,
+                               mag_of64, *args)
         out, idx, sym_nz, neg = self._decode_symbols(s, table[0], local, mag_of, signs[:n_mag])
-        _contexts.chunk_models(*head, np.array([0, len(local)], np.int64), np.asarray(local, np.int64), idx,
+        _contexts.chunk_models(*head, np.array([0, len(local)], np.int64), _narrow_local(local, mag_of), idx,
                                sym_nz.astype(np.int64), neg.astype(np.int64), none, none, mag_of64, *args)
         return out
 
@@ -480,6 +487,31 @@ def _binarise(values: np.ndarray):
     if len(rest) and rest.max() >= 1 << _EG_CAP:
         raise FormatError("value too large for the entropy coder (|v| ≥ 2**40)")
     return sym, nz, (values[nz] < 0).astype(np.int32), esc, rest
+
+
+def _narrow_local(local: np.ndarray, mag_of: np.ndarray) -> np.ndarray:
+    """Local contexts as the compiled functions take them: uint16, the sites' own type (< 2**9); others
+    are checked before they are narrowed."""
+    if local.dtype != np.uint16:
+        if len(local) and (local.min() < 0 or local.max() >= len(mag_of)):
+            raise IndexError("local context out of range")
+        local = local.astype(np.uint16)
+    return np.ascontiguousarray(local)
+
+
+def _binarise_native(values: np.ndarray, local: np.ndarray, mag_of: np.ndarray):
+    """:func:`_binarise` in compiled code, with the non-zeros' symbols and magnitude keys
+    (``mag_of[local]``) and the escapes' :func:`_bit_lengths`: ``(sym, nz, sym_nz, neg, mnz, esc, rest,
+    nbits)``, all int64 but ``sym`` (int32)."""
+    n = len(values)
+    sym, wide = np.empty(n, np.int32), np.empty((7, n), np.int64)
+    try:
+        k, e = _contexts.binarise(np.ascontiguousarray(values), np.ascontiguousarray(local),
+                                  np.ascontiguousarray(mag_of, np.int64), sym, *wide)
+    except OverflowError:
+        raise FormatError("value too large for the entropy coder") from None
+    nz, sym_nz, neg, mnz, esc, rest, nbits = wide
+    return sym, nz[:k], sym_nz[:k], neg[:k], mnz[:k], esc[:e], rest[:e], nbits[:e]
 
 
 def _bit_lengths(rest: np.ndarray) -> np.ndarray:
