@@ -406,17 +406,21 @@ def test_compiled_functions_refuse_bad_arguments():
     def chunk_models(local=u16(0, 1), nz=i64(1), sym_nz=i64(2), bounds=i64(0, 2), key0=i64(0), cls=i64(0)):
         native.chunk_models(cls, key0, i64(0), bounds, local, nz, sym_nz, i64(0), i64(), i64(), _MAG_OF.astype(np.int64),
                             coder.zero, coder.zero_pooled, coder.mag, coder.mag_pooled, coder.eg,
-                            np.empty((1, 512, 16), np.float32), np.empty(int(_MAG_OF.max()) + 1 + 40), 1024, 32, 16)
+                            np.empty((1, 512, 16), np.float32), np.empty(int(_MAG_OF.max()) + 1 + 40), 1024, 32, 16, 3)
 
     chunk_models()
     for bad in (dict(local=u16(0, 512)), dict(local=i64(0, 1)), dict(nz=i64(2)), dict(sym_nz=i64(16)),
                 dict(bounds=i64(0, 3)), dict(key0=i64(600)), dict(cls=i64(16))):
         with pytest.raises(ValueError):
             chunk_models(**bad)
+    with pytest.raises(ValueError):  # a mode other than models (1), counts (2) or both (3)
+        native.chunk_models(i64(0), i64(0), i64(0), i64(0, 0), u16(), i64(), i64(), i64(), i64(), i64(),
+                            _MAG_OF.astype(np.int64), coder.zero, coder.zero_pooled, coder.mag, coder.mag_pooled,
+                            coder.eg, np.empty((1, 512, 16), np.float32), np.empty(56), 1024, 32, 16, 0)
     with pytest.raises(ValueError):  # a table of the wrong size
         native.chunk_models(i64(0), i64(0), i64(0), i64(0, 0), u16(), i64(), i64(), i64(), i64(), i64(),
                             _MAG_OF.astype(np.int64), coder.zero[:8], coder.zero_pooled, coder.mag,
-                            coder.mag_pooled, coder.eg, np.empty((1, 512, 16), np.float32), np.empty(56), 1024, 32, 16)
+                            coder.mag_pooled, coder.eg, np.empty((1, 512, 16), np.float32), np.empty(56), 1024, 32, 16, 3)
 
     from fedtensor.codec.blockcoef import _anchor_order, _layout
     from fedtensor.codec.grid import _BIN_LUT

@@ -49,11 +49,15 @@ static int get(PyObject *obj, Buf *out, Py_ssize_t itemsize, Py_ssize_t count, i
 
 static PyObject *chunk_models(PyObject *self, PyObject *args) {
     PyObject *o[18];
-    Py_ssize_t n_keys, n_mag_keys, n_classes;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOOOnnn", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
+    Py_ssize_t n_keys, n_mag_keys, n_classes, mode;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOOOOnnnn", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
                           &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15], &o[16], &o[17], &n_keys,
-                          &n_mag_keys, &n_classes))
+                          &n_mag_keys, &n_classes, &mode))
         return NULL;
+    if (mode < 1 || mode > 3) {
+        PyErr_SetString(PyExc_ValueError, "chunk_models: mode is 1 (models), 2 (counts) or 3 (both)");
+        return NULL;
+    }
     Buf b[18];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
@@ -84,8 +88,8 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
     }
     /* Tables (updated): zero (n_classes, 2, n_keys), zero_pooled (2, n_keys), mag (n_classes, 2, n_mag_keys,
        LEVELS), mag_pooled (2, n_mag_keys, LEVELS), eg (2, EG_CAP). Out: symbol tables (n_chunks, n_local,
-       SYMBOLS) float32 (the rows of the contexts each chunk holds; all of an empty chunk's), P(negative)
-       (n_chunks, n_mag), length distributions (n_chunks, EG_CAP). */
+       SYMBOLS) float32 (the rows of the local contexts each chunk holds), P(negative) (n_chunks, n_mag),
+       length distributions (n_chunks, EG_CAP): written in modes 1 and 3. */
     if (get(o[11], &b[11], 8, n_classes * 2 * n_keys, 1, "zero") < 0 ||
         get(o[12], &b[12], 8, 2 * n_keys, 1, "zero_pooled") < 0 ||
         get(o[13], &b[13], 8, n_classes * 2 * n_mag_keys * LEVELS, 1, "mag") < 0 ||
@@ -139,8 +143,11 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
         double *zc0 = zero_pooled + key0[c], *zc1 = zc0 + n_keys;
         double *m0 = mag + ((cls[c] * 2) * n_mag_keys + mkey0[c]) * LEVELS, *m1 = m0 + n_mag_keys * LEVELS;
         double *mc0 = mag_pooled + mkey0[c] * LEVELS, *mc1 = mc0 + n_mag_keys * LEVELS;
+        /* Its local contexts' histogram: the rows its model needs, and its counts. */
+        memset(hist, 0, sizeof(int64_t) * (size_t)(2 * n_local + n_mag * (SYMBOLS + 1)));
+        for (int64_t i = bounds[c]; i < bounds[c + 1]; i++) all[local[i]]++;
         /* The chunk's model (entropy._p_levels, _reach, _p_nonzero, _symbol_table, _length_dist). */
-        for (int64_t k = 0; k < n_mag; k++) {
+        for (int64_t k = 0; mode & 1 && k < n_mag; k++) {
             double *p = pm + k * LEVELS, *r = reach + k * SYMBOLS, cum = 1.0;
             for (int lev = 0; lev < LEVELS; lev++) {
                 Py_ssize_t at = k * LEVELS + lev;
@@ -154,27 +161,24 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
             p_neg[c * n_mag + k] = p[UNARY_CAP];
         }
         double *d = dist + c * EG_CAP, cum = 1.0;
-        for (int k = 0; k < EG_CAP; k++) {
+        for (int k = 0; mode & 1 && k < EG_CAP; k++) {
             double pe = p_one(eg[k], eg[EG_CAP + k], 0.5);
             d[k] = cum * (1 - pe);
             cum *= pe;
         }
-        /* Its histograms (entropy._counts, _length_counts), added to the tables at its end. */
-        memset(hist, 0, sizeof(int64_t) * (size_t)(2 * n_local + n_mag * (SYMBOLS + 1)));
-        for (int64_t i = bounds[c]; i < bounds[c + 1]; i++) all[local[i]]++;
         /* The rows of the local contexts the chunk holds (the others are never read; a chunk of a
-           hundred thousand symbols holds a few hundred contexts, one of a few hundred a few dozen):
-           all rows for a chunk of no symbols, a decoder's model before it decodes. */
+           hundred thousand symbols holds a few hundred contexts, one of a few hundred a few dozen). */
         float *table = tables + c * n_local * SYMBOLS;
-        int every = bounds[c + 1] == bounds[c];
-        for (Py_ssize_t l = 0; l < n_local; l++) {
-            if (!every && !all[l]) continue;
+        for (Py_ssize_t l = 0; mode & 1 && l < n_local; l++) {
+            if (!all[l]) continue;
             double pnz = p_one(z0[l], z1[l], backoff(zc0[l], zc1[l]));
             const double *r = reach + mag_of[l] * SYMBOLS;
             float *row = table + l * SYMBOLS;
             row[0] = (float)(1 - pnz);
             for (int s = 0; s <= UNARY_CAP; s++) row[s + 1] = (float)(r[s] * pnz);
         }
+        if (!(mode & 2)) continue;
+        /* Then its counts (entropy._counts, _length_counts), added to the tables at its end. */
         for (; j < n_nz && nz[j] < bounds[c + 1]; j++) {
             int64_t l = local[nz[j]], *h = hist + mag_of[l] * (SYMBOLS + 1);
             nonzero[l]++;
@@ -441,8 +445,9 @@ static PyMethodDef methods[] = {
      "An encoder's decisions for values (see entropy._binarise)."},
     {"chunk_models", chunk_models, METH_VARARGS,
      "chunk_models(cls, key0, mkey0, bounds, local, nz, sym_nz, neg, esc, nbits, mag_of, zero, zero_pooled, mag, "
-     "mag_pooled, eg, tables, signs_and_lengths, n_keys, n_mag_keys, n_classes)\n\n"
-     "Each chunk's model from the count tables, then its counts added to them (see entropy.SignedCoder)."},
+     "mag_pooled, eg, tables, signs_and_lengths, n_keys, n_mag_keys, n_classes, mode)\n\n"
+     "Each chunk's model from the count tables (mode 1), its counts added to them (2), or both, the model "
+     "first (3; see entropy.SignedCoder)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -395,7 +395,7 @@ class SignedCoder:
         i64 = [np.ascontiguousarray(a, np.int64) for a in (cls, key0, mkey0, bounds, idx, sym_nz, neg, esc, nbits,
                                                             mag_of)]
         _contexts.chunk_models(*i64[:4], _narrow_local(local, mag_of), *i64[4:], self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, tables,
-                               signs_and_lengths, self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
+                               signs_and_lengths, self.zero.shape[2], self.mag.shape[2], self.zero.shape[0], 3)
         p_neg = signs_and_lengths[:n_chunks * n_mag].reshape(n_chunks, n_mag)
         return tables.__getitem__, p_neg, signs_and_lengths[n_chunks * n_mag:].reshape(n_chunks, _EG_CAP)
 
@@ -436,18 +436,18 @@ class SignedCoder:
     def _decode_native(self, s: BinaryStream, cls: int, key0: int, mkey0: int, mag_of: np.ndarray,
                        local: np.ndarray) -> np.ndarray:
         """:meth:`_code` for a decoder, its model and counts computed by the compiled
-        ``chunk_models``: first for a chunk of no symbols (the model only), then, once decoded, for
-        the chunk's symbols (their counts; the Exp-Golomb lengths are counted by :meth:`_suffix`)."""
+        ``chunk_models``: the model first (of the rows its local contexts need), then, once decoded, the
+        chunk's counts (the Exp-Golomb lengths are counted by :meth:`_suffix`)."""
         n_mag, none = int(mag_of.max()) + 1, np.zeros(0, np.int64)
         table, signs = np.empty((1, len(mag_of), UNARY_CAP + 2), np.float32), np.empty(n_mag + _EG_CAP)
         args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,
                 self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
-        head, mag_of64 = [np.array([v], np.int64) for v in (cls, key0, mkey0)], np.asarray(mag_of, np.int64)
-        _contexts.chunk_models(*head, np.zeros(2, np.int64), np.zeros(0, np.uint16), none, none, none, none, none,
-                               mag_of64, *args)
+        head = [np.array(v, np.int64) for v in ([cls], [key0], [mkey0], [0, len(local)])]
+        local, mag_of64 = _narrow_local(local, mag_of), np.asarray(mag_of, np.int64)
+        _contexts.chunk_models(*head, local, none, none, none, none, none, mag_of64, *args, 1)
         out, idx, sym_nz, neg = self._decode_symbols(s, table[0], local, mag_of, signs[:n_mag])
-        _contexts.chunk_models(*head, np.array([0, len(local)], np.int64), _narrow_local(local, mag_of), idx,
-                               sym_nz.astype(np.int64), neg.astype(np.int64), none, none, mag_of64, *args)
+        _contexts.chunk_models(*head, local, idx, sym_nz.astype(np.int64), neg.astype(np.int64), none, none, mag_of64,
+                               *args, 2)
         return out
 
     @staticmethod
