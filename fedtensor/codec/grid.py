@@ -15,6 +15,8 @@ live (see :mod:`fedtensor.codec.blockcoef`) never touch the rest.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from fedtensor.codec.entropy import BinaryStream, SignedCoder
@@ -44,9 +46,13 @@ def face_sum(a: np.ndarray) -> np.ndarray:
     )
 
 
+@functools.lru_cache(maxsize=64)
 def checkerboard(shape: tuple[int, int, int]) -> np.ndarray:
+    """The anchor sites ((x + y + z) even) of a lattice of ``shape`` (read-only: shared between calls)."""
     x, y, z = np.indices(shape, sparse=True)
-    return (x + y + z) % 2 == 0
+    board = (x + y + z) % 2 == 0
+    board.flags.writeable = False
+    return board
 
 
 def _magnitude_keys() -> np.ndarray:
@@ -115,12 +121,16 @@ class GridCoder:
         pbin = activity_bin(parent)
         ebin = np.broadcast_to(activity_bin(extra) if extra is not None else np.zeros((), np.uint8), shape)
         batch = None if s.decoding else self.batch(s)
+        # A grid without parent activity (the end-of-block and DC grids) has none around its sites either.
+        quiet = not parent.any()
         for pass_id, sites, neighbour in (
-            (0, anchors & live, face_sum(parent) // 2),
+            (0, anchors & live, np.zeros(shape, np.uint8) if quiet else face_sum(parent) // 2),
             (1, ~anchors & live, None),
         ):
             if neighbour is None:
-                neighbour = face_sum(np.abs(out))
+                # Saturated terms keep every bin exact (a sum holding one is in the top bin anyway) and
+                # let the sums be uint16.
+                neighbour = face_sum(np.clip(np.abs(out), 0, 2 * BIN_SATURATION).astype(np.uint16))
             bins = (pbin[sites], activity_bin(neighbour[sites]), ebin[sites])
             if batch is None:
                 out[sites] = self.code_sites(s, pass_id, cls, *bins, None)
