@@ -360,6 +360,31 @@ def _estimate_coarse(slab, m, rows, bases, steps, anchor, b, dtype):
 # ---------------------------------------------------------------------------------------------------
 
 
+def heavy(slabs: Slabs, input_bytes: int) -> bool:
+    """Whether one more slab in flight (:data:`LOOKAHEAD_BYTES` a voxel) would take over half the
+    input's size. Heavy slabs are transformed one at a time, and the heap is trimmed after each
+    (:attr:`Slabs.trims_each`); light ones overlap, and a pass trims once: trimming each slab of the
+    chest CT cost 5–10 % of its compress time (the trims, and the page faults after them) and saved
+    0.2–0.3× its size of peak memory."""
+    return LOOKAHEAD_BYTES * slabs.slab_voxels > input_bytes // 2
+
+
+def one_behind(results: Iterator, ahead: bool = True) -> Iterator:
+    """Dispatched device work, each item given once the next one is dispatched (``ahead``), so that the
+    device computes one slab while the host waits for the last: on two cores 20-30 % less time for a
+    pass whose per-slab work is small. Not ``ahead``: in turn (one slab's buffers at a time)."""
+    pending = None
+    for item in results:
+        if not ahead:
+            yield item
+            continue
+        if pending is not None:
+            yield pending
+        pending = item
+    if pending is not None:
+        yield pending
+
+
 def fit_bases(x: np.ndarray, slabs: Slabs, offset: float, scale: float) -> list[np.ndarray]:
     """Per-mode bases (HOSVD of the whole block stack) from Gram matrices summed slab by slab.
 
@@ -368,11 +393,16 @@ def fit_bases(x: np.ndarray, slabs: Slabs, offset: float, scale: float) -> list[
     grams = [np.zeros((n, n)) for n in slabs.b]
     m = device_map(x.dtype, offset, scale)
     t0 = time.perf_counter()
-    for start in slabs.starts:
-        slab = slabs.slab(x, start, m, offset, scale)
-        for acc, g in zip(grams, _slab_grams(slab, m, slabs.grid(start)[0] * slabs.b[0], slabs.b)):
+
+    def dispatched():
+        for start in slabs.starts:
+            slab = slabs.slab(x, start, m, offset, scale)
+            yield _slab_grams(slab, m, slabs.grid(start)[0] * slabs.b[0], slabs.b)
+            del slab
+
+    for slab_grams in one_behind(dispatched(), not heavy(slabs, x.nbytes)):
+        for acc, g in zip(grams, slab_grams):
             acc += np.asarray(g, np.float64)  # float64 sum: the order of slabs barely matters
-        del slab
     trim_heap()  # once per pass: only a slab's device buffers come and go, all alike in size
     tick("bases", t0)
     return [leading_eigvecs_host(g, n) for g, n in zip(grams, slabs.b)]
@@ -423,12 +453,8 @@ class SlabEncoder:
 
     @property
     def heavy(self) -> bool:
-        """Whether one more slab in flight (:data:`LOOKAHEAD_BYTES` a voxel) would take over half the
-        input's size. Heavy slabs are transformed one at a time, and the heap is trimmed after each
-        (:attr:`Slabs.trims_each`); light ones overlap, and a pass trims once: trimming each slab of
-        the chest CT cost 5–10 % of its compress time (the trims, and the page faults after them) and
-        saved 0.2–0.3× its size of peak memory."""
-        return LOOKAHEAD_BYTES * self.slabs.slab_voxels > self.x.nbytes // 2
+        """:func:`heavy` for this volume's slabs."""
+        return heavy(self.slabs, self.x.nbytes)
 
     def errors(self, step: float) -> tuple[float, float]:
         """``(SSE, max abs error)`` of the decoded volume at ``step``, in its dtype (rounding included)."""
@@ -467,14 +493,14 @@ class SlabEncoder:
         unit = 1.0 if _in_own_units(self.map, self.x.dtype) else self.scale
         bases, st = [jax.device_put(u) for u in self.bases], np.asarray(steps, np.float32)
         sse, worst = np.zeros(len(steps)), np.zeros(len(steps))
-        for start, slab in self._slabs(device_only=True):
-            t0 = time.perf_counter()
-            rows, w = _estimate(jax.device_put(slab), self.map, self.slabs.rows(start), bases, st, self.slabs.b,
-                                self.x.dtype.name)
+        t0 = time.perf_counter()
+        dispatched = (_estimate(jax.device_put(slab), self.map, self.slabs.rows(start), bases, st, self.slabs.b,
+                                self.x.dtype.name) for start, slab in self._slabs(device_only=True))
+        for rows, w in one_behind(dispatched, not self.heavy):
             sse += np.asarray(rows, np.float64).sum(axis=1) * unit**2
             worst = np.maximum(worst, np.asarray(w, np.float64) * unit)
-            del slab, rows
-            tick("search: estimate", t0)
+            del rows, w
+        tick("search: estimate", t0)
         return list(zip(sse.tolist(), worst.tolist()))
 
     def estimate_coarse(self, steps, anchor: int) -> tuple[list[float], float]:
@@ -485,14 +511,15 @@ class SlabEncoder:
         unit = 1.0 if _in_own_units(self.map, self.x.dtype) else self.scale
         bases, st = [jax.device_put(u) for u in self.bases], np.asarray(steps, np.float32)
         coef, exact = np.zeros(len(steps)), 0.0
-        for start, slab in self._slabs(device_only=True):
-            t0 = time.perf_counter()
-            c, (rows, _) = _estimate_coarse(jax.device_put(slab), self.map, self.slabs.rows(start), bases, st,
-                                            st[anchor:anchor + 1], self.slabs.b, self.x.dtype.name)
+        t0 = time.perf_counter()
+        dispatched = (_estimate_coarse(jax.device_put(slab), self.map, self.slabs.rows(start), bases, st,
+                                       st[anchor:anchor + 1], self.slabs.b, self.x.dtype.name)
+                      for start, slab in self._slabs(device_only=True))
+        for c, (rows, _) in one_behind(dispatched, not self.heavy):
             coef += np.asarray(c, np.float64) * self.scale**2
             exact += float(np.asarray(rows, np.float64).sum()) * unit**2
-            del slab, rows
-            tick("search: estimate", t0)
+            del c, rows
+        tick("search: estimate", t0)
         ratio = exact / coef[anchor] if coef[anchor] > 0 else math.nan
         if not (math.isfinite(ratio) and ratio > 0):  # no error at the anchor (lossless there): measure all
             return [e[0] for e in self.estimate(steps)], math.nan
