@@ -422,20 +422,62 @@ def test_compiled_functions_refuse_bad_arguments():
                             _MAG_OF.astype(np.int64), coder.zero[:8], coder.zero_pooled, coder.mag,
                             coder.mag_pooled, coder.eg, np.empty((1, 512, 16), np.float32), np.empty(56), 1024, 32, 16, 3)
 
-    from fedtensor.codec.blockcoef import _anchor_order, _layout
-    from fedtensor.codec.grid import _BIN_LUT
+    from fedtensor.codec.blockcoef import _SITE_LUT, _anchor_order, _layout
     lay, (perm, nbr) = _layout((2, 2, 2)), _anchor_order((2, 1, 1))
     coef, eob = np.ones((2, 8), np.int32), np.full(2, 3, np.int64)
 
-    def block_sites(perm=perm, nbr=nbr, capacity=14, coef=coef):
-        return native.block_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _BIN_LUT,
+    def block_sites(perm=perm, nbr=nbr, capacity=14, coef=coef, lut=_SITE_LUT, cap=66):
+        return native.block_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, lut,
                                   np.empty(capacity, np.uint16), np.empty(capacity, np.int32),
-                                  np.empty((6, 4), np.int64), 1, 8, 66)
+                                  np.empty((6, 4), np.int64), 1, 8, cap)
+
+    def pass_sites(degree=1, pass_id=0, capacity=3, perm=perm):
+        return native.pass_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _SITE_LUT,
+                                 np.empty(capacity, np.uint16), np.empty(capacity, np.int64), degree, pass_id, 1, 8, 66)
 
     assert block_sites() == (14, 6)
-    for bad in (dict(perm=i64(0, 2)), dict(nbr=np.full_like(nbr, 3)), dict(capacity=13), dict(coef=coef[:1])):
+    for bad in (dict(perm=i64(0, 2)), dict(nbr=np.full_like(nbr, 3)), dict(capacity=13), dict(coef=coef[:1]),
+                dict(lut=np.full(2048, 8, np.uint8)), dict(lut=_SITE_LUT[:100]), dict(cap=100)):
         with pytest.raises(ValueError):
             block_sites(**bad)
+    assert pass_sites() == 3
+    for bad in (dict(degree=0), dict(degree=4), dict(pass_id=2), dict(capacity=2), dict(perm=i64(0, 2))):
+        with pytest.raises(ValueError):
+            pass_sites(**bad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(gx=st.integers(1, 5), gy=st.integers(1, 5), gz=st.integers(1, 5),
+       b=st.sampled_from([(2, 2, 2), (4, 4, 4), (4, 2, 8), (1, 1, 4)]), seed=st.integers(0, 2**16))
+def test_decoder_pass_sites_are_the_encoder_sites(gx, gy, gz, b, seed):
+    """pass_sites, pass by pass from the coefficients (what a decoder has decoded before each pass),
+    finds the sites, contexts and order block_sites finds at once for the encoder."""
+    from fedtensor.codec.blockcoef import _ABS_CAP, _SITE_LUT, _anchor_order, _layout
+    from fedtensor.codec.grid import N_BINS, checkerboard
+    rng = np.random.default_rng(seed)
+    grid, lay = (gx, gy, gz), _layout(b)
+    n, width = gx * gy * gz, int(np.diff(lay.bounds).max())
+    perm, nbr = _anchor_order(grid)
+    n_anchor = int(checkerboard(grid).sum())
+    degree = np.add.outer(np.add.outer(np.arange(b[0]), np.arange(b[1])), np.arange(b[2])).ravel()
+    coef = (np.round(rng.laplace(0, rng.choice([0.3, 3.0, 80.0]), (n, degree.size))) * (rng.random((n, 1)) < 0.8))
+    coef = coef.astype(np.int32)
+    eob = np.max((coef != 0) * degree, axis=1)[perm].astype(np.int64)  # anchors-first, as the coder holds it
+    capacity = n * degree.size
+    local, values = np.empty(capacity, np.uint16), np.empty(capacity, np.int32)
+    calls = np.empty((2 * (len(lay.bounds) - 2), 4), np.int64)
+    sites, n_calls = entropy._contexts.block_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat,
+                                                   _SITE_LUT, local, values, calls, n_anchor, N_BINS, _ABS_CAP)
+    found_local, found_at = [], []
+    for d, pass_id, start, stop in calls[:n_calls]:
+        got_local, got_at = np.empty(n * width, np.uint16), np.empty(n * width, np.int64)
+        k = entropy._contexts.pass_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _SITE_LUT,
+                                         got_local, got_at, int(d), int(pass_id), n_anchor, N_BINS, _ABS_CAP)
+        assert k == stop - start
+        found_local.append(got_local[:k])
+        found_at.append(got_at[:k])
+    np.testing.assert_array_equal(np.concatenate(found_local or [np.zeros(0, np.uint16)]), local[:sites])
+    np.testing.assert_array_equal(coef.ravel()[np.concatenate(found_at or [np.zeros(0, np.int64)])], values[:sites])
 
 
 def test_categorical_rows_codes_in_pieces_as_one_call():

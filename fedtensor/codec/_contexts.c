@@ -22,6 +22,7 @@
 #define EG_CAP 40
 #define WEIGHT 2.0
 #define CLIP 1e-5
+#define LUT_SIZE 2048 /* activity bins of 0 … 2047: sums of six saturated terms stay below it */
 
 static double p_one(double ones, double total, double prior) {
     double p = (ones + WEIGHT * prior) / (total + WEIGHT);
@@ -224,9 +225,128 @@ done:
 }
 
 
+/* The inputs both site functions read: coef (n, B) int32 in lattice order; eob (n) in the anchors-first
+ * numbering; perm (n); nbr (6, n); bounds (D + 2); order (B); parents (3 × width per degree, degree after
+ * degree); lut (LUT_SIZE) uint8 (constant from its last entry on: an end of block's distance beyond it reads
+ * the last). Every index is checked before use. */
+typedef struct {
+    Py_ssize_t n, nb, n_degrees, max_width, n_anchor, n_bins;
+    const int32_t *coef;
+    const int64_t *eob, *perm, *nbr, *bounds, *order, *parents;
+    const uint8_t *lut;
+} Lattice;
+
+static int lattice(PyObject **o, Buf *b, Py_ssize_t n_anchor, Py_ssize_t n_bins, Py_ssize_t abs_cap, Lattice *L) {
+    if (get(o[1], &b[1], 8, -1, 0, "eob") < 0) return -1;
+    Py_ssize_t n = b[1].b.len / 8;
+    if (get(o[5], &b[5], 8, -1, 0, "order") < 0) return -1;
+    Py_ssize_t nb = b[5].b.len / 8;
+    if (get(o[0], &b[0], 4, n * nb, 0, "coef") < 0 || get(o[2], &b[2], 8, n, 0, "perm") < 0 ||
+        get(o[3], &b[3], 8, 6 * n, 0, "nbr") < 0 || get(o[4], &b[4], 8, -1, 0, "bounds") < 0)
+        return -1;
+    Py_ssize_t n_degrees = b[4].b.len / 8 - 2; /* degrees 1 … n_degrees after the DC */
+    const int64_t *bounds = b[4].b.buf;
+    if (n_degrees < 0 || bounds[0] != 0 || bounds[n_degrees + 1] != nb) {
+        PyErr_SetString(PyExc_ValueError, "block sites: bounds do not cover the bands");
+        return -1;
+    }
+    Py_ssize_t max_width = 1;
+    for (Py_ssize_t d = 0; d <= n_degrees; d++) {
+        if (bounds[d + 1] <= bounds[d]) { PyErr_SetString(PyExc_ValueError, "block sites: empty degree"); return -1; }
+        if (bounds[d + 1] - bounds[d] > max_width) max_width = bounds[d + 1] - bounds[d];
+    }
+    if (get(o[6], &b[6], 8, 3 * (nb - bounds[1]), 0, "parents") < 0 || get(o[7], &b[7], 1, LUT_SIZE, 0, "lut") < 0)
+        return -1;
+    if (abs_cap < 1 || 3 * abs_cap > 255 || 6 * abs_cap >= LUT_SIZE) { /* uint8 parent sums, in-table sums */
+        PyErr_SetString(PyExc_ValueError, "block sites: saturation out of range");
+        return -1;
+    }
+    const int64_t *perm = b[2].b.buf, *nbr = b[3].b.buf, *order = b[5].b.buf, *parents = b[6].b.buf;
+    const uint8_t *lut = b[7].b.buf;
+    if (n_bins < 1 || n_bins * n_bins * n_bins > 65536) {
+        PyErr_SetString(PyExc_ValueError, "block sites: local contexts must fit 16 bits");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < LUT_SIZE; i++)
+        if (lut[i] >= n_bins) { PyErr_SetString(PyExc_ValueError, "block sites: bin out of range"); return -1; }
+    if (n_anchor < 0 || n_anchor > n) { PyErr_SetString(PyExc_ValueError, "block sites: bad anchor count"); return -1; }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (perm[i] < 0 || perm[i] >= n) { PyErr_SetString(PyExc_ValueError, "block sites: perm out of range"); return -1; }
+    for (Py_ssize_t i = 0; i < 6 * n; i++)
+        if (nbr[i] < 0 || nbr[i] > n) { PyErr_SetString(PyExc_ValueError, "block sites: neighbour out of range"); return -1; }
+    for (Py_ssize_t i = 0; i < nb; i++)
+        if (order[i] < 0 || order[i] >= nb) { PyErr_SetString(PyExc_ValueError, "block sites: order out of range"); return -1; }
+    for (Py_ssize_t d = 1; d <= n_degrees; d++) {
+        const int64_t *par = parents + 3 * (bounds[d] - bounds[1]);
+        for (Py_ssize_t i = 0; i < 3 * (bounds[d + 1] - bounds[d]); i++)
+            if (par[i] < 0 || par[i] > bounds[d] - bounds[d - 1]) {
+                PyErr_SetString(PyExc_ValueError, "block sites: parent out of range");
+                return -1;
+            }
+    }
+    *L = (Lattice){n, nb, n_degrees, max_width, n_anchor, n_bins, b[0].b.buf, b[1].b.buf, perm, nbr, bounds, order,
+                   parents, lut};
+    return 0;
+}
+
+/* Row i of ``out`` (stride ``stride``): the saturated |coefficients| of degree d of block i (anchors-first
+ * numbering), for blocks numbered first … last − 1 whose end of block reaches d (the others' rows are
+ * left as they are). */
+static void saturated(const Lattice *L, Py_ssize_t d, Py_ssize_t first, Py_ssize_t last, int64_t abs_cap,
+                      uint8_t *out, Py_ssize_t stride) {
+    Py_ssize_t lo = L->bounds[d], width = L->bounds[d + 1] - lo;
+    for (Py_ssize_t i = first; i < last; i++) {
+        if (L->eob[i] < d) continue;
+        const int32_t *row = L->coef + L->perm[i] * L->nb;
+        for (Py_ssize_t c = 0; c < width; c++) {
+            int64_t a = row[L->order[lo + c]];
+            a = a < 0 ? -a : a;
+            out[i * stride + c] = (uint8_t)(a < abs_cap ? a : abs_cap);
+        }
+    }
+}
+
+/* The parents' sums of degree d (``parent``) from the previous degree's saturated |coefficients| (``prev``). */
+static void parent_sums(const Lattice *L, Py_ssize_t d, const uint8_t *prev, uint8_t *parent, Py_ssize_t stride) {
+    Py_ssize_t width = L->bounds[d + 1] - L->bounds[d];
+    const int64_t *par = L->parents + 3 * (L->bounds[d] - L->bounds[1]);
+    for (Py_ssize_t i = 0; i < L->n; i++) {
+        const uint8_t *p = prev + i * stride;
+        uint8_t *out = parent + i * stride;
+        for (Py_ssize_t c = 0; c < width; c++)
+            out[c] = (uint8_t)(p[par[c]] + p[par[width + c]] + p[par[2 * width + c]]);
+    }
+    memset(parent + L->n * stride, 0, (size_t)stride);
+}
+
+/* The sites of pass ``pass`` of degree d: their local contexts and flat positions in coef, from the parents'
+ * sums and, for pass 1, pass 0's saturated values (``cur``). Returns the count, or −1 past ``capacity``. */
+static Py_ssize_t pass_sites_of(const Lattice *L, Py_ssize_t d, int pass, const uint8_t *parent, const uint8_t *cur,
+                                Py_ssize_t stride, uint16_t *local, int64_t *at, Py_ssize_t capacity) {
+    Py_ssize_t lo = L->bounds[d], width = L->bounds[d + 1] - lo, n = L->n, sites = 0;
+    Py_ssize_t first = pass ? L->n_anchor : 0, last = pass ? n : L->n_anchor;
+    const uint8_t *nsrc = pass ? cur : parent, *lut = L->lut;
+    for (Py_ssize_t i = first; i < last; i++) {
+        if (L->eob[i] < d) continue;
+        if (sites + width > capacity) return -1;
+        int64_t extra = L->eob[i] - d;
+        int ebin = lut[extra < 0 ? 0 : (extra >= LUT_SIZE ? LUT_SIZE - 1 : extra)];
+        const uint8_t *pr = parent + i * stride, *nb_rows[6];
+        for (int k = 0; k < 6; k++) nb_rows[k] = nsrc + L->nbr[k * n + i] * stride;
+        for (Py_ssize_t c = 0; c < width; c++) {
+            unsigned sum = (unsigned)nb_rows[0][c] + nb_rows[1][c] + nb_rows[2][c] + nb_rows[3][c] + nb_rows[4][c] +
+                           nb_rows[5][c];
+            if (!pass) sum /= 2;
+            local[sites] = (uint16_t)((lut[pr[c]] * L->n_bins + lut[sum]) * L->n_bins + ebin);
+            at[sites++] = L->perm[i] * L->nb + L->order[lo + c];
+        }
+    }
+    return sites;
+}
+
 /* The sites blockcoef.code_block_coefficients codes after the DC, in its order, with their local
- * contexts: see that function for the scheme. Returns (sites, calls); calls rows are (degree, pass,
- * start, stop) into local and values. */
+ * contexts and values: see that function for the scheme. Returns (sites, calls); calls rows are (degree,
+ * pass, start, stop) into local and values. */
 static PyObject *block_sites(PyObject *self, PyObject *args) {
     PyObject *o[11];
     Py_ssize_t n_anchor, n_bins, abs_cap;
@@ -237,122 +357,50 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
     uint8_t *work = NULL;
-    /* coef (n, B) int32 in lattice order; eob (n) in the anchors-first numbering; perm (n); nbr (6, n);
-       bounds (D + 2); order (B); parents (3 × width per degree, degree after degree); lut (65536) uint8;
-       out: local (capacity) uint16, values (capacity) int32, calls (2 D, 4) int64. */
-    if (get(o[1], &b[1], 8, -1, 0, "eob") < 0) goto done;
-    Py_ssize_t n = b[1].b.len / 8;
-    if (get(o[5], &b[5], 8, -1, 0, "order") < 0) goto done;
-    Py_ssize_t nb = b[5].b.len / 8;
-    if (get(o[0], &b[0], 4, n * nb, 0, "coef") < 0 || get(o[2], &b[2], 8, n, 0, "perm") < 0 ||
-        get(o[3], &b[3], 8, 6 * n, 0, "nbr") < 0 || get(o[4], &b[4], 8, -1, 0, "bounds") < 0)
-        goto done;
-    Py_ssize_t n_degrees = b[4].b.len / 8 - 2; /* degrees 1 … n_degrees after the DC */
-    const int64_t *bounds = b[4].b.buf;
-    if (n_degrees < 0 || bounds[0] != 0 || bounds[n_degrees + 1] != nb) {
-        PyErr_SetString(PyExc_ValueError, "block_sites: bounds do not cover the bands");
-        goto done;
-    }
-    Py_ssize_t max_width = 1;
-    for (Py_ssize_t d = 0; d <= n_degrees; d++) {
-        if (bounds[d + 1] <= bounds[d]) { PyErr_SetString(PyExc_ValueError, "block_sites: empty degree"); goto done; }
-        if (bounds[d + 1] - bounds[d] > max_width) max_width = bounds[d + 1] - bounds[d];
-    }
-    if (get(o[6], &b[6], 8, 3 * (nb - bounds[1]), 0, "parents") < 0 || get(o[7], &b[7], 1, 65536, 0, "lut") < 0 ||
-        get(o[8], &b[8], 2, -1, 1, "local") < 0)
-        goto done;
+    int64_t *at = NULL;
+    Lattice L;
+    /* The lattice (see above); out: local (capacity) uint16, values (capacity) int32, calls (2 D, 4) int64. */
+    if (lattice(o, b, n_anchor, n_bins, abs_cap, &L) < 0 || get(o[8], &b[8], 2, -1, 1, "local") < 0) goto done;
     Py_ssize_t capacity = b[8].b.len / 2;
-    if (get(o[9], &b[9], 4, capacity, 1, "values") < 0 || get(o[10], &b[10], 8, 2 * n_degrees * 4, 1, "calls") < 0)
+    if (get(o[9], &b[9], 4, capacity, 1, "values") < 0 || get(o[10], &b[10], 8, 2 * L.n_degrees * 4, 1, "calls") < 0)
         goto done;
-    const int32_t *coef = b[0].b.buf;
-    const int64_t *eob = b[1].b.buf, *perm = b[2].b.buf, *nbr = b[3].b.buf, *order = b[5].b.buf,
-                  *parents = b[6].b.buf;
-    const uint8_t *lut = b[7].b.buf;
     uint16_t *local = b[8].b.buf;
-    int64_t *calls = b[10].b.buf;
     int32_t *values = b[9].b.buf;
-    if (n_bins < 1 || n_bins * n_bins * n_bins > 65536) {
-        PyErr_SetString(PyExc_ValueError, "block_sites: local contexts must fit 16 bits");
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < 65536; i++)
-        if (lut[i] >= n_bins) { PyErr_SetString(PyExc_ValueError, "block_sites: bin out of range"); goto done; }
-    if (n_anchor < 0 || n_anchor > n) { PyErr_SetString(PyExc_ValueError, "block_sites: bad anchor count"); goto done; }
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (perm[i] < 0 || perm[i] >= n) { PyErr_SetString(PyExc_ValueError, "block_sites: perm out of range"); goto done; }
-    for (Py_ssize_t i = 0; i < 6 * n; i++)
-        if (nbr[i] < 0 || nbr[i] > n) { PyErr_SetString(PyExc_ValueError, "block_sites: neighbour out of range"); goto done; }
-    for (Py_ssize_t i = 0; i < nb; i++)
-        if (order[i] < 0 || order[i] >= nb) { PyErr_SetString(PyExc_ValueError, "block_sites: order out of range"); goto done; }
-    for (Py_ssize_t d = 1; d <= n_degrees; d++) {
-        const int64_t *par = parents + 3 * (bounds[d] - bounds[1]);
-        for (Py_ssize_t i = 0; i < 3 * (bounds[d + 1] - bounds[d]); i++)
-            if (par[i] < 0 || par[i] > bounds[d] - bounds[d - 1]) {
-                PyErr_SetString(PyExc_ValueError, "block_sites: parent out of range");
-                goto done;
-            }
-    }
+    int64_t *calls = b[10].b.buf;
 
     /* Per degree: the previous degree's saturated |coefficients| and this one's (each with an all-zero
        row "outside the lattice" and column "no parent"), and the parents' sums. */
-    Py_ssize_t stride = max_width + 1, rows = n + 1;
+    Py_ssize_t stride = L.max_width + 1, rows = L.n + 1;
     work = PyMem_RawCalloc((size_t)(3 * rows * stride), 1);
-    if (!work) { PyErr_NoMemory(); goto done; }
+    at = PyMem_RawMalloc(sizeof(int64_t) * (size_t)(capacity ? capacity : 1));
+    if (!work || !at) { PyErr_NoMemory(); goto done; }
     Py_ssize_t sites = 0, n_calls = 0;
     int overflow = 0;
     Py_BEGIN_ALLOW_THREADS
     uint8_t *prev = work, *cur = work + rows * stride, *parent = work + 2 * rows * stride;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t a = coef[perm[i] * nb];
+    for (Py_ssize_t i = 0; i < L.n; i++) {
+        int64_t a = L.coef[L.perm[i] * L.nb];
         a = a < 0 ? -a : a;
         prev[i * stride] = (uint8_t)(a < abs_cap ? a : abs_cap);
     }
-    for (Py_ssize_t d = 1; d <= n_degrees && !overflow; d++) {
-        Py_ssize_t lo = bounds[d], width = bounds[d + 1] - lo;
-        const int64_t *par = parents + 3 * (lo - bounds[1]);
+    for (Py_ssize_t d = 1; d <= L.n_degrees && !overflow; d++) {
         int any = 0;
-        for (Py_ssize_t i = 0; i < n && !any; i++) any = eob[i] >= d;
+        for (Py_ssize_t i = 0; i < L.n && !any; i++) any = L.eob[i] >= d;
         if (!any) break; /* eob >= d is monotone in d */
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const uint8_t *p = prev + i * stride;
-            uint8_t *out = parent + i * stride;
-            for (Py_ssize_t c = 0; c < width; c++)
-                out[c] = (uint8_t)(p[par[c]] + p[par[width + c]] + p[par[2 * width + c]]);
-        }
+        parent_sums(&L, d, prev, parent, stride);
         memset(cur, 0, (size_t)(rows * stride));
-        memset(parent + n * stride, 0, (size_t)stride);
         for (int pass = 0; pass < 2 && !overflow; pass++) {
-            Py_ssize_t first = pass ? n_anchor : 0, last = pass ? n : n_anchor, start = sites;
-            const uint8_t *nsrc = pass ? cur : parent;
-            for (Py_ssize_t i = first; i < last; i++) {
-                if (eob[i] < d) continue;
-                if (sites + width > capacity) { overflow = 1; break; }
-                int64_t extra = eob[i] - d;
-                int ebin = lut[extra < 0 ? 0 : (extra > 65535 ? 65535 : extra)];
-                const int32_t *row = coef + perm[i] * nb;
-                const uint8_t *pr = parent + i * stride, *nb_rows[6];
-                for (int k = 0; k < 6; k++) nb_rows[k] = nsrc + nbr[k * n + i] * stride;
-                for (Py_ssize_t c = 0; c < width; c++) {
-                    unsigned sum = (unsigned)nb_rows[0][c] + nb_rows[1][c] + nb_rows[2][c] + nb_rows[3][c] +
-                                   nb_rows[4][c] + nb_rows[5][c];
-                    if (!pass) sum /= 2;
-                    local[sites] = (uint16_t)((lut[pr[c]] * n_bins + lut[sum]) * n_bins + ebin);
-                    values[sites++] = row[order[lo + c]];
-                }
-            }
-            for (Py_ssize_t i = first; i < last; i++) { /* after the pass: pass 1 reads pass 0's */
-                if (eob[i] < d) continue;
-                const int32_t *row = coef + perm[i] * nb;
-                for (Py_ssize_t c = 0; c < width; c++) {
-                    int64_t a = row[order[lo + c]];
-                    a = a < 0 ? -a : a;
-                    cur[i * stride + c] = (uint8_t)(a < abs_cap ? a : abs_cap);
-                }
-            }
-            if (sites > start) {
+            Py_ssize_t got = pass_sites_of(&L, d, pass, parent, cur, stride, local + sites, at + sites,
+                                           capacity - sites);
+            if (got < 0) { overflow = 1; break; }
+            for (Py_ssize_t k = sites; k < sites + got; k++) values[k] = L.coef[at[k]];
+            /* after the pass: pass 1 reads pass 0's */
+            saturated(&L, d, pass ? L.n_anchor : 0, pass ? L.n : L.n_anchor, abs_cap, cur, stride);
+            if (got) {
                 int64_t *call = calls + 4 * n_calls++;
-                call[0] = d, call[1] = pass, call[2] = start, call[3] = sites;
+                call[0] = d, call[1] = pass, call[2] = sites, call[3] = sites + got;
             }
+            sites += got;
         }
         uint8_t *t = prev;
         prev = cur, cur = t;
@@ -365,7 +413,57 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
     result = Py_BuildValue("nn", sites, n_calls);
 done:
     PyMem_RawFree(work);
+    PyMem_RawFree(at);
     for (int i = 0; i < 11; i++)
+        if (b[i].held) PyBuffer_Release(&b[i].b);
+    return result;
+}
+
+/* A decoder's sites of one pass (degree ≥ 1, pass 0 or 1), as block_sites finds them, from the coefficients
+ * decoded before it (coef holds zeros where none are decoded yet): their local contexts and flat positions
+ * in coef. Returns the count. */
+static PyObject *pass_sites(PyObject *self, PyObject *args) {
+    PyObject *o[10];
+    Py_ssize_t degree, pass, n_anchor, n_bins, abs_cap;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOnnnnn", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &degree, &pass, &n_anchor, &n_bins, &abs_cap))
+        return NULL;
+    Buf b[10];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    uint8_t *work = NULL;
+    Lattice L;
+    /* The lattice (see above); out: local (capacity) uint16, at (capacity) int64. */
+    if (lattice(o, b, n_anchor, n_bins, abs_cap, &L) < 0 || get(o[8], &b[8], 2, -1, 1, "local") < 0) goto done;
+    Py_ssize_t capacity = b[8].b.len / 2;
+    if (get(o[9], &b[9], 8, capacity, 1, "at") < 0) goto done;
+    if (degree < 1 || degree > L.n_degrees || pass < 0 || pass > 1) {
+        PyErr_SetString(PyExc_ValueError, "pass_sites: no such degree or pass");
+        goto done;
+    }
+    Py_ssize_t stride = L.max_width + 1, rows = L.n + 1, got = 0;
+    work = PyMem_RawCalloc((size_t)(3 * rows * stride), 1);
+    if (!work) { PyErr_NoMemory(); goto done; }
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t *prev = work, *cur = work + rows * stride, *parent = work + 2 * rows * stride;
+    if (degree == 1) {
+        for (Py_ssize_t i = 0; i < L.n; i++) {
+            int64_t a = L.coef[L.perm[i] * L.nb];
+            a = a < 0 ? -a : a;
+            prev[i * stride] = (uint8_t)(a < abs_cap ? a : abs_cap);
+        }
+    } else {
+        saturated(&L, degree - 1, 0, L.n, abs_cap, prev, stride);
+    }
+    parent_sums(&L, degree, prev, parent, stride);
+    if (pass) saturated(&L, degree, 0, L.n_anchor, abs_cap, cur, stride);
+    got = pass_sites_of(&L, degree, (int)pass, parent, cur, stride, b[8].b.buf, b[9].b.buf, capacity);
+    Py_END_ALLOW_THREADS
+    if (got < 0) PyErr_SetString(PyExc_ValueError, "pass_sites: more sites than the capacity given");
+    else result = PyLong_FromSsize_t(got);
+done:
+    PyMem_RawFree(work);
+    for (int i = 0; i < 10; i++)
         if (b[i].held) PyBuffer_Release(&b[i].b);
     return result;
 }
@@ -440,6 +538,9 @@ static PyMethodDef methods[] = {
      "block_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, values, calls, n_anchor, n_bins, "
      "abs_cap) -> (sites, calls)\n\nThe coded sites of a block grid after its DC, with their local contexts "
      "(see blockcoef.code_block_coefficients)."},
+    {"pass_sites", pass_sites, METH_VARARGS,
+     "pass_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, at, degree, pass, n_anchor, n_bins, "
+     "abs_cap) -> sites\n\nA decoder's sites of one pass, with their local contexts and positions in coef."},
     {"binarise", binarise, METH_VARARGS,
      "binarise(values, local, mag_of, sym, nz, sym_nz, neg, mnz, esc, rest, nbits) -> (non-zeros, escapes)\n\n"
      "An encoder's decisions for values (see entropy._binarise)."},

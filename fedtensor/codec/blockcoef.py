@@ -23,6 +23,7 @@ from fedtensor.codec.entropy import BinaryStream
 from fedtensor.codec.grid import _BIN_LUT, BIN_SATURATION, N_BINS, GridCoder, activity_bin, checkerboard
 
 _ABS_CAP = 2 * BIN_SATURATION
+_SITE_LUT = np.ascontiguousarray(_BIN_LUT[:2048])  # the compiled site functions' bins (their sums stay below)
 
 
 def lorenzo(a: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
@@ -155,9 +156,12 @@ def code_block_coefficients(
     # ("no parent"). Saturating at twice the top bin edge keeps every context bin exact: any sum that
     # holds a saturated term (or half a sum of such sums) is in the top bin anyway.
     coders.dc_plane = coef[:, 0].reshape(grid)[-1].astype(np.int64)
-    if not s.decoding and entropy._contexts is not None and coef.dtype.itemsize <= 4:
-        _encode_ac_native(s, coder, coef, eob, perm, nbr, n_anchor, lay)
-        return q
+    if entropy._contexts is not None and coef.dtype.itemsize <= 4:
+        if not s.decoding:
+            _encode_ac_native(s, coder, coef, eob, perm, nbr, n_anchor, lay)
+            return q
+        _decode_ac_native(s, coder, coef, eob, perm, nbr, n_anchor, lay)
+        return coef.reshape(*grid, *b)
     prev_abs = np.zeros((n + 1, 2), np.uint8)
     prev_abs[:n, 0] = np.minimum(np.abs(coef[perm, 0]), _ABS_CAP)
     prev_live = slice(0, n)  # blocks whose previous degree may hold non-zeros (the DC: all)
@@ -195,6 +199,25 @@ def code_block_coefficients(
     return q if q is not None else coef.reshape(*grid, *b)
 
 
+def _decode_ac_native(s: BinaryStream, coder: GridCoder, coef: np.ndarray, eob: np.ndarray, perm: np.ndarray,
+                      nbr: np.ndarray, n_anchor: int, lay: _Layout) -> None:
+    """The degree loop of :func:`code_block_coefficients` for a decoder, its sites and contexts found in
+    compiled code pass by pass (each reads the passes decoded before it): the same sites and contexts.
+    ``eob`` is in the anchors-first numbering; ``coef`` (int32, lattice order) receives the values."""
+    eob = np.ascontiguousarray(eob, np.int64)
+    capacity = len(eob) * int(np.diff(lay.bounds).max())  # every block live in the widest degree
+    local, at = np.empty(capacity, np.uint16), np.empty(capacity, np.int64)
+    flat = coef.reshape(-1)
+    for degree in range(1, len(lay.bounds) - 1):
+        if not (eob >= degree).any():
+            break  # eob >= degree is monotone in degree
+        for pass_id in (0, 1):
+            k = entropy._contexts.pass_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _SITE_LUT,
+                                             local, at, degree, pass_id, n_anchor, N_BINS, _ABS_CAP)
+            if k:
+                flat[at[:k]] = coder.code_local(s, pass_id, degree, local[:k])
+
+
 def _encode_ac_native(s: BinaryStream, coder: GridCoder, coef: np.ndarray, eob: np.ndarray, perm: np.ndarray,
                       nbr: np.ndarray, n_anchor: int, lay: _Layout) -> None:
     """The degree loop of :func:`code_block_coefficients` for an encoder, in compiled code: the same
@@ -205,5 +228,5 @@ def _encode_ac_native(s: BinaryStream, coder: GridCoder, coef: np.ndarray, eob: 
     passes = np.empty((2 * degrees, 4), np.int64)
     _, n_passes = entropy._contexts.block_sites(
         np.ascontiguousarray(coef, np.int32), np.ascontiguousarray(eob, np.int64), perm, nbr, lay.bounds, lay.order,
-        lay.parents_flat, _BIN_LUT, local, values, passes, n_anchor, N_BINS, _ABS_CAP)
+        lay.parents_flat, _SITE_LUT, local, values, passes, n_anchor, N_BINS, _ABS_CAP)
     coder.encode_passes(s, passes[:n_passes], local, values)

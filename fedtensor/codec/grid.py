@@ -88,6 +88,11 @@ class GridCoder:
         c, local, key0, mkey0, values = self.sites(pass_id, cls, pbin, nbin, ebin, values)
         return self.coder.code(s, c, local, key0, mkey0, _MAG_OF, values)
 
+    def code_local(self, s: BinaryStream, pass_id: int, cls: int, local: np.ndarray) -> np.ndarray:
+        """Decode one pass's sites given their local contexts (as :meth:`sites` makes them)."""
+        return self.coder.code(s, min(cls, N_CLASSES - 1), local, pass_id * _N_LOCAL, pass_id * 2 * N_BINS, _MAG_OF,
+                               None)
+
     def encode_passes(self, s: BinaryStream, passes: np.ndarray, local: np.ndarray, values: np.ndarray,
                       budget: int = 1 << 14) -> None:
         """Encode passes given as rows ``(class, pass, start, stop)`` into ``local`` (local contexts, as
