@@ -746,7 +746,8 @@ _MIN_SAMPLE_BLOCKS = 256  # fewer large blocks misjudged the step: 77 of 16Ã—16Ã
 
 
 def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: float, n_voxels: int | None = None) -> float:
-    """Quantiser step meeting ``mse`` (normalised units) on ~``n_voxels`` of evenly spread sampled blocks.
+    """Quantiser step meeting ``mse`` (normalised units) on ~``n_voxels`` of evenly spread sampled blocks
+    (at least :data:`_MIN_SAMPLE_BLOCKS`, or all).
 
     A first guess for the PSNR search, which then measures the decoded volume itself. The coefficient
     domain sets it (an orthonormal transform keeps squared errors), corrected once by the decoded error
@@ -757,7 +758,7 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     from fedtensor.codec.blocktucker import gather_blocks
     from fedtensor.codec.quantize import largest_step_within, quantization_sse
 
-    n_voxels = n_voxels or slab_voxels(x)  # a guess only: the search measures; memory ~ one slab
+    n_voxels = n_voxels or slab_voxels(x)  # a guess only: the search measures; memory ~ one slab of voxels
     grid = tuple(p // m for p, m in zip(padded_shape(x.shape, b), b))
     total = math.prod(grid)
     # One block drawn (seeded) from each of ``count`` equal runs of the grid: spread evenly, yet not
