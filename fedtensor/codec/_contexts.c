@@ -38,6 +38,11 @@ typedef struct {
     int held;
 } Buf;
 
+static void release(Buf *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (b[i].held) PyBuffer_Release(&b[i].b);
+}
+
 static int get(PyObject *obj, Buf *out, Py_ssize_t itemsize, Py_ssize_t count, int writable, const char *name) {
     if (PyObject_GetBuffer(obj, &out->b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
     out->held = 1;
@@ -219,8 +224,7 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
     }
     result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < 18; i++)
-        if (b[i].held) PyBuffer_Release(&b[i].b);
+    release(b, 18);
     return result;
 }
 
@@ -414,8 +418,7 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
 done:
     PyMem_RawFree(work);
     PyMem_RawFree(at);
-    for (int i = 0; i < 11; i++)
-        if (b[i].held) PyBuffer_Release(&b[i].b);
+    release(b, 11);
     return result;
 }
 
@@ -463,8 +466,7 @@ static PyObject *pass_sites(PyObject *self, PyObject *args) {
     else result = PyLong_FromSsize_t(got);
 done:
     PyMem_RawFree(work);
-    for (int i = 0; i < 10; i++)
-        if (b[i].held) PyBuffer_Release(&b[i].b);
+    release(b, 10);
     return result;
 }
 
@@ -528,8 +530,7 @@ static PyObject *binarise(PyObject *self, PyObject *args) {
     else if (bad == 2) PyErr_SetString(PyExc_ValueError, "binarise: local context out of range");
     else result = Py_BuildValue("nn", k, e);
 done:
-    for (int i = 0; i < 11; i++)
-        if (b[i].held) PyBuffer_Release(&b[i].b);
+    release(b, 11);
     return result;
 }
 
