@@ -367,6 +367,16 @@ def test_compiled_block_contexts_write_the_numpy_bytes(gx, gy, gz, b, scale, see
     compiled, reference = _encoded_both_ways(code)
     assert compiled == reference
 
+    def decode():  # both grids back, by the compiled decoder's passes or by numpy's
+        coders, s = BlockCoders(), BinaryStream(np.frombuffer(compiled, np.uint32))
+        grids = [code_block_coefficients(s, grid, b, None, coders) for _ in range(2)]
+        s.check_consumed()
+        return grids
+
+    by_compiled, by_numpy = _encoded_both_ways(decode)
+    for back in (*by_compiled, *by_numpy):
+        np.testing.assert_array_equal(back, q)
+
 
 @pytest.mark.parametrize("name", ["ct_chest.nii.gz", "ct_head_uint8.nii.gz", "ct_series_dicom"])
 def test_compiled_coder_writes_and_reads_as_numpy(load_volume, name):
