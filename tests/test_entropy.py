@@ -505,3 +505,15 @@ def test_categorical_rows_codes_in_pieces_as_one_call():
     back = BinaryStream(np.frombuffer(data, np.uint32))
     np.testing.assert_array_equal(back.categorical_rows(table, rows, None), values)
     back.check_consumed()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.uint32, np.int32, np.int64])
+def test_batched_encoder_codes_every_integer_type_alike(encoder, dtype):
+    """The compiled binarisation reads 32- and 64-bit signed values; narrower or unsigned ones are
+    widened first, so every type codes as numpy codes it (the chunk-by-chunk coder)."""
+    rng = np.random.default_rng(11)
+    top = min(np.iinfo(dtype).max, 3_000_000_000)
+    v = rng.integers(0 if np.iinfo(dtype).min == 0 else -min(top, 2**31 - 1), top, 3000, dtype=np.int64)
+    v[rng.random(3000) < 0.5] = 0
+    local = rng.integers(0, 512, 3000).astype(np.uint16)
+    _one_by_one_and_batched([[(2, local, 0, 16, v.astype(dtype))]])

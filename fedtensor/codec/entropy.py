@@ -394,8 +394,9 @@ class SignedCoder:
         signs_and_lengths = np.empty(n_chunks * (n_mag + _EG_CAP))
         i64 = [np.ascontiguousarray(a, np.int64) for a in (cls, key0, mkey0, bounds, idx, sym_nz, neg, esc, nbits,
                                                             mag_of)]
-        _contexts.chunk_models(*i64[:4], _narrow_local(local, mag_of), *i64[4:], self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, tables,
-                               signs_and_lengths, self.zero.shape[2], self.mag.shape[2], self.zero.shape[0], 3)
+        _contexts.chunk_models(*i64[:4], _narrow_local(local, mag_of), *i64[4:], self.zero, self.zero_pooled,
+                               self.mag, self.mag_pooled, self.eg, tables, signs_and_lengths, self.zero.shape[2],
+                               self.mag.shape[2], self.zero.shape[0], 3)
         p_neg = signs_and_lengths[:n_chunks * n_mag].reshape(n_chunks, n_mag)
         return tables.__getitem__, p_neg, signs_and_lengths[n_chunks * n_mag:].reshape(n_chunks, _EG_CAP)
 
@@ -503,6 +504,8 @@ def _binarise_native(values: np.ndarray, local: np.ndarray, mag_of: np.ndarray):
     """:func:`_binarise` in compiled code, with the non-zeros' symbols and magnitude keys
     (``mag_of[local]``) and the escapes' :func:`_bit_lengths`: ``(sym, nz, sym_nz, neg, mnz, esc, rest,
     nbits)``, all int64 but ``sym`` (int32)."""
+    if values.dtype not in (np.int32, np.int64):  # the C code reads signed 32- or 64-bit integers
+        values = values.astype(np.int64)
     n = len(values)
     sym, wide = np.empty(n, np.int32), np.empty((7, n), np.int64)
     try:
