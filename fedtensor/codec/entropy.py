@@ -387,16 +387,17 @@ class SignedCoder:
 
     def _chunk_models_native(self, mag_of, cls, key0, mkey0, bounds, local, sym_nz, idx, mnz, neg, esc, nbits):
         """:meth:`_chunk_models` in compiled code (``fedtensor/codec/_contexts.c``): the same models,
-        bit for bit, and the same tables after. ``table(c)`` holds only the rows of the local contexts
-        chunk ``c`` holds (computing all of them took most of the time); the others are not set."""
+        bit for bit, and the same tables after. ``local``: as :func:`_narrow_local` gives it. ``table(c)``
+        holds only the rows of the local contexts chunk ``c`` holds (computing all of them took most of
+        the time); the others are not set."""
         n_chunks, n_local, n_mag = len(cls), len(mag_of), int(mag_of.max()) + 1
         tables = np.empty((n_chunks, n_local, UNARY_CAP + 2), np.float32)
         signs_and_lengths = np.empty(n_chunks * (n_mag + _EG_CAP))
         i64 = [np.ascontiguousarray(a, np.int64) for a in (cls, key0, mkey0, bounds, idx, sym_nz, neg, esc, nbits,
                                                             mag_of)]
-        _contexts.chunk_models(*i64[:4], _narrow_local(local, mag_of), *i64[4:], self.zero, self.zero_pooled,
-                               self.mag, self.mag_pooled, self.eg, tables, signs_and_lengths, self.zero.shape[2],
-                               self.mag.shape[2], self.zero.shape[0], 3)
+        _contexts.chunk_models(*i64[:4], local, *i64[4:], self.zero, self.zero_pooled, self.mag, self.mag_pooled,
+                               self.eg, tables, signs_and_lengths, self.zero.shape[2], self.mag.shape[2],
+                               self.zero.shape[0], 3)
         p_neg = signs_and_lengths[:n_chunks * n_mag].reshape(n_chunks, n_mag)
         return tables.__getitem__, p_neg, signs_and_lengths[n_chunks * n_mag:].reshape(n_chunks, _EG_CAP)
 
