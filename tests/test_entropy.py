@@ -456,6 +456,40 @@ def test_compiled_functions_refuse_bad_arguments():
             pass_sites(**bad)
 
 
+def test_chunk_symbols_lays_out_signs_lengths_and_bits_per_chunk():
+    """The compiled per-chunk coder inputs equal the numpy expressions the chunk loop used: each
+    non-zero's P(negative) from its chunk's row, its sign, each escape's length and its raw bits
+    (``_raw_bits``), and where each chunk starts in each; bad arguments raise."""
+    rng = np.random.default_rng(3)
+    values = (np.round(rng.laplace(0, 30.0, 3000)) * (rng.random(3000) < 0.6)).astype(np.int64)
+    local = rng.integers(0, 512, 3000).astype(np.uint16)
+    mag = _MAG_OF.astype(np.int64)
+    sym, nz, sym_nz, neg, mnz, esc, rest, nbits = entropy._binarise_native(values, local, mag)
+    bounds = np.array([0, 64, 320, 1344, 3000], np.int64)
+    p_neg = rng.random((4, int(mag.max()) + 1))
+    psign, sign = np.empty(len(nz)), np.empty(len(nz), np.int32)
+    length, bits = np.empty(len(esc), np.int32), np.empty(int(nbits.sum()), np.int32)
+    marks = np.empty((3, 5), np.int64)
+    assert entropy._contexts.chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits,
+                                           marks) == len(bits)
+    nz_at, esc_at = np.searchsorted(nz, bounds), np.searchsorted(esc, bounds)
+    assert (marks[0] == nz_at).all() and (marks[1] == esc_at).all()
+    owner, shift = entropy._raw_bits(nbits)
+    assert (bits == (rest[owner] >> shift) & 1).all() and (sign == neg).all() and (length == nbits).all()
+    assert (marks[2] == np.searchsorted(owner, esc_at, side="left")).all()
+    chunk = np.searchsorted(bounds, nz, side="right") - 1
+    assert (psign == p_neg[chunk, mnz]).all()
+
+    def call(bounds=bounds, mnz=mnz, nbits=nbits, rest=rest, p_neg=p_neg, bits=bits, marks=marks):
+        entropy._contexts.chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits,
+                                        marks)
+
+    for bad in (dict(bounds=bounds[::-1].copy()), dict(mnz=mnz + 100), dict(nbits=nbits + 40), dict(rest=rest * 2),
+                dict(p_neg=p_neg[:3]), dict(bits=bits[:-1]), dict(marks=marks[:, :4].copy())):
+        with pytest.raises(ValueError):
+            call(**bad)
+
+
 @settings(max_examples=25, deadline=None)
 @given(gx=st.integers(1, 5), gy=st.integers(1, 5), gz=st.integers(1, 5),
        b=st.sampled_from([(2, 2, 2), (4, 4, 4), (4, 2, 8), (1, 1, 4)]), seed=st.integers(0, 2**16))

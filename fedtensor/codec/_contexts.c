@@ -534,6 +534,84 @@ done:
     return result;
 }
 
+/* An encoder's coder inputs for a chunk run beyond its symbols, from binarise's decisions and chunk_models's
+ * sign models: each non-zero's P(negative) and sign, each escape's length symbol and the raw bits below the
+ * leading one of its remainder (most significant first, escape after escape), and where each chunk starts in
+ * each of them (marks rows: non-zeros, escapes, bits). Returns the number of bits. */
+static PyObject *chunk_symbols(PyObject *self, PyObject *args) {
+    PyObject *o[13];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &o[11], &o[12]))
+        return NULL;
+    Buf b[13];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    /* bounds (n_chunks + 1); nz, mnz, neg (non-zeros); esc, rest, nbits (escapes): int64; p_neg (n_chunks,
+       n_mag) float64. Out: psign (non-zeros) float64, sign (non-zeros) int32, length (escapes) int32, bits
+       (capacity) int32, marks (3, n_chunks + 1) int64. */
+    if (get(o[0], &b[0], 8, -1, 0, "bounds") < 0 || get(o[1], &b[1], 8, -1, 0, "nz") < 0) goto done;
+    Py_ssize_t n_chunks = b[0].b.len / 8 - 1, n_nz = b[1].b.len / 8;
+    if (n_chunks < 0) { PyErr_SetString(PyExc_ValueError, "chunk_symbols: no bounds"); goto done; }
+    if (get(o[2], &b[2], 8, n_nz, 0, "mnz") < 0 || get(o[3], &b[3], 8, n_nz, 0, "neg") < 0 ||
+        get(o[4], &b[4], 8, -1, 0, "esc") < 0)
+        goto done;
+    Py_ssize_t n_esc = b[4].b.len / 8;
+    if (get(o[5], &b[5], 8, n_esc, 0, "rest") < 0 || get(o[6], &b[6], 8, n_esc, 0, "nbits") < 0 ||
+        get(o[7], &b[7], 8, -1, 0, "p_neg") < 0 || get(o[8], &b[8], 8, n_nz, 1, "psign") < 0 ||
+        get(o[9], &b[9], 4, n_nz, 1, "sign") < 0 || get(o[10], &b[10], 4, n_esc, 1, "length") < 0 ||
+        get(o[11], &b[11], 4, -1, 1, "bits") < 0 || get(o[12], &b[12], 8, 3 * (n_chunks + 1), 1, "marks") < 0)
+        goto done;
+    Py_ssize_t n_mag = n_chunks ? b[7].b.len / 8 / n_chunks : 0, capacity = b[11].b.len / 4;
+    const int64_t *bounds = b[0].b.buf, *nz = b[1].b.buf, *mnz = b[2].b.buf, *neg = b[3].b.buf, *esc = b[4].b.buf,
+                  *rest = b[5].b.buf, *nbits = b[6].b.buf;
+    const double *p_neg = b[7].b.buf;
+    double *psign = b[8].b.buf;
+    int32_t *sign = b[9].b.buf, *length = b[10].b.buf, *bits = b[11].b.buf;
+    int64_t *marks = b[12].b.buf;
+    if (n_chunks && b[7].b.len != 8 * n_chunks * n_mag) {
+        PyErr_SetString(PyExc_ValueError, "chunk_symbols: sign models are not one row per chunk");
+        goto done;
+    }
+    for (Py_ssize_t c = 0; c < n_chunks; c++)
+        if (bounds[c + 1] < bounds[c]) { PyErr_SetString(PyExc_ValueError, "chunk_symbols: bounds decrease"); goto done; }
+    Py_ssize_t total = 0;
+    for (Py_ssize_t j = 0; j < n_nz; j++)
+        if (mnz[j] < 0 || mnz[j] >= n_mag || (j && nz[j] <= nz[j - 1])) {
+            PyErr_SetString(PyExc_ValueError, "chunk_symbols: non-zeros out of range");
+            goto done;
+        }
+    for (Py_ssize_t e = 0; e < n_esc; e++) {
+        if (nbits[e] < 0 || nbits[e] >= EG_CAP || (e && esc[e] <= esc[e - 1]) || rest[e] >> nbits[e] != 1) {
+            PyErr_SetString(PyExc_ValueError, "chunk_symbols: escapes out of range");
+            goto done;
+        }
+        total += nbits[e];
+    }
+    if (total > capacity) { PyErr_SetString(PyExc_ValueError, "chunk_symbols: more bits than the capacity given"); goto done; }
+    Py_ssize_t j = 0, e = 0, k = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t c = 0; c <= n_chunks; c++) {
+        marks[c] = j, marks[n_chunks + 1 + c] = e, marks[2 * (n_chunks + 1) + c] = k;
+        if (c == n_chunks) break;
+        for (; j < n_nz && nz[j] < bounds[c + 1]; j++) {
+            psign[j] = p_neg[c * n_mag + mnz[j]];
+            sign[j] = (int32_t)neg[j];
+        }
+        for (; e < n_esc && esc[e] < bounds[c + 1]; e++) {
+            length[e] = (int32_t)nbits[e];
+            for (int64_t s = nbits[e] - 1; s >= 0; s--) bits[k++] = (int32_t)((rest[e] >> s) & 1);
+        }
+    }
+    /* non-zeros or escapes past the last bound belong to no chunk: they are not coded */
+    for (; j < n_nz; j++) psign[j] = 0.5, sign[j] = 0;
+    for (; e < n_esc; e++) length[e] = 0;
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(k);
+done:
+    release(b, 13);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"block_sites", block_sites, METH_VARARGS,
      "block_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, values, calls, n_anchor, n_bins, "
@@ -545,6 +623,9 @@ static PyMethodDef methods[] = {
     {"binarise", binarise, METH_VARARGS,
      "binarise(values, local, mag_of, sym, nz, sym_nz, neg, mnz, esc, rest, nbits) -> (non-zeros, escapes)\n\n"
      "An encoder's decisions for values (see entropy._binarise)."},
+    {"chunk_symbols", chunk_symbols, METH_VARARGS,
+     "chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits, marks) -> bits\n\n"
+     "An encoder's sign models and signs, Exp-Golomb lengths and raw bits per chunk of a run."},
     {"chunk_models", chunk_models, METH_VARARGS,
      "chunk_models(cls, key0, mkey0, bounds, local, nz, sym_nz, neg, esc, nbits, mag_of, zero, zero_pooled, mag, "
      "mag_pooled, eg, tables, signs_and_lengths, n_keys, n_mag_keys, n_classes, mode)\n\n"

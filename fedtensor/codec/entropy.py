@@ -81,8 +81,8 @@ class BinaryStream:
         symbols at a time: the same code (a range coder's symbols may be split between calls), and
         the rows, 64 bytes a symbol, stay small and in cache instead of taking megabytes per chunk."""
         if len(rows) <= _ROWS_AT_ONCE:
-            return self.categorical(np.take(table, rows, axis=0), values)
-        pieces = [self.categorical(np.take(table, rows[i:i + _ROWS_AT_ONCE], axis=0),
+            return self.categorical(table.take(rows, axis=0), values)
+        pieces = [self.categorical(table.take(rows[i:i + _ROWS_AT_ONCE], axis=0),
                                    None if values is None else values[i:i + _ROWS_AT_ONCE])
                   for i in range(0, len(rows), _ROWS_AT_ONCE)]
         return np.concatenate(pieces) if self.decoding else values
@@ -329,12 +329,14 @@ class SignedCoder:
             sym, idx, sym_nz, neg, mnz, esc, rest, nbits = _binarise_native(values, local, mag_of)
             table, p_neg, dist = self._chunk_models_native(mag_of, cls, key0, mkey0, bounds, local, sym_nz, idx, mnz,
                                                            neg, esc, nbits)
-        else:
-            sym, idx, neg, esc, rest = _binarise(values)
-            mnz = mag_of[local[idx]]
-            nbits = _bit_lengths(rest)
-            table, p_neg, dist = self._chunk_models(mag_of, cls, key0, mkey0, bounds, local, sym[idx], idx, mnz, neg,
-                                                    esc, nbits)
+            _code_chunks_native(s, np.ascontiguousarray(bounds, np.int64), local, sym, table, p_neg, dist, idx, mnz,
+                                neg, esc, rest, nbits)
+            return
+        sym, idx, neg, esc, rest = _binarise(values)
+        mnz = mag_of[local[idx]]
+        nbits = _bit_lengths(rest)
+        table, p_neg, dist = self._chunk_models(mag_of, cls, key0, mkey0, bounds, local, sym[idx], idx, mnz, neg,
+                                                esc, nbits)
         nz_bounds, esc_bounds = np.searchsorted(idx, bounds), np.searchsorted(esc, bounds)
         for c in range(len(cls)):
             a, b = bounds[c], bounds[c + 1]
@@ -516,6 +518,25 @@ def _binarise_native(values: np.ndarray, local: np.ndarray, mag_of: np.ndarray):
         raise FormatError("value too large for the entropy coder") from None
     nz, sym_nz, neg, mnz, esc, rest, nbits = wide
     return sym, nz[:k], sym_nz[:k], neg[:k], mnz[:k], esc[:e], rest[:e], nbits[:e]
+
+
+def _code_chunks_native(s: BinaryStream, bounds, local, sym, tables, p_neg, dist, nz, mnz, neg, esc, rest,
+                        nbits) -> None:
+    """The coder calls of :meth:`SignedCoder._encode_chunks` for a run of chunks (``bounds`` into
+    ``local`` and ``sym``), their sign probabilities, signs, Exp-Golomb lengths and raw bits laid out per
+    chunk by the compiled ``chunk_symbols`` (one pass, not a dozen numpy calls a chunk)."""
+    n_chunks = len(bounds) - 1
+    psign, sign = np.empty(len(nz)), np.empty(len(nz), np.int32)
+    length, bits = np.empty(len(esc), np.int32), np.empty(int(nbits.sum()), np.int32)
+    marks = np.empty((3, n_chunks + 1), np.int64)
+    _contexts.chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits, marks)
+    edges = np.vstack([bounds, marks]).T.tolist()  # per chunk start: symbols, non-zeros, escapes, bits
+    for c, ((a, na, ea, ba), (b, nb, eb, bb)) in enumerate(zip(edges[:-1], edges[1:])):
+        s.categorical_rows(tables(c), local[a:b], sym[a:b])
+        s.bernoulli(psign[na:nb], sign[na:nb])
+        if eb > ea:
+            s.categorical_alike(dist[c], length[ea:eb], eb - ea)
+            s.even_bits(bits[ba:bb], bb - ba)
 
 
 def _bit_lengths(rest: np.ndarray) -> np.ndarray:
