@@ -132,7 +132,9 @@ def gather_blocks(x: np.ndarray, b, flat_index: np.ndarray) -> np.ndarray:
     return x[axes[0][:, :, None, None], axes[1][:, None, :, None], axes[2][:, None, None, :]]
 
 
-def sample_superblocks(x: np.ndarray, side: int, count: int) -> np.ndarray:
-    """Up to ``count`` aligned ``side³`` superblocks of the edge-padded ``x``, evenly spread, as tiles."""
-    total = math.prod(-(-n // side) for n in x.shape)
-    return gather_blocks(x, side, np.unique(np.linspace(0, total - 1, min(count, total)).astype(int)))
+def superblock_index(shape, side: int, count: int) -> np.ndarray:
+    """Flat grid indices of up to ``count`` aligned ``side³`` superblocks of a volume of ``shape``, evenly
+    spread (ascending)."""
+    total = math.prod(-(-n // side) for n in shape)
+    return np.unique(np.linspace(0, total - 1, min(count, total)).astype(int))
+
