@@ -403,6 +403,10 @@ def test_batched_encoder_tables_both_ways(encoder):
               (np.round(rng.laplace(0, 5.0, n)) * (rng.random(n) < 0.5)).astype(np.int32))
              for c, n, k in [(3, 5000, 0), (3, 70, 1), (15, 20000, 0), (3, 4096, 0)]]
     _one_by_one_and_batched([calls, calls])
+    # Calls whose key ranges overlap (a context's counts then reach another call's range): the chunk sizes
+    # still follow each key's counts.
+    overlapping = [(3, local, key0 // 2, mkey0, values) for _, local, key0, mkey0, values in calls]
+    _one_by_one_and_batched([overlapping, overlapping])
 
 
 def test_compiled_functions_refuse_bad_arguments():

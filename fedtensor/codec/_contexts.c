@@ -323,10 +323,12 @@ static void parent_sums(const Lattice *L, Py_ssize_t d, const uint8_t *prev, uin
     memset(parent + L->n * stride, 0, (size_t)stride);
 }
 
-/* The sites of pass ``pass`` of degree d: their local contexts and flat positions in coef, from the parents'
- * sums and, for pass 1, pass 0's saturated values (``cur``). Returns the count, or −1 past ``capacity``. */
+/* The sites of pass ``pass`` of degree d: their local contexts, and their flat positions in coef (``at``, a
+ * decoder's) or their values (``values``, an encoder's; either may be NULL), from the parents' sums and, for
+ * pass 1, pass 0's saturated values (``cur``). Returns the count, or −1 past ``capacity``. */
 static Py_ssize_t pass_sites_of(const Lattice *L, Py_ssize_t d, int pass, const uint8_t *parent, const uint8_t *cur,
-                                Py_ssize_t stride, uint16_t *local, int64_t *at, Py_ssize_t capacity) {
+                                Py_ssize_t stride, uint16_t *local, int64_t *at, int32_t *values,
+                                Py_ssize_t capacity) {
     Py_ssize_t lo = L->bounds[d], width = L->bounds[d + 1] - lo, n = L->n, sites = 0;
     Py_ssize_t first = pass ? L->n_anchor : 0, last = pass ? n : L->n_anchor;
     const uint8_t *nsrc = pass ? cur : parent, *lut = L->lut;
@@ -341,8 +343,11 @@ static Py_ssize_t pass_sites_of(const Lattice *L, Py_ssize_t d, int pass, const 
             unsigned sum = (unsigned)nb_rows[0][c] + nb_rows[1][c] + nb_rows[2][c] + nb_rows[3][c] + nb_rows[4][c] +
                            nb_rows[5][c];
             if (!pass) sum /= 2;
+            int64_t flat = L->perm[i] * L->nb + L->order[lo + c];
             local[sites] = (uint16_t)((lut[pr[c]] * L->n_bins + lut[sum]) * L->n_bins + ebin);
-            at[sites++] = L->perm[i] * L->nb + L->order[lo + c];
+            if (at) at[sites] = flat;
+            if (values) values[sites] = L->coef[flat];
+            sites++;
         }
     }
     return sites;
@@ -361,7 +366,6 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
     uint8_t *work = NULL;
-    int64_t *at = NULL;
     Lattice L;
     /* The lattice (see above); out: local (capacity) uint16, values (capacity) int32, calls (2 D, 4) int64. */
     if (lattice(o, b, n_anchor, n_bins, abs_cap, &L) < 0 || get(o[8], &b[8], 2, -1, 1, "local") < 0) goto done;
@@ -376,8 +380,7 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
        row "outside the lattice" and column "no parent"), and the parents' sums. */
     Py_ssize_t stride = L.max_width + 1, rows = L.n + 1;
     work = PyMem_RawCalloc((size_t)(3 * rows * stride), 1);
-    at = PyMem_RawMalloc(sizeof(int64_t) * (size_t)(capacity ? capacity : 1));
-    if (!work || !at) { PyErr_NoMemory(); goto done; }
+    if (!work) { PyErr_NoMemory(); goto done; }
     Py_ssize_t sites = 0, n_calls = 0;
     int overflow = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -394,10 +397,9 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
         parent_sums(&L, d, prev, parent, stride);
         memset(cur, 0, (size_t)(rows * stride));
         for (int pass = 0; pass < 2 && !overflow; pass++) {
-            Py_ssize_t got = pass_sites_of(&L, d, pass, parent, cur, stride, local + sites, at + sites,
+            Py_ssize_t got = pass_sites_of(&L, d, pass, parent, cur, stride, local + sites, NULL, values + sites,
                                            capacity - sites);
             if (got < 0) { overflow = 1; break; }
-            for (Py_ssize_t k = sites; k < sites + got; k++) values[k] = L.coef[at[k]];
             /* after the pass: pass 1 reads pass 0's */
             saturated(&L, d, pass ? L.n_anchor : 0, pass ? L.n : L.n_anchor, abs_cap, cur, stride);
             if (got) {
@@ -417,7 +419,6 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
     result = Py_BuildValue("nn", sites, n_calls);
 done:
     PyMem_RawFree(work);
-    PyMem_RawFree(at);
     release(b, 11);
     return result;
 }
@@ -460,7 +461,7 @@ static PyObject *pass_sites(PyObject *self, PyObject *args) {
     }
     parent_sums(&L, degree, prev, parent, stride);
     if (pass) saturated(&L, degree, 0, L.n_anchor, abs_cap, cur, stride);
-    got = pass_sites_of(&L, degree, (int)pass, parent, cur, stride, b[8].b.buf, b[9].b.buf, capacity);
+    got = pass_sites_of(&L, degree, (int)pass, parent, cur, stride, b[8].b.buf, b[9].b.buf, NULL, capacity);
     Py_END_ALLOW_THREADS
     if (got < 0) PyErr_SetString(PyExc_ValueError, "pass_sites: more sites than the capacity given");
     else result = PyLong_FromSsize_t(got);

@@ -301,12 +301,22 @@ class SignedCoder:
         """:meth:`encode_calls` for calls given as ``(cls, key0, mkey0, length)``, their local contexts
         and values one after the other in ``local`` and ``values``."""
         n_local = len(mag_of)
-        # The chunks, sized as code() sizes them from the class table's total at each call's start.
-        seen = self.zero[:, 1].copy()
+        # The chunks, sized as code() sizes them from the class table's total at each call's start: the
+        # total before the run plus the lengths of the calls before it with the same keys (where calls'
+        # key ranges are the same or apart; where they overlap, counted per key).
+        starts = sorted({k0 for _, k0, _, _ in calls})
+        apart = all(b - a >= n_local for a, b in zip(starts, starts[1:]))
+        seen = {} if apart else self.zero[:, 1].copy()
         bounds, cls, key0, mkey0 = [0], [], [], []
         for c, k0, m0, length in calls:
-            first = _first_chunk(seen[c, k0:k0 + n_local].sum())
-            seen[c, k0:k0 + n_local] += np.bincount(local[bounds[-1]:bounds[-1] + length], minlength=n_local)
+            if apart:
+                if (c, k0) not in seen:
+                    seen[c, k0] = self.zero[c, 1, k0:k0 + n_local].sum()
+                first = _first_chunk(seen[c, k0])
+                seen[c, k0] += length
+            else:
+                first = _first_chunk(seen[c, k0:k0 + n_local].sum())
+                seen[c, k0:k0 + n_local] += np.bincount(local[bounds[-1]:bounds[-1] + length], minlength=n_local)
             for sl in _chunks(length, first):
                 bounds.append(bounds[-1] + sl.stop - sl.start)
                 cls.append(c)
