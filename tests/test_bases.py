@@ -138,3 +138,43 @@ def test_sample_decoded_error_matches_a_reference(dtype):
         view[0], view[axis + 1] = slice(None), slice(None)
         inside &= ((c[:, None] + np.arange(k)) < n)[tuple(view)]
     assert got == pytest.approx(float(np.mean(d[inside] ** 2)), rel=1e-4)
+
+
+def test_tile_histograms_of_parts_add_up_to_the_whole():
+    """Under the same bases, the proxy's histograms of two sets of tiles add up to those of their union
+    (the block choice's second stage adds the rest of the superblocks' to the quarter's)."""
+    rng = np.random.default_rng(4)
+    tiles = rng.integers(-1000, 3000, size=(21, 16, 16, 16)).astype(np.int16)
+    offset, scale = normalization(tiles)
+    b, step = (4, 4, 8), 0.02
+    bases = blocktucker.tile_bases(blocktucker.fiber_grams(tiles, offset, scale), b)
+    whole = np.asarray(blocktucker.tile_histograms(tiles, b, offset, scale, step, bases=bases))
+    parts = sum(np.asarray(blocktucker.tile_histograms(t, b, offset, scale, step, bases=bases))
+                for t in (tiles[::4], tiles[np.arange(21) % 4 != 0]))
+    assert whole.sum() == tiles.size and np.array_equal(parts, whole)
+
+
+@pytest.mark.parametrize("name", ["ct_head_uint8.nii.gz", "ct_chest.nii.gz"])
+def test_block_choice_in_two_stages_is_the_choice_over_all_superblocks(load_volume, monkeypatch, name):
+    """Costing every shape on a quarter of the superblocks, then the close ones on all, picks the shape
+    that costing every shape on all of them picks."""
+    from fedtensor.codec import api
+
+    x = load_volume(name).data
+    offset, scale = normalization(x)
+    mse = (float(np.ptp(x)) / scale / 10 ** (45 / 20)) ** 2
+    seen = []
+    original = api._proxy_histograms
+
+    def spy(tiles, candidates, bases, *args):
+        seen.append((tiles, candidates, bases, args))
+        return original(tiles, candidates, bases, *args)
+
+    monkeypatch.setattr(api, "_proxy_histograms", spy)
+    chosen = api._pick_block(x, offset, scale, mse)
+    _, candidates, bases, args = seen[0]
+    everything = blocktucker.gather_blocks(x, 16, blocktucker.superblock_index(x.shape, 16, api._PICK_SUPERBLOCKS))
+    full = [api._proxy_cost(h, b) for h, b in zip(original(everything, candidates, bases, *args), candidates)]
+    assert chosen == candidates[int(np.argmin(full))]
+    if name == "ct_head_uint8.nii.gz":
+        assert len(seen) == 1  # 16×16×8 stands out on the quarter: the other shapes are not costed again

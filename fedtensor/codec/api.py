@@ -60,17 +60,20 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     transform, so the per-band entropy of the quantised coefficients ranks the shapes the way the
     real coder does, at a fraction of its cost. ``mse`` is in normalised units.
 
-    Every shape is ranked first on a quarter of the superblocks (every fourth, as evenly spread); only
-    those within :data:`_PICK_MARGIN` of the best there are ranked again on all of them, and a lone
-    one is the answer: on the head CT, where one shape stands out, the choice takes a third of the time.
+    Every shape is costed first on a quarter of the superblocks (every fourth, as evenly spread), with
+    bases fitted to all of them; only those within :data:`_PICK_MARGIN` of the best there are costed on
+    the others too, their histograms added to the quarter's (the costs over all the superblocks, as if
+    made at once), and a lone one is the answer: the head CT, where one shape stands out, takes half the
+    time, the others no more than costing every shape on every superblock.
     """
     candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
     if len(candidates) == 1:
         return candidates[0]
     index = blocktucker.superblock_index(x.shape, 16, _PICK_SUPERBLOCKS)
     # In the input dtype, normalised per tile; on the device once (not once per candidate).
-    some = blocktucker.gather_blocks(x, 16, index[::4])
-    quarter = jax.device_put(some)
+    tiles = jax.device_put(blocktucker.gather_blocks(x, 16, index))
+    quarter, rest = tiles[::4], tiles[np.setdiff1d(np.arange(len(index)), np.arange(0, len(index), 4))]
+    del tiles
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step the
     # distortion barely depends on the transform. The quarter sets it (on the sample CTs at 38–50 dB the
     # choices were those of all the tiles); the proxy then never holds more coefficients than one tile's,
@@ -78,32 +81,39 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     reference = (8, 8, 8) if (8, 8, 8) in candidates else candidates[0]
     budget = mse * quarter.size * x.size / math.prod(padded_shape(x.shape, 16))
     step = largest_step_within(blocktucker.tile_coefficients(quarter, reference, offset, scale), budget, 1e-9, 256.0)
-    costs = _proxy_costs(quarter, candidates, offset, scale, step)
-    close = [b for b, c in zip(candidates, costs) if c <= min(costs) * (1 + _PICK_MARGIN)]
-    rest = np.setdiff1d(index, index[::4])
+    grams = [a + b for a, b in zip(blocktucker.fiber_grams(quarter, offset, scale),
+                                   blocktucker.fiber_grams(rest, offset, scale))]  # once for all shapes
+    bases = [blocktucker.tile_bases(grams, b) for b in candidates]
+    hists = _proxy_histograms(quarter, candidates, bases, offset, scale, step)
+    costs = [_proxy_cost(h, b) for h, b in zip(hists, candidates)]
+    close = [k for k, c in enumerate(costs) if c <= min(costs) * (1 + _PICK_MARGIN)]
     if len(close) > 1 and len(rest):
-        del quarter
-        tiles = jax.device_put(np.concatenate([some, blocktucker.gather_blocks(x, 16, rest)]))
-        candidates, costs = close, _proxy_costs(tiles, close, offset, scale, step)
-    return candidates[int(np.argmin(costs))]
+        more = _proxy_histograms(rest, [candidates[k] for k in close], [bases[k] for k in close], offset, scale, step)
+        costs = {k: _proxy_cost(hists[k] + h, candidates[k]) for k, h in zip(close, more)}
+        return candidates[min(costs, key=costs.get)]
+    return candidates[close[0]] if len(close) == 1 else candidates[int(np.argmin(costs))]
 
 
-def _proxy_costs(tiles, candidates, offset: float, scale: float, step: float) -> list[float]:
-    """:func:`_pick_block`'s rate proxy of each candidate shape on ``tiles``."""
+def _proxy_histograms(tiles, candidates, bases, offset: float, scale: float, step: float) -> list:
+    """:func:`_pick_block`'s per-band histograms of each candidate shape on ``tiles`` (with its
+    ``bases``)."""
+    # Each shape's proxy scans the tiles one by one, small steps that leave cores idle: the shapes run in
+    # threads (JAX releases the GIL while a thread waits for its shape), 35–40 % less time on two cores.
+    def histograms(shape_bases):
+        b, u = shape_bases
+        return jax.block_until_ready(blocktucker.tile_histograms(tiles, b, offset, scale, step, bases=u))
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(candidates), usable_cores()))) as pool:
+        return list(pool.map(histograms, zip(candidates, bases)))
+
+
+def _proxy_cost(hist, b) -> float:
+    """The rate proxy of shape ``b`` from its histograms: their entropy, corrected for the block size."""
     # Context modelling gains more the more blocks there are: a small, measured correction per
     # doubling of the block volume keeps the proxy's ranking in line with the real coder's. (The proxy
     # quantises with one rounding, ROUNDING, for which that correction was measured: with the codec's
     # per-band rounding it picked worse shapes, e.g. 8³ for the chest CT at 40 dB, 7 % more bits than 4³.)
-    grams = blocktucker.fiber_grams(tiles, offset, scale)  # once for all shapes
-
-    def cost(b):
-        bits = blocktucker.tile_bits(tiles, b, offset, scale, step, grams=grams)
-        return bits * (1 + 0.012 * (math.log2(math.prod(b)) - 9))
-
-    # Each shape's proxy scans the tiles one by one, small steps that leave cores idle: the shapes run in
-    # threads (JAX releases the GIL), 35–40 % less time on two cores, the same costs.
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(candidates), usable_cores()))) as pool:
-        return list(pool.map(cost, candidates))
+    return blocktucker.histogram_bits(hist) * (1 + 0.012 * (math.log2(math.prod(b)) - 9))
 
 
 def _largest_step_reaching(evaluate, psnr: float, step: float):

@@ -50,13 +50,34 @@ def tile_bases(grams, b) -> list[jax.Array]:
 
 def tile_bits(tiles, b, offset: float, scale: float, step: float, clip: int = 64, grams=None) -> float:
     """Sum over bands of the empirical entropy of the quantised :func:`tile_coefficients` — a cheap rate
-    proxy to rank block shapes — without ever holding the coefficients: each tile's are quantised into
-    per-band histograms as they are made (magnitudes beyond ``clip`` share a bin). ``grams``: the tiles'
-    :func:`fiber_grams`, when several shapes are ranked on the same tiles."""
+    proxy to rank block shapes (:func:`histogram_bits` of :func:`tile_histograms`)."""
+    return histogram_bits(tile_histograms(tiles, b, offset, scale, step, clip, grams))
+
+
+def tile_histograms(tiles, b, offset: float, scale: float, step: float, clip: int = 64, grams=None,
+                    bases=None) -> jax.Array:
+    """Per-band histograms ``(n_bands, 2·clip + 1)`` of the quantised :func:`tile_coefficients`, made
+    without ever holding the coefficients: each tile's are quantised into them as they are made
+    (magnitudes beyond ``clip`` share a bin). ``bases``: the :func:`tile_bases` to transform with, else
+    those of ``grams`` (:func:`fiber_grams`; default: these tiles'); histograms of several sets of tiles
+    under the same bases add up to that of their union."""
     tiles, m = _prepared(tiles, offset, scale)
     b = block_shape(b)
-    bases = tile_bases(grams if grams is not None else _fiber_grams(tiles, m), b)
-    return float(_tile_bits(tiles, m, bases, np.float32(step), b, clip))
+    if bases is None:
+        bases = tile_bases(grams if grams is not None else _fiber_grams(tiles, m), b)
+    return _tile_histograms(tiles, m, bases, np.float32(step), b, clip)
+
+
+@jax.jit
+def _histogram_bits_of(hist):
+    hist = hist.astype(jnp.float32)
+    totals = hist.sum(axis=1, keepdims=True)
+    return -jnp.sum(jnp.where(hist > 0, hist * jnp.log2(jnp.maximum(hist, 1.0) / totals), 0.0))
+
+
+def histogram_bits(hist) -> float:
+    """Sum over bands (rows) of ``hist``'s zeroth-order entropy, in bits: count × −log2(frequency)."""
+    return float(_histogram_bits_of(hist))
 
 
 def _prepared(tiles, offset: float, scale: float) -> tuple[jax.Array, DeviceMap | None]:
@@ -98,7 +119,7 @@ def _tile_coefficients(tiles: jax.Array, m, bases, b: tuple[int, int, int]) -> j
 
 
 @partial(jax.jit, static_argnames=("b", "clip"))
-def _tile_bits(tiles: jax.Array, m, bases, step, b: tuple[int, int, int], clip: int) -> jax.Array:
+def _tile_histograms(tiles: jax.Array, m, bases, step, b: tuple[int, int, int], clip: int) -> jax.Array:
     nb, width = math.prod(b), 2 * clip + 1
     band = jnp.arange(nb, dtype=jnp.int32) * width
     # _TILES_AT_ONCE tiles a step (padded with tiles that count nothing): one tile a step was many small
@@ -114,10 +135,7 @@ def _tile_bits(tiles: jax.Array, m, bases, step, b: tuple[int, int, int], clip: 
         q = jnp.clip(jnp.sign(c) * jnp.floor(jnp.abs(c) / step + ROUNDING), -clip, clip).astype(jnp.int32)
         return hist.at[(band + q + clip).ravel()].add(jnp.broadcast_to(weight, q.shape).ravel()), None
 
-    hist = jax.lax.scan(count, jnp.zeros(nb * width, jnp.int32), (tiles, counted))[0]
-    hist = hist.reshape(nb, width).astype(jnp.float32)
-    totals = hist.sum(axis=1, keepdims=True)
-    return -jnp.sum(jnp.where(hist > 0, hist * jnp.log2(jnp.maximum(hist, 1.0) / totals), 0.0))
+    return jax.lax.scan(count, jnp.zeros(nb * width, jnp.int32), (tiles, counted))[0].reshape(nb, width)
 
 
 def gather_blocks(x: np.ndarray, b, flat_index: np.ndarray) -> np.ndarray:
