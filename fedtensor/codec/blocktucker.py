@@ -155,4 +155,3 @@ def superblock_index(shape, side: int, count: int) -> np.ndarray:
     spread (ascending)."""
     total = math.prod(-(-n // side) for n in shape)
     return np.unique(np.linspace(0, total - 1, min(count, total)).astype(int))
-

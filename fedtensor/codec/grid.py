@@ -148,7 +148,6 @@ class GridCoder:
             batch.flush()
         return out
 
-
     def _encode_quiet(self, s: BinaryStream, cls: int, values: np.ndarray) -> None:
         """:meth:`code` for an encoder, on a grid without parent activity, extra measure or mask (the
         end-of-block and DC grids): the same sites, contexts and bytes in a few numpy calls. The anchors'
