@@ -72,9 +72,9 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
         return candidates[0]
     index = blocktucker.superblock_index(x.shape, 16, _PICK_SUPERBLOCKS)
     # In the input dtype, normalised per tile; on the device once (not once per candidate).
-    tiles = jax.device_put(blocktucker.gather_blocks(x, 16, index))
-    quarter, rest = tiles[::4], tiles[np.setdiff1d(np.arange(len(index)), np.arange(0, len(index), 4))]
-    del tiles
+    every_fourth = np.arange(0, len(index), 4)
+    quarter = jax.device_put(blocktucker.gather_blocks(x, 16, index[every_fourth]))
+    rest = jax.device_put(blocktucker.gather_blocks(x, 16, np.delete(index, every_fourth)))
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step the
     # distortion barely depends on the transform. The quarter sets it (on the sample CTs at 38–50 dB the
     # choices were those of all the tiles); the proxy then never holds more coefficients than one tile's,
