@@ -293,6 +293,15 @@ static int lattice(PyObject **o, Buf *b, Py_ssize_t n_anchor, Py_ssize_t n_bins,
     return 0;
 }
 
+/* Both site functions' first inputs: the lattice (o[0…7], see above) and the output local (o[8], uint16),
+ * whose length is the capacity in sites. */
+static int site_inputs(PyObject **o, Buf *b, Py_ssize_t n_anchor, Py_ssize_t n_bins, Py_ssize_t abs_cap, Lattice *L,
+                       Py_ssize_t *capacity) {
+    if (lattice(o, b, n_anchor, n_bins, abs_cap, L) < 0 || get(o[8], &b[8], 2, -1, 1, "local") < 0) return -1;
+    *capacity = b[8].b.len / 2;
+    return 0;
+}
+
 /* Row i of ``out`` (stride ``stride``): the saturated |coefficients| of degree d of block i (anchors-first
  * numbering), for blocks numbered first … last − 1 whose end of block reaches d (the others' rows are
  * left as they are). */
@@ -307,6 +316,16 @@ static void saturated(const Lattice *L, Py_ssize_t d, Py_ssize_t first, Py_ssize
             a = a < 0 ? -a : a;
             out[i * stride + c] = (uint8_t)(a < abs_cap ? a : abs_cap);
         }
+    }
+}
+
+/* Row i of ``out`` (stride ``stride``): the saturated |DC| of block i (anchors-first numbering), every block:
+ * the previous degree of degree 1. */
+static void saturated_dc(const Lattice *L, int64_t abs_cap, uint8_t *out, Py_ssize_t stride) {
+    for (Py_ssize_t i = 0; i < L->n; i++) {
+        int64_t a = L->coef[L->perm[i] * L->nb];
+        a = a < 0 ? -a : a;
+        out[i * stride] = (uint8_t)(a < abs_cap ? a : abs_cap);
     }
 }
 
@@ -367,9 +386,9 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     uint8_t *work = NULL;
     Lattice L;
-    /* The lattice (see above); out: local (capacity) uint16, values (capacity) int32, calls (2 D, 4) int64. */
-    if (lattice(o, b, n_anchor, n_bins, abs_cap, &L) < 0 || get(o[8], &b[8], 2, -1, 1, "local") < 0) goto done;
-    Py_ssize_t capacity = b[8].b.len / 2;
+    /* The lattice and local (see site_inputs); out: values (capacity) int32, calls (2 D, 4) int64. */
+    Py_ssize_t capacity;
+    if (site_inputs(o, b, n_anchor, n_bins, abs_cap, &L, &capacity) < 0) goto done;
     if (get(o[9], &b[9], 4, capacity, 1, "values") < 0 || get(o[10], &b[10], 8, 2 * L.n_degrees * 4, 1, "calls") < 0)
         goto done;
     uint16_t *local = b[8].b.buf;
@@ -385,11 +404,7 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
     int overflow = 0;
     Py_BEGIN_ALLOW_THREADS
     uint8_t *prev = work, *cur = work + rows * stride, *parent = work + 2 * rows * stride;
-    for (Py_ssize_t i = 0; i < L.n; i++) {
-        int64_t a = L.coef[L.perm[i] * L.nb];
-        a = a < 0 ? -a : a;
-        prev[i * stride] = (uint8_t)(a < abs_cap ? a : abs_cap);
-    }
+    saturated_dc(&L, abs_cap, prev, stride);
     for (Py_ssize_t d = 1; d <= L.n_degrees && !overflow; d++) {
         int any = 0;
         for (Py_ssize_t i = 0; i < L.n && !any; i++) any = L.eob[i] >= d;
@@ -437,9 +452,9 @@ static PyObject *pass_sites(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     uint8_t *work = NULL;
     Lattice L;
-    /* The lattice (see above); out: local (capacity) uint16, at (capacity) int64. */
-    if (lattice(o, b, n_anchor, n_bins, abs_cap, &L) < 0 || get(o[8], &b[8], 2, -1, 1, "local") < 0) goto done;
-    Py_ssize_t capacity = b[8].b.len / 2;
+    /* The lattice and local (see site_inputs); out: at (capacity) int64. */
+    Py_ssize_t capacity;
+    if (site_inputs(o, b, n_anchor, n_bins, abs_cap, &L, &capacity) < 0) goto done;
     if (get(o[9], &b[9], 8, capacity, 1, "at") < 0) goto done;
     if (degree < 1 || degree > L.n_degrees || pass < 0 || pass > 1) {
         PyErr_SetString(PyExc_ValueError, "pass_sites: no such degree or pass");
@@ -450,15 +465,8 @@ static PyObject *pass_sites(PyObject *self, PyObject *args) {
     if (!work) { PyErr_NoMemory(); goto done; }
     Py_BEGIN_ALLOW_THREADS
     uint8_t *prev = work, *cur = work + rows * stride, *parent = work + 2 * rows * stride;
-    if (degree == 1) {
-        for (Py_ssize_t i = 0; i < L.n; i++) {
-            int64_t a = L.coef[L.perm[i] * L.nb];
-            a = a < 0 ? -a : a;
-            prev[i * stride] = (uint8_t)(a < abs_cap ? a : abs_cap);
-        }
-    } else {
-        saturated(&L, degree - 1, 0, L.n, abs_cap, prev, stride);
-    }
+    if (degree == 1) saturated_dc(&L, abs_cap, prev, stride);
+    else saturated(&L, degree - 1, 0, L.n, abs_cap, prev, stride);
     parent_sums(&L, degree, prev, parent, stride);
     if (pass) saturated(&L, degree, 0, L.n_anchor, abs_cap, cur, stride);
     got = pass_sites_of(&L, degree, (int)pass, parent, cur, stride, b[8].b.buf, b[9].b.buf, NULL, capacity);
