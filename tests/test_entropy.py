@@ -445,9 +445,10 @@ def test_compiled_functions_refuse_bad_arguments():
                                   np.empty(capacity, np.uint16), np.empty(capacity, np.int32),
                                   np.empty((6, 4), np.int64), 1, 8, cap)
 
-    def pass_sites(degree=1, pass_id=0, capacity=3, perm=perm):
+    def pass_sites(degree=1, pass_id=0, capacity=3, perm=perm, work=3 * 3 * 4):
         return native.pass_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _SITE_LUT,
-                                 np.empty(capacity, np.uint16), np.empty(capacity, np.int64), degree, pass_id, 1, 8, 66)
+                                 np.empty(capacity, np.uint16), np.empty(capacity, np.int64), np.empty(work, np.uint8),
+                                 degree, pass_id, 1, 8, 66)
 
     assert block_sites() == (14, 6)
     for bad in (dict(perm=i64(0, 2)), dict(nbr=np.full_like(nbr, 3)), dict(capacity=13), dict(coef=coef[:1]),
@@ -455,7 +456,8 @@ def test_compiled_functions_refuse_bad_arguments():
         with pytest.raises(ValueError):
             block_sites(**bad)
     assert pass_sites() == 3
-    for bad in (dict(degree=0), dict(degree=4), dict(pass_id=2), dict(capacity=2), dict(perm=i64(0, 2))):
+    for bad in (dict(degree=0), dict(degree=4), dict(pass_id=2), dict(capacity=2), dict(perm=i64(0, 2)),
+                dict(work=3 * 3 * 4 - 1)):
         with pytest.raises(ValueError):
             pass_sites(**bad)
 
@@ -498,8 +500,9 @@ def test_chunk_symbols_lays_out_signs_lengths_and_bits_per_chunk():
 @given(gx=st.integers(1, 5), gy=st.integers(1, 5), gz=st.integers(1, 5),
        b=st.sampled_from([(2, 2, 2), (4, 4, 4), (4, 2, 8), (1, 1, 4)]), seed=st.integers(0, 2**16))
 def test_decoder_pass_sites_are_the_encoder_sites(gx, gy, gz, b, seed):
-    """pass_sites, pass by pass from the coefficients (what a decoder has decoded before each pass),
-    finds the sites, contexts and order block_sites finds at once for the encoder."""
+    """pass_sites, pass by pass as a decoder calls it (every pass of every degree up to the last end of
+    block, in order, each from the coefficients decoded before it), finds the sites, contexts and order
+    block_sites finds at once for the encoder."""
     from fedtensor.codec.blockcoef import _ABS_CAP, _SITE_LUT, _anchor_order, _layout
     from fedtensor.codec.grid import N_BINS, checkerboard
     rng = np.random.default_rng(seed)
@@ -516,14 +519,21 @@ def test_decoder_pass_sites_are_the_encoder_sites(gx, gy, gz, b, seed):
     calls = np.empty((2 * (len(lay.bounds) - 2), 4), np.int64)
     sites, n_calls = entropy._contexts.block_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat,
                                                    _SITE_LUT, local, values, calls, n_anchor, N_BINS, _ABS_CAP)
-    found_local, found_at = [], []
-    for d, pass_id, start, stop in calls[:n_calls]:
-        got_local, got_at = np.empty(n * width, np.uint16), np.empty(n * width, np.int64)
-        k = entropy._contexts.pass_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _SITE_LUT,
-                                         got_local, got_at, int(d), int(pass_id), n_anchor, N_BINS, _ABS_CAP)
-        assert k == stop - start
-        found_local.append(got_local[:k])
-        found_at.append(got_at[:k])
+    decoded = np.zeros_like(coef)
+    decoded[:, 0] = coef[:, 0]  # the DC comes first
+    work = np.full(3 * (n + 1) * (width + 1), 255, np.uint8)  # the first call must not read what it holds
+    found_local, found_at, expected = [], [], iter(calls[:n_calls].tolist())
+    for d in range(1, min(int(eob.max()), len(lay.bounds) - 2) + 1):
+        for pass_id in (0, 1):
+            got_local, got_at = np.empty(n * width, np.uint16), np.empty(n * width, np.int64)
+            k = entropy._contexts.pass_sites(decoded, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat,
+                                             _SITE_LUT, got_local, got_at, work, d, pass_id, n_anchor, N_BINS, _ABS_CAP)
+            if k:  # block_sites lists the passes that have sites
+                assert next(expected) == [d, pass_id, sum(len(a) for a in found_at), sum(len(a) for a in found_at) + k]
+            decoded.ravel()[got_at[:k]] = coef.ravel()[got_at[:k]]
+            found_local.append(got_local[:k])
+            found_at.append(got_at[:k])
+    assert next(expected, None) is None
     np.testing.assert_array_equal(np.concatenate(found_local or [np.zeros(0, np.uint16)]), local[:sites])
     np.testing.assert_array_equal(coef.ravel()[np.concatenate(found_at or [np.zeros(0, np.int64)])], values[:sites])
 

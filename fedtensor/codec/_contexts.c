@@ -440,42 +440,55 @@ done:
 
 /* A decoder's sites of one pass (degree ≥ 1, pass 0 or 1), as block_sites finds them, from the coefficients
  * decoded before it (coef holds zeros where none are decoded yet): their local contexts and flat positions
- * in coef. Returns the count. */
+ * in coef. Returns the count.
+ *
+ * A grid's calls come as a decoder makes them, with the same arrays: degree after degree, pass 0 then pass
+ * 1, from degree 1. ``work`` (uint8, 3 (n + 1) (max width + 1) bytes) carries what the calls share, as
+ * block_sites' loop carries it: the saturated |coefficients| of the previous degree and of this one (its
+ * anchors once pass 0 is decoded, then, at the next degree's pass 0, the others), and the parents' sums
+ * (pass 1 reads pass 0's). So each call reads only the values decoded since the last, instead of a
+ * degree's rows anew and a fresh buffer each call (the head CT's decode made 760 such calls). */
 static PyObject *pass_sites(PyObject *self, PyObject *args) {
-    PyObject *o[10];
+    PyObject *o[11];
     Py_ssize_t degree, pass, n_anchor, n_bins, abs_cap;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOnnnnn", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                          &o[9], &degree, &pass, &n_anchor, &n_bins, &abs_cap))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOnnnnn", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                          &o[9], &o[10], &degree, &pass, &n_anchor, &n_bins, &abs_cap))
         return NULL;
-    Buf b[10];
+    Buf b[11];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
-    uint8_t *work = NULL;
     Lattice L;
-    /* The lattice and local (see site_inputs); out: at (capacity) int64. */
+    /* The lattice and local (see site_inputs); out: at (capacity) int64; work, see above. */
     Py_ssize_t capacity;
     if (site_inputs(o, b, n_anchor, n_bins, abs_cap, &L, &capacity) < 0) goto done;
     if (get(o[9], &b[9], 8, capacity, 1, "at") < 0) goto done;
+    Py_ssize_t stride = L.max_width + 1, rows = L.n + 1, got = 0;
+    if (get(o[10], &b[10], 1, 3 * rows * stride, 1, "work") < 0) goto done;
     if (degree < 1 || degree > L.n_degrees || pass < 0 || pass > 1) {
         PyErr_SetString(PyExc_ValueError, "pass_sites: no such degree or pass");
         goto done;
     }
-    Py_ssize_t stride = L.max_width + 1, rows = L.n + 1, got = 0;
-    work = PyMem_RawCalloc((size_t)(3 * rows * stride), 1);
-    if (!work) { PyErr_NoMemory(); goto done; }
     Py_BEGIN_ALLOW_THREADS
-    uint8_t *prev = work, *cur = work + rows * stride, *parent = work + 2 * rows * stride;
-    if (degree == 1) saturated_dc(&L, abs_cap, prev, stride);
-    else saturated(&L, degree - 1, 0, L.n, abs_cap, prev, stride);
-    parent_sums(&L, degree, prev, parent, stride);
-    if (pass) saturated(&L, degree, 0, L.n_anchor, abs_cap, cur, stride);
+    uint8_t *work = b[10].b.buf, *parent = work + 2 * rows * stride;
+    uint8_t *prev = work + ((degree - 1) & 1) * rows * stride, *cur = work + (degree & 1) * rows * stride;
+    if (!pass) {
+        if (degree == 1) {
+            memset(work, 0, (size_t)(3 * rows * stride));
+            saturated_dc(&L, abs_cap, prev, stride);
+        } else { /* the previous degree's other sites, decoded since its pass 1 */
+            saturated(&L, degree - 1, L.n_anchor, L.n, abs_cap, prev, stride);
+        }
+        parent_sums(&L, degree, prev, parent, stride);
+        memset(cur, 0, (size_t)(rows * stride));
+    } else { /* pass 0's sites, decoded since */
+        saturated(&L, degree, 0, L.n_anchor, abs_cap, cur, stride);
+    }
     got = pass_sites_of(&L, degree, (int)pass, parent, cur, stride, b[8].b.buf, b[9].b.buf, NULL, capacity);
     Py_END_ALLOW_THREADS
     if (got < 0) PyErr_SetString(PyExc_ValueError, "pass_sites: more sites than the capacity given");
     else result = PyLong_FromSsize_t(got);
 done:
-    PyMem_RawFree(work);
-    release(b, 10);
+    release(b, 11);
     return result;
 }
 
@@ -627,8 +640,9 @@ static PyMethodDef methods[] = {
      "abs_cap) -> (sites, calls)\n\nThe coded sites of a block grid after its DC, with their local contexts "
      "(see blockcoef.code_block_coefficients)."},
     {"pass_sites", pass_sites, METH_VARARGS,
-     "pass_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, at, degree, pass, n_anchor, n_bins, "
-     "abs_cap) -> sites\n\nA decoder's sites of one pass, with their local contexts and positions in coef."},
+     "pass_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, at, work, degree, pass, n_anchor, "
+     "n_bins, abs_cap) -> sites\n\nA decoder's sites of one pass, with their local contexts and positions in coef "
+     "(a grid's passes in order, sharing work)."},
     {"binarise", binarise, METH_VARARGS,
      "binarise(values, local, mag_of, sym, nz, sym_nz, neg, mnz, esc, rest, nbits) -> (non-zeros, escapes)\n\n"
      "An encoder's decisions for values (see entropy._binarise)."},

@@ -205,15 +205,14 @@ def _decode_ac_native(s: BinaryStream, coder: GridCoder, coef: np.ndarray, eob: 
     compiled code pass by pass (each reads the passes decoded before it): the same sites and contexts.
     ``eob`` is in the anchors-first numbering; ``coef`` (int32, lattice order) receives the values."""
     eob = np.ascontiguousarray(eob, np.int64)
-    capacity = len(eob) * int(np.diff(lay.bounds).max())  # every block live in the widest degree
-    local, at = np.empty(capacity, np.uint16), np.empty(capacity, np.int64)
+    width = int(np.diff(lay.bounds).max())
+    local, at = np.empty(len(eob) * width, np.uint16), np.empty(len(eob) * width, np.int64)  # all live, widest
+    work = np.empty(3 * (len(eob) + 1) * (width + 1), np.uint8)  # what the passes share (see pass_sites)
     flat = coef.reshape(-1)
-    for degree in range(1, len(lay.bounds) - 1):
-        if not (eob >= degree).any():
-            break  # eob >= degree is monotone in degree
+    for degree in range(1, min(int(eob.max(initial=0)), len(lay.bounds) - 2) + 1):  # eob >= degree: monotone
         for pass_id in (0, 1):
             k = entropy._contexts.pass_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _SITE_LUT,
-                                             local, at, degree, pass_id, n_anchor, N_BINS, _ABS_CAP)
+                                             local, at, work, degree, pass_id, n_anchor, N_BINS, _ABS_CAP)
             if k:
                 flat[at[:k]] = coder.code_local(s, pass_id, degree, local[:k])
 
