@@ -130,3 +130,20 @@ def test_slab_tasks_run_on_their_groups_worker_interleaved_and_come_back_in_orde
             list(w.stream(parallel.encode_slab, failing()))
         procs = list(w._procs)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_slab_coders_copy_the_first_slabs_state_only_for_later_groups():
+    """One group: every slab carries the same state on, never copied (a copy is as large as the state).
+    Several: each later group starts from a copy of what slab 0 left."""
+    one = parallel.slab_coders(4, 4)
+    states = [next(one) for _ in range(4)]
+    assert all(s is states[0] for s in states)
+    two = parallel.slab_coders(2, 5)
+    first = next(two)
+    first.dc_plane = np.ones((1, 1), np.int64)  # what slab 0 leaves
+    second = next(two)
+    assert second is first
+    second.dc_plane = np.full((1, 1), 7, np.int64)  # slab 1 moves the state on
+    third, fourth, fifth = next(two), next(two), next(two)
+    assert third is not first and third.dc_plane[0, 0] == 1 and fourth is third
+    assert fifth is not third and fifth.dc_plane[0, 0] == 1

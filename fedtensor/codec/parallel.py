@@ -139,12 +139,16 @@ def decode_group(grids, b, sections, coders: BlockCoders | None = None, compact:
     return out
 
 
-def slab_coders(group: int) -> Iterator[BlockCoders]:
-    """The coder state of each slab in turn, for coding them one by one in this process (draw the next
-    only once the last slab is coded): carried on within a group, and every group after the first
-    starting from a copy of the state the first slab left."""
+def slab_coders(group: int, n_slabs: int) -> Iterator[BlockCoders]:
+    """The coder state of each of ``n_slabs`` slabs in turn, for coding them one by one in this process
+    (draw the next only once the last slab is coded): carried on within a group, and every group after
+    the first starting from a copy of the state the first slab left (made only where there is such a
+    group: it is as large as the state, 0.3× the head CT's size)."""
     coders = BlockCoders()
     yield coders
+    if n_slabs <= group:
+        while True:
+            yield coders
     primer = copy.deepcopy(coders)
     for i in itertools.count(1):
         if i % group == 0:

@@ -538,10 +538,12 @@ class SlabEncoder:
         if workers > 1 and self.workers is not None:
             workers = min(workers, len(self.workers))
         if workers == 1:
-            sections = []
-            for (_, grid, q), coders in zip(self._quantised(step, errors, range(len(slabs))), slab_coders(slabs.group)):
+            sections, states = [], slab_coders(slabs.group, len(slabs))
+            # Not zip(): it keeps its last tuple, and with it the last slab's coefficients, until the next
+            # slab is made, so the heap trim before it could not free them (0.4× the head CT's size).
+            for _, grid, q in self._quantised(step, errors, range(len(slabs))):
                 t0 = time.perf_counter()
-                sections += encode_group([grid], b, [q], coders)
+                sections += encode_group([grid], b, [q], next(states))
                 del q
                 tick("entropy", t0)
         else:
@@ -583,8 +585,9 @@ class SlabEncoder:
         once instead."""
         bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
         lookahead = not self.heavy
-        ahead = None
-        for i, (start, slab) in zip(order, self._slabs(order)):
+        ahead, slabs = None, self._slabs(order)
+        for i in order:  # not zip(order, slabs): it keeps its last tuple, the last slab, while making the next
+            start, slab = next(slabs)
             t0 = time.perf_counter()
             slab = jax.device_put(slab)
             q_dev = _forward(slab, bases, s, self.slabs.b, self.impl, self.map)
@@ -718,7 +721,7 @@ def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> I
     grids = slabs.grids()
     workers = worker_count(slabs.n_groups, slabs.slab_voxels, budget)
     if workers == 1:
-        for i, (grid, section, coders) in enumerate(zip(grids, sections, slab_coders(slabs.group))):
+        for i, (grid, section, coders) in enumerate(zip(grids, sections, slab_coders(slabs.group, len(slabs)))):
             t0 = time.perf_counter()
             q = decode_group([grid], slabs.b, [section], coders)[0]
             tick("entropy", t0)
