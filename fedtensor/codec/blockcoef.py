@@ -48,7 +48,7 @@ class BlockCoders:
     grid's DC is Lorenzo-predicted across the seam). Encoder and decoder must carry it alike."""
 
     def __init__(self):
-        self.eob, self.coef = GridCoder(), GridCoder()
+        self.eob, self.coef = GridCoder(n_classes=1), GridCoder()  # end-of-block grids are all of class 0
         self.dc_plane: np.ndarray | None = None
 
 

@@ -67,9 +67,13 @@ _MAG_OF = _magnitude_keys()
 class GridCoder:
     """Adaptive context state shared by all grids of one stream."""
 
-    def __init__(self):
+    def __init__(self, n_classes: int = N_CLASSES):
+        """``n_classes`` spectral classes (at most N_CLASSES); higher classes share the last one."""
+        if not 1 <= n_classes <= N_CLASSES:
+            raise ValueError(f"n_classes must be in 1…{N_CLASSES}")
         # Zero-flag keys: (pass, local id); magnitude keys: (pass, parent bin + neighbour bin).
-        self.coder = SignedCoder(2 * _N_LOCAL, 2 * 2 * N_BINS, N_CLASSES)
+        self.coder = SignedCoder(2 * _N_LOCAL, 2 * 2 * N_BINS, n_classes)
+        self.last_class = n_classes - 1
 
     def sites(
         self, pass_id: int, cls: int, pbin: np.ndarray, nbin: np.ndarray, ebin: np.ndarray, values: np.ndarray | None,
@@ -77,7 +81,7 @@ class GridCoder:
         """One pass's sites (in C order of the broadcast bins), from their parent, neighbour and extra
         bins, as a call ``(class, local contexts, key0, mkey0, values)`` of the context coder."""
         local = (pbin.astype(np.uint16) * N_BINS + nbin) * N_BINS + ebin  # broadcast, < 2**9
-        return (min(cls, N_CLASSES - 1), local.ravel(), pass_id * _N_LOCAL, pass_id * 2 * N_BINS,
+        return (min(cls, self.last_class), local.ravel(), pass_id * _N_LOCAL, pass_id * 2 * N_BINS,
                 None if values is None else values.ravel())
 
     def code_sites(
@@ -90,7 +94,7 @@ class GridCoder:
 
     def code_local(self, s: BinaryStream, pass_id: int, cls: int, local: np.ndarray) -> np.ndarray:
         """Decode one pass's sites given their local contexts (as :meth:`sites` makes them)."""
-        return self.coder.code(s, min(cls, N_CLASSES - 1), local, pass_id * _N_LOCAL, pass_id * 2 * N_BINS, _MAG_OF,
+        return self.coder.code(s, min(cls, self.last_class), local, pass_id * _N_LOCAL, pass_id * 2 * N_BINS, _MAG_OF,
                                None)
 
     def encode_passes(self, s: BinaryStream, passes: np.ndarray, local: np.ndarray, values: np.ndarray,
@@ -100,7 +104,7 @@ class GridCoder:
         in a :class:`SiteBatch`, coded ``budget`` symbols or more at a time."""
         run, first = [], 0
         for k, (cls, pass_id, start, stop) in enumerate(passes.tolist()):
-            run.append((min(cls, N_CLASSES - 1), pass_id * _N_LOCAL, pass_id * 2 * N_BINS, stop - start))
+            run.append((min(cls, self.last_class), pass_id * _N_LOCAL, pass_id * 2 * N_BINS, stop - start))
             if stop - first >= budget or k == len(passes) - 1:
                 self.coder.encode_run(s, _MAG_OF, run, local[first:stop], values[first:stop])
                 run, first = [], stop
@@ -157,7 +161,7 @@ class GridCoder:
         second = ~anchors
         local = activity_bin(face_sum(saturated)[second]).astype(np.uint16) * np.uint16(N_BINS)
         first = values[anchors]
-        c = min(cls, N_CLASSES - 1)
+        c = min(cls, self.last_class)
         self.coder.encode_calls(s, _MAG_OF, [(c, np.zeros(len(first), np.uint16), 0, 0, first),
                                              (c, local, _N_LOCAL, 2 * N_BINS, values[second])])
 
