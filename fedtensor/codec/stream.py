@@ -585,9 +585,9 @@ class SlabEncoder:
         once instead."""
         bases, s = [jax.device_put(u) for u in self.bases], np.float32(step)
         lookahead = not self.heavy
-        ahead, slabs = None, self._slabs(order)
-        for i in order:  # not zip(order, slabs): it keeps its last tuple, the last slab, while making the next
-            start, slab = next(slabs)
+        ahead, made = None, self._slabs(order)
+        for i in order:  # not zip(order, made): it keeps its last tuple, the last slab, while making the next
+            start, slab = next(made)
             t0 = time.perf_counter()
             slab = jax.device_put(slab)
             q_dev = _forward(slab, bases, s, self.slabs.b, self.impl, self.map)
