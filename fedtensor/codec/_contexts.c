@@ -372,6 +372,32 @@ static Py_ssize_t pass_sites_of(const Lattice *L, Py_ssize_t d, int pass, const 
     return sites;
 }
 
+/* Readies ``work`` for pass ``pass`` of degree d and returns the parents' sums in it (and, in *cur, the degree's
+ * saturated |coefficients|), from the values coded since the pass before: a grid's passes are readied in
+ * order, degree after degree from degree 1, pass 0 then pass 1. ``work`` holds 3 planes of (n + 1) rows of
+ * ``stride`` bytes (each with an all-zero row "outside the lattice" and column "no parent"): the saturated
+ * |coefficients| of odd and of even degrees, and the parents' sums. Pass 0 completes the previous degree's
+ * (its pass-1 sites) and sums the parents; pass 1 adds the degree's pass-0 sites, which its contexts read. */
+static uint8_t *ready_pass(const Lattice *L, Py_ssize_t d, int pass, int64_t abs_cap, uint8_t *work, Py_ssize_t stride,
+                           uint8_t **cur) {
+    Py_ssize_t plane = (L->n + 1) * stride;
+    uint8_t *parent = work + 2 * plane, *prev = work + ((d - 1) & 1) * plane;
+    *cur = work + (d & 1) * plane;
+    if (pass) {
+        saturated(L, d, 0, L->n_anchor, abs_cap, *cur, stride);
+        return parent;
+    }
+    if (d == 1) {
+        memset(work, 0, (size_t)(3 * plane));
+        saturated_dc(L, abs_cap, prev, stride);
+    } else {
+        saturated(L, d - 1, L->n_anchor, L->n, abs_cap, prev, stride);
+    }
+    parent_sums(L, d, prev, parent, stride);
+    memset(*cur, 0, (size_t)plane);
+    return parent;
+}
+
 /* The sites blockcoef.code_block_coefficients codes after the DC, in its order, with their local
  * contexts and values: see that function for the scheme. Returns (sites, calls); calls rows are (degree,
  * pass, start, stop) into local and values. */
@@ -395,36 +421,27 @@ static PyObject *block_sites(PyObject *self, PyObject *args) {
     int32_t *values = b[9].b.buf;
     int64_t *calls = b[10].b.buf;
 
-    /* Per degree: the previous degree's saturated |coefficients| and this one's (each with an all-zero
-       row "outside the lattice" and column "no parent"), and the parents' sums. */
-    Py_ssize_t stride = L.max_width + 1, rows = L.n + 1;
-    work = PyMem_RawCalloc((size_t)(3 * rows * stride), 1);
+    Py_ssize_t stride = L.max_width + 1;
+    work = PyMem_RawMalloc((size_t)(3 * (L.n + 1) * stride)); /* see ready_pass */
     if (!work) { PyErr_NoMemory(); goto done; }
     Py_ssize_t sites = 0, n_calls = 0;
     int overflow = 0;
     Py_BEGIN_ALLOW_THREADS
-    uint8_t *prev = work, *cur = work + rows * stride, *parent = work + 2 * rows * stride;
-    saturated_dc(&L, abs_cap, prev, stride);
     for (Py_ssize_t d = 1; d <= L.n_degrees && !overflow; d++) {
         int any = 0;
         for (Py_ssize_t i = 0; i < L.n && !any; i++) any = L.eob[i] >= d;
         if (!any) break; /* eob >= d is monotone in d */
-        parent_sums(&L, d, prev, parent, stride);
-        memset(cur, 0, (size_t)(rows * stride));
-        for (int pass = 0; pass < 2 && !overflow; pass++) {
+        for (int pass = 0; pass < 2; pass++) {
+            uint8_t *cur, *parent = ready_pass(&L, d, pass, abs_cap, work, stride, &cur);
             Py_ssize_t got = pass_sites_of(&L, d, pass, parent, cur, stride, local + sites, NULL, values + sites,
                                            capacity - sites);
             if (got < 0) { overflow = 1; break; }
-            /* after the pass: pass 1 reads pass 0's */
-            saturated(&L, d, pass ? L.n_anchor : 0, pass ? L.n : L.n_anchor, abs_cap, cur, stride);
             if (got) {
                 int64_t *call = calls + 4 * n_calls++;
                 call[0] = d, call[1] = pass, call[2] = sites, call[3] = sites + got;
             }
             sites += got;
         }
-        uint8_t *t = prev;
-        prev = cur, cur = t;
     }
     Py_END_ALLOW_THREADS
     if (overflow) {
@@ -443,11 +460,9 @@ done:
  * in coef. Returns the count.
  *
  * A grid's calls come as a decoder makes them, with the same arrays: degree after degree, pass 0 then pass
- * 1, from degree 1. ``work`` (uint8, 3 (n + 1) (max width + 1) bytes) carries what the calls share, as
- * block_sites' loop carries it: the saturated |coefficients| of the previous degree and of this one (its
- * anchors once pass 0 is decoded, then, at the next degree's pass 0, the others), and the parents' sums
- * (pass 1 reads pass 0's). So each call reads only the values decoded since the last, instead of a
- * degree's rows anew and a fresh buffer each call (the head CT's decode made 760 such calls). */
+ * 1, from degree 1. ``work`` (uint8, 3 (n + 1) (max width + 1) bytes) carries what the calls share from one
+ * to the next, as it does between block_sites' passes (see ready_pass): each call reads only the values
+ * decoded since the last, not a degree's rows anew into a fresh buffer (the head CT's decode makes 760). */
 static PyObject *pass_sites(PyObject *self, PyObject *args) {
     PyObject *o[11];
     Py_ssize_t degree, pass, n_anchor, n_bins, abs_cap;
@@ -469,20 +484,7 @@ static PyObject *pass_sites(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    uint8_t *work = b[10].b.buf, *parent = work + 2 * rows * stride;
-    uint8_t *prev = work + ((degree - 1) & 1) * rows * stride, *cur = work + (degree & 1) * rows * stride;
-    if (!pass) {
-        if (degree == 1) {
-            memset(work, 0, (size_t)(3 * rows * stride));
-            saturated_dc(&L, abs_cap, prev, stride);
-        } else { /* the previous degree's other sites, decoded since its pass 1 */
-            saturated(&L, degree - 1, L.n_anchor, L.n, abs_cap, prev, stride);
-        }
-        parent_sums(&L, degree, prev, parent, stride);
-        memset(cur, 0, (size_t)(rows * stride));
-    } else { /* pass 0's sites, decoded since */
-        saturated(&L, degree, 0, L.n_anchor, abs_cap, cur, stride);
-    }
+    uint8_t *cur, *parent = ready_pass(&L, degree, (int)pass, abs_cap, b[10].b.buf, stride, &cur);
     got = pass_sites_of(&L, degree, (int)pass, parent, cur, stride, b[8].b.buf, b[9].b.buf, NULL, capacity);
     Py_END_ALLOW_THREADS
     if (got < 0) PyErr_SetString(PyExc_ValueError, "pass_sites: more sites than the capacity given");
