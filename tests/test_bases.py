@@ -56,7 +56,7 @@ def test_block_choice_proxy_over_many_tiles(n_tiles):
     for band in q.T:
         _, counts = np.unique(band, return_counts=True)
         want -= float(np.sum(counts * np.log2(counts / len(band))))
-    got = blocktucker.tile_bits(tiles, b, offset, scale, step, clip, grams=grams)
+    got = blocktucker.histogram_bits(blocktucker.tile_histograms(tiles, b, offset, scale, step, clip, grams))
     assert got == pytest.approx(want, rel=2e-3)
     coef_dev = np.asarray(blocktucker.tile_coefficients(tiles, b, offset, scale), np.float64)
     assert coef_dev.shape == coef.shape

@@ -81,9 +81,10 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     # so the choice costs little more memory than the tiles.
     reference = (8, 8, 8) if (8, 8, 8) in candidates else candidates[0]
     budget = mse * quarter.size * x.size / math.prod(padded_shape(x.shape, 16))
-    step = largest_step_within(blocktucker.tile_coefficients(quarter, reference, offset, scale), budget, 1e-9, 256.0)
-    grams = [a + b for a, b in zip(blocktucker.fiber_grams(quarter, offset, scale),
-                                   blocktucker.fiber_grams(rest, offset, scale))]  # once for all shapes
+    quarter_grams = blocktucker.fiber_grams(quarter, offset, scale)
+    step = largest_step_within(blocktucker.tile_coefficients(quarter, reference, offset, scale, quarter_grams),
+                               budget, 1e-9, 256.0)
+    grams = [a + b for a, b in zip(quarter_grams, blocktucker.fiber_grams(rest, offset, scale))]  # for all shapes
     bases = [blocktucker.tile_bases(grams, b) for b in candidates]
     hists = _proxy_histograms(quarter, candidates, bases, offset, scale, step)
     costs = [_proxy_cost(h, b) for h, b in zip(hists, candidates)]
@@ -92,7 +93,7 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
         more = _proxy_histograms(rest, [candidates[k] for k in close], [bases[k] for k in close], offset, scale, step)
         costs = {k: _proxy_cost(hists[k] + h, candidates[k]) for k, h in zip(close, more)}
         return candidates[min(costs, key=costs.get)]
-    return candidates[close[0]] if len(close) == 1 else candidates[int(np.argmin(costs))]
+    return candidates[int(np.argmin(costs))]  # the lone close one, or (no other superblocks) the best
 
 
 def _proxy_histograms(tiles, candidates, bases, offset: float, scale: float, step: float) -> list:

@@ -19,19 +19,20 @@ from fedtensor.tensor.precision import FP32
 from fedtensor.tensor.tucker import leading_eigvecs_host
 
 
-_TILES_AT_ONCE = 16  # tiles :func:`tile_bits` transforms in one step
+_TILES_AT_ONCE = 16  # tiles :func:`tile_histograms` transforms in one step
 
 
-def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 1.0) -> jax.Array:
+def tile_coefficients(tiles: np.ndarray, b, offset: float = 0.0, scale: float = 1.0, grams=None) -> jax.Array:
     """Block-Tucker coefficients ``(n_blocks, n_bands)`` of the normalised ``(tiles - offset) / scale``,
     ``tiles`` ``(T, X, Y, Z)`` in any dtype.
 
-    Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks. Tiles are
-    normalised and transformed one at a time, so the working set is the input and the output only.
+    Sides must be divisible by the block shape; the bases are fitted to all the tiles' blocks (``grams``:
+    their :func:`fiber_grams`, when already made). Tiles are normalised and transformed one at a time, so
+    the working set is the input and the output only.
     """
     tiles, m = _prepared(tiles, offset, scale)
     b = block_shape(b)
-    return _tile_coefficients(tiles, m, tile_bases(_fiber_grams(tiles, m), b), b)
+    return _tile_coefficients(tiles, m, tile_bases(grams if grams is not None else _fiber_grams(tiles, m), b), b)
 
 
 def fiber_grams(tiles, offset: float, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -48,15 +49,10 @@ def tile_bases(grams, b) -> list[jax.Array]:
             for g, n in zip(grams, block_shape(b))]
 
 
-def tile_bits(tiles, b, offset: float, scale: float, step: float, clip: int = 64, grams=None) -> float:
-    """Sum over bands of the empirical entropy of the quantised :func:`tile_coefficients` — a cheap rate
-    proxy to rank block shapes (:func:`histogram_bits` of :func:`tile_histograms`)."""
-    return histogram_bits(tile_histograms(tiles, b, offset, scale, step, clip, grams))
-
-
 def tile_histograms(tiles, b, offset: float, scale: float, step: float, clip: int = 64, grams=None,
                     bases=None) -> jax.Array:
-    """Per-band histograms ``(n_bands, 2·clip + 1)`` of the quantised :func:`tile_coefficients`, made
+    """Per-band histograms ``(n_bands, 2·clip + 1)`` of the quantised :func:`tile_coefficients` (a cheap
+    rate proxy to rank block shapes: :func:`histogram_bits` of them), made
     without ever holding the coefficients: each tile's are quantised into them as they are made
     (magnitudes beyond ``clip`` share a bin). ``bases``: the :func:`tile_bases` to transform with, else
     those of ``grams`` (:func:`fiber_grams`; default: these tiles'); histograms of several sets of tiles
