@@ -263,10 +263,11 @@ class SignedCoder:
         zs, ms = slice(key0, key0 + len(mag_of)), slice(mkey0, mkey0 + int(mag_of.max()) + 1)
         tables = (self.zero[cls, :, zs], self.zero_pooled[:, zs], self.mag[cls, :, ms], self.mag_pooled[:, ms], mag_of)
         first = _first_chunk(tables[0][1].sum())
+        if s.decoding and _contexts is not None:
+            self._decode_native(s, cls, key0, mkey0, mag_of, local, first, out)
+            return out
         for sl in _chunks(len(local), first):
-            if s.decoding and _contexts is not None:
-                out[sl] = self._decode_native(s, cls, key0, mkey0, mag_of, local[sl])
-            elif s.decoding:
+            if s.decoding:
                 out[sl] = self._code(s, local[sl], tables, None)
             else:
                 self._code(s, local[sl], tables, values[sl])
@@ -448,21 +449,32 @@ class SignedCoder:
         return out, idx, sym_nz, neg
 
     def _decode_native(self, s: BinaryStream, cls: int, key0: int, mkey0: int, mag_of: np.ndarray,
-                       local: np.ndarray) -> np.ndarray:
-        """:meth:`_code` for a decoder, its model and counts computed by the compiled
-        ``chunk_models``: the model first (of the rows its local contexts need), then, once decoded, the
-        chunk's counts (the Exp-Golomb lengths are counted by :meth:`_suffix`)."""
+                       local: np.ndarray, first: int, out: np.ndarray) -> None:
+        """:meth:`code`'s chunks for a decoder (into ``out``), each chunk's model and counts computed by
+        the compiled ``chunk_models``: the model first (of the rows its local contexts need), then, once
+        decoded, the chunk's counts (the Exp-Golomb lengths are counted by :meth:`_suffix`). The same
+        values as :meth:`_decode_symbols`; what stays the same over a call's chunks (its keys and
+        buffers) is made once, as a thin slab's many small passes are mostly such overhead."""
         n_mag, none = int(mag_of.max()) + 1, np.zeros(0, np.int64)
         table, signs = np.empty((1, len(mag_of), UNARY_CAP + 2), np.float32), np.empty(n_mag + _EG_CAP)
         args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,
                 self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
-        head = [np.array(v, np.int64) for v in ([cls], [key0], [mkey0], [0, len(local)])]
+        keys = np.array([cls, key0, mkey0], np.int64)
+        keys = (keys[0:1], keys[1:2], keys[2:3])
         local, mag_of64 = _narrow_local(local, mag_of), np.asarray(mag_of, np.int64)
-        _contexts.chunk_models(*head, local, none, none, none, none, none, mag_of64, *args, 1)
-        out, idx, sym_nz, neg = self._decode_symbols(s, table[0], local, mag_of, signs[:n_mag])
-        _contexts.chunk_models(*head, local, idx, sym_nz.astype(np.int64), neg.astype(np.int64), none, none, mag_of64,
-                               *args, 2)
-        return out
+        for sl in _chunks(len(local), first):
+            part, bounds = local[sl], np.array([0, sl.stop - sl.start], np.int64)
+            _contexts.chunk_models(*keys, bounds, part, none, none, none, none, none, mag_of64, *args, 1)
+            sym = s.categorical_rows(table[0], part, None)
+            idx = np.flatnonzero(sym)
+            sym_nz = sym[idx].astype(np.int64)
+            neg = s.bernoulli(signs[mag_of64[part[idx]]], None).astype(np.int64)
+            mag = sym_nz.copy()
+            esc = np.flatnonzero(sym_nz > UNARY_CAP)
+            if len(esc):
+                mag[esc] = self._suffix(s, None, len(esc)) + UNARY_CAP
+            out[sl.start + idx] = np.negative(mag, out=mag, where=neg.astype(bool))
+            _contexts.chunk_models(*keys, bounds, part, idx, sym_nz, neg, none, none, mag_of64, *args, 2)
 
     @staticmethod
     def _update(tables, local, lnz, mnz, sym_nz, neg) -> None:
