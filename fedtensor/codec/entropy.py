@@ -470,11 +470,13 @@ class SignedCoder:
             sym_nz = sym[idx].astype(np.int64)
             neg = s.bernoulli(signs[mag_of64[part[idx]]], None).astype(np.int64)
             mag = sym_nz.copy()
-            esc = np.flatnonzero(sym_nz > UNARY_CAP)
-            if len(esc):
-                mag[esc] = self._suffix(s, None, len(esc)) + UNARY_CAP
+            esc, nbits = np.flatnonzero(sym_nz > UNARY_CAP), none
+            if len(esc):  # :meth:`_suffix`, its length model the chunk's and its counts chunk_models'
+                nbits = s.categorical_alike(signs[n_mag:], None, len(esc)).astype(np.int64)
+                mag[esc] = _exp_golomb_values(s, nbits) + UNARY_CAP
+                esc = idx[esc]
             out[sl.start + idx] = np.negative(mag, out=mag, where=neg.astype(bool))
-            _contexts.chunk_models(*keys, bounds, part, idx, sym_nz, neg, none, none, mag_of64, *args, 2)
+            _contexts.chunk_models(*keys, bounds, part, idx, sym_nz, neg, esc, nbits, mag_of64, *args, 2)
 
     @staticmethod
     def _update(tables, local, lnz, mnz, sym_nz, neg) -> None:
@@ -493,10 +495,19 @@ class SignedCoder:
         ones, total = _length_counts(np.bincount(nbits, minlength=_EG_CAP))
         self.eg[0] += ones
         self.eg[1] += total
+        if rest is None:
+            return _exp_golomb_values(s, nbits)
         owner, shift = _raw_bits(nbits)
-        bits = s.even_bits(None if rest is None else (rest[owner] >> shift) & 1, len(owner))
-        low = np.bincount(owner, weights=bits.astype(np.int64) << shift, minlength=n)  # exact: < 2**40
-        return (np.int64(1) << nbits.astype(np.int64)) + low.astype(np.int64)
+        s.even_bits((rest[owner] >> shift) & 1, len(owner))
+        return rest
+
+
+def _exp_golomb_values(s: BinaryStream, nbits: np.ndarray) -> np.ndarray:
+    """Decode the raw bits of Exp-Golomb codes whose bit length symbols are ``nbits``: the values."""
+    owner, shift = _raw_bits(nbits)
+    bits = s.even_bits(None, len(owner))
+    low = np.bincount(owner, weights=bits.astype(np.int64) << shift, minlength=len(nbits))  # exact: < 2**40
+    return (np.int64(1) << nbits.astype(np.int64)) + low.astype(np.int64)
 
 
 def _binarise(values: np.ndarray):
