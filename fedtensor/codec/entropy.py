@@ -451,10 +451,11 @@ class SignedCoder:
     def _decode_native(self, s: BinaryStream, cls: int, key0: int, mkey0: int, mag_of: np.ndarray,
                        local: np.ndarray, first: int, out: np.ndarray) -> None:
         """:meth:`code`'s chunks for a decoder (into ``out``), each chunk's model and counts computed by
-        the compiled ``chunk_models``: the model first (of the rows its local contexts need), then, once
-        decoded, the chunk's counts (the Exp-Golomb lengths are counted by :meth:`_suffix`). The same
-        values as :meth:`_decode_symbols`; what stays the same over a call's chunks (its keys and
-        buffers) is made once, as a thin slab's many small passes are mostly such overhead."""
+        the compiled ``chunk_models``: the model first (of the rows its local contexts need, and the
+        escapes' length distribution), then, once decoded, the chunk's counts, its escapes' lengths
+        included. The same values and tables as :meth:`_decode_symbols` and :meth:`_suffix`; what stays
+        the same over a call's chunks (its keys and buffers) is made once, as a thin slab's many small
+        passes are mostly such overhead."""
         n_mag, none = int(mag_of.max()) + 1, np.zeros(0, np.int64)
         table, signs = np.empty((1, len(mag_of), UNARY_CAP + 2), np.float32), np.empty(n_mag + _EG_CAP)
         args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,

@@ -694,11 +694,11 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
         tick("denormalize", t0)
 
     # One slab of look-ahead: a slab's inverse transform is dispatched (JAX runs it asynchronously) and
-    # stored only after the next slab's coefficients are entropy-decoded, so the two overlap.
-    # As the encoder's passes: the heap is trimmed after each slab only where a slab's buffers are a
-    # large share of the volume (:func:`heavy`); elsewhere once, at the end. Trimming after each of
-    # the chest CT's ten slabs cost ~14 % of its decode time (the trims and the page faults after them)
-    # for 0.1–0.5× its size of peak memory.
+    # stored only after the next slab's coefficients are entropy-decoded, so the two overlap. As in the
+    # encoder's passes, the heap is trimmed after each slab only where a slab's buffers are a large share
+    # of the volume (:func:`heavy`), else once at the end: trimming after each of the chest CT's ten
+    # slabs cost ~10 % of its decode time (the trims and the page faults after them) and saved 0.1–0.7×
+    # its size of peak memory (chest, abdomen and DICOM CTs; the head CT's slabs are heavy).
     pending, each = None, slabs.trims_each and heavy(slabs, out.nbytes)
     for i, q in _decoded_coefficients(slabs, sections[1:], memory_budget(out.nbytes)):
         start = slabs.starts[i]
