@@ -496,6 +496,22 @@ def test_chunk_symbols_lays_out_signs_lengths_and_bits_per_chunk():
             call(**bad)
 
 
+def test_eg_values_read_back_the_raw_bits_chunk_symbols_lays_out():
+    """The decoder's compiled Exp-Golomb values are the escapes' remainders the encoder laid out as
+    lengths and raw bits, and the numpy fallback's; lengths and bits that do not match raise."""
+    rng = np.random.default_rng(5)
+    rest = np.concatenate([[1, 2, 3, (1 << 40) - 1], rng.integers(1, 1 << 20, 500)]).astype(np.int64)
+    nbits = entropy._bit_lengths(rest).astype(np.int64)
+    owner, shift = entropy._raw_bits(nbits)
+    bits = ((rest[owner] >> shift) & 1).astype(np.int32)
+    out = np.empty(len(rest), np.int64)
+    entropy._contexts.eg_values(nbits, bits, out)
+    assert (out == rest).all()
+    for bad_nbits, bad_bits in ((nbits, bits[:-1]), (nbits + 40, bits), (nbits - 1, bits)):
+        with pytest.raises(ValueError):
+            entropy._contexts.eg_values(bad_nbits, bad_bits, out)
+
+
 @settings(max_examples=25, deadline=None)
 @given(gx=st.integers(1, 5), gy=st.integers(1, 5), gz=st.integers(1, 5),
        b=st.sampled_from([(2, 2, 2), (4, 4, 4), (4, 2, 8), (1, 1, 4)]), seed=st.integers(0, 2**16))

@@ -636,6 +636,37 @@ done:
     return result;
 }
 
+/* A decoder's Exp-Golomb values from their length symbols nbits (int64, each in [0, EG_CAP)) and the raw bits
+ * below each leading one (int32, most significant first, value after value: sum(nbits) of them, as
+ * chunk_symbols lays them out): out[i] = 2**nbits[i] + those bits (int64). */
+static PyObject *eg_values(PyObject *self, PyObject *args) {
+    PyObject *o[3];
+    if (!PyArg_ParseTuple(args, "OOO", &o[0], &o[1], &o[2])) return NULL;
+    Buf b[3];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(o[0], &b[0], 8, -1, 0, "nbits") < 0 || get(o[1], &b[1], 4, -1, 0, "bits") < 0) goto done;
+    Py_ssize_t n = b[0].b.len / 8, n_bits = b[1].b.len / 4, total = 0;
+    if (get(o[2], &b[2], 8, n, 1, "out") < 0) goto done;
+    const int64_t *nbits = b[0].b.buf;
+    const int32_t *bits = b[1].b.buf;
+    int64_t *out = b[2].b.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (nbits[i] < 0 || nbits[i] >= EG_CAP) { PyErr_SetString(PyExc_ValueError, "eg_values: length out of range"); goto done; }
+        total += nbits[i];
+    }
+    if (total != n_bits) { PyErr_SetString(PyExc_ValueError, "eg_values: bits do not match the lengths"); goto done; }
+    for (Py_ssize_t i = 0, k = 0; i < n; i++) {
+        int64_t v = 1;
+        for (int64_t j = 0; j < nbits[i]; j++) v = (v << 1) | (bits[k++] & 1);
+        out[i] = v;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release(b, 3);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"block_sites", block_sites, METH_VARARGS,
      "block_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, values, calls, n_anchor, n_bins, "
@@ -651,6 +682,8 @@ static PyMethodDef methods[] = {
     {"chunk_symbols", chunk_symbols, METH_VARARGS,
      "chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits, marks) -> bits\n\n"
      "An encoder's sign models and signs, Exp-Golomb lengths and raw bits per chunk of a run."},
+    {"eg_values", eg_values, METH_VARARGS,
+     "eg_values(nbits, bits, out)\n\nA decoder's Exp-Golomb values from their lengths and raw bits."},
     {"chunk_models", chunk_models, METH_VARARGS,
      "chunk_models(cls, key0, mkey0, bounds, local, nz, sym_nz, neg, esc, nbits, mag_of, zero, zero_pooled, mag, "
      "mag_pooled, eg, tables, signs_and_lengths, n_keys, n_mag_keys, n_classes, mode)\n\n"

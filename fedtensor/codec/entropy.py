@@ -505,6 +505,11 @@ class SignedCoder:
 
 def _exp_golomb_values(s: BinaryStream, nbits: np.ndarray) -> np.ndarray:
     """Decode the raw bits of Exp-Golomb codes whose bit length symbols are ``nbits``: the values."""
+    if _contexts is not None:
+        nbits = np.ascontiguousarray(nbits, np.int64)
+        out = np.empty(len(nbits), np.int64)
+        _contexts.eg_values(nbits, np.ascontiguousarray(s.even_bits(None, int(nbits.sum())), np.int32), out)
+        return out
     owner, shift = _raw_bits(nbits)
     bits = s.even_bits(None, len(owner))
     low = np.bincount(owner, weights=bits.astype(np.int64) << shift, minlength=len(nbits))  # exact: < 2**40
