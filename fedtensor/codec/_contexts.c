@@ -2,8 +2,9 @@
  * contexts (fedtensor.codec.blockcoef), and the adaptive models of a run of chunks (fedtensor.codec.entropy).
  *
  * Both replace numpy code that is a few hundred small numpy calls per slab; here each is one pass over
- * the coefficients. The decoder uses chunk_models too (a chunk's model, then its counts). The numpy
- * code stays, as the fallback and as the reference the tests compare with.
+ * the coefficients. The decoder uses chunk_models too (a chunk's model, then its counts), finds each
+ * pass's sites with pass_sites and its escapes' values with eg_values. The numpy code stays, as the
+ * fallback and as the reference the tests compare with.
  * The range coding itself stays with constriction, called from Python.
  *
  * The models must be bit-identical to numpy's (the decoder computes them there): every probability is
