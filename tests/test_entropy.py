@@ -498,7 +498,8 @@ def test_chunk_symbols_lays_out_signs_lengths_and_bits_per_chunk():
 
 def test_eg_values_read_back_the_raw_bits_chunk_symbols_lays_out():
     """The decoder's compiled Exp-Golomb values are the escapes' remainders the encoder laid out as
-    lengths and raw bits, and the numpy fallback's; lengths and bits that do not match raise."""
+    lengths and raw bits (the numpy fallback is checked against it by decoding whole streams, in
+    test_compiled_coder_writes_and_reads_as_numpy); lengths and bits that do not match raise."""
     rng = np.random.default_rng(5)
     rest = np.concatenate([[1, 2, 3, (1 << 40) - 1], rng.integers(1, 1 << 20, 500)]).astype(np.int64)
     nbits = entropy._bit_lengths(rest).astype(np.int64)
