@@ -260,12 +260,13 @@ class SignedCoder:
         out = np.zeros(len(local), np.int64) if s.decoding else values
         if len(local) == 0:
             return out
-        zs, ms = slice(key0, key0 + len(mag_of)), slice(mkey0, mkey0 + int(mag_of.max()) + 1)
-        tables = (self.zero[cls, :, zs], self.zero_pooled[:, zs], self.mag[cls, :, ms], self.mag_pooled[:, ms], mag_of)
-        first = _first_chunk(tables[0][1].sum())
+        zs = slice(key0, key0 + len(mag_of))
+        first = _first_chunk(self.zero[cls, 1, zs].sum())
         if s.decoding and _contexts is not None:
             self._decode_native(s, cls, key0, mkey0, mag_of, local, first, out)
             return out
+        ms = slice(mkey0, mkey0 + int(mag_of.max()) + 1)
+        tables = (self.zero[cls, :, zs], self.zero_pooled[:, zs], self.mag[cls, :, ms], self.mag_pooled[:, ms], mag_of)
         for sl in _chunks(len(local), first):
             if s.decoding:
                 out[sl] = self._code(s, local[sl], tables, None)
