@@ -181,5 +181,8 @@ def test_largest_step_within_meets_the_budget_with_per_band_rounding(n):
     assert float(quantization_sse(c, np.float32(step * 1.05), rounding)) > budget  # the largest, nearly
     # the per-band dead zone is what the bisection measured: with one rounding the step differs
     assert abs(largest_step_within(c, budget, 1e-6, 100.0) / step - 1) > 1e-3
+    # the subsample's answer alone (the whole array's where it is not subsampled): close, not exact
+    rough = largest_step_within(c, budget, 1e-6, 100.0, rounding, exact=False)
+    assert rough == step if n == 500 else 0 < abs(rough / step - 1) < 0.02
     with pytest.raises(ValueError, match="trailing position"):
         largest_step_within(c, budget, 1e-6, 100.0, band_rounding((8, 4, 4)))

@@ -105,11 +105,14 @@ def _subsample(c: jax.Array, rounding, stride: int) -> tuple[jax.Array, jax.Arra
     return jnp.pad(sub, (0, _SUBSAMPLE - sub.size)), jnp.pad(r, (0, _SUBSAMPLE - r.size))
 
 
-def largest_step_within(c: jax.Array, max_sse: float, lo: float, hi: float, rounding=ROUNDING) -> float:
+def largest_step_within(c: jax.Array, max_sse: float, lo: float, hi: float, rounding=ROUNDING,
+                        exact: bool = True) -> float:
     """Largest step in ``[lo, hi]`` whose quantisation SSE on ``c`` (with ``rounding``, broadcast against
     ``c``) stays ≤ ``max_sse`` (log bisection).
 
     A strided subsample narrows the bracket cheaply; a few passes over all coefficients then settle it.
+    Not ``exact``: the subsample's answer alone (within ~1 % on 2¹⁶ of the head CT's 5·10⁵ sampled
+    coefficients), for a caller that measures its step anyway.
     """
     size = c.size
     rounding = jnp.asarray(rounding, jnp.float32)
@@ -119,6 +122,8 @@ def largest_step_within(c: jax.Array, max_sse: float, lo: float, hi: float, roun
     if stride > 1:
         taken = min(_SUBSAMPLE, -(-size // stride))
         lo_s, hi_s = _bisect_step(*_subsample(c, rounding, stride), max_sse * taken / size, lo, hi, iterations=24)
+        if not exact:
+            return float(lo_s)
         narrow = (max(lo, float(lo_s) / 1.25), min(hi, float(hi_s) * 1.25))
         step, top = (float(v) for v in _bisect_step(c, rounding, max_sse, *narrow, iterations=12))
         if narrow[0] < step and top < narrow[1]:  # the answer is inside the narrowed bracket

@@ -785,16 +785,17 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     floor = math.prod(b) ** 0.5 / 2**30  # |coef| ≤ √B for a unit-range volume: int32 indices never overflow
     lo = max(hi * 1e-9, floor)
     rounding = band_rounding(b)
-    step = largest_step_within(coef, mse * coef.size, lo, hi, rounding)
+    # A subsample's step (~1 % off): the decoded error measured there corrects it below.
+    step = largest_step_within(coef, mse * coef.size, lo, hi, rounding, exact=False)
     voxel = float(_sample_decoded_mse(blocks, corners, coef, u, np.float32(step), m, np.asarray(x.shape, np.int32),
                                       x.dtype.name))
     in_coef = float(quantization_sse(coef, np.float32(step), rounding)) / coef.size
     wider = float(quantization_sse(coef, np.float32(step * 1.1), rounding)) / coef.size
     if not (voxel > 0 and wider > in_coef > 0 and math.isfinite(voxel)):
         return max(floor, step)
-    # The error grows locally as a power of the step: follow it to the corrected error budget.
+    # The error grows locally as a power of the step: follow it from the decoded error to the budget.
     power = math.log(wider / in_coef) / math.log(1.1)
-    return max(floor, min(hi, step * (in_coef / voxel) ** (1 / power)))
+    return max(floor, min(hi, step * (mse / voxel) ** (1 / power)))
 
 
 @jax.jit
