@@ -513,6 +513,45 @@ def test_eg_values_read_back_the_raw_bits_chunk_symbols_lays_out():
             entropy._contexts.eg_values(bad_nbits, bad_bits, out)
 
 
+def test_chunk_nonzeros_and_values_rebuild_a_chunk_as_numpy_does():
+    """The decoder's compiled per-chunk steps: the non-zeros of decoded symbols, their sign models and
+    escapes (chunk_nonzeros), then the signed values written at the chunk's place (chunk_values), as the
+    numpy decoder makes them; symbols, contexts, escape values and outputs out of range raise."""
+    rng = np.random.default_rng(11)
+    n, n_mag = 3000, int(_MAG_OF.max()) + 1
+    sym = np.where(rng.random(n) < 0.7, 0, rng.integers(1, entropy.UNARY_CAP + 2, n)).astype(np.int32)
+    local = rng.integers(0, len(_MAG_OF), n).astype(np.uint16)
+    mag_of, p_neg = _MAG_OF.astype(np.int64), rng.random(n_mag)
+    nz, sym_nz, esc, neg64 = np.empty((4, n), np.int64)
+    psign = np.empty(n)
+    k, e = entropy._contexts.chunk_nonzeros(sym, local, mag_of, p_neg, nz, sym_nz, psign, esc)
+    idx = np.flatnonzero(sym)
+    assert (k, e) == (len(idx), int((sym > entropy.UNARY_CAP).sum()))
+    assert (nz[:k] == idx).all() and (sym_nz[:k] == sym[idx]).all()
+    assert (psign[:k] == p_neg[mag_of[local[idx]]]).all() and (esc[:e] == idx[sym[idx] > entropy.UNARY_CAP]).all()
+
+    neg = rng.integers(0, 2, k).astype(np.int32)
+    escaped = rng.integers(entropy.UNARY_CAP + 1, 1 << 40, e).astype(np.int64)
+    out, start = np.full(n + 5, 7, np.int64), 5
+    entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, escaped, start, out, neg64[:k])
+    mag = sym[idx].astype(np.int64)
+    mag[mag > entropy.UNARY_CAP] = escaped
+    assert (out[start + idx] == np.where(neg == 1, -mag, mag)).all() and (neg64[:k] == neg).all()
+    assert (np.delete(out, start + idx) == 7).all()  # the zeros' places are the caller's (it zeroed them)
+
+    for bad in (dict(sym=np.where(sym == 0, 0, entropy.UNARY_CAP + 2).astype(np.int32)),
+                dict(local=np.full(n, len(_MAG_OF), np.uint16)), dict(p_neg=p_neg[:3]), dict(nz=nz[:10])):
+        with pytest.raises(ValueError):
+            entropy._contexts.chunk_nonzeros(*(bad.get(name, value) for name, value in (
+                ("sym", sym), ("local", local), ("mag_of", mag_of), ("p_neg", p_neg), ("nz", nz),
+                ("sym_nz", sym_nz), ("psign", psign), ("esc", esc))))
+    for bad in (dict(escaped=escaped[:-1]), dict(escaped=np.append(escaped, 99)), dict(start=n),
+                dict(out=out[:10])):
+        with pytest.raises(ValueError):
+            entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, bad.get("escaped", escaped),
+                                           bad.get("start", start), bad.get("out", out), neg64[:k])
+
+
 @settings(max_examples=25, deadline=None)
 @given(gx=st.integers(1, 5), gy=st.integers(1, 5), gz=st.integers(1, 5),
        b=st.sampled_from([(2, 2, 2), (4, 4, 4), (4, 2, 8), (1, 1, 4)]), seed=st.integers(0, 2**16))

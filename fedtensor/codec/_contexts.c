@@ -3,7 +3,8 @@
  *
  * Both replace numpy code that is a few hundred small numpy calls per slab; here each is one pass over
  * the coefficients. The decoder uses chunk_models too (a chunk's model, then its counts), finds each
- * pass's sites with pass_sites and its escapes' values with eg_values. The numpy code stays, as the
+ * pass's sites with pass_sites, a chunk's non-zeros with chunk_nonzeros, their signed values with
+ * chunk_values and its escapes' values with eg_values. The numpy code stays, as the
  * fallback and as the reference the tests compare with.
  * The range coding itself stays with constriction, called from Python.
  *
@@ -668,6 +669,88 @@ done:
     return result;
 }
 
+/* A decoder's non-zeros of a chunk, from its decoded symbols sym (int32, each in [0, SYMBOLS)) and local contexts
+ * local (uint16, one per symbol): their positions nz and symbols sym_nz (int64), each one's P(negative)
+ * psign = p_neg[mag_of[local]] (float64; p_neg: one per magnitude key), and the positions of the escapes
+ * (symbol UNARY_CAP + 1) esc (int64). Outputs hold at least one item per symbol. Returns (non-zeros, escapes). */
+static PyObject *chunk_nonzeros(PyObject *self, PyObject *args) {
+    PyObject *o[8];
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7])) return NULL;
+    Buf b[8];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(o[0], &b[0], 4, -1, 0, "sym") < 0) goto done;
+    Py_ssize_t n = b[0].b.len / 4;
+    if (get(o[1], &b[1], 2, n, 0, "local") < 0 || get(o[2], &b[2], 8, -1, 0, "mag_of") < 0 ||
+        get(o[3], &b[3], 8, -1, 0, "p_neg") < 0 || get(o[4], &b[4], 8, -1, 1, "nz") < 0 ||
+        get(o[5], &b[5], 8, -1, 1, "sym_nz") < 0 || get(o[6], &b[6], 8, -1, 1, "psign") < 0 ||
+        get(o[7], &b[7], 8, -1, 1, "esc") < 0)
+        goto done;
+    Py_ssize_t n_local = b[2].b.len / 8, n_mag = b[3].b.len / 8;
+    if (b[4].b.len < 8 * n || b[5].b.len < 8 * n || b[6].b.len < 8 * n || b[7].b.len < 8 * n) {
+        PyErr_SetString(PyExc_ValueError, "chunk_nonzeros: outputs shorter than the symbols");
+        goto done;
+    }
+    const int32_t *sym = b[0].b.buf;
+    const uint16_t *local = b[1].b.buf;
+    const int64_t *mag_of = b[2].b.buf;
+    const double *p_neg = b[3].b.buf;
+    int64_t *nz = b[4].b.buf, *sym_nz = b[5].b.buf, *esc = b[7].b.buf;
+    double *psign = b[6].b.buf;
+    for (Py_ssize_t i = 0; i < n_local; i++)
+        if (mag_of[i] < 0 || mag_of[i] >= n_mag) { PyErr_SetString(PyExc_ValueError, "chunk_nonzeros: magnitude key out of range"); goto done; }
+    Py_ssize_t k = 0, e = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t v = sym[i];
+        if (v == 0) continue;
+        if (v < 0 || v >= SYMBOLS || local[i] >= n_local) { PyErr_SetString(PyExc_ValueError, "chunk_nonzeros: symbol or context out of range"); goto done; }
+        nz[k] = i, sym_nz[k] = v, psign[k] = p_neg[mag_of[local[i]]];
+        if (v > UNARY_CAP) esc[e++] = i;
+        k++;
+    }
+    result = Py_BuildValue("nn", k, e);
+done:
+    release(b, 8);
+    return result;
+}
+
+/* A decoder's values of a chunk from chunk_nonzeros' nz and sym_nz, and the decoded signs neg (int32, 1:
+ * negative): out[start + nz] = ±|v| (int64), |v| = sym_nz below the escape symbol, else the escape's magnitude
+ * from escval (int64, one per escape in order); neg widened into neg64 (int64) for chunk_models' counts. */
+static PyObject *chunk_values(PyObject *self, PyObject *args) {
+    PyObject *o[6];
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "OOOOnOO", &o[0], &o[1], &o[2], &o[3], &start, &o[4], &o[5])) return NULL;
+    Buf b[6];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(o[0], &b[0], 8, -1, 0, "nz") < 0) goto done;
+    Py_ssize_t k = b[0].b.len / 8;
+    if (get(o[1], &b[1], 8, k, 0, "sym_nz") < 0 || get(o[2], &b[2], 4, k, 0, "neg") < 0 ||
+        get(o[3], &b[3], 8, -1, 0, "escval") < 0 || get(o[4], &b[4], 8, -1, 1, "out") < 0 ||
+        get(o[5], &b[5], 8, k, 1, "neg64") < 0)
+        goto done;
+    Py_ssize_t n_esc = b[3].b.len / 8, n_out = b[4].b.len / 8, t = 0;
+    const int64_t *nz = b[0].b.buf, *sym_nz = b[1].b.buf, *escval = b[3].b.buf;
+    const int32_t *neg = b[2].b.buf;
+    int64_t *out = b[4].b.buf, *neg64 = b[5].b.buf;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        if (start < 0 || nz[j] < 0 || nz[j] >= n_out - start) { PyErr_SetString(PyExc_ValueError, "chunk_values: position out of range"); goto done; }
+        int64_t mag = sym_nz[j];
+        if (mag > UNARY_CAP) {
+            if (t == n_esc) { PyErr_SetString(PyExc_ValueError, "chunk_values: more escapes than values"); goto done; }
+            mag = escval[t++];
+        }
+        neg64[j] = neg[j] != 0;
+        out[start + nz[j]] = neg[j] ? -mag : mag;
+    }
+    if (t != n_esc) { PyErr_SetString(PyExc_ValueError, "chunk_values: fewer escapes than values"); goto done; }
+    result = Py_NewRef(Py_None);
+done:
+    release(b, 6);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"block_sites", block_sites, METH_VARARGS,
      "block_sites(coef, eob, perm, nbr, bounds, order, parents, lut, local, values, calls, n_anchor, n_bins, "
@@ -683,6 +766,11 @@ static PyMethodDef methods[] = {
     {"chunk_symbols", chunk_symbols, METH_VARARGS,
      "chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits, marks) -> bits\n\n"
      "An encoder's sign models and signs, Exp-Golomb lengths and raw bits per chunk of a run."},
+    {"chunk_nonzeros", chunk_nonzeros, METH_VARARGS,
+     "chunk_nonzeros(sym, local, mag_of, p_neg, nz, sym_nz, psign, esc) -> (non-zeros, escapes)\n\n"
+     "A decoder's non-zeros of a chunk, their symbols and sign models, and its escapes."},
+    {"chunk_values", chunk_values, METH_VARARGS,
+     "chunk_values(nz, sym_nz, neg, escval, start, out, neg64)\n\nA decoder's signed values of a chunk."},
     {"eg_values", eg_values, METH_VARARGS,
      "eg_values(nbits, bits, out)\n\nA decoder's Exp-Golomb values from their lengths and raw bits."},
     {"chunk_models", chunk_models, METH_VARARGS,
