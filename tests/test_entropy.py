@@ -533,11 +533,20 @@ def test_chunk_nonzeros_and_values_rebuild_a_chunk_as_numpy_does():
     neg = rng.integers(0, 2, k).astype(np.int32)
     escaped = rng.integers(entropy.UNARY_CAP + 1, 1 << 40, e).astype(np.int64)
     out, start = np.full(n + 5, 7, np.int64), 5
-    entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, escaped, start, out, neg64[:k])
+    entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, escaped, start, out, neg64[:k], None)
     mag = sym[idx].astype(np.int64)
     mag[mag > entropy.UNARY_CAP] = escaped
-    assert (out[start + idx] == np.where(neg == 1, -mag, mag)).all() and (neg64[:k] == neg).all()
+    want = np.where(neg == 1, -mag, mag)
+    assert (out[start + idx] == want).all() and (neg64[:k] == neg).all()
     assert (np.delete(out, start + idx) == 7).all()  # the zeros' places are the caller's (it zeroed them)
+    # in place: into int32 coefficients at given positions (values within int32 here)
+    small = np.minimum(escaped, 1 << 20)
+    at, coef = rng.permutation(2 * n + 5).astype(np.int64), np.zeros(2 * n + 5, np.int32)
+    entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, small, start, coef, neg64[:k], at)
+    mag[sym[idx] > entropy.UNARY_CAP] = small
+    assert (coef[at[start + idx]] == np.where(neg == 1, -mag, mag)).all() and np.count_nonzero(coef) == k
+    with pytest.raises(OverflowError):
+        entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, small + (1 << 31), start, coef, neg64[:k], at)
 
     for bad in (dict(sym=np.where(sym == 0, 0, entropy.UNARY_CAP + 2).astype(np.int32)),
                 dict(local=np.full(n, len(_MAG_OF), np.uint16)), dict(p_neg=p_neg[:3]), dict(nz=nz[:10])):
@@ -546,10 +555,11 @@ def test_chunk_nonzeros_and_values_rebuild_a_chunk_as_numpy_does():
                 ("sym", sym), ("local", local), ("mag_of", mag_of), ("p_neg", p_neg), ("nz", nz),
                 ("sym_nz", sym_nz), ("psign", psign), ("esc", esc))))
     for bad in (dict(escaped=escaped[:-1]), dict(escaped=np.append(escaped, 99)), dict(start=n),
-                dict(out=out[:10])):
+                dict(out=out[:10]), dict(out=coef, at=at[:n], escaped=small), dict(out=coef, at=at + 2 * n, escaped=small),
+                dict(out=out, at=at, escaped=small)):
         with pytest.raises(ValueError):
-            entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, bad.get("escaped", escaped),
-                                           bad.get("start", start), bad.get("out", out), neg64[:k])
+            entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, bad.get("escaped", escaped), bad.get("start", start),
+                                           bad.get("out", out), neg64[:k], bad.get("at"))
 
 
 @settings(max_examples=25, deadline=None)

@@ -715,39 +715,48 @@ done:
 }
 
 /* A decoder's values of a chunk from chunk_nonzeros' nz and sym_nz, and the decoded signs neg (int32, 1:
- * negative): out[start + nz] = ±|v| (int64), |v| = sym_nz below the escape symbol, else the escape's magnitude
- * from escval (int64, one per escape in order); neg widened into neg64 (int64) for chunk_models' counts. */
+ * negative): ±|v|, |v| = sym_nz below the escape symbol, else the escape's magnitude from escval (int64, one per
+ * escape in order), written at out[start + nz] (out int64), or, given positions at (int64), at out[at[start + nz]]
+ * (out int32: the decoder's coefficients, written in place; a value beyond int32 is a corrupted stream). neg is
+ * widened into neg64 (int64) for chunk_models' counts. */
 static PyObject *chunk_values(PyObject *self, PyObject *args) {
-    PyObject *o[6];
+    PyObject *o[7];
     Py_ssize_t start;
-    if (!PyArg_ParseTuple(args, "OOOOnOO", &o[0], &o[1], &o[2], &o[3], &start, &o[4], &o[5])) return NULL;
-    Buf b[6];
+    if (!PyArg_ParseTuple(args, "OOOOnOOO", &o[0], &o[1], &o[2], &o[3], &start, &o[4], &o[5], &o[6])) return NULL;
+    Buf b[7];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
+    int placed = o[6] != Py_None;
     if (get(o[0], &b[0], 8, -1, 0, "nz") < 0) goto done;
     Py_ssize_t k = b[0].b.len / 8;
     if (get(o[1], &b[1], 8, k, 0, "sym_nz") < 0 || get(o[2], &b[2], 4, k, 0, "neg") < 0 ||
-        get(o[3], &b[3], 8, -1, 0, "escval") < 0 || get(o[4], &b[4], 8, -1, 1, "out") < 0 ||
-        get(o[5], &b[5], 8, k, 1, "neg64") < 0)
+        get(o[3], &b[3], 8, -1, 0, "escval") < 0 || get(o[4], &b[4], placed ? 4 : 8, -1, 1, "out") < 0 ||
+        get(o[5], &b[5], 8, k, 1, "neg64") < 0 || (placed && get(o[6], &b[6], 8, -1, 0, "at") < 0))
         goto done;
-    Py_ssize_t n_esc = b[3].b.len / 8, n_out = b[4].b.len / 8, t = 0;
-    const int64_t *nz = b[0].b.buf, *sym_nz = b[1].b.buf, *escval = b[3].b.buf;
+    Py_ssize_t n_esc = b[3].b.len / 8, n_out = b[4].b.len / (placed ? 4 : 8), t = 0;
+    Py_ssize_t n_pos = placed ? b[6].b.len / 8 : n_out;
+    const int64_t *nz = b[0].b.buf, *sym_nz = b[1].b.buf, *escval = b[3].b.buf, *at = b[6].b.buf;
     const int32_t *neg = b[2].b.buf;
-    int64_t *out = b[4].b.buf, *neg64 = b[5].b.buf;
+    int64_t *neg64 = b[5].b.buf;
     for (Py_ssize_t j = 0; j < k; j++) {
-        if (start < 0 || nz[j] < 0 || nz[j] >= n_out - start) { PyErr_SetString(PyExc_ValueError, "chunk_values: position out of range"); goto done; }
+        if (start < 0 || nz[j] < 0 || nz[j] >= n_pos - start) { PyErr_SetString(PyExc_ValueError, "chunk_values: position out of range"); goto done; }
         int64_t mag = sym_nz[j];
         if (mag > UNARY_CAP) {
             if (t == n_esc) { PyErr_SetString(PyExc_ValueError, "chunk_values: more escapes than values"); goto done; }
             mag = escval[t++];
         }
+        int64_t v = neg[j] ? -mag : mag;
         neg64[j] = neg[j] != 0;
-        out[start + nz[j]] = neg[j] ? -mag : mag;
+        if (!placed) { ((int64_t *)b[4].b.buf)[start + nz[j]] = v; continue; }
+        int64_t p = at[start + nz[j]];
+        if (p < 0 || p >= n_out) { PyErr_SetString(PyExc_ValueError, "chunk_values: position out of range"); goto done; }
+        if (v < INT32_MIN || v > INT32_MAX) { PyErr_SetString(PyExc_OverflowError, "chunk_values: value beyond int32"); goto done; }
+        ((int32_t *)b[4].b.buf)[p] = (int32_t)v;
     }
     if (t != n_esc) { PyErr_SetString(PyExc_ValueError, "chunk_values: fewer escapes than values"); goto done; }
     result = Py_NewRef(Py_None);
 done:
-    release(b, 6);
+    release(b, 7);
     return result;
 }
 
@@ -770,7 +779,8 @@ static PyMethodDef methods[] = {
      "chunk_nonzeros(sym, local, mag_of, p_neg, nz, sym_nz, psign, esc) -> (non-zeros, escapes)\n\n"
      "A decoder's non-zeros of a chunk, their symbols and sign models, and its escapes."},
     {"chunk_values", chunk_values, METH_VARARGS,
-     "chunk_values(nz, sym_nz, neg, escval, start, out, neg64)\n\nA decoder's signed values of a chunk."},
+     "chunk_values(nz, sym_nz, neg, escval, start, out, neg64, at)\n\nA decoder's signed values of a chunk, "
+     "at their places in out (at None) or at their positions at in int32 out."},
     {"eg_values", eg_values, METH_VARARGS,
      "eg_values(nbits, bits, out)\n\nA decoder's Exp-Golomb values from their lengths and raw bits."},
     {"chunk_models", chunk_models, METH_VARARGS,

@@ -208,13 +208,12 @@ def _decode_ac_native(s: BinaryStream, coder: GridCoder, coef: np.ndarray, eob: 
     width = int(np.diff(lay.bounds).max())
     local, at = np.empty(len(eob) * width, np.uint16), np.empty(len(eob) * width, np.int64)  # all live, widest
     work = np.empty(3 * (len(eob) + 1) * (width + 1), np.uint8)  # what the passes share (see pass_sites)
-    flat = coef.reshape(-1)
     for degree in range(1, min(int(eob.max(initial=0)), len(lay.bounds) - 2) + 1):  # eob >= degree: monotone
         for pass_id in (0, 1):
             k = entropy._contexts.pass_sites(coef, eob, perm, nbr, lay.bounds, lay.order, lay.parents_flat, _SITE_LUT,
                                              local, at, work, degree, pass_id, n_anchor, N_BINS, _ABS_CAP)
             if k:
-                flat[at[:k]] = coder.code_local(s, pass_id, degree, local[:k])
+                coder.decode_local_into(s, pass_id, degree, local[:k], coef, at[:k])
 
 
 def _encode_ac_native(s: BinaryStream, coder: GridCoder, coef: np.ndarray, eob: np.ndarray, perm: np.ndarray,

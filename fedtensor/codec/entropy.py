@@ -274,6 +274,19 @@ class SignedCoder:
                 self._code(s, local[sl], tables, values[sl])
         return out
 
+    def decode_into(self, s: BinaryStream, cls: int, local: np.ndarray, key0: int, mkey0: int, mag_of: np.ndarray,
+                    coef: np.ndarray, at: np.ndarray) -> None:
+        """:meth:`code` for a compiled decoder (``_contexts``) that writes the ``len(local)`` values straight
+        into the int32 array ``coef`` (C-contiguous), value ``i`` at flat position ``at[i]``; the zeros'
+        positions are left as they are. A value beyond int32 raises :class:`FormatError`."""
+        if len(local) == 0:
+            return
+        first = _first_chunk(self.zero[cls, 1, key0:key0 + len(mag_of)].sum())
+        try:
+            self._decode_native(s, cls, key0, mkey0, mag_of, local, first, coef.reshape(-1), at)
+        except OverflowError:
+            raise FormatError("corrupted stream: a coefficient beyond int32") from None
+
     @staticmethod
     def _model(tables) -> tuple[np.ndarray, np.ndarray]:
         """Per local context: P(symbol) over ``{0, 1…UNARY_CAP, escape}``; per magnitude key: P(v < 0)."""
@@ -450,8 +463,9 @@ class SignedCoder:
         return out, idx, sym_nz, neg
 
     def _decode_native(self, s: BinaryStream, cls: int, key0: int, mkey0: int, mag_of: np.ndarray,
-                       local: np.ndarray, first: int, out: np.ndarray) -> None:
-        """:meth:`code`'s chunks for a decoder (into ``out``), each chunk's model and counts computed by
+                       local: np.ndarray, first: int, out: np.ndarray, at: np.ndarray | None = None) -> None:
+        """:meth:`code`'s chunks for a decoder (into int64 ``out``, or at ``out[at]`` in int32 ``out``: see
+        :meth:`decode_into`), each chunk's model and counts computed by
         the compiled ``chunk_models``: the model first (of the rows its local contexts need, and the
         escapes' length distribution), then, once decoded, the chunk's counts, its escapes' lengths
         included. The same values and tables as :meth:`_decode_symbols` and :meth:`_suffix`; what stays
@@ -480,7 +494,7 @@ class SignedCoder:
             if e:  # :meth:`_suffix`, its length model the chunk's and its counts chunk_models'
                 nbits = s.categorical_alike(signs[n_mag:], None, e).astype(np.int64)
                 escaped = _exp_golomb_values(s, nbits) + UNARY_CAP
-            _contexts.chunk_values(nz[:k], sym_nz[:k], signed, escaped, sl.start, out, neg[:k])
+            _contexts.chunk_values(nz[:k], sym_nz[:k], signed, escaped, sl.start, out, neg[:k], at)
             _contexts.chunk_models(*keys, bounds, part, nz[:k], sym_nz[:k], neg[:k], esc[:e], nbits, mag_of64, *args, 2)
 
     @staticmethod

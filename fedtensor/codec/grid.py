@@ -92,10 +92,12 @@ class GridCoder:
         c, local, key0, mkey0, values = self.sites(pass_id, cls, pbin, nbin, ebin, values)
         return self.coder.code(s, c, local, key0, mkey0, _MAG_OF, values)
 
-    def code_local(self, s: BinaryStream, pass_id: int, cls: int, local: np.ndarray) -> np.ndarray:
-        """Decode one pass's sites given their local contexts (as :meth:`sites` makes them)."""
-        return self.coder.code(s, min(cls, self.last_class), local, pass_id * _N_LOCAL, pass_id * 2 * N_BINS, _MAG_OF,
-                               None)
+    def decode_local_into(self, s: BinaryStream, pass_id: int, cls: int, local: np.ndarray, coef: np.ndarray,
+                          at: np.ndarray) -> None:
+        """Decode one pass's sites given their local contexts (as :meth:`sites` makes them), in compiled
+        code, into ``coef`` at flat positions ``at`` (see :meth:`SignedCoder.decode_into`)."""
+        self.coder.decode_into(s, min(cls, self.last_class), local, pass_id * _N_LOCAL, pass_id * 2 * N_BINS, _MAG_OF,
+                               coef, at)
 
     def encode_passes(self, s: BinaryStream, passes: np.ndarray, local: np.ndarray, values: np.ndarray,
                       budget: int = 1 << 14) -> None:
