@@ -151,6 +151,19 @@ def _chunks(n: int, first: int = 64, growth: int = 4):
         lo, size = lo + size, size * growth
 
 
+def _largest_chunk(n: int, first: int = 64, growth: int = 4) -> int:
+    """The size of the largest of :func:`_chunks` ``(n, first, growth)``."""
+    lo, size, largest = 0, first, 0
+    while lo < n:
+        largest = max(largest, min(size, n - lo))
+        lo, size = lo + size, size * growth
+    return largest
+
+
+_NONE = np.zeros(0, np.int64)
+_NONE.flags.writeable = False
+
+
 def _first_chunk(seen: float) -> int:
     """Size of a call's first chunk for a context class that has coded ``seen`` symbols (of the call's
     keys). Small first chunks teach fresh tables quickly; tables that have already seen many symbols (a
@@ -253,6 +266,11 @@ class SignedCoder:
         self.mag = np.zeros((n_classes, 2, n_mag_keys, UNARY_CAP + 1))
         self.mag_pooled = np.zeros((2, n_mag_keys, UNARY_CAP + 1))
         self.eg = np.zeros((2, _EG_CAP))
+        self._buffers = None  # the decoder's, kept between calls (see _decode_buffers)
+
+    def __getstate__(self) -> dict:
+        """The tables only: a copy (a group's starting state, a worker's task) needs no decoder buffers."""
+        return {**self.__dict__, "_buffers": None}
 
     def code(self, s: BinaryStream, cls: int, local: np.ndarray, key0: int, mkey0: int, mag_of: np.ndarray,
              values: np.ndarray | None) -> np.ndarray:
@@ -473,19 +491,15 @@ class SignedCoder:
         passes are mostly such overhead. Between the coder calls, a chunk's non-zeros, sign models and
         escapes (``chunk_nonzeros``) and its signed values (``chunk_values``) are compiled too: they were
         a dozen numpy calls a chunk, 7–12 % of a CT's decode time."""
-        n_mag, none = int(mag_of.max()) + 1, np.zeros(0, np.int64)
-        table, signs = np.empty((1, len(mag_of), UNARY_CAP + 2), np.float32), np.empty(n_mag + _EG_CAP)
+        local, mag_of64 = _narrow_local(local, mag_of), np.asarray(mag_of, np.int64)
+        n_mag, table, signs, nz, sym_nz, esc, neg, psign = self._decode_buffers(mag_of64, _largest_chunk(len(local), first))
         args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,
                 self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
         keys = np.array([cls, key0, mkey0], np.int64)
         keys = (keys[0:1], keys[1:2], keys[2:3])
-        local, mag_of64 = _narrow_local(local, mag_of), np.asarray(mag_of, np.int64)
-        # A chunk's non-zeros, escapes and signs (chunk_nonzeros, chunk_values), in buffers for the largest chunk.
-        room = max(sl.stop - sl.start for sl in _chunks(len(local), first))
-        nz, sym_nz, esc, neg = np.empty((4, room), np.int64)
-        psign, p_neg = np.empty(room), signs[:n_mag]
+        p_neg, none, bounds = signs[:n_mag], _NONE, np.zeros(2, np.int64)
         for sl in _chunks(len(local), first):
-            part, bounds = local[sl], np.array([0, sl.stop - sl.start], np.int64)
+            part, bounds[1] = local[sl], sl.stop - sl.start
             _contexts.chunk_models(*keys, bounds, part, none, none, none, none, none, mag_of64, *args, 1)
             k, e = _contexts.chunk_nonzeros(s.categorical_rows(table[0], part, None), part, mag_of64, p_neg, nz,
                                             sym_nz, psign, esc)
@@ -496,6 +510,22 @@ class SignedCoder:
                 escaped = _exp_golomb_values(s, nbits) + UNARY_CAP
             _contexts.chunk_values(nz[:k], sym_nz[:k], signed, escaped, sl.start, out, neg[:k], at)
             _contexts.chunk_models(*keys, bounds, part, nz[:k], sym_nz[:k], neg[:k], esc[:e], nbits, mag_of64, *args, 2)
+
+    def _decode_buffers(self, mag_of: np.ndarray, room: int):
+        """:meth:`_decode_native`'s buffers, kept between its calls (a thin slab's passes make hundreds of
+        small calls): the number of magnitude keys of ``mag_of``, the model and sign / length buffers
+        ``chunk_models`` fills, and room for ``room`` non-zeros' positions, symbols, escapes, signs (int64)
+        and sign models (float64). Valid until the next call."""
+        kept = self._buffers
+        if kept is None or kept[0] is not mag_of:
+            n_mag = int(mag_of.max()) + 1
+            kept = (mag_of, n_mag, np.empty((1, len(mag_of), UNARY_CAP + 2), np.float32), np.empty(n_mag + _EG_CAP),
+                    np.empty((4, 0), np.int64), np.empty(0))
+        if kept[5].size < room:
+            room_kept = max(room, 2 * kept[5].size)
+            kept = (*kept[:4], np.empty((4, room_kept), np.int64), np.empty(room_kept))
+        self._buffers = kept
+        return (*kept[1:4], *kept[4][:, :room], kept[5][:room])
 
     @staticmethod
     def _update(tables, local, lnz, mnz, sym_nz, neg) -> None:

@@ -62,6 +62,7 @@ def _magnitude_keys() -> np.ndarray:
 
 
 _MAG_OF = _magnitude_keys()
+_MAG_OF.flags.writeable = False  # shared by every coder (the decoder keeps what it derives from it)
 
 
 class GridCoder:
