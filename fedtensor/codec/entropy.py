@@ -486,11 +486,12 @@ class SignedCoder:
         :meth:`decode_into`), each chunk's model and counts computed by
         the compiled ``chunk_models``: the model first (of the rows its local contexts need, and the
         escapes' length distribution), then, once decoded, the chunk's counts, its escapes' lengths
-        included. The same values and tables as :meth:`_decode_symbols` and :meth:`_suffix`; what stays
-        the same over a call's chunks (its keys and buffers) is made once, as a thin slab's many small
-        passes are mostly such overhead. Between the coder calls, a chunk's non-zeros, sign models and
-        escapes (``chunk_nonzeros``) and its signed values (``chunk_values``) are compiled too: they were
-        a dozen numpy calls a chunk, 7–12 % of a CT's decode time."""
+        included. The same values and tables as :meth:`_decode_symbols` and :meth:`_suffix`. A call's
+        keys are made once for its chunks, and its buffers are kept from call to call
+        (:meth:`_decode_buffers`), as a thin slab's many small passes are mostly such overhead. Between
+        the coder calls, a chunk's non-zeros, sign models and escapes (``chunk_nonzeros``) and its signed
+        values (``chunk_values``) are compiled too: they were a dozen numpy calls a chunk, 7–12 % of a
+        CT's decode time."""
         local, mag_of64 = _narrow_local(local, mag_of), np.asarray(mag_of, np.int64)
         n_mag, table, signs, nz, sym_nz, esc, neg, psign = self._decode_buffers(mag_of64, _largest_chunk(len(local), first))
         args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,

@@ -112,7 +112,8 @@ def largest_step_within(c: jax.Array, max_sse: float, lo: float, hi: float, roun
 
     A strided subsample narrows the bracket cheaply; a few passes over all coefficients then settle it.
     Not ``exact``: the subsample's answer alone (within ~1 % on 2¹⁶ of the head CT's 5·10⁵ sampled
-    coefficients), for a caller that measures its step anyway.
+    coefficients; arrays too small to subsample get the exact answer), for a caller that measures its
+    step anyway.
     """
     size = c.size
     rounding = jnp.asarray(rounding, jnp.float32)
