@@ -462,6 +462,33 @@ def test_compiled_functions_refuse_bad_arguments():
             pass_sites(**bad)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_compiled_binarise_is_numpy_binarise_in_outputs_of_the_counted_size(dtype):
+    """binarise_counts counts the non-zeros and escapes, and binarise fills outputs of exactly that size
+    with numpy's decisions (plus the magnitude keys and bit lengths); outputs without room for them,
+    or of unequal lengths, raise, and so does the one value whose magnitude overflows."""
+    rng = np.random.default_rng(8)
+    values = (np.round(rng.laplace(0, 20.0, 5000)) * (rng.random(5000) < 0.3)).astype(dtype)
+    local, mag = rng.integers(0, 512, 5000).astype(np.uint16), _MAG_OF.astype(np.int64)
+    sym, nz, sym_nz, neg, mnz, esc, rest, nbits = entropy._binarise_native(values, local, mag)
+    want_sym, want_nz, want_neg, want_esc, want_rest = entropy._binarise(values)
+    assert entropy._contexts.binarise_counts(values) == (len(want_nz), len(want_esc))
+    assert (sym == want_sym).all() and (nz == want_nz).all() and (neg == want_neg).all() and (sym_nz == sym[nz]).all()
+    assert (esc == want_esc).all() and (rest == want_rest).all() and (nbits == entropy._bit_lengths(want_rest)).all()
+    assert (mnz == mag[local[nz]]).all() and len(esc) > 0
+
+    k, e = len(nz), len(esc)
+    for shapes in (((4, k - 1), (3, e)), ((4, k), (3, e - 1))):
+        with pytest.raises(ValueError, match="room"):
+            entropy._contexts.binarise(values, local, mag, np.empty(5000, np.int32), *np.empty(shapes[0], np.int64),
+                                       *np.empty(shapes[1], np.int64))
+    with pytest.raises(ValueError, match="differ"):
+        entropy._contexts.binarise(values, local, mag, np.empty(5000, np.int32), *np.empty((3, k), np.int64),
+                                   np.empty(k + 1, np.int64), *np.empty((3, e), np.int64))
+    with pytest.raises(FormatError):
+        entropy._binarise_native(np.array([0, np.iinfo(dtype).min], dtype), local[:2], mag)
+
+
 def test_chunk_symbols_lays_out_signs_lengths_and_bits_per_chunk():
     """The compiled per-chunk coder inputs equal the numpy expressions the chunk loop used: each
     non-zero's P(negative) from its chunk's row, its sign, each escape's length and its raw bits

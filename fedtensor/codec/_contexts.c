@@ -501,6 +501,29 @@ done:
  * have room for every value; returns (non-zeros, escapes), or raises OverflowError for a value whose
  * magnitude the coder cannot hold (numpy's abs overflows in the value's own type, or |v| − UNARY_CAP ≥
  * 2**EG_CAP). */
+/* The numbers of non-zeros and of escapes (|v| > UNARY_CAP) among values (int32 or int64): the room binarise's
+ * outputs need. */
+static PyObject *binarise_counts(PyObject *self, PyObject *args) {
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O", &o)) return NULL;
+    Buf b;
+    memset(&b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(o, &b.b, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    b.held = 1;
+    Py_ssize_t wide = b.b.itemsize, n = wide ? b.b.len / wide : 0, k = 0, e = 0;
+    if (wide != 4 && wide != 8) { PyErr_SetString(PyExc_ValueError, "binarise_counts: values must be int32 or int64"); goto done; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t v = wide == 4 ? (int64_t)((const int32_t *)b.b.buf)[i] : ((const int64_t *)b.b.buf)[i];
+        k += v != 0;
+        e += v > UNARY_CAP || v < -UNARY_CAP;
+    }
+    result = Py_BuildValue("nn", k, e);
+done:
+    release(&b, 1);
+    return result;
+}
+
 static PyObject *binarise(PyObject *self, PyObject *args) {
     PyObject *o[11];
     if (!PyArg_ParseTuple(args, "OOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
@@ -510,7 +533,8 @@ static PyObject *binarise(PyObject *self, PyObject *args) {
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
     /* values (n) int32 or int64; local (n) uint16; mag_of (n_local) int64. Out: sym (n) int32; nz, sym_nz,
-       neg, mnz (n) int64; esc, rest, nbits (n) int64. */
+       neg, mnz int64, room for the non-zeros; esc, rest, nbits int64, room for the escapes (binarise_counts
+       counts both; too little room raises). */
     if (PyObject_GetBuffer(o[0], &b[0].b, PyBUF_C_CONTIGUOUS) < 0) goto done;
     b[0].held = 1;
     Py_ssize_t wide = b[0].b.itemsize, n = wide ? b[0].b.len / wide : 0;
@@ -522,8 +546,14 @@ static PyObject *binarise(PyObject *self, PyObject *args) {
         get(o[3], &b[3], 4, n, 1, "sym") < 0)
         goto done;
     for (int i = 4; i < 11; i++)
-        if (get(o[i], &b[i], 8, n, 1, "binarise output") < 0) goto done;
-    Py_ssize_t n_local = b[2].b.len / 8;
+        if (get(o[i], &b[i], 8, -1, 1, "binarise output") < 0) goto done;
+    Py_ssize_t n_local = b[2].b.len / 8, room_nz = b[4].b.len / 8, room_esc = b[8].b.len / 8;
+    for (int i = 5; i < 8; i++)
+        if (b[i].b.len / 8 != room_nz) { PyErr_SetString(PyExc_ValueError, "binarise: non-zero outputs differ in length"); goto done; }
+    if (b[9].b.len / 8 != room_esc || b[10].b.len / 8 != room_esc) {
+        PyErr_SetString(PyExc_ValueError, "binarise: escape outputs differ in length");
+        goto done;
+    }
     const uint16_t *local = b[1].b.buf;
     const int64_t *mag_of = b[2].b.buf;
     int32_t *sym = b[3].b.buf;
@@ -541,6 +571,7 @@ static PyObject *binarise(PyObject *self, PyObject *args) {
         if ((wide == 4 && v == INT32_MIN) || (wide == 8 && v == INT64_MIN)) { bad = 1; break; }
         int64_t a = v < 0 ? -v : v;
         int32_t s = a > UNARY_CAP ? UNARY_CAP + 1 : (int32_t)a;
+        if (k == room_nz || (s > UNARY_CAP && e == room_esc)) { bad = 3; break; }
         sym[i] = s;
         nz[k] = i, sym_nz[k] = s, neg[k] = v < 0, mnz[k] = mag_of[local[i]];
         k++;
@@ -554,6 +585,7 @@ static PyObject *binarise(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (bad == 1) PyErr_SetString(PyExc_OverflowError, "value too large for the entropy coder");
     else if (bad == 2) PyErr_SetString(PyExc_ValueError, "binarise: local context out of range");
+    else if (bad == 3) PyErr_SetString(PyExc_ValueError, "binarise: more non-zeros or escapes than room for them");
     else result = Py_BuildValue("nn", k, e);
 done:
     release(b, 11);
@@ -772,6 +804,8 @@ static PyMethodDef methods[] = {
     {"binarise", binarise, METH_VARARGS,
      "binarise(values, local, mag_of, sym, nz, sym_nz, neg, mnz, esc, rest, nbits) -> (non-zeros, escapes)\n\n"
      "An encoder's decisions for values (see entropy._binarise)."},
+    {"binarise_counts", binarise_counts, METH_VARARGS,
+     "binarise_counts(values) -> (non-zeros, escapes)\n\nThe room binarise's outputs need."},
     {"chunk_symbols", chunk_symbols, METH_VARARGS,
      "chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits, marks) -> bits\n\n"
      "An encoder's sign models and signs, Exp-Golomb lengths and raw bits per chunk of a run."},
