@@ -496,11 +496,6 @@ done:
     return result;
 }
 
-/* An encoder's decisions for a chunk run's values (entropy._binarise, with the non-zeros' magnitude keys
- * and the escapes' Exp-Golomb lengths): one pass over the values instead of a dozen numpy ones. Outputs
- * have room for every value; returns (non-zeros, escapes), or raises OverflowError for a value whose
- * magnitude the coder cannot hold (numpy's abs overflows in the value's own type, or |v| − UNARY_CAP ≥
- * 2**EG_CAP). */
 /* The numbers of non-zeros and of escapes (|v| > UNARY_CAP) among values (int32 or int64): the room binarise's
  * outputs need. */
 static PyObject *binarise_counts(PyObject *self, PyObject *args) {
@@ -524,6 +519,11 @@ done:
     return result;
 }
 
+/* An encoder's decisions for a chunk run's values (entropy._binarise, with the non-zeros' magnitude keys
+ * and the escapes' Exp-Golomb lengths): one pass over the values instead of a dozen numpy ones. Outputs
+ * have room for the non-zeros and escapes (binarise_counts); returns (non-zeros, escapes), or raises
+ * OverflowError for a value whose magnitude the coder cannot hold (numpy's abs overflows in the value's
+ * own type, or |v| − UNARY_CAP ≥ 2**EG_CAP). */
 static PyObject *binarise(PyObject *self, PyObject *args) {
     PyObject *o[11];
     if (!PyArg_ParseTuple(args, "OOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
