@@ -582,11 +582,11 @@ def test_chunk_nonzeros_and_values_rebuild_a_chunk_as_numpy_does():
                 ("sym", sym), ("local", local), ("mag_of", mag_of), ("p_neg", p_neg), ("nz", nz),
                 ("sym_nz", sym_nz), ("psign", psign), ("esc", esc))))
     for bad in (dict(escaped=escaped[:-1]), dict(escaped=np.append(escaped, 99)), dict(start=n),
-                dict(out=out[:10]), dict(out=coef, at=at[:n], escaped=small), dict(out=coef, at=at + 2 * n, escaped=small),
-                dict(out=out, at=at, escaped=small)):
+                dict(out=out[:10]), dict(out=coef, at=at[:n], escaped=small),
+                dict(out=coef, at=at + 2 * n, escaped=small), dict(out=out, at=at, escaped=small)):
         with pytest.raises(ValueError):
-            entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, bad.get("escaped", escaped), bad.get("start", start),
-                                           bad.get("out", out), neg64[:k], bad.get("at"))
+            entropy._contexts.chunk_values(nz[:k], sym_nz[:k], neg, bad.get("escaped", escaped),
+                                           bad.get("start", start), bad.get("out", out), neg64[:k], bad.get("at"))
 
 
 @settings(max_examples=25, deadline=None)

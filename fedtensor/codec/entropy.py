@@ -493,7 +493,8 @@ class SignedCoder:
         values (``chunk_values``) are compiled too: they were a dozen numpy calls a chunk, 7–12 % of a
         CT's decode time."""
         local, mag_of64 = _narrow_local(local, mag_of), np.asarray(mag_of, np.int64)
-        n_mag, table, signs, nz, sym_nz, esc, neg, psign = self._decode_buffers(mag_of64, _largest_chunk(len(local), first))
+        room = _largest_chunk(len(local), first)
+        n_mag, table, signs, nz, sym_nz, esc, neg, psign = self._decode_buffers(mag_of64, room)
         args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,
                 self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
         keys = np.array([cls, key0, mkey0], np.int64)
