@@ -278,12 +278,11 @@ class SignedCoder:
         out = np.zeros(len(local), np.int64) if s.decoding else values
         if len(local) == 0:
             return out
-        zs = slice(key0, key0 + len(mag_of))
-        first = _first_chunk(self.zero[cls, 1, zs].sum())
+        first = _first_chunk(self._seen(cls, key0, len(mag_of)))
         if s.decoding and _contexts is not None:
             self._decode_native(s, cls, key0, mkey0, mag_of, local, first, out)
             return out
-        ms = slice(mkey0, mkey0 + int(mag_of.max()) + 1)
+        zs, ms = slice(key0, key0 + len(mag_of)), slice(mkey0, mkey0 + int(mag_of.max()) + 1)
         tables = (self.zero[cls, :, zs], self.zero_pooled[:, zs], self.mag[cls, :, ms], self.mag_pooled[:, ms], mag_of)
         for sl in _chunks(len(local), first):
             if s.decoding:
@@ -292,6 +291,11 @@ class SignedCoder:
                 self._code(s, local[sl], tables, values[sl])
         return out
 
+    def _seen(self, cls: int, key0: int, n_local: int) -> float:
+        """Symbols class ``cls`` has coded under the zero-flag keys ``key0 … key0 + n_local`` (what sizes a
+        call's first chunk: :func:`_first_chunk`)."""
+        return self.zero[cls, 1, key0:key0 + n_local].sum()
+
     def decode_into(self, s: BinaryStream, cls: int, local: np.ndarray, key0: int, mkey0: int, mag_of: np.ndarray,
                     coef: np.ndarray, at: np.ndarray) -> None:
         """:meth:`code` for a compiled decoder (``_contexts``) that writes the ``len(local)`` values straight
@@ -299,7 +303,7 @@ class SignedCoder:
         positions are left as they are. A value beyond int32 raises :class:`FormatError`."""
         if len(local) == 0:
             return
-        first = _first_chunk(self.zero[cls, 1, key0:key0 + len(mag_of)].sum())
+        first = _first_chunk(self._seen(cls, key0, len(mag_of)))
         try:
             self._decode_native(s, cls, key0, mkey0, mag_of, local, first, coef.reshape(-1), at)
         except OverflowError:
@@ -344,7 +348,7 @@ class SignedCoder:
         for c, k0, m0, length in calls:
             if apart:
                 if (c, k0) not in seen:
-                    seen[c, k0] = self.zero[c, 1, k0:k0 + n_local].sum()
+                    seen[c, k0] = self._seen(c, k0, n_local)
                 first = _first_chunk(seen[c, k0])
                 seen[c, k0] += length
             else:
