@@ -84,7 +84,9 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     quarter_grams = blocktucker.fiber_grams(quarter, offset, scale)
     step = largest_step_within(blocktucker.tile_coefficients(quarter, reference, offset, scale, quarter_grams),
                                budget, 1e-9, 256.0)
-    grams = [a + b for a, b in zip(quarter_grams, blocktucker.fiber_grams(rest, offset, scale))]  # for all shapes
+    # for all shapes; summed on the host (float64, as the bases are fitted): no XLA program to trace
+    grams = [np.asarray(a, np.float64) + np.asarray(b, np.float64)
+             for a, b in zip(quarter_grams, blocktucker.fiber_grams(rest, offset, scale))]
     bases = [blocktucker.tile_bases(grams, b) for b in candidates]
     hists = _proxy_histograms(quarter, candidates, bases, offset, scale, step)
     costs = [_proxy_cost(h, b) for h, b in zip(hists, candidates)]

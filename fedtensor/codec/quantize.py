@@ -116,7 +116,7 @@ def largest_step_within(c: jax.Array, max_sse: float, lo: float, hi: float, roun
     step anyway.
     """
     size = c.size
-    rounding = jnp.asarray(rounding, jnp.float32)
+    rounding = jax.device_put(np.asarray(rounding, np.float32))  # a transfer, not a conversion program to trace
     if rounding.ndim > c.ndim or c.shape[c.ndim - rounding.ndim:] != rounding.shape:
         raise ValueError(f"rounding of shape {rounding.shape} is not one per trailing position of {c.shape}")
     stride = -(-size // _SUBSAMPLE) | 1  # odd: visits every position of a power-of-two block
