@@ -612,6 +612,27 @@ def test_federation_page(tmp_path, tiny_models):
         app.extensions["fedtensor_web"].close()
 
 
+def test_federation_page_shows_any_meta(tmp_path, tiny_models):
+    """A version's meta is free-form JSON: values of unexpected types or beyond a double's range show as
+    text or '—', and never break the page or its chart."""
+    from fedtensor.serve.app import create_app
+
+    app = create_app(tmp_path / "data", config={"FEDTENSOR_WEB": True, "FEDTENSOR_WEB_TMP": str(tmp_path)})
+    try:
+        store = app.extensions["fedtensor_store"]
+        store.publish(*tiny_models[0], {"clients": 5, "round": 10**400, "loss": 10**400, "val_loss": "low"})
+        store.publish(*tiny_models[1], {"round": 2, "loss": 1.7e308, "val_loss": -1.7e308,
+                                        "clients": [{"site": "a"}, None]})
+        r = app.test_client().get("/federation")
+        assert r.status_code == 200
+        chart = r.text[r.text.index('<section id="loss-curves">'):r.text.index("</section>")]
+        assert "<circle" not in chart and "no data yet" in chart  # no point it could plot
+        assert "<td>5</td>" in r.text and "<td>—</td>" in r.text  # clients; the text val_loss
+        assert "1.7e+308" in r.text and "{&#39;site&#39;: &#39;a&#39;}, None" in r.text
+    finally:
+        app.extensions["fedtensor_web"].close()
+
+
 def test_model_choice_is_used(app, client, tiny_models):
     """A chosen store version is exported and loaded; on an exact (max-error) stream it is not applied."""
     info = app.extensions["fedtensor_store"].publish(*tiny_models[0], {"round": 1})
@@ -713,3 +734,13 @@ def test_display_names_keep_any_script_and_drop_controls():
     assert display_name("../../etc/passwd") == "passwd" and display_name("a\u202eb\x00.nii") == "a_b_.nii"
     assert display_name("हिंदी स्कैन.nii.gz") == "हिंदी स्कैन.nii.gz"  # combining marks are kept
     assert display_name("te\u0301st.nii") == "tést.nii"  # macOS's decomposed é, composed
+
+
+def test_line_chart_skips_points_it_cannot_place():
+    """Non-finite points, and finite ones whose spans would overflow a double, are left out; the rest
+    are drawn at finite coordinates."""
+    from fedtensor.serve import charts
+
+    svg = charts.line_chart({"a": [(1, 1.7e308), (2, -1.7e308), (3, 1.0), (4, 2.0), (5, float("nan"))]},
+                            title="t", xlabel="x", ylabel="y")
+    assert svg.count("<circle") == 2 and "nan" not in svg and "inf" not in svg

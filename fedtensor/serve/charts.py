@@ -53,10 +53,16 @@ def bar_chart(rows: list[tuple[str, float | None, str]], *, title: str, width: i
     return "".join(parts)
 
 
+def _plottable(point) -> bool:
+    """Finite coordinates small enough that the axes' spans and paddings stay finite too."""
+    return all(math.isfinite(v) and abs(v) <= 1e300 for v in point)
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
                width: int = 560, height: int = 260) -> str:
     """Curves ``name → [(x, y), …]`` on shared linear axes, with a legend."""
-    pts = [p for s in series.values() for p in s if all(map(math.isfinite, p))]
+    series = {name: [p for p in s if _plottable(p)] for name, s in series.items()}
+    pts = [p for s in series.values() for p in s]
     left, right, top, bottom = 64, 16, 30, 42
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" width="{width}" '
              f'height="{height}" viewBox="0 0 {width} {height}"><title>{escape(title)}</title>',
@@ -88,7 +94,6 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, xlab
     parts.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
                  f'text-anchor="middle">{escape(ylabel)}</text>')
     for i, (name, s) in enumerate(series.items()):
-        s = [p for p in s if all(map(math.isfinite, p))]
         colour = _COLOURS[i % len(_COLOURS)]
         if len(s) > 1:
             d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)

@@ -369,11 +369,39 @@ def federation():
         rounds, error = [], str(e)
     series: dict[str, list] = {"training loss": [], "validation loss": []}
     for v in versions:
-        x = v.meta.get("round", v.version)
+        x = _number(v.meta.get("round", v.version))
         for key, label in (("loss", "training loss"), ("val_loss", "validation loss")):
-            y = v.meta.get(key)
-            if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-                series[label].append((float(x), float(y)))
+            y = _number(v.meta.get(key))
+            if x is not None and y is not None:
+                series[label].append((x, y))
     svg = charts.line_chart(series, title="Global model loss per round", xlabel="round", ylabel="loss")
-    return render_template("federation.html", versions=list(reversed(versions)), rounds=list(reversed(rounds)),
-                           svg=svg, error=error)
+    return render_template("federation.html", versions=[_version_row(v) for v in reversed(versions)],
+                           rounds=list(reversed(rounds)), svg=svg, error=error)
+
+
+def _number(value) -> float | None:
+    """``value`` as a finite float; None for anything else (a version's meta is free-form JSON)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond a double
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A free-form meta value as one short line of text ('—' when absent)."""
+    if value is None or value == "" or value == []:
+        return "—"
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _version_row(v) -> dict:
+    """What the federation page shows of a version: its meta's known keys as text, whatever their types."""
+    meta = v.meta
+    losses = {k: _number(meta.get(k)) for k in ("loss", "val_loss")}
+    return {"version": v.version, "created": v.created, "sha256": v.sha256, "round": _shown(meta.get("round")),
+            "clients": _shown(meta.get("clients") or meta.get("n_clients")),
+            **{k: "—" if x is None else f"{x:.5g}" for k, x in losses.items()}}
