@@ -150,8 +150,11 @@ def register(app: typer.Typer) -> None:
                                "(and serve it behind a TLS proxy: tokens travel in clear over plain HTTP)")
         if not math.isfinite(max_upload_mb):
             raise UsageFailure(f"--max-upload-mb must be a finite number, got {max_upload_mb}")
-        if math.isnan(stage_timeout):
-            raise UsageFailure("--stage-timeout must be a number of seconds (0: none), got nan")
+        from fedtensor.serve.rounds import MAX_STAGE_TIMEOUT
+
+        if not stage_timeout < MAX_STAGE_TIMEOUT:  # NaN included
+            raise UsageFailure(f"--stage-timeout must be a number of seconds below {MAX_STAGE_TIMEOUT:g} (0: none), "
+                               f"got {stage_timeout:g}")
         _run_server(data, host, port, int(max_upload_mb * (1 << 20)), stage_timeout or None)
 
     @app.command("fetch-model")

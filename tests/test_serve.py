@@ -24,6 +24,7 @@ flask = pytest.importorskip("flask")
 pytest.importorskip("safetensors")
 
 from fedtensor.federated.secagg import AdvertiseKeys, MaskedInput, encode  # noqa: E402
+from fedtensor.errors import FedtensorError  # noqa: E402
 from fedtensor.serve.app import create_app  # noqa: E402
 from fedtensor.serve.auth import TokenRegistry  # noqa: E402
 from fedtensor.serve.client import (  # noqa: E402
@@ -877,6 +878,39 @@ def test_open_round_reads_a_chunked_body_and_refuses_non_finite_numbers(svc):
     info = svc.get("/rounds/current", who="admin").json
     assert info["params"]["threshold"] == 2 and [c["name"] for c in info["cohort"]] == ["a", "b"], info
     assert 0 < info["stage_seconds_left"] <= 30
+
+
+def test_a_malformed_content_length_is_400_and_opens_no_round(svc):
+    """Werkzeug reads a malformed Content-Length as "no body": the round must not open with defaults."""
+    body = json.dumps({"clients": ["a", "b"], "threshold": 2}).encode()
+    for length in ("abc", "-5"):
+        r = svc.post("/rounds", who="admin", data=body, headers={"Content-Type": "application/json"},
+                     environ_overrides={"CONTENT_LENGTH": length})
+        assert r.status_code == 400 and "Content-Length" in r.json["error"], (length, r.json)
+    assert svc.get("/rounds", who="admin").json["rounds"] == []
+
+
+def test_numbers_beyond_a_double_are_refused_not_stored_as_null(svc, models):
+    r = svc.post("/rounds", who="admin", data=b'{"clip": 1e999}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "beyond a double" in r.json["error"], r.json
+    before = svc.snapshot()
+    good = models[1][0]
+    r = _multipart_post(svc, {"model": ("m", good, "application/octet-stream"),
+                              "sha256": (None, hashlib.sha256(good).hexdigest().encode(), "text/plain"),
+                              "meta": (None, b'{"loss": 1e999}', "application/json")})
+    assert r.status_code == 400 and "meta" in r.json["error"], r.json
+    assert svc.snapshot() == before
+
+
+@pytest.mark.parametrize("timeout", [1e10, float("inf"), 0.0, -1.0, True])
+def test_an_unusable_default_stage_timeout_is_refused_at_startup(tmp_path, timeout):
+    with pytest.raises(FedtensorError, match="stage timeout"):
+        create_app(tmp_path / "data", config={"FEDTENSOR_ROUND_STAGE_TIMEOUT": timeout})
+
+
+def test_cli_refuses_a_stage_timeout_no_round_could_use(tmp_path, cli_app):
+    r = cli_app("serve", "--data", tmp_path / "srv", "--stage-timeout", "1e10")
+    assert r.exit_code == 2 and r.stderr.startswith("error: --stage-timeout must be") and "1e+10" in r.stderr
 
 
 def test_a_damaged_token_file_is_a_500_that_names_no_path(svc):

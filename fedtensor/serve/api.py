@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 
 from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
@@ -137,19 +138,39 @@ def manifest_file(version: int):
     return _bytes_response(data, "application/json", info.manifest_sha256 or info.sha256, info.sha256, info.version)
 
 
+@bp.before_request
+def _refuse_malformed_length():
+    """A Content-Length that is not a non-negative integer is a malformed request: Werkzeug reads it as
+    "no body" (length 0), and a route would then act on defaults the client never asked for. (A chunked
+    body's length, if any, is ignored, as Werkzeug ignores it.)"""
+    length = request.headers.get("Content-Length")
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if length is not None and not chunked and not re.fullmatch(r"[0-9]+", length.strip()):
+        raise ApiError(400, "malformed Content-Length header")
+
+
 def _refuse_constant(token: str):
     raise ValueError(f"{token} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e999: JSON's syntax, beyond a double's range
+        raise ValueError(f"{text} is beyond the range of a double")
+    return value
+
+
 def _json_object(raw: str | bytes | None, what: str) -> dict:
     """``raw`` parsed as a JSON object ({} when empty). Strict JSON: NaN and Infinity (Python's extension)
-    are refused, since they would be stored, then served to clients whose parsers refuse them."""
+    are refused, since they would be stored, then served to clients whose parsers refuse them, and so are
+    numbers beyond a double's range (Python reads them as infinity)."""
     if raw is None or not raw.strip():
         return {}
     try:
-        d = json.loads(raw, parse_constant=_refuse_constant)
+        d = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise ApiError(400, f"{what} is not valid JSON (NaN and Infinity are not JSON numbers)") from None
+        raise ApiError(400, f"{what} is not valid JSON (NaN, Infinity and numbers beyond a double's range "
+                            "are refused)") from None
     if not isinstance(d, dict):
         raise ApiError(400, f"{what} must be a JSON object")
     return d

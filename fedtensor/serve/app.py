@@ -26,7 +26,7 @@ from fedtensor.errors import FedtensorError
 from fedtensor.serve.api import ApiError
 from fedtensor.serve.api import bp as api_bp
 from fedtensor.serve.auth import TokenFileError, TokenRegistry
-from fedtensor.serve.rounds import RoundCoordinator, RoundError, RoundSettings
+from fedtensor.serve.rounds import MAX_STAGE_TIMEOUT, RoundCoordinator, RoundError, RoundSettings, valid_stage_timeout
 from fedtensor.serve.store import CorruptVersionError, ModelStore, StoreError, VersionNotFound
 
 API_PREFIX = "/api/v1"
@@ -118,6 +118,9 @@ def create_app(data_dir: str | os.PathLike, *, config: dict | None = None) -> Fl
     settings = RoundSettings(clip=float(app.config["FEDTENSOR_ROUND_CLIP"]),
                              max_total_weight=int(app.config["FEDTENSOR_ROUND_MAX_TOTAL_WEIGHT"]),
                              stage_timeout=app.config["FEDTENSOR_ROUND_STAGE_TIMEOUT"])
+    if not valid_stage_timeout(settings.stage_timeout):  # else every round opened with the default fails
+        raise FedtensorError(f"the stage timeout must be a positive number of seconds below {MAX_STAGE_TIMEOUT:g}, "
+                             f"or none; got {settings.stage_timeout!r}")
     app.extensions["fedtensor_store"] = store
     app.extensions["fedtensor_auth"] = registry
     app.extensions["fedtensor_rounds"] = RoundCoordinator(store, registry, data_dir, settings)

@@ -131,6 +131,16 @@ def apply_delta(base_bytes: bytes, delta: np.ndarray) -> bytes:
 # ------------------------------------------------------------------------------------------ rounds
 
 
+#: Longest stage timeout in seconds (finite: it is served back as JSON).
+MAX_STAGE_TIMEOUT = 1e9
+
+
+def valid_stage_timeout(timeout) -> bool:
+    """Whether ``timeout`` is a stage timeout: None (no deadline) or seconds in (0, MAX_STAGE_TIMEOUT)."""
+    return timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                               and 0 < timeout < MAX_STAGE_TIMEOUT)
+
+
 @dataclass
 class RoundSettings:
     """Defaults for new rounds (``create_app`` config ``FEDTENSOR_ROUND_*``)."""
@@ -251,8 +261,7 @@ class RoundCoordinator:
             clip = self.settings.clip if clip is None else clip
             w = self.settings.max_total_weight if max_total_weight is None else max_total_weight
             timeout = self.settings.stage_timeout if stage_timeout == "default" else stage_timeout
-            if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                                            and 0 < timeout < 1e9):  # finite: it is served back as JSON
+            if not valid_stage_timeout(timeout):
                 raise RoundError(400, "stage_timeout must be a positive number of seconds or null")
             vec_len = flat_params(self.store.model_bytes(base.version))[0].size
             number = self._history["last_round"] + 1
