@@ -115,13 +115,20 @@ def test_not_a_ftz_file_at_all():
 
 @pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 7, 0xFFFF])
 def test_future_version_asks_for_an_upgrade(blob, version):
+    """A file written by a newer fedtensor (its checksum vouches for the version) asks for an upgrade; a
+    version field the checksum does not vouch for may be the damage itself, and the message says both."""
     future = blob[:4] + struct.pack("<H", version) + blob[6:]
     with pytest.raises(FormatError, match="upgrade") as err:
-        unpack(future)
-    assert str(version) in str(err.value)
-    # Also with a valid checksum (a file really written by a newer fedtensor).
-    with pytest.raises(FormatError, match="upgrade"):
         unpack(_sign(future[:-HASH]))
+    assert str(version) in str(err.value)
+    with pytest.raises(FormatError, match=f"corrupted .*or written by a newer fedtensor \\(format version {version}\\)"):
+        unpack(future)
+
+
+def test_a_truncated_start_of_a_file_is_truncated_not_foreign(blob):
+    for n in range(1, 42):
+        with pytest.raises(FormatError, match="truncated"):
+            unpack(blob[:n])
 
 
 def test_version_zero_is_rejected(blob):

@@ -209,9 +209,10 @@ def test_bit_flips_property(streams, data):
         assert outcome(damaged, vol.shape, vol.data.dtype) == "FormatError"
 
 
-def test_version_flip_mentions_upgrade(streams):
+def test_version_flip_says_corrupted_or_newer(streams):
+    """A flipped version field: the checksum fails, so the file is corrupted or from a newer fedtensor."""
     blob, _ = streams["lossless"]
-    with pytest.raises(FormatError, match="upgrade"):
+    with pytest.raises(FormatError, match=f"corrupted .* or written by a newer fedtensor .format version {FORMAT_VERSION + 1}"):
         decompress(blob[:4] + struct.pack("<H", FORMAT_VERSION + 1) + blob[6:])
 
 
@@ -497,6 +498,42 @@ def test_forged_codec_parameters_are_rejected(streams, param, value):
             del params[param]
         with pytest.raises(FormatError, match="bad .* parameters"):
             decompress(pack({**header, "params": params}, sections))
+
+
+@pytest.mark.parametrize("param, value", [("step", 1e300), ("step", 2e6), ("offset", 1e40), ("scale", 1e40)])
+def test_forged_transform_parameters_beyond_any_encoder_are_rejected(streams, param, value):
+    """A huge step (float32 inf on the device: NaN voxels) or an offset or scale outside the volume's
+    dtype are refused before decoding."""
+    for name in ("block-tucker-psnr40", "omlsvd-global-psnr40"):
+        header, sections = unpack(streams[name][0])
+        with pytest.raises(FormatError, match="bad .* parameters"):
+            decompress(pack({**header, "params": {**header["params"], param: value}}, sections))
+        with pytest.raises(FormatError, match="bad .* parameters"):
+            read_info(pack({**header, "params": {**header["params"], param: value}}, sections))
+
+
+def test_an_unknown_codec_or_stats_that_are_no_object_are_refused_by_every_reader(streams):
+    header, sections = unpack(streams["block-tucker-psnr40"][0])
+    for forged, why in (({**header, "codec": "zzz"}, "unknown codec 'zzz'"), ({**header, "stats": "x"}, "bad stats"),
+                        ({**header, "stats": [1, 2]}, "bad stats"), ({**header, "extra": _nested(500)}, "too deeply")):
+        blob = _signed(forged, sections)
+        for reader in (decompress, read_info):
+            with pytest.raises(FormatError, match=why):
+                reader(blob)
+
+
+def _signed(header: dict, sections: list[bytes]) -> bytes:
+    """A re-signed file of ``header`` as given (:func:`pack` would recurse into a deep one)."""
+    raw = json.dumps({**header, "sections": [len(x) for x in sections]}).encode()
+    body = struct.pack("<4sHI", b"FTZ1", FORMAT_VERSION, len(raw)) + raw + b"".join(sections)
+    return body + hashlib.sha256(body).digest()
+
+
+def _nested(depth: int):
+    x = 0
+    for _ in range(depth):
+        x = [x]
+    return x
 
 
 @pytest.mark.parametrize("dtype, value", [("<i2", 40000), ("|u1", -1), ("|u1", 1.5), ("<f4", math.inf),

@@ -24,6 +24,22 @@ _HASH_BYTES = 32
 MAX_HEADER_BYTES = 16 << 20
 
 
+#: Nesting a header may have: fedtensor writes a few levels; a forged one hundreds deep would exhaust
+#: the stack of whatever walks it next (a table of it, a copy).
+MAX_HEADER_DEPTH = 32
+
+
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON (a scalar: 0), without recursion."""
+    deepest, level = 0, [(value, 0)]
+    while level:
+        v, d = level.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d + 1)
+            level.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def pack(header: dict, sections: list[bytes]) -> bytes:
     """Serialise ``header`` (JSON-able) and payload ``sections`` into one ``.ftz`` byte string."""
     # strict JSON: Python's Infinity is an extension strict parsers refuse
@@ -36,22 +52,25 @@ def pack(header: dict, sections: list[bytes]) -> bytes:
 def unpack(data: bytes) -> tuple[dict, list[bytes]]:
     """Validate and split a ``.ftz`` byte string; raises :class:`FormatError` with a one-line reason."""
     data = bytes(data)
-    if len(data) < _PREFIX.size or data[:4] != MAGIC:
+    if not data or data[:4] != MAGIC[:len(data)]:
         raise FormatError("not a .ftz file (bad magic number)")
     if len(data) < _PREFIX.size + _HASH_BYTES:
         raise FormatError("truncated .ftz file")
     _, version, header_len = _PREFIX.unpack_from(data)
-    if version > FORMAT_VERSION:
+    intact = hashlib.sha256(data[:-_HASH_BYTES]).digest() == data[-_HASH_BYTES:]
+    # A version the checksum vouches for is the writer's; else the version field may be the damage.
+    if version > FORMAT_VERSION and intact:
         raise FormatError(f"file uses .ftz format version {version}; this fedtensor reads up to {FORMAT_VERSION}, please upgrade")
+    if not intact:
+        newer = f", or written by a newer fedtensor (format version {version})" if version > FORMAT_VERSION else ""
+        if header_len > len(data) - _PREFIX.size - _HASH_BYTES:
+            raise FormatError(f"truncated or corrupted .ftz file{newer}")
+        raise FormatError(f"checksum mismatch: the .ftz file is corrupted or truncated{newer}")
     if version < 1:
         raise FormatError(f"invalid .ftz format version {version}")
     if version < MIN_READABLE_VERSION:
         raise FormatError(f"file uses .ftz format version {version} of a pre-release fedtensor, which this "
                           "version cannot read; compress the original again")
-    if hashlib.sha256(data[:-_HASH_BYTES]).digest() != data[-_HASH_BYTES:]:
-        if header_len > len(data) - _PREFIX.size - _HASH_BYTES:
-            raise FormatError("truncated .ftz file")
-        raise FormatError("checksum mismatch: the .ftz file is corrupted or truncated")
     end = _PREFIX.size + header_len
     if header_len > MAX_HEADER_BYTES or end > len(data) - _HASH_BYTES:
         raise FormatError("corrupted .ftz header length")
@@ -64,8 +83,12 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
         raise FormatError("corrupted .ftz header: bad section table")
     if end + sum(lengths) != len(data) - _HASH_BYTES:
         raise FormatError("corrupted .ftz file: section lengths do not match the file size")
-    stats = header.get("stats")
-    if isinstance(stats, dict):  # its non-finite figures (an exact stream's PSNR) are written as strings
+    if _depth(header) > MAX_HEADER_DEPTH:
+        raise FormatError("corrupted .ftz header: nested too deeply")
+    stats = header.get("stats", {})
+    if not isinstance(stats, dict):
+        raise FormatError("corrupted .ftz header: bad stats")
+    if "stats" in header:  # its non-finite figures (an exact stream's PSNR) are written as strings
         header["stats"] = {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in stats.items()}
     sections, pos = [], end
     for n in lengths:

@@ -36,19 +36,39 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+#: The codecs a stream may name.
+CODECS = ("block-tucker", "omlsvd-global", "lossless", "max-error", "constant")
+#: Largest quantiser step of the transform codecs, in normalised units: their encoders search below
+#: ~2·10³, and a forged one near float32's limit would decode to inf and NaN.
+MAX_TRANSFORM_STEP = 1e6
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _in_range(offset, scale, dtype: np.dtype) -> bool:
+    """Whether a transform codec's ``offset`` and ``scale`` are those of a volume of ``dtype``: a value
+    of it, and at most its range (the encoders refuse values beyond float32's)."""
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return info.min <= offset <= info.max and scale <= float(info.max) - float(info.min)
+    return abs(offset) <= _F32_MAX and scale <= 2 * _F32_MAX
+
+
 def check_params(codec, p: dict, dtype: np.dtype) -> None:
-    """Refuse codec parameters no encoder writes (a forged header whose checksum was re-computed would
-    otherwise decode to garbage, e.g. a NaN step to a constant)."""
+    """Refuse an unknown codec, and codec parameters no encoder writes (a forged header whose checksum
+    was re-computed would otherwise decode to garbage, e.g. a NaN step to a constant, or a huge one to
+    NaN)."""
+    if codec not in CODECS:
+        raise FormatError(f"unknown codec {codec!r} in .ftz file (written by a newer fedtensor?)")
     keys = {"block-tucker": ("step", "scale"), "omlsvd-global": ("step", "scale"), "lossless": ("step",),
             "max-error": ("step",)}
     try:
         if codec in keys:
             ok = _finite(p.get("offset")) and all(_finite(p.get(k)) and p[k] > 0 for k in keys[codec])
-        elif codec == "constant":
+            if ok and "scale" in keys[codec]:
+                ok = p["step"] <= MAX_TRANSFORM_STEP and _in_range(p["offset"], p["scale"], dtype)
+        else:
             value = p.get("value")
             ok = _finite(value) and np.array(value).astype(dtype).item() == value
-        else:
-            return  # an unknown codec is refused with its own message
     except (OverflowError, TypeError, ValueError):
         ok = False
     if not ok:
@@ -59,6 +79,7 @@ def read_info(data: bytes) -> dict:
     """The validated header of ``.ftz`` bytes, plus ``file_bytes``, ``bits_per_voxel`` and ``ratio``."""
     h, _ = unpack(data)
     shape, dtype = check_header(h)
+    check_params(h.get("codec"), h["params"], dtype)
     n = math.prod(shape)
     return {**h, "file_bytes": len(data), "bits_per_voxel": 8 * len(data) / n,
             "ratio": n * dtype.itemsize / len(data)}
