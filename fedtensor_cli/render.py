@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -131,12 +132,21 @@ def _shape(record: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- tables
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\x1b``): a file's header is untrusted, and raw
+    escape sequences would drive the terminal (set its title, clear it, recolour it)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _kv_table(title: str, rows: Sequence[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    for key, value in rows:
-        table.add_row(key, Text(value))
+    for key, value in rows:  # as Text: never read as rich markup ("[red]…" in a header's key)
+        table.add_row(Text(printable(key)), Text(printable(value)))
     return table
 
 
@@ -248,7 +258,8 @@ def batch_table(title: str, records: Sequence[Mapping[str, Any]], columns: Seque
     for r in records:
         name = Path(str(r["input"])).name
         if r.get("ok"):
-            table.add_row(Text(name), Text(Path(str(r["output"])).name), *(cells[c][1](r) for c in columns))
+            table.add_row(Text(printable(name)), Text(printable(Path(str(r["output"])).name)),
+                          *(cells[c][1](r) for c in columns))
         else:
-            table.add_row(Text(name), Text("FAILED", style="red"), *("-" for _ in columns))
+            table.add_row(Text(printable(name)), Text("FAILED", style="red"), *("-" for _ in columns))
     return table

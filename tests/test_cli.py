@@ -633,6 +633,20 @@ def test_info_json_keys_of_the_file_never_mask_the_commands_own(tmp_path: Path, 
     assert info["input"] == str(forged) and info["command"] == "info"
 
 
+def test_info_escapes_control_characters_and_markup_of_the_file(tmp_path: Path, ftz_path: Path) -> None:
+    """A header is untrusted: its escape sequences never reach the terminal raw, nor its text as markup."""
+    from fedtensor.codec.container import pack, unpack
+
+    header, sections = unpack(ftz_path.read_bytes())
+    forged = tmp_path / "forged.ftz"
+    forged.write_bytes(pack({**header, "modality": "CT\x1b]0;PWNED\x07\x1b[2J", "[red]key[/red]": "\x9b31m"},
+                            sections))
+    r = run("info", forged)
+    assert r.exit_code == 0, r.output
+    assert not any(c in r.stdout for c in "\x1b\x07\x9b")
+    assert "CT\\x1b]0;PWNED\\x07\\x1b[2J" in r.stdout and "[red]key[/red]" in r.stdout and "\\x9b31m" in r.stdout
+
+
 def test_errors_about_an_ftz_file_name_it(tmp_path: Path, ftz_path: Path, vol_path: Path) -> None:
     bad = tmp_path / "bad.ftz"
     bad.write_bytes(b"not an ftz file at all")
