@@ -57,7 +57,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-InputArg = Annotated[Path, typer.Argument(metavar="INPUT", show_default=False)]
+InputArg = Annotated[Path, typer.Argument(metavar="INPUT", show_default=False, readable=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 
@@ -399,7 +399,7 @@ def _finish_batch(
 @cli_errors
 def compress(
     input: InputArg,  # noqa: A002 — shadows the builtin inside the command only
-    output: Annotated[Path, typer.Argument(metavar="OUTPUT", show_default=False)],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", show_default=False, readable=False)],
     psnr: Annotated[
         Optional[float],
         typer.Option("--psnr", metavar="DB", show_default=False,
@@ -463,7 +463,7 @@ def compress(
 @cli_errors
 def decompress(
     input: InputArg,  # noqa: A002 — shadows the builtin inside the command only
-    output: Annotated[Path, typer.Argument(metavar="OUTPUT", show_default=False)],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", show_default=False, readable=False)],
     fmt: Annotated[
         str,
         typer.Option("--format", metavar="|".join(OUTPUT_FORMATS),
@@ -516,8 +516,8 @@ def info(input: InputArg, json_out: JsonOpt = False) -> None:  # noqa: A002
 @app.command()
 @cli_errors
 def evaluate(
-    original: Annotated[Path, typer.Argument(metavar="ORIGINAL", show_default=False)],
-    decoded: Annotated[Path, typer.Argument(metavar="DECODED", show_default=False)],
+    original: Annotated[Path, typer.Argument(metavar="ORIGINAL", show_default=False, readable=False)],
+    decoded: Annotated[Path, typer.Argument(metavar="DECODED", show_default=False, readable=False)],
     model_spec: ModelOpt = None,
     tta: TtaOpt = False,
     json_out: JsonOpt = False,

@@ -104,7 +104,7 @@ def expand_data(items: list[Path], skip: tuple[Path | None, ...] = ()) -> list[P
 
 # shared with `federate`
 DataArgument = Annotated[list[Path], typer.Argument(
-    metavar="DATA...", show_default=False,
+    metavar="DATA...", show_default=False, readable=False,  # unreadable: our one-line error, exit 1
     help="Training volumes (files, DICOM series directories, or directories of volumes).")]
 ModelDirOption = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", show_default=False,
                                               help="Model directory to write (created if needed).")]

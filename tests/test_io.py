@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import shutil
@@ -729,3 +730,54 @@ def test_locked_excludes_other_processes_and_can_give_up(tmp_path):
         other = subprocess.run([sys.executable, "-c", probe, str(target)], capture_output=True, text=True)
         assert other.stdout.strip() == "True", other.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.lock"]  # nothing left for the directory
+
+
+def _gz_member(tmp_path, shape=(20, 24, 16)):
+    """A small .nii.gz written by nibabel, and its bytes."""
+    path = tmp_path / "v.nii.gz"
+    data = np.arange(np.prod(shape), dtype=np.int16).reshape(shape) % 997
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path, bytearray(path.read_bytes())
+
+
+def test_a_corrupted_nii_gz_is_refused_not_read(tmp_path):
+    """nibabel reads only the bytes it needs: a .nii.gz whose deflate data or CRC was damaged read as
+    wrong voxels. The whole gzip stream is checked."""
+    path, raw = _gz_member(tmp_path)
+    assert read_volume(path).shape == (20, 24, 16)
+    crc = bytearray(raw)
+    crc[-6] ^= 1  # the CRC field (the last 8 bytes: CRC32, then the length)
+    (tmp_path / "crc.nii.gz").write_bytes(crc)
+    with pytest.raises(VolumeError, match="crc.nii.gz.*CRC check failed"):
+        read_volume(tmp_path / "crc.nii.gz")
+    refused = 0
+    for at in range(60, len(raw) - 8, max(1, (len(raw) - 68) // 25)):  # bits of the deflate data
+        bad = bytearray(raw)
+        bad[at] ^= 0x40
+        (tmp_path / "bad.nii.gz").write_bytes(bad)
+        try:
+            vol = read_volume(tmp_path / "bad.nii.gz")
+        except VolumeError:
+            refused += 1
+            continue
+        assert np.array_equal(vol.data, read_volume(path).data)  # a flip deflate cannot see changed nothing
+    assert refused >= 20
+
+
+def test_a_header_declaring_more_voxels_than_the_file_holds_fails_early(tmp_path):
+    """The declared size is not allocated and zeroed before the file runs out (nibabel's read did that:
+    a 73-byte .nii.gz declaring 1000×1000×200 float32 took ~1 GB)."""
+    from fedtensor.bench.memory import measure_peak_rss
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    img.header.set_data_shape((1000, 1000, 200))
+    for name in ("big.nii.gz", "big.nii"):
+        raw = img.header.binaryblock + b"\0" * 4 + np.zeros(64, np.float32).tobytes()
+        (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+        m = measure_peak_rss(lambda: _refused(tmp_path / name))
+        assert m.extra_bytes < 100e6, (name, m.extra_bytes)  # 800 MB declared
+
+
+def _refused(path):
+    with pytest.raises(VolumeError, match="truncated"):
+        read_volume(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 from pathlib import Path
@@ -33,6 +34,36 @@ def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     return (raw.astype(np.float64) * slope + inter).astype(np.float32, order="C")  # (as read_nifti returns it)
 
 
+_CHUNK = 1 << 24  # bytes read at a time
+
+
+def _read_unscaled(path: Path, proxy) -> np.ndarray:
+    """The unscaled array of nibabel's ``proxy`` (its dtype, shape and order), read from ``path`` in one
+    pass of our own: a ``.gz``'s CRC and length are checked at its end (nibabel reads only the bytes it
+    needs, so a corrupted ``.nii.gz`` went unnoticed), and a header that declares more data than the
+    file holds fails as soon as the file ends, before memory for the rest is touched (nibabel zeroes
+    a buffer of the declared size first)."""
+    dtype, shape = np.dtype(proxy.dtype), tuple(int(n) for n in proxy.shape)
+    size, offset = math.prod(shape) * dtype.itemsize, int(proxy.offset)
+    gz = path.name.lower().endswith(".gz")
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        if not gz and os.fstat(f.fileno()).st_size < offset + size:
+            raise VolumeError(f"cannot read NIfTI file {path}: truncated (its header declares {offset + size} bytes, "
+                              f"the file holds {os.fstat(f.fileno()).st_size})")
+        f.seek(offset)
+        buf = np.empty(size, np.uint8)  # pages are touched only as they are filled
+        view, got = memoryview(buf), 0
+        while got < size:
+            n = f.readinto(view[got:got + _CHUNK])
+            if not n:
+                raise VolumeError(f"cannot read NIfTI file {path}: truncated (its header declares {size} bytes of "
+                                  f"voxels, the file holds {got})")
+            got += n
+        while gz and f.read(_CHUNK):  # to the end of the stream: gzip checks the CRC and length there
+            pass
+    return buf.view(dtype).reshape(shape, order=proxy.order)
+
+
 def read_nifti(path: str | os.PathLike) -> Volume:
     """Read a 3D NIfTI volume, keeping the on-disk dtype.
 
@@ -54,16 +85,15 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         proxy = img.dataobj
         slope = getattr(proxy, "slope", 1.0)
         inter = getattr(proxy, "inter", 0.0)
-        if _is_identity_scaling(slope, inter):
-            data = np.asarray(proxy)
-            if data.dtype.newbyteorder("=") != img.get_data_dtype().newbyteorder("="):
-                data = np.asarray(proxy.get_unscaled())  # keep the on-disk dtype
-        else:
-            data = _scaled(np.asarray(proxy.get_unscaled()), float(slope), float(inter))
+        raw = _read_unscaled(path, proxy)  # the on-disk dtype
+        data = raw if _is_identity_scaling(slope, inter) else _scaled(raw, float(slope), float(inter))
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         affine = np.array(img.affine, dtype=np.float64)
     except VolumeError:
         raise
+    except MemoryError:
+        raise VolumeError(f"cannot read NIfTI file {path}: its header declares a {'×'.join(map(str, img.shape))} "
+                          "volume, more than this machine's memory holds") from None
     except Exception as e:  # ImageFileError, HeaderDataError, gzip/zlib errors, EOFError, OSError, ...
         raise VolumeError(f"cannot read NIfTI file {path}: {one_line(e)}") from None
 
