@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 from pathlib import Path
 from time import perf_counter
 from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
@@ -616,24 +617,44 @@ _USAGE_ERRORS = (click.ClickException, *((typer.TyperException,) if hasattr(type
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (kill, systemd, a batch scheduler's time limit) stops a command as Ctrl-C does: temp files
-    removed, a fresh run directory left as it was, a checkpoint to resume from, "error: interrupted"."""
-    import signal
-    import threading
+def _interrupts() -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM (kill, systemd, a batch scheduler's time limit) stop a command alike: temp files
+    removed, a fresh run directory left as it was, a checkpoint to resume from, "error: interrupted".
 
+    Each raises :class:`KeyboardInterrupt` and sets the yielded event. Python swallows an exception raised
+    inside a garbage-collection callback (printing "Exception ignored in …"): the event then still stops
+    the next output's commit, and the command's exit, and that message is not printed."""
+    import signal
+
+    from fedtensor.io import atomic
+
+    interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # (in-process callers, e.g. tests)
-        yield
+        yield interrupted
         return
 
     def interrupt(signum, frame):
+        interrupted.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    def refuse_commit():
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+
+    def unraisable(info):
+        if not (interrupted.is_set() and isinstance(info.exc_value, KeyboardInterrupt)):
+            previous_hook(info)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    atomic.BEFORE_COMMIT.append(refuse_commit)
     try:
-        yield
+        yield interrupted
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        atomic.BEFORE_COMMIT.remove(refuse_commit)
+        sys.unraisablehook = previous_hook
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> None:
@@ -641,8 +662,10 @@ def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> Non
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     try:
         enable_persistent_cache()  # before any command imports JAX: later runs skip XLA's compiler
-        with routed_warnings(), _sigterm_as_interrupt():
+        with routed_warnings(), _interrupts() as interrupted:
             rv = app(args=args, prog_name=prog_name, standalone_mode=False)
+            if interrupted.is_set() and not rv:  # an interrupt Python swallowed: it did not finish as asked
+                raise KeyboardInterrupt
     except typer.Abort:
         print_error("aborted")
         sys.exit(EXIT_FAILURE)
@@ -652,8 +675,19 @@ def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> Non
         ):  # usage errors from argument parsing (Click's, or newer Typer's own exception classes)
             print_error(_usage_error_text(exc))
             sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        _done()
         sys.exit(report(exc))
+    _done()
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _done() -> None:
+    """The command has finished (its outputs written, its result printed): a Ctrl-C while the interpreter
+    shuts down (JAX's clean-up can take a moment) must not turn the exit code into 130."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -809,15 +809,40 @@ def test_compress_table_shows_the_block_as_block_takes_it_and_help_keeps_version
 
 def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
     """kill / systemd / a scheduler's time limit: KeyboardInterrupt (clean-up, "interrupted", exit 130),
-    not a silent death leaving a fresh run directory behind; the previous handler comes back after."""
+    not a silent death leaving a fresh run directory behind; the previous handlers come back after."""
     import os
     import signal
 
-    from fedtensor_cli.app import _sigterm_as_interrupt
+    from fedtensor_cli.app import _interrupts
 
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
-        with _sigterm_as_interrupt():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the signal arrives at once: never reached
-    assert signal.getsignal(signal.SIGTERM) is before
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for sig in before:
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupts() as interrupted:
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the signal arrives at once: never reached
+        assert interrupted.is_set()
+        assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_an_interrupt_python_swallows_still_stops_the_output(tmp_path: Path, capsys) -> None:
+    """Ctrl-C inside a garbage-collection callback is swallowed by Python ("Exception ignored in …"): the
+    next output is then not committed (no file, no temp file), and no traceback is printed."""
+    import signal
+
+    from fedtensor.io import atomic, atomic_write_bytes
+    from fedtensor_cli.app import _interrupts
+
+    class Finalised:
+        def __del__(self):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # as a Ctrl-C landing here
+
+    hook = sys.unraisablehook
+    with _interrupts() as interrupted:
+        obj = Finalised()
+        del obj  # the KeyboardInterrupt raised in __del__ goes nowhere
+        assert interrupted.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_bytes(tmp_path / "out.bin", b"data")
+    assert list(tmp_path.iterdir()) == [] and atomic.BEFORE_COMMIT == [] and sys.unraisablehook is hook
+    assert "Traceback" not in capsys.readouterr().err

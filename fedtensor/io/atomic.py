@@ -12,9 +12,14 @@ import errno
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fedtensor.errors import FedtensorError
+
+#: Called before every commit (the rename onto the output); one that raises stops it, the temp file
+#: removed. The CLI adds one that raises once Ctrl-C was pressed: an interrupt Python had to swallow
+#: (one arriving inside a garbage-collection callback) must not end in a written output.
+BEFORE_COMMIT: list[Callable[[], None]] = []
 
 _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 
@@ -132,6 +137,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
         if not tmp.exists():
             raise FedtensorError(f"nothing was written to the temporary file for {path}")
         _fsync_file(tmp)
+        for check in BEFORE_COMMIT:
+            check()
         _commit(tmp, path, force)
     except OSError as e:
         _unlink_quietly(tmp)
