@@ -92,8 +92,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     except VolumeError:
         raise
     except MemoryError:
-        raise VolumeError(f"cannot read NIfTI file {path}: its header declares a {'×'.join(map(str, img.shape))} "
-                          "volume, more than this machine's memory holds") from None
+        raise VolumeError(f"cannot read NIfTI file {path}: its header declares a volume larger than this "
+                          "machine's memory holds") from None
     except Exception as e:  # ImageFileError, HeaderDataError, gzip/zlib errors, EOFError, OSError, ...
         raise VolumeError(f"cannot read NIfTI file {path}: {one_line(e)}") from None
 
