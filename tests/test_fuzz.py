@@ -512,6 +512,18 @@ def test_forged_transform_parameters_beyond_any_encoder_are_rejected(streams, pa
             read_info(pack({**header, "params": {**header["params"], param: value}}, sections))
 
 
+@pytest.mark.parametrize("codec", ["block-tucker", "omlsvd-global"])
+def test_a_target_below_the_all_zero_stream_writes_a_step_its_readers_accept(ct_crop, codec):
+    """At a target every coefficient meets as zero, the search's step may run far beyond any useful one:
+    the encoders write at most the decoders' bound (the same, all-zero, stream)."""
+    from fedtensor.codec.header import MAX_TRANSFORM_STEP
+
+    blob = compress(ct_crop, psnr=1.0, codec=codec)
+    header = read_info(blob)
+    assert header["params"]["step"] <= MAX_TRANSFORM_STEP and header["stats"]["psnr"] >= 1.0
+    assert decompress(blob).data.shape == ct_crop.shape
+
+
 def test_an_unknown_codec_or_stats_that_are_no_object_are_refused_by_every_reader(streams):
     header, sections = unpack(streams["block-tucker-psnr40"][0])
     for forged, why in (({**header, "codec": "zzz"}, "unknown codec 'zzz'"), ({**header, "stats": "x"}, "bad stats"),

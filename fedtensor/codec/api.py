@@ -13,7 +13,7 @@ import numpy as np
 from fedtensor import __version__
 from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
-from fedtensor.codec.header import MAX_VOXELS, check_header, check_params
+from fedtensor.codec.header import MAX_TRANSFORM_STEP, MAX_VOXELS, check_header, check_params
 from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.cores import usable_cores
@@ -312,6 +312,7 @@ def _block_tucker(x: np.ndarray, block, psnr: float | None, bpv: float | None, h
                              kernels.impl_for(b), workers)
 
     def attempt(step: float, measure: bool = True, errors=None):
+        step = min(step, MAX_TRANSFORM_STEP)  # (all zeros there already) what the decoders accept
         if measure and errors is None and psnr is not None:  # the PSNR search only needs the error
             return None, enc.errors(step)
         sections, measured = enc.encode(step, measure=errors is None)
@@ -351,6 +352,7 @@ def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
     tr = omlsvd_global.GlobalTucker(normalize(x, offset, scale), max_sse)
 
     def attempt(step: float, measure: bool = True, errors=None):
+        step = min(step, MAX_TRANSFORM_STEP)  # (all zeros there already) what the decoders accept
         q = tr.quantize(step)
         decoded = denormalize(tr.reconstruct(q, step), x.dtype, offset, scale)
         sse, worst = stream.error_stats(x, decoded)

@@ -38,8 +38,9 @@ def _finite(v) -> bool:
 
 #: The codecs a stream may name.
 CODECS = ("block-tucker", "omlsvd-global", "lossless", "max-error", "constant")
-#: Largest quantiser step of the transform codecs, in normalised units: their encoders search below
-#: ~2·10³, and a forged one near float32's limit would decode to inf and NaN.
+#: Largest quantiser step of the transform codecs, in normalised units. Every coefficient of a unit-range
+#: volume is zero far below it (|c| ≤ √(voxels per block or volume) ≤ 2¹⁵), so the encoders write no
+#: larger one; a forged one near float32's limit would decode to inf and NaN.
 MAX_TRANSFORM_STEP = 1e6
 _F32_MAX = float(np.finfo(np.float32).max)
 
