@@ -64,6 +64,9 @@ def test_bd_rate_degenerate_cases():
     assert bd_rate([1], [30], [1, 2], [30, 35]) is None  # one point
     assert bd_rate([1, 2, 4], [30, 35, 40], [1, 2, 4], [30, 35, 40], lo=41, hi=50) is None
     assert bd_rate([1, 2, float("nan"), 4], [30, 35, 37, 40], [1, 2, 4], [30, 35, 40]) == pytest.approx(0, abs=1e-9)
+    inf = float("inf")  # a codec whose every point is exact (a constant or tiny volume): no curve, no crash
+    assert bd_rate([1, 2], [30, 35], [3, 3], [inf, inf]) is None and bd_rate([3], [inf], [1, 2], [30, 35]) is None
+    assert bd_rate([], [], [1, 2], [30, 35]) is None
 
 
 def test_bd_psnr_shift():

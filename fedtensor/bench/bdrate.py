@@ -28,7 +28,7 @@ def _points(rate: Sequence[float], quality: Sequence[float]) -> tuple[np.ndarray
     r, q = r[ok], q[ok]
     order = np.argsort(q)
     r, q = r[order], q[order]
-    keep = np.concatenate([[True], np.diff(q) > 1e-9])  # one point per quality
+    keep = np.concatenate([[True], np.diff(q) > 1e-9])[:len(q)]  # one point per quality (none left: none)
     return r[keep], q[keep]
 
 
