@@ -343,6 +343,16 @@ def test_weights_that_diverge_on_an_epochs_last_step_are_caught(sources, tmp_pat
     assert not (tmp_path / "d" / "model.safetensors").exists()
 
 
+def test_validation_of_weights_that_give_inf_is_nan_not_an_error():
+    """Infinite validation sums (a federated round with --server-lr 1e30) made log10(0) raise a math
+    domain error (an internal error) before the divergence check could say what happened."""
+    trainer = Trainer.__new__(Trainer)  # only its validate(): sums from an _eval that overflowed
+    trainer._eval = lambda params, *batch: (jnp.float32(np.inf), jnp.float32(1), jnp.float32(1), jnp.float32(np.inf))
+    batch = type("B", (), {"x": None, "cond": None, "target": None, "mask": None, "s": None})()
+    loss, gain = trainer.validate(None, [batch])
+    assert math.isnan(loss) and math.isnan(gain)
+
+
 def test_sources_without_a_digest_are_told_apart_by_content(sources):
     from fedtensor.nn.data import training_sources
 

@@ -206,6 +206,8 @@ class Trainer:
         for b in batches:
             tot += np.array([float(v) for v in self._eval(params, b.x, b.cond, b.target, b.mask, b.s)])
         loss = tot[0] / max(tot[1], 1.0)
+        if not np.isfinite(tot).all():  # a diverged model: NaN, which the callers' divergence checks catch
+            return math.nan, math.nan
         gain = 10 * math.log10(tot[2] / tot[3]) if tot[3] > 0 and tot[2] > 0 else 0.0
         return float(loss), float(gain)
 
