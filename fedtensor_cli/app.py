@@ -676,9 +676,25 @@ def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> Non
             print_error(_usage_error_text(exc))
             sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         _done()
-        sys.exit(report(exc))
+        code = report(exc)
+        if isinstance(exc, KeyboardInterrupt) and argv is None:
+            _exit_now(code)
+        sys.exit(code)
     _done()
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _exit_now(code: int) -> None:
+    """End an interrupted command's process without the interpreter's shutdown: JAX may still be running
+    dispatched device work on its threads, and finalising under it crashed the process (SIGSEGV after
+    "error: interrupted", e.g. in a federated round). Outputs were already removed or left as they were
+    on the way here; only the standard streams need flushing."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _done() -> None:
