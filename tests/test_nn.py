@@ -42,6 +42,7 @@ from fedtensor.nn.data import PatchSampler, Source, make_pairs, prefetched_batch
 from fedtensor.nn.infer import RestorationModel, correction_map, model_from_bytes
 from fedtensor.nn.model import RECEPTIVE_RADIUS, OutputLayer, conv3d, half_resolution_kernel, space_to_depth
 from fedtensor.nn.normalize import assemble_input, block_phases, normaliser_for, operating_point
+from fedtensor.errors import FedtensorError
 from fedtensor.nn.train import Trainer
 
 TINY = NetConfig(channels=(8, 16), cond_hidden=8)
@@ -985,3 +986,17 @@ def test_a_runaway_compensation_still_sends_a_layer_the_decoder_takes(rmodel, ad
     np.testing.assert_array_equal(adapt._decode_layer(adapt._encode_layer(layer.coef)[0], 1, adapt._widths(eq.c1)),
                                   layer.coef)
     assert np.isfinite(err)
+
+
+def test_a_failed_checkpoint_write_leaves_no_temp_file(tmp_path):
+    """A history or checkpoint file that cannot be replaced (here: a directory in its place) is a one-line
+    error, and no temp file stays behind (one did, named .history.csv.tmpPID)."""
+    from fedtensor.nn.checkpoint import write_atomic
+
+    (tmp_path / "history.csv").mkdir()
+    with pytest.raises(FedtensorError, match="history.csv"):
+        write_atomic(tmp_path / "history.csv", b"round,loss\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["history.csv"]
+    write_atomic(tmp_path / "state.json", b"{}")
+    write_atomic(tmp_path / "state.json", b'{"round": 2}')  # replaces, as a checkpoint must
+    assert (tmp_path / "state.json").read_bytes() == b'{"round": 2}'

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from fedtensor.errors import FedtensorError
+from fedtensor.io.atomic import atomic_write_bytes
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "model.json"
@@ -41,13 +42,9 @@ class ModelError(FedtensorError):
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace ``path``'s contents atomically (:func:`fedtensor.io.atomic_write_bytes`: a failed write
+    leaves neither a partial file nor a temp file behind)."""
+    atomic_write_bytes(path, data, force=True)
 
 
 # ------------------------------------------------------------------------------ pytrees ⇄ safetensors
