@@ -301,6 +301,11 @@ def test_constant_volume_bpv_mode(dtype):
     blob = compress(vol, bpv=1.0)
     assert 8 * len(blob) / vol.data.size <= 1.0
     assert np.array_equal(decompress(blob).data, vol.data)
+    # a budget its one stream exceeds is refused, as for any other volume (it was silently exceeded)
+    with pytest.raises(RateError, match="smallest stream needs"):
+        compress(vol, bpv=0.01)
+    with pytest.raises(RateError, match="smallest stream needs"):
+        compress(Volume(np.ones((1, 1, 1), dtype)), bpv=8)
 
 
 @pytest.mark.parametrize("codec", ["block-tucker", "omlsvd-global"])

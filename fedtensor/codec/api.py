@@ -471,6 +471,9 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     value_range = hi - lo
     if value_range == 0:
         blob = _constant(volume, header)
+        if bpv is not None and 8 * len(blob) > bpv * volume.data.size:  # the one stream there is
+            raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs "
+                            f"{8 * len(blob) / volume.data.size:.4f}")
     elif lossless or (max_error is not None and (max_error == 0 or max_error < 1 and volume.dtype.kind in "iu")):
         blob = _exact(volume, None, header, value_range)
     elif max_error is not None:
