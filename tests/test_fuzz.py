@@ -524,6 +524,18 @@ def test_a_target_below_the_all_zero_stream_writes_a_step_its_readers_accept(ct_
     assert decompress(blob).data.shape == ct_crop.shape
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e30, -2.0])
+def test_forged_bases_are_refused(streams, value):
+    """Bases are orthonormal columns: a re-signed file whose bases hold NaN, inf or entries beyond ±1
+    decoded to an all-NaN volume (float) or a constant (integer)."""
+    for name in ("block-tucker-psnr40", "omlsvd-global-psnr40"):
+        header, sections = unpack(streams[name][0])
+        bases = np.frombuffer(sections[0], "<f4").copy()
+        bases[len(bases) // 2] = value
+        with pytest.raises(FormatError, match="bases are not orthonormal"):
+            decompress(pack(header, [bases.astype("<f4").tobytes(), *sections[1:]]))
+
+
 def test_an_unknown_codec_or_stats_that_are_no_object_are_refused_by_every_reader(streams):
     header, sections = unpack(streams["block-tucker-psnr40"][0])
     for forged, why in (({**header, "codec": "zzz"}, "unknown codec 'zzz'"), ({**header, "stats": "x"}, "bad stats"),

@@ -76,6 +76,15 @@ def check_params(codec, p: dict, dtype: np.dtype) -> None:
         raise FormatError(f"corrupted .ftz header: bad {codec} parameters")
 
 
+def orthonormal_bases(section: bytes, codec: str) -> np.ndarray:
+    """A transform codec's bases section as float32 (little-endian on disk), refused unless every entry
+    could be one of orthonormal columns' (finite, within ±1): a forged one decoded to NaN or garbage."""
+    flat = np.frombuffer(section, "<f4")
+    if flat.size and not (np.isfinite(flat).all() and float(np.abs(flat).max()) <= 1.001):
+        raise FormatError(f"corrupted {codec} payload: its bases are not orthonormal")
+    return flat
+
+
 def read_info(data: bytes) -> dict:
     """The validated header of ``.ftz`` bytes, plus ``file_bytes``, ``bits_per_voxel`` and ``ratio``."""
     h, _ = unpack(data)

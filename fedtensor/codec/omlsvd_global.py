@@ -14,6 +14,7 @@ import numpy as np
 from fedtensor.codec.entropy import BinaryStream
 from fedtensor.codec.grid import GridCoder
 from fedtensor.codec.quantize import dequantize, largest_step_within, quantize
+from fedtensor.codec.header import orthonormal_bases
 from fedtensor.errors import FormatError
 from fedtensor.tensor.rank import ranks_for_error
 from fedtensor.tensor.tucker import hooi, tucker_to_tensor
@@ -68,7 +69,7 @@ def decode(params: dict, sections: list[bytes], shape) -> np.ndarray:
     sizes = [n * r for n, r in zip(shape, ranks)]
     if len(sections[0]) != 4 * sum(sizes) or len(sections[1]) % 4:
         raise FormatError("corrupted omlsvd-global payload")
-    flat = np.frombuffer(sections[0], "<f4")
+    flat = orthonormal_bases(sections[0], "omlsvd-global")
     bounds = np.cumsum([0, *sizes])
     factors = [jax.device_put(flat[a:b].reshape(n, r)) for a, b, n, r in zip(bounds[:-1], bounds[1:], shape, ranks)]
     coded = BinaryStream(np.frombuffer(sections[1], np.uint32))

@@ -39,6 +39,7 @@ from fedtensor.codec.normalize import (DeviceMap, decoded_shifted, denormalize, 
 from fedtensor.codec.parallel import (Workers, decode_group, decode_slab, encode_group, encode_slab, group_voxels,
                                       memory_budget, narrow, slab_coders, worker_count)
 from fedtensor.codec.quantize import RECON_OFFSET, band_rounding, dequantize, quantize
+from fedtensor.codec.header import orthonormal_bases
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import _to_blocks, expand, from_blocks, padded_shape, project
 from fedtensor.tensor.precision import FP32
@@ -680,7 +681,7 @@ def decode_into(out: np.ndarray, params: dict, sections: list[bytes], offset: fl
     impl = impl or kernels.impl_for(b)
     if len(sections[0]) != 4 * sum(n * n for n in b) or any(len(s) % 4 for s in sections[1:]):
         raise FormatError("corrupted block-tucker payload")
-    flat = np.frombuffer(sections[0], "<f4")
+    flat = orthonormal_bases(sections[0], "block-tucker")
     bounds = np.cumsum([0] + [n * n for n in b])
     bases = [jax.device_put(flat[lo:hi].reshape(n, n)) for lo, hi, n in zip(bounds[:-1], bounds[1:], b)]
     step = np.float32(float(params["step"]))
