@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fedtensor.codec import CODECS, compress, decompress, read_info
 from fedtensor.codec.container import unpack
-from fedtensor.errors import FedtensorError, RateError, VolumeError
+from fedtensor.errors import FedtensorError, FormatError, RateError, VolumeError
 from fedtensor.io import Volume
 
 NAMES = ["ct_chest.nii.gz", "ct_abdomen.nii.gz", "ct_head_uint8.nii.gz", "mr_brain_gd.nii.gz", "ct_series_dicom"]
@@ -677,3 +677,31 @@ def test_a_value_range_beyond_float64_is_refused():
 def test_block_with_the_global_codec_is_refused_not_ignored():
     with pytest.raises(RateError, match="block-tucker codec only"):
         compress(Volume(_noise(None).astype(np.int16)), codec="omlsvd-global", block=8)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda a: Volume(a, spacing=1.0), VolumeError, "not a volume"),
+    (lambda a: Volume(a, affine="x"), VolumeError, "not a volume"),
+    (lambda a: Volume([[[1, 2], [3]]]), VolumeError, "not a volume"),
+    (lambda a: compress(a), VolumeError, "takes a fedtensor.io.Volume"),
+    (lambda a: compress(Volume(a), psnr="45"), RateError, "--psnr must be a number"),
+    (lambda a: compress(Volume(a), bpv=True), RateError, "--bpv must be a number"),
+    (lambda a: compress(Volume(a), max_error=1j), RateError, "--max-error must be a number"),
+    (lambda a: compress(Volume(a), lossless="yes"), RateError, "lossless must be True or False"),
+    (lambda a: decompress("ct.ftz"), FormatError, "read it with Path"),
+    (lambda a: read_info(None), FormatError, "expected the .ftz file's bytes, got NoneType"),
+])
+def test_api_misuse_is_a_one_line_fedtensor_error(call, error, message):
+    """A caller's mistake is a FedtensorError that says what to pass, never a bare TypeError/ValueError."""
+    with pytest.raises(error, match=message):
+        call(np.arange(24 * 20 * 16, dtype=np.int16).reshape(24, 20, 16))
+
+
+def test_big_endian_data_and_numpy_scalars_are_taken_as_they_are_meant():
+    a = (np.arange(24 * 20 * 16) % 251).astype(np.int16).reshape(24, 20, 16)
+    big = Volume(a.astype(">i2"))
+    assert big.dtype == np.int16  # native byte order, as read_npy gives it
+    assert np.array_equal(decompress(compress(big, lossless=True)).data, a)
+    noisy = Volume((np.random.default_rng(3).normal(size=(24, 20, 16)) * 300).astype(np.int16))
+    info = read_info(compress(noisy, psnr=np.float32(40), block=np.int64(8)))
+    assert info["codec"] == "block-tucker" and info["params"]["block"] == [8, 8, 8] and info["stats"]["psnr"] >= 40

@@ -17,7 +17,7 @@ from fedtensor.codec.header import MAX_TRANSFORM_STEP, MAX_VOXELS, check_header,
 from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.cores import usable_cores
-from fedtensor.errors import FedtensorError, FormatError, RateError
+from fedtensor.errors import FedtensorError, FormatError, RateError, VolumeError
 from fedtensor.io.nifti import space_codes
 from fedtensor.io.volume import Volume
 from fedtensor.metrics import psnr_from_sse
@@ -435,7 +435,13 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     Volumes of 2²³ voxels or more are entropy-coded in worker processes (:mod:`fedtensor.codec.parallel`;
     ``FEDTENSOR_WORKERS`` sets how many); the bytes do not depend on it.
     """
+    if not isinstance(volume, Volume):
+        raise VolumeError(f"compress takes a fedtensor.io.Volume (Volume(array, spacing, affine)), "
+                          f"not {type(volume).__name__}")
     volume.validate()
+    psnr, max_error, bpv = (_target(name, v) for name, v in (("psnr", psnr), ("max-error", max_error), ("bpv", bpv)))
+    if not isinstance(lossless, (bool, np.bool_)):
+        raise RateError(f"lossless must be True or False, got {lossless!r}")
     chosen = [m for m, v in (("psnr", psnr), ("max_error", max_error), ("bpv", bpv), ("lossless", lossless or None))
               if v is not None]
     if len(chosen) > 1:
@@ -454,9 +460,10 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         raise RateError(f"--block applies to the block-tucker codec only, not {codec}")
     if block is not None:
         sides = (block,) * 3 if np.ndim(block) == 0 else tuple(block)
-        if len(sides) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= 32 for n in sides):
-            raise RateError(f"--block must be an integer (or three) between 2 and 32, got {block}")
-        block = sides
+        if len(sides) != 3 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+                                      and 2 <= n <= 32 for n in sides):
+            raise RateError(f"--block must be an integer (or three) between 2 and 32, got {block!r}")
+        block = tuple(int(n) for n in sides)
     if volume.data.size >= MAX_VOXELS:
         raise RateError(f"volume too large ({volume.data.size} voxels); the limit is {MAX_VOXELS}")
     header = {
@@ -487,6 +494,16 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     else:
         blob = _lossy_or_exact(volume, codec, block, psnr, bpv, header, value_range, lo)
     return blob
+
+
+def _target(name: str, value):
+    """A rate target as a Python number (None: not chosen); anything but a real number is a
+    :class:`RateError`."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RateError(f"--{name} must be a number, got {value!r}")
+    return value.item() if isinstance(value, np.generic) else value
 
 
 _NEAR_EXACT_DB = 6.0  # a lossy stream this close to the integer grid's own PSNR may cost more than exact

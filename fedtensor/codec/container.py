@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 
 from fedtensor.errors import FormatError
@@ -51,7 +52,12 @@ def pack(header: dict, sections: list[bytes]) -> bytes:
 
 def unpack(data: bytes) -> tuple[dict, list[bytes]]:
     """Validate and split a ``.ftz`` byte string; raises :class:`FormatError` with a one-line reason."""
-    data = bytes(data)
+    if isinstance(data, (str, os.PathLike)):
+        raise FormatError(f"expected the .ftz file's bytes, got a path ({data!s}): read it with Path(…).read_bytes()")
+    try:
+        data = bytes(memoryview(data))
+    except TypeError:
+        raise FormatError(f"expected the .ftz file's bytes, got {type(data).__name__}") from None
     if not data or data[:4] != MAGIC[:len(data)]:
         raise FormatError("not a .ftz file (bad magic number)")
     if len(data) < _PREFIX.size + _HASH_BYTES:

@@ -215,7 +215,7 @@ def read_dicom_series(directory: str | os.PathLike, max_voxels: int | None = Non
     r, c = iop0[:3], iop0[3:]
     normal = np.cross(r, c)
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        raise VolumeError(f"DICOM file {name0} has an invalid ImageOrientationPatient {list(iop0)}")
+        raise VolumeError(f"DICOM file {name0} has an invalid ImageOrientationPatient {[float(v) for v in iop0]}")
 
     # --- sort by position along the normal; check gaps ------------------------------------------
     positions = np.array([_floats(ds, "ImagePositionPatient", 3, name) for name, ds in slices])

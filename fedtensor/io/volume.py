@@ -28,9 +28,14 @@ class Volume:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.data = np.asarray(self.data)
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.affine = np.asarray(self.affine, dtype=np.float64)
+        try:
+            self.data = np.asarray(self.data)
+            self.spacing = tuple(float(s) for s in self.spacing)
+            self.affine = np.asarray(self.affine, dtype=np.float64)
+        except (TypeError, ValueError) as e:  # a ragged list, spacing=1.0, affine="x", ...
+            raise VolumeError(f"not a volume: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if self.data.dtype.kind in "iuf" and not self.data.dtype.isnative:  # big-endian data (as .npy reads it)
+            self.data = self.data.astype(self.data.dtype.newbyteorder("="))
 
     @property
     def shape(self) -> tuple[int, int, int]:
