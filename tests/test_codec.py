@@ -705,3 +705,15 @@ def test_big_endian_data_and_numpy_scalars_are_taken_as_they_are_meant():
     noisy = Volume((np.random.default_rng(3).normal(size=(24, 20, 16)) * 300).astype(np.int16))
     info = read_info(compress(noisy, psnr=np.float32(40), block=np.int64(8)))
     assert info["codec"] == "block-tucker" and info["params"]["block"] == [8, 8, 8] and info["stats"]["psnr"] >= 40
+
+
+def test_a_wide_range_integer_mask_gets_the_smaller_exact_stream():
+    """A uint32 mask of 0 and 4·10⁹ (range ≥ 2²⁰, once never tried exactly) gets the exact stream when
+    it is smaller (psnr) or fits (bpv), as a narrow-range one does."""
+    i, j, k = np.indices((20, 24, 16))
+    x = np.where((i - 10) ** 2 + (j - 12) ** 2 + (k - 8) ** 2 < 40, 4_000_000_000, 0).astype(np.uint32)
+    exact = len(compress(Volume(x), lossless=True))
+    for kw in (dict(psnr=45), dict(bpv=2.0)):
+        blob = compress(Volume(x), **kw)
+        assert read_info(blob)["codec"] == "lossless" and len(blob) <= exact + 16, kw
+        assert np.array_equal(decompress(blob).data, x)

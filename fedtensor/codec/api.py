@@ -512,16 +512,22 @@ _EXACT_MAX_VOXELS = 1 << 25  # the exact coder holds whole-volume int64 copies: 
 
 def _value_entropy(x: np.ndarray, lo: float, value_range: float, stride: int = 7) -> float:
     """Zeroth-order entropy of an integer volume's values, in bits per voxel, estimated on every
-    ``stride``-th voxel (inf for other dtypes or a range too wide to count cheaply). The exact coder
+    ``stride``-th voxel (on fewer, ~2²⁰, where the range is too wide to count per value; inf for other
+    dtypes). The exact coder
     predicts each voxel from its neighbours, so it rarely needs more: a label map or mask has a small
     one, a CT one (~10 bits) far above any lossy target's bits."""
-    if x.dtype.kind not in "iu" or value_range >= 1 << 20:
+    if x.dtype.kind not in "iu":
         return math.inf
-    counts = np.zeros(int(value_range) + 1, np.int64)
     chunk = rows_per_chunk(x.shape)
-    for k in range(0, x.shape[0], chunk):  # a few rows at a time: no whole-volume int64 copy
-        sample = x[k:k + chunk].reshape(-1)[::stride]
-        counts += np.bincount(sample.astype(np.int64) - int(lo), minlength=counts.size)
+    if value_range >= 1 << 20:  # too wide to count per value: the distinct values of ~2²⁰ sampled voxels
+        step = max(stride, x.size >> 20 | 1)
+        counts = np.unique(np.concatenate([x[k:k + chunk].reshape(-1)[::step] for k in range(0, x.shape[0], chunk)]),
+                           return_counts=True)[1]
+    else:
+        counts = np.zeros(int(value_range) + 1, np.int64)
+        for k in range(0, x.shape[0], chunk):  # a few rows at a time: no whole-volume int64 copy
+            sample = x[k:k + chunk].reshape(-1)[::stride]
+            counts += np.bincount(sample.astype(np.int64) - int(lo), minlength=counts.size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())
 
