@@ -717,3 +717,14 @@ def test_a_wide_range_integer_mask_gets_the_smaller_exact_stream():
         blob = compress(Volume(x), **kw)
         assert read_info(blob)["codec"] == "lossless" and len(blob) <= exact + 16, kw
         assert np.array_equal(decompress(blob).data, x)
+
+
+def test_bpv_on_a_small_volume_falls_back_to_the_shape_with_the_smallest_bases():
+    """The shape bpv mode picks (for 45 dB) carries 2.3 KB of bases: on a 7680-voxel volume that alone
+    is 2.4 bpv, and --bpv 1 was refused though a 4×4×4 stream fits."""
+    x = np.zeros((20, 24, 16), np.float32)
+    x[3, 4, 5] = 0.7
+    blob = compress(Volume(x), bpv=1.0)
+    assert 8 * len(blob) <= x.size and read_info(blob)["params"]["block"] == [4, 4, 4]
+    with pytest.raises(RateError, match="smallest stream needs 0.7"):
+        compress(Volume(x), bpv=0.05)

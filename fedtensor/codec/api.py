@@ -343,7 +343,14 @@ def _block_tucker(x: np.ndarray, block, psnr: float | None, bpv: float | None, h
             step /= max(_FINE[1] / _FINE[0], 10 ** (short / -found.slope))
         first = step or first  # the estimates are off (e.g. float data near its precision): exact search
         return _rate_controlled(attempt, n, value_range, psnr, bpv, first)
-    return _rate_controlled(attempt, n, value_range, psnr, bpv, first_step=None)  # bpv: its own bisection
+    try:
+        return _rate_controlled(attempt, n, value_range, psnr, bpv, first_step=None)  # bpv: its own bisection
+    except RateError:
+        # The shape was picked for 45 dB; on a small volume its bases alone (2.3 KB for 16×16×8) can
+        # exceed a budget that the smallest shape's (192 B) meets.
+        if block is not None or b == AUTO_BLOCKS[0]:
+            raise
+        return _block_tucker(x, AUTO_BLOCKS[0], psnr, bpv, header, value_range, workers)
 
 
 def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
