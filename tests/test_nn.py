@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import importlib
 import math
 import threading
 import warnings
@@ -1000,3 +1001,21 @@ def test_a_failed_checkpoint_write_leaves_no_temp_file(tmp_path):
     write_atomic(tmp_path / "state.json", b"{}")
     write_atomic(tmp_path / "state.json", b'{"round": 2}')  # replaces, as a checkpoint must
     assert (tmp_path / "state.json").read_bytes() == b'{"round": 2}'
+
+
+def test_a_forced_start_over_cut_off_before_its_first_export_keeps_the_model(sources, tmp_path, monkeypatch):
+    """--force starts over, but the directory's model stays until the new run exports one: cut off before
+    that (Ctrl-C), the directory used to hold only an empty checkpoint directory."""
+    training = importlib.import_module("fedtensor.nn.train")  # (fedtensor.nn.train is also the function)
+
+    out = tmp_path / "run"
+    train(None, out, TrainConfig(**TRAIN_CFG), sources=sources)
+    before = {name: (out / name).read_bytes() for name in ("model.safetensors", "model.json", "history.csv")}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "export_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(None, out, TrainConfig(**{**TRAIN_CFG, "seed": 5}), sources=sources, resume=False)
+    assert {name: (out / name).read_bytes() for name in before} == before

@@ -318,10 +318,10 @@ def fingerprint(cfg: TrainConfig, train_src: Sequence[Source], val_src: Sequence
 
 
 def clear_run(out_dir: Path) -> None:
-    """Remove a run's checkpoint and exported model files (``--force``: start over)."""
+    """Remove a run's checkpoint (``--force``: start over). Its exported model, history and plot stay
+    until the new run's first export replaces them: a start over cut off before that leaves the
+    directory's model as it was (it used to be deleted first, leaving nothing)."""
     shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-    for name in (MODEL_FILE, MANIFEST_FILE, HISTORY_CSV, LOSS_PNG):
-        (out_dir / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
