@@ -48,7 +48,14 @@ def _run_artefact(p: Path, skip: set[Path]) -> bool:
     resolved = p.resolve()
     own = p.parent.resolve() in skip and p.name in ("checkpoint", "cache")
     holds_own = any(s.is_relative_to(resolved) for s in skip)
-    return own or holds_own or (p / "model.json").is_file() or (p / "checkpoint").is_dir()
+    run = (p / "model.json").is_file() or (p / "checkpoint").is_dir() or (p / "state.json").is_file()
+    return own or holds_own or run or _a_pair_cache(p)
+
+
+def _a_pair_cache(p: Path) -> bool:
+    """A directory of cached training pairs (another run's ``--cache``): only ``.npz`` files in it."""
+    files = [q for q in p.iterdir() if not q.name.startswith(".")]
+    return bool(files) and all(q.is_file() and q.name.endswith(".npz") for q in files)
 
 
 def run_inputs(data: list[Path], val: list[Path] | None, out: Path, cache: Path | None

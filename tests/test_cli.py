@@ -713,6 +713,21 @@ def test_training_data_directories_skip_run_directories(tmp_path: Path) -> None:
     assert sorted(p.name for p in got) == ["a.npy", "b.npy"]
 
 
+def test_training_data_directories_skip_other_runs_leftovers(tmp_path: Path) -> None:
+    """Another run's --cache inside DATA (only .npz pairs), or the checkpoint of a run whose --out was
+    DATA, are no DICOM series: a later run with other directories failed on them ("no DICOM image
+    files in directory …/cache") after encoding every real volume."""
+    from fedtensor_cli.train_cmd import expand_data
+
+    data = tmp_path / "vols"
+    (data / "oldcache").mkdir(parents=True)
+    (data / "oldcache" / "a-0123-block-tucker-b8-40.npz").write_bytes(b"")
+    (data / "checkpoint").mkdir()
+    (data / "checkpoint" / "state.json").write_text("{}")
+    np.save(data / "a.npy", smooth_volume())
+    assert [p.name for p in expand_data([data], skip=(tmp_path / "elsewhere", None))] == ["a.npy"]
+
+
 def test_evaluate_warns_when_original_is_not_the_streams_volume(tmp_path: Path, ftz_path: Path) -> None:
     other = tmp_path / "other.npy"
     np.save(other, np.ascontiguousarray(smooth_volume()[::-1]))  # same shape and dtype, other voxels
