@@ -759,6 +759,16 @@ def test_bench_with_an_empty_codec_list_is_a_usage_error(vol_path: Path) -> None
 
     with pytest.raises(BenchUsageError, match="--codecs names no codec"):
         normalize_args([str(vol_path)], None, [""])
+    with pytest.raises(BenchUsageError, match="--targets names no target"):
+        normalize_args([str(vol_path)], [""], None)
+
+
+def test_bench_refuses_a_volume_given_twice(vol_path: Path) -> None:
+    """It would be measured twice and weigh twice in the mean BD-rates."""
+    from fedtensor.bench.cli import BenchUsageError, normalize_args
+
+    with pytest.raises(BenchUsageError, match="the same volume is given twice"):
+        normalize_args([str(vol_path), str(vol_path.parent / ".." / vol_path.parent.name / vol_path.name)], None, None)
 
 
 def test_train_refuses_a_cache_that_is_a_file(tmp_path: Path, vol_path: Path) -> None:
