@@ -179,9 +179,12 @@ def test_run_bench_outputs_and_resume(tiny_volume, tmp_path, monkeypatch):
     real = harness.run_cells
     monkeypatch.setattr(harness, "run_cells", lambda spec, codec, targets, repeat=1: ran.append((codec, list(targets)))
                         or real(spec, codec, targets, repeat))
-    run_bench(BenchConfig([tiny_volume], targets=[40, 45, 50], codecs=["sz3", "zstd"], out=out, jobs=1,
-                          figures=False))
+    summary = run_bench(BenchConfig([tiny_volume], targets=[40, 45, 50], codecs=["sz3", "zstd"], out=out, jobs=1,
+                                    figures=False))
     assert ran == [("sz3", [50.0])]
+    # no earlier run's report stands next to this one's: no anchor, no BD-rate table; no figures asked for
+    assert not (out / "bd_rate.md").exists() and not list(out.glob("*.png"))
+    assert summary["files"] == ["results.csv", "results.json", "summary.md"]
 
 
 def test_unavailable_codec_is_reported(tiny_volume, tmp_path, monkeypatch):

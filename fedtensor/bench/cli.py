@@ -168,7 +168,8 @@ def print_summary(summary: dict, cfg: BenchConfig) -> None:
             t.add_row(vol, *["—" if row.get(r) is None else f"{row[r]:+.1f}" for r in rivals])
         con.print(t)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.get("status_counts", {}).items()))
-    con.print(f"cells — {counts}; wall time {summary['wall_s'] / 60:.1f} min; outputs in {cfg.out}/ "
-              f"(results.csv, results.json, bd_rate.md, summary.md{', *.png' if cfg.figures else ''})")
+    files = summary.get("files", [])
+    shown = ", ".join(f for f in files if not f.endswith(".png")) + (", *.png" if any(f.endswith(".png") for f in files) else "")
+    con.print(f"cells — {counts}; wall time {summary['wall_s'] / 60:.1f} min; outputs in {cfg.out}/ ({shown})")
     for e in summary.get("errors", [])[:20]:
         con.print(Text.assemble(("warning: ", "yellow"), str(e)))

@@ -228,6 +228,10 @@ def environment() -> dict[str, Any]:
     return info
 
 
+#: The figures a run writes in its output directory (see :mod:`fedtensor.bench.figures`).
+FIGURES = ("rd_*.png", "storage_*dB.png", "panel_*.png")
+
+
 def write_reports(cfg, specs, cells: dict[str, dict], *, wall_s: float, jobs: int, task_log, errors, progress,
                   load=None) -> dict:
     from fedtensor.baselines import BASELINES
@@ -240,6 +244,8 @@ def write_reports(cfg, specs, cells: dict[str, dict], *, wall_s: float, jobs: in
     write_csv(out / "results.csv", rows)
     if bd_md:
         write_text_atomic(out / "bd_rate.md", bd_md)
+    else:  # an earlier run's table (another codec list) would stand next to this run's results
+        (out / "bd_rate.md").unlink(missing_ok=True)
     cpu_s = sum(t.get("cpu_s") or 0.0 for t in task_log)
     summary_md = summary_markdown(rows, specs, cfg.codecs, cfg.targets, wall_s, jobs, bd_md,
                                   timing_note(wall_s, jobs, cpu_s, load))
@@ -252,6 +258,8 @@ def write_reports(cfg, specs, cells: dict[str, dict], *, wall_s: float, jobs: in
             figures = figs.write_figures(out, rows, specs, cfg.codecs, cfg.targets)
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not lose the measurements
             errors.append(f"figures: {type(exc).__name__}: {exc}")
+    for stale in {p for pattern in FIGURES for p in out.glob(pattern)} - {Path(f) for f in figures}:
+        stale.unlink(missing_ok=True)  # an earlier run's figures (other volumes, codecs, targets)
     status_counts: dict[str, int] = {}
     for r in rows:
         status_counts[r.get("status", "?")] = status_counts.get(r.get("status", "?"), 0) + 1
@@ -279,6 +287,8 @@ def write_reports(cfg, specs, cells: dict[str, dict], *, wall_s: float, jobs: in
         "tasks": task_log, "errors": errors, "figures": figures,
         "cells": rows,
     }
+    summary["files"] = ["results.csv", "results.json", *(["bd_rate.md"] if bd_md else []), "summary.md",
+                        *(Path(f).name for f in figures)]
     write_text_atomic(out / "results.json", json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n")
     summary["summary_md"] = summary_md
     return summary
