@@ -32,7 +32,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from fedtensor.cores import usable_cores
-from fedtensor.errors import RateError
+from fedtensor.errors import FedtensorError, RateError
 from fedtensor.jsonable import jsonable
 
 CELLS_FILE = "cells.jsonl"
@@ -559,9 +559,11 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
     t_start = time.perf_counter()
     load_start = _loadavg()
     out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FedtensorError(f"--out must be a directory: {out}")
     progress.log(f"reading {len(cfg.volumes)} volume(s)")
-    specs = describe_volumes(cfg.volumes)
+    specs = describe_volumes(cfg.volumes)  # first: a bad volume leaves no output directory behind
+    out.mkdir(parents=True, exist_ok=True)
     cells = load_cells(out)
     tasks = plan_tasks(cfg, specs, cells)
     jobs = cfg.jobs or default_jobs()
