@@ -76,10 +76,11 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     quarter = jax.device_put(blocktucker.gather_blocks(x, 16, index[every_fourth]))
     rest = jax.device_put(blocktucker.gather_blocks(x, 16, np.delete(index, every_fourth)))
     # One step for all shapes (the one meeting the target on the cubic candidate): at equal step the
-    # distortion barely depends on the transform. The quarter sets it (on the sample CTs at 38–50 dB the
-    # choices were those of all the tiles); the proxy then never holds more coefficients than one tile's,
-    # so the choice costs little more memory than the tiles. The quarter's subsample sets it (~1 % off the
-    # exact step, 0.87× the choice's time): the five sample volumes' 60 choices at 34–56 dB were the same.
+    # distortion barely depends on the transform. The quarter's coefficients set it (on the sample CTs at
+    # 38–50 dB the choices were those of all the tiles), their subsample alone (~1 % off the exact step,
+    # 0.87× the choice's time; the five sample volumes' 60 choices at 34–56 dB were the same); the proxy
+    # then never holds more coefficients than one tile's, so the choice costs little more memory than
+    # the tiles.
     reference = (8, 8, 8) if (8, 8, 8) in candidates else candidates[0]
     budget = mse * quarter.size * x.size / math.prod(padded_shape(x.shape, 16))
     quarter_grams = blocktucker.fiber_grams(quarter, offset, scale)
@@ -520,9 +521,8 @@ _EXACT_MAX_VOXELS = 1 << 25  # the exact coder holds whole-volume int64 copies: 
 def _value_entropy(x: np.ndarray, lo: float, value_range: float, stride: int = 7) -> float:
     """Zeroth-order entropy of an integer volume's values, in bits per voxel, estimated on every
     ``stride``-th voxel (on fewer, ~2²⁰, where the range is too wide to count per value; inf for other
-    dtypes). The exact coder
-    predicts each voxel from its neighbours, so it rarely needs more: a label map or mask has a small
-    one, a CT one (~10 bits) far above any lossy target's bits."""
+    dtypes). The exact coder predicts each voxel from its neighbours, so it rarely needs more: a label
+    map or mask has a small one, a CT one (~10 bits) far above any lossy target's bits."""
     if x.dtype.kind not in "iu":
         return math.inf
     chunk = rows_per_chunk(x.shape)
