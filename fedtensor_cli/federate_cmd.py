@@ -7,6 +7,7 @@ directory written at the end is the same format, so ``fedtensor decompress --mod
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -84,10 +85,12 @@ def register(app: typer.Typer) -> None:
         volumes, val_volumes = run_inputs(list(data), list(val) if val else None, out, cache)
         show = render.interactive(json_out)
         published: list[dict] = []
-        on_version = _publisher(publish, published) if publish is not None else None
-        with removed_if_failed(out), _Progress(show) as prog:
-            summary = run_federation(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache, resume=not force,
-                                     progress=prog, on_version=on_version)
+        # a store this run creates goes with a failed run that published nothing into it, as --out does
+        with removed_if_failed(out), removed_if_failed(publish) if publish else contextlib.nullcontext():
+            on_version = _publisher(publish, published) if publish is not None else None
+            with _Progress(show) as prog:
+                summary = run_federation(volumes, out, cfg, val_paths=val_volumes, cache_dir=cache,
+                                         resume=not force, progress=prog, on_version=on_version)
         summary = {**summary, **curve_files(out), **({"published": published} if publish is not None else {})}
         if json_out:
             render.emit_json({"command": "federate", **summary})

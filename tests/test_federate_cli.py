@@ -126,3 +126,12 @@ def test_bad_arguments_give_one_line(app, head_crop_paths, tmp_path, extra, need
 def test_missing_input_is_an_error(app, tmp_path):
     r = _run(app, tmp_path / "nope.nii.gz", "--out", tmp_path / "x")
     assert r.exit_code == 1 and r.output.strip().startswith("error:")
+
+
+def test_a_failed_run_leaves_no_store_it_created(app, head_crop_paths, tmp_path):
+    """--publish STORE: a store this run created goes with a run that failed before publishing, as --out does."""
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"garbage")
+    r = _run(app, head_crop_paths[0], bad, "--out", tmp_path / "x", "--publish", tmp_path / "store", *SMALL)
+    assert r.exit_code == 1 and "bad.nii.gz" in r.output
+    assert not (tmp_path / "store").exists()
