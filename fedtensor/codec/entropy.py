@@ -151,15 +151,6 @@ def _chunks(n: int, first: int = 64, growth: int = 4):
         lo, size = lo + size, size * growth
 
 
-def _largest_chunk(n: int, first: int = 64, growth: int = 4) -> int:
-    """The size of the largest of :func:`_chunks` ``(n, first, growth)``."""
-    lo, size, largest = 0, first, 0
-    while lo < n:
-        largest = max(largest, min(size, n - lo))
-        lo, size = lo + size, size * growth
-    return largest
-
-
 _NONE = np.zeros(0, np.int64)
 _NONE.flags.writeable = False
 
@@ -497,14 +488,15 @@ class SignedCoder:
         values (``chunk_values``) are compiled too: they were a dozen numpy calls a chunk, 7–12 % of a
         CT's decode time."""
         local, mag_of64 = _narrow_local(local, mag_of), np.asarray(mag_of, np.int64)
-        room = _largest_chunk(len(local), first)
+        chunks = list(_chunks(len(local), first))
+        room = max(sl.stop - sl.start for sl in chunks)
         n_mag, table, signs, nz, sym_nz, esc, neg, psign = self._decode_buffers(mag_of64, room)
         args = (self.zero, self.zero_pooled, self.mag, self.mag_pooled, self.eg, table, signs,
                 self.zero.shape[2], self.mag.shape[2], self.zero.shape[0])
         keys = np.array([cls, key0, mkey0], np.int64)
         keys = (keys[0:1], keys[1:2], keys[2:3])
         p_neg, none, bounds = signs[:n_mag], _NONE, np.zeros(2, np.int64)
-        for sl in _chunks(len(local), first):
+        for sl in chunks:
             part, bounds[1] = local[sl], sl.stop - sl.start
             _contexts.chunk_models(*keys, bounds, part, none, none, none, none, none, mag_of64, *args, 1)
             k, e = _contexts.chunk_nonzeros(s.categorical_rows(table[0], part, None), part, mag_of64, p_neg, nz,
