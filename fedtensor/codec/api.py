@@ -25,7 +25,6 @@ from fedtensor.tensor.block import padded_shape
 from fedtensor_kernels import block_transform as kernels
 
 CODECS = ("block-tucker", "omlsvd-global")
-EXACT_CODECS = ("lossless", "max-error")
 _MAX_RETRIES = 12
 _MIN_STEP = 1e-12  # normalised units, far below float32 resolution: only an unreachable PSNR drives steps here
 _MIN_RANGE = 1e-100  # below it squared errors at any PSNR target underflow float64 (the SSE would read 0)
@@ -583,7 +582,7 @@ def decompress(data: bytes) -> Volume:
             x = denormalize(omlsvd_global.decode(p, sections, shape), dtype, float(p["offset"]), float(p["scale"]))
         elif codec == "constant":
             x = np.full(shape, p["value"], dtype)
-        else:  # EXACT_CODECS (check_params refused any other)
+        else:  # lossless or max-error (check_params refused any other codec)
             q = lossless.decode_integers(p, sections, shape)
             x = _dequantize_grid(q, float(p["step"]), float(p["offset"]), dtype)
             if codec == "lossless" and dtype.kind in "iu":

@@ -36,8 +36,9 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-#: The codecs a stream may name.
-CODECS = ("block-tucker", "omlsvd-global", "lossless", "max-error", "constant")
+#: The codecs a stream may name: the transform codecs a caller picks (``fedtensor.codec.CODECS``), and
+#: those the encoder picks itself (exact streams, a constant volume).
+STREAM_CODECS = ("block-tucker", "omlsvd-global", "lossless", "max-error", "constant")
 #: Largest quantiser step of the transform codecs, in normalised units. Every coefficient of a unit-range
 #: volume is zero far below it (|c| ≤ √(voxels per block or volume) ≤ 2¹⁵), so the encoders write no
 #: larger one; a forged one near float32's limit would decode to inf and NaN.
@@ -58,7 +59,7 @@ def check_params(codec, p: dict, dtype: np.dtype) -> None:
     """Refuse an unknown codec, and codec parameters no encoder writes (a forged header whose checksum
     was re-computed would otherwise decode to garbage, e.g. a NaN step to a constant, or a huge one to
     NaN)."""
-    if codec not in CODECS:
+    if codec not in STREAM_CODECS:
         raise FormatError(f"unknown codec {codec!r} in .ftz file (written by a newer fedtensor?)")
     keys = {"block-tucker": ("step", "scale"), "omlsvd-global": ("step", "scale"), "lossless": ("step",),
             "max-error": ("step",)}
