@@ -150,9 +150,9 @@ def register(app: typer.Typer) -> None:
                                "(and serve it behind a TLS proxy: tokens travel in clear over plain HTTP)")
         if not math.isfinite(max_upload_mb):
             raise UsageFailure(f"--max-upload-mb must be a finite number, got {max_upload_mb}")
-        from fedtensor.serve.rounds import MAX_STAGE_TIMEOUT
+        from fedtensor.serve.rounds import MAX_STAGE_TIMEOUT, valid_stage_timeout
 
-        if not stage_timeout < MAX_STAGE_TIMEOUT:  # NaN included
+        if not valid_stage_timeout(stage_timeout or None):  # 0: no deadline; NaN and ≥ 10⁹ refused
             raise UsageFailure(f"--stage-timeout must be a number of seconds below {MAX_STAGE_TIMEOUT:g} (0: none), "
                                f"got {stage_timeout:g}")
         _run_server(data, host, port, int(max_upload_mb * (1 << 20)), stage_timeout or None)
