@@ -47,9 +47,10 @@ def _read_unscaled(path: Path, proxy) -> np.ndarray:
     size, offset = math.prod(shape) * dtype.itemsize, int(proxy.offset)
     gz = path.name.lower().endswith(".gz")
     with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-        if not gz and os.fstat(f.fileno()).st_size < offset + size:
+        held = None if gz else os.fstat(f.fileno()).st_size
+        if held is not None and held < offset + size:
             raise VolumeError(f"cannot read NIfTI file {path}: truncated (its header declares {offset + size} bytes, "
-                              f"the file holds {os.fstat(f.fileno()).st_size})")
+                              f"the file holds {held})")
         f.seek(offset)
         buf = np.empty(size, np.uint8)  # pages are touched only as they are filled
         view, got = memoryview(buf), 0
