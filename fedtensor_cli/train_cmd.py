@@ -66,12 +66,12 @@ def run_inputs(data: list[Path], val: list[Path] | None, out: Path, cache: Path 
         if path is not None and path.exists() and not path.is_dir():
             raise UsageFailure(f"{option} must be a directory: {path}")
     volumes, val_volumes = expand_data(data, skip=(out, cache)), (expand_data(val, skip=(out, cache)) if val else None)
-    seen: dict[Path, Path] = {}
-    for p in [*volumes, *(val_volumes or [])]:  # before any pair is made (the same data is caught later too)
-        if p.resolve() in seen:
-            raise UsageFailure(f"the same volume is given twice ({seen[p.resolve()]} and {p}): a volume is either "
-                               "trained on or validated on, once")
-        seen[p.resolve()] = p
+    from fedtensor.io import first_repeat
+
+    repeat = first_repeat([*volumes, *(val_volumes or [])])  # before any pair is made (caught later too)
+    if repeat:
+        raise UsageFailure("the same volume is given twice ({} and {}): a volume is either trained on or "
+                           "validated on, once".format(*repeat))
     return volumes, val_volumes
 
 

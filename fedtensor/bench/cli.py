@@ -11,6 +11,7 @@ from typing import Sequence
 
 from fedtensor.bench.harness import BenchConfig, run_bench
 from fedtensor.errors import VolumeError
+from fedtensor.io import first_repeat
 
 
 class BenchUsageError(ValueError):
@@ -58,11 +59,9 @@ def normalize_args(volumes: Sequence[str | Path], targets: Sequence[str] | None,
             raise VolumeError(f"input not found: {s}")
     if not paths:
         raise BenchUsageError("give at least one VOLUME (.nii, .nii.gz, .npy or a DICOM series directory)")
-    seen: dict[Path, Path] = {}
-    for p in paths:  # each would be measured again, and counted again in the means
-        if p.resolve() in seen:
-            raise BenchUsageError(f"the same volume is given twice ({seen[p.resolve()]} and {p})")
-        seen[p.resolve()] = p
+    repeat = first_repeat(paths)  # it would be measured again, and counted again in the means
+    if repeat:
+        raise BenchUsageError("the same volume is given twice ({} and {})".format(*repeat))
     if targets is not None and not t_list:  # `--targets ""` must not silently mean the default targets
         raise BenchUsageError("--targets names no target; give PSNRs in dB, e.g. --targets 40,45,50")
     tv: list[float] | None = None

@@ -32,6 +32,7 @@ __all__ = [
     "read_dicom_series",
     "atomic_path",
     "atomic_write_bytes",
+    "first_repeat",
 ]
 
 
@@ -76,3 +77,13 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, force: bool = False
     if kind == "nifti":
         return write_nifti(volume, path, force=force)
     return write_npy(volume, path, force=force)
+
+
+def first_repeat(paths: list[Path]) -> tuple[Path, Path] | None:
+    """The first two of ``paths`` that name the same file or directory (after resolving), or ``None``."""
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if p.resolve() in seen:
+            return seen[p.resolve()], p
+        seen[p.resolve()] = p
+    return None
