@@ -173,7 +173,7 @@ def test_message_encoding_roundtrip():
 @st.composite
 def _cases(draw):
     n = draw(st.integers(2, 7))
-    t = draw(st.integers(2, n))
+    t = draw(st.integers(max(2, n // 2 + 1), n))
     m = draw(st.integers(1, 200))
     mag = draw(st.sampled_from([1e-4, 1e-2, 1.0, 50.0]))
     scale_shift = draw(st.integers(-12, 0))  # 0: largest safe scale
@@ -596,3 +596,102 @@ def test_non_canonical_public_keys_are_refused():
         P.check_public_key(alias, 3)
     with pytest.raises(SecAggMessageError, match="canonical"):
         P.agree(sk, ((1 << 255) - 19 + 1).to_bytes(32, "little"), 4)  # 1 + p ≡ 1, encoded unreduced
+
+
+# --------------------------------------------------------------------------------------------------
+# a misbehaving server or client
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,t", [(4, 2), (6, 3), (10, 5)])
+def test_a_threshold_of_half_the_cohort_is_refused(n, t):
+    """With 2t ≤ n a server could tell one half that client 1 survived (they reveal b_1) and the other
+    half that it dropped (they reveal s_1): both secrets, so client 1's update in clear."""
+    with pytest.raises(SecAggError, match=f"threshold {t} of {n} clients must exceed n/2"):
+        make_params(n=n, t=t)
+    make_params(n=n, t=n // 2 + 1)
+
+
+def _responses(run):
+    return {u: run.clients[u].unmask(run.request) for u in run.request.survivors}
+
+
+def _with_b_share(resp, owner, share):
+    shares = tuple(dataclasses.replace(s, share=share) if s.owner == owner else s for s in resp.b_shares)
+    return dataclasses.replace(resp, b_shares=shares)
+
+
+def test_a_share_outside_the_field_is_refused_on_arrival_and_the_rest_recover_the_sum():
+    p = make_params(n=4, t=3, m=32)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    run.round0(), run.round1(), run.round2(x)
+    resp = _responses(run)
+    bad = _with_b_share(resp[1], 2, b"\xff" * shamir.SHARE_BYTES)
+    with pytest.raises(SecAggMessageError, match="client 1: Shamir share holds a value outside the field"):
+        run.server.receive_unmask(bad)
+    for u in (2, 3, 4):
+        run.server.receive_unmask(resp[u])
+    res = run.server.finalize()  # client 1 counts as not having answered
+    np.testing.assert_allclose(res.sum, sum(x.values()), atol=res.tolerance)
+
+
+def test_one_responders_wrong_share_is_left_out_and_named():
+    """A share on no polynomial with the others must not let one client abort every round: with more
+    than t answers the server leaves each responder out in turn and keeps the recovery that checks out."""
+    p = make_params(n=5, t=3, m=32)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    run.round0(), run.round1(), run.round2(x, skip=(5,))  # client 5 dropped: its key is recovered too
+    resp = _responses(run)
+    raw = next(s.share for s in resp[3].b_shares if s.owner == 1)
+    resp[3] = _with_b_share(resp[3], 1, bytes([raw[0] ^ 1]) + raw[1:])
+    for r in resp.values():
+        run.server.receive_unmask(r)
+    res = run.server.finalize()
+    assert res.faulty == (3,)
+    np.testing.assert_allclose(res.sum, sum(x[u] for u in (1, 2, 3, 4)), atol=res.tolerance)
+
+
+def test_two_responders_wrong_shares_abort_the_round():
+    p = make_params(n=5, t=3, m=8)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    run.round0(), run.round1(), run.round2(x)
+    resp = _responses(run)
+    for liar in (2, 3):
+        raw = next(s.share for s in resp[liar].b_shares if s.owner == 1)
+        resp[liar] = _with_b_share(resp[liar], 1, bytes([raw[0] ^ 1]) + raw[1:])
+    for r in resp.values():
+        run.server.receive_unmask(r)
+    with pytest.raises(SecAggAbort, match="self-mask secret of client 1 does not match its commitment"):
+        run.server.finalize()
+
+
+def test_masks_that_do_not_cancel_abort_instead_of_returning_garbage():
+    """Client 2 sees a corrupted key of client 1 (the server's broadcast, or the wire): their pairwise
+    masks differ, and the unmasked words spread over Z_2^32, far beyond n·clip."""
+    p = make_params(n=4, t=3, m=64)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    run.round0()
+    keys = run.keys
+    k1 = keys.clients[0]
+    flipped = dataclasses.replace(k1, s_public=bytes([k1.s_public[0] ^ 2]) + k1.s_public[1:])
+    forged = dataclasses.replace(keys, clients=(flipped,) + keys.clients[1:])
+    run.share_msgs = {}
+    for k in keys.clients:
+        run.share_msgs[k.sender] = run.clients[k.sender].share_keys(forged if k.sender == 2 else keys)
+        run.server.receive_shares(run.share_msgs[k.sender])
+    run.forwards = run.server.forward_shares()
+    run.round2(x)
+    with pytest.raises(SecAggAbort, match="outside what the clients' clipped inputs can add up to"):
+        run.round3()
+
+
+def test_auto_scale_halves_when_log2_rounds_up():
+    room = (2**31 - 1) - 1.0
+    for m in range(-4, 5):
+        clip = room / 2**10 * (1 + m * 2.0**-52)
+        fp = FixedPoint.auto(clip, 2, 1)
+        fp.check_capacity(2, 1)

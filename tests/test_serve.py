@@ -702,8 +702,8 @@ def test_concurrent_publishes_on_one_base_version_one_wins(svc, models, monkeypa
 def test_a_round_whose_base_was_superseded_publishes_nothing(svc, models):
     """An admin publishes version 2 while a round on version 1 runs: the round's result would silently
     discard version 2, so the round fails instead."""
-    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b"], "threshold": 2}).json["round"]
-    ps = _participants(svc, "ab")
+    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2}).json["round"]
+    ps = _participants(svc, "abc")
     for p in ps.values():
         p.join()
     for p in ps.values():
@@ -860,7 +860,7 @@ def test_publish_refuses_what_clients_could_not_load_or_parse(svc, models):
 def test_open_round_reads_a_chunked_body_and_refuses_non_finite_numbers(svc):
     """A body without Content-Length (chunked) is read, not replaced by the defaults; unusable numbers
     are 400s with a clear message."""
-    body = json.dumps({"clients": ["a", "b"], "threshold": 2, "stage_timeout": 30, "bogus": 1}).encode()
+    body = json.dumps({"clients": ["a", "b", "c"], "threshold": 2, "stage_timeout": 30, "bogus": 1}).encode()
 
     def chunked(payload):
         return svc.post("/rounds", who="admin", input_stream=__import__("io").BytesIO(payload),
@@ -873,16 +873,16 @@ def test_open_round_reads_a_chunked_body_and_refuses_non_finite_numbers(svc):
                      (b'{"clip": 1e-300}', "clip must be"), (b'{"stage_timeout": 1e300}', "stage_timeout")]:
         r = svc.post("/rounds", who="admin", data=bad, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and why in r.json["error"], (bad, r.json)
-    r = chunked(json.dumps({"clients": ["a", "b"], "threshold": 2, "stage_timeout": 30}).encode())
+    r = chunked(json.dumps({"clients": ["a", "b", "c"], "threshold": 2, "stage_timeout": 30}).encode())
     assert r.status_code == 201, r.json
     info = svc.get("/rounds/current", who="admin").json
-    assert info["params"]["threshold"] == 2 and [c["name"] for c in info["cohort"]] == ["a", "b"], info
+    assert info["params"]["threshold"] == 2 and [c["name"] for c in info["cohort"]] == ["a", "b", "c"], info
     assert 0 < info["stage_seconds_left"] <= 30
 
 
 def test_a_malformed_content_length_is_400_and_opens_no_round(svc):
     """Werkzeug reads a malformed Content-Length as "no body": the round must not open with defaults."""
-    body = json.dumps({"clients": ["a", "b"], "threshold": 2}).encode()
+    body = json.dumps({"clients": ["a", "b", "c"], "threshold": 2}).encode()
     for length in ("abc", "-5"):
         r = svc.post("/rounds", who="admin", data=body, headers={"Content-Type": "application/json"},
                      environ_overrides={"CONTENT_LENGTH": length})
@@ -943,11 +943,11 @@ def test_token_registry_is_safe_across_processes(tmp_path):
 def test_a_stale_rounds_error_names_the_open_round_or_none(svc):
     octet = {"Content-Type": "application/octet-stream"}
     for _ in range(2):
-        rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b"], "threshold": 2}).json["round"]
+        rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2}).json["round"]
         assert svc.post(f"/rounds/{rid}/abort", who="admin").status_code == 200
     stale = AdvertiseKeys(rid - 1, svc.ids["a"], _public_key(), _public_key())
     r = svc.post(f"/rounds/{rid - 1}/advertise", who="a", data=encode(stale), headers=octet)
     assert r.status_code == 409 and "no round is open" in r.json["error"], r.json
-    now = svc.post("/rounds", who="admin", json={"clients": ["a", "b"], "threshold": 2}).json["round"]
+    now = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2}).json["round"]
     r = svc.post(f"/rounds/{rid - 1}/advertise", who="a", data=encode(stale), headers=octet)
     assert r.status_code == 409 and f"the current round is {now}" in r.json["error"], r.json

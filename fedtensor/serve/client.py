@@ -255,17 +255,16 @@ class RoundParticipant:
 
     def join(self, info: dict | None = None) -> dict:
         """Take part in the open round (default: the current one): send this client's public keys."""
-        from fedtensor.federated.secagg import SecAggClient
+        from fedtensor.federated.secagg import SecAggClient, SecAggError
         from fedtensor.serve.rounds import params_from_info
 
         info = info or self.current()
         if info.get("status") != "open" or info.get("stage") != "advertise":
             raise ServiceError(f"round {info.get('round')} is not accepting clients (stage {info.get('stage')})", 409)
-        params = params_from_info(info)
-        if 2 * params.threshold <= params.num_clients:  # a server could then unmask one client's update
-            raise ServiceError(f"round {params.round_id} asks for {params.threshold} of {params.num_clients} "
-                               "clients to unmask; joining needs more than half, so that no two disjoint "
-                               "halves of the cohort can each be asked for a different secret", 409)
+        try:  # the parameters refuse what would expose this client (e.g. a threshold of half the cohort)
+            params = params_from_info(info)
+        except SecAggError as err:
+            raise ServiceError(f"round {info.get('round')} cannot be joined safely: {err}", 409) from None
         self.info = info
         self.sa = SecAggClient(int(self.me["id"]), params)
         return self._post("advertise", self.sa.advertise_keys())

@@ -179,6 +179,10 @@ class _Round:
         return self.server.stage
 
 
+#: The smallest cohort of a round: two clients would each learn the other's update from the published mean.
+MIN_ROUND_CLIENTS = 3
+
+
 def default_threshold(n: int) -> int:
     """t > 2n/3 (Bonawitz et al.'s choice against an active server), at least 2."""
     return max(2, (2 * n) // 3 + 1)
@@ -251,8 +255,9 @@ class RoundCoordinator:
                 raise RoundError(400, f"unknown client(s): {', '.join(unknown)}")
             if len(set(names)) != len(names):
                 raise RoundError(400, "a client is listed twice")
-            if len(names) < 2:
-                raise RoundError(409, f"a secure-aggregation round needs at least 2 clients, {len(names)} given")
+            if len(names) < MIN_ROUND_CLIENTS:  # with two, each client learns the other's update from the mean
+                raise RoundError(409, f"a secure-aggregation round needs at least {MIN_ROUND_CLIENTS} clients, "
+                                      f"{len(names)} given")
             cohort = {known[n].id: n for n in names}
             n = len(cohort)
             t = default_threshold(n) if threshold is None else threshold
@@ -464,6 +469,8 @@ class RoundCoordinator:
                          "clients": names, "n_clients": len(names), "dropped": [rd.cohort[c] for c in result.dropped],
                          "total_weight": result.total_weight, "secure_aggregation": True,
                          "tolerance": result.tolerance / max(1, result.total_weight)}
+            if result.faulty:  # their wrong shares were left out of the recovery
+                federated["faulty_shares"] = [rd.cohort[c] for c in result.faulty]
             manifest["federated"] = federated
             info = self.store.publish(new, manifest, federated, base_version=rd.base_version)
         except (FedtensorError, ValueError) as err:

@@ -57,6 +57,8 @@ class FixedPoint:
         if not (clip > 0 and w > 0 and room > 0):
             raise SecAggError("fixed-point auto scale needs clip > 0 and a positive total weight")
         scale = 2.0 ** math.floor(math.log2(room / (w * clip)))
+        if w * clip * scale + num_clients / 2 > INT32_MAX:  # log2 rounded up to the next power of two
+            scale /= 2
         fp = cls(scale, clip)
         fp.check_capacity(num_clients, w)
         return fp

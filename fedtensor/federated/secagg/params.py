@@ -16,9 +16,9 @@ class SecAggParams:
 
     * ``round_id`` — unique per aggregation (e.g. the FL round number); bound into every key derivation,
       ciphertext and message, so nothing from another round is accepted.
-    * ``num_clients`` (n), ``threshold`` (t, 2 ≤ t ≤ n) — the protocol tolerates up to n − t dropouts, and
-      any coalition of the server with fewer than t clients learns nothing beyond the sum. Choose
-      t > n/2 (Bonawitz et al. use t > 2n/3 against an active server).
+    * ``num_clients`` (n), ``threshold`` (t, n/2 < t ≤ n, t ≥ 2) — the protocol tolerates up to n − t dropouts,
+      and any coalition of the server with fewer than t clients learns nothing beyond the sum. t ≤ n/2
+      is refused (an active server could unmask one client); Bonawitz et al. use t > 2n/3.
     * ``vector_length`` — coordinates of the update (flattened).
     * ``fixed_point`` — scale and clip range; must not overflow for n clients (see :mod:`.fixedpoint`).
     * ``weighted`` — FedAvg mode: clients send w·x plus w as one extra coordinate; then
@@ -42,6 +42,10 @@ class SecAggParams:
             raise SecAggError(f"threshold must be an int ≥ 2, got {self.threshold!r}")
         if self.threshold > self.num_clients:
             raise SecAggAbort(f"secure aggregation aborted: threshold {self.threshold} exceeds the {self.num_clients} clients")
+        if 2 * self.threshold <= self.num_clients:
+            # Two halves of the cohort could then each reveal one of a client's two secrets to a server
+            # that tells one half the client survived and the other that it dropped: its update in clear.
+            raise SecAggError(f"threshold {self.threshold} of {self.num_clients} clients must exceed n/2")
         if not (isinstance(self.vector_length, int) and self.vector_length >= 1):
             raise SecAggError(f"vector_length must be a positive int, got {self.vector_length!r}")
         if not isinstance(self.fixed_point, FixedPoint):

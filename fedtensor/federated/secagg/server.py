@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class SecAggResult:
     survivors: tuple[int, ...]  # U3: clients whose inputs are in the sum
     dropped: tuple[int, ...]  # U2 \ U3: shared keys, but their masked input never arrived
     tolerance: float  # worst-case |error| per coordinate of ``sum`` from fixed-point rounding
+    faulty: tuple[int, ...] = ()  # U3 members whose revealed shares were wrong (left out of the recovery)
 
     @property
     def mean(self) -> np.ndarray:
@@ -85,6 +86,7 @@ class SecAggServer:
         self._u3: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
         self._responses: dict[int, UnmaskResponse] = {}
+        self._faulty: set[int] = set()
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -225,9 +227,37 @@ class SecAggServer:
             raise SecAggMessageError(f"client {sender} revealed both shares of client(s) {sorted(set(b_owners) & set(s_owners))}")
         if sorted(b_owners) != list(self._u3) or sorted(s_owners) != list(self._dropped):
             raise SecAggMessageError(f"unmask response of client {sender} does not match the request")
-        if any(len(s.share) != shamir.SHARE_BYTES for s in msg.b_shares + msg.s_shares):
-            raise SecAggMessageError(f"unmask response of client {sender} holds a share of the wrong size")
+        try:
+            for s in msg.b_shares + msg.s_shares:
+                shamir.check_share(s.share)
+        except SecAggError as exc:
+            raise SecAggMessageError(f"unmask response of client {sender}: {exc}") from None
         self._responses[sender] = msg
+
+    def _recover(self, shares: dict[int, bytes], valid: Callable[[bytes], bool], what: str, against: str) -> bytes:
+        """The secret of ``shares`` that passes ``valid`` (its commitment or advertised key). When all of
+        them fail, one responder's shares may be wrong: each is left out in turn (its shares are dropped
+        from every later secret too, and it is named in the result's ``faulty``)."""
+        usable = {r: sh for r, sh in shares.items() if r not in self._faulty}
+        candidates = [None] + (sorted(usable) if len(usable) > self.params.threshold else [])
+        for left_out in candidates:
+            subset = {r: sh for r, sh in usable.items() if r != left_out}
+            try:
+                secret = shamir.combine(subset, self.params.threshold)
+            except SecAggError:
+                continue
+            if valid(secret):
+                if left_out is not None:
+                    self._faulty.add(left_out)
+                return secret
+        raise SecAggError(f"reconstructed {what} does not match {against} (corrupted shares, and no one responder's "
+                          "to leave out)")
+
+    def _is_key_of(self, secret: bytes, v: int) -> bool:
+        try:
+            return P.public_bytes(P.private_from_bytes(secret)) == self._keys[v].s_public
+        except (SecAggError, ValueError):
+            return False
 
     def finalize(self) -> SecAggResult:
         """Close round 3: reconstruct the seeds, strip every mask, decode the sum."""
@@ -245,17 +275,12 @@ class SecAggServer:
         plus, minus = [], []
         try:
             for u in self._u3:
-                b = shamir.combine(b_sh[u], p.threshold)
-                if P.seed_commitment(b, p.round_id, u) != self._b_commitments[u]:
-                    raise SecAggError(f"reconstructed self-mask secret of client {u} does not match its commitment "
-                                      "(corrupted shares)")
+                b = self._recover(b_sh[u], lambda b: P.seed_commitment(b, p.round_id, u) == self._b_commitments[u],
+                                  f"self-mask secret of client {u}", "its commitment")
                 minus.append(P.self_mask_seed(b, p.round_id))
             for v in self._dropped:
-                sk = P.private_from_bytes(shamir.combine(s_sh[v], p.threshold))
-                if P.public_bytes(sk) != self._keys[v].s_public:
-                    raise SecAggError(
-                        f"reconstructed key of dropped client {v} does not match its advertised key (corrupted shares)"
-                    )
+                sk = P.private_from_bytes(self._recover(s_sh[v], lambda k: self._is_key_of(k, v),
+                                                        f"key of dropped client {v}", "its advertised key"))
                 for u in self._u3:
                     seed = P.pairwise_seed(P.agree(sk, self._keys[u].s_public, u), p.round_id, u, v)
                     (minus if u < v else plus).append(seed)  # undo y_u's ±PRG(s_uv)
@@ -265,6 +290,7 @@ class SecAggServer:
         acc = self._acc
         P.add_masks(acc, plus, minus)
         self._acc = None
+        n = len(self._u3)
         if p.weighted:
             total = int(acc[-1])
             if total > p.max_total_weight:
@@ -272,8 +298,16 @@ class SecAggServer:
                 raise SecAggAbort(
                     f"secure aggregation aborted: total weight {total} exceeds max_total_weight {p.max_total_weight}"
                 )
-            values = p.fixed_point.decode_sum(acc[:-1])
+            q = acc[:-1]
         else:
-            total, values = None, p.fixed_point.decode_sum(acc)
+            total, q = None, acc
+        # Masks that did not cancel (a key seen differently by two clients, a corrupted masked input) leave
+        # words spread over all of Z_2^32; a true sum stays within what n clipped inputs can add up to.
+        bound = (n if total is None else total) * p.fixed_point.clip * p.fixed_point.scale + n / 2
+        if q.size and np.max(np.abs(q.view(np.dtype("<i4")).astype(np.int64))) > bound:
+            self._stage = "aborted"
+            raise SecAggAbort("secure aggregation aborted: the unmasked sum lies outside what the clients' clipped "
+                              "inputs can add up to (masks did not cancel: a corrupted key or masked input)")
         self._stage = "done"
-        return SecAggResult(values, total, self._u3, self._dropped, p.fixed_point.tolerance(len(self._u3)))
+        return SecAggResult(p.fixed_point.decode_sum(q), total, self._u3, self._dropped,
+                            p.fixed_point.tolerance(n), tuple(sorted(self._faulty)))

@@ -82,6 +82,11 @@ def _lagrange_weights(xs: tuple[int, ...], at: int) -> tuple[int, ...]:
     return tuple(ws)
 
 
+def check_share(share: bytes) -> None:
+    """Raise :class:`SecAggError` unless ``share`` is a well-formed share (its size, field elements)."""
+    _parse(share)
+
+
 def _parse(share: bytes) -> list[int]:
     if len(share) != SHARE_BYTES:
         raise SecAggError(f"Shamir share must be {SHARE_BYTES} bytes, got {len(share)}")
