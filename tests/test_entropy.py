@@ -658,3 +658,47 @@ def test_batched_encoder_codes_every_integer_type_alike(encoder, dtype):
     v[rng.random(3000) < 0.5] = 0
     local = rng.integers(0, 512, 3000).astype(np.uint16)
     _one_by_one_and_batched([[(2, local, 0, 16, v.astype(dtype))]])
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("at,value", [((0, 1, 1, 0, 0, 1), 2**33), ((1, 0, 1, 0, 1, 0), -2**31 - 5),
+                                      ((1, 1, 1, 0, 0, 0), 2**31 + 20)])
+def test_a_forged_coefficient_beyond_int32_is_refused_not_wrapped(monkeypatch, native, at, value):
+    """No encoder writes one, but a stream can claim one (the last case is a DC, rebuilt from its
+    Lorenzo residual); stored in the int32 grid it would wrap to another value silently."""
+    from fedtensor.codec.parallel import decode_group, encode_group
+
+    grid, b = (2, 2, 2), (4, 4, 4)
+    q = np.random.default_rng(3).integers(-3, 4, (*grid, *b)).astype(np.int64)
+    q[at] = value
+    with monkeypatch.context() as m:
+        m.setattr(entropy, "_contexts", None)  # the numpy encoder codes int64 values as they are
+        sections = encode_group([grid], b, [q])
+    if not native:
+        monkeypatch.setattr(entropy, "_contexts", None)
+    with pytest.raises(FormatError, match="a coefficient beyond int32"):
+        decode_group([grid], b, sections)
+    q[at] = 1
+    with monkeypatch.context() as m:
+        m.setattr(entropy, "_contexts", None)
+        sections = encode_group([grid], b, [q])
+    np.testing.assert_array_equal(decode_group([grid], b, sections)[0], q)
+
+
+@pytest.mark.skipif(entropy._contexts is None, reason="the compiled context coder is not built")
+@pytest.mark.parametrize("case", ["n_classes", "key0", "mag_of"])
+def test_compiled_chunk_models_refuses_sizes_whose_products_would_wrap(case):
+    """A private entry point, but its promise is that a bad call raises and never writes out of bounds:
+    sizes near 2^63 used to wrap past the length checks (found under AddressSanitizer)."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    empty = np.zeros(0, np.int64)
+    n_classes = 2**62 if case == "n_classes" else 1
+    key0 = 2**63 - 1 if case == "key0" else 0
+    mag_of = i64(2**63 - 1) if case == "mag_of" else i64(0)
+    zero = np.zeros(0 if case == "n_classes" else 8)
+    mag = np.zeros(0 if case == "n_classes" else 30)
+    with pytest.raises(ValueError, match="chunk_models: .* out of range"):
+        entropy._contexts.chunk_models(
+            i64(1 if case == "n_classes" else 0), i64(key0), i64(0), i64(0, 4), np.zeros(4, np.uint16), empty,
+            empty, empty, empty, empty, mag_of, zero, np.zeros(8), mag, np.zeros(30), np.zeros(80),
+            np.zeros((1, 1, 16), np.float32), np.zeros(41), 4, 1, n_classes, 3)

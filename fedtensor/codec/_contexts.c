@@ -25,6 +25,7 @@
 #define WEIGHT 2.0
 #define CLIP 1e-5
 #define LUT_SIZE 2048 /* activity bins of 0 … 2047: sums of six saturated terms stay below it */
+#define SIZE_CAP ((Py_ssize_t)1 << 28) /* bound of table sizes and chunk counts passed in */
 
 static double p_one(double ones, double total, double prior) {
     double p = (ones + WEIGHT * prior) / (total + WEIGHT);
@@ -66,6 +67,12 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "chunk_models: mode is 1 (models), 2 (counts) or 3 (both)");
         return NULL;
     }
+    /* Bounds far above any real table keep every product of sizes below 2^63 (it would wrap). */
+    if (n_keys < 0 || n_keys > SIZE_CAP || n_mag_keys < 0 || n_mag_keys > SIZE_CAP || n_classes < 0 ||
+        n_classes > SIZE_CAP) {
+        PyErr_SetString(PyExc_ValueError, "chunk_models: table sizes out of range");
+        return NULL;
+    }
     Buf b[18];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
@@ -74,6 +81,7 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
        escapes, ascending), nbits (their Exp-Golomb length symbols); mag_of (local contexts). */
     if (get(o[0], &b[0], 8, -1, 0, "cls") < 0) goto done;
     Py_ssize_t n_chunks = b[0].b.len / 8;
+    if (n_chunks > SIZE_CAP) { PyErr_SetString(PyExc_ValueError, "chunk_models: too many chunks"); goto done; }
     if (get(o[1], &b[1], 8, n_chunks, 0, "key0") < 0 || get(o[2], &b[2], 8, n_chunks, 0, "mkey0") < 0 ||
         get(o[3], &b[3], 8, n_chunks + 1, 0, "bounds") < 0 || get(o[4], &b[4], 2, -1, 0, "local") < 0 ||
         get(o[5], &b[5], 8, -1, 0, "nz") < 0)
@@ -85,13 +93,20 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
     Py_ssize_t n_esc = b[8].b.len / 8;
     if (get(o[9], &b[9], 8, n_esc, 0, "nbits") < 0 || get(o[10], &b[10], 8, -1, 0, "mag_of") < 0) goto done;
     Py_ssize_t n_local = b[10].b.len / 8;
+    if (n_local > 65536) { /* local contexts are uint16 */
+        PyErr_SetString(PyExc_ValueError, "chunk_models: too many local contexts");
+        goto done;
+    }
     const int64_t *cls = b[0].b.buf, *key0 = b[1].b.buf, *mkey0 = b[2].b.buf, *bounds = b[3].b.buf,
                   *nz = b[5].b.buf, *sym_nz = b[6].b.buf, *neg = b[7].b.buf, *esc = b[8].b.buf,
                   *nbits = b[9].b.buf, *mag_of = b[10].b.buf;
     const uint16_t *local = b[4].b.buf;
     int64_t n_mag = 0;
     for (Py_ssize_t l = 0; l < n_local; l++) {
-        if (mag_of[l] < 0) { PyErr_SetString(PyExc_ValueError, "chunk_models: negative magnitude key"); goto done; }
+        if (mag_of[l] < 0 || mag_of[l] >= n_mag_keys) {
+            PyErr_SetString(PyExc_ValueError, "chunk_models: magnitude key out of range");
+            goto done;
+        }
         if (mag_of[l] + 1 > n_mag) n_mag = mag_of[l] + 1;
     }
     /* Tables (updated): zero (n_classes, 2, n_keys), zero_pooled (2, n_keys), mag (n_classes, 2, n_mag_keys,
@@ -117,8 +132,8 @@ static PyObject *chunk_models(PyObject *self, PyObject *args) {
         goto done;
     }
     for (Py_ssize_t c = 0; c < n_chunks; c++) {
-        if (cls[c] < 0 || cls[c] >= n_classes || key0[c] < 0 || key0[c] + n_local > n_keys || mkey0[c] < 0 ||
-            mkey0[c] + n_mag > n_mag_keys || bounds[c + 1] < bounds[c]) {
+        if (cls[c] < 0 || cls[c] >= n_classes || key0[c] < 0 || key0[c] > n_keys - n_local || mkey0[c] < 0 ||
+            mkey0[c] > n_mag_keys - n_mag || bounds[c + 1] < bounds[c]) {
             PyErr_SetString(PyExc_ValueError, "chunk_models: chunk out of range");
             goto done;
         }
@@ -263,13 +278,13 @@ static int lattice(PyObject **o, Buf *b, Py_ssize_t n_anchor, Py_ssize_t n_bins,
     }
     if (get(o[6], &b[6], 8, 3 * (nb - bounds[1]), 0, "parents") < 0 || get(o[7], &b[7], 1, LUT_SIZE, 0, "lut") < 0)
         return -1;
-    if (abs_cap < 1 || 3 * abs_cap > 255 || 6 * abs_cap >= LUT_SIZE) { /* uint8 parent sums, in-table sums */
+    if (abs_cap < 1 || abs_cap > 85 || 6 * abs_cap >= LUT_SIZE) { /* uint8 parent sums, in-table sums */
         PyErr_SetString(PyExc_ValueError, "block sites: saturation out of range");
         return -1;
     }
     const int64_t *perm = b[2].b.buf, *nbr = b[3].b.buf, *order = b[5].b.buf, *parents = b[6].b.buf;
     const uint8_t *lut = b[7].b.buf;
-    if (n_bins < 1 || n_bins * n_bins * n_bins > 65536) {
+    if (n_bins < 1 || n_bins > 40 || n_bins * n_bins * n_bins > 65536) {
         PyErr_SetString(PyExc_ValueError, "block sites: local contexts must fit 16 bits");
         return -1;
     }

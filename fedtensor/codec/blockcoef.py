@@ -20,6 +20,7 @@ import numpy as np
 
 from fedtensor.codec import entropy
 from fedtensor.codec.entropy import BinaryStream
+from fedtensor.errors import FormatError
 from fedtensor.codec.grid import _BIN_LUT, BIN_SATURATION, N_BINS, GridCoder, activity_bin, checkerboard
 
 _ABS_CAP = 2 * BIN_SATURATION
@@ -33,6 +34,13 @@ def lorenzo(a: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
     for ax in (1, 2):
         a = np.diff(a, axis=ax, prepend=0)
     return a
+
+
+def _as_int32(vals: np.ndarray) -> np.ndarray:
+    """Decoded coefficients, refused when a forged stream puts one beyond int32 (stored, it would wrap)."""
+    if vals.size and (vals.min() < -(1 << 31) or vals.max() >= 1 << 31):
+        raise FormatError("corrupted stream: a coefficient beyond int32")
+    return vals
 
 
 def inverse_lorenzo(r: np.ndarray, before: np.ndarray | None = None) -> np.ndarray:
@@ -149,7 +157,7 @@ def code_block_coefficients(
     eob = eob[perm]
     if s.decoding:
         coef = np.zeros((n, len(lay.order)), np.int32)  # lattice order, bands in C order
-        coef[:, 0] = inverse_lorenzo(dc[..., 0], before).reshape(n)
+        coef[:, 0] = _as_int32(inverse_lorenzo(dc[..., 0], before).reshape(n))
     else:
         coef = q.reshape(n, -1)
     # Per degree, saturated |coefficients|: an extra all-zero row ("outside the lattice") and column
@@ -188,7 +196,7 @@ def code_block_coefficients(
             bins = (activity_bin(parent[blocks]), activity_bin(neighbour), ebin[blocks, None])
             if batch is None:
                 vals = coder.code_sites(s, pass_id, degree, *bins, None).reshape(-1, width)
-                coef[at] = vals
+                coef[at] = _as_int32(vals)
             else:
                 vals = coef[at]
                 batch.add(coder.sites(pass_id, degree, *bins, vals))
