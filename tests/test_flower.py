@@ -111,7 +111,7 @@ def test_run_config_parsing_and_errors():
         task.FedSettings.from_run_config({"rounds": 2})
     with pytest.raises(task.FederationError, match="patch must be a multiple of 4"):
         task.FedSettings.from_run_config({"patch": 18})
-    with pytest.raises(task.FederationError, match="min-clients ≥ 2"):
+    with pytest.raises(task.FederationError, match="min-clients ≥ 3"):
         task.FedSettings.from_run_config({"min-clients": 1})
 
 
@@ -149,7 +149,7 @@ def test_client_app_trains_on_real_data_through_the_message_api(tmp_path, crops)
     arrays = task.to_ndarrays(_params())
     node = {"data": str(crops[0]), "cache-dir": str(tmp_path / "cache"), "audit-dir": str(tmp_path / "audit"),
             "allow-plain-updates": True}
-    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={**TINY_RUN, "min-clients": 2})
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={**TINY_RUN, "min-clients": 3})
     reply = app(_train_message(arrays), ctx)
     assert not reply.has_error(), reply.error
     res = compat.recorddict_to_fitres(reply.content, False)
@@ -167,7 +167,7 @@ def test_client_app_trains_on_real_data_through_the_message_api(tmp_path, crops)
         np.testing.assert_array_equal(saved[p], d)
     # a node refuses to send its update in the clear unless its own config allows it
     strict = Context(run_id=1, node_id=7, node_config={k: v for k, v in node.items() if k != "allow-plain-updates"},
-                     state=RecordDict(), run_config={**TINY_RUN, "min-clients": 2})
+                     state=RecordDict(), run_config={**TINY_RUN, "min-clients": 3})
     with pytest.raises(task.FederationError, match="only inside secure aggregation"):
         app(_train_message(arrays), strict)
 
@@ -208,6 +208,55 @@ def test_server_strategy_applies_weighted_mean_delta_and_writes_versions(tmp_pat
     assert store.latest().meta["n_clients"] == 2 and store.latest().sha256 == latest["model_id"]
     with pytest.raises(task.FederationError, match="already holds"):
         GlobalModelWriter(tmp_path / "out", TINY, settings, run_id=6)
+
+
+def test_an_aggregate_outside_the_clipping_range_is_not_applied(tmp_path):
+    """SecAgg+ sums wrap mod 2^32 past ~1000 nodes; the mean of clipped deltas can never leave the window."""
+    from flwr.common import Code, FitRes, Status
+
+    from fedtensor.federated.flower.server_app import DeltaFedAvg
+
+    g0 = task.to_ndarrays(_params())
+    applied = []
+    strat = DeltaFedAvg(g0, TINY, 3, lambda *a: applied.append(a), clip=0.5)
+
+    class Proxy:
+        cid = "1"
+
+    wrapped = [np.zeros_like(a) for a in g0]
+    wrapped[0].flat[0] = -1.7
+    res = [(Proxy(), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(wrapped), 1, {}))]
+    with pytest.raises(task.FederationError, match="outside the clipping range ±0.5"):
+        strat.aggregate_fit(1, res, [])
+    assert not applied and all(np.array_equal(a, b) for a, b in zip(strat.global_arrays, g0))
+
+
+@pytest.mark.parametrize("config,why", [
+    ({"reconstruction-threshold": 0.5}, "must exceed 0.5"),
+    ({"reconstruction-threshold": 1.5}, "whole number of nodes"),
+    ({"reconstruction-threshold": 3, "num-shares": 6}, "must exceed half of num-shares"),
+    ({"num-shares": 0}, "num-shares must be"),
+    ({"min-clients": 2}, "min-clients ≥ 3"),
+])
+def test_secure_settings_that_would_expose_a_node_are_refused(config, why):
+    with pytest.raises(task.FederationError, match=why):
+        task.FedSettings.from_run_config(config)
+
+
+def test_a_node_refuses_a_secagg_setup_that_would_expose_it_or_wrap_the_sum():
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from fedtensor.federated.flower.client_app import check_secagg_setup
+
+    ok = {Key.STAGE: Stage.SETUP, Key.SHARE_NUMBER: 10, Key.THRESHOLD: 7, Key.SAMPLE_NUMBER: 10,
+          Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32}
+    check_secagg_setup(ok)
+    check_secagg_setup({Key.STAGE: Stage.UNMASK})  # only the setup carries the parameters
+    for change, why in [({Key.THRESHOLD: 5}, "needs more than half"), ({Key.SAMPLE_NUMBER: 2}, "each would read"),
+                        ({Key.SAMPLE_NUMBER: 1024, Key.SHARE_NUMBER: 1024, Key.THRESHOLD: 700}, "overflows the modulus"),
+                        ({Key.THRESHOLD: "x"}, "malformed SecAgg\\+ setup")]:
+        with pytest.raises(task.FederationError, match=why):
+            check_secagg_setup({**ok, **change})
 
 
 # ------------------------------------------------------------------------------ real deployment

@@ -28,7 +28,7 @@ from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fedtensor.federated.flower.task import (
     FedSettings,
@@ -122,11 +122,30 @@ def _audit(directory: Path, run_id: int, rnd: int, delta, n: int, net_config) ->
     atomic_write_bytes(directory / f"run-{run_id}-round-{rnd:04d}.safetensors", data, force=True)
 
 
+def check_secagg_setup(config) -> None:
+    """Refuse a SecAgg+ setup that would expose this node or wrap the sum; Flower's mod takes whatever
+    the server sends."""
+    if config.get(Key.STAGE) != Stage.SETUP:
+        return
+    try:
+        shares, threshold = int(config[Key.SHARE_NUMBER]), int(config[Key.THRESHOLD])
+        nodes, levels, modulus = int(config[Key.SAMPLE_NUMBER]), int(config[Key.TARGET_RANGE]), int(config[Key.MOD_RANGE])
+    except (KeyError, TypeError, ValueError):
+        raise FederationError("malformed SecAgg+ setup from the server") from None
+    if 2 * threshold <= shares:  # two halves of the neighbours could reveal both of this node's secrets
+        raise FederationError(f"SecAgg+ threshold {threshold} of {shares} shares: this node needs more than half")
+    if nodes < 3:
+        raise FederationError(f"SecAgg+ round of {nodes} nodes: each would read the other's delta off the mean")
+    if nodes * levels >= modulus:  # every node's quantised entries reach `levels`: their sum would wrap
+        raise FederationError(f"SecAgg+ round of {nodes} nodes × {levels} levels overflows the modulus {modulus}")
+
+
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
     """SecAgg+ for training rounds that use it; other training rounds are refused unless the node config
     says ``allow-plain-updates=true`` (a node decides itself whether its update may leave unmasked)."""
     if msg.metadata.message_type == MessageType.TRAIN:
         if RECORD_KEY_CONFIGS in msg.content.config_records:
+            check_secagg_setup(msg.content.config_records[RECORD_KEY_CONFIGS])
             return secaggplus_mod(msg, ctxt, call_next)
         if not _flag(ctxt.node_config, "allow-plain-updates"):
             raise FederationError("this node sends its update only inside secure aggregation "

@@ -147,7 +147,7 @@ class FedSettings:
     targets: tuple[float, ...] = (38.0, 42.0)
     blocks: tuple[str, ...] = ("auto",)
     seed: int = 0
-    min_clients: int = 2
+    min_clients: int = 3
     secure: bool = True
     num_shares: float = 1.0  # ≤ 1: a fraction of the sampled clients (1.0 = everyone shares with everyone)
     threshold: float = 0.67  # ≤ 1: a fraction of num_shares
@@ -197,11 +197,27 @@ class FedSettings:
             raise FederationError("channels must be two positive integers, e.g. \"16,32\"")
         if not self.lr > 0 or not self.clipping_range > 0 or not self.max_weight > 0:
             raise FederationError("lr, clipping-range and max-weight must be > 0")
-        if self.min_clients < 2 and self.secure:
-            raise FederationError("secure aggregation needs min-clients ≥ 2")
+        if self.secure:
+            self._check_secure()
         if not self.targets:
             raise FederationError("targets must list at least one PSNR (dB)")
         return self
+
+    def _check_secure(self) -> None:
+        if self.min_clients < 3:  # with two, each node reads the other's delta off the mean and its own
+            raise FederationError("secure aggregation needs min-clients ≥ 3")
+        ns, th = self.num_shares, self.threshold
+        if not (0 < ns <= 1 or (ns.is_integer() and ns >= 3)):
+            raise FederationError(f"num-shares must be a fraction in (0, 1] or a whole number ≥ 3, got {ns:g}")
+        # A threshold of half the shares or less lets a server ask one half of a node's neighbours for its
+        # self-mask secret and the other half for its key: the node's delta in clear.
+        if th <= 1:
+            if not th > 0.5:
+                raise FederationError(f"reconstruction-threshold must exceed 0.5 (of num-shares), got {th:g}")
+        elif not th.is_integer():
+            raise FederationError(f"reconstruction-threshold above 1 must be a whole number of nodes, got {th:g}")
+        elif ns > 1 and 2 * th <= ns:
+            raise FederationError(f"reconstruction-threshold {th:g} must exceed half of num-shares {ns:g}")
 
     @property
     def net_config(self) -> "NetConfig":
