@@ -272,6 +272,20 @@ def test_fetch_rejects_a_model_whose_hash_does_not_match(svc, tmp_path):
     assert not (tmp_path / "m" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("record,why", [({"sha256": "0" * 64}, "malformed"), ({"version": "x", "sha256": "0" * 64}, "malformed"),
+                                        ({"version": 5}, "malformed"), ({"version": 5, "sha256": "0" * 64}, "answered with version 5")])
+def test_fetch_refuses_a_version_record_that_is_malformed_or_of_another_version(svc, tmp_path, record, why):
+    class Liar(FlaskTransport):  # a service (or a proxy) answering with another record
+        def request(self, method, path, body=None, headers=None):
+            if path == "/models/1":
+                return 200, {"content-type": "application/json"}, json.dumps(record).encode()
+            return super().request(method, path, body, headers)
+
+    with pytest.raises(ServiceError, match=why):
+        fetch_model(None, None, tmp_path / "m", 1, transport=Liar(svc.http, svc.tokens["a"]))
+    assert not (tmp_path / "m").exists()
+
+
 # ------------------------------------------------------------------------------------------ publish
 
 

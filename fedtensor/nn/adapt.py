@@ -46,9 +46,11 @@ import numpy as np
 
 from fedtensor.codec.entropy import LAPLACE_LIMIT, BinaryStream
 from fedtensor.errors import FormatError
+from fedtensor.nn.checkpoint import ModelError
 from fedtensor.nn.infer import (
     DEFAULT_TILE,
     MIRRORS,
+    NON_FINITE,
     RestorationModel,
     as_model,
     check_tile,
@@ -352,7 +354,7 @@ def _tile_parts(model: RestorationModel, sub: np.ndarray, cond: np.ndarray, tta:
     phase channels permuted by :func:`~fedtensor.nn.model.mirror_permutation`): the
     regressors whose fitted combination :func:`~fedtensor.nn.infer.tile_correction` computes."""
     if not tta:
-        return tuple(a[0] for a in model.parts(sub, cond))
+        return _finite(tuple(a[0] for a in model.parts(sub, cond)))
     acc = None
     for flips in MIRRORS:
         axes = tuple(k for k in range(3) if flips[k])
@@ -360,7 +362,13 @@ def _tile_parts(model: RestorationModel, sub: np.ndarray, cond: np.ndarray, tta:
         h, head, linear = (np.flip(a[0], axes) for a in model.parts(np.flip(sub, tuple(a + 1 for a in axes)), cond))
         parts = (h, head[..., perm], linear[..., perm])
         acc = parts if acc is None else tuple(a + b for a, b in zip(acc, parts))
-    return tuple(a / len(MIRRORS) for a in acc)
+    return _finite(tuple(a / len(MIRRORS) for a in acc))
+
+
+def _finite(parts: tuple) -> tuple:
+    if not all(np.isfinite(a).all() for a in parts):
+        raise ModelError(NON_FINITE)
+    return parts
 
 
 def _phases(a: np.ndarray) -> np.ndarray:
@@ -392,7 +400,7 @@ def _encode_layer(coef: np.ndarray) -> tuple[bytes, np.ndarray]:
     e = np.clip(np.minimum(need, cap), _EXPONENTS[0], _EXPONENTS[1] - 1).astype(np.int64)
     r = np.round(cols * 2.0 ** e) - np.round(centre * 2.0 ** e)
     if not np.all(np.abs(r) <= LAPLACE_LIMIT):
-        raise ValueError("output layer coefficients too large to code")
+        raise ModelError("the model's per-stream output layer is too large to code (weights out of range?)")
     z = np.where(r.any(axis=0), np.clip(np.round(4 * (np.log2(np.maximum(np.abs(r).mean(axis=0), 0.2)) + 8)) + 1,
                                         1, 255), 0).astype(np.uint8)
     side = np.concatenate([e.astype(np.int8).view(np.uint8), centre.astype(np.int8).view(np.uint8), z])

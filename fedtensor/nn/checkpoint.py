@@ -83,7 +83,8 @@ def tree_from_bytes(template: Any, data: bytes, what: str) -> Any:
     for k, (_, ref) in zip(keys, leaves):
         a = stored[k]
         if a.shape != tuple(ref.shape) or a.dtype != np.dtype(ref.dtype):
-            raise ModelError(f"{what} does not match this model architecture ({k}: {a.shape} vs {ref.shape})")
+            raise ModelError(f"{what} does not match this model architecture ({k}: {a.shape} {a.dtype} vs "
+                             f"{tuple(ref.shape)} {np.dtype(ref.dtype)})")
         out.append(a)
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -99,7 +100,7 @@ def safetensors_metadata(data: bytes, what: str) -> dict[str, str]:
         if not isinstance(meta, dict):
             raise ValueError("metadata")
         return meta
-    except (struct.error, ValueError, UnicodeDecodeError, AttributeError) as err:
+    except (struct.error, ValueError, UnicodeDecodeError, AttributeError, RecursionError) as err:
         raise ModelError(f"corrupted {what}: unreadable header ({err.__class__.__name__})") from None
 
 
@@ -134,7 +135,7 @@ def read_manifest(model_dir: Path) -> dict:
         if not isinstance(m, dict):
             raise ValueError
         return m
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ModelError(f"corrupted model manifest: {p}") from None
 
 

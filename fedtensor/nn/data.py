@@ -21,6 +21,7 @@ import io
 import json
 import os
 import warnings
+import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -137,10 +138,12 @@ def encode_decode(volume, codec: str, target: float, block, cache_dir: Path | No
             try:
                 with np.load(path, allow_pickle=False) as z:
                     info = json.loads(str(z["info"]))
-                    if info.get("cache_library") == __version__:
-                        return z["decoded"], info
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable cache entry: regenerate it
+                    decoded = z["decoded"]
+                    if (isinstance(info, dict) and info.get("cache_library") == __version__
+                            and decoded.shape == volume.data.shape and decoded.dtype == volume.data.dtype):
+                        return decoded, info
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                pass  # unreadable or foreign cache entry: regenerate it
     blob = compress(volume, psnr=target, codec=codec, block=block if codec == "block-tucker" else None)
     info = read_info(blob)
     decoded = decompress(blob).data

@@ -1,15 +1,16 @@
 """Restoration at decompression time: load a model, run it tile by tile, restore the original dtype.
 
-Tiled inference (bounded memory for any volume size): the intensity features of the whole volume
-(:meth:`~fedtensor.nn.normalize.Normaliser.net_input`, O(volume) numpy work) are padded by
-:data:`EDGE_PAD` voxels (reflection) and up to a multiple of :data:`~fedtensor.nn.model.ALIGN`; it is
-cut into tiles of at most ``tile³`` voxels whose starts are multiples of ``ALIGN`` (so the net's
+Tiled inference: the intensity features (:meth:`~fedtensor.nn.normalize.Normaliser.net_input`) are
+padded by :data:`EDGE_PAD` voxels (reflection) and up to a multiple of :data:`~fedtensor.nn.model.ALIGN`;
+the padded grid is cut into tiles of at most ``tile³`` voxels whose starts are multiples of ``ALIGN`` (so the net's
 space-to-depth grid is the same as for the whole volume), overlapping by ``2·margin + ramp`` voxels.
 Each tile's output is weighted by a separable window that is 0 within ``margin`` (≥ the net's
 receptive radius) of a tile side interior to the volume, then ramps linearly to 1 over ``ramp`` voxels;
 sides on the volume's edge keep weight 1. Every voxel with a non-zero weight therefore sees exactly the
 context it has in a whole-volume pass, so the blended result equals whole-volume inference up to float
-rounding, and the seams are blended rather than cut.
+rounding, and the seams are blended rather than cut. Restoration goes one row of tiles (along the first
+axis) at a time: features, padding and blending sums are held for that row only, and the restored voxels
+are written straight into the output (:func:`correction_slabs`), so memory does not grow with depth.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from flax import nnx
 
 from fedtensor.nn.checkpoint import (
     FORMAT,
+    FORMAT_VERSION,
     ModelError,
     finite_tree,
     read_model_bytes,
@@ -37,9 +39,18 @@ from fedtensor.nn.checkpoint import (
     tree_from_bytes,
 )
 from fedtensor.nn.model import ALIGN, RECEPTIVE_RADIUS, NetConfig, OutputLayer, RestorationNet, abstract_net
-from fedtensor.nn.normalize import RESTORABLE_CODECS, assemble_input, normaliser_for, operating_point, phase_of
+from fedtensor.nn.normalize import (
+    N_FEATURES,
+    RESTORABLE_CODECS,
+    assemble_input,
+    normaliser_for,
+    operating_point,
+    phase_of,
+)
 
 EDGE_PAD = 8
+FEATURE_ROWS = 16  # rows of features, or of float64 restored voxels, computed at once when restoring
+NON_FINITE = "the restoration model's output is not finite here (weights out of range?)"
 DEFAULT_TILE = 160
 RAMP = 8
 MARGIN = -(-RECEPTIVE_RADIUS // ALIGN) * ALIGN
@@ -110,8 +121,12 @@ def model_from_bytes(data: bytes, model_id: str = "", manifest: dict | None = No
         if info.get("format") != FORMAT:
             raise ValueError("format")
         config = NetConfig.from_dict(info["net"])
-    except (KeyError, ValueError, TypeError):
+        version = info.get("version", 1)
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
         raise ModelError("not a fedtensor restoration model (missing or bad architecture metadata)") from None
+    if not (isinstance(version, int) and 1 <= version <= FORMAT_VERSION):
+        raise ModelError(f"model format version {version!r} is not one this fedtensor reads "
+                         f"(≤ {FORMAT_VERSION}; written by a newer fedtensor?)")
     graphdef, abstract = abstract_net(config)
     state = tree_from_bytes(abstract, data, "model checkpoint")
     if not finite_tree(state):
@@ -238,17 +253,50 @@ def correction_map(model: RestorationModel, feats: np.ndarray, block, cond: np.n
     mean over the 8 mirrored versions of each (padded) tile, which is the mean over the mirrored versions
     of the padded volume (every tile is aligned, so its mirror keeps the net's space-to-depth grid).
     """
+    out = np.empty(feats.shape[:3], np.float32)
+    for start, rows in correction_slabs(model, feats.shape[:3], lambda lo, hi: feats[lo:hi], block, cond, tile,
+                                        coef, tta):
+        out[start:start + len(rows)] = rows
+    return out
+
+
+def correction_slabs(model: RestorationModel, shape, feats_of, block, cond: np.ndarray, tile: int | None = DEFAULT_TILE,
+                     coef: OutputLayer | np.ndarray | None = None, tta: bool = False):
+    """:func:`correction_map` slab by slab along the first axis: yields ``(start, rows)``, the finished
+    corrections of volume rows ``start …``, in order. ``feats_of(lo, hi)`` gives the features of rows
+    ``lo:hi``, asked for one tile row at a time, so the features, their padding and the blending sums
+    are held for a tile's depth of rows, not for the whole volume (the same result, bit for bit)."""
     tile = check_tile(tile)
-    xp, phases, crop = padded_input(feats, block)
-    big = xp.shape[:3]
+    pads = [(EDGE_PAD, EDGE_PAD + (-(n + 2 * EDGE_PAD)) % ALIGN) for n in shape]
+    # np.pad's own index arithmetic, so the padding is exactly padded_input's
+    index = [np.pad(np.arange(n), p, mode="reflect" if min(shape) > 1 else "edge") for n, p in zip(shape, pads)]
+    phases = [phase_of(np.arange(-lo, n + hi), b) for n, (lo, hi), b in zip(shape, pads, block)]
+    big = tuple(len(i) for i in index)
     cond = np.asarray(cond, np.float32)[None]
-    acc = np.zeros(big, np.float32)
-    wsum = np.zeros(big, np.float32)
-    for sl, w in tiles(big, tile):
-        acc[sl] += w * tile_correction(model, tile_input(xp, phases, sl), cond, coef, tta)
-        wsum[sl] += w
-    out = acc / np.maximum(wsum, 1e-12)
-    return np.ascontiguousarray(out[crop])
+    starts = [0] if tile is None else _tile_starts(big[0], tile)
+    depth = big[0] if tile is None else min(tile, big[0])
+    # The blending sums of one tile row's padded rows a0 … a0 + depth (the rows a later tile row
+    # overlaps move up to the top when it starts).
+    acc, wsum = np.zeros((depth, *big[1:]), np.float32), np.zeros((depth, *big[1:]), np.float32)
+    crop = (slice(pads[1][0], pads[1][0] + shape[1]), slice(pads[2][0], pads[2][0] + shape[2]))
+    # tiles() goes first axis outermost: a row of tiles (one first-axis slice) at a time
+    for k, (a0, row_of_tiles) in enumerate(itertools.groupby(tiles(big, tile), key=lambda t: t[0][0].start)):
+        rows = index[0][a0:a0 + depth]
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        xp = feats_of(lo, hi)[np.ix_(rows - lo, index[1], index[2])]  # this tile row's padded features
+        local_phases = [phases[0][a0:a0 + depth], *phases[1:]]
+        for sl, w in row_of_tiles:
+            here = (slice(0, depth), *sl[1:])
+            acc[here] += w * tile_correction(model, tile_input(xp, local_phases, here), cond, coef, tta)
+            wsum[here] += w
+        done = (starts[k + 1] if k + 1 < len(starts) else big[0]) - a0  # no later tile reaches these rows
+        first, last = max(a0, pads[0][0]), min(a0 + done, pads[0][0] + shape[0])  # of the volume's own
+        for c in range(first, last, FEATURE_ROWS):  # a few rows at a time: no whole-row temporaries
+            r = slice(c - a0, min(c + FEATURE_ROWS, last) - a0)
+            yield c - pads[0][0], acc[r][(slice(None), *crop)] / np.maximum(wsum[r][(slice(None), *crop)], 1e-12)
+        keep = depth - done
+        acc[:keep], wsum[:keep] = acc[done:], wsum[done:]
+        acc[keep:], wsum[keep:] = 0, 0
 
 
 # ------------------------------------------------------------------------------------------ restore
@@ -280,10 +328,34 @@ def restore_array(decoded: np.ndarray, info: dict, model, *, tile: int | None = 
         return decoded.astype(np.float64)
     layer = stream_adaptation(info, model) if adapted else None
     coef, tta = (None, tta) if layer is None else layer
+    out = np.empty(decoded.shape, np.float64)
+    for start, rows in restored_slabs(decoded, codec, params, model, tile, coef, tta):
+        out[start:start + len(rows)] = rows
+    return out
+
+
+def restored_slabs(decoded: np.ndarray, codec: str, params: dict, model: RestorationModel, tile: int | None,
+                   coef, tta: bool):
+    """``(start, float64 restored rows)`` in order along the first axis (:func:`correction_slabs`): the
+    features are computed from the decoded rows a tile row needs, with one more row each side for their
+    3×3×3 box filter, so they equal the whole volume's."""
     norm = normaliser_for(decoded)
     s, cond, block = operating_point(codec, params, norm)
-    f = correction_map(model, norm.net_input(decoded, s), block, cond, tile, coef=coef, tta=tta)
-    return decoded.astype(np.float64) + (s * norm.scale) * f.astype(np.float64)
+    depth = decoded.shape[0]
+
+    def feats_of(lo: int, hi: int) -> np.ndarray:
+        out = np.empty((hi - lo, *decoded.shape[1:], N_FEATURES), np.float32)
+        for c in range(lo, hi, FEATURE_ROWS):  # the filter's temporaries stay a few rows deep
+            a, b = max(c - 1, 0), min(c + FEATURE_ROWS + 1, hi + 1, depth)
+            e = min(c + FEATURE_ROWS, hi)
+            out[c - lo:e - lo] = norm.net_input(decoded[a:b], s)[c - a:e - a]
+        return out
+
+    for start, f in correction_slabs(model, decoded.shape, feats_of, block, cond, tile, coef, tta):
+        if not np.isfinite(f).all():
+            raise ModelError(NON_FINITE)
+        rows = decoded[start:start + len(f)]
+        yield start, rows.astype(np.float64) + (s * norm.scale) * f.astype(np.float64)
 
 
 def restore(volume, info: dict, model, *, tile: int | None = DEFAULT_TILE, tta: bool = False):
@@ -297,10 +369,16 @@ def restore(volume, info: dict, model, *, tile: int | None = DEFAULT_TILE, tta: 
     codec, _ = _header(info)
     if codec not in RESTORABLE_CODECS:
         return volume
+    from fedtensor.nn.adapt import stream_adaptation
+
     model = as_model(model)
-    x = restore_array(volume.data, info, model, tile=tile, tta=tta)
+    layer = stream_adaptation(info, model)
+    coef, tta = (None, tta) if layer is None else layer
+    out = np.empty(volume.data.shape, volume.data.dtype)  # written slab by slab: no float copy of the volume
+    for start, rows in restored_slabs(volume.data, codec, info.get("params") or {}, model, tile, coef, tta):
+        out[start:start + len(rows)] = to_dtype(rows, out.dtype)
     meta = {**volume.meta, "restoration_model": model.model_id}
-    return Volume(to_dtype(x, volume.data.dtype), volume.spacing, volume.affine, meta)
+    return Volume(out, volume.spacing, volume.affine, meta)
 
 
 def to_dtype(x: np.ndarray, dtype) -> np.ndarray:

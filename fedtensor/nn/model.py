@@ -52,6 +52,10 @@ ALIGN = 4
 RECEPTIVE_RADIUS = 24
 
 
+#: Largest channel count or conditioning width a model may declare (the widest benchmarked net has 112).
+MAX_WIDTH = 512
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """Architecture hyper-parameters (stored in every checkpoint)."""
@@ -64,10 +68,16 @@ class NetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetConfig":
-        c = tuple(int(v) for v in d["channels"])
-        if len(c) != 2 or min(c) < 1:
-            raise ValueError("channels must be two positive integers")
-        return cls(channels=c, cond_hidden=int(d["cond_hidden"]))
+        try:
+            c, hidden = tuple(int(v) for v in d["channels"]), int(d["cond_hidden"])
+        except OverflowError:  # int(inf)
+            raise ValueError("channels and cond_hidden must be finite") from None
+        # Bounded before any array is built: a model file's declared widths size every weight.
+        if len(c) != 2 or not all(1 <= v <= MAX_WIDTH for v in c):
+            raise ValueError(f"channels must be two integers in [1, {MAX_WIDTH}]")
+        if not 1 <= hidden <= MAX_WIDTH:
+            raise ValueError(f"cond_hidden must be an integer in [1, {MAX_WIDTH}]")
+        return cls(channels=c, cond_hidden=hidden)
 
 
 def _conv_impl() -> str:

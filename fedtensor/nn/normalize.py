@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedtensor.errors import FormatError
 from fedtensor.nn.model import COND_DIM
 
 CT_LO, CT_HI = -1024.0, 3071.0
@@ -94,8 +95,8 @@ def operating_point(codec: str, params: dict, norm: Normaliser) -> tuple[float, 
     if codec not in RESTORABLE_CODECS:
         raise ValueError(f"codec {codec!r} is not restorable")
     step = float(params["step"]) * float(params.get("scale", 1.0))  # the step in the volume's units
-    if not (math.isfinite(step) and step > 0):
-        raise ValueError(f"bad quantiser step {step!r}")
+    if not (math.isfinite(step) and step > 0):  # each factor passed the header's checks; their product not
+        raise FormatError(f"corrupted stream: its quantiser step in the volume's units is {step!r}")
     s = step / norm.scale
     block = block_shape(codec, params)
     cond = np.array([math.log(s) - LOG_STEP_CENTRE, codec == "block-tucker", codec == "omlsvd-global",

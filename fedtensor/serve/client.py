@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 import urllib.error
@@ -111,7 +112,7 @@ def _json(resp: tuple[int, dict, bytes], what: str) -> dict:
         if not isinstance(d, dict):
             raise ValueError
         return d
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ServiceError(f"{what}: the service sent malformed JSON") from None
 
 
@@ -166,7 +167,11 @@ def fetch_model(url: str | None, token: str | None, dest_dir: str | os.PathLike,
     The bytes are verified against the SHA-256 in the version record and the ``X-Model-Sha256`` header."""
     t = _transport(url, token, transport)
     info = model_info(url, token, version, transport=t)
-    v, sha = int(info["version"]), str(info["sha256"])
+    v, sha = info.get("version"), info.get("sha256")
+    if not (isinstance(v, int) and v >= 1 and isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
+        raise ServiceError("the service's version record is malformed (no version number or SHA-256)")
+    if version is not None and v != version:
+        raise ServiceError(f"asked for model version {version}, the service answered with version {v}")
     _, h, data = _check(t.request("GET", f"/models/{v}/{MODEL_FILE}"), f"model version {v}")
     if h.get("x-model-sha256") != sha:
         raise ServiceError(f"model version {v}: the X-Model-Sha256 header disagrees with the version record")
