@@ -205,3 +205,27 @@ def test_jpeg2k_components_of_a_single_slice(ct_crop):
     c = Jpeg2kSlicewise(one_slice, packing="components")
     out = c.decompress(c.compress(one_slice, 60.0))
     assert out.shape == one_slice.shape and psnr(one_slice, out) > 30
+
+
+@pytest.mark.parametrize("shape", [(1, 27, 9), (1, 9, 1), (1, 1, 9), (27, 1, 9), (9, 1, 1)])
+def test_sperr_codes_volumes_with_a_first_axis_of_one(shape):
+    """SPERR itself aborts the process (std::length_error) when the first axis is 1; singleton axes are
+    moved last for it. Run in a child process so a regression fails this test, not the whole run."""
+    import subprocess
+    import sys
+
+    _skip_unavailable("sperr")
+    code = f"""
+import numpy as np
+from fedtensor.baselines import get_baseline
+from fedtensor.io import Volume
+from fedtensor.metrics import psnr
+x = (np.random.default_rng(0).normal(size={shape}) * 100).astype(np.int16)
+c = get_baseline("sperr")
+y = c.decode(c.encode(Volume(x), psnr=45))
+assert y.shape == x.shape and y.dtype == x.dtype and psnr(x, y) >= 45, (y.shape, psnr(x, y))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    with pytest.raises(NotApplicableError, match="a single voxel"):
+        get_baseline("sperr").encode(Volume(np.ones((1, 1, 1), np.int16)), psnr=45)

@@ -122,8 +122,24 @@ class Sperr(_Volumetric):
     def space(self, volume) -> ParamSpace:
         return ParamSpace(5.0, 160.0, log=False, increasing=True, guess=lambda t: t - 2.0)
 
+    def not_applicable_reason(self, volume):
+        if max(np.shape(volume.data)) == 1:
+            return "a single voxel"
+        return None
+
+    # SPERR aborts the process (a C++ std::length_error) on a volume whose first axis is 1, so
+    # singleton axes are moved last for it and back after decoding.
+    @staticmethod
+    def _order(shape) -> list[int]:
+        return sorted(range(len(shape)), key=lambda a: shape[a] == 1)
+
     def encode_array(self, x, param):
+        x = np.ascontiguousarray(x.transpose(self._order(x.shape)))
         return _ic().sperr_encode(x, level=float(param), mode="psnr", numthreads=1)
 
     def decode_array(self, b, shape):
-        return _ic().sperr_decode(b, numthreads=1)
+        order = self._order(shape)
+        x = np.asarray(_ic().sperr_decode(b, numthreads=1))
+        if x.shape != tuple(shape[a] for a in order):
+            raise FormatError(f"corrupted {self.name} stream (shape)")
+        return np.ascontiguousarray(x.transpose(np.argsort(order)))
