@@ -34,17 +34,19 @@ class Fedtensor(_Fedtensor):
     name = "fedtensor"
     label = "fedtensor (block Tucker)"
     direct_psnr = True
+    allow_exact = True  # what `fedtensor compress` writes: the exact stream where it is smaller
 
     def encode_psnr(self, volume, target: float) -> bytes:
         from fedtensor.codec import compress
 
-        return compress(volume, psnr=float(target), codec=self.codec)
+        return compress(volume, psnr=float(target), codec=self.codec, allow_exact=self.allow_exact)
 
 
 class OmlsvdGlobal(Fedtensor):
     name = "omlsvd-global"
     label = "global OMLSVD (paper)"
     codec = "omlsvd-global"
+    allow_exact = False  # the paper's method itself, never fedtensor's exact coder in its place
 
 
 class FedtensorLossless(_Fedtensor):

@@ -432,13 +432,15 @@ def _dequantize_grid(q, step, offset, dtype) -> np.ndarray:
 
 def compress(volume: Volume, *, psnr: float | None = None, max_error: float | None = None,
              bpv: float | None = None, lossless: bool = False, codec: str = "block-tucker",
-             block: int | tuple[int, int, int] | None = None) -> bytes:
+             block: int | tuple[int, int, int] | None = None, allow_exact: bool = True) -> bytes:
     """Compress a :class:`Volume` to ``.ftz`` bytes.
 
     Exactly one target: ``psnr`` (dB floor, guaranteed), ``max_error`` (every voxel within ±E,
     guaranteed), ``bpv`` (bits-per-voxel ceiling, best quality within it) or ``lossless`` (bit-exact
     for integer-valued volumes). Default: ``psnr=45``. ``block`` is the block-Tucker block side
     (an int, or a per-axis shape); ``None`` picks the shape per volume among :data:`AUTO_BLOCKS`.
+    With ``psnr`` or ``bpv`` an integer volume gets the exact (lossless) stream where that is smaller;
+    ``allow_exact=False`` keeps the transform codec's own stream (to compare transforms, say).
     Volumes of 2²³ voxels or more are entropy-coded in worker processes (:mod:`fedtensor.codec.parallel`;
     ``FEDTENSOR_WORKERS`` sets how many); the bytes do not depend on it.
     """
@@ -498,6 +500,8 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     elif max(-lo, hi) > np.finfo(np.float32).max:
         raise RateError("the volume holds values beyond float32's range (±3.4e38), where the transform codecs "
                         "compute; use --max-error")
+    elif not allow_exact:
+        blob = _lossy(volume, codec, block, psnr, bpv, header, value_range)
     else:
         blob = _lossy_or_exact(volume, codec, block, psnr, bpv, header, value_range, lo)
     return blob
