@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensorly.decomposition import tucker as tl_tucker
 
+from fedtensor.tensor.tucker import mode_spectra
+
 from fedtensor.tensor import (
     block_tucker,
     block_tucker_to_tensor,
@@ -386,3 +388,23 @@ def test_ranks_for_error_property(shape, rel, rel2, seed):
     e_lo, e_hi = sorted((rel, rel2))
     r_lo, r_hi = ranks_for_energy(x, 1 - e_hi**2 / 2), ranks_for_energy(x, 1 - e_lo**2 / 2)
     assert all(a <= b for a, b in zip(r_lo, r_hi))
+
+
+def test_ranks_beyond_a_dimension_and_nan_targets_are_refused():
+    x = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    for ranks in [(6, 6, 6), (0, 2, 2), (2, 2)]:
+        with pytest.raises(ValueError, match="one integer in \\[1, n\\] per mode"):
+            hosvd(x, ranks)
+        with pytest.raises(ValueError, match="one integer in \\[1, n\\] per mode"):
+            hooi(x, ranks)
+    with pytest.raises(ValueError, match="rel_error"):
+        ranks_for_error(x, float("nan"))
+    with pytest.raises(ValueError, match="energy"):
+        ranks_for_energy(x, float("nan"))
+
+
+def test_a_constant_tensor_keeps_rank_one_at_full_energy():
+    """Rounding leaves tiny negative eigenvalues; read as energy they made cumulative sums fall."""
+    x = np.full((7, 9, 5), 3.0, np.float32)
+    assert ranks_for_energy(x, 1.0) == (1, 1, 1)
+    assert all(float(np.min(s)) >= 0 for s in mode_spectra(x))

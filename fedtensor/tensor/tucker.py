@@ -56,10 +56,17 @@ def mode_gram(x: jax.Array, mode: int) -> jax.Array:
     return jnp.einsum(f"{letters},{other}->{letters[mode]}z", x, x, precision=FP32)
 
 
+def _check_ranks(shape, ranks) -> None:
+    """At trace time: one rank per mode, each in [1, n_m] (a rank beyond n_m has no basis to give)."""
+    if len(ranks) != len(shape) or not all(isinstance(r, int) and 1 <= r <= n for r, n in zip(ranks, shape)):
+        raise ValueError(f"ranks must give one integer in [1, n] per mode of the {tuple(shape)} tensor, got {ranks}")
+
+
 @partial(jax.jit, static_argnames="ranks")
 def hosvd(x: jax.Array, ranks: tuple[int, ...]) -> tuple[jax.Array, list[jax.Array]]:
     """Truncated HOSVD: returns ``(core, factors)`` with orthonormal ``factors[m]`` of shape (n_m, r_m)."""
     x = jnp.asarray(x, jnp.float32)
+    _check_ranks(x.shape, ranks)
     factors = [_leading_eigvecs(mode_gram(x, m), r)[0] for m, r in enumerate(ranks)]
     return multi_mode_dot(x, factors, transpose=True), factors
 
@@ -91,6 +98,7 @@ def tucker_to_tensor(core: jax.Array, factors) -> jax.Array:
 
 @jax.jit
 def mode_spectra(x: jax.Array) -> list[jax.Array]:
-    """Eigenvalues (squared singular values) of every mode's unfolding, descending."""
+    """Eigenvalues (squared singular values) of every mode's unfolding, descending (rounding's tiny
+    negative ones read as 0, so cumulative energies never fall)."""
     x = jnp.asarray(x, jnp.float32)
-    return [jnp.linalg.eigvalsh(mode_gram(x, m))[::-1] for m in range(x.ndim)]
+    return [jnp.maximum(jnp.linalg.eigvalsh(mode_gram(x, m))[::-1], 0.0) for m in range(x.ndim)]
