@@ -37,8 +37,16 @@ class _Volumetric(Baseline):
     kind = "3D"
     sample_dtype = np.float32
 
+    def samples_dtype(self, dtype) -> type:
+        """float32 samples, unless the volume's values need float64 to be held exactly (float64, or
+        integers wider than 16 bits): a float32 copy of a volume at an offset of 10⁶ loses what the
+        codec is then asked to keep, and the cell reports a miss that is the wrapper's."""
+        dtype = np.dtype(dtype)
+        wide = dtype.itemsize > (4 if dtype.kind == "f" else 2)
+        return np.float64 if wide else self.sample_dtype
+
     def samples(self, data: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(data, dtype=self.sample_dtype)
+        return np.ascontiguousarray(data, dtype=self.samples_dtype(data.dtype))
 
     def encode_param(self, volume, param: float) -> bytes:
         data = np.asarray(volume.data)
@@ -50,7 +58,7 @@ class _Volumetric(Baseline):
         if h.get("codec") != self.name or len(sections) != 1:
             raise FormatError(f"not a {self.name} stream")
         shape, dtype = header_shape_dtype(h)
-        x = np.asarray(self.decode_array(sections[0], shape))
+        x = np.asarray(self.decode_array(sections[0], shape, self.samples_dtype(dtype)))
         if x.shape != shape:
             raise FormatError(f"corrupted {self.name} stream (shape)")
         return to_dtype(x, dtype)
@@ -58,7 +66,7 @@ class _Volumetric(Baseline):
     def encode_array(self, x: np.ndarray, param: float) -> bytes:
         raise NotImplementedError
 
-    def decode_array(self, b: bytes, shape) -> np.ndarray:
+    def decode_array(self, b: bytes, shape, sample_dtype) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -86,8 +94,8 @@ class Sz3(_Volumetric):
     def encode_array(self, x, param):
         return _ic().sz3_encode(x, mode="abs", abs=float(param))
 
-    def decode_array(self, b, shape):
-        return _ic().sz3_decode(b, tuple(shape), np.float32)
+    def decode_array(self, b, shape, sample_dtype):
+        return _ic().sz3_decode(b, tuple(shape), sample_dtype)
 
 
 class Zfp(_Volumetric):
@@ -105,7 +113,7 @@ class Zfp(_Volumetric):
     def encode_array(self, x, param):
         return _ic().zfp_encode(x, level=float(param), mode="a", numthreads=1)
 
-    def decode_array(self, b, shape):
+    def decode_array(self, b, shape, sample_dtype):
         return _ic().zfp_decode(b, numthreads=1)
 
 
@@ -137,7 +145,7 @@ class Sperr(_Volumetric):
         x = np.ascontiguousarray(x.transpose(self._order(x.shape)))
         return _ic().sperr_encode(x, level=float(param), mode="psnr", numthreads=1)
 
-    def decode_array(self, b, shape):
+    def decode_array(self, b, shape, sample_dtype):
         order = self._order(shape)
         x = np.asarray(_ic().sperr_decode(b, numthreads=1))
         if x.shape != tuple(shape[a] for a in order):
