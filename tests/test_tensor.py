@@ -408,3 +408,23 @@ def test_a_constant_tensor_keeps_rank_one_at_full_energy():
     x = np.full((7, 9, 5), 3.0, np.float32)
     assert ranks_for_energy(x, 1.0) == (1, 1, 1)
     assert all(float(np.min(s)) >= 0 for s in mode_spectra(x))
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_decompositions_do_not_depend_on_the_scale(scale):
+    """float32 Gram matrices overflow near 1e19 (NaN factors) and underflow near 1e-19 (meaningless
+    bases): the bases come from the tensor scaled to a unit peak."""
+    x = np.random.default_rng(0).normal(size=(12, 10, 8)).astype(np.float32)
+    y = x * np.float32(scale)
+
+    def rel(fn, *args):
+        core, factors = fn(*args)
+        got = np.asarray(tucker_to_tensor(core, factors) if fn is not block_tucker
+                         else block_tucker_to_tensor(core, factors, args[0].shape), np.float64)
+        ref = np.asarray(args[0], np.float64)
+        return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+    for fn, args in [(hosvd, (4, 4, 4)), (hooi, (4, 4, 4))]:
+        assert rel(fn, y, args) == pytest.approx(rel(fn, x, args), rel=1e-4)
+    assert rel(block_tucker, y, 4, (2, 2, 2)) == pytest.approx(rel(block_tucker, x, 4, (2, 2, 2)), rel=1e-4)
+    assert ranks_for_error(y, 0.5) == ranks_for_error(x, 0.5)

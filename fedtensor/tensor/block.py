@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedtensor.tensor.precision import FP32
-from fedtensor.tensor.tucker import _leading_eigvecs
+from fedtensor.tensor.tucker import _leading_eigvecs, unit_scaled
 
 
 def block_shape(b) -> tuple[int, int, int]:
@@ -102,7 +102,7 @@ def block_tucker(x, b=8, ranks: tuple[int, int, int] | None = None, n_iter: int 
     x = jnp.asarray(x, jnp.float32)
     ranks = tuple(ranks or block_shape(b))
     blocks = to_blocks(x, b)
-    factors = block_bases(blocks, ranks, n_iter)
+    factors = block_bases(unit_scaled(blocks), ranks, n_iter)
     return jax.jit(project)(blocks, factors), factors
 
 

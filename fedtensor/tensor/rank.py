@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtensor.tensor.tucker import mode_spectra
+from fedtensor.tensor.tucker import mode_spectra, unit_scaled
 
 # The float32 Gram matrices leave eigenvalues of ~1e-7 of the total where the exact ones are 0 (a
 # constant tensor's): energy within this fraction of the target counts as reached.
@@ -16,7 +16,7 @@ def ranks_for_energy(x, energy: float) -> tuple[int, ...]:
     if not 0.0 < energy <= 1.0:  # NaN too
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     ranks = []
-    for s in mode_spectra(x):
+    for s in mode_spectra(unit_scaled(x)):
         c = np.cumsum(np.asarray(s, np.float64))
         ranks.append(int(min(np.searchsorted(c, energy * c[-1] * (1 - _NOISE)) + 1, len(c))))
     return tuple(ranks)
@@ -30,7 +30,7 @@ def ranks_for_error(x, rel_error: float) -> tuple[int, ...]:
     """
     if not rel_error >= 0:  # NaN too
         raise ValueError(f"rel_error must be >= 0, got {rel_error}")
-    spectra = [np.asarray(s, np.float64) for s in mode_spectra(x)]
+    spectra = [np.asarray(s, np.float64) for s in mode_spectra(unit_scaled(x))]
     total = float(spectra[0].sum())
     budget = rel_error**2 * total / len(spectra)
     ranks = []

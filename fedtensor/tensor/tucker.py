@@ -67,8 +67,16 @@ def hosvd(x: jax.Array, ranks: tuple[int, ...]) -> tuple[jax.Array, list[jax.Arr
     """Truncated HOSVD: returns ``(core, factors)`` with orthonormal ``factors[m]`` of shape (n_m, r_m)."""
     x = jnp.asarray(x, jnp.float32)
     _check_ranks(x.shape, ranks)
-    factors = [_leading_eigvecs(mode_gram(x, m), r)[0] for m, r in enumerate(ranks)]
+    xs = unit_scaled(x)
+    factors = [_leading_eigvecs(mode_gram(xs, m), r)[0] for m, r in enumerate(ranks)]
     return multi_mode_dot(x, factors, transpose=True), factors
+
+
+def unit_scaled(x: jax.Array) -> jax.Array:
+    """``x / max|x|`` (``x`` if all zero): the bases do not depend on the scale, but float32 Gram
+    matrices overflow beyond ~1e19 and underflow below ~1e-19."""
+    peak = jnp.max(jnp.abs(x))
+    return x / jnp.where(peak > 0, peak, 1.0)
 
 
 @partial(jax.jit, static_argnames=("ranks", "n_iter"))
@@ -76,12 +84,13 @@ def hooi(x: jax.Array, ranks: tuple[int, ...], n_iter: int = 10) -> tuple[jax.Ar
     """OMLSVD: HOSVD start refined by ``n_iter`` sweeps of higher-order orthogonal iteration."""
     x = jnp.asarray(x, jnp.float32)
     _, factors = hosvd(x, ranks)
+    xs = unit_scaled(x)
 
     def sweep(factors, _):
         factors = list(factors)
         for m, r in enumerate(ranks):
             others = [f if k != m else jnp.eye(x.shape[m], dtype=x.dtype) for k, f in enumerate(factors)]
-            y = multi_mode_dot(x, others, transpose=True)
+            y = multi_mode_dot(xs, others, transpose=True)
             factors[m] = _leading_eigvecs(mode_gram(y, m), r)[0]
         return tuple(factors), None
 
