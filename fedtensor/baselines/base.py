@@ -96,12 +96,6 @@ def to_dtype(x: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(x).astype(dtype)
 
 
-def integer_valued(a: np.ndarray) -> bool:
-    if a.dtype.kind in "iub":
-        return True
-    return bool(np.all(np.abs(a) < 2**52) and np.array_equal(a, np.rint(a)))
-
-
 def psnr_db(original: np.ndarray, decoded: np.ndarray, value_range: float | None = None) -> float:
     """PSNR = 20·log10((max − min of original) / RMSE), float64 (same definition as ``fedtensor.metrics``)."""
     a = np.asarray(original)

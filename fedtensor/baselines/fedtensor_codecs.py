@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtensor.baselines.base import Baseline, integer_valued
+from fedtensor.baselines.base import Baseline
+from fedtensor.io.volume import integer_valued
 
 
 class _Fedtensor(Baseline):

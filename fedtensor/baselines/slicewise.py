@@ -18,12 +18,12 @@ from fedtensor.baselines.base import (
     Baseline,
     FormatError,
     header_shape_dtype,
-    integer_valued,
     pack,
     to_dtype,
     unpack,
     volume_header,
 )
+from fedtensor.io.volume import integer_valued
 
 
 @dataclass(frozen=True)

@@ -266,7 +266,8 @@ def _measure(cell: dict, spec: VolumeSpec, vol, codec, encode, target, repeat: i
         cell.update(status="missed", reason=f"decoded {decoded.shape} {decoded.dtype} != {data.shape} {data.dtype}")
         return cell
     if target == LOSSLESS:
-        exact = bool(np.array_equal(decoded, data))
+        # bit for bit: array_equal holds −0.0 equal to +0.0
+        exact = bool(np.array_equal(decoded, data) and np.array_equal(np.signbit(decoded), np.signbit(data)))
         cell.update(psnr=math.inf if exact else psnr(data, decoded), ssim=1.0 if exact else ssim3d(data, decoded),
                     max_error=max_abs_error(data, decoded), status="ok" if exact else "missed")
         if not exact:

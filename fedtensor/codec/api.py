@@ -19,7 +19,7 @@ from fedtensor.codec.quantize import largest_step_within
 from fedtensor.cores import usable_cores
 from fedtensor.errors import FedtensorError, FormatError, RateError, VolumeError
 from fedtensor.io.nifti import space_codes
-from fedtensor.io.volume import Volume
+from fedtensor.io.volume import Volume, integer_valued
 from fedtensor.metrics import psnr_from_sse
 from fedtensor.tensor.block import padded_shape
 from fedtensor_kernels import block_transform as kernels
@@ -28,13 +28,6 @@ CODECS = ("block-tucker", "omlsvd-global")
 _MAX_RETRIES = 12
 _MIN_STEP = 1e-12  # normalised units, far below float32 resolution: only an unreachable PSNR drives steps here
 _MIN_RANGE = 1e-100  # below it squared errors at any PSNR target underflow float64 (the SSE would read 0)
-
-
-def _integer_valued(a: np.ndarray) -> bool:
-    if a.dtype.kind in "iu":
-        return True
-    # -0.0 would come back as +0.0 from an integer path: not bit-exact, so not "integer-valued".
-    return bool(np.all(np.abs(a) < 2**52) and np.array_equal(a, np.rint(a)) and not np.any(np.signbit(a) & (a == 0)))
 
 
 AUTO_BLOCKS = ((4, 4, 4), (4, 4, 8), (8, 8, 8), (8, 8, 16), (16, 16, 8))
@@ -386,7 +379,7 @@ def _exact(volume: Volume, max_error: float | None, header: dict, value_range: f
     data = volume.data
     integer = data.dtype.kind in "iu"
     if max_error is None:
-        if not _integer_valued(data):
+        if not integer_valued(data):
             why = " (it holds -0.0, which integer coding cannot restore bit for bit)" if (
                 np.array_equal(data, np.rint(data)) and np.abs(data).max() < 2**52) else ""
             raise RateError(f"exact coding (--lossless, --max-error 0) needs integer-valued voxels{why}; give "
@@ -558,7 +551,7 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     budget = None if bpv is None else bpv * n / 8
     eligible = n <= _EXACT_MAX_VOXELS
     entropy = _value_entropy(x, lo, value_range) if eligible else math.inf
-    if budget is not None and eligible and entropy <= 2 * bpv and _integer_valued(x):
+    if budget is not None and eligible and entropy <= 2 * bpv and integer_valued(x):
         exact = _exact(volume, None, header, value_range)
         if len(exact) <= budget:
             return exact
@@ -567,7 +560,7 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     if not eligible:
         return blob
     near_exact = unpack(blob)[0]["stats"]["psnr"] >= 20 * math.log10(value_range * math.sqrt(12)) - _NEAR_EXACT_DB
-    if not (near_exact or entropy <= 2 * 8 * len(blob) / n) or not _integer_valued(x):
+    if not (near_exact or entropy <= 2 * 8 * len(blob) / n) or not integer_valued(x):
         return blob
     exact = _exact(volume, None, header, value_range)
     return exact if len(exact) <= (budget if budget is not None else len(blob)) else blob

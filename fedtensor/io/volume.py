@@ -70,3 +70,11 @@ class Volume:
         if self.affine.shape != (4, 4) or not np.isfinite(self.affine).all():
             raise VolumeError(f"affine must be a finite 4x4 matrix, got shape {self.affine.shape}")
         return self
+
+
+def integer_valued(a: np.ndarray) -> bool:
+    """Every voxel an integer an integer coder gives back bit for bit: integer dtypes, or floats that
+    are whole numbers below 2⁵² and never −0.0 (it would come back as +0.0)."""
+    if a.dtype.kind in "iub":
+        return True
+    return bool(np.all(np.abs(a) < 2**52) and np.array_equal(a, np.rint(a)) and not np.any(np.signbit(a) & (a == 0)))
