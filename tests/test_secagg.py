@@ -612,8 +612,15 @@ def test_a_threshold_of_half_the_cohort_is_refused(n, t):
     make_params(n=n, t=n // 2 + 1)
 
 
-def _responses(run):
-    return {u: run.clients[u].unmask(run.request) for u in run.request.survivors}
+def _responses(run, *, liars=(), x=None, skip=()):
+    """Rounds 0–2 on ``x`` (clients ``skip`` drop before masking) and the survivors' unmask responses,
+    those of ``liars`` with one bit of their share of client 1's self-mask secret flipped."""
+    run.round0(), run.round1(), run.round2(x, skip=skip)
+    resp = {u: run.clients[u].unmask(run.request) for u in run.request.survivors}
+    for liar in liars:
+        raw = next(s.share for s in resp[liar].b_shares if s.owner == 1)
+        resp[liar] = _with_b_share(resp[liar], 1, bytes([raw[0] ^ 1]) + raw[1:])
+    return resp
 
 
 def _with_b_share(resp, owner, share):
@@ -625,8 +632,7 @@ def test_a_share_outside_the_field_is_refused_on_arrival_and_the_rest_recover_th
     p = make_params(n=4, t=3, m=32)
     run = Run(p)
     x = inputs(run.ids, p.vector_length)
-    run.round0(), run.round1(), run.round2(x)
-    resp = _responses(run)
+    resp = _responses(run, x=x)
     bad = _with_b_share(resp[1], 2, b"\xff" * shamir.SHARE_BYTES)
     with pytest.raises(SecAggMessageError, match="client 1: Shamir share holds a value outside the field"):
         run.server.receive_unmask(bad)
@@ -642,10 +648,7 @@ def test_one_responders_wrong_share_is_left_out_and_named():
     p = make_params(n=5, t=3, m=32)
     run = Run(p)
     x = inputs(run.ids, p.vector_length)
-    run.round0(), run.round1(), run.round2(x, skip=(5,))  # client 5 dropped: its key is recovered too
-    resp = _responses(run)
-    raw = next(s.share for s in resp[3].b_shares if s.owner == 1)
-    resp[3] = _with_b_share(resp[3], 1, bytes([raw[0] ^ 1]) + raw[1:])
+    resp = _responses(run, liars=(3,), x=x, skip=(5,))  # client 5 dropped: its key is recovered too
     for r in resp.values():
         run.server.receive_unmask(r)
     res = run.server.finalize()
@@ -656,12 +659,7 @@ def test_one_responders_wrong_share_is_left_out_and_named():
 def test_two_responders_wrong_shares_abort_the_round():
     p = make_params(n=5, t=3, m=8)
     run = Run(p)
-    x = inputs(run.ids, p.vector_length)
-    run.round0(), run.round1(), run.round2(x)
-    resp = _responses(run)
-    for liar in (2, 3):
-        raw = next(s.share for s in resp[liar].b_shares if s.owner == 1)
-        resp[liar] = _with_b_share(resp[liar], 1, bytes([raw[0] ^ 1]) + raw[1:])
+    resp = _responses(run, liars=(2, 3), x=inputs(run.ids, p.vector_length))
     for r in resp.values():
         run.server.receive_unmask(r)
     with pytest.raises(SecAggAbort, match="self-mask secret of client 1 does not match its commitment"):
