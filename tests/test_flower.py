@@ -149,7 +149,7 @@ def test_client_app_trains_on_real_data_through_the_message_api(tmp_path, crops)
     arrays = task.to_ndarrays(_params())
     node = {"data": str(crops[0]), "cache-dir": str(tmp_path / "cache"), "audit-dir": str(tmp_path / "audit"),
             "allow-plain-updates": True}
-    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={**TINY_RUN, "min-clients": 3})
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={**TINY_RUN, "min-clients": 4})
     reply = app(_train_message(arrays), ctx)
     assert not reply.has_error(), reply.error
     res = compat.recorddict_to_fitres(reply.content, False)
@@ -167,7 +167,7 @@ def test_client_app_trains_on_real_data_through_the_message_api(tmp_path, crops)
         np.testing.assert_array_equal(saved[p], d)
     # a node refuses to send its update in the clear unless its own config allows it
     strict = Context(run_id=1, node_id=7, node_config={k: v for k, v in node.items() if k != "allow-plain-updates"},
-                     state=RecordDict(), run_config={**TINY_RUN, "min-clients": 3})
+                     state=RecordDict(), run_config={**TINY_RUN, "min-clients": 4})
     with pytest.raises(task.FederationError, match="only inside secure aggregation"):
         app(_train_message(arrays), strict)
 
@@ -210,37 +210,30 @@ def test_server_strategy_applies_weighted_mean_delta_and_writes_versions(tmp_pat
         GlobalModelWriter(tmp_path / "out", TINY, settings, run_id=6)
 
 
-def test_an_aggregate_outside_the_clipping_range_is_not_applied(tmp_path):
-    """SecAgg+ sums wrap mod 2^32 past ~1000 nodes; the mean of clipped deltas can never leave the window."""
-    from flwr.common import Code, FitRes, Status
-
-    from fedtensor.federated.flower.server_app import DeltaFedAvg
-
-    g0 = task.to_ndarrays(_params())
-    applied = []
-    strat = DeltaFedAvg(g0, TINY, 3, lambda *a: applied.append(a), clip=0.5)
-
-    class Proxy:
-        cid = "1"
-
-    wrapped = [np.zeros_like(a) for a in g0]
-    wrapped[0].flat[0] = -1.7
-    res = [(Proxy(), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(wrapped), 1, {}))]
-    with pytest.raises(task.FederationError, match="outside the clipping range ±0.5"):
-        strat.aggregate_fit(1, res, [])
-    assert not applied and all(np.array_equal(a, b) for a, b in zip(strat.global_arrays, g0))
-
-
 @pytest.mark.parametrize("config,why", [
-    ({"reconstruction-threshold": 0.5}, "must exceed 0.5"),
+    ({"reconstruction-threshold": 0.5}, "with 4 nodes, .* a threshold of 2 of 4 shares"),
+    ({"reconstruction-threshold": 0.51, "min-clients": 5}, "with 6 nodes, .* a threshold of 3 of 6 shares"),
     ({"reconstruction-threshold": 1.5}, "whole number of nodes"),
-    ({"reconstruction-threshold": 3, "num-shares": 6}, "must exceed half of num-shares"),
+    ({"reconstruction-threshold": 3, "num-shares": 6}, "a threshold of 3 of 6 shares"),
     ({"num-shares": 0}, "num-shares must be"),
     ({"min-clients": 2}, "min-clients ≥ 3"),
+    ({"min-clients": 3}, "with 3 nodes, .* a threshold of 2 of 3 shares"),  # 0.67 · 3 rounds to 2
 ])
 def test_secure_settings_that_would_expose_a_node_are_refused(config, why):
+    """Refused at start, for every node count a run may see, rather than by every node at run time."""
     with pytest.raises(task.FederationError, match=why):
         task.FedSettings.from_run_config(config)
+
+
+def test_the_threshold_resolution_follows_flower():
+    """The per-round resolution of fractions in Flower 1.42's SecAggPlusWorkflow.setup_stage."""
+    assert task.secaggplus_shares(1.0, 0.67, 3) == (3, 2)
+    assert task.secaggplus_shares(1.0, 0.67, 4) == (4, 3)
+    assert task.secaggplus_shares(0.5, 0.67, 10) == (5, 3)  # 5 shares: odd already
+    assert task.secaggplus_shares(0.4, 0.67, 10) == (5, 3)  # 4 shares, even and below 10: made 5
+    assert task.secaggplus_shares(1.0, 1.0, 3) == (3, 3)
+    task.FedSettings.from_run_config({"min-clients": 3, "reconstruction-threshold": 1.0})
+    task.FedSettings.from_run_config({})  # the defaults: 4 nodes or more at 0.67
 
 
 def test_a_node_refuses_a_secagg_setup_that_would_expose_it_or_wrap_the_sum():
@@ -249,10 +242,13 @@ def test_a_node_refuses_a_secagg_setup_that_would_expose_it_or_wrap_the_sum():
     from fedtensor.federated.flower.client_app import check_secagg_setup
 
     ok = {Key.STAGE: Stage.SETUP, Key.SHARE_NUMBER: 10, Key.THRESHOLD: 7, Key.SAMPLE_NUMBER: 10,
-          Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32}
-    check_secagg_setup(ok)
+          Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 16384.0}
+    check_secagg_setup(ok, 16384.0)
+    with pytest.raises(task.FederationError, match="max-weight 1 from the server is not this run's 16384"):
+        check_secagg_setup({**ok, Key.MAX_WEIGHT: 1.0}, 16384.0)
     check_secagg_setup({Key.STAGE: Stage.UNMASK})  # only the setup carries the parameters
-    for change, why in [({Key.THRESHOLD: 5}, "needs more than half"), ({Key.SAMPLE_NUMBER: 2}, "each would read"),
+    for change, why in [({Key.THRESHOLD: 5}, "needs more than half"),
+                        ({Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2, Key.SAMPLE_NUMBER: 3}, "at least 3 survivors"),
                         ({Key.SAMPLE_NUMBER: 1024, Key.SHARE_NUMBER: 1024, Key.THRESHOLD: 700}, "overflows the modulus"),
                         ({Key.THRESHOLD: "x"}, "malformed SecAgg\\+ setup")]:
         with pytest.raises(task.FederationError, match=why):
@@ -353,7 +349,8 @@ def test_deployment_on_localhost_with_secagg_plus(tmp_path, crops):
             cfg = f'data="{crop}" cache-dir="{tmp_path / f"cache{i}"}" audit-dir="{audit / f"node{i}"}"'
             start(f"supernode{i}", [str(bindir / "flower-supernode"), "--insecure", "--superlink",
                                     f"127.0.0.1:{link_port}", "--port", str(port), "--node-config", cfg])
-        run_cfg = {**TINY_RUN, "num-server-rounds": 2, "min-clients": 3, "out-dir": str(out),
+        run_cfg = {**TINY_RUN, "num-server-rounds": 2, "min-clients": 3, "reconstruction-threshold": 1.0,
+                   "out-dir": str(out),
                    "store-dir": str(store), "secure": True}
         rc_str = " ".join(f"{k}={json.dumps(v)}" for k, v in run_cfg.items())
         run = subprocess.run([str(bindir / "flwr"), "run", str(REPO / "examples" / "federation"), "fedtest",

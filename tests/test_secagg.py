@@ -652,7 +652,7 @@ def test_one_responders_wrong_share_is_left_out_and_named():
     for r in resp.values():
         run.server.receive_unmask(r)
     res = run.server.finalize()
-    assert res.faulty == (3,)
+    assert res.inconsistent == (3,)
     np.testing.assert_allclose(res.sum, sum(x[u] for u in (1, 2, 3, 4)), atol=res.tolerance)
 
 
@@ -693,3 +693,21 @@ def test_auto_scale_halves_when_log2_rounds_up():
         clip = room / 2**10 * (1 + m * 2.0**-52)
         fp = FixedPoint.auto(clip, 2, 1)
         fp.check_capacity(2, 1)
+
+
+def test_wrong_shares_in_different_secrets_are_each_left_out_of_their_own():
+    """Responder 2 holds a wrong share of client 1's secret, responder 3 one of client 4's: each recovery
+    leaves out its own wrong share only (a wrong share may be its dealer's doing, so no holder is
+    excluded from the secrets where its shares are right)."""
+    p = make_params(n=5, t=3, m=16)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    resp = _responses(run, x=x)
+    for liar, owner in ((2, 1), (3, 4)):
+        raw = next(s.share for s in resp[liar].b_shares if s.owner == owner)
+        resp[liar] = _with_b_share(resp[liar], owner, bytes([raw[0] ^ 1]) + raw[1:])
+    for r in resp.values():
+        run.server.receive_unmask(r)
+    res = run.server.finalize()
+    assert res.inconsistent == (2, 3)
+    np.testing.assert_allclose(res.sum, sum(x.values()), atol=res.tolerance)

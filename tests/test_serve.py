@@ -358,6 +358,26 @@ def _participants(svc, names):
     return {n: RoundParticipant(transport=svc.t(n)) for n in names}
 
 
+@pytest.mark.parametrize("body,why", [({"clients": ["a", "b"]}, "at least 3 clients"),
+                                      ({"clients": ["a", "b", "c"], "threshold": 2}, "at least 3"),
+                                      ({"threshold": 2}, "exceed n/2")])
+def test_a_round_whose_published_sum_could_be_two_clients_is_refused(svc, models, body, why):
+    r = svc.post("/rounds", who="admin", json=body)
+    assert r.status_code in (400, 409) and why in r.json["error"], r.json
+
+
+def test_a_client_refuses_to_join_a_round_of_threshold_two(svc, models):
+    """A server (not this one) offering t = 2 of 3: if one client drops, each survivor could read the
+    other's update off the published mean, so the client refuses before sending its keys."""
+    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"]}).json["round"]
+    p = RoundParticipant(transport=svc.t("a"))
+    info = p.current()
+    forged = {**info, "params": {**info["params"], "threshold": 2}}
+    with pytest.raises(ServiceError, match="would publish the sum of two clients"):
+        p.join(forged)
+    assert svc.get(f"/rounds/{rid}").json["submitted"]["advertise"] == 0
+
+
 def test_secure_round_over_http_with_a_dropout_publishes_fedavg(svc, models):
     """Four clients, threshold 3; d shares its keys and then drops before sending its masked update.
     The published version must be base + Σ n_k Δ_k / Σ n_k over a, b, c (plain FedAvg)."""
@@ -413,7 +433,7 @@ def test_concurrent_clients_run_a_whole_round(svc, models, tmp_path):
     the delta of its local model, all four stages with polling); the result is the weighted mean."""
     import threading
 
-    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2, "clip": 2.0,
+    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 3, "clip": 2.0,
                                                  "max_total_weight": 64}).json["round"]
     local = {"a": models[1][0], "b": models[2][0], "c": models[1][0]}
     weights = {"a": 3, "b": 5, "c": 8}
@@ -450,7 +470,7 @@ def _public_key() -> bytes:
 
 
 def test_round_submissions_are_validated_and_change_nothing(svc, models):
-    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2}).json["round"]
+    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 3}).json["round"]
     octet = {"Content-Type": "application/octet-stream"}
     a_keys = (_public_key(), _public_key())
     adv_a = AdvertiseKeys(rid, svc.ids["a"], *a_keys)
@@ -716,7 +736,7 @@ def test_concurrent_publishes_on_one_base_version_one_wins(svc, models, monkeypa
 def test_a_round_whose_base_was_superseded_publishes_nothing(svc, models):
     """An admin publishes version 2 while a round on version 1 runs: the round's result would silently
     discard version 2, so the round fails instead."""
-    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2}).json["round"]
+    rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 3}).json["round"]
     ps = _participants(svc, "abc")
     for p in ps.values():
         p.join()
@@ -874,7 +894,7 @@ def test_publish_refuses_what_clients_could_not_load_or_parse(svc, models):
 def test_open_round_reads_a_chunked_body_and_refuses_non_finite_numbers(svc):
     """A body without Content-Length (chunked) is read, not replaced by the defaults; unusable numbers
     are 400s with a clear message."""
-    body = json.dumps({"clients": ["a", "b", "c"], "threshold": 2, "stage_timeout": 30, "bogus": 1}).encode()
+    body = json.dumps({"clients": ["a", "b", "c"], "threshold": 3, "stage_timeout": 30, "bogus": 1}).encode()
 
     def chunked(payload):
         return svc.post("/rounds", who="admin", input_stream=__import__("io").BytesIO(payload),
@@ -887,16 +907,16 @@ def test_open_round_reads_a_chunked_body_and_refuses_non_finite_numbers(svc):
                      (b'{"clip": 1e-300}', "clip must be"), (b'{"stage_timeout": 1e300}', "stage_timeout")]:
         r = svc.post("/rounds", who="admin", data=bad, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and why in r.json["error"], (bad, r.json)
-    r = chunked(json.dumps({"clients": ["a", "b", "c"], "threshold": 2, "stage_timeout": 30}).encode())
+    r = chunked(json.dumps({"clients": ["a", "b", "c"], "threshold": 3, "stage_timeout": 30}).encode())
     assert r.status_code == 201, r.json
     info = svc.get("/rounds/current", who="admin").json
-    assert info["params"]["threshold"] == 2 and [c["name"] for c in info["cohort"]] == ["a", "b", "c"], info
+    assert info["params"]["threshold"] == 3 and [c["name"] for c in info["cohort"]] == ["a", "b", "c"], info
     assert 0 < info["stage_seconds_left"] <= 30
 
 
 def test_a_malformed_content_length_is_400_and_opens_no_round(svc):
     """Werkzeug reads a malformed Content-Length as "no body": the round must not open with defaults."""
-    body = json.dumps({"clients": ["a", "b", "c"], "threshold": 2}).encode()
+    body = json.dumps({"clients": ["a", "b", "c"], "threshold": 3}).encode()
     for length in ("abc", "-5"):
         r = svc.post("/rounds", who="admin", data=body, headers={"Content-Type": "application/json"},
                      environ_overrides={"CONTENT_LENGTH": length})
@@ -957,11 +977,11 @@ def test_token_registry_is_safe_across_processes(tmp_path):
 def test_a_stale_rounds_error_names_the_open_round_or_none(svc):
     octet = {"Content-Type": "application/octet-stream"}
     for _ in range(2):
-        rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2}).json["round"]
+        rid = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 3}).json["round"]
         assert svc.post(f"/rounds/{rid}/abort", who="admin").status_code == 200
     stale = AdvertiseKeys(rid - 1, svc.ids["a"], _public_key(), _public_key())
     r = svc.post(f"/rounds/{rid - 1}/advertise", who="a", data=encode(stale), headers=octet)
     assert r.status_code == 409 and "no round is open" in r.json["error"], r.json
-    now = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 2}).json["round"]
+    now = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 3}).json["round"]
     r = svc.post(f"/rounds/{rid - 1}/advertise", who="a", data=encode(stale), headers=octet)
     assert r.status_code == 409 and f"the current round is {now}" in r.json["error"], r.json

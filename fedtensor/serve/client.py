@@ -261,13 +261,15 @@ class RoundParticipant:
     def join(self, info: dict | None = None) -> dict:
         """Take part in the open round (default: the current one): send this client's public keys."""
         from fedtensor.federated.secagg import SecAggClient, SecAggError
-        from fedtensor.serve.rounds import params_from_info
+        from fedtensor.serve.rounds import MIN_ROUND_CLIENTS, params_from_info
 
         info = info or self.current()
         if info.get("status") != "open" or info.get("stage") != "advertise":
             raise ServiceError(f"round {info.get('round')} is not accepting clients (stage {info.get('stage')})", 409)
         try:  # the parameters refuse what would expose this client (e.g. a threshold of half the cohort)
             params = params_from_info(info)
+            if params.threshold < MIN_ROUND_CLIENTS:
+                raise SecAggError(f"a threshold of {params.threshold} would publish the sum of two clients")
         except SecAggError as err:
             raise ServiceError(f"round {info.get('round')} cannot be joined safely: {err}", 409) from None
         self.info = info

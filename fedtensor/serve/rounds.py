@@ -179,7 +179,8 @@ class _Round:
         return self.server.stage
 
 
-#: The smallest cohort of a round: two clients would each learn the other's update from the published mean.
+#: The fewest clients of a round, and its least threshold (the survivors a round needs): with two in the
+#: sum, each would learn the other's update from the published mean and its own.
 MIN_ROUND_CLIENTS = 3
 
 
@@ -261,8 +262,9 @@ class RoundCoordinator:
             cohort = {known[n].id: n for n in names}
             n = len(cohort)
             t = default_threshold(n) if threshold is None else threshold
-            if isinstance(t, int) and 2 * t <= n:  # clients refuse such a round (see RoundParticipant.join)
-                raise RoundError(400, f"threshold {t} of {n} clients: it must exceed n/2")
+            if isinstance(t, int) and (2 * t <= n or t < MIN_ROUND_CLIENTS):  # clients refuse such a round
+                raise RoundError(400, f"threshold {t} of {n} clients: it must exceed n/2 and be at least "
+                                      f"{MIN_ROUND_CLIENTS} (so that no two survivors' sum is published)")
             clip = self.settings.clip if clip is None else clip
             w = self.settings.max_total_weight if max_total_weight is None else max_total_weight
             timeout = self.settings.stage_timeout if stage_timeout == "default" else stage_timeout
@@ -469,8 +471,8 @@ class RoundCoordinator:
                          "clients": names, "n_clients": len(names), "dropped": [rd.cohort[c] for c in result.dropped],
                          "total_weight": result.total_weight, "secure_aggregation": True,
                          "tolerance": result.tolerance / max(1, result.total_weight)}
-            if result.faulty:  # their wrong shares were left out of the recovery
-                federated["faulty_shares"] = [rd.cohort[c] for c in result.faulty]
+            if result.inconsistent:  # a share they held was left out of the recovery (theirs or its dealer's fault)
+                federated["inconsistent_shares"] = [rd.cohort[c] for c in result.inconsistent]
             manifest["federated"] = federated
             info = self.store.publish(new, manifest, federated, base_version=rd.base_version)
         except (FedtensorError, ValueError) as err:

@@ -32,6 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedtensor.federated.flower.task import (
     FedSettings,
+    MIN_SURVIVORS,
     FederationError,
     from_ndarrays,
     local_update,
@@ -122,20 +123,24 @@ def _audit(directory: Path, run_id: int, rnd: int, delta, n: int, net_config) ->
     atomic_write_bytes(directory / f"run-{run_id}-round-{rnd:04d}.safetensors", data, force=True)
 
 
-def check_secagg_setup(config) -> None:
+def check_secagg_setup(config, max_weight: float | None = None) -> None:
     """Refuse a SecAgg+ setup that would expose this node or wrap the sum; Flower's mod takes whatever
-    the server sends."""
+    the server sends. ``max_weight``: the run's, which this node's weight is checked against (a smaller
+    one from the server would scale this node's entries past the quantisation levels)."""
     if config.get(Key.STAGE) != Stage.SETUP:
         return
     try:
         shares, threshold = int(config[Key.SHARE_NUMBER]), int(config[Key.THRESHOLD])
         nodes, levels, modulus = int(config[Key.SAMPLE_NUMBER]), int(config[Key.TARGET_RANGE]), int(config[Key.MOD_RANGE])
+        server_max_weight = float(config[Key.MAX_WEIGHT])
     except (KeyError, TypeError, ValueError):
         raise FederationError("malformed SecAgg+ setup from the server") from None
+    if max_weight is not None and server_max_weight != max_weight:
+        raise FederationError(f"SecAgg+ max-weight {server_max_weight:g} from the server is not this run's {max_weight:g}")
     if 2 * threshold <= shares:  # two halves of the neighbours could reveal both of this node's secrets
         raise FederationError(f"SecAgg+ threshold {threshold} of {shares} shares: this node needs more than half")
-    if nodes < 3:
-        raise FederationError(f"SecAgg+ round of {nodes} nodes: each would read the other's delta off the mean")
+    if threshold < MIN_SURVIVORS:  # the sum of two survivors gives each the other's delta
+        raise FederationError(f"SecAgg+ threshold {threshold}: this node needs at least {MIN_SURVIVORS} survivors")
     if nodes * levels >= modulus:  # every node's quantised entries reach `levels`: their sum would wrap
         raise FederationError(f"SecAgg+ round of {nodes} nodes × {levels} levels overflows the modulus {modulus}")
 
@@ -145,7 +150,8 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
     says ``allow-plain-updates=true`` (a node decides itself whether its update may leave unmasked)."""
     if msg.metadata.message_type == MessageType.TRAIN:
         if RECORD_KEY_CONFIGS in msg.content.config_records:
-            check_secagg_setup(msg.content.config_records[RECORD_KEY_CONFIGS])
+            check_secagg_setup(msg.content.config_records[RECORD_KEY_CONFIGS],
+                               FedSettings.from_run_config(ctxt.run_config).max_weight)
             return secaggplus_mod(msg, ctxt, call_next)
         if not _flag(ctxt.node_config, "allow-plain-updates"):
             raise FederationError("this node sends its update only inside secure aggregation "

@@ -62,14 +62,13 @@ class DeltaFedAvg(FedAvg):
     aggregate in each), so the parent's weighted average returns it unchanged."""
 
     def __init__(self, global_arrays: list[np.ndarray], net_config: NetConfig, min_clients: int,
-                 on_global: Callable[[int, list[np.ndarray], dict], None], clip: float | None = None):
+                 on_global: Callable[[int, list[np.ndarray], dict], None]):
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=min_clients,
                          min_available_clients=min_clients, initial_parameters=ndarrays_to_parameters(global_arrays),
                          on_fit_config_fn=self._fit_config, fit_metrics_aggregation_fn=weighted_metrics)
         self.global_arrays = [np.asarray(a, np.float32) for a in global_arrays]
         self.net = net_config_to_str(net_config)
         self.on_global = on_global
-        self.clip = clip  # SecAgg+'s window: a mean of deltas clipped to it stays inside it
 
     def _fit_config(self, server_round: int) -> dict:
         return {"round": server_round, "net": self.net}
@@ -83,11 +82,6 @@ class DeltaFedAvg(FedAvg):
         delta = parameters_to_ndarrays(agg)
         if len(delta) != len(self.global_arrays):
             raise FederationError(f"aggregate has {len(delta)} arrays, the model {len(self.global_arrays)}")
-        if self.clip is not None:  # a wrapped or corrupted fixed-point sum lands outside it
-            worst = max((float(np.max(np.abs(d))) for d in delta if np.size(d)), default=0.0)
-            if not worst <= self.clip * (1 + 1e-3):
-                raise FederationError(f"round {server_round}: the secure aggregate holds {worst:.4g}, outside the "
-                                      f"clipping range ±{self.clip:g} (a wrapped or corrupted sum); nothing applied")
         self.global_arrays = [(g + np.asarray(d).reshape(g.shape)).astype(np.float32)
                               for g, d in zip(self.global_arrays, delta)]
         info = {"clients": sorted(str(proxy.cid) for proxy, _ in results), "metrics": dict(metrics)}
@@ -181,8 +175,7 @@ def main(grid: Grid, context: Context) -> None:
     writer = GlobalModelWriter(out, net_config, settings, context.run_id)
     arrays = to_ndarrays(params)
     writer.write(0, arrays, {})
-    strategy = DeltaFedAvg(arrays, net_config, settings.min_clients, writer.write,
-                           clip=settings.clipping_range if settings.secure else None)
+    strategy = DeltaFedAvg(arrays, net_config, settings.min_clients, writer.write)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds), strategy=strategy)
     fit = SecAggPlusWorkflow(**settings.secagg_workflow_args()) if settings.secure else None
     log(INFO, "fedtensor federation: %s rounds, ≥ %s clients, secure aggregation %s, models → %s",

@@ -132,6 +132,28 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(v for v in str(text).replace(",", " ").split())
 
 
+#: The fewest nodes whose sum a secure round may reveal: with two, each reads the other's delta off
+#: the mean and its own. The threshold (the survivors a round needs) is at least this.
+MIN_SURVIVORS = 3
+#: Nodes whose quantised entries (2²² levels each) SecAgg+ sums without wrapping its 2³² modulus.
+MAX_SECAGG_NODES = (1 << 32) // (1 << 22) - 1
+
+
+def secaggplus_shares(num_shares: float, threshold: float, nodes: int) -> tuple[int, int]:
+    """``(shares, threshold)`` as Flower 1.42's SecAggPlusWorkflow resolves them for ``nodes`` sampled
+    nodes (fractions of the nodes, then of the shares; an even share count below all nodes made odd)."""
+    if num_shares <= 1:
+        shares = round(num_shares * nodes)
+        if shares < nodes and shares % 2 == 0:
+            shares += 1
+        if shares <= 2:
+            shares = nodes
+    else:
+        shares = int(num_shares)
+    t = max(round(threshold * shares), 2) if threshold <= 1 else int(threshold)
+    return shares, t
+
+
 @dataclass(frozen=True)
 class FedSettings:
     """A federation's settings: the ``[tool.flwr.app.config]`` run config (``--run-config`` overrides)."""
@@ -147,7 +169,7 @@ class FedSettings:
     targets: tuple[float, ...] = (38.0, 42.0)
     blocks: tuple[str, ...] = ("auto",)
     seed: int = 0
-    min_clients: int = 3
+    min_clients: int = 4
     secure: bool = True
     num_shares: float = 1.0  # ≤ 1: a fraction of the sampled clients (1.0 = everyone shares with everyone)
     threshold: float = 0.67  # ≤ 1: a fraction of num_shares
@@ -193,8 +215,10 @@ class FedSettings:
             raise FederationError("num-server-rounds, local-steps and batch must be ≥ 1")
         if self.patch % 4 or self.patch < 16:
             raise FederationError(f"patch must be a multiple of 4, at least 16, got {self.patch}")
-        if len(self.channels) != 2 or min(self.channels) < 1:
-            raise FederationError("channels must be two positive integers, e.g. \"16,32\"")
+        from fedtensor.nn.model import MAX_WIDTH
+
+        if len(self.channels) != 2 or not all(1 <= c <= MAX_WIDTH for c in self.channels):
+            raise FederationError(f"channels must be two integers from 1 to {MAX_WIDTH}, e.g. \"16,32\"")
         if not self.lr > 0 or not self.clipping_range > 0 or not self.max_weight > 0:
             raise FederationError("lr, clipping-range and max-weight must be > 0")
         if self.secure:
@@ -204,20 +228,23 @@ class FedSettings:
         return self
 
     def _check_secure(self) -> None:
-        if self.min_clients < 3:  # with two, each node reads the other's delta off the mean and its own
-            raise FederationError("secure aggregation needs min-clients ≥ 3")
+        """Refuse settings under which a node would refuse some round's SecAgg+ setup
+        (:func:`~fedtensor.federated.flower.client_app.check_secagg_setup`), at any node count from
+        ``min-clients`` up to what the fixed-point modulus sums."""
         ns, th = self.num_shares, self.threshold
         if not (0 < ns <= 1 or (ns.is_integer() and ns >= 3)):
             raise FederationError(f"num-shares must be a fraction in (0, 1] or a whole number ≥ 3, got {ns:g}")
-        # A threshold of half the shares or less lets a server ask one half of a node's neighbours for its
-        # self-mask secret and the other half for its key: the node's delta in clear.
-        if th <= 1:
-            if not th > 0.5:
-                raise FederationError(f"reconstruction-threshold must exceed 0.5 (of num-shares), got {th:g}")
-        elif not th.is_integer():
+        if th > 1 and not th.is_integer():
             raise FederationError(f"reconstruction-threshold above 1 must be a whole number of nodes, got {th:g}")
-        elif ns > 1 and 2 * th <= ns:
-            raise FederationError(f"reconstruction-threshold {th:g} must exceed half of num-shares {ns:g}")
+        if self.min_clients < MIN_SURVIVORS:
+            raise FederationError(f"secure aggregation needs min-clients ≥ {MIN_SURVIVORS}")
+        for nodes in range(self.min_clients, MAX_SECAGG_NODES + 1):
+            shares, threshold = secaggplus_shares(ns, th, nodes)
+            if not (MIN_SURVIVORS <= threshold <= shares and 2 * threshold > shares):
+                raise FederationError(
+                    f"with {nodes} nodes, num-shares {ns:g} and reconstruction-threshold {th:g} give a threshold of "
+                    f"{threshold} of {shares} shares; it must be at least {MIN_SURVIVORS} and more than half "
+                    "(raise reconstruction-threshold or min-clients)")
 
     @property
     def net_config(self) -> "NetConfig":

@@ -36,7 +36,8 @@ class SecAggResult:
     survivors: tuple[int, ...]  # U3: clients whose inputs are in the sum
     dropped: tuple[int, ...]  # U2 \ U3: shared keys, but their masked input never arrived
     tolerance: float  # worst-case |error| per coordinate of ``sum`` from fixed-point rounding
-    faulty: tuple[int, ...] = ()  # U3 members whose revealed shares were wrong (left out of the recovery)
+    # U3 members holding a share that was left out of a recovery: wrong as revealed or as dealt to them
+    inconsistent: tuple[int, ...] = ()
 
     @property
     def mean(self) -> np.ndarray:
@@ -86,7 +87,7 @@ class SecAggServer:
         self._u3: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
         self._responses: dict[int, UnmaskResponse] = {}
-        self._faulty: set[int] = set()
+        self._inconsistent: set[int] = set()
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -236,19 +237,20 @@ class SecAggServer:
 
     def _recover(self, shares: dict[int, bytes], valid: Callable[[bytes], bool], what: str, against: str) -> bytes:
         """The secret of ``shares`` that passes ``valid`` (its commitment or advertised key). When all of
-        them fail, one responder's shares may be wrong: each is left out in turn (its shares are dropped
-        from every later secret too, and it is named in the result's ``faulty``)."""
-        usable = {r: sh for r, sh in shares.items() if r not in self._faulty}
-        candidates = [None] + (sorted(usable) if len(usable) > self.params.threshold else [])
+        them do not, one share may be wrong: each responder's is left out in turn, and the one whose
+        leaving out gives a valid secret is recorded (``SecAggResult.inconsistent``). That share was wrong
+        as revealed or as dealt: the server cannot tell the responder's fault from the dealer's, so it
+        names the share's holder and blames no one, and leaves it out of this secret only."""
+        candidates = [None] + (sorted(shares) if len(shares) > self.params.threshold else [])
         for left_out in candidates:
-            subset = {r: sh for r, sh in usable.items() if r != left_out}
+            subset = {r: sh for r, sh in shares.items() if r != left_out}
             try:
                 secret = shamir.combine(subset, self.params.threshold)
             except SecAggError:
                 continue
             if valid(secret):
                 if left_out is not None:
-                    self._faulty.add(left_out)
+                    self._inconsistent.add(left_out)
                 return secret
         raise SecAggError(f"reconstructed {what} does not match {against} (corrupted shares, and no one responder's "
                           "to leave out)")
@@ -310,4 +312,4 @@ class SecAggServer:
                               "inputs can add up to (masks did not cancel: a corrupted key or masked input)")
         self._stage = "done"
         return SecAggResult(p.fixed_point.decode_sum(q), total, self._u3, self._dropped,
-                            p.fixed_point.tolerance(n), tuple(sorted(self._faulty)))
+                            p.fixed_point.tolerance(n), tuple(sorted(self._inconsistent)))
