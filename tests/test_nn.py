@@ -1114,3 +1114,10 @@ def test_restoration_streams_along_the_first_axis_with_the_whole_volumes_result(
         tracemalloc.stop()
     np.testing.assert_array_equal(out, to_dtype(got, data.dtype))
     assert peak < 14 * data.nbytes, peak / data.nbytes
+
+
+def test_training_refuses_widths_no_model_file_may_declare():
+    from fedtensor.nn import TrainConfig
+
+    with pytest.raises(ValueError, match="channels must be two integers from 1 to 512"):
+        TrainConfig(channels=(16, 600)).check()

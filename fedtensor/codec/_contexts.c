@@ -25,7 +25,7 @@
 #define WEIGHT 2.0
 #define CLIP 1e-5
 #define LUT_SIZE 2048 /* activity bins of 0 … 2047: sums of six saturated terms stay below it */
-#define SIZE_CAP ((Py_ssize_t)1 << 28) /* bound of table sizes and chunk counts passed in */
+#define SIZE_CAP ((Py_ssize_t)1 << 26) /* bound of table sizes and chunk counts passed in */
 
 static double p_one(double ones, double total, double prior) {
     double p = (ones + WEIGHT * prior) / (total + WEIGHT);

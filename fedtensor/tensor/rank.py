@@ -6,9 +6,9 @@ import numpy as np
 
 from fedtensor.tensor.tucker import mode_spectra, unit_scaled
 
-# The float32 Gram matrices leave eigenvalues of ~1e-7 of the total where the exact ones are 0 (a
+# float32 rounding leaves squared singular values of ~1e-14 of the total where the exact ones are 0 (a
 # constant tensor's): energy within this fraction of the target counts as reached.
-_NOISE = 1e-6
+_NOISE = 1e-10
 
 
 def ranks_for_energy(x, energy: float) -> tuple[int, ...]:

@@ -71,7 +71,8 @@ def mode_gram(x: jax.Array, mode: int) -> jax.Array:
 
 def _check_ranks(shape, ranks) -> None:
     """At trace time: one rank per mode, each in [1, n_m] (a rank beyond n_m has no basis to give)."""
-    if len(ranks) != len(shape) or not all(isinstance(r, int) and 1 <= r <= n for r, n in zip(ranks, shape)):
+    if len(ranks) != len(shape) or not all(isinstance(r, (int, np.integer)) and 1 <= r <= n
+                                           for r, n in zip(ranks, shape)):
         raise ValueError(f"ranks must give one integer in [1, n] per mode of the {tuple(shape)} tensor, got {ranks}")
 
 
