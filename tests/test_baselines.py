@@ -265,3 +265,15 @@ def test_a_negative_zero_makes_a_float_volume_not_integer_valued_for_every_codec
         assert "integer-valued" in get_baseline(name).not_applicable_reason(Volume(d))
     d[0, 0, 0] = 0.0
     assert get_baseline("fedtensor-lossless").not_applicable_reason(Volume(d)) is None
+
+
+def test_jpeg2000_goes_past_its_8_bit_ceiling_from_16_bit_samples(data_dir):
+    """With bitspersample = 8 OpenJPEG stops near 57 dB on the 8-bit head CT; its finer variant (16-bit
+    samples, slower) is used only for targets beyond, so 45 dB streams stay what they were."""
+    _skip_unavailable("jpeg2000")
+    v = read_volume(data_dir / "ct_head_uint8.nii.gz")
+    crop = Volume(np.ascontiguousarray(v.data[60:124, 80:144, 20:36]))
+    j2k = get_baseline("jpeg2000")
+    high = j2k.encode(crop, psnr=60)
+    assert unpack(high)[0]["map"]["bits"] == 16 and psnr(crop.data, j2k.decode(high)) >= 60
+    assert unpack(j2k.encode(crop, psnr=45))[0]["map"]["bits"] == 8

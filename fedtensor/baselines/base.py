@@ -419,6 +419,9 @@ class Baseline:
         prep = self.prepare(volume)
         res = find_smallest(prep.evaluate, prep.space, psnr, size=prep.size)
         if not res.reached:
+            finer = self.finer(volume)
+            if finer is not None:
+                return finer.encode(volume, psnr=psnr)
             raise RateError(f"{self.name} cannot reach {psnr} dB on this volume")
         return prep.encode(res.param)
 
@@ -431,6 +434,11 @@ class Baseline:
 
     def prepare(self, volume) -> Prepared:
         return Prepared(self, volume, self.space(volume))
+
+    def finer(self, volume) -> "Baseline | None":
+        """A variant of this codec that reaches a higher PSNR on ``volume`` at some cost (speed), tried
+        only for a target this one cannot reach; None where there is none."""
+        return None
 
     def encode_param(self, volume, param: float) -> bytes:
         raise NotImplementedError

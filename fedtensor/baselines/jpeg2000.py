@@ -9,6 +9,7 @@ one per slice, without OpenJPEG's comment marker. OpenJPEG runs single-threaded.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -26,8 +27,31 @@ class Jpeg2000(SlicewiseCodec):
     def version(cls) -> str:
         return imagecodecs_version("jpeg2k_version")
 
+    sixteen_bits = False  # the finer variant's samples (see finer)
+
+    def sample_map(self, data: np.ndarray) -> UnsignedMap:
+        m = UnsignedMap.for_data(data)
+        if not self.sixteen_bits or m.bits >= 16:
+            return m
+        return UnsignedMap(m.offset, m.scale / (1 << (16 - m.bits)), 16, "u2", False)
+
+    def finer(self, volume):
+        """With ``bitspersample`` the bits of max − min, OpenJPEG's finest step is about one sample: its
+        PSNR stops at 57 dB on 8-bit data, 46 dB on 6-bit. Samples scaled to 16 bits go on to lossless.
+        Only for targets beyond that: at 45 dB they give the same bits (the head CT: 0.4695 against 0.4686
+        bpv) but encode 1.6–3.2× slower, which would flatter every rival it is compared with."""
+        if self.sixteen_bits or UnsignedMap.for_data(np.asarray(volume.data)).bits >= 16:
+            return None
+        finer = copy.copy(self)
+        finer.sixteen_bits = True
+        return finer
+
+    def encode_param(self, volume, param: float) -> bytes:
+        data = np.asarray(volume.data)
+        return self._pack(data, param, self.sample_map(data))
+
     def space(self, volume) -> ParamSpace:
-        m = UnsignedMap.for_data(np.asarray(volume.data))
+        m = self.sample_map(np.asarray(volume.data))
         span = (float(np.max(volume.data)) - float(np.min(volume.data))) / m.scale
         shift = 20 * math.log10(((1 << m.bits) - 1) / max(span, 1.0))  # OpenJPEG's peak vs max − min
         return ParamSpace(5.0, 150.0, log=False, increasing=True, guess=lambda t: t + shift)

@@ -131,12 +131,14 @@ def check_secagg_setup(config, max_weight: float | None = None) -> None:
         return
     try:
         shares, threshold = int(config[Key.SHARE_NUMBER]), int(config[Key.THRESHOLD])
-        nodes, levels, modulus = int(config[Key.SAMPLE_NUMBER]), int(config[Key.TARGET_RANGE]), int(config[Key.MOD_RANGE])
+        nodes, levels = int(config[Key.SAMPLE_NUMBER]), int(config[Key.TARGET_RANGE])
+        modulus = int(config[Key.MOD_RANGE])
         server_max_weight = float(config[Key.MAX_WEIGHT])
     except (KeyError, TypeError, ValueError):
         raise FederationError("malformed SecAgg+ setup from the server") from None
     if max_weight is not None and server_max_weight != max_weight:
-        raise FederationError(f"SecAgg+ max-weight {server_max_weight:g} from the server is not this run's {max_weight:g}")
+        raise FederationError(f"SecAgg+ max-weight {server_max_weight:g} from the server is not this run's "
+                              f"{max_weight:g}")
     if 2 * threshold <= shares:  # two halves of the neighbours could reveal both of this node's secrets
         raise FederationError(f"SecAgg+ threshold {threshold} of {shares} shares: this node needs more than half")
     if threshold < MIN_SURVIVORS:  # the sum of two survivors gives each the other's delta
