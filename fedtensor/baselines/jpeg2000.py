@@ -39,7 +39,7 @@ class Jpeg2000(SlicewiseCodec):
         """With ``bitspersample`` the bits of max − min, OpenJPEG's finest step is about one sample: its
         PSNR stops at 57 dB on 8-bit data, 46 dB on 6-bit. Samples scaled to 16 bits go on to lossless.
         Only for targets beyond that: at 45 dB they give the same bits (the head CT: 0.4695 against 0.4686
-        bpv) but encode 1.6–3.2× slower, which would flatter every rival it is compared with."""
+        bpv) but encode 1.6–3.2× slower, which would flatter whatever JPEG2000 is compared with."""
         if self.sixteen_bits or UnsignedMap.for_data(np.asarray(volume.data)).bits >= 16:
             return None
         finer = copy.copy(self)
