@@ -16,9 +16,6 @@ import numpy as np
 
 from fedtensor.tensor.precision import FP32
 
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
 def mode_dot(x: jax.Array, matrix: jax.Array, mode: int) -> jax.Array:
     """Contract ``x`` along ``mode`` with ``matrix`` of shape (new, old): result[..., new, ...]."""
     return jnp.moveaxis(jnp.tensordot(matrix, x, axes=(1, mode), precision=FP32), 0, mode)
@@ -35,10 +32,21 @@ def _leading_eigvecs(gram: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """Top-``rank`` eigenvectors of a symmetric PSD matrix, by descending eigenvalue, sign-fixed."""
     w, v = jnp.linalg.eigh(gram)
     w, v = w[::-1][:rank], v[:, ::-1][:, :rank]
-    # A deterministic sign (largest-magnitude entry positive) makes bases reproducible across runs.
+    return _sign_fixed(v), jnp.maximum(w, 0.0)
+
+
+def _sign_fixed(v: jax.Array) -> jax.Array:
+    """Columns with their largest-magnitude entry positive: a deterministic sign makes bases
+    reproducible across runs."""
     idx = jnp.argmax(jnp.abs(v), axis=0)
-    v = v * jnp.sign(v[idx, jnp.arange(v.shape[1])])
-    return v, jnp.maximum(w, 0.0)
+    return v * jnp.sign(v[idx, jnp.arange(v.shape[1])])
+
+
+def _unfolding_r(x: jax.Array, mode: int) -> jax.Array:
+    """The R of a QR of the (tall) transposed mode-``mode`` unfolding: X_(m)ᵀ = Q R, so X_(m) = Rᵀ Qᵀ has
+    R's singular values, and R's right singular vectors are X_(m)'s left ones."""
+    n = x.shape[mode]
+    return jnp.linalg.qr(jnp.moveaxis(x, mode, -1).reshape(-1, n), mode="r")
 
 
 def _mode_basis(x: jax.Array, mode: int, rank: int) -> jax.Array:
@@ -46,11 +54,7 @@ def _mode_basis(x: jax.Array, mode: int, rank: int) -> jax.Array:
     :func:`_leading_eigvecs`. From the R of a QR of the (tall) transposed unfolding and an SVD of R, not
     from the Gram matrix: a float32 Gram squares the condition number and loses every singular value
     below ~3e-4 of the largest."""
-    n = x.shape[mode]
-    r = jnp.linalg.qr(jnp.moveaxis(x, mode, -1).reshape(-1, n), mode="r")  # X_(m)ᵀ = Q R: X_(m) = Rᵀ Qᵀ
-    v = jnp.linalg.svd(r, full_matrices=True)[2][:rank].T  # R's right singular vectors: X_(m)'s left ones
-    idx = jnp.argmax(jnp.abs(v), axis=0)
-    return v * jnp.sign(v[idx, jnp.arange(v.shape[1])])
+    return _sign_fixed(jnp.linalg.svd(_unfolding_r(x, mode), full_matrices=True)[2][:rank].T)
 
 
 def leading_eigvecs_host(gram, rank: int) -> np.ndarray:
@@ -60,13 +64,6 @@ def leading_eigvecs_host(gram, rank: int) -> np.ndarray:
     v = v[:, ::-1][:, :rank]
     v = v * np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(v.shape[1])])
     return v.astype(np.float32)
-
-
-def mode_gram(x: jax.Array, mode: int) -> jax.Array:
-    """``X_(mode) X_(mode)^T`` without materialising the unfolding."""
-    letters = _LETTERS[: x.ndim]
-    other = letters.replace(letters[mode], "z")
-    return jnp.einsum(f"{letters},{other}->{letters[mode]}z", x, x, precision=FP32)
 
 
 def _check_ranks(shape, ranks) -> None:
@@ -126,8 +123,7 @@ def mode_spectra(x: jax.Array) -> list[jax.Array]:
     x = jnp.asarray(x, jnp.float32)
     out = []
     for m in range(x.ndim):
-        n = x.shape[m]
-        r = jnp.linalg.qr(jnp.moveaxis(x, m, -1).reshape(-1, n), mode="r")
-        s = jnp.linalg.svd(r, compute_uv=False)
-        out.append(jnp.concatenate([jnp.square(s), jnp.zeros(n - s.shape[0], s.dtype)]))  # a short unfolding
+        s = jnp.linalg.svd(_unfolding_r(x, m), compute_uv=False)
+        short = x.shape[m] - s.shape[0]  # an unfolding with fewer columns than rows has fewer values
+        out.append(jnp.concatenate([jnp.square(s), jnp.zeros(short, s.dtype)]))
     return out
