@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         from fedtensor.federated.restoration import FederateConfig
         from fedtensor.federated.restoration import federate as run_federation
         from fedtensor.federated.simulation import FederationError
-        from fedtensor.nn.model import MAX_WIDTH
+        from fedtensor.nn.model import check_channels
 
         if clients < 1 or rounds < 1 or local_steps < 1 or batch < 1:
             raise UsageFailure("--clients, --rounds, --local-steps and --batch must be ≥ 1")
@@ -71,8 +71,10 @@ def register(app: typer.Typer) -> None:
         if patch % 4 or patch < 16:
             raise UsageFailure(f"--patch must be a multiple of 4, at least 16, got {patch}")
         ch = _ints(channels, "--channels")
-        if len(ch) != 2 or not all(1 <= c <= MAX_WIDTH for c in ch):  # what a model file may declare
-            raise UsageFailure(f"--channels must be two integers from 1 to {MAX_WIDTH}, got {channels!r}")
+        try:
+            check_channels(ch)
+        except ValueError as err:
+            raise UsageFailure(f"--{err}") from None
         cfg = FederateConfig(clients=clients, rounds=rounds, local_steps=local_steps, batch=batch, patch=patch,
                              patches_per_client=patches_per_client, sample_fraction=sample_fraction,
                              partition=partition.strip().lower(), secure_agg=secure_agg, lr=lr, prox_mu=prox_mu,

@@ -155,11 +155,13 @@ def register(app: typer.Typer) -> None:
         """
         from fedtensor.nn import TrainConfig
         from fedtensor.nn import train as run_training
-        from fedtensor.nn.model import MAX_WIDTH
+        from fedtensor.nn.model import check_channels
 
         ch = _ints(channels, "--channels")
-        if len(ch) != 2 or not all(1 <= c <= MAX_WIDTH for c in ch):  # what a model file may declare
-            raise UsageFailure(f"--channels must be two integers from 1 to {MAX_WIDTH}, got {channels!r}")
+        try:
+            check_channels(ch)
+        except ValueError as err:
+            raise UsageFailure(f"--{err}") from None
         if patch % 4:
             raise UsageFailure(f"--patch must be a multiple of 4, got {patch}")
         cfg = TrainConfig(epochs=epochs, patches_per_epoch=patches, batch=batch, patch=patch, lr=lr,

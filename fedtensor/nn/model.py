@@ -56,6 +56,15 @@ RECEPTIVE_RADIUS = 24
 MAX_WIDTH = 512
 
 
+def check_channels(channels) -> tuple[int, int]:
+    """``channels`` as two ints in [1, :data:`MAX_WIDTH`] (what a model file may declare: bounded before
+    any array is built, as its widths size every weight); else :class:`ValueError`."""
+    c = tuple(int(v) for v in channels)
+    if len(c) != 2 or not all(1 <= v <= MAX_WIDTH for v in c):
+        raise ValueError(f"channels must be two integers from 1 to {MAX_WIDTH}, got {c}")
+    return c
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """Architecture hyper-parameters (stored in every checkpoint)."""
@@ -69,12 +78,9 @@ class NetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "NetConfig":
         try:
-            c, hidden = tuple(int(v) for v in d["channels"]), int(d["cond_hidden"])
+            c, hidden = check_channels(d["channels"]), int(d["cond_hidden"])
         except OverflowError:  # int(inf)
             raise ValueError("channels and cond_hidden must be finite") from None
-        # Bounded before any array is built: a model file's declared widths size every weight.
-        if len(c) != 2 or not all(1 <= v <= MAX_WIDTH for v in c):
-            raise ValueError(f"channels must be two integers in [1, {MAX_WIDTH}]")
         if not 1 <= hidden <= MAX_WIDTH:
             raise ValueError(f"cond_hidden must be an integer in [1, {MAX_WIDTH}]")
         return cls(channels=c, cond_hidden=hidden)

@@ -59,7 +59,7 @@ from fedtensor.nn.data import (
     prefetched_batches,
     training_sources,
 )
-from fedtensor.nn.model import MAX_WIDTH, NetConfig, new_net
+from fedtensor.nn.model import NetConfig, check_channels, new_net
 
 HISTORY_CSV = "history.csv"
 LOSS_PNG = "loss.png"
@@ -100,8 +100,7 @@ class TrainConfig:
             raise ValueError(f"seed must be ≥ 0, got {self.seed}")
         if self.patch % 4 or self.patch < 16:
             raise ValueError(f"patch must be a multiple of 4, at least 16, got {self.patch}")
-        if len(self.channels) != 2 or not all(1 <= c <= MAX_WIDTH for c in self.channels):
-            raise ValueError(f"channels must be two integers from 1 to {MAX_WIDTH}, got {self.channels}")
+        check_channels(self.channels)
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val fraction must be in [0, 1), got {self.val_fraction}")
         if not self.lr > 0:

@@ -215,10 +215,12 @@ class FedSettings:
             raise FederationError("num-server-rounds, local-steps and batch must be ≥ 1")
         if self.patch % 4 or self.patch < 16:
             raise FederationError(f"patch must be a multiple of 4, at least 16, got {self.patch}")
-        from fedtensor.nn.model import MAX_WIDTH
+        from fedtensor.nn.model import check_channels
 
-        if len(self.channels) != 2 or not all(1 <= c <= MAX_WIDTH for c in self.channels):
-            raise FederationError(f"channels must be two integers from 1 to {MAX_WIDTH}, e.g. \"16,32\"")
+        try:
+            check_channels(self.channels)
+        except ValueError as err:
+            raise FederationError(f"{err}, e.g. \"16,32\"") from None
         if not self.lr > 0 or not self.clipping_range > 0 or not self.max_weight > 0:
             raise FederationError("lr, clipping-range and max-weight must be > 0")
         if self.secure:
