@@ -312,7 +312,7 @@ def run_cells(spec: VolumeSpec, codec_name: str, targets: Sequence, repeat: int 
         except Exception as exc:  # noqa: BLE001 - a failing codec is reported, the run goes on
             cells[0].update(status="error", reason=_one_line(exc), traceback=traceback.format_exc(limit=6))
         return cells
-    prep, cache, finer_prep, finer_cache = None, {}, None, {}
+    prep, cache, finer, finer_cache = None, {}, None, {}
     for cell, t in zip(cells, targets):
         try:
             if codec.direct_psnr:  # the codec's own rate control is its search, and part of its encode
@@ -325,12 +325,12 @@ def run_cells(spec: VolumeSpec, codec_name: str, targets: Sequence, repeat: int 
 
             res = find_smallest(prep.evaluate, prep.space, float(t), cache, size=prep.size)
             used, space = codec, prep.space
-            if not res.reached and codec.finer(vol) is not None:  # e.g. JPEG2000 from 16-bit samples
-                if finer_prep is None:
-                    finer_prep = codec.finer(vol).prepare(vol)
-                res = find_smallest(finer_prep.evaluate, finer_prep.space, float(t), finer_cache,
-                                    size=finer_prep.size)
-                used, space = finer_prep.codec, finer_prep.space
+            if not res.reached and finer is None:  # e.g. JPEG2000 from 16-bit samples (False: none)
+                finer = codec.finer(vol)
+                finer = False if finer is None else finer.prepare(vol)
+            if not res.reached and finer:
+                res = find_smallest(finer.evaluate, finer.space, float(t), finer_cache, size=finer.size)
+                used, space = finer.codec, finer.space
                 cell["variant"] = "finer"
             cell.update(search_s=res.seconds, search_evals=res.evaluations, param=res.param,
                         search_psnr=res.psnr)
