@@ -56,17 +56,21 @@ class FixedPoint:
         room = INT32_MAX - num_clients / 2
         if not (clip > 0 and w > 0 and room > 0):
             raise SecAggError("fixed-point auto scale needs clip > 0 and a positive total weight")
-        scale = 2.0 ** math.floor(math.log2(room / (w * clip)))
-        if w * clip * scale + num_clients / 2 > INT32_MAX:  # log2 rounded up to the next power of two
-            scale /= 2
-        fp = cls(scale, clip)
+        fp = cls(2.0 ** math.floor(math.log2(room / (w * clip))), clip)
+        if not fp.fits(num_clients, w):  # log2 rounded up to the next power of two
+            fp = cls(fp.scale / 2, clip)
         fp.check_capacity(num_clients, w)
         return fp
 
-    def check_capacity(self, num_clients: int, total_weight: int | None = None) -> None:
-        """Raise unless a sum over ``num_clients`` clients with total weight ``total_weight`` fits int32."""
+    def fits(self, num_clients: int, total_weight: int | None = None) -> bool:
+        """Whether a sum over ``num_clients`` clients with total weight ``total_weight`` fits int32."""
         w = num_clients if total_weight is None else total_weight
-        if w * self.clip * self.scale + num_clients / 2 > INT32_MAX:
+        return w * self.clip * self.scale + num_clients / 2 <= INT32_MAX
+
+    def check_capacity(self, num_clients: int, total_weight: int | None = None) -> None:
+        """Raise unless :meth:`fits`."""
+        w = num_clients if total_weight is None else total_weight
+        if not self.fits(num_clients, w):
             raise SecAggError(
                 f"fixed-point overflow: total weight {w} × clip {self.clip:g} × scale {self.scale:g} exceeds 2^31; "
                 "lower scale or clip"
