@@ -83,7 +83,8 @@ def first_repeat(paths: list[Path]) -> tuple[Path, Path] | None:
     """The first two of ``paths`` that name the same file or directory (after resolving), or ``None``."""
     seen: dict[Path, Path] = {}
     for p in paths:
-        if p.resolve() in seen:
-            return seen[p.resolve()], p
-        seen[p.resolve()] = p
+        r = p.resolve()
+        if r in seen:
+            return seen[r], p
+        seen[r] = p
     return None
