@@ -13,7 +13,7 @@ import numpy as np
 from fedtensor import __version__
 from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
-from fedtensor.codec.header import MAX_TRANSFORM_STEP, MAX_VOXELS, check_header, check_params
+from fedtensor.codec.header import MAX_TRANSFORM_STEP, MAX_VOXELS, TRANSFORM_CODECS, check_header, check_params
 from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.cores import usable_cores
@@ -24,7 +24,7 @@ from fedtensor.metrics import psnr_from_sse
 from fedtensor.tensor.block import padded_shape
 from fedtensor_kernels import block_transform as kernels
 
-CODECS = ("block-tucker", "omlsvd-global")
+CODECS = TRANSFORM_CODECS
 _MAX_RETRIES = 12
 _MIN_STEP = 1e-12  # normalised units, far below float32 resolution: only an unreachable PSNR drives steps here
 _MIN_RANGE = 1e-100  # below it squared errors at any PSNR target underflow float64 (the SSE would read 0)

@@ -36,9 +36,11 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-#: The codecs a stream may name: the transform codecs a caller picks (``fedtensor.codec.CODECS``), and
-#: those the encoder picks itself (exact streams, a constant volume).
-STREAM_CODECS = ("block-tucker", "omlsvd-global", "lossless", "max-error", "constant")
+#: The transform codecs a caller picks (``fedtensor.codec.CODECS``).
+TRANSFORM_CODECS = ("block-tucker", "omlsvd-global")
+#: The codecs a stream may name: the transform codecs, and those the encoder picks itself (exact
+#: streams, a constant volume).
+STREAM_CODECS = (*TRANSFORM_CODECS, "lossless", "max-error", "constant")
 #: Largest quantiser step of the transform codecs, in normalised units. Every coefficient of a unit-range
 #: volume is zero far below it (|c| ≤ √(voxels per block or volume) ≤ 2¹⁵), so the encoders write no
 #: larger one; a forged one near float32's limit would decode to inf and NaN.
