@@ -147,3 +147,65 @@ def test_slab_coders_copy_the_first_slabs_state_only_for_later_groups():
     third, fourth, fifth = next(two), next(two), next(two)
     assert third is not first and third.dc_plane[0, 0] == 1 and fourth is third
     assert fifth is not third and fifth.dc_plane[0, 0] == 1
+
+
+def _coded_by(w: parallel.Workers, n_tasks: int = 4) -> list[bytes]:
+    """A few real slabs coded on ``w`` (two groups, one per worker), as the encoder sends them."""
+    rng = np.random.default_rng(3)
+    grid, b = (2, 3, 4), (4, 4, 4)
+    qs = [np.round(rng.laplace(0, 3, (*grid, *b))).astype(np.int32) for _ in range(n_tasks)]
+    primer = parallel.BlockCoders()
+    tasks = [(i % 2, (i % 2, grid, b, q, primer if i < 2 else None, i >= n_tasks - 2)) for i, q in enumerate(qs)]
+    return list(w.stream(parallel.encode_slab, tasks))
+
+
+def test_idle_workers_serve_the_next_call_and_end_after_their_idle_time(monkeypatch):
+    """Workers that answered every task wait for the next call (same processes, same bytes), and exit
+    once idle for ``FEDTENSOR_WORKER_IDLE`` seconds; ``0`` keeps none."""
+    import time
+
+    parallel.end_idle_workers(wait=True)
+    monkeypatch.setenv(parallel.IDLE_ENV, "1.0")
+    with parallel.Workers(2) as w:
+        first, procs = _coded_by(w), list(w._procs)
+    with parallel.Workers(2) as w:
+        assert sorted(p.pid for p in w._procs) == sorted(p.pid for p in procs)
+        assert _coded_by(w) == first
+    assert all(p.poll() is None for p in procs)
+    deadline = time.monotonic() + 30
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(p.poll() is not None for p in procs)
+
+    monkeypatch.setenv(parallel.IDLE_ENV, "0")
+    with parallel.Workers(2) as w:
+        _coded_by(w)
+        procs = list(w._procs)
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def test_a_dead_idle_worker_is_replaced_and_workers_of_a_failed_call_are_not_kept(monkeypatch):
+    from fedtensor.bench.memory import _children_rss
+
+    monkeypatch.setenv(parallel.IDLE_ENV, "60")
+    parallel.end_idle_workers(wait=True)
+    with parallel.Workers(2) as w:
+        want, (dead, kept) = _coded_by(w), list(w._procs)
+    dead.kill()
+    dead.wait()
+    with parallel.Workers(2) as w:
+        assert kept in w._procs and dead not in w._procs and len(w._procs) == 2
+        assert _coded_by(w) == want
+        procs = list(w._procs)
+    with pytest.raises(KeyError):  # a task for a group the worker never started: the call fails
+        with parallel.Workers(2) as w:
+            assert sorted(map(id, w._procs)) == sorted(map(id, procs))  # the idle ones, reused
+            list(w.stream(parallel.encode_slab, [(0, (7, (2, 3, 4), (4, 4, 4), np.zeros((2, 3, 4, 4, 4, 4), np.int32)))]))
+    assert all(p.poll() is not None for p in procs)  # killed, not kept
+    with parallel.Workers(2) as w:
+        assert not set(w._procs) & set(procs)
+        assert _coded_by(w) == want
+    assert _children_rss() > 0  # kept idle ...
+    parallel.end_idle_workers(wait=True)  # ... until ended, as the memory measurement does first
+    assert all(p.poll() is not None for p in w._procs)

@@ -33,8 +33,13 @@ def current_rss(pid: int | str = "self") -> int:
 
 
 def release_free_memory() -> None:
-    """Collect garbage and ask glibc to return free heap pages to the OS, so that a following
-    RSS-baseline is not inflated by (and later allocations do not silently reuse) cached free memory."""
+    """Collect garbage, ask glibc to return free heap pages to the OS and end the codec's idle worker
+    processes, so that a following RSS-baseline is not inflated by (and later allocations do not
+    silently reuse) cached free memory, and the samples, which count child processes, count only those
+    the measured block starts (a rival codec measured after fedtensor was charged its idle workers)."""
+    from fedtensor.codec import parallel
+
+    parallel.end_idle_workers(wait=True)
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
