@@ -110,33 +110,39 @@ def _pow2_at_least(n: int, m: int) -> int:
 
 def _tiled_matmul_call(kernel, a: jax.Array, m: jax.Array, scalars, out_dtype, interpret: bool,
                        precision: str, tiles, num_warps, columns: jax.Array | None = None) -> jax.Array:
-    """Run ``kernel`` over (row tile × column tile) programs of ``a (N×B) @ m (B×B)``, padded then cropped;
-    ``columns`` (``(B,)``, optional) is a per-output-column vector the kernel gets tile by tile.
+    """Run ``kernel`` over (row tile × column tile) programs of ``a (N×B) @ m (B×C)``, padded then cropped;
+    ``columns`` (``(C,)``, optional) is a per-output-column vector the kernel gets tile by tile.
 
-    ``B`` is padded to a power of two (Triton's block shapes must be powers of two; the auto-chosen block
-    volumes already are), ``N`` to a multiple of the row tile.
+    ``B`` and ``C`` are padded to powers of two (Triton's block shapes must be powers of two; the
+    auto-chosen block volumes already are), ``N`` to a multiple of the row tile.
     """
     row_tile, col_tile, k_tile = tiles
     if any(t < 1 or t & (t - 1) for t in tiles):  # else columns or reduction slices would be skipped
         raise ValueError(f"Pallas tiles must be powers of two, got {tiles}")
     n, b = a.shape
-    rows, cols = _round_up(n, row_tile), _pow2_at_least(b, max(col_tile, k_tile))
+    if m.shape[0] != b:
+        raise ValueError(f"a {a.shape} @ m {m.shape}: the inner sizes differ")
+    c = m.shape[1]
+    if n == 0:  # no program to run (and a zero-row block spec is not a shape Pallas accepts)
+        return jnp.zeros((0, c), out_dtype)
+    rows = _round_up(n, row_tile)
+    inner, cols = _pow2_at_least(b, max(col_tile, k_tile)), _pow2_at_least(c, max(col_tile, k_tile))
     params = {}
     if not interpret and num_warps and jax.default_backend() in ("gpu", "cuda", "rocm"):
         from jax.experimental.pallas import triton as pltriton
 
         params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps)
     in_specs = [
-        pl.BlockSpec((row_tile, cols), lambda i, j: (i, 0)),
-        pl.BlockSpec((cols, col_tile), lambda i, j: (0, j)),
+        pl.BlockSpec((row_tile, inner), lambda i, j: (i, 0)),
+        pl.BlockSpec((inner, col_tile), lambda i, j: (0, j)),
         pl.BlockSpec((2,), lambda i, j: (0,)),
     ]
-    operands = [_pad_to(a, rows, cols), _pad_to(m, cols, cols), jnp.stack([jnp.float32(v) for v in scalars])]
+    operands = [_pad_to(a, rows, inner), _pad_to(m, inner, cols), jnp.stack([jnp.float32(v) for v in scalars])]
     if columns is not None:
         in_specs.append(pl.BlockSpec((col_tile,), lambda i, j: (j,)))
-        operands.append(jnp.pad(columns.astype(jnp.float32), (0, cols - b)))
+        operands.append(jnp.pad(columns.astype(jnp.float32), (0, cols - c)))
     out = pl.pallas_call(
-        partial(kernel, n_k=cols // k_tile, k_tile=k_tile, precision=PRECISIONS[precision]),
+        partial(kernel, n_k=inner // k_tile, k_tile=k_tile, precision=PRECISIONS[precision]),
         grid=(rows // row_tile, cols // col_tile),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((row_tile, col_tile), lambda i, j: (i, j)),
@@ -144,7 +150,7 @@ def _tiled_matmul_call(kernel, a: jax.Array, m: jax.Array, scalars, out_dtype, i
         interpret=interpret,
         **params,
     )(*operands)
-    return out[:n, :b]
+    return out[:n, :c]
 
 
 _STATIC = ("interpret", "precision", "tiles", "num_warps")
@@ -189,10 +195,13 @@ def default_impl() -> str:
     """
     forced = _forced()
     if forced:
-        if forced not in IMPLS:
-            from fedtensor.errors import FedtensorError
+        from fedtensor.errors import FedtensorError
 
+        if forced not in IMPLS:
             raise FedtensorError(f"FEDTENSOR_KERNELS must be one of {', '.join(IMPLS)}, got {forced!r}")
+        if forced == "pallas" and jax.default_backend() == "cpu":
+            raise FedtensorError("FEDTENSOR_KERNELS=pallas needs a GPU or TPU; 'interpret' runs the Pallas "
+                                 "kernels on a CPU")
         return forced
     return "pallas" if accelerated() else "reference"
 

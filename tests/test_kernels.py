@@ -1,13 +1,18 @@
 """Pallas kernels (interpret mode on CPU) against their jnp references, and against the codec's path."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 from fedtensor.codec.quantize import RECON_OFFSET, ROUNDING, band_rounding, dequantize, quantize
 from fedtensor.tensor.block import block_bases, expand, project, to_blocks
 from fedtensor_kernels import block_transform as bt
+
+
+# On a GPU the compiled kernels are checked too (CI has none: there they are skipped).
+PALLAS_IMPLS = ["interpret", pytest.param("pallas", marks=pytest.mark.skipif(not bt.accelerated(),
+                                                                             reason="needs a GPU backend"))]
 
 
 def _case(shape, b, seed=0):
@@ -57,16 +62,19 @@ def test_pallas_inverse_equals_reference(n, b):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3)
 
 
-def test_fused_round_trip_matches_codec_quantiser():
+@pytest.mark.parametrize("impl", PALLAS_IMPLS)
+def test_fused_round_trip_matches_codec_quantiser(impl):
+    """The fused Pallas kernels against the codec's own projection + quantiser and its inverse."""
     blocks, bases = _case((24, 16, 16), (8, 8, 8), seed=3)
     b = int(np.prod((8, 8, 8)))
-    flat = np.asarray(blocks).reshape(-1, b)
+    flat = jnp.asarray(np.asarray(blocks).reshape(-1, b))
     k = bt.kron_basis(bases)
-    step = 4.0
-    q = np.asarray(bt.transform_quantize(flat, k, step, ROUNDING))
+    step, interpret = np.float32(4.0), impl == "interpret"
+    q = np.asarray(bt.transform_quantize_pallas(flat, k, step, np.float32(ROUNDING), interpret=interpret))
     q_codec = np.asarray(quantize(project(blocks, bases), step)).reshape(flat.shape)
     assert (q != q_codec).mean() < 1e-3
-    x = np.asarray(bt.dequantize_inverse(q, k, step, RECON_OFFSET))
+    x = np.asarray(bt.dequantize_inverse_pallas(jnp.asarray(q), k, step, np.float32(RECON_OFFSET),
+                                                interpret=interpret))
     x_codec = np.asarray(expand(dequantize(jnp.asarray(q.reshape(q_codec.shape[0], 8, 8, 8)[None, None]), step), bases))
     np.testing.assert_allclose(x, x_codec.reshape(x.shape), rtol=1e-4, atol=1e-2)
 
@@ -83,10 +91,6 @@ def _ct_blocks(ct_crop, b):
     blocks = to_blocks(jnp.asarray(normalize(x, *normalization(x))), b)
     return blocks, [jnp.asarray(np.asarray(u, np.float32)) for u in block_bases(blocks, b)]
 
-
-# On a GPU the compiled kernels are checked too (CI has none: there they are skipped).
-PALLAS_IMPLS = ["interpret", pytest.param("pallas", marks=pytest.mark.skipif(not bt.accelerated(),
-                                                                             reason="needs a GPU backend"))]
 
 
 @pytest.mark.parametrize("impl", PALLAS_IMPLS)
@@ -118,6 +122,43 @@ def test_kernel_choice_at_run_time(monkeypatch):
 
     with pytest.raises(FedtensorError, match="FEDTENSOR_KERNELS"):
         bt.default_impl()
+    if jax.default_backend() == "cpu":  # compiled Pallas cannot run here: a clear error, not an internal one
+        monkeypatch.setenv("FEDTENSOR_KERNELS", "pallas")
+        with pytest.raises(FedtensorError, match="needs a GPU"):
+            bt.default_impl()
+
+
+def test_the_codec_picks_pallas_on_a_gpu_for_small_blocks_only(monkeypatch):
+    """On an accelerator: Pallas for block volumes up to PALLAS_MAX_BLOCK, the separable reference above
+    (measured faster there), whatever the shape when FEDTENSOR_KERNELS forces one; on a CPU the reference."""
+    monkeypatch.delenv("FEDTENSOR_KERNELS", raising=False)
+    monkeypatch.setattr(bt, "accelerated", lambda: True)
+    assert bt.PALLAS_MAX_BLOCK == 128
+    assert bt.impl_for((4, 4, 8)) == bt.impl_for((8, 4, 4)) == bt.impl_for((2, 8, 8)) == "pallas"
+    assert bt.impl_for((8, 8, 8)) == bt.impl_for((4, 4, 16)) == "reference"
+    monkeypatch.setenv("FEDTENSOR_KERNELS", "interpret")
+    assert bt.impl_for((8, 8, 8)) == bt.impl_for((4, 4, 8)) == "interpret"
+    monkeypatch.delenv("FEDTENSOR_KERNELS")
+    monkeypatch.setattr(bt, "accelerated", lambda: False)
+    assert bt.impl_for((4, 4, 8)) == bt.impl_for((8, 8, 8)) == "reference"
+
+
+@pytest.mark.parametrize("impl", PALLAS_IMPLS)
+def test_pallas_wrappers_take_any_basis_and_no_blocks(impl):
+    """A rank-truncated basis (B×R) and an empty stack give the reference's shapes and values."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(0, 30, (10, 64)), jnp.float32)
+    k = jnp.asarray(np.linalg.qr(rng.normal(size=(64, 64)))[0][:, :8], jnp.float32)
+    q_ref = bt.transform_quantize_reference(x, k, np.float32(0.5), np.float32(0.5))
+    q = bt.transform_quantize_pallas(x, k, np.float32(0.5), np.float32(0.5), interpret=impl == "interpret")
+    assert q.shape == q_ref.shape == (10, 8)
+    assert np.mean(np.asarray(q) != np.asarray(q_ref)) < 0.02
+    x_ref = bt.dequantize_inverse_reference(q_ref, k, np.float32(0.5), np.float32(0.0))
+    back = bt.dequantize_inverse_pallas(q_ref, k, np.float32(0.5), np.float32(0.0), interpret=impl == "interpret")
+    assert back.shape == x_ref.shape == (10, 64)
+    np.testing.assert_allclose(np.asarray(back), np.asarray(x_ref), rtol=1e-5, atol=1e-4)
+    empty = bt.transform_quantize_pallas(x[:0], k, np.float32(0.5), np.float32(0.5), interpret=impl == "interpret")
+    assert empty.shape == (0, 8) and empty.dtype == jnp.int32
 
 
 @pytest.mark.parametrize("impl", PALLAS_IMPLS)
