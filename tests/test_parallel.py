@@ -2,6 +2,7 @@
 
 import copy
 import io
+import os
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ def test_idle_workers_serve_the_next_call_and_end_after_their_idle_time(monkeypa
         assert sorted(p.pid for p in w._procs) == sorted(p.pid for p in procs)
         assert _coded_by(w) == first
     assert all(p.poll() is None for p in procs)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 10  # well within the default idle time (30 s)
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(p.poll() is not None for p in procs)
@@ -186,7 +187,7 @@ def test_idle_workers_serve_the_next_call_and_end_after_their_idle_time(monkeypa
 
 
 def test_a_dead_idle_worker_is_replaced_and_workers_of_a_failed_call_are_not_kept(monkeypatch):
-    from fedtensor.bench.memory import _children_rss
+    from fedtensor.bench.memory import release_free_memory
 
     monkeypatch.setenv(parallel.IDLE_ENV, "60")
     parallel.end_idle_workers(wait=True)
@@ -206,6 +207,54 @@ def test_a_dead_idle_worker_is_replaced_and_workers_of_a_failed_call_are_not_kep
     with parallel.Workers(2) as w:
         assert not set(w._procs) & set(procs)
         assert _coded_by(w) == want
-    assert _children_rss() > 0  # kept idle ...
-    parallel.end_idle_workers(wait=True)  # ... until ended, as the memory measurement does first
+    assert all(p.poll() is None for p in w._procs)  # kept idle ...
+    release_free_memory()  # ... until a memory measurement ends them first
     assert all(p.poll() is not None for p in w._procs)
+
+
+@pytest.mark.parametrize("value, seconds", [("", 30.0), ("2.5", 2.5), ("0", 0.0), ("-3", 0.0), ("nan", 0.0),
+                                            ("abc", 30.0), ("inf", float("inf"))])
+def test_idle_time_setting(monkeypatch, value, seconds):
+    monkeypatch.setenv(parallel.IDLE_ENV, value)
+    assert parallel.idle_seconds() == seconds
+
+
+def test_idle_workers_kept_forever_need_no_timer_and_at_most_one_per_core(monkeypatch):
+    """``inf`` keeps them until exit (a Timer cannot wait that long: it raised in its thread); more idle
+    workers than cores (concurrent calls) are ended."""
+    monkeypatch.setenv(parallel.IDLE_ENV, "inf")
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 1)
+    parallel.end_idle_workers(wait=True)
+    timer = parallel._expiry  # one an earlier test's workers may have left running
+    with parallel.Workers(2) as w:
+        _coded_by(w)
+        procs = list(w._procs)
+    assert [p for _, p in parallel._idle] == procs[-1:] and parallel._expiry is timer
+    procs[0].wait(timeout=30)
+    parallel.end_idle_workers(wait=True)
+    assert procs[1].poll() is not None
+
+
+def test_a_forked_child_does_not_keep_idle_workers_alive():
+    """The child closes its copies of the workers' pipes: ending them in the parent does not wait for
+    the child to exit."""
+    import time
+    import warnings
+
+    parallel.end_idle_workers(wait=True)
+    with parallel.Workers(2) as w:
+        _coded_by(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a multi-threaded process
+        pid = os.fork()
+    if pid == 0:  # the child only waits
+        time.sleep(20)
+        os._exit(0)
+    try:
+        t0 = time.monotonic()
+        parallel.end_idle_workers(wait=True)
+        assert time.monotonic() - t0 < 0.9  # a worker still held by the child is killed after 1 s
+        assert all(p.returncode == 0 for p in w._procs)  # exited on its own, not killed
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)

@@ -37,9 +37,9 @@ def release_free_memory() -> None:
     processes, so that a following RSS-baseline is not inflated by (and later allocations do not
     silently reuse) cached free memory, and the samples, which count child processes, count only those
     the measured block starts (a rival codec measured after fedtensor was charged its idle workers)."""
-    from fedtensor.codec import parallel
-
-    parallel.end_idle_workers(wait=True)
+    parallel = sys.modules.get("fedtensor.codec.parallel")  # not imported: no worker to end
+    if parallel is not None:
+        parallel.end_idle_workers(wait=True)
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -21,8 +21,9 @@ process).
 
 A worker that finished its tasks cleanly waits, idle, for the next call in this process (a
 compress or decompress) for :data:`IDLE_SECONDS` (``FEDTENSOR_WORKER_IDLE``; ``0``: not kept), then
-exits: starting one costs a Python start and a numpy import (0.14 s on the shared CPU, about 0.4 s on
-a GPU host), which batch work, a server or a benchmark's repeated calls would otherwise pay each call.
+exits: starting one costs a Python start and a numpy import (0.15–0.25 s on the shared 2-core CPU,
+about 0.4 s on a GPU host), which batch work, a server or a benchmark's repeated calls would otherwise
+pay each call.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -175,6 +177,7 @@ class Workers:
         self._procs += [subprocess.Popen([sys.executable, "-c", "from fedtensor.codec.parallel import serve; serve()"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
                         for _ in range(n - len(self._procs))]
+        _live.update(self._procs)
         self._killed = False
 
     def __len__(self) -> int:
@@ -187,9 +190,9 @@ class Workers:
         if exc[0] is None and not self._killed:
             _keep_idle(self._procs)  # every task answered: each worker waits for its next
             return
-        _close(self._procs)
         for p in self._procs:
             p.kill()  # it may be mid-task
+        _close(self._procs)  # (the feeder threads, which read the results, have stopped)
         _reap(self._procs)
 
     def stream(self, fn: Callable, tasks: Iterable[tuple[int, tuple]], ahead: int = AHEAD) -> Iterator:
@@ -260,34 +263,52 @@ def _reap(procs: list[subprocess.Popen]) -> None:
         p.stdout.close()
 
 
-def _close(procs: list[subprocess.Popen]) -> None:
+def _close(procs: Iterable[subprocess.Popen]) -> None:
+    for p in procs:
+        for pipe in (p.stdin, p.stdout):
+            try:
+                pipe.close()
+            except (OSError, ValueError):
+                pass
+
+
+def _end(procs: list[subprocess.Popen], wait: bool = False) -> None:
+    """End idle workers: they exit on their closed stdin. Their interpreters' teardown (35 ms for eight
+    on a GPU host) need not hold up the caller, so they are reaped in the background unless ``wait``
+    (then a worker that does not exit within a second, e.g. whose stdin a forked child still holds open,
+    is killed)."""
     for p in procs:
         try:
             p.stdin.close()
         except OSError:
             pass
-
-
-def _end(procs: list[subprocess.Popen], wait: bool = False) -> None:
-    """End idle workers: they exit on their closed stdin. Their interpreters' teardown (35 ms for eight
-    on a GPU host) need not hold up the caller, so they are reaped in the background unless ``wait``."""
-    _close(procs)
-    if wait:
-        _reap(procs)
-    elif procs:
-        threading.Thread(target=_reap, args=(procs,), daemon=True).start()
+    if not wait:
+        if procs:
+            threading.Thread(target=_reap, args=(procs,), daemon=True).start()
+        return
+    for p in procs:
+        try:
+            p.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    _reap(procs)
 
 
 def idle_seconds() -> float:
-    """How long an idle worker is kept: ``$FEDTENSOR_WORKER_IDLE`` seconds, else :data:`IDLE_SECONDS`."""
+    """How long an idle worker is kept: ``$FEDTENSOR_WORKER_IDLE`` seconds (``inf``: until the process
+    exits), else :data:`IDLE_SECONDS`."""
     try:
-        return max(0.0, float(os.environ.get(IDLE_ENV, "").strip() or IDLE_SECONDS))
+        keep = float(os.environ.get(IDLE_ENV, "").strip() or IDLE_SECONDS)
     except ValueError:
         return IDLE_SECONDS
+    return keep if keep > 0 else 0.0  # (NaN too)
 
 
-_idle: list[tuple[float, subprocess.Popen]] = []  # (when it became idle, worker), most recent last
+_FOREVER = 1e6  # idle times from here on start no timer (a Timer cannot wait ~1e10 s)
+_idle: list[tuple[float, subprocess.Popen]] = []  # (when it became idle, worker), oldest first
 _idle_lock = threading.Lock()
+_expiry: threading.Timer | None = None  # the one timer that ends workers idle for too long
+_live: weakref.WeakSet = weakref.WeakSet()  # every worker started here, busy or idle
 
 
 def _take_idle(n: int) -> list[subprocess.Popen]:
@@ -302,38 +323,72 @@ def _take_idle(n: int) -> list[subprocess.Popen]:
 
 
 def _keep_idle(procs: list[subprocess.Popen]) -> None:
+    """Keep ``procs`` for the next call, at most one idle worker per usable core (concurrent calls
+    could leave more), for :func:`idle_seconds`."""
     keep = idle_seconds()
     if keep <= 0:
         _end(procs)
         return
-    now = time.monotonic()
     with _idle_lock:
-        _idle.extend((now, p) for p in procs)
-    timer = threading.Timer(keep + 0.05, end_idle_workers, args=(keep,))
-    timer.daemon = True
-    timer.start()
+        _idle.extend((time.monotonic(), p) for p in procs)
+        surplus = [p for _, p in _idle[:max(0, len(_idle) - usable_cores())]]
+        del _idle[:len(surplus)]
+        if keep < _FOREVER:
+            _schedule_expiry(keep)
+    _end(surplus)
 
 
-def end_idle_workers(older_than: float = 0.0, wait: bool = False) -> None:
-    """End the idle workers kept for the next call (those idle for at least ``older_than`` seconds);
-    ``wait``: until they have exited (e.g. before measuring memory, which counts child processes)."""
+def _schedule_expiry(delay: float) -> None:  # with _idle_lock held
+    global _expiry
+    if _expiry is None:
+        _expiry = threading.Timer(delay + 0.05, _expire)
+        _expiry.daemon = True
+        _expiry.start()
+
+
+def _expire() -> None:
+    """The timer's work: end the workers idle for :func:`idle_seconds`, and wait for the next to be."""
+    global _expiry
+    keep = idle_seconds()
     now = time.monotonic()
     with _idle_lock:
-        old = [p for t, p in _idle if now - t >= older_than]
-        _idle[:] = [(t, p) for t, p in _idle if now - t < older_than]
+        _expiry = None
+        old = [p for t, p in _idle if now - t >= keep]
+        _idle[:] = [(t, p) for t, p in _idle if now - t < keep]
+        if _idle and keep < _FOREVER:
+            _schedule_expiry(keep - (now - _idle[0][0]))
+    _end(old)
+
+
+def end_idle_workers(wait: bool = False) -> None:
+    """End the idle workers kept for the next call; ``wait``: until they have exited (e.g. before
+    measuring memory, which counts child processes)."""
+    with _idle_lock:
+        old = [p for _, p in _idle]
+        _idle.clear()
     _end(old, wait)
 
 
-def _forget_idle() -> None:  # in a forked child: the workers are the parent's
-    global _idle_lock
+def _forget_workers() -> None:
+    """In a forked child: the workers are the parent's. Close this process's copies of their pipes (a
+    copy of a worker's stdin left open would keep it from ever seeing the end of its input)."""
+    global _idle_lock, _expiry
+    _close(list(_live))
     _idle.clear()
-    _idle_lock = threading.Lock()
+    _live.clear()
+    _idle_lock, _expiry = threading.Lock(), None
 
 
-# at exit only their pipes close (no thread may start then): they exit on the end of their input
-atexit.register(lambda: _close([p for _, p in _idle]))
+def _end_at_exit() -> None:
+    """No thread may start at exit: end the idle workers here, briefly waited for."""
+    procs = [p for _, p in _idle]
+    _idle.clear()
+    _end(procs, wait=True)
+
+
+atexit.register(_end_at_exit)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_idle)
+    os.register_at_fork(after_in_child=_forget_workers)
 
 
 _TASKS = {f.__name__: f for f in (encode_slab, decode_slab)}
