@@ -150,33 +150,46 @@ def test_token_of_another_session_is_refused(app):
 
 
 def test_not_a_volume_upload(client, app):
-    before = sorted(p for p in manager(app).root.rglob("*"))
+    before = _entries(app)
     r, _ = submit(client, volume=(io.BytesIO(b"hello, I am a text file\n" * 20), "notes.txt"), mode="lossless")
     assert r.status_code == 400
     assert error_text(r) == "not a NIfTI volume (.nii, .nii.gz) or a .zip of one DICOM series"
-    assert sorted(p for p in manager(app).root.rglob("*") if p.is_file()) == [p for p in before if p.is_file()]
+    assert _entries(app) == before
 
 
-def test_corrupt_gzip_upload(client):
+def _entries(app) -> list:
+    """Every file and job directory (even empty) under the web app's temp area: a session's own
+    directory, made by its first request, lives as long as the session."""
+    root = manager(app).root
+    return sorted(p for p in root.rglob("*") if p.is_file() or len(p.relative_to(root).parts) > 1)
+
+
+def test_corrupt_gzip_upload(client, app):
+    before = _entries(app)
     r, _ = submit(client, volume=(io.BytesIO(b"\x1f\x8b\x08\x00garbage" * 30), "scan.nii.gz"), mode="lossless")
     assert r.status_code == 400
     msg = error_text(r)
     assert msg.startswith("cannot read NIfTI file scan.nii.gz") and "/" not in msg
+    assert _entries(app) == before  # the job's directory and its upload are gone
 
 
-def test_truncated_nifti_upload(client, crop_path):
+def test_truncated_nifti_upload(client, app, crop_path):
+    before = _entries(app)
     data = crop_path.read_bytes()
     r, _ = submit(client, volume=(io.BytesIO(data[: len(data) // 2]), "cut.nii.gz"), mode="lossless")
     assert r.status_code == 400 and "cut.nii.gz" in error_text(r)
+    assert _entries(app) == before
 
 
-def test_2d_nifti_upload(client, tmp_path):
+def test_2d_nifti_upload(client, app, tmp_path):
     import nibabel as nib
 
+    before = _entries(app)
     p = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.arange(64 * 64, dtype=np.int16).reshape(64, 64), np.eye(4)), p)
     r, _ = submit(client, volume=upload(p), mode="lossless")
     assert r.status_code == 400 and "2D" in error_text(r)
+    assert _entries(app) == before
 
 
 def test_hostile_file_name_is_never_a_path(client, app, crop_path):
@@ -434,6 +447,29 @@ def test_slices(done_job):
     assert c.get(f"{url}/slice/secret/0/0.png").status_code == 404
     r = c.get(f"{url}/slice/original/0/0.png?c=abc")
     assert r.status_code == 400 and "must be numbers" in error_text(r)
+
+
+def test_slices_show_the_anatomy_the_same_way_whatever_the_voxel_order(client, crop_path, tmp_path):
+    """The viewer's planes follow the affine: the same image stored in LPS voxel order (as a DICOM
+    series is read) shows the axial plane exactly as the RAS-stored one, not turned 180°."""
+    import imagecodecs
+    import nibabel as nib
+
+    ras = nib.as_closest_canonical(nib.load(crop_path))
+    lps_path = tmp_path / "lps.nii.gz"
+    nib.save(ras.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]])), lps_path)
+    ras_path = tmp_path / "ras.nii.gz"
+    nib.save(ras, ras_path)
+    assert nib.aff2axcodes(nib.load(lps_path).affine) == ("L", "P", "S")
+    images = []
+    for path in (ras_path, lps_path):
+        r, job = submit(client, volume=upload(path), mode="lossless")
+        assert job.result["view_shape"] == [48, 48, 24]
+        images.append([imagecodecs.png_decode(client.get(f"{r.headers['Location']}/slice/original/{axis}/{i}.png"
+                                                         "?c=127.5&w=255").data)
+                       for axis, i in ((0, 20), (1, 30), (2, 12))])
+    for a, b in zip(*images):
+        assert a.std() > 0 and np.array_equal(a, b)
 
 
 def test_downloads_decode(done_job, crop_path):

@@ -35,6 +35,9 @@ def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
 
 
 _CHUNK = 1 << 24  # bytes read at a time
+#: Bytes a ``.nii.gz`` may inflate to after the voxels (padding some writers leave); more is refused.
+MAX_GZ_TAIL = 1 << 20
+_TAIL_CHUNK = 1 << 16
 
 
 def _read_unscaled(path: Path, proxy) -> np.ndarray:
@@ -60,8 +63,12 @@ def _read_unscaled(path: Path, proxy) -> np.ndarray:
                 raise VolumeError(f"cannot read NIfTI file {path}: truncated (its header declares {size} bytes of "
                                   f"voxels, the file holds {got})")
             got += n
-        while gz and f.read(_CHUNK):  # to the end of the stream: gzip checks the CRC and length there
-            pass
+        tail = 0
+        while gz and (n := len(f.read(_TAIL_CHUNK))):  # to the stream's end: gzip checks its CRC and length there
+            tail += n
+            if tail > MAX_GZ_TAIL:  # a small upload could inflate to gigabytes here, for minutes
+                raise VolumeError(f"cannot read NIfTI file {path}: over {MAX_GZ_TAIL >> 20} MiB of data after the "
+                                  "voxels its header declares")
     return buf.view(dtype).reshape(shape, order=proxy.order)
 
 

@@ -85,6 +85,37 @@ def diff_scale(a: np.ndarray, b: np.ndarray) -> float:
     return v if v > 0 else (float(d.max()) or 1.0)
 
 
+def _ras_orientation(affine) -> np.ndarray:
+    """nibabel's orientation array taking the voxel axes to the closest RAS+ order (the viewer's planes
+    assume it: a DICOM series or an LPS-stored NIfTI was shown upside down); none for a degenerate
+    affine."""
+    from nibabel.orientations import io_orientation
+
+    try:
+        ornt = io_orientation(np.asarray(affine, np.float64))
+    except (ValueError, np.linalg.LinAlgError):
+        ornt = np.full((3, 2), np.nan)
+    if np.isnan(ornt).any():  # an axis with no direction of its own
+        return np.array([[0, 1], [1, 1], [2, 1]], np.float64)
+    return ornt
+
+
+def _to_ras(affine) -> Callable[[np.ndarray], np.ndarray]:
+    """Reorders a volume's voxels as the viewer shows them (:func:`_ras_orientation`)."""
+    from nibabel.orientations import apply_orientation
+
+    ornt = _ras_orientation(affine)
+    return lambda a: np.ascontiguousarray(apply_orientation(a, ornt))
+
+
+def _in_view_order(affine, values) -> list:
+    """Per-axis ``values`` (shape, spacing) in the viewer's axis order."""
+    out = [None] * 3
+    for src, (dst, _) in enumerate(_ras_orientation(affine)):
+        out[int(dst)] = values[src]
+    return out
+
+
 def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = None,
         progress: Callable[[str], None] = lambda s: None) -> dict:
     """Compress, decode (restore with the model in ``model_dir`` if given), score; return the figures.
@@ -97,7 +128,8 @@ def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = N
     from fedtensor.metrics import max_abs_error, psnr, ssim3d
 
     data = np.asarray(volume.data)
-    np.save(workdir / "original.npy", data)
+    to_view = _to_ras(volume.affine)
+    np.save(workdir / "original.npy", to_view(data))
     progress("compressing")
     compiles = compile_count()
     t0 = time.perf_counter()
@@ -112,6 +144,8 @@ def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = N
     info = read_info(blob)
     out = {"codec": info.get("codec"), "settings": asdict(settings), "target": settings.describe(),
            "shape": list(data.shape), "dtype": data.dtype.name, "spacing": list(volume.spacing),
+           "view_shape": _in_view_order(volume.affine, data.shape),
+           "view_spacing": _in_view_order(volume.affine, volume.spacing),
            "original_bytes": int(data.nbytes), "ftz_bytes": len(blob), "bpv": info["bits_per_voxel"],
            "ratio": info["ratio"], "encode_s": encode_s, "decode_s": decode_s, "compiled": compiled,
            "psnr": _finite(psnr(data, decoded.data)), "max_error": max_abs_error(data, decoded.data),
@@ -130,6 +164,6 @@ def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = N
                           "applied": shown is not decoded,
                           "psnr": _finite(psnr(data, shown.data)), "ssim": float(ssim3d(data, shown.data)),
                           "max_error": max_abs_error(data, shown.data)}
-    np.save(workdir / "decoded.npy", np.asarray(shown.data))
+    np.save(workdir / "decoded.npy", to_view(np.asarray(shown.data)))
     write_volume(shown, workdir / "decoded.nii.gz")
     return out

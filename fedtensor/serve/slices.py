@@ -1,7 +1,8 @@
 """Slice images for the viewer: one plane of original / decoded / |difference| as a PNG.
 
 Volumes are read memory-mapped from the job's ``.npy`` files, so a slice costs one plane's I/O.
-Views: axis 0 (sagittal), 1 (coronal), 2 (axial) for RAS-oriented NIfTI volumes; each plane is
+The job's ``.npy`` files hold the voxels in the closest RAS+ order (the pipeline reorders them by
+the affine), so axis 0 is sagittal, 1 coronal and 2 axial whatever the file's own order; each plane is
 transposed and flipped so the superior / anterior side is up. Original and decoded share one
 window/level (grey); the difference is shown in a heat colour map from 0 to ``diff_max``.
 """

@@ -245,7 +245,7 @@ def _job(jid: str) -> Job:
 
 def _views(job: Job) -> list[dict]:
     """Per view: slice axis, count, middle index and a display size that honours the voxel spacing."""
-    shape, spacing = job.result["shape"], job.result["spacing"]
+    shape, spacing = job.result["view_shape"], job.result["view_spacing"]  # RAS order, as the slices are
     out = []
     for axis, name in enumerate(slices.VIEWS):
         a, b = [k for k in range(3) if k != axis]
