@@ -621,8 +621,9 @@ def _handed_over(i: int, grid, q_dev, measured, errors: list | None):
 
 
 def start_workers(x: np.ndarray) -> Workers | contextlib.nullcontext:
-    """The entropy coder's worker processes for ``x`` (a context manager), started now: a process takes
-    about 0.25 s to start Python and import numpy, which the block choice and rate search then hide.
+    """The entropy coder's worker processes for ``x`` (a context manager), those idle from an earlier call
+    (:mod:`~fedtensor.codec.parallel`) and the rest started now: a process takes 0.15–0.45 s to start
+    Python and import numpy, which the block choice and rate search then hide, in part.
     ``nullcontext()`` for a volume coded in one group (:func:`~fedtensor.codec.parallel.group_voxels`;
     counted before the block shape is known, so :meth:`SlabEncoder.encode` uses at most these)."""
     voxels = group_voxels(x.size)
