@@ -577,7 +577,7 @@ def evaluate(
 @app.command()
 @cli_errors
 def bench(
-    volumes: Annotated[list[str], typer.Argument(metavar="VOLUME", show_default=False)],
+    volumes: Annotated[list[str], typer.Argument(metavar="VOLUME...", show_default=False)],
     targets: Annotated[Optional[list[str]], typer.Option("--targets", metavar="DB",
                        help="Target PSNRs (default 40 45 50); '40 45 50', '40,45,50' or repeated.")] = None,
     codecs: Annotated[Optional[list[str]], typer.Option("--codecs", metavar="NAME",

@@ -10,7 +10,7 @@ exception                                              exit code  message
 anything else (a bug)                                  3          ``error: internal error: <type>: <msg>``
 =====================================================  =========  ==================================
 
-Set ``FEDTENSOR_DEBUG=1`` to re-raise unexpected exceptions with their traceback instead.
+Set ``FEDTENSOR_DEBUG=1`` to print an unexpected exception's traceback too (the exit code stays 3).
 """
 
 from __future__ import annotations
@@ -111,10 +111,12 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def report(exc: BaseException) -> int:
-    """Print the error line for ``exc`` and return its exit code (re-raises bugs when debugging)."""
+    """Print the error line for ``exc`` and return its exit code (with a bug's traceback when debugging)."""
     code = exit_code_for(exc)
     if code == EXIT_INTERNAL and debug_enabled():
-        raise exc
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
     print_error("interrupted" if isinstance(exc, KeyboardInterrupt) else describe(exc))
     return code
 

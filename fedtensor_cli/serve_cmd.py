@@ -212,9 +212,13 @@ def server_config(host: str, max_bytes: int, stage_timeout: float | None) -> dic
 
 
 def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout: float | None) -> None:
-    from werkzeug.serving import make_server
+    try:
+        from werkzeug.serving import make_server
 
-    from fedtensor.serve.app import create_app
+        from fedtensor.serve.app import create_app
+    except ModuleNotFoundError as e:  # the service is an optional part
+        raise FedtensorError(f"fedtensor serve needs Flask ({e.name} is not installed): "
+                             "pip install 'fedtensor[web]'") from None
 
     app = create_app(data, config=server_config(host, max_bytes, stage_timeout))
     _probe_listen(host, port)  # werkzeug would print its own message and sys.exit(1) instead

@@ -871,3 +871,41 @@ def test_an_interrupt_python_swallows_still_stops_the_output(tmp_path: Path, cap
             atomic_write_bytes(tmp_path / "out.bin", b"data")
     assert list(tmp_path.iterdir()) == [] and atomic.BEFORE_COMMIT == [] and sys.unraisablehook is hook
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_a_bug_exits_3_with_one_line_and_its_traceback_only_when_debugging(monkeypatch, debug, capsys) -> None:
+    """An unexpected exception is ``error: internal error: …`` and exit 3; ``FEDTENSOR_DEBUG=1`` adds its
+    traceback but keeps the code (it re-raised, and Python exited 1)."""
+    from fedtensor_cli.errors import cli_errors
+
+    monkeypatch.setenv("FEDTENSOR_DEBUG", debug)
+
+    @cli_errors
+    def buggy():
+        return {}["missing"]
+
+    import typer
+
+    with pytest.raises(typer.Exit) as stopped:
+        buggy()
+    assert stopped.value.exit_code == 3
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1].startswith("error: internal error: KeyError")
+    assert ("Traceback (most recent call last)" in err) == bool(debug)
+
+
+def test_serve_without_flask_says_which_extra_to_install(tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_flask(name, *args, **kwargs):
+        if name.split(".")[0] in ("flask", "werkzeug"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flask)
+    monkeypatch.delitem(sys.modules, "fedtensor.serve.app", raising=False)
+    result = runner.invoke(app, ["serve", "--data", str(tmp_path / "data")])
+    assert_one_error(result, code=1, contains="pip install 'fedtensor[web]'")
