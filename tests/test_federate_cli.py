@@ -75,9 +75,11 @@ def test_cli_federates_and_resumes(app, head_crop_paths, tmp_path):
 
 
 @pytest.mark.slow
-def test_library_resume_and_versions(head_crop_paths, tmp_path):
+@pytest.mark.parametrize("server_optimizer", ["fedavg", "fedadam"])  # FedAdam's state must survive a resume
+def test_library_resume_and_versions(head_crop_paths, tmp_path, server_optimizer):
     cfg = FederateConfig(clients=3, rounds=2, local_steps=2, batch=2, patch=16, channels=(8, 16), targets=(36.0,),
-                         blocks=("8",), val_fraction=0.34, partition="by-volume", sample_fraction=0.67)
+                         blocks=("8",), val_fraction=0.34, partition="by-volume", sample_fraction=0.67,
+                         server_optimizer=server_optimizer)
     versions = []
 
     def on_version(rnd, blob, manifest, meta):

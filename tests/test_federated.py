@@ -211,3 +211,34 @@ def test_secure_aggregation_with_fewer_than_two_sampled_clients_is_refused_up_fr
     with pytest.raises(FederationError, match="at least 2 clients per round"):
         FederateConfig(clients=3, sample_fraction=0.2, secure_agg=True).check()
     FederateConfig(clients=3, sample_fraction=0.5, secure_agg=True).check()
+
+
+def _linear_loss(p, x, y):
+    return jnp.mean(jnp.square(x @ p["w"] - y))
+
+
+def test_padded_rows_are_never_trained_on():
+    """Unequal clients are padded to one length: each client's vmapped update equals its update on its
+    own unpadded data (vmapped and looped both pad, so comparing them could not see padding used)."""
+    from fedtensor.federated.simulation import local_update_single
+
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal((40, 3)).astype(np.float32)]
+    ys = [np.ones((2, 1), np.float32), np.ones((40, 1), np.float32)]
+    data = ClientData.from_lists(xs, ys)
+    cfg = FedConfig(local_steps=4, batch_size=4, learning_rate=1e-2)
+    params = {"w": jnp.zeros((3, 1))}
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    stacked, _ = local_updates_vmapped(_linear_loss, cfg, params, data.inputs, data.targets,
+                                       jnp.asarray(data.counts), keys)
+    for k in range(2):
+        x, y, n = data.client(k)
+        ref, _ = local_update_single(_linear_loss, cfg, params, x, y, jnp.int32(n), keys[k])
+        np.testing.assert_allclose(np.asarray(stacked["w"][k]), np.asarray(ref["w"]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_server_keeps_the_optimizer_state_it_is_given():
+    cfg = FedConfig(server_optimizer="fedadam", server_learning_rate=1e-2)
+    s = Server({"w": jnp.zeros(3)}, cfg)
+    s.apply({"w": jnp.ones(3)})
+    assert Server(s.params, cfg, opt_state=s.opt_state).opt_state is s.opt_state

@@ -389,3 +389,36 @@ def test_deployment_on_localhost_with_secagg_plus(tmp_path, crops):
         assert max(float(np.abs(m).max()) for m in mean) > 1e-4  # the round really moved the model
         for w, g in zip(want, versions[r]):
             np.testing.assert_allclose(g, w, rtol=0, atol=2e-6)
+
+
+def test_a_node_refuses_a_weight_above_max_weight(tmp_path, crops):
+    """SecAgg+'s fixed-point bound assumes every weight within max-weight (this node has 27 patches)."""
+    from fedtensor.federated.flower.client_app import app
+
+    node = {"data": str(crops[0]), "cache-dir": str(tmp_path / "c"), "allow-plain-updates": True}
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
+                  run_config={**TINY_RUN, "min-clients": 4, "max-weight": 10.0})
+    with pytest.raises(task.FederationError, match="exceeds max-weight"):
+        app(_train_message(task.to_ndarrays(_params())), ctx)
+
+
+def test_the_update_a_node_sends_is_local_minus_global(tmp_path, crops):
+    """Recomputed from the node's own seed: the delta is new − global (the deployment test compares with
+    the node's audit copy, which would hold a flipped delta too)."""
+    import zlib
+
+    from fedtensor.federated.flower.client_app import app, load_sources
+    from fedtensor.federated.flower.task import FedSettings, local_update, node_volumes
+
+    arrays = task.to_ndarrays(_params())
+    node = {"data": str(crops[0]), "cache-dir": str(tmp_path / "c"), "allow-plain-updates": True}
+    run_config = {**TINY_RUN, "min-clients": 4}
+    ctx = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run_config)
+    delta = parameters_to_ndarrays(compat.recorddict_to_fitres(app(_train_message(arrays), ctx).content,
+                                                               False).parameters)
+    s = FedSettings.from_run_config(run_config)
+    paths = node_volumes(node)
+    rng = np.random.default_rng([s.seed, 1, zlib.crc32(",".join(map(str, paths)).encode())])
+    new, _ = local_update(_params(), load_sources(paths, s, tmp_path / "c"), TINY, s, rng)
+    for d, a, g in zip(delta, task.to_ndarrays(new), arrays):
+        np.testing.assert_allclose(d, a - g, rtol=1e-5, atol=1e-6)

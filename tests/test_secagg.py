@@ -711,3 +711,84 @@ def test_wrong_shares_in_different_secrets_are_each_left_out_of_their_own():
     res = run.server.finalize()
     assert res.inconsistent == (2, 3)
     np.testing.assert_allclose(res.sum, sum(x.values()), atol=res.tolerance)
+
+
+# -------------------------------------------- checks an honest server's run never exercises (mutation tests)
+
+
+def test_a_client_refuses_to_unmask_for_fewer_than_t_survivors():
+    """A lying server's unmask request naming t−1 survivors is refused by the client itself."""
+    p = make_params(n=5, t=4, m=8)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    run.round0()
+    run.round1()
+    run.round2(x)
+    with pytest.raises(SecAggAbort, match="threshold is 4"):
+        run.clients[1].unmask(UnmaskRequest(p.round_id, (1, 2, 3), (4, 5)))
+
+
+def test_a_client_refuses_to_mask_for_fewer_than_t_participants():
+    p = make_params(n=5, t=4, m=8)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    run.round0()
+    run.round1()
+    fwd = run.forwards[1]
+    few = ShareForward(fwd.round_id, 1, (1, 2, 3), tuple(e for e in fwd.shares if e.sender in (2, 3)))
+    with pytest.raises(SecAggAbort, match="threshold is 4"):
+        run.clients[1].mask_input(few, x[1])
+
+
+def test_a_total_weight_above_the_public_bound_aborts():
+    """Each weight within W but their sum above it: the fixed-point capacity was sized for W."""
+    p = make_params(n=3, t=2, m=8, weighted=True, max_total_weight=10)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length, lo=-0.1, hi=0.1)
+    run.round0()
+    run.round1()
+    run.round2(x, weights={1: 8, 2: 8, 3: 0})
+    with pytest.raises(SecAggAbort, match="exceeds max_total_weight"):
+        run.round3()
+
+
+def test_a_share_reflected_back_to_its_sender_is_rejected():
+    """The server relabels a client's own share for v as "from v": its key and associated data bind the
+    direction, so the client refuses it."""
+    p = make_params(n=4, t=3, m=16)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    run.round0()
+    run.round1()
+    to2 = run.forwards[2]
+    s = to2.shares[0]  # v → 2
+    own = next(e for e in run.share_msgs[2].shares if e.recipient == s.sender)  # 2 → v
+    reflected = dataclasses.replace(own, sender=s.sender, recipient=2)
+    with pytest.raises(SecAggMessageError, match="AES-GCM"):
+        run.clients[2].mask_input(dataclasses.replace(to2, shares=(reflected,) + to2.shares[1:]), x[2])
+
+
+def test_a_shares_key_and_associated_data_each_bind_round_and_direction():
+    ss, nonce, plain = bytes(range(32)), bytes(12), bytes(96)
+    ct = P.encrypt_share(P.share_key(ss, 5, 1, 2), nonce, plain, P.share_ad(5, 1, 2))
+    for r, a, b in [(6, 1, 2), (5, 2, 1), (5, 1, 3)]:
+        with pytest.raises(SecAggMessageError):  # the right key, another message's data
+            P.decrypt_share(P.share_key(ss, 5, 1, 2), nonce, ct, P.share_ad(r, a, b), 1)
+        with pytest.raises(SecAggMessageError):  # the right data, another message's key
+            P.decrypt_share(P.share_key(ss, r, a, b), nonce, ct, P.share_ad(5, 1, 2), 1)
+
+
+@pytest.mark.parametrize("t", [2, 3, 4])
+def test_t_minus_one_shares_do_not_give_the_secret_and_the_polynomial_has_degree_t_minus_one(t):
+    """Shares from a polynomial of too low a degree still combine to the right secret at t, so no sum
+    test sees it; but then t−1 colluders recover every secret."""
+    secret = os.urandom(32)
+    shares = shamir.split(secret, t, list(range(1, t + 3)), RandomSource(3, "t"))
+    try:
+        got = shamir.combine({x: shares[x] for x in range(1, t)}, t - 1)
+    except SecAggError:
+        got = None
+    assert got != secret
+    with pytest.raises(SecAggError, match="inconsistent"):
+        shamir.combine(shares, t - 1)
+    assert shamir.combine(shares, t) == secret

@@ -985,3 +985,44 @@ def test_a_stale_rounds_error_names_the_open_round_or_none(svc):
     now = svc.post("/rounds", who="admin", json={"clients": ["a", "b", "c"], "threshold": 3}).json["round"]
     r = svc.post(f"/rounds/{rid - 1}/advertise", who="a", data=encode(stale), headers=octet)
     assert r.status_code == 409 and f"the current round is {now}" in r.json["error"], r.json
+
+
+def test_token_lookup_compares_every_entry_in_constant_time(svc, monkeypatch):
+    import hmac
+
+    from fedtensor.serve import auth
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    reg = auth.TokenRegistry(svc.dir)
+    assert reg.authenticate(svc.tokens["a"]).name == "a"
+    assert len(calls) == len(reg.clients())  # every entry, no early exit
+
+
+def test_a_corrupted_manifest_is_detected(svc, models):
+    svc.store.publish(models[1][0], models[1][1])
+    path = svc.dir / "versions" / "v000002" / "model.json"
+    path.write_bytes(path.read_bytes().replace(b"{", b"{ ", 1))
+    with pytest.raises(CorruptVersionError, match="manifest"):
+        ModelStore(svc.dir).manifest_bytes(2)
+
+
+def test_a_publisher_killed_mid_write_leaves_no_visible_version(svc, models, monkeypatch):
+    """A publish is assembled aside and renamed into place: a process killed mid-write (no cleanup
+    handler runs) leaves no half-written version for readers."""
+    from fedtensor.serve import store as store_mod
+
+    real = store_mod._write_synced
+
+    def dying(path, data):
+        if path.name == "model.json":
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(store_mod, "_write_synced", dying)
+    with pytest.raises(KeyboardInterrupt):
+        svc.store.publish(models[1][0], models[1][1])
+    fresh = ModelStore(svc.dir)
+    assert [v.version for v in fresh.versions()] == [1] and fresh.latest().version == 1
+    assert not (svc.dir / "versions" / "v000002").exists()

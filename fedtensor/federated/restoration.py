@@ -92,7 +92,7 @@ class FederateConfig:
     clip: float = 1.0
     prox_mu: float = 0.0
     server_optimizer: str = "fedavg"
-    server_lr: float = 1.0
+    server_lr: float | None = None  # None: the server optimiser's default (simulation.SERVER_LEARNING_RATES)
     val_fraction: float = 0.2
     val_patches: int = 64
     seed: int = 0
