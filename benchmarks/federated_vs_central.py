@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--channels", default="8,16")
     p.add_argument("--lr", type=float, default=5e-4, help="central peak rate and the clients' Adam rate")
     p.add_argument("--server-opt", default="fedavg")
-    p.add_argument("--server-lr", type=float, default=None, help="default: 1 for fedavg, 0.01 for fedadam")
+    p.add_argument("--server-lr", type=float, default=None, help="default: 1 for fedavg, 0.001 for fedadam")
     p.add_argument("--targets", nargs="+", type=float, default=[38.0])
     p.add_argument("--test-target", type=float, default=38.0)
     p.add_argument("--seed", type=int, default=0)

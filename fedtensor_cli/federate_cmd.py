@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float, typer.Option("--lr", help="Clients' Adam learning rate.")] = 2e-3,
         server_opt: Annotated[str, typer.Option("--server-opt", metavar="fedavg|fedadam", help="Server optimiser.")] = "fedavg",
         server_lr: Annotated[Optional[float], typer.Option(
-            "--server-lr", help="Server learning rate (default: 1 for fedavg, 0.01 for fedadam).")] = None,
+            "--server-lr", help="Server learning rate (default: 1 for fedavg, 0.001 for fedadam).")] = None,
         prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx proximal weight (0: FedAvg).")] = 0.0,
         channels: Annotated[str, typer.Option("--channels", metavar="C1,C2", help="Channels at ½ and ¼ resolution.")] = "16,32",
         targets: Annotated[str, typer.Option("--targets", metavar="DB,...", help="PSNR targets of the training pairs.")] = "36,38,40,42,44",
