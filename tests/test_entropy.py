@@ -702,3 +702,40 @@ def test_compiled_chunk_models_refuses_sizes_whose_products_would_wrap(case):
             i64(1 if case == "n_classes" else 0), i64(key0), i64(0), i64(0, 4), np.zeros(4, np.uint16), empty,
             empty, empty, empty, empty, mag_of, zero, np.zeros(8), mag, np.zeros(30), np.zeros(80),
             np.zeros((1, 1, 16), np.float32), np.zeros(41), 4, 1, n_classes, 3)
+
+
+def _golden_slabs():
+    """Four seeded slabs of quantised coefficients, with DCs and magnitudes past the unary prefix (up
+    to 2¹⁵), coded as the encoder codes them: two groups of two slabs, the second group starting from
+    the state the first slab left."""
+    from fedtensor.codec import parallel
+
+    rng = np.random.default_rng(20261128)
+    grid, b = (2, 5, 3), (4, 4, 8)
+    qs = []
+    for i in range(4):
+        q = np.round(rng.laplace(0, 2.0 + 3 * i, (*grid, *b)) * (rng.random((*grid, *b)) < 0.35)).astype(np.int32)
+        q[0, 0, 0, 0, 0, 0] = 40 + 1000 * i
+        q[1, 4, 2, 1, 2, 3] = -(1 << 15) if i == 3 else 17 * (i + 1)
+        qs.append(q)
+    states = parallel.slab_coders(2, 4)
+    sections = [parallel.encode_group([grid], b, [q], next(states))[0] for q in qs]
+    return sections, qs, grid, b
+
+
+def test_the_entropy_coded_format_is_frozen():
+    """The context coder's bytes for fixed integer input, pinned. The layer is integer arithmetic
+    (counts held exactly in float64), so the bytes are the same on every machine; a change to a
+    context, a bin edge or the DC prediction that still round-trips would make every stored .ftz
+    unreadable, and only this test sees it. Change the hash only with a format version bump."""
+    import hashlib
+
+    from fedtensor.codec import parallel
+
+    sections, qs, grid, b = _golden_slabs()
+    digest = hashlib.sha256(b"".join(len(s).to_bytes(4, "little") + s for s in sections)).hexdigest()
+    assert [len(s) for s in sections] == [1056, 1404, 1556, 1624]
+    assert digest == "fd7256273c6e00d183be7e9cbe4407749d3cd6f3977acdd81d9d5484d46b8630"
+    states = parallel.slab_coders(2, 4)
+    for section, q in zip(sections, qs):
+        np.testing.assert_array_equal(parallel.decode_group([grid], b, [section], next(states))[0], q)

@@ -258,3 +258,12 @@ def test_a_forked_child_does_not_keep_idle_workers_alive():
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def test_narrow_keeps_every_value_it_narrows():
+    """int16 only where every value fits: +32768 went through the pipe as −32768 with an off-by-one."""
+    assert parallel.narrow(np.array([0, (1 << 15) - 1, -(1 << 15) + 1], np.int32)).dtype == np.int16
+    for edge in (1 << 15, -(1 << 15)):
+        q = np.array([0, edge], np.int32)
+        out = parallel.narrow(q)
+        assert out.tolist() == [0, edge] and out.dtype == np.int32

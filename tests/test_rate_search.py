@@ -129,3 +129,51 @@ def test_estimates_never_overshoot_far(load_volume):
     for target in (40.0, 48.0):
         reached = _psnr(vol.data, decompress(compress(vol, psnr=target)).data)
         assert target <= reached < target + 0.06
+
+
+def test_the_step_search_never_returns_a_step_short_of_the_target():
+    """A PSNR 0.005 dB short of the target at the largest candidate step is not accepted."""
+    from fedtensor.codec.api import _largest_step_reaching
+
+    for target in (40.0, 44.26, 45.0, 50.0):
+        step, reached, _ = _largest_step_reaching(lambda s, t=target: (t - 0.005 - 20 * np.log10(s), None), target, 1.0)
+        assert reached >= target and step > 0
+
+
+def test_the_bits_ceiling_is_never_exceeded_by_rounding():
+    """``bpv × voxels / 8`` need not be a whole number of bytes: the budget is not rounded up."""
+    from fedtensor.codec.api import _rate_controlled
+
+    def attempt(step, measure=False, errors=None):
+        return b"x" * (2 if step < 1 else 1), (0.0, 0.0)
+
+    for n, bpv in ((10, 1.0), (7, 2.0), (9, 1.5)):
+        blob = _rate_controlled(attempt, n, 1.0, None, bpv, 1.0)
+        assert blob is not None and 8 * len(blob) <= bpv * n
+
+
+@pytest.mark.parametrize("max_error", [1.5, 2.5, 3.7])
+def test_a_fractional_max_error_on_an_integer_volume(max_error):
+    """An integer volume's grid uses floor(E): the bound holds and the stream is the one for floor(E)."""
+    from fedtensor.codec import compress, decompress
+    from fedtensor.io.volume import Volume
+
+    x = np.random.default_rng(4).integers(-300, 300, (16, 16, 8)).astype(np.int16)
+    vol = Volume(x, (1.0, 1.0, 1.0), np.eye(4), {})
+    blob = compress(vol, max_error=max_error)
+    assert np.abs(decompress(blob).data.astype(np.int64) - x).max() <= max_error
+    assert np.array_equal(decompress(blob).data, decompress(compress(vol, max_error=float(int(max_error)))).data)
+
+
+def test_a_float32_max_error_far_above_its_precision_is_met_not_refused():
+    """float32 near 1000 rounds by 6e-5: a bound of 0.01 (160× that) was refused as "below the
+    precision" when the grid tightened by 1e-6 relative per try; a bound below the precision is met
+    exactly or refused, never broken."""
+    from fedtensor.codec import compress, decompress
+    from fedtensor.io.volume import Volume
+
+    x = (1000 + np.random.default_rng(0).uniform(0, 300, (32, 32, 32))).astype(np.float32)
+    vol = Volume(x, (1.0, 1.0, 1.0), np.eye(4), {})
+    for e in (0.1, 0.01, 1e-3, 2e-4, 1e-5):
+        got = np.abs(decompress(compress(vol, max_error=e)).data.astype(np.float64) - x).max()
+        assert got <= e

@@ -397,14 +397,20 @@ def _exact(volume: Volume, max_error: float | None, header: dict, value_range: f
     x = data.astype(np.float64)
     offset = float(x.min())
     step = 2.0 * max_error
+    # the output dtype's rounding near the largest magnitude (float32 at 1000: 6e-5)
+    ulp = float(np.spacing(np.abs(data).max().astype(data.dtype))) if data.dtype.kind == "f" else 0.0
     for _ in range(_MAX_RETRIES):
         q = np.rint((x - offset) / step)
         if q.max(initial=0) >= 2**50:
             raise RateError(f"--max-error {max_error} is too small for this volume's range")
         decoded = to_dtype(offset + q * step, data.dtype)
-        if float(np.max(np.abs(decoded - x))) <= max_error:
+        worst = float(np.max(np.abs(decoded - x)))
+        if worst <= max_error:
             return _pack_grid(data, q.astype(np.int64), step, offset, header, max_error, value_range)
-        step *= 1 - 1e-6  # the output dtype's rounding ate into the bound: tighten the grid
+        # the output dtype's rounding ate into the bound: tighten the grid by what it ate, and a rounding more
+        step -= 2.0 * (worst - max_error) + ulp
+        if not step > 0:
+            break
     raise RateError(f"--max-error {max_error} is below the precision of this {data.dtype} volume")
 
 

@@ -308,6 +308,7 @@ _FOREVER = 1e6  # idle times from here on start no timer (a Timer cannot wait ~1
 _idle: list[tuple[float, subprocess.Popen]] = []  # (when it became idle, worker), oldest first
 _idle_lock = threading.Lock()
 _expiry: threading.Timer | None = None  # the one timer that ends workers idle for too long
+_expiry_at = 0.0  # when it fires (monotonic)
 _live: weakref.WeakSet = weakref.WeakSet()  # every worker started here, busy or idle
 
 
@@ -339,11 +340,17 @@ def _keep_idle(procs: list[subprocess.Popen]) -> None:
 
 
 def _schedule_expiry(delay: float) -> None:  # with _idle_lock held
-    global _expiry
-    if _expiry is None:
-        _expiry = threading.Timer(delay + 0.05, _expire)
-        _expiry.daemon = True
-        _expiry.start()
+    """Have the timer fire in ``delay`` seconds, or sooner if it already would (a shorter idle time,
+    set since, must not wait for the timer a longer one started)."""
+    global _expiry, _expiry_at
+    at = time.monotonic() + delay + 0.05
+    if _expiry is not None:
+        if _expiry_at <= at:
+            return
+        _expiry.cancel()
+    _expiry, _expiry_at = threading.Timer(at - time.monotonic(), _expire), at
+    _expiry.daemon = True
+    _expiry.start()
 
 
 def _expire() -> None:
