@@ -100,18 +100,10 @@ def _ras_orientation(affine) -> np.ndarray:
     return ornt
 
 
-def _to_ras(affine) -> Callable[[np.ndarray], np.ndarray]:
-    """Reorders a volume's voxels as the viewer shows them (:func:`_ras_orientation`)."""
-    from nibabel.orientations import apply_orientation
-
-    ornt = _ras_orientation(affine)
-    return lambda a: np.ascontiguousarray(apply_orientation(a, ornt))
-
-
-def _in_view_order(affine, values) -> list:
-    """Per-axis ``values`` (shape, spacing) in the viewer's axis order."""
+def _in_view_order(ornt: np.ndarray, values) -> list:
+    """Per-axis ``values`` (shape, spacing) in the viewer's axis order (``ornt``: :func:`_ras_orientation`)."""
     out = [None] * 3
-    for src, (dst, _) in enumerate(_ras_orientation(affine)):
+    for src, (dst, _) in enumerate(ornt):
         out[int(dst)] = values[src]
     return out
 
@@ -128,8 +120,10 @@ def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = N
     from fedtensor.metrics import max_abs_error, psnr, ssim3d
 
     data = np.asarray(volume.data)
-    to_view = _to_ras(volume.affine)
-    np.save(workdir / "original.npy", to_view(data))
+    from nibabel.orientations import apply_orientation
+
+    ornt = _ras_orientation(volume.affine)
+    np.save(workdir / "original.npy", np.ascontiguousarray(apply_orientation(data, ornt)))
     progress("compressing")
     compiles = compile_count()
     t0 = time.perf_counter()
@@ -144,8 +138,7 @@ def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = N
     info = read_info(blob)
     out = {"codec": info.get("codec"), "settings": asdict(settings), "target": settings.describe(),
            "shape": list(data.shape), "dtype": data.dtype.name, "spacing": list(volume.spacing),
-           "view_shape": _in_view_order(volume.affine, data.shape),
-           "view_spacing": _in_view_order(volume.affine, volume.spacing),
+           "view_shape": _in_view_order(ornt, data.shape), "view_spacing": _in_view_order(ornt, volume.spacing),
            "original_bytes": int(data.nbytes), "ftz_bytes": len(blob), "bpv": info["bits_per_voxel"],
            "ratio": info["ratio"], "encode_s": encode_s, "decode_s": decode_s, "compiled": compiled,
            "psnr": _finite(psnr(data, decoded.data)), "max_error": max_abs_error(data, decoded.data),
@@ -164,6 +157,6 @@ def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = N
                           "applied": shown is not decoded,
                           "psnr": _finite(psnr(data, shown.data)), "ssim": float(ssim3d(data, shown.data)),
                           "max_error": max_abs_error(data, shown.data)}
-    np.save(workdir / "decoded.npy", to_view(np.asarray(shown.data)))
+    np.save(workdir / "decoded.npy", np.ascontiguousarray(apply_orientation(np.asarray(shown.data), ornt)))
     write_volume(shown, workdir / "decoded.nii.gz")
     return out
