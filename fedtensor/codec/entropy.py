@@ -28,6 +28,10 @@ try:  # compiled context modelling (setup.py builds it where a C compiler is fou
     from fedtensor.codec import _contexts
 except ImportError:  # the numpy code below computes the same models, only slower
     _contexts = None
+try:  # a range encoder writing constriction's streams byte for byte, without holding the GIL
+    from fedtensor.codec import _range
+except ImportError:  # constriction encodes
+    _range = None
 
 UNARY_CAP = 14
 _EG_CAP = 40  # Exp-Golomb prefix length bound: magnitudes < 2**40 + UNARY_CAP
@@ -57,14 +61,27 @@ class BinaryStream:
 
     def __init__(self, compressed: np.ndarray | None = None, allow_empty: bool = False):
         """Encode, or (given ``compressed``) decode. A section to decode must not be empty unless
-        ``allow_empty``: every section fedtensor's codecs write codes at least one symbol."""
+        ``allow_empty``: every section fedtensor's codecs write codes at least one symbol.
+
+        An encoder codes with the compiled :mod:`fedtensor.codec._range` where it is built (the same
+        words as constriction's, with the GIL released, and reading the model rows in place) except
+        for :meth:`laplace`, which only constriction has: a stream that starts with it is constriction's."""
         self.decoding = compressed is not None
+        self._native = None
         if self.decoding:
             if len(compressed) == 0 and not allow_empty:
                 raise FormatError("corrupted stream: empty entropy-coded section")
             self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(compressed, np.uint32))
+        elif _range is not None:
+            self._native = _range.Encoder()
+            self._coder = None
         else:
             self._coder = constriction.stream.queue.RangeEncoder()
+
+    @property
+    def native(self):
+        """The compiled encoder (:mod:`fedtensor.codec._range`) this stream codes with, or None."""
+        return self._native
 
     def categorical(self, probs: np.ndarray, values: np.ndarray | None) -> np.ndarray:
         """Code ``len(probs)`` symbols, symbol ``i`` in ``[0, probs.shape[1])`` with row ``i``."""
@@ -73,13 +90,22 @@ class BinaryStream:
         if self.decoding:
             return self._decode(self._categorical, probs)
         values = np.asarray(values, np.int32)
-        self._coder.encode(values, self._categorical, probs)
+        if self._native is not None:
+            self._native.categorical_rows(np.ascontiguousarray(probs, np.float32), None, np.ascontiguousarray(values))
+        else:
+            self._coder.encode(values, self._categorical, probs)
         return values
 
     def categorical_rows(self, table: np.ndarray, rows: np.ndarray, values: np.ndarray | None) -> np.ndarray:
         """:meth:`categorical` with the probabilities ``table[rows]``, gathered :data:`_ROWS_AT_ONCE`
         symbols at a time: the same code (a range coder's symbols may be split between calls), and
-        the rows, 64 bytes a symbol, stay small and in cache instead of taking megabytes per chunk."""
+        the rows, 64 bytes a symbol, stay small and in cache instead of taking megabytes per chunk.
+        The compiled encoder reads the rows in place."""
+        if self._native is not None and len(rows) and len(table) <= 1 << 16:
+            values = np.ascontiguousarray(values, np.int32)
+            self._native.categorical_rows(np.ascontiguousarray(table, np.float32),
+                                          np.ascontiguousarray(rows, np.uint16), values)
+            return values
         if len(rows) <= _ROWS_AT_ONCE:
             return self.categorical(table.take(rows, axis=0), values)
         pieces = [self.categorical(table.take(rows[i:i + _ROWS_AT_ONCE], axis=0),
@@ -93,7 +119,10 @@ class BinaryStream:
         if self.decoding:
             return self._decode(self._bernoulli, p1)
         values = np.asarray(values, np.int32)
-        self._coder.encode(values, self._bernoulli, p1)
+        if self._native is not None:
+            self._native.bernoulli(np.ascontiguousarray(p1, np.float64), np.ascontiguousarray(values))
+        else:
+            self._coder.encode(values, self._bernoulli, p1)
         return values
 
     def laplace(self, scales: np.ndarray, values: np.ndarray | None) -> np.ndarray:
@@ -104,6 +133,10 @@ class BinaryStream:
             return np.zeros(0, np.int32)
         if self.decoding:
             return self._decode(self._laplace, np.zeros(len(scales)), scales)
+        if self._native is not None:  # only constriction has this model: it takes over a stream not begun
+            if self._native.finish():
+                raise ValueError("laplace: this stream began with the compiled encoder, which has no Laplace model")
+            self._native, self._coder = None, constriction.stream.queue.RangeEncoder()
         values = np.asarray(values, np.int32)
         self._coder.encode(values, self._laplace, np.zeros(len(scales)), scales)
         return values
@@ -111,11 +144,19 @@ class BinaryStream:
     def categorical_alike(self, probs: np.ndarray, values: np.ndarray | None, n: int) -> np.ndarray:
         """Code ``n`` symbols all under the one distribution ``probs`` (the same code as
         :meth:`categorical` with ``probs`` on every row, without building a model per symbol)."""
-        return self._fixed(constriction.stream.model.Categorical(np.asarray(probs, np.float32), perfect=False),
-                           values, n)
+        probs = np.asarray(probs, np.float32)
+        if self._native is not None and n:
+            values = np.ascontiguousarray(values, np.int32)
+            self._native.categorical_alike(np.ascontiguousarray(probs), values)
+            return values
+        return self._fixed(constriction.stream.model.Categorical(probs, perfect=False), values, n)
 
     def even_bits(self, values: np.ndarray | None, n: int) -> np.ndarray:
         """Code ``n`` bits, each a one with probability 1/2 (raw bits)."""
+        if self._native is not None and n:
+            values = np.ascontiguousarray(values, np.int32)
+            self._native.even_bits(values)
+            return values
         return self._fixed(self._even, values, n)
 
     def _fixed(self, model, values: np.ndarray | None, n: int) -> np.ndarray:
@@ -134,6 +175,8 @@ class BinaryStream:
             raise FormatError(f"corrupted entropy-coded stream ({err.__class__.__name__})") from None
 
     def finish(self) -> bytes:
+        if self._native is not None:
+            return self._native.finish()
         return self._coder.get_compressed().tobytes()
 
     def check_consumed(self) -> None:
@@ -427,9 +470,10 @@ class SignedCoder:
 
     def _chunk_models_native(self, mag_of, cls, key0, mkey0, bounds, local, sym_nz, idx, mnz, neg, esc, nbits):
         """:meth:`_chunk_models` in compiled code (``fedtensor/codec/_contexts.c``): the same models,
-        bit for bit, and the same tables after. ``local``: as :func:`_narrow_local` gives it. ``table(c)``
-        holds only the rows of the local contexts chunk ``c`` holds (computing all of them took most of
-        the time); the others are not set."""
+        bit for bit, and the same tables after. ``local``: as :func:`_narrow_local` gives it. The symbol
+        tables come as one array (chunks, local contexts, symbols); chunk ``c``'s holds only the rows of
+        the local contexts the chunk holds (computing all of them took most of the time); the others are
+        not set."""
         n_chunks, n_local, n_mag = len(cls), len(mag_of), int(mag_of.max()) + 1
         tables = np.empty((n_chunks, n_local, UNARY_CAP + 2), np.float32)
         signs_and_lengths = np.empty(n_chunks * (n_mag + _EG_CAP))
@@ -439,7 +483,7 @@ class SignedCoder:
                                self.eg, tables, signs_and_lengths, self.zero.shape[2], self.mag.shape[2],
                                self.zero.shape[0], 3)
         p_neg = signs_and_lengths[:n_chunks * n_mag].reshape(n_chunks, n_mag)
-        return tables.__getitem__, p_neg, signs_and_lengths[n_chunks * n_mag:].reshape(n_chunks, _EG_CAP)
+        return tables, p_neg, signs_and_lengths[n_chunks * n_mag:].reshape(n_chunks, _EG_CAP)
 
     def _code(self, s: BinaryStream, local: np.ndarray, tables, values: np.ndarray | None):
         mag_of = tables[4]
@@ -617,9 +661,12 @@ def _code_chunks_native(s: BinaryStream, bounds, local, sym, tables, p_neg, dist
     length, bits = np.empty(len(esc), np.int32), np.empty(int(nbits.sum()), np.int32)
     marks = np.empty((3, n_chunks + 1), np.int64)
     _contexts.chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits, marks)
+    if s.native is not None:  # the whole run in one call, the model rows read in place, the GIL released
+        s.native.chunks(bounds, local, sym, tables, psign, sign, np.ascontiguousarray(dist), length, bits, marks)
+        return
     edges = np.vstack([bounds, marks]).T.tolist()  # per chunk start: symbols, non-zeros, escapes, bits
     for c, ((a, na, ea, ba), (b, nb, eb, bb)) in enumerate(zip(edges[:-1], edges[1:])):
-        s.categorical_rows(tables(c), local[a:b], sym[a:b])
+        s.categorical_rows(tables[c], local[a:b], sym[a:b])
         s.bernoulli(psign[na:nb], sign[na:nb])
         if eb > ea:
             s.categorical_alike(dist[c], length[ea:eb], eb - ea)
