@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fedtensor.codec import entropy
 from fedtensor.codec.blockcoef import code_block_coefficients
 from fedtensor.codec.entropy import BinaryStream
+from fedtensor.errors import FormatError
 from fedtensor.tensor.block import block_bases, block_grid, project, to_blocks
 
 _range = pytest.importorskip("fedtensor.codec._range")
@@ -222,3 +223,57 @@ def test_streams_coded_in_threads_are_those_coded_one_after_another():
     for t in threads:
         t.join()
     assert got == expected
+
+
+def _decode_all(ops, words: np.ndarray, native: bool) -> tuple:
+    """Every op's symbols decoded from ``words`` (the compiled decoder or constriction's), the first
+    FormatError's position, and whether the data was used up."""
+    with pytest.MonkeyPatch.context() as m:
+        if not native:
+            m.setattr(entropy, "_range", None)
+        s = BinaryStream(words, allow_empty=True)
+        assert (s.native is not None) == native
+        got = []
+        try:
+            for op in ops:
+                if op[0] == "rows":
+                    got.append(s.categorical_rows(op[1], op[2], None))
+                elif op[0] == "categorical":
+                    got.append(s.categorical(op[1], None))
+                elif op[0] == "bernoulli":
+                    got.append(s.bernoulli(op[1], None))
+                elif op[0] == "even":
+                    got.append(s.even_bits(None, len(op[1])))
+                else:
+                    got.append(s.categorical_alike(op[1], None, len(op[2])))
+        except FormatError:
+            return [g.tolist() for g in got], len(got), None
+        return [g.tolist() for g in got], None, s.native.maybe_exhausted() if native else s._coder.maybe_exhausted()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_ops=st.integers(1, 8), damage=st.sampled_from(["none", "flip", "cut", "extra",
+                                                                                          "random"]))
+def test_native_decoder_reads_as_constriction_valid_or_not(seed, n_ops, damage):
+    """Valid, bit-flipped, truncated, extended and random streams: the compiled decoder gives the symbols
+    constriction gives, fails where it fails, and judges the data used up as it does (what
+    check_consumed decides on)."""
+    ops = _ops(seed, n_ops)
+    words = np.frombuffer(_with_constriction(ops), np.uint32).copy()
+    rng = np.random.default_rng(seed)
+    if damage == "flip" and len(words):
+        words[rng.integers(len(words))] ^= np.uint32(1 << int(rng.integers(32)))
+    elif damage == "cut":
+        words = words[:int(rng.integers(len(words) + 1))]
+    elif damage == "extra":
+        words = np.concatenate([words, rng.integers(0, 2**32, int(rng.integers(1, 4)), dtype=np.uint32)])
+    elif damage == "random":
+        words = rng.integers(0, 2**32, int(rng.integers(0, 200)), dtype=np.uint32)
+    assert _decode_all(ops, words, True) == _decode_all(ops, words, False)
+
+
+def test_decoder_refuses_a_quantile_no_encoder_writes():
+    """All ones: the first quantile is 2^24, past every model (constriction: InvalidData)."""
+    s = BinaryStream(np.full(4, 0xFFFFFFFF, np.uint32))
+    with pytest.raises(FormatError, match="corrupted"):
+        s.even_bits(None, 1)

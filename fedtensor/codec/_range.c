@@ -405,13 +405,259 @@ static PyTypeObject EncoderType = {
     .tp_dealloc = (destructor)Encoder_dealloc,
 };
 
+
+/* ------------------------------------------------------------------------------------------------------
+ * Decoder: constriction's queue.RangeDecoder for the same models (its decode_symbol, quantile functions and
+ * maybe_exhausted), so that a stream decodes to the same symbols and is judged used up alike, valid or not.
+ * ------------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t lower, range, point;
+    uint32_t *words;
+    Py_ssize_t n_words, pos;
+    int busy;
+} Decoder;
+
+/* The next symbol's quantile in [0, 2^24), or -1 for data no encoder writes. */
+static int64_t quantile(Decoder *d, uint64_t *scale) {
+    *scale = d->range >> PRECISION;
+    uint64_t q = (d->point - d->lower) / *scale;
+    return q >= TOTAL ? -1 : (int64_t)q;
+}
+
+static void advance(Decoder *d, uint64_t scale, uint32_t left, uint32_t prob) {
+    d->lower += scale * left;
+    d->range = scale * prob;
+    if (d->range < ((uint64_t)1 << 32)) {
+        d->lower <<= 32;
+        d->range <<= 32;
+        d->point <<= 32;
+        if (d->pos < d->n_words) d->point |= d->words[d->pos++];
+    }
+}
+
+/* A symbol under a row with cumulatives c and scale (the encoder's encode_row, inverted). */
+static int decode_row(Decoder *d, const float *c, float scale, Py_ssize_t k, int32_t *out) {
+    uint64_t sc;
+    int64_t q = quantile(d, &sc);
+    if (q < 0) return -3;
+    uint32_t left = 0, right = 0;
+    Py_ssize_t v = 0;
+    for (; v < k; v++) {
+        right = v == k - 1 ? TOTAL : (uint32_t)(c[v + 1] * scale) + (uint32_t)v + 1;
+        if ((uint64_t)q < right) break;
+        left = right;
+    }
+    if (v == k || right <= left) return -3;
+    advance(d, sc, left, right - left);
+    *out = (int32_t)v;
+    return 0;
+}
+
+static int decode_bit(Decoder *d, double p, int32_t *out) {
+    if (!(p >= 0.0 && p <= 1.0)) return -2;
+    double q1 = 1.0 - p, norm = q1 + p, scale = (double)(TOTAL - 2) / norm;
+    uint32_t mid = (uint32_t)(q1 * scale) + 1;
+    uint64_t sc;
+    int64_t q = quantile(d, &sc);
+    if (q < 0) return -3;
+    *out = (uint64_t)q >= mid;
+    if (*out) advance(d, sc, mid, TOTAL - mid);
+    else advance(d, sc, 0, mid);
+    return 0;
+}
+
+static PyObject *decode_failed(int rc) {
+    if (rc == -3) PyErr_SetString(PyExc_ValueError, "range decoder: invalid compressed data");
+    else if (rc == -1) PyErr_NoMemory();
+    else PyErr_SetString(PyExc_ValueError, "range decoder: an invalid model");
+    return NULL;
+}
+
+static int decoder_free(Decoder *d) {
+    if (d->busy) PyErr_SetString(PyExc_RuntimeError, "range decoder: in use by another thread");
+    return !d->busy;
+}
+
+/* Decoder(words uint32 (n)): reads the first two words as constriction's from_compressed does. */
+static int Decoder_init(Decoder *d, PyObject *args, PyObject *kwds) {
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O:Decoder", &o) || !decoder_free(d)) return -1;
+    Buf b[1] = {0};
+    if (get(o, &b[0], "I", 1, "words") < 0) {
+        release(b, 1);
+        return -1;
+    }
+    Py_ssize_t n = b[0].b.shape[0];
+    uint32_t *words = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(uint32_t));
+    if (!words) {
+        release(b, 1);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(words, b[0].b.buf, (size_t)n * sizeof(uint32_t));
+    release(b, 1);
+    PyMem_RawFree(d->words);
+    d->words = words, d->n_words = n, d->pos = 0, d->lower = 0, d->range = UINT64_MAX, d->point = 0;
+    int read = 0;
+    for (; read < 2 && d->pos < n; read++) d->point = (d->point << 32) | d->words[d->pos++];
+    if (read == 1) d->point <<= 32;
+    return 0;
+}
+
+static void Decoder_dealloc(Decoder *d) {
+    PyMem_RawFree(d->words);
+    Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+/* categorical_rows(table float32 (L, K), rows uint16 (n) or None, out int32 (n)). */
+static PyObject *Decoder_categorical_rows(Decoder *d, PyObject *args) {
+    PyObject *o[3];
+    if (!PyArg_ParseTuple(args, "OOO", &o[0], &o[1], &o[2]) || !decoder_free(d)) return NULL;
+    Buf b[3] = {0};
+    PyObject *result = NULL;
+    int identity = o[1] == Py_None;
+    if (get(o[0], &b[0], "f", 2, "table") < 0 || (!identity && get(o[1], &b[1], "H", 1, "rows") < 0)) goto done;
+    if (PyObject_GetBuffer(o[2], &b[2].b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND | PyBUF_WRITABLE) < 0) goto done;
+    b[2].held = 1;
+    Py_ssize_t n_rows = b[0].b.shape[0], k = b[0].b.shape[1], n = identity ? n_rows : b[1].b.shape[0];
+    if (k < 2 || k > MAX_SYMBOLS || b[2].b.ndim != 1 || b[2].b.itemsize != 4 || b[2].b.shape[0] != n) {
+        PyErr_SetString(PyExc_ValueError, "categorical_rows: bad shapes");
+        goto done;
+    }
+    const float *table = b[0].b.buf;
+    const uint16_t *rows = identity ? NULL : b[1].b.buf;
+    int32_t *out = b[2].b.buf;
+    for (Py_ssize_t i = 0; i < n && rows; i++)
+        if (rows[i] >= n_rows) { PyErr_SetString(PyExc_IndexError, "categorical_rows: row out of range"); goto done; }
+    const Py_ssize_t stride = MAX_SYMBOLS + 2;
+    float *cum = rows ? PyMem_RawMalloc((size_t)n_rows * stride * sizeof(float)) : NULL;
+    char *made = rows ? PyMem_RawCalloc((size_t)n_rows, 1) : NULL;
+    if (rows && (!cum || !made)) {
+        PyMem_RawFree(cum), PyMem_RawFree(made);
+        PyErr_NoMemory();
+        goto done;
+    }
+    float c[MAX_SYMBOLS + 2];
+    int rc = 0;
+    d->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && !rc; i++) {
+        float *cr = c;
+        if (rows) {
+            cr = cum + (Py_ssize_t)rows[i] * stride;
+            if (!made[rows[i]]) cr[stride - 1] = row_scale(table + (Py_ssize_t)rows[i] * k, k, cr), made[rows[i]] = 1;
+        } else
+            cr[stride - 1] = row_scale(table + i * k, k, cr);
+        rc = row_ok(cr, k) ? decode_row(d, cr, cr[stride - 1], k, out + i) : -2;
+    }
+    Py_END_ALLOW_THREADS
+    d->busy = 0;
+    PyMem_RawFree(cum), PyMem_RawFree(made);
+    if (rc) { decode_failed(rc); goto done; }
+    result = Py_NewRef(Py_None);
+done:
+    release(b, 3);
+    return result;
+}
+
+/* categorical_alike(probs float32 (K), out int32 (n)). */
+static PyObject *Decoder_categorical_alike(Decoder *d, PyObject *args) {
+    PyObject *o[2];
+    if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]) || !decoder_free(d)) return NULL;
+    Buf b[2] = {0};
+    PyObject *result = NULL;
+    if (get(o[0], &b[0], "f", 1, "probs") < 0) goto done;
+    if (PyObject_GetBuffer(o[1], &b[1].b, PyBUF_C_CONTIGUOUS | PyBUF_ND | PyBUF_WRITABLE) < 0) goto done;
+    b[1].held = 1;
+    Py_ssize_t k = b[0].b.shape[0], n = b[1].b.len / 4;
+    if (k < 2 || k > MAX_SYMBOLS || b[1].b.itemsize != 4) {
+        PyErr_SetString(PyExc_ValueError, "categorical_alike: bad shapes");
+        goto done;
+    }
+    int32_t *out = b[1].b.buf;
+    float c[MAX_SYMBOLS + 1], scale = row_scale(b[0].b.buf, k, c);
+    int rc = row_ok(c, k) ? 0 : -2;
+    d->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_row(d, c, scale, k, out + i);
+    Py_END_ALLOW_THREADS
+    d->busy = 0;
+    if (rc) { decode_failed(rc); goto done; }
+    result = Py_NewRef(Py_None);
+done:
+    release(b, 2);
+    return result;
+}
+
+/* bernoulli(p1 float64 (n) or None for 1/2 each, out int32 (n)). */
+static PyObject *Decoder_bernoulli(Decoder *d, PyObject *args) {
+    PyObject *o[2];
+    if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]) || !decoder_free(d)) return NULL;
+    Buf b[2] = {0};
+    PyObject *result = NULL;
+    int even = o[0] == Py_None;
+    if (!even && get(o[0], &b[0], "d", 1, "p1") < 0) goto done;
+    if (PyObject_GetBuffer(o[1], &b[1].b, PyBUF_C_CONTIGUOUS | PyBUF_ND | PyBUF_WRITABLE) < 0) goto done;
+    b[1].held = 1;
+    Py_ssize_t n = b[1].b.len / 4;
+    if (b[1].b.itemsize != 4 || (!even && b[0].b.shape[0] != n)) {
+        PyErr_SetString(PyExc_ValueError, "bernoulli: lengths differ");
+        goto done;
+    }
+    const double *p = even ? NULL : b[0].b.buf;
+    int32_t *out = b[1].b.buf;
+    int rc = 0;
+    d->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_bit(d, p ? p[i] : 0.5, out + i);
+    Py_END_ALLOW_THREADS
+    d->busy = 0;
+    if (rc) { decode_failed(rc); goto done; }
+    result = Py_NewRef(Py_None);
+done:
+    release(b, 2);
+    return result;
+}
+
+/* Whether the data may be used up: constriction's maybe_exhausted. */
+static PyObject *Decoder_maybe_exhausted(Decoder *d, PyObject *Py_UNUSED(ignored)) {
+    if (!decoder_free(d)) return NULL;
+    int done = d->pos >= d->n_words &&
+               (d->range == UINT64_MAX || d->point - d->lower < ((uint64_t)1 << 33) - 1);
+    return PyBool_FromLong(done);
+}
+
+static PyMethodDef Decoder_methods[] = {
+    {"categorical_rows", (PyCFunction)Decoder_categorical_rows, METH_VARARGS,
+     "categorical_rows(table, rows, out): out[i] under table[rows[i]] (rows None: under table[i])"},
+    {"categorical_alike", (PyCFunction)Decoder_categorical_alike, METH_VARARGS,
+     "categorical_alike(probs, out): every symbol under one float32 row"},
+    {"bernoulli", (PyCFunction)Decoder_bernoulli, METH_VARARGS,
+     "bernoulli(p1, out): bits with P(one) = p1 (float64), or 1/2 where p1 is None"},
+    {"maybe_exhausted", (PyCFunction)Decoder_maybe_exhausted, METH_NOARGS, "whether the data may be used up"},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject DecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fedtensor.codec._range.Decoder",
+    .tp_basicsize = sizeof(Decoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Range decoder reading constriction's queue.RangeEncoder streams for fedtensor's models.",
+    .tp_methods = Decoder_methods,
+    .tp_init = (initproc)Decoder_init,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Decoder_dealloc,
+};
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_range", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__range(void) {
-    if (PyType_Ready(&EncoderType) < 0) return NULL;
+    if (PyType_Ready(&EncoderType) < 0 || PyType_Ready(&DecoderType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddObjectRef(m, "Encoder", (PyObject *)&EncoderType) < 0) {
+    if (PyModule_AddObjectRef(m, "Encoder", (PyObject *)&EncoderType) < 0 ||
+        PyModule_AddObjectRef(m, "Decoder", (PyObject *)&DecoderType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -51,6 +51,11 @@ class BinaryStream:
 
     In encode mode the coding methods take the values and return them; in decode mode they take
     ``None`` and return the decoded values.
+
+    The stream is constriction's ``queue.RangeEncoder`` stream (32-bit words). Where the compiled
+    :mod:`fedtensor.codec._range` is built, it codes both ways instead, word for word the same: it reads
+    the model rows in place (constriction takes a gathered copy per symbol) and releases the GIL. Only
+    :meth:`laplace` has no compiled model: a stream that starts with it is constriction's throughout.
     """
 
     _categorical = constriction.stream.model.Categorical(perfect=False)
@@ -61,51 +66,51 @@ class BinaryStream:
 
     def __init__(self, compressed: np.ndarray | None = None, allow_empty: bool = False):
         """Encode, or (given ``compressed``) decode. A section to decode must not be empty unless
-        ``allow_empty``: every section fedtensor's codecs write codes at least one symbol.
-
-        An encoder codes with the compiled :mod:`fedtensor.codec._range` where it is built (the same
-        words as constriction's, with the GIL released, and reading the model rows in place) except
-        for :meth:`laplace`, which only constriction has: a stream that starts with it is constriction's."""
+        ``allow_empty``: every section fedtensor's codecs write codes at least one symbol."""
         self.decoding = compressed is not None
-        self._native = None
+        self._native, self._coder, self._begun = None, None, False
         if self.decoding:
             if len(compressed) == 0 and not allow_empty:
                 raise FormatError("corrupted stream: empty entropy-coded section")
-            self._coder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(compressed, np.uint32))
+            self._words = np.ascontiguousarray(compressed, np.uint32)
+            if _range is not None:
+                self._native = _range.Decoder(self._words)
+            else:
+                self._coder = constriction.stream.queue.RangeDecoder(self._words)
         elif _range is not None:
             self._native = _range.Encoder()
-            self._coder = None
         else:
             self._coder = constriction.stream.queue.RangeEncoder()
 
     @property
     def native(self):
-        """The compiled encoder (:mod:`fedtensor.codec._range`) this stream codes with, or None."""
+        """The compiled coder (:mod:`fedtensor.codec._range`) of this stream, or None."""
+        return self._native
+
+    def _compiled(self):
+        """The compiled coder, now that a symbol is coded with it (None: constriction codes)."""
+        self._begun = True
         return self._native
 
     def categorical(self, probs: np.ndarray, values: np.ndarray | None) -> np.ndarray:
         """Code ``len(probs)`` symbols, symbol ``i`` in ``[0, probs.shape[1])`` with row ``i``."""
         if len(probs) == 0:
             return np.zeros(0, np.int32)
+        if (native := self._compiled()) is not None:
+            return self._native_rows(native, probs, None, values, len(probs))
         if self.decoding:
             return self._decode(self._categorical, probs)
         values = np.asarray(values, np.int32)
-        if self._native is not None:
-            self._native.categorical_rows(np.ascontiguousarray(probs, np.float32), None, np.ascontiguousarray(values))
-        else:
-            self._coder.encode(values, self._categorical, probs)
+        self._coder.encode(values, self._categorical, probs)
         return values
 
     def categorical_rows(self, table: np.ndarray, rows: np.ndarray, values: np.ndarray | None) -> np.ndarray:
-        """:meth:`categorical` with the probabilities ``table[rows]``, gathered :data:`_ROWS_AT_ONCE`
-        symbols at a time: the same code (a range coder's symbols may be split between calls), and
-        the rows, 64 bytes a symbol, stay small and in cache instead of taking megabytes per chunk.
-        The compiled encoder reads the rows in place."""
-        if self._native is not None and len(rows) and len(table) <= 1 << 16:
-            values = np.ascontiguousarray(values, np.int32)
-            self._native.categorical_rows(np.ascontiguousarray(table, np.float32),
-                                          np.ascontiguousarray(rows, np.uint16), values)
-            return values
+        """:meth:`categorical` with the probabilities ``table[rows]``. constriction's are gathered
+        :data:`_ROWS_AT_ONCE` symbols at a time: the same code (a range coder's symbols may be split
+        between calls), and the rows, 64 bytes a symbol, stay small and in cache instead of taking
+        megabytes per chunk. The compiled coder reads them in place."""
+        if len(rows) and len(table) <= 1 << 16 and (native := self._compiled()) is not None:
+            return self._native_rows(native, table, np.ascontiguousarray(rows, np.uint16), values, len(rows))
         if len(rows) <= _ROWS_AT_ONCE:
             return self.categorical(table.take(rows, axis=0), values)
         pieces = [self.categorical(table.take(rows[i:i + _ROWS_AT_ONCE], axis=0),
@@ -113,16 +118,32 @@ class BinaryStream:
                   for i in range(0, len(rows), _ROWS_AT_ONCE)]
         return np.concatenate(pieces) if self.decoding else values
 
+    def _native_rows(self, native, table, rows, values, n: int) -> np.ndarray:
+        table = np.ascontiguousarray(table, np.float32)
+        if self.decoding:
+            out = np.empty(n, np.int32)
+            self._native_decode(native.categorical_rows, table, rows, out)
+            return out
+        values = np.ascontiguousarray(values, np.int32)
+        native.categorical_rows(table, rows, values)
+        return values
+
     def bernoulli(self, p1: np.ndarray, values: np.ndarray | None) -> np.ndarray:
         if len(p1) == 0:
             return np.zeros(0, np.int32)
+        if (native := self._compiled()) is not None:
+            p1 = np.ascontiguousarray(p1, np.float64)
+            if self.decoding:
+                out = np.empty(len(p1), np.int32)
+                self._native_decode(native.bernoulli, p1, out)
+                return out
+            values = np.ascontiguousarray(values, np.int32)
+            native.bernoulli(p1, values)
+            return values
         if self.decoding:
             return self._decode(self._bernoulli, p1)
         values = np.asarray(values, np.int32)
-        if self._native is not None:
-            self._native.bernoulli(np.ascontiguousarray(p1, np.float64), np.ascontiguousarray(values))
-        else:
-            self._coder.encode(values, self._bernoulli, p1)
+        self._coder.encode(values, self._bernoulli, p1)
         return values
 
     def laplace(self, scales: np.ndarray, values: np.ndarray | None) -> np.ndarray:
@@ -131,12 +152,15 @@ class BinaryStream:
         scales = np.asarray(scales, np.float64)
         if len(scales) == 0:
             return np.zeros(0, np.int32)
+        if self._native is not None:  # only constriction has this model: it takes over a stream not begun
+            if self._begun:
+                raise ValueError("laplace: this stream is coded by the compiled coder, which has no Laplace model")
+            self._native = None
+            self._coder = (constriction.stream.queue.RangeDecoder(self._words) if self.decoding
+                           else constriction.stream.queue.RangeEncoder())
+        self._begun = True
         if self.decoding:
             return self._decode(self._laplace, np.zeros(len(scales)), scales)
-        if self._native is not None:  # only constriction has this model: it takes over a stream not begun
-            if self._native.finish():
-                raise ValueError("laplace: this stream began with the compiled encoder, which has no Laplace model")
-            self._native, self._coder = None, constriction.stream.queue.RangeEncoder()
         values = np.asarray(values, np.int32)
         self._coder.encode(values, self._laplace, np.zeros(len(scales)), scales)
         return values
@@ -144,18 +168,26 @@ class BinaryStream:
     def categorical_alike(self, probs: np.ndarray, values: np.ndarray | None, n: int) -> np.ndarray:
         """Code ``n`` symbols all under the one distribution ``probs`` (the same code as
         :meth:`categorical` with ``probs`` on every row, without building a model per symbol)."""
-        probs = np.asarray(probs, np.float32)
-        if self._native is not None and n:
+        probs = np.ascontiguousarray(probs, np.float32)
+        if n and (native := self._compiled()) is not None:
+            if self.decoding:
+                out = np.empty(n, np.int32)
+                self._native_decode(native.categorical_alike, probs, out)
+                return out
             values = np.ascontiguousarray(values, np.int32)
-            self._native.categorical_alike(np.ascontiguousarray(probs), values)
+            native.categorical_alike(probs, values)
             return values
         return self._fixed(constriction.stream.model.Categorical(probs, perfect=False), values, n)
 
     def even_bits(self, values: np.ndarray | None, n: int) -> np.ndarray:
         """Code ``n`` bits, each a one with probability 1/2 (raw bits)."""
-        if self._native is not None and n:
+        if n and (native := self._compiled()) is not None:
+            if self.decoding:
+                out = np.empty(n, np.int32)
+                self._native_decode(native.bernoulli, None, out)
+                return out
             values = np.ascontiguousarray(values, np.int32)
-            self._native.even_bits(values)
+            native.even_bits(values)
             return values
         return self._fixed(self._even, values, n)
 
@@ -174,6 +206,13 @@ class BinaryStream:
         except Exception as err:  # constriction rejects data that no encoder could have produced
             raise FormatError(f"corrupted entropy-coded stream ({err.__class__.__name__})") from None
 
+    @staticmethod
+    def _native_decode(call, *args) -> None:
+        try:
+            call(*args)
+        except ValueError:  # data no encoder could have produced, as constriction rejects it
+            raise FormatError("corrupted entropy-coded stream (invalid data)") from None
+
     def finish(self) -> bytes:
         if self._native is not None:
             return self._native.finish()
@@ -182,7 +221,8 @@ class BinaryStream:
     def check_consumed(self) -> None:
         """After decoding a section: its data must be used up (words left over mean a forged or spliced
         section; a checksum re-computed by whoever altered the file does not hide that)."""
-        if not self._coder.maybe_exhausted():
+        coder = self._native if self._native is not None else self._coder
+        if not coder.maybe_exhausted():
             raise FormatError("corrupted stream: entropy-coded section longer than its content")
 
 
