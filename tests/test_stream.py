@@ -108,6 +108,31 @@ def test_per_slab_trims_find_nothing_of_the_last_slab_alive(load_volume, monkeyp
     assert max(alive) - before < 64 << 10  # the bases at most
 
 
+def test_heap_trims_run_in_the_background_and_coalesce(monkeypatch):
+    """trim_heap returns at once; trims asked for while one runs make one more, not one each; ``wait``
+    returns once every asked-for trim is done."""
+    import threading
+    import time
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_trim(_):
+        calls.append(time.perf_counter())
+        started.set()
+        release.wait(5)
+        return 0
+
+    monkeypatch.setattr(stream, "_MALLOC_TRIM", slow_trim)
+    monkeypatch.setattr(stream, "_TRIMMER", stream._Trimmer())
+    stream.trim_heap()
+    assert started.wait(5)  # running, and trim_heap has returned
+    for _ in range(5):
+        stream.trim_heap()
+    release.set()
+    stream.trim_heap(wait=True)
+    assert 2 <= len(calls) <= 3  # the first, then one for the requests made meanwhile (and the waiting one)
+
+
 @pytest.mark.slow
 def test_thin_slabs_cost_almost_no_bits(chest, monkeypatch):
     """The same volume in one slab and in ~10 slabs: the context statistics and the DC predictor carry
