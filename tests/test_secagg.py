@@ -75,6 +75,15 @@ class Run:
                 self.server.receive_masked_input(self.masked[v])
         self.request = self.server.unmask_request()
 
+    def through(self, last: int, xs=None, skip=(), weights=None):
+        """Rounds 0 … ``last`` (at most 2) with every client; ``skip``: who sends nothing in round 2."""
+        self.round0()
+        if last >= 1:
+            self.round1()
+        if last >= 2:
+            self.round2(xs, skip=skip, weights=weights)
+        return self
+
     def round3(self, skip=()):
         for u in self.request.survivors:
             if u not in skip:
@@ -290,8 +299,7 @@ def test_tampered_share_ciphertext_is_rejected():
     p = make_params(n=4, t=3, m=16)
     run = Run(p)
     x = inputs(run.ids, p.vector_length)
-    run.round0()
-    run.round1()
+    run.through(1)
     fwd = run.forwards[2]
     ct = fwd.shares[0].ciphertext
     flipped = ct[:5] + bytes([ct[5] ^ 0x40]) + ct[6:]
@@ -310,8 +318,7 @@ def test_share_for_wrong_pair_or_round_is_rejected():
     p = make_params(n=4, t=3, m=16, round_id=7)
     run = Run(p)
     x = inputs(run.ids, p.vector_length)
-    run.round0()
-    run.round1()
+    run.through(1)
     to2, to3 = run.forwards[2], run.forwards[3]
     # a share addressed to client 3 delivered to client 2
     with pytest.raises(SecAggMessageError, match="addressed to client 3"):
@@ -427,9 +434,7 @@ def test_client_refuses_to_reveal_both_shares_of_a_peer():
     p = make_params(n=5, t=3, m=16)
     run = Run(p)
     x = inputs(run.ids, p.vector_length)
-    run.round0()
-    run.round1()
-    run.round2(x, skip={5})
+    run.through(2, x, skip={5})
     req = run.request
     assert req.dropped == (5,)
     greedy = UnmaskRequest(req.round_id, req.survivors, req.dropped + (2,))  # 2 in both lists
@@ -463,8 +468,7 @@ def _masked_update(x: np.ndarray, n=6, t=4, seed=2024, who=3) -> tuple[np.ndarra
     """(y_who, encode(x_who)) for a round where every client holds ``x``."""
     p = make_params(n=n, t=t, m=x.size, clip=float(max(1.0, np.abs(x).max())))
     run = Run(p, seed=seed)
-    run.round0()
-    run.round1()
+    run.through(1)
     y = run.clients[who].mask_input(run.forwards[who], x)
     return np.frombuffer(y.data, dtype=P.WORD), p.fixed_point.encode(x)
 
@@ -517,9 +521,7 @@ def test_self_mask_hides_a_late_input_after_its_pairwise_masks_are_revealed():
     p = make_params(n=5, t=3, m=m, clip=1.0)
     run = Run(p, seed=5)
     x = {i: np.zeros(m) for i in run.ids}
-    run.round0()
-    run.round1()
-    run.round2(x, skip={5})
+    run.through(2, x, skip={5})
     late = run.clients[5].mask_input(run.forwards[5], x[5])
     with pytest.raises(SecAggMessageError, match="outside its stage"):
         run.server.receive_masked_input(late)
@@ -545,9 +547,7 @@ def test_tampered_self_mask_share_is_detected_with_exactly_t_responders():
     for tamper in (False, True):
         run = Run(p)
         x = inputs(run.ids, p.vector_length)
-        run.round0()
-        run.round1()
-        run.round2(x)
+        run.through(2, x)
         responses = {u: run.clients[u].unmask(run.request) for u in (1, 2)}  # client 3 never answers
         if tamper:  # shift responder 2's share so that b_1 comes out +1 in its first chunk: in range
             shares = list(responses[2].b_shares)
@@ -620,7 +620,7 @@ def test_a_threshold_of_half_the_cohort_is_refused(n, t):
 def _responses(run, *, liars=(), x=None, skip=()):
     """Rounds 0–2 on ``x`` (clients ``skip`` drop before masking) and the survivors' unmask responses,
     those of ``liars`` with one bit of their share of client 1's self-mask secret flipped."""
-    run.round0(), run.round1(), run.round2(x, skip=skip)
+    run.through(2, x, skip=skip)
     resp = {u: run.clients[u].unmask(run.request) for u in run.request.survivors}
     for liar in liars:
         raw = next(s.share for s in resp[liar].b_shares if s.owner == 1)
@@ -726,9 +726,7 @@ def test_a_client_refuses_to_unmask_for_fewer_than_t_survivors():
     p = make_params(n=5, t=4, m=8)
     run = Run(p)
     x = inputs(run.ids, p.vector_length)
-    run.round0()
-    run.round1()
-    run.round2(x)
+    run.through(2, x)
     with pytest.raises(SecAggAbort, match="threshold is 4"):
         run.clients[1].unmask(UnmaskRequest(p.round_id, (1, 2, 3), (4, 5)))
 
@@ -737,8 +735,7 @@ def test_a_client_refuses_to_mask_for_fewer_than_t_participants():
     p = make_params(n=5, t=4, m=8)
     run = Run(p)
     x = inputs(run.ids, p.vector_length)
-    run.round0()
-    run.round1()
+    run.through(1)
     fwd = run.forwards[1]
     few = ShareForward(fwd.round_id, 1, (1, 2, 3), tuple(e for e in fwd.shares if e.sender in (2, 3)))
     with pytest.raises(SecAggAbort, match="threshold is 4"):
@@ -750,9 +747,7 @@ def test_a_total_weight_above_the_public_bound_aborts():
     p = make_params(n=3, t=2, m=8, weighted=True, max_total_weight=10)
     run = Run(p)
     x = inputs(run.ids, p.vector_length, lo=-0.1, hi=0.1)
-    run.round0()
-    run.round1()
-    run.round2(x, weights={1: 8, 2: 8, 3: 0})
+    run.through(2, x, weights={1: 8, 2: 8, 3: 0})
     with pytest.raises(SecAggAbort, match="exceeds max_total_weight"):
         run.round3()
 
