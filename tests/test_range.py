@@ -164,20 +164,28 @@ def test_block_coefficients_code_alike_natively_and_with_constriction(load_volum
     assert native == coded()
 
 
-def test_symbols_outside_their_model_are_refused_and_the_encoder_is_dropped():
-    enc = _range.Encoder()
+def test_a_failed_call_codes_nothing():
+    """Every call is all or nothing: a symbol outside its model (or a model constriction refuses) raises,
+    and the stream is as it was before the call, not half a call longer."""
     table = np.full((2, 16), 1.0, np.float32)
-    with pytest.raises(ValueError, match="outside its model"):
-        enc.categorical_rows(table, np.zeros(1, np.uint16), np.array([16], np.int32))
-    with pytest.raises(ValueError, match="unusable"):  # half a symbol may be coded: never finish it
-        enc.finish()
-    for call, args in [("bernoulli", (np.array([0.5]), np.array([2], np.int32))),
-                       ("bernoulli", (np.array([1.5]), np.array([1], np.int32))),
-                       ("even_bits", (np.array([-1], np.int32),)),
+    before = np.array([3, 5, 7], np.int32)
+    for call, args in [("categorical_rows", (table, np.zeros(300, np.uint16), np.r_[np.ones(299), 16].astype(np.int32))),
+                       ("bernoulli", (np.full(2, 0.5), np.array([1, 2], np.int32))),
+                       ("bernoulli", (np.array([np.nan]), np.array([1], np.int32))),
+                       ("bernoulli", (None, np.array([-1], np.int32))),
                        ("categorical_alike", (np.zeros(16, np.float32), np.array([0], np.int32))),
                        ("categorical_rows", (np.full((1, 4), np.nan, np.float32), None, np.array([0], np.int32)))]:
+        enc = _range.Encoder()
+        enc.categorical_rows(table, None, before[:2])
+        expected = enc.finish()
         with pytest.raises(ValueError):
-            getattr(_range.Encoder(), call)(*args)
+            getattr(enc, call)(*args)
+        assert enc.finish() == expected, call
+        enc.bernoulli(None, np.ones(3, np.int32))  # and it codes on
+        ref = constriction.stream.queue.RangeEncoder()
+        ref.encode(before[:2], _CATEGORICAL, table)
+        ref.encode(np.ones(3, np.int32), constriction.stream.model.Bernoulli(0.5, perfect=False))
+        assert enc.finish() == ref.get_compressed().tobytes()
 
 
 def test_bad_arguments_are_refused_before_coding():
@@ -192,8 +200,71 @@ def test_bad_arguments_are_refused_before_coding():
     with pytest.raises(ValueError):
         enc.categorical_rows(table, None, np.zeros(2, np.int32))
     with pytest.raises(ValueError):
-        enc.categorical_rows(np.full((3, 65), 1.0, np.float32), None, np.zeros(3, np.int32))
+        enc.categorical_rows(np.full((3, 1025), 1.0, np.float32), None, np.zeros(3, np.int32))
+    with pytest.raises(TypeError):
+        _range.Encoder(size=3)
     assert enc.finish() == b""  # nothing was coded: the refusals came first
+    for rows in (np.array([65539]), np.array([-1])):  # no silent wrap to uint16, no numpy negative index
+        with pytest.raises(IndexError):
+            BinaryStream().categorical_rows(np.ones((10, 16), np.float32), rows, np.zeros(1, np.int32))
+
+
+def test_coders_made_without_init_are_empty_not_broken():
+    """``__new__`` alone: an empty stream both ways (it divided by a zero range before)."""
+    enc = _range.Encoder.__new__(_range.Encoder)
+    assert enc.finish() == b""
+    enc.bernoulli(None, np.array([1, 0, 1], np.int32))
+    assert enc.finish() == _with_constriction([("even", np.array([1, 0, 1], np.int32))])
+    dec = _range.Decoder.__new__(_range.Decoder)
+    out = np.empty(2, np.int32)
+    dec.bernoulli(None, out)  # an empty stream decodes as constriction's does: to something, no crash
+    assert dec.maybe_exhausted()
+
+
+def test_an_output_overlapping_the_row_numbers_is_safe():
+    """Decoded symbols written over the row numbers still to be read: each is read once and checked
+    (this read a row 60 000 long past the table before)."""
+    n = 50_000
+    buf = np.zeros(2 * n, np.uint16)
+    rows, out = buf[:n], buf.view(np.int32)
+    words = np.random.default_rng(0).integers(0, 2**32, 30_000, dtype=np.uint32)
+    try:
+        _range.Decoder(words).categorical_rows(np.ones((1, 16), np.float32), rows, out)
+    except IndexError:
+        pass
+
+
+@pytest.mark.parametrize("row", [[1e-33, 1e-33, 1e-33], [3e-39, 3e-39, 1e-38, 2e-39], [3.4e38, 1.9e34],
+                                 [1.0, 0.0, 0.0, 1e-45], [2.0, 1e-30, 5.0]])
+def test_extreme_rows_code_and_decode_as_constriction(row):
+    """Row sums near the float32 limits (the scale overflows to inf below ~5e-32), subnormal and zero
+    entries: constriction's saturating float-to-int conversions, word for word, both ways."""
+    table = np.array([row], np.float32)
+    for v in range(len(row)):
+        ops = [("categorical", table, np.array([v], np.int32)), ("rows", table, np.zeros(3, np.uint16),
+                                                                np.full(3, v, np.int32))]
+        try:
+            expected = _with_constriction(ops)
+        except BaseException:  # constriction refuses (or panics on) this symbol: so must we
+            with pytest.raises(ValueError):
+                _with_stream(ops, BinaryStream())
+            continue
+        assert _with_stream(ops, BinaryStream()) == expected, (row, v)
+        _decoded(ops, expected)
+
+
+@pytest.mark.parametrize("p", [1 + 2**-52, 1.5, -1e-17, 0.0, 1.0, 5e-324, 1 - 2**-53])
+def test_bernoulli_probabilities_at_and_past_the_edges_as_constriction(p):
+    for v in (0, 1):
+        ops = [("bernoulli", np.array([p, p]), np.array([v, 1 - v], np.int32))]
+        try:
+            expected = _with_constriction(ops)
+        except BaseException:
+            with pytest.raises(ValueError):
+                _with_stream(ops, BinaryStream())
+            continue
+        assert _with_stream(ops, BinaryStream()) == expected, (p, v)
+        _decoded(ops, expected)
 
 
 def test_laplace_takes_over_a_stream_not_begun_and_is_refused_after():
@@ -206,6 +277,12 @@ def test_laplace_takes_over_a_stream_not_begun_and_is_refused_after():
     begun.even_bits(np.ones(4, np.int32), 4)
     with pytest.raises(ValueError, match="Laplace"):
         begun.laplace(np.full(1, 2.0), np.array([0]))
+    chunked = BinaryStream()  # a chunk run begins it too (a laplace after it silently dropped the run)
+    rng = np.random.default_rng(1)
+    entropy.SignedCoder(8, 8).encode_calls(chunked, np.arange(4), [(0, rng.integers(0, 4, 400).astype(np.uint16), 0, 0,
+                                                                   rng.integers(-3, 4, 400))])
+    with pytest.raises(ValueError, match="Laplace"):
+        chunked.laplace(np.full(1, 2.0), np.array([0]))
 
 
 def test_streams_coded_in_threads_are_those_coded_one_after_another():

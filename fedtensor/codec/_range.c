@@ -1,113 +1,154 @@
-/* A range encoder that writes, word for word, what constriction's queue.RangeEncoder (32-bit words, a 64-bit
- * state, 24-bit probabilities) writes for fedtensor's models: categorical symbols under constriction's "fast"
- * (perfect=False) quantisation of float32 probabilities, Bernoulli decisions under that of float64 ones, and
- * raw bits. constriction (Rust, behind pyo3) holds the GIL while it codes and is called once per chunk with
- * a gathered copy of each symbol's probability row; here a whole run of chunks is one call that reads the
- * model tables in place and releases the GIL, so another thread's work (a second slab group, the device's
- * next slab) overlaps it. Streams are still decoded by constriction; the tests check the two agree byte for
- * byte.
+/* A range coder that writes and reads, word for word, constriction's queue.RangeEncoder stream (32-bit words,
+ * a 64-bit state, 24-bit probabilities) for fedtensor's models: categorical symbols under constriction's "fast"
+ * (perfect=False) quantisation of float32 probability rows, Bernoulli decisions under that of a float64 p, and
+ * raw bits. constriction (Rust, behind pyo3) holds the GIL while it codes and needs a gathered copy of every
+ * symbol's probability row; here the rows are read in place, a run of the block coder's chunks is one call,
+ * and the GIL is released while coding. The tests compare both ways with constriction, valid streams and
+ * damaged ones.
  *
- * The quantisation must be constriction's exactly: a symbol s of a row p[0..K) has the cumulative
- * (uint32)(c[s] * scale) + s, c[s] = p[0] + … + p[s-1] summed left to right in the row's float type, scale =
- * (2^24 − K) / c[K], and the last symbol ends at 2^24. setup.py compiles without fused multiply-adds.
+ * The quantisation is constriction's exactly: symbol s of a row p[0..K) has the cumulative
+ * as_u32(c[s] * scale) + s (wrapping), c[s] = p[0] + … + p[s-1] summed left to right in float32, scale =
+ * (2^24 − K) / c[K], the last symbol ending at 2^24; as_u32 is Rust's saturating `as` (NaN and negatives give
+ * 0). A row whose sum is not a positive normal number, and a symbol of zero width, are refused as there.
+ * setup.py compiles without fused multiply-adds.
+ *
+ * Every call is all or nothing: an encoder call that fails (a symbol outside its model, no memory) leaves the
+ * stream as it was before the call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define PRECISION 24
 #define TOTAL ((uint32_t)1 << PRECISION)
-#define MAX_SYMBOLS 64 /* row length bound (fedtensor's rows have 16 or 40 entries) */
+#define MAX_SYMBOLS 1024 /* row length bound (fedtensor's rows have 16 or 40 entries) */
 
-typedef struct {
-    PyObject_HEAD
-    uint64_t lower, range;
-    Py_ssize_t inverted;  /* words held back while a carry may still reach them (0: none) */
-    uint32_t first_inverted;
-    uint32_t *words;
-    Py_ssize_t n_words, cap;
-    int failed; /* out of memory or an impossible symbol: the stream is unusable */
-    int busy;   /* coding with the GIL released: another thread must not code into it meanwhile */
-} Encoder;
+enum { OUTSIDE = -2, INVALID_DATA = -3, NO_ROW = -4 }; /* and -1: out of memory */
 
-static int put(Encoder *e, uint32_t w) {
-    if (e->n_words == e->cap) {
-        Py_ssize_t cap = e->cap ? 2 * e->cap : 1024;
-        uint32_t *grown = PyMem_RawRealloc(e->words, (size_t)cap * sizeof(uint32_t));
-        if (!grown) return -1;
-        e->words = grown, e->cap = cap;
-    }
-    e->words[e->n_words++] = w;
-    return 0;
-}
+static PyObject *InvalidData; /* _range.InvalidData (a ValueError): data no encoder writes */
 
-/* Flush held-back words once the range no longer straddles a carry (carry: lower wrapped). */
-static int release_inverted(Encoder *e, int carry) {
-    uint32_t first = carry ? e->first_inverted + 1 : e->first_inverted, rest = carry ? 0 : UINT32_MAX;
-    if (put(e, first) < 0) return -1;
-    for (Py_ssize_t i = 1; i < e->inverted; i++)
-        if (put(e, rest) < 0) return -1;
-    e->inverted = 0;
-    return 0;
-}
+/* Rust's `as u32` from a float: saturating, NaN to 0. */
+static inline uint32_t as_u32f(float x) { return x != x || x <= 0.0f ? 0 : x >= 4294967296.0f ? UINT32_MAX : (uint32_t)x; }
+static inline uint32_t as_u32d(double x) { return x != x || x <= 0.0 ? 0 : x >= 4294967296.0 ? UINT32_MAX : (uint32_t)x; }
 
-/* Encode a symbol of the interval [left, left + prob) of [0, 2^24); prob > 0. constriction's encode_symbol. */
-static int encode(Encoder *e, uint32_t left, uint32_t prob) {
-    uint64_t scale = e->range >> PRECISION;
-    e->range = scale * prob;
-    uint64_t lower = e->lower + scale * left;
-    if (e->inverted && lower + e->range > lower && release_inverted(e, lower < e->lower) < 0) return -1;
-    e->lower = lower;
-    if (e->range < ((uint64_t)1 << 32)) {
-        e->range <<= 32;
-        uint32_t word = (uint32_t)(e->lower >> 32);
-        e->lower <<= 32;
-        if (e->inverted)
-            e->inverted++;
-        else if (e->lower + e->range > e->lower) {
-            if (put(e, word) < 0) return -1;
-        } else
-            e->inverted = 1, e->first_inverted = word;
-    }
-    return 0;
-}
-
-/* A row's cumulatives c[0..K] (float32) and its scale, as constriction's lazy categorical model. */
-static float row_scale(const float *p, Py_ssize_t k, float *c) {
+/* A row's cumulatives c[0..K] (float32) and its scale, as constriction's lazy categorical model; 0 for a row
+ * constriction refuses (its sum not a positive normal number). */
+static float row_model(const float *p, Py_ssize_t k, float *c) {
     float acc = 0.0f;
     for (Py_ssize_t s = 0; s < k; s++) {
         c[s] = acc;
         acc = acc + p[s];
     }
     c[k] = acc;
+    if (!(isnormal(acc) && acc > 0.0f)) return 0.0f;
     return (float)(TOTAL - (uint32_t)k) / acc;
 }
 
-static int row_ok(const float *c, Py_ssize_t k) { return c[k] > 0.0f && c[k] <= 3.4e38f && c[k] >= 1.17549435e-38f; }
-
-/* Symbol v under a row with cumulatives c and scale: constriction's left_cumulative_and_probability. */
-static int encode_row(Encoder *e, const float *c, float scale, Py_ssize_t k, int32_t v) {
-    if (v < 0 || v >= k) return -2;
-    uint32_t left = (uint32_t)(c[v] * scale) + (uint32_t)v;
-    uint32_t right = v == k - 1 ? TOTAL : (uint32_t)(c[v + 1] * scale) + (uint32_t)v + 1;
-    if (right <= left) return -2;
-    return encode(e, left, right - left);
+/* Symbol v's interval [left, left + prob) under a row (cumulatives c, scale): left_cumulative_and_probability. */
+static int row_interval(const float *c, float scale, Py_ssize_t k, int64_t v, uint32_t *left, uint32_t *prob) {
+    if (scale == 0.0f || v < 0 || v >= k) return OUTSIDE;
+    *left = as_u32f(c[v] * scale) + (uint32_t)v;
+    uint32_t right = v == k - 1 ? TOTAL : as_u32f(c[v + 1] * scale) + (uint32_t)v + 1;
+    *prob = right - *left;
+    return *prob ? 0 : OUTSIDE;
 }
 
-/* A Bernoulli decision under P(one) = p (float64): constriction's fast model of [1 − p, p]. */
-static int encode_bit(Encoder *e, double p, int32_t v) {
-    if (!(p >= 0.0 && p <= 1.0) || (v != 0 && v != 1)) return -2;
-    double q = 1.0 - p, norm = q + p, scale = (double)(TOTAL - 2) / norm;
-    uint32_t mid = (uint32_t)(q * scale) + 1;
-    return v ? encode(e, mid, TOTAL - mid) : encode(e, 0, mid);
+/* Where symbol 1 starts under constriction's fast model of [1 − p, p] (float64); 0 for a p it refuses. */
+static uint32_t bit_split(double p) {
+    double q = 1.0 - p, norm = q + p;
+    if (!(isnormal(norm) && norm > 0.0)) return 0;
+    return as_u32d(q * ((double)(TOTAL - 2) / norm)) + 1;
 }
 
-static int fail(Encoder *e, int code) {
-    e->failed = 1;
-    if (code == -1) PyErr_NoMemory();
-    else PyErr_SetString(PyExc_ValueError, "range encoder: a symbol outside its model (or an invalid model)");
-    return -1;
+static int bit_interval(uint32_t mid, int64_t v, uint32_t *left, uint32_t *prob) {
+    if (mid == 0 || (v != 0 && v != 1)) return OUTSIDE;
+    *left = v ? mid : 0;
+    *prob = v ? TOTAL - mid : mid;
+    return *prob ? 0 : OUTSIDE;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Encoder
+ * ------------------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    uint64_t lower, range;
+    Py_ssize_t inverted; /* words held back while a carry may still reach them (0: none) */
+    uint32_t first_inverted;
+    Py_ssize_t n_words;
+} State;
+
+typedef struct {
+    PyObject_HEAD
+    State s;
+    uint32_t *words;
+    Py_ssize_t cap;
+    int busy; /* coding with the GIL released: no other call may touch it meanwhile */
+} Encoder;
+
+static int put(Encoder *e, uint32_t w) {
+    if (e->s.n_words == e->cap) {
+        Py_ssize_t cap = e->cap ? 2 * e->cap : 1024;
+        uint32_t *grown = PyMem_RawRealloc(e->words, (size_t)cap * sizeof(uint32_t));
+        if (!grown) return -1;
+        e->words = grown, e->cap = cap;
+    }
+    e->words[e->s.n_words++] = w;
+    return 0;
+}
+
+/* Flush held-back words once the range no longer straddles a carry (carry: lower wrapped). */
+static int release_inverted(Encoder *e, int carry) {
+    uint32_t first = carry ? e->s.first_inverted + 1 : e->s.first_inverted, rest = carry ? 0 : UINT32_MAX;
+    if (put(e, first) < 0) return -1;
+    for (Py_ssize_t i = 1; i < e->s.inverted; i++)
+        if (put(e, rest) < 0) return -1;
+    e->s.inverted = 0;
+    return 0;
+}
+
+/* Encode the interval [left, left + prob) of [0, 2^24): constriction's encode_symbol. */
+static int encode(Encoder *e, uint32_t left, uint32_t prob) {
+    State *s = &e->s;
+    uint64_t scale = s->range >> PRECISION, range = scale * prob;
+    if (!range) return OUTSIDE;
+    s->range = range;
+    uint64_t lower = s->lower + scale * left;
+    if (s->inverted && lower + s->range > lower && release_inverted(e, lower < s->lower) < 0) return -1;
+    s->lower = lower;
+    if (s->range < ((uint64_t)1 << 32)) {
+        s->range <<= 32;
+        uint32_t word = (uint32_t)(s->lower >> 32);
+        s->lower <<= 32;
+        if (s->inverted)
+            s->inverted++;
+        else if (s->lower + s->range > s->lower) {
+            if (put(e, word) < 0) return -1;
+        } else
+            s->inverted = 1, s->first_inverted = word;
+    }
+    return 0;
+}
+
+static int encode_row(Encoder *e, const float *c, float scale, Py_ssize_t k, int64_t v) {
+    uint32_t left, prob;
+    int rc = row_interval(c, scale, k, v, &left, &prob);
+    return rc ? rc : encode(e, left, prob);
+}
+
+static int encode_bit(Encoder *e, uint32_t mid, int64_t v) {
+    uint32_t left, prob;
+    int rc = bit_interval(mid, v, &left, &prob);
+    return rc ? rc : encode(e, left, prob);
+}
+
+static void set_error(int rc, const char *what) {
+    if (rc == -1) PyErr_NoMemory();
+    else if (rc == INVALID_DATA) PyErr_Format(InvalidData, "%s: invalid compressed data", what);
+    else if (rc == NO_ROW) PyErr_Format(PyExc_IndexError, "%s: a row number outside the table", what);
+    else PyErr_Format(PyExc_ValueError, "%s: a symbol outside its model, or a model constriction refuses", what);
 }
 
 typedef struct {
@@ -120,13 +161,19 @@ static void release(Buf *b, int n) {
         if (b[i].held) PyBuffer_Release(&b[i].b);
 }
 
-static int get(PyObject *obj, Buf *out, const char *format, int ndim, const char *name) {
-    if (PyObject_GetBuffer(obj, &out->b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) < 0) return -1;
+/* A C-contiguous buffer of ``ndim`` dimensions and struct format ``format`` ("f", "d", "i", "H", "I", "q");
+ * ``writable`` for outputs. */
+static int get(PyObject *obj, Buf *out, const char *format, int ndim, int writable, const char *name) {
+    if (PyObject_GetBuffer(obj, &out->b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
     out->held = 1;
-    const char *f = out->b.format;
+    const char *f = out->b.format ? out->b.format : "B";
     if (f[0] == '<' || f[0] == '=' || f[0] == '@') f++;
-    if (strcmp(f, format) != 0 && !(format[0] == 'q' && strcmp(f, "l") == 0 && out->b.itemsize == 8) &&
-        !(format[0] == 'i' && strcmp(f, "l") == 0 && out->b.itemsize == 4)) {
+    char want = format[0];
+    int ok = strcmp(f, format) == 0 || (want == 'q' && strcmp(f, "l") == 0 && out->b.itemsize == 8) ||
+             (want == 'i' && strcmp(f, "l") == 0 && out->b.itemsize == 4) ||
+             (want == 'I' && strcmp(f, "L") == 0 && out->b.itemsize == 4);
+    if (!ok) {
         PyErr_Format(PyExc_TypeError, "%s: wrong dtype (format %s, expected %s)", name, out->b.format, format);
         return -1;
     }
@@ -137,244 +184,281 @@ static int get(PyObject *obj, Buf *out, const char *format, int ndim, const char
     return 0;
 }
 
-static int usable(Encoder *e) {
-    if (e->failed) PyErr_SetString(PyExc_ValueError, "range encoder: unusable after an earlier error");
-    else if (e->busy) PyErr_SetString(PyExc_RuntimeError, "range encoder: in use by another thread");
-    return !e->failed && !e->busy;
+/* Begin a call that codes with the GIL released: a busy encoder is refused; the state is kept to rewind to. */
+static int begin(Encoder *e, State *kept) {
+    if (e->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "range encoder: in use by another thread");
+        return -1;
+    }
+    *kept = e->s;
+    e->busy = 1;
+    return 0;
 }
 
-/* categorical_rows(table float32 (L, K), rows uint16 (n) or None, values int32 (n)): symbol i under row rows[i]
+/* End it: after an error the stream is rewound to where the call began (words past it are dropped). */
+static PyObject *end(Encoder *e, const State *kept, int rc, const char *what) {
+    e->busy = 0;
+    if (!rc) Py_RETURN_NONE;
+    e->s = *kept;
+    set_error(rc, what);
+    return NULL;
+}
+
+/* Cumulatives and scale of table rows, each made when first used: (k + 2) floats a row. */
+typedef struct {
+    float *cum;
+    int64_t *made; /* the tag a row was made under (-1: not yet) */
+    Py_ssize_t stride;
+} Rows;
+
+static int rows_new(Rows *r, Py_ssize_t n_rows, Py_ssize_t k) {
+    r->stride = k + 2;
+    r->cum = PyMem_RawMalloc((size_t)(n_rows ? n_rows : 1) * r->stride * sizeof(float));
+    r->made = PyMem_RawMalloc((size_t)(n_rows ? n_rows : 1) * sizeof(int64_t));
+    if (!r->cum || !r->made) {
+        PyMem_RawFree(r->cum), PyMem_RawFree(r->made);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n_rows; i++) r->made[i] = -1;
+    return 0;
+}
+
+static void rows_free(Rows *r) { PyMem_RawFree(r->cum), PyMem_RawFree(r->made); }
+
+/* Row ``i`` of ``table`` (k entries a row) as made for ``tag``: its cumulatives, the scale after them. */
+static const float *rows_get(Rows *r, const float *table, Py_ssize_t i, Py_ssize_t k, int64_t tag) {
+    float *c = r->cum + i * r->stride;
+    if (r->made[i] != tag) {
+        c[k + 1] = row_model(table + i * k, k, c);
+        r->made[i] = tag;
+    }
+    return c;
+}
+
+/* The inputs of categorical_rows, both ways: a (L, K) float32 table, uint16 row numbers or None (row i for
+ * symbol i), and the symbols (int32; written when decoding). */
+static int rows_inputs(PyObject **o, Buf *b, int writable, Py_ssize_t *n_rows, Py_ssize_t *k, Py_ssize_t *n) {
+    if (get(o[0], &b[0], "f", 2, 0, "table") < 0 || (o[1] != Py_None && get(o[1], &b[1], "H", 1, 0, "rows") < 0) ||
+        get(o[2], &b[2], "i", 1, writable, "values") < 0)
+        return -1;
+    *n_rows = b[0].b.shape[0], *k = b[0].b.shape[1], *n = o[1] == Py_None ? *n_rows : b[1].b.shape[0];
+    if (*k < 2 || *k > MAX_SYMBOLS || b[2].b.shape[0] != *n) {
+        PyErr_SetString(PyExc_ValueError, "categorical_rows: bad shapes (rows of 2 to 1024 symbols, a value each)");
+        return -1;
+    }
+    return 0;
+}
+
+/* categorical_rows(table float32 (L, K), rows uint16 (n) or None, values int32 (n)): value i under row rows[i]
  * (under row i where rows is None). */
 static PyObject *Encoder_categorical_rows(Encoder *e, PyObject *args) {
-    PyObject *o[3];
-    if (!PyArg_ParseTuple(args, "OOO", &o[0], &o[1], &o[2]) || !usable(e)) return NULL;
+    PyObject *o[3], *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOO", &o[0], &o[1], &o[2])) return NULL;
     Buf b[3] = {0};
-    PyObject *result = NULL;
-    int identity = o[1] == Py_None;
-    if (get(o[0], &b[0], "f", 2, "table") < 0 || (!identity && get(o[1], &b[1], "H", 1, "rows") < 0) ||
-        get(o[2], &b[2], "i", 1, "values") < 0)
-        goto done;
-    Py_ssize_t n_rows = b[0].b.shape[0], k = b[0].b.shape[1], n = identity ? n_rows : b[1].b.shape[0];
-    if (k < 2 || k > MAX_SYMBOLS || b[2].b.shape[0] != n) {
-        PyErr_SetString(PyExc_ValueError, "categorical_rows: bad shapes");
-        goto done;
+    Py_ssize_t n_rows, k, n;
+    Rows rows;
+    State kept;
+    if (rows_inputs(o, b, 0, &n_rows, &k, &n) < 0 || rows_new(&rows, n_rows, k) < 0) goto done;
+    if (begin(e, &kept) == 0) {
+        const float *table = b[0].b.buf;
+        const uint16_t *at = o[1] == Py_None ? NULL : b[1].b.buf;
+        const int32_t *values = b[2].b.buf;
+        int rc = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n && !rc; i++) {
+            Py_ssize_t r = at ? at[i] : i; /* read once: the array may change under a released GIL */
+            if (r >= n_rows) { rc = NO_ROW; break; }
+            const float *c = rows_get(&rows, table, r, k, 0);
+            rc = encode_row(e, c, c[k + 1], k, values[i]);
+        }
+        Py_END_ALLOW_THREADS
+        result = end(e, &kept, rc, "categorical_rows");
     }
-    const float *table = b[0].b.buf;
-    const uint16_t *rows = identity ? NULL : b[1].b.buf;
-    const int32_t *values = b[2].b.buf;
-    for (Py_ssize_t i = 0; i < n && rows; i++)
-        if (rows[i] >= n_rows) { PyErr_SetString(PyExc_IndexError, "categorical_rows: row out of range"); goto done; }
-    int rc = 0;
-    /* rows given: each row's cumulatives made once, when first used; else each symbol's own row */
-    const Py_ssize_t stride = MAX_SYMBOLS + 2;
-    float *cum = rows ? PyMem_RawMalloc((size_t)n_rows * stride * sizeof(float)) : NULL;
-    char *made = rows ? PyMem_RawCalloc((size_t)n_rows, 1) : NULL;
-    if (rows && (!cum || !made)) {
-        PyMem_RawFree(cum), PyMem_RawFree(made);
-        PyErr_NoMemory();
-        goto done;
-    }
-    float c[MAX_SYMBOLS + 2];
-    e->busy = 1;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !rc; i++) {
-        float *cr = c;
-        if (rows) {
-            cr = cum + (Py_ssize_t)rows[i] * stride;
-            if (!made[rows[i]]) cr[stride - 1] = row_scale(table + (Py_ssize_t)rows[i] * k, k, cr), made[rows[i]] = 1;
-        } else
-            cr[stride - 1] = row_scale(table + i * k, k, cr);
-        rc = row_ok(cr, k) ? encode_row(e, cr, cr[stride - 1], k, values[i]) : -2;
-    }
-    Py_END_ALLOW_THREADS
-    e->busy = 0;
-    PyMem_RawFree(cum), PyMem_RawFree(made);
-    if (rc) { fail(e, rc); goto done; }
-    result = Py_NewRef(Py_None);
+    rows_free(&rows);
 done:
     release(b, 3);
     return result;
 }
 
-/* even_bits(values int32 (n)): bits with P(one) = 1/2. */
-static PyObject *Encoder_even_bits(Encoder *e, PyObject *arg) {
-    if (!usable(e)) return NULL;
-    Buf b[1] = {0};
-    PyObject *result = NULL;
-    if (get(arg, &b[0], "i", 1, "values") < 0) goto done;
-    Py_ssize_t n = b[0].b.shape[0];
-    const int32_t *values = b[0].b.buf;
-    int rc = 0;
-    e->busy = 1;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_bit(e, 0.5, values[i]);
-    Py_END_ALLOW_THREADS
-    e->busy = 0;
-    if (rc) { fail(e, rc); goto done; }
-    result = Py_NewRef(Py_None);
-done:
-    release(b, 1);
-    return result;
-}
-
-/* categorical_alike(probs float32 (K), values int32 (n)): every symbol under the one row. */
+/* categorical_alike(probs float32 (K), values int32 (n)): every value under the one row. */
 static PyObject *Encoder_categorical_alike(Encoder *e, PyObject *args) {
-    PyObject *o[2];
-    if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]) || !usable(e)) return NULL;
+    PyObject *o[2], *result = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1])) return NULL;
     Buf b[2] = {0};
-    PyObject *result = NULL;
-    if (get(o[0], &b[0], "f", 1, "probs") < 0 || get(o[1], &b[1], "i", 1, "values") < 0) goto done;
+    State kept;
+    if (get(o[0], &b[0], "f", 1, 0, "probs") < 0 || get(o[1], &b[1], "i", 1, 0, "values") < 0) goto done;
     Py_ssize_t k = b[0].b.shape[0], n = b[1].b.shape[0];
-    if (k < 2 || k > MAX_SYMBOLS) { PyErr_SetString(PyExc_ValueError, "categorical_alike: bad row length"); goto done; }
-    const int32_t *values = b[1].b.buf;
-    float c[MAX_SYMBOLS + 1], scale = row_scale(b[0].b.buf, k, c);
-    int rc = row_ok(c, k) ? 0 : -2;
-    e->busy = 1;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_row(e, c, scale, k, values[i]);
-    Py_END_ALLOW_THREADS
-    e->busy = 0;
-    if (rc) { fail(e, rc); goto done; }
-    result = Py_NewRef(Py_None);
+    if (k < 2 || k > MAX_SYMBOLS) {
+        PyErr_SetString(PyExc_ValueError, "categorical_alike: a row of 2 to 1024 symbols");
+        goto done;
+    }
+    float c[MAX_SYMBOLS + 1], scale = row_model(b[0].b.buf, k, c);
+    if (begin(e, &kept) == 0) {
+        const int32_t *values = b[1].b.buf;
+        int rc = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_row(e, c, scale, k, values[i]);
+        Py_END_ALLOW_THREADS
+        result = end(e, &kept, rc, "categorical_alike");
+    }
 done:
     release(b, 2);
     return result;
 }
 
-/* bernoulli(p1 float64 (n), values int32 (n)). */
+/* bernoulli(p1 float64 (n) or None for 1/2 each, values int32 (n)). */
 static PyObject *Encoder_bernoulli(Encoder *e, PyObject *args) {
-    PyObject *o[2];
-    if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]) || !usable(e)) return NULL;
+    PyObject *o[2], *result = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1])) return NULL;
     Buf b[2] = {0};
-    PyObject *result = NULL;
-    if (get(o[0], &b[0], "d", 1, "p1") < 0 || get(o[1], &b[1], "i", 1, "values") < 0) goto done;
-    Py_ssize_t n = b[0].b.shape[0];
-    if (b[1].b.shape[0] != n) { PyErr_SetString(PyExc_ValueError, "bernoulli: lengths differ"); goto done; }
-    const double *p = b[0].b.buf;
-    const int32_t *values = b[1].b.buf;
-    int rc = 0;
-    e->busy = 1;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_bit(e, p[i], values[i]);
-    Py_END_ALLOW_THREADS
-    e->busy = 0;
-    if (rc) { fail(e, rc); goto done; }
-    result = Py_NewRef(Py_None);
+    State kept;
+    if ((o[0] != Py_None && get(o[0], &b[0], "d", 1, 0, "p1") < 0) || get(o[1], &b[1], "i", 1, 0, "values") < 0)
+        goto done;
+    Py_ssize_t n = b[1].b.shape[0];
+    if (o[0] != Py_None && b[0].b.shape[0] != n) {
+        PyErr_SetString(PyExc_ValueError, "bernoulli: lengths differ");
+        goto done;
+    }
+    if (begin(e, &kept) == 0) {
+        const double *p = o[0] == Py_None ? NULL : b[0].b.buf;
+        const int32_t *values = b[1].b.buf;
+        uint32_t even = bit_split(0.5);
+        int rc = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_bit(e, p ? bit_split(p[i]) : even, values[i]);
+        Py_END_ALLOW_THREADS
+        result = end(e, &kept, rc, "bernoulli");
+    }
 done:
     release(b, 2);
     return result;
 }
 
-/* chunks(bounds int64 (C+1), local uint16, sym int32, tables float32 (C, L, 16), psign float64, sign int32,
+/* chunks(bounds int64 (C+1), local uint16, sym int32, tables float32 (C, L, K), psign float64, sign int32,
  * dist float64 (C, D), length int32, bits int32, marks int64 (3, C+1)): a run of C chunks of
  * fedtensor.codec.entropy's signed coder, each its symbols under its own table's rows, then its non-zeros'
- * signs, then (if any) its escapes' lengths under its row of dist (cast to float32) and their raw bits —
+ * signs, then (if any) its escapes' lengths under its row of dist (cast to float32) and their raw bits;
  * marks: where each chunk's signs, escapes and bits start. The calls the Python loop made one by one. */
 static PyObject *Encoder_chunks(Encoder *e, PyObject *args) {
-    PyObject *o[10];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]) ||
-        !usable(e))
+    PyObject *o[10], *result = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9]))
         return NULL;
     Buf b[10] = {0};
-    PyObject *result = NULL;
-    if (get(o[0], &b[0], "q", 1, "bounds") < 0 || get(o[1], &b[1], "H", 1, "local") < 0 ||
-        get(o[2], &b[2], "i", 1, "sym") < 0 || get(o[3], &b[3], "f", 3, "tables") < 0 ||
-        get(o[4], &b[4], "d", 1, "psign") < 0 || get(o[5], &b[5], "i", 1, "sign") < 0 ||
-        get(o[6], &b[6], "d", 2, "dist") < 0 || get(o[7], &b[7], "i", 1, "length") < 0 ||
-        get(o[8], &b[8], "i", 1, "bits") < 0 || get(o[9], &b[9], "q", 2, "marks") < 0)
+    int64_t *edges = NULL; /* private copies of bounds and marks: the GIL is released while they are used */
+    Rows rows = {0};
+    State kept;
+    if (get(o[0], &b[0], "q", 1, 0, "bounds") < 0 || get(o[1], &b[1], "H", 1, 0, "local") < 0 ||
+        get(o[2], &b[2], "i", 1, 0, "sym") < 0 || get(o[3], &b[3], "f", 3, 0, "tables") < 0 ||
+        get(o[4], &b[4], "d", 1, 0, "psign") < 0 || get(o[5], &b[5], "i", 1, 0, "sign") < 0 ||
+        get(o[6], &b[6], "d", 2, 0, "dist") < 0 || get(o[7], &b[7], "i", 1, 0, "length") < 0 ||
+        get(o[8], &b[8], "i", 1, 0, "bits") < 0 || get(o[9], &b[9], "q", 2, 0, "marks") < 0)
         goto done;
     Py_ssize_t n_chunks = b[0].b.shape[0] - 1, n_sym = b[1].b.shape[0], n_local = b[3].b.shape[1],
                k = b[3].b.shape[2], d = b[6].b.shape[1];
-    const int64_t *bounds = b[0].b.buf, *marks = b[9].b.buf;
-    int bad = n_chunks < 0 || b[2].b.shape[0] != n_sym || b[3].b.shape[0] != n_chunks || b[6].b.shape[0] != n_chunks ||
-              b[9].b.shape[0] != 3 || b[9].b.shape[1] != n_chunks + 1 || b[5].b.shape[0] != b[4].b.shape[0] ||
-              k < 2 || k > MAX_SYMBOLS || d < 2 || d > MAX_SYMBOLS;
-    Py_ssize_t limits[4] = {n_sym, b[4].b.shape[0], b[7].b.shape[0], b[8].b.shape[0]};
-    for (int r = 0; r < 4 && !bad; r++) {
-        const int64_t *m = r ? marks + (r - 1) * (n_chunks + 1) : bounds;
-        for (Py_ssize_t c = 0; c <= n_chunks && !bad; c++)
-            bad = m[c] < (c ? m[c - 1] : 0) || m[c] > limits[r];
-    }
-    const uint16_t *local = b[1].b.buf;
-    for (Py_ssize_t i = 0; i < n_sym && !bad; i++) bad = local[i] >= n_local;
-    if (bad) { PyErr_SetString(PyExc_ValueError, "chunks: inconsistent shapes, marks or local contexts"); goto done; }
-    const int32_t *sym = b[2].b.buf, *sign = b[5].b.buf, *length = b[7].b.buf, *bits = b[8].b.buf;
-    const float *tables = b[3].b.buf;
-    const double *psign = b[4].b.buf, *dist = b[6].b.buf;
-    /* each row's cumulatives are made when a chunk first uses it (a chunk's table holds only its rows) */
-    float *cum = PyMem_RawMalloc((size_t)n_local * (MAX_SYMBOLS + 2) * sizeof(float));
-    Py_ssize_t *made = PyMem_RawMalloc((size_t)n_local * sizeof(Py_ssize_t));
-    if (!cum || !made) {
-        PyMem_RawFree(cum), PyMem_RawFree(made);
-        PyErr_NoMemory();
+    if (n_chunks < 0 || b[2].b.shape[0] != n_sym || b[3].b.shape[0] != n_chunks || b[6].b.shape[0] != n_chunks ||
+        b[9].b.shape[0] != 3 || b[9].b.shape[1] != n_chunks + 1 || b[5].b.shape[0] != b[4].b.shape[0] || k < 2 ||
+        k > MAX_SYMBOLS || d < 2 || d > MAX_SYMBOLS) {
+        PyErr_SetString(PyExc_ValueError, "chunks: inconsistent shapes");
         goto done;
     }
-    const Py_ssize_t stride = MAX_SYMBOLS + 2; /* k + 1 cumulatives, then the scale */
-    int rc = 0;
-    e->busy = 1;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t r = 0; r < n_local; r++) made[r] = -1;
-    for (Py_ssize_t c = 0; c < n_chunks && !rc; c++) {
-        const float *table = tables + c * n_local * k;
-        for (Py_ssize_t i = bounds[c]; i < bounds[c + 1] && !rc; i++) {
-            Py_ssize_t r = local[i];
-            float *cr = cum + r * stride;
-            if (made[r] != c) {
-                cr[stride - 1] = row_scale(table + r * k, k, cr);
-                if (!row_ok(cr, k)) { rc = -2; break; }
-                made[r] = c;
+    edges = PyMem_RawMalloc((size_t)4 * (n_chunks + 1) * sizeof(int64_t));
+    if (!edges) { PyErr_NoMemory(); goto done; }
+    memcpy(edges, b[0].b.buf, (size_t)(n_chunks + 1) * sizeof(int64_t));
+    memcpy(edges + n_chunks + 1, b[9].b.buf, (size_t)3 * (n_chunks + 1) * sizeof(int64_t));
+    Py_ssize_t limits[4] = {n_sym, b[4].b.shape[0], b[7].b.shape[0], b[8].b.shape[0]};
+    for (int r = 0; r < 4; r++) {
+        const int64_t *m = edges + r * (n_chunks + 1);
+        for (Py_ssize_t c = 0; c <= n_chunks; c++)
+            if (m[c] < (c ? m[c - 1] : 0) || m[c] > limits[r]) {
+                PyErr_SetString(PyExc_ValueError, "chunks: bounds or marks out of order or range");
+                goto done;
             }
-            rc = encode_row(e, cr, cr[stride - 1], k, sym[i]);
-        }
-        for (Py_ssize_t j = marks[c]; j < marks[c + 1] && !rc; j++) rc = encode_bit(e, psign[j], sign[j]);
-        Py_ssize_t e0 = marks[n_chunks + 1 + c], e1 = marks[n_chunks + 2 + c];
-        if (e1 > e0 && !rc) {
-            float p[MAX_SYMBOLS], cd[MAX_SYMBOLS + 1];
-            for (Py_ssize_t s = 0; s < d; s++) p[s] = (float)dist[c * d + s];
-            float scale = row_scale(p, d, cd);
-            rc = row_ok(cd, d) ? 0 : -2;
-            for (Py_ssize_t j = e0; j < e1 && !rc; j++) rc = encode_row(e, cd, scale, d, length[j]);
-            for (Py_ssize_t j = marks[2 * (n_chunks + 1) + c]; j < marks[2 * (n_chunks + 1) + c + 1] && !rc; j++)
-                rc = encode_bit(e, 0.5, bits[j]);
-        }
     }
-    Py_END_ALLOW_THREADS
-    e->busy = 0;
-    PyMem_RawFree(cum), PyMem_RawFree(made);
-    if (rc) { fail(e, rc); goto done; }
-    result = Py_NewRef(Py_None);
+    if (rows_new(&rows, n_local, k) < 0) goto done;
+    if (begin(e, &kept) == 0) {
+        const uint16_t *local = b[1].b.buf;
+        const int32_t *sym = b[2].b.buf, *sign = b[5].b.buf, *length = b[7].b.buf, *bits = b[8].b.buf;
+        const float *tables = b[3].b.buf;
+        const double *psign = b[4].b.buf, *dist = b[6].b.buf;
+        const int64_t *bounds = edges, *nz = edges + (n_chunks + 1), *es = nz + (n_chunks + 1), *bs = es + (n_chunks + 1);
+        int rc = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t c = 0; c < n_chunks && !rc; c++) {
+            const float *table = tables + c * n_local * k; /* a chunk's table holds only the rows it uses */
+            for (Py_ssize_t i = bounds[c]; i < bounds[c + 1] && !rc; i++) {
+                Py_ssize_t r = local[i]; /* read once: the array may change under a released GIL */
+                if (r >= n_local) { rc = NO_ROW; break; }
+                const float *cr = rows_get(&rows, table, r, k, c);
+                rc = encode_row(e, cr, cr[k + 1], k, sym[i]);
+            }
+            for (Py_ssize_t j = nz[c]; j < nz[c + 1] && !rc; j++) rc = encode_bit(e, bit_split(psign[j]), sign[j]);
+            if (es[c + 1] > es[c] && !rc) {
+                float p[MAX_SYMBOLS], cd[MAX_SYMBOLS + 1];
+                for (Py_ssize_t s = 0; s < d; s++) p[s] = (float)dist[c * d + s];
+                float scale = row_model(p, d, cd);
+                uint32_t even = bit_split(0.5);
+                for (Py_ssize_t j = es[c]; j < es[c + 1] && !rc; j++) rc = encode_row(e, cd, scale, d, length[j]);
+                for (Py_ssize_t j = bs[c]; j < bs[c + 1] && !rc; j++) rc = encode_bit(e, even, bits[j]);
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = end(e, &kept, rc, "chunks");
+    }
 done:
+    rows_free(&rows);
+    PyMem_RawFree(edges);
     release(b, 10);
     return result;
 }
 
-/* The coded words, sealed as constriction's get_compressed() seals them (the encoder can go on). */
+/* The coded words, sealed as constriction's get_compressed() seals them (coding may go on after). */
 static PyObject *Encoder_finish(Encoder *e, PyObject *Py_UNUSED(ignored)) {
-    if (!usable(e)) return NULL;
-    if (e->range == UINT64_MAX) return PyBytes_FromStringAndSize(NULL, 0);
-    Py_ssize_t n = e->n_words + e->inverted + 2;
-    uint32_t *out = PyMem_Malloc((size_t)n * sizeof(uint32_t));
-    if (!out) return PyErr_NoMemory();
-    memcpy(out, e->words, (size_t)e->n_words * sizeof(uint32_t));
-    Py_ssize_t m = e->n_words;
-    uint64_t point = e->lower + (((uint64_t)1 << 32) - 1);
-    if (e->inverted) {
-        int carry = point < e->lower;
-        out[m++] = carry ? e->first_inverted + 1 : e->first_inverted;
-        for (Py_ssize_t i = 1; i < e->inverted; i++) out[m++] = carry ? 0 : UINT32_MAX;
+    if (e->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "range encoder: in use by another thread");
+        return NULL;
     }
+    const State *s = &e->s;
+    if (s->range == UINT64_MAX) return PyBytes_FromStringAndSize(NULL, 0);
+    uint64_t point = s->lower + (((uint64_t)1 << 32) - 1);
     uint32_t point_word = (uint32_t)(point >> 32);
+    int pad = (uint32_t)((s->lower + s->range) >> 32) == point_word; /* one more word pins the point down */
+    Py_ssize_t n = s->n_words + s->inverted + 1 + pad;
+    PyObject *bytes = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(uint32_t));
+    if (!bytes) return NULL;
+    uint32_t *out = (uint32_t *)PyBytes_AS_STRING(bytes);
+    if (s->n_words) memcpy(out, e->words, (size_t)s->n_words * sizeof(uint32_t));
+    Py_ssize_t m = s->n_words;
+    if (s->inverted) {
+        int carry = point < s->lower;
+        out[m++] = carry ? s->first_inverted + 1 : s->first_inverted;
+        for (Py_ssize_t i = 1; i < s->inverted; i++) out[m++] = carry ? 0 : UINT32_MAX;
+    }
     out[m++] = point_word;
-    if ((uint32_t)((e->lower + e->range) >> 32) == point_word) out[m++] = 0;
-    PyObject *bytes = PyBytes_FromStringAndSize((const char *)out, m * (Py_ssize_t)sizeof(uint32_t));
-    PyMem_Free(out);
+    if (pad) out[m++] = 0;
     return bytes;
 }
 
+static void encoder_reset(Encoder *e) {
+    e->s = (State){0, UINT64_MAX, 0, 0, 0};
+}
+
+static PyObject *Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Encoder *e = (Encoder *)type->tp_alloc(type, 0);
+    if (e) encoder_reset(e); /* usable even if __init__ is never called */
+    return (PyObject *)e;
+}
+
 static int Encoder_init(Encoder *e, PyObject *args, PyObject *kwds) {
-    if (!PyArg_ParseTuple(args, ":Encoder")) return -1;
-    e->lower = 0, e->range = UINT64_MAX, e->inverted = 0, e->first_inverted = 0, e->n_words = 0, e->failed = 0,
-    e->busy = 0;
+    if (!PyArg_ParseTuple(args, ":Encoder") || (kwds && PyDict_GET_SIZE(kwds))) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "Encoder() takes no arguments");
+        return -1;
+    }
+    if (e->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "range encoder: in use by another thread");
+        return -1;
+    }
+    encoder_reset(e);
     return 0;
 }
 
@@ -385,11 +469,12 @@ static void Encoder_dealloc(Encoder *e) {
 
 static PyMethodDef Encoder_methods[] = {
     {"categorical_rows", (PyCFunction)Encoder_categorical_rows, METH_VARARGS,
-     "categorical_rows(table, rows, values): values[i] under table[rows[i]] (float32 rows, uint16 row numbers)"},
+     "categorical_rows(table, rows, values): values[i] under table[rows[i]] (float32 rows, uint16 row numbers; "
+     "rows None: under table[i])"},
     {"categorical_alike", (PyCFunction)Encoder_categorical_alike, METH_VARARGS,
      "categorical_alike(probs, values): every value under one float32 row"},
-    {"even_bits", (PyCFunction)Encoder_even_bits, METH_O, "even_bits(values): bits with P(one) = 1/2"},
-    {"bernoulli", (PyCFunction)Encoder_bernoulli, METH_VARARGS, "bernoulli(p1, values): bits with P(one) = p1 (float64)"},
+    {"bernoulli", (PyCFunction)Encoder_bernoulli, METH_VARARGS,
+     "bernoulli(p1, values): bits with P(one) = p1 (float64), or 1/2 where p1 is None"},
     {"chunks", (PyCFunction)Encoder_chunks, METH_VARARGS, "a run of the signed coder's chunks (see the C source)"},
     {"finish", (PyCFunction)Encoder_finish, METH_NOARGS, "the sealed stream, as bytes of native uint32 words"},
     {NULL, NULL, 0, NULL}};
@@ -401,15 +486,14 @@ static PyTypeObject EncoderType = {
     .tp_doc = "Range encoder writing constriction's queue.RangeEncoder stream for fedtensor's models.",
     .tp_methods = Encoder_methods,
     .tp_init = (initproc)Encoder_init,
-    .tp_new = PyType_GenericNew,
+    .tp_new = Encoder_new,
     .tp_dealloc = (destructor)Encoder_dealloc,
 };
 
-
-/* ------------------------------------------------------------------------------------------------------
- * Decoder: constriction's queue.RangeDecoder for the same models (its decode_symbol, quantile functions and
- * maybe_exhausted), so that a stream decodes to the same symbols and is judged used up alike, valid or not.
- * ------------------------------------------------------------------------------------------------------ */
+/* ------------------------------------------------------------------------------------------------------------
+ * Decoder: constriction's queue.RangeDecoder for the same models (its decode_symbol, its quantile functions and
+ * its maybe_exhausted), so that a stream decodes to the same symbols and is judged used up alike, valid or not.
+ * ------------------------------------------------------------------------------------------------------------ */
 
 typedef struct {
     PyObject_HEAD
@@ -419,60 +503,53 @@ typedef struct {
     int busy;
 } Decoder;
 
-/* The next symbol's quantile in [0, 2^24), or -1 for data no encoder writes. */
-static int64_t quantile(Decoder *d, uint64_t *scale) {
+/* Decode the symbol whose interval holds the next quantile: ``search`` finds it (0 or an error). */
+static int quantile(Decoder *d, uint64_t *scale, uint32_t *q) {
     *scale = d->range >> PRECISION;
-    uint64_t q = (d->point - d->lower) / *scale;
-    return q >= TOTAL ? -1 : (int64_t)q;
+    uint64_t v = (d->point - d->lower) / *scale;
+    if (v >= TOTAL) return INVALID_DATA; /* what no encoder writes (constriction: InvalidData) */
+    *q = (uint32_t)v;
+    return 0;
 }
 
-static void advance(Decoder *d, uint64_t scale, uint32_t left, uint32_t prob) {
+static int advance(Decoder *d, uint64_t scale, uint32_t left, uint32_t prob) {
+    uint64_t range = scale * prob;
+    if (!range) return INVALID_DATA;
     d->lower += scale * left;
-    d->range = scale * prob;
+    d->range = range;
     if (d->range < ((uint64_t)1 << 32)) {
         d->lower <<= 32;
         d->range <<= 32;
         d->point <<= 32;
         if (d->pos < d->n_words) d->point |= d->words[d->pos++];
     }
+    return 0;
 }
 
-/* A symbol under a row with cumulatives c and scale (the encoder's encode_row, inverted). */
 static int decode_row(Decoder *d, const float *c, float scale, Py_ssize_t k, int32_t *out) {
     uint64_t sc;
-    int64_t q = quantile(d, &sc);
-    if (q < 0) return -3;
-    uint32_t left = 0, right = 0;
+    uint32_t q, left = 0, right = 0;
+    int rc = scale == 0.0f ? OUTSIDE : quantile(d, &sc, &q);
+    if (rc) return rc;
     Py_ssize_t v = 0;
-    for (; v < k; v++) {
-        right = v == k - 1 ? TOTAL : (uint32_t)(c[v + 1] * scale) + (uint32_t)v + 1;
-        if ((uint64_t)q < right) break;
+    for (; v < k - 1; v++) {
+        right = as_u32f(c[v + 1] * scale) + (uint32_t)v + 1;
+        if (q < right) break;
         left = right;
     }
-    if (v == k || right <= left) return -3;
-    advance(d, sc, left, right - left);
+    if (v == k - 1) right = TOTAL;
+    if (right == left) return INVALID_DATA;
     *out = (int32_t)v;
-    return 0;
+    return advance(d, sc, left, right - left);
 }
 
-static int decode_bit(Decoder *d, double p, int32_t *out) {
-    if (!(p >= 0.0 && p <= 1.0)) return -2;
-    double q1 = 1.0 - p, norm = q1 + p, scale = (double)(TOTAL - 2) / norm;
-    uint32_t mid = (uint32_t)(q1 * scale) + 1;
+static int decode_bit(Decoder *d, uint32_t mid, int32_t *out) {
     uint64_t sc;
-    int64_t q = quantile(d, &sc);
-    if (q < 0) return -3;
-    *out = (uint64_t)q >= mid;
-    if (*out) advance(d, sc, mid, TOTAL - mid);
-    else advance(d, sc, 0, mid);
-    return 0;
-}
-
-static PyObject *decode_failed(int rc) {
-    if (rc == -3) PyErr_SetString(PyExc_ValueError, "range decoder: invalid compressed data");
-    else if (rc == -1) PyErr_NoMemory();
-    else PyErr_SetString(PyExc_ValueError, "range decoder: an invalid model");
-    return NULL;
+    uint32_t q;
+    int rc = mid == 0 ? OUTSIDE : quantile(d, &sc, &q);
+    if (rc) return rc;
+    *out = q >= mid;
+    return *out ? advance(d, sc, mid, TOTAL - mid) : advance(d, sc, 0, mid);
 }
 
 static int decoder_free(Decoder *d) {
@@ -480,12 +557,21 @@ static int decoder_free(Decoder *d) {
     return !d->busy;
 }
 
+static PyObject *Decoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Decoder *d = (Decoder *)type->tp_alloc(type, 0);
+    if (d) d->range = UINT64_MAX; /* an empty stream until __init__ gives it words */
+    return (PyObject *)d;
+}
+
 /* Decoder(words uint32 (n)): reads the first two words as constriction's from_compressed does. */
 static int Decoder_init(Decoder *d, PyObject *args, PyObject *kwds) {
     PyObject *o;
-    if (!PyArg_ParseTuple(args, "O:Decoder", &o) || !decoder_free(d)) return -1;
+    if (!PyArg_ParseTuple(args, "O:Decoder", &o) || (kwds && PyDict_GET_SIZE(kwds)) || !decoder_free(d)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "Decoder() takes no keyword arguments");
+        return -1;
+    }
     Buf b[1] = {0};
-    if (get(o, &b[0], "I", 1, "words") < 0) {
+    if (get(o, &b[0], "I", 1, 0, "words") < 0) {
         release(b, 1);
         return -1;
     }
@@ -496,7 +582,7 @@ static int Decoder_init(Decoder *d, PyObject *args, PyObject *kwds) {
         PyErr_NoMemory();
         return -1;
     }
-    memcpy(words, b[0].b.buf, (size_t)n * sizeof(uint32_t));
+    if (n) memcpy(words, b[0].b.buf, (size_t)n * sizeof(uint32_t));
     release(b, 1);
     PyMem_RawFree(d->words);
     d->words = words, d->n_words = n, d->pos = 0, d->lower = 0, d->range = UINT64_MAX, d->point = 0;
@@ -511,52 +597,36 @@ static void Decoder_dealloc(Decoder *d) {
     Py_TYPE(d)->tp_free((PyObject *)d);
 }
 
+static PyObject *decoded(Decoder *d, int rc, const char *what) {
+    d->busy = 0;
+    if (!rc) Py_RETURN_NONE;
+    set_error(rc, what);
+    return NULL;
+}
+
 /* categorical_rows(table float32 (L, K), rows uint16 (n) or None, out int32 (n)). */
 static PyObject *Decoder_categorical_rows(Decoder *d, PyObject *args) {
-    PyObject *o[3];
+    PyObject *o[3], *result = NULL;
     if (!PyArg_ParseTuple(args, "OOO", &o[0], &o[1], &o[2]) || !decoder_free(d)) return NULL;
     Buf b[3] = {0};
-    PyObject *result = NULL;
-    int identity = o[1] == Py_None;
-    if (get(o[0], &b[0], "f", 2, "table") < 0 || (!identity && get(o[1], &b[1], "H", 1, "rows") < 0)) goto done;
-    if (PyObject_GetBuffer(o[2], &b[2].b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND | PyBUF_WRITABLE) < 0) goto done;
-    b[2].held = 1;
-    Py_ssize_t n_rows = b[0].b.shape[0], k = b[0].b.shape[1], n = identity ? n_rows : b[1].b.shape[0];
-    if (k < 2 || k > MAX_SYMBOLS || b[2].b.ndim != 1 || b[2].b.itemsize != 4 || b[2].b.shape[0] != n) {
-        PyErr_SetString(PyExc_ValueError, "categorical_rows: bad shapes");
-        goto done;
-    }
+    Py_ssize_t n_rows, k, n;
+    Rows rows;
+    if (rows_inputs(o, b, 1, &n_rows, &k, &n) < 0 || rows_new(&rows, n_rows, k) < 0) goto done;
     const float *table = b[0].b.buf;
-    const uint16_t *rows = identity ? NULL : b[1].b.buf;
+    const uint16_t *at = o[1] == Py_None ? NULL : b[1].b.buf;
     int32_t *out = b[2].b.buf;
-    for (Py_ssize_t i = 0; i < n && rows; i++)
-        if (rows[i] >= n_rows) { PyErr_SetString(PyExc_IndexError, "categorical_rows: row out of range"); goto done; }
-    const Py_ssize_t stride = MAX_SYMBOLS + 2;
-    float *cum = rows ? PyMem_RawMalloc((size_t)n_rows * stride * sizeof(float)) : NULL;
-    char *made = rows ? PyMem_RawCalloc((size_t)n_rows, 1) : NULL;
-    if (rows && (!cum || !made)) {
-        PyMem_RawFree(cum), PyMem_RawFree(made);
-        PyErr_NoMemory();
-        goto done;
-    }
-    float c[MAX_SYMBOLS + 2];
     int rc = 0;
     d->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && !rc; i++) {
-        float *cr = c;
-        if (rows) {
-            cr = cum + (Py_ssize_t)rows[i] * stride;
-            if (!made[rows[i]]) cr[stride - 1] = row_scale(table + (Py_ssize_t)rows[i] * k, k, cr), made[rows[i]] = 1;
-        } else
-            cr[stride - 1] = row_scale(table + i * k, k, cr);
-        rc = row_ok(cr, k) ? decode_row(d, cr, cr[stride - 1], k, out + i) : -2;
+        Py_ssize_t r = at ? at[i] : i; /* read once: ``out`` may even overlap ``rows`` */
+        if (r >= n_rows) { rc = NO_ROW; break; }
+        const float *c = rows_get(&rows, table, r, k, 0);
+        rc = decode_row(d, c, c[k + 1], k, out + i);
     }
     Py_END_ALLOW_THREADS
-    d->busy = 0;
-    PyMem_RawFree(cum), PyMem_RawFree(made);
-    if (rc) { decode_failed(rc); goto done; }
-    result = Py_NewRef(Py_None);
+    result = decoded(d, rc, "categorical_rows");
+    rows_free(&rows);
 done:
     release(b, 3);
     return result;
@@ -564,28 +634,23 @@ done:
 
 /* categorical_alike(probs float32 (K), out int32 (n)). */
 static PyObject *Decoder_categorical_alike(Decoder *d, PyObject *args) {
-    PyObject *o[2];
+    PyObject *o[2], *result = NULL;
     if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]) || !decoder_free(d)) return NULL;
     Buf b[2] = {0};
-    PyObject *result = NULL;
-    if (get(o[0], &b[0], "f", 1, "probs") < 0) goto done;
-    if (PyObject_GetBuffer(o[1], &b[1].b, PyBUF_C_CONTIGUOUS | PyBUF_ND | PyBUF_WRITABLE) < 0) goto done;
-    b[1].held = 1;
-    Py_ssize_t k = b[0].b.shape[0], n = b[1].b.len / 4;
-    if (k < 2 || k > MAX_SYMBOLS || b[1].b.itemsize != 4) {
-        PyErr_SetString(PyExc_ValueError, "categorical_alike: bad shapes");
+    if (get(o[0], &b[0], "f", 1, 0, "probs") < 0 || get(o[1], &b[1], "i", 1, 1, "out") < 0) goto done;
+    Py_ssize_t k = b[0].b.shape[0], n = b[1].b.shape[0];
+    if (k < 2 || k > MAX_SYMBOLS) {
+        PyErr_SetString(PyExc_ValueError, "categorical_alike: a row of 2 to 1024 symbols");
         goto done;
     }
     int32_t *out = b[1].b.buf;
-    float c[MAX_SYMBOLS + 1], scale = row_scale(b[0].b.buf, k, c);
-    int rc = row_ok(c, k) ? 0 : -2;
+    float c[MAX_SYMBOLS + 1], scale = row_model(b[0].b.buf, k, c);
+    int rc = 0;
     d->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_row(d, c, scale, k, out + i);
     Py_END_ALLOW_THREADS
-    d->busy = 0;
-    if (rc) { decode_failed(rc); goto done; }
-    result = Py_NewRef(Py_None);
+    result = decoded(d, rc, "categorical_alike");
 done:
     release(b, 2);
     return result;
@@ -593,29 +658,25 @@ done:
 
 /* bernoulli(p1 float64 (n) or None for 1/2 each, out int32 (n)). */
 static PyObject *Decoder_bernoulli(Decoder *d, PyObject *args) {
-    PyObject *o[2];
+    PyObject *o[2], *result = NULL;
     if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]) || !decoder_free(d)) return NULL;
     Buf b[2] = {0};
-    PyObject *result = NULL;
-    int even = o[0] == Py_None;
-    if (!even && get(o[0], &b[0], "d", 1, "p1") < 0) goto done;
-    if (PyObject_GetBuffer(o[1], &b[1].b, PyBUF_C_CONTIGUOUS | PyBUF_ND | PyBUF_WRITABLE) < 0) goto done;
-    b[1].held = 1;
-    Py_ssize_t n = b[1].b.len / 4;
-    if (b[1].b.itemsize != 4 || (!even && b[0].b.shape[0] != n)) {
+    if ((o[0] != Py_None && get(o[0], &b[0], "d", 1, 0, "p1") < 0) || get(o[1], &b[1], "i", 1, 1, "out") < 0)
+        goto done;
+    Py_ssize_t n = b[1].b.shape[0];
+    if (o[0] != Py_None && b[0].b.shape[0] != n) {
         PyErr_SetString(PyExc_ValueError, "bernoulli: lengths differ");
         goto done;
     }
-    const double *p = even ? NULL : b[0].b.buf;
+    const double *p = o[0] == Py_None ? NULL : b[0].b.buf;
     int32_t *out = b[1].b.buf;
+    uint32_t even = bit_split(0.5);
     int rc = 0;
     d->busy = 1;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_bit(d, p ? p[i] : 0.5, out + i);
+    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_bit(d, p ? bit_split(p[i]) : even, out + i);
     Py_END_ALLOW_THREADS
-    d->busy = 0;
-    if (rc) { decode_failed(rc); goto done; }
-    result = Py_NewRef(Py_None);
+    result = decoded(d, rc, "bernoulli");
 done:
     release(b, 2);
     return result;
@@ -624,8 +685,7 @@ done:
 /* Whether the data may be used up: constriction's maybe_exhausted. */
 static PyObject *Decoder_maybe_exhausted(Decoder *d, PyObject *Py_UNUSED(ignored)) {
     if (!decoder_free(d)) return NULL;
-    int done = d->pos >= d->n_words &&
-               (d->range == UINT64_MAX || d->point - d->lower < ((uint64_t)1 << 33) - 1);
+    int done = d->pos >= d->n_words && (d->range == UINT64_MAX || d->point - d->lower < ((uint64_t)1 << 33) - 1);
     return PyBool_FromLong(done);
 }
 
@@ -646,7 +706,7 @@ static PyTypeObject DecoderType = {
     .tp_doc = "Range decoder reading constriction's queue.RangeEncoder streams for fedtensor's models.",
     .tp_methods = Decoder_methods,
     .tp_init = (initproc)Decoder_init,
-    .tp_new = PyType_GenericNew,
+    .tp_new = Decoder_new,
     .tp_dealloc = (destructor)Decoder_dealloc,
 };
 
@@ -656,7 +716,10 @@ PyMODINIT_FUNC PyInit__range(void) {
     if (PyType_Ready(&EncoderType) < 0 || PyType_Ready(&DecoderType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    if (PyModule_AddObjectRef(m, "Encoder", (PyObject *)&EncoderType) < 0 ||
+    InvalidData = PyErr_NewExceptionWithDoc("fedtensor.codec._range.InvalidData",
+                                            "Compressed data that no encoder writes.", PyExc_ValueError, NULL);
+    if (!InvalidData || PyModule_AddObjectRef(m, "InvalidData", InvalidData) < 0 ||
+        PyModule_AddObjectRef(m, "Encoder", (PyObject *)&EncoderType) < 0 ||
         PyModule_AddObjectRef(m, "Decoder", (PyObject *)&DecoderType) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -108,7 +108,10 @@ class BinaryStream:
         """:meth:`categorical` with the probabilities ``table[rows]``. constriction's are gathered
         :data:`_ROWS_AT_ONCE` symbols at a time: the same code (a range coder's symbols may be split
         between calls), and the rows, 64 bytes a symbol, stay small and in cache instead of taking
-        megabytes per chunk. The compiled coder reads them in place."""
+        megabytes per chunk. The compiled coder reads them in place. Row numbers outside the table
+        raise IndexError (negative ones too)."""
+        if rows.dtype != np.uint16 and len(rows) and (rows.min() < 0 or rows.max() >= len(table)):
+            raise IndexError("categorical_rows: a row number outside the table")
         if len(rows) and len(table) <= 1 << 16 and (native := self._compiled()) is not None:
             return self._native_rows(native, table, np.ascontiguousarray(rows, np.uint16), values, len(rows))
         if len(rows) <= _ROWS_AT_ONCE:
@@ -187,7 +190,7 @@ class BinaryStream:
                 self._native_decode(native.bernoulli, None, out)
                 return out
             values = np.ascontiguousarray(values, np.int32)
-            native.even_bits(values)
+            native.bernoulli(None, values)
             return values
         return self._fixed(self._even, values, n)
 
@@ -210,7 +213,7 @@ class BinaryStream:
     def _native_decode(call, *args) -> None:
         try:
             call(*args)
-        except ValueError:  # data no encoder could have produced, as constriction rejects it
+        except _range.InvalidData:  # data no encoder could have produced, as constriction rejects it
             raise FormatError("corrupted entropy-coded stream (invalid data)") from None
 
     def finish(self) -> bytes:
@@ -701,8 +704,8 @@ def _code_chunks_native(s: BinaryStream, bounds, local, sym, tables, p_neg, dist
     length, bits = np.empty(len(esc), np.int32), np.empty(int(nbits.sum()), np.int32)
     marks = np.empty((3, n_chunks + 1), np.int64)
     _contexts.chunk_symbols(bounds, nz, mnz, neg, esc, rest, nbits, p_neg, psign, sign, length, bits, marks)
-    if s.native is not None:  # the whole run in one call, the model rows read in place, the GIL released
-        s.native.chunks(bounds, local, sym, tables, psign, sign, np.ascontiguousarray(dist), length, bits, marks)
+    if (native := s._compiled()) is not None:  # the whole run in one call, the rows read in place, no GIL
+        native.chunks(bounds, local, sym, tables, psign, sign, np.ascontiguousarray(dist), length, bits, marks)
         return
     edges = np.vstack([bounds, marks]).T.tolist()  # per chunk start: symbols, non-zeros, escapes, bits
     for c, ((a, na, ea, ba), (b, nb, eb, bb)) in enumerate(zip(edges[:-1], edges[1:])):
