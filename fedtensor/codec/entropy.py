@@ -28,9 +28,9 @@ try:  # compiled context modelling (setup.py builds it where a C compiler is fou
     from fedtensor.codec import _contexts
 except ImportError:  # the numpy code below computes the same models, only slower
     _contexts = None
-try:  # a range encoder writing constriction's streams byte for byte, without holding the GIL
+try:  # a range coder writing and reading constriction's streams word for word, without holding the GIL
     from fedtensor.codec import _range
-except ImportError:  # constriction encodes
+except ImportError:  # constriction codes
     _range = None
 
 UNARY_CAP = 14
