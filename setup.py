@@ -13,11 +13,11 @@ packages += ["fedtensor_kernels"] + [f"fedtensor_kernels.{p}" for p in find_pack
 
 # The entropy coder's compiled chunk models. Optional: without a C compiler the numpy code computes
 # the same models. No fused multiply-adds: the models must equal numpy's (and constriction's) bit for bit.
-flags = [] if sys.platform == "win32" else ["-O2", "-ffp-contract=off"]
+flags = ["/fp:strict"] if sys.platform == "win32" else ["-O2", "-ffp-contract=off"]
 contexts = Extension("fedtensor.codec._contexts", ["fedtensor/codec/_contexts.c"], optional=True,
                      extra_compile_args=flags)
-# The range encoder that writes constriction's streams without holding the GIL (optional as well:
-# without it constriction encodes, byte for byte the same).
+# The range coder that writes and reads constriction's streams without holding the GIL (optional as
+# well: without it constriction codes them, word for word the same).
 range_coder = Extension("fedtensor.codec._range", ["fedtensor/codec/_range.c"], optional=True,
                         extra_compile_args=flags)
 

@@ -329,6 +329,13 @@ def test_compiled_context_coder_is_built():
     assert entropy._contexts is not None
 
 
+def test_compiled_range_coder_is_built():
+    """setup.py builds it wherever a C compiler is found (as here, and in CI): without it constriction
+    codes the same streams, holding the GIL, compress 1.1–1.2× and decompress 1.3–1.6× slower on the
+    sample CTs. (Not in tests/test_range.py, which is skipped as a whole where it is not built.)"""
+    assert entropy._range is not None
+
+
 @pytest.fixture(params=["compiled", "numpy"])
 def encoder(request, monkeypatch):
     """Run a test with the encoder's compiled context modelling, then with the numpy one."""

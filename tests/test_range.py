@@ -23,12 +23,6 @@ _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 _BERNOULLI = constriction.stream.model.Bernoulli(perfect=False)
 
 
-def test_range_encoder_is_built():
-    """setup.py builds it wherever a C compiler is found (as here, and in CI): without it constriction
-    encodes the same bytes, holding the GIL, 1.3× slower on a head CT."""
-    assert entropy._range is not None
-
-
 def _table(rng, rows: int, k: int) -> np.ndarray:
     """Probability rows as the coder makes them: skewed, some with tiny or zero entries, unnormalised."""
     t = rng.random((rows, k)) ** rng.choice([1, 8, 40])
@@ -228,10 +222,8 @@ def test_an_output_overlapping_the_row_numbers_is_safe():
     buf = np.zeros(2 * n, np.uint16)
     rows, out = buf[:n], buf.view(np.int32)
     words = np.random.default_rng(0).integers(0, 2**32, 30_000, dtype=np.uint32)
-    try:
+    with pytest.raises(IndexError):  # a decoded symbol (1 … 15) read back as a row number of a 1-row table
         _range.Decoder(words).categorical_rows(np.ones((1, 16), np.float32), rows, out)
-    except IndexError:
-        pass
 
 
 @pytest.mark.parametrize("row", [[1e-33, 1e-33, 1e-33], [3e-39, 3e-39, 1e-38, 2e-39], [3.4e38, 1.9e34],

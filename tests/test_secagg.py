@@ -77,6 +77,7 @@ class Run:
 
     def through(self, last: int, xs=None, skip=(), weights=None):
         """Rounds 0 … ``last`` (at most 2) with every client; ``skip``: who sends nothing in round 2."""
+        assert last in (0, 1, 2) and (last == 2 or (xs is None and not skip and weights is None))
         self.round0()
         if last >= 1:
             self.round1()

@@ -17,9 +17,14 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "float arithmetic must be plain IEEE single and double precision (the streams would differ)"
+#endif
 
 #define PRECISION 24
 #define TOTAL ((uint32_t)1 << PRECISION)
@@ -174,7 +179,7 @@ static int get(PyObject *obj, Buf *out, const char *format, int ndim, int writab
              (want == 'i' && strcmp(f, "l") == 0 && out->b.itemsize == 4) ||
              (want == 'I' && strcmp(f, "L") == 0 && out->b.itemsize == 4);
     if (!ok) {
-        PyErr_Format(PyExc_TypeError, "%s: wrong dtype (format %s, expected %s)", name, out->b.format, format);
+        PyErr_Format(PyExc_TypeError, "%s: wrong dtype (format %s, expected %s)", name, f, format);
         return -1;
     }
     if (out->b.ndim != ndim) {

@@ -93,9 +93,11 @@ class BinaryStream:
         return self._native
 
     def categorical(self, probs: np.ndarray, values: np.ndarray | None) -> np.ndarray:
-        """Code ``len(probs)`` symbols, symbol ``i`` in ``[0, probs.shape[1])`` with row ``i``."""
+        """Code ``len(probs)`` symbols, symbol ``i`` in ``[0, probs.shape[1])`` with row ``i`` (as
+        float32: both coders quantise that)."""
         if len(probs) == 0:
             return np.zeros(0, np.int32)
+        probs = np.asarray(probs, np.float32)
         if (native := self._compiled()) is not None:
             return self._native_rows(native, probs, None, values, len(probs))
         if self.decoding:
@@ -110,6 +112,7 @@ class BinaryStream:
         between calls), and the rows, 64 bytes a symbol, stay small and in cache instead of taking
         megabytes per chunk. The compiled coder reads them in place. Row numbers outside the table
         raise IndexError (negative ones too)."""
+        table = np.asarray(table, np.float32)
         if rows.dtype != np.uint16 and len(rows) and (rows.min() < 0 or rows.max() >= len(table)):
             raise IndexError("categorical_rows: a row number outside the table")
         if len(rows) and len(table) <= 1 << 16 and (native := self._compiled()) is not None:
@@ -122,7 +125,7 @@ class BinaryStream:
         return np.concatenate(pieces) if self.decoding else values
 
     def _native_rows(self, native, table, rows, values, n: int) -> np.ndarray:
-        table = np.ascontiguousarray(table, np.float32)
+        table = np.ascontiguousarray(table)
         if self.decoding:
             out = np.empty(n, np.int32)
             self._native_decode(native.categorical_rows, table, rows, out)
