@@ -99,7 +99,7 @@ class BinaryStream:
             return np.zeros(0, np.int32)
         probs = np.asarray(probs, np.float32)
         if (native := self._compiled()) is not None:
-            return self._native_rows(native, probs, None, values, len(probs))
+            return self._native_code(native.categorical_rows, (np.ascontiguousarray(probs), None), values, len(probs))
         if self.decoding:
             return self._decode(self._categorical, probs)
         values = np.asarray(values, np.int32)
@@ -116,7 +116,9 @@ class BinaryStream:
         if rows.dtype != np.uint16 and len(rows) and (rows.min() < 0 or rows.max() >= len(table)):
             raise IndexError("categorical_rows: a row number outside the table")
         if len(rows) and len(table) <= 1 << 16 and (native := self._compiled()) is not None:
-            return self._native_rows(native, table, np.ascontiguousarray(rows, np.uint16), values, len(rows))
+            return self._native_code(native.categorical_rows,
+                                     (np.ascontiguousarray(table), np.ascontiguousarray(rows, np.uint16)), values,
+                                     len(rows))
         if len(rows) <= _ROWS_AT_ONCE:
             return self.categorical(table.take(rows, axis=0), values)
         pieces = [self.categorical(table.take(rows[i:i + _ROWS_AT_ONCE], axis=0),
@@ -124,28 +126,25 @@ class BinaryStream:
                   for i in range(0, len(rows), _ROWS_AT_ONCE)]
         return np.concatenate(pieces) if self.decoding else values
 
-    def _native_rows(self, native, table, rows, values, n: int) -> np.ndarray:
-        table = np.ascontiguousarray(table)
+    def _native_code(self, method, model: tuple, values: np.ndarray | None, n: int) -> np.ndarray:
+        """One call of the compiled coder's ``method(*model, symbols)``: ``n`` symbols decoded into a new
+        int32 array, or ``values`` encoded (and returned)."""
         if self.decoding:
             out = np.empty(n, np.int32)
-            self._native_decode(native.categorical_rows, table, rows, out)
+            try:
+                method(*model, out)
+            except _range.InvalidData:  # data no encoder could have produced, as constriction rejects it
+                raise FormatError("corrupted entropy-coded stream (invalid data)") from None
             return out
         values = np.ascontiguousarray(values, np.int32)
-        native.categorical_rows(table, rows, values)
+        method(*model, values)
         return values
 
     def bernoulli(self, p1: np.ndarray, values: np.ndarray | None) -> np.ndarray:
         if len(p1) == 0:
             return np.zeros(0, np.int32)
         if (native := self._compiled()) is not None:
-            p1 = np.ascontiguousarray(p1, np.float64)
-            if self.decoding:
-                out = np.empty(len(p1), np.int32)
-                self._native_decode(native.bernoulli, p1, out)
-                return out
-            values = np.ascontiguousarray(values, np.int32)
-            native.bernoulli(p1, values)
-            return values
+            return self._native_code(native.bernoulli, (np.ascontiguousarray(p1, np.float64),), values, len(p1))
         if self.decoding:
             return self._decode(self._bernoulli, p1)
         values = np.asarray(values, np.int32)
@@ -176,25 +175,13 @@ class BinaryStream:
         :meth:`categorical` with ``probs`` on every row, without building a model per symbol)."""
         probs = np.ascontiguousarray(probs, np.float32)
         if n and (native := self._compiled()) is not None:
-            if self.decoding:
-                out = np.empty(n, np.int32)
-                self._native_decode(native.categorical_alike, probs, out)
-                return out
-            values = np.ascontiguousarray(values, np.int32)
-            native.categorical_alike(probs, values)
-            return values
+            return self._native_code(native.categorical_alike, (probs,), values, n)
         return self._fixed(constriction.stream.model.Categorical(probs, perfect=False), values, n)
 
     def even_bits(self, values: np.ndarray | None, n: int) -> np.ndarray:
         """Code ``n`` bits, each a one with probability 1/2 (raw bits)."""
         if n and (native := self._compiled()) is not None:
-            if self.decoding:
-                out = np.empty(n, np.int32)
-                self._native_decode(native.bernoulli, None, out)
-                return out
-            values = np.ascontiguousarray(values, np.int32)
-            native.bernoulli(None, values)
-            return values
+            return self._native_code(native.bernoulli, (None,), values, n)
         return self._fixed(self._even, values, n)
 
     def _fixed(self, model, values: np.ndarray | None, n: int) -> np.ndarray:
@@ -211,13 +198,6 @@ class BinaryStream:
             return np.asarray(self._coder.decode(model, *params), np.int32)
         except Exception as err:  # constriction rejects data that no encoder could have produced
             raise FormatError(f"corrupted entropy-coded stream ({err.__class__.__name__})") from None
-
-    @staticmethod
-    def _native_decode(call, *args) -> None:
-        try:
-            call(*args)
-        except _range.InvalidData:  # data no encoder could have produced, as constriction rejects it
-            raise FormatError("corrupted entropy-coded stream (invalid data)") from None
 
     def finish(self) -> bytes:
         if self._native is not None:
