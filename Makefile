@@ -13,7 +13,7 @@ PYTEST_ARGS ?= -q
 venv: $(STAMP)
 
 # Re-installs only when the packaging metadata or the C source changes (the install is editable: Python
-# edits need none; the compiled context coder is rebuilt from fedtensor/codec/_contexts.c).
+# edits need none; the compiled context coder and range coder are rebuilt from fedtensor/codec/*.c).
 $(STAMP): pyproject.toml setup.py fedtensor/codec/_contexts.c fedtensor/codec/_range.c
 	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 found on PATH" >&2; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 is required, found " + sys.version.split()[0])'

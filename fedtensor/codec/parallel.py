@@ -2,11 +2,12 @@
 
 The context coder is numpy, C and Python on one core. Its C parts (the context modelling, the range
 coding) release the GIL, the Python between them holds it: two threads code a head CT's slabs
-1.3–1.9× as fast as one, where worker processes scale with the cores. Slabs therefore fall in *groups* of ``params.group`` slabs (one group when absent), and every group
-but the first starts its coder statistics (:class:`~fedtensor.codec.blockcoef.BlockCoders`) from
-those the first slab left: after that slab, groups are coded and decoded independently, each in a
-worker process. Only volumes of :data:`SPLIT_VOXELS` or more have several groups: eight, or more of
-:data:`GROUP_VOXELS` each (:func:`group_voxels`), so that eight cores share even a 256³ volume's coding.
+1.3–1.9× as fast as one, where worker processes scale with the cores. Slabs therefore fall in
+*groups* of ``params.group`` slabs (one group when absent), and every group but the first starts its
+coder statistics (:class:`~fedtensor.codec.blockcoef.BlockCoders`) from those the first slab left:
+after that slab, groups are coded and decoded independently, each in a worker process. Only volumes
+of :data:`SPLIT_VOXELS` or more have several groups: eight, or more of :data:`GROUP_VOXELS` each
+(:func:`group_voxels`), so that eight cores share even a 256³ volume's coding.
 The restarts cost the bits the tables take to learn again: at 45 dB, +1.0 % on a 256³ CT (8 groups),
 +0.91 % on a 512³ one (8 groups; docs/codec.md).
 The groups follow from the volume's geometry only, never from the number of cores, so a stream is the
