@@ -97,6 +97,16 @@ def inputs(ids, m, seed=0, lo=-1.0, hi=1.0):
     return {i: rng.uniform(lo, hi, m) for i in ids}
 
 
+def started(last: int, *, skip=(), **params):
+    """``(params, run, x)``: a run of :func:`make_params` ``params`` through round ``last`` (see
+    :meth:`Run.through`), the clients holding :func:`inputs`."""
+    p = make_params(**params)
+    run = Run(p)
+    x = inputs(run.ids, p.vector_length)
+    run.through(last, x if last == 2 else None, skip=skip)
+    return p, run, x
+
+
 # --------------------------------------------------------------------------------------------------
 # building blocks
 # --------------------------------------------------------------------------------------------------
@@ -297,10 +307,7 @@ def _with_share(fwd: ShareForward, k: int, **changes) -> ShareForward:
 
 
 def test_tampered_share_ciphertext_is_rejected():
-    p = make_params(n=4, t=3, m=16)
-    run = Run(p)
-    x = inputs(run.ids, p.vector_length)
-    run.through(1)
+    _, run, x = started(1, n=4, t=3, m=16)
     fwd = run.forwards[2]
     ct = fwd.shares[0].ciphertext
     flipped = ct[:5] + bytes([ct[5] ^ 0x40]) + ct[6:]
@@ -316,10 +323,7 @@ def test_tampered_share_ciphertext_is_rejected():
 
 
 def test_share_for_wrong_pair_or_round_is_rejected():
-    p = make_params(n=4, t=3, m=16, round_id=7)
-    run = Run(p)
-    x = inputs(run.ids, p.vector_length)
-    run.through(1)
+    p, run, x = started(1, n=4, t=3, m=16, round_id=7)
     to2, to3 = run.forwards[2], run.forwards[3]
     # a share addressed to client 3 delivered to client 2
     with pytest.raises(SecAggMessageError, match="addressed to client 3"):
@@ -340,9 +344,7 @@ def test_share_for_wrong_pair_or_round_is_rejected():
         run.clients[2].mask_input(_with_share(to2, 0, nonce=own.nonce, ciphertext=own.ciphertext), x[2])
     # a share from another round: replay of round 7's share into a round-8 run
     p8 = dataclasses.replace(p, round_id=8)
-    run8 = Run(p8, seed=0)
-    run8.round0()
-    run8.round1()
+    run8 = Run(p8, seed=0).through(1)
     fwd8 = run8.forwards[2]
     with pytest.raises(SecAggMessageError, match="round 7, expected round 8"):
         run8.clients[2].mask_input(dataclasses.replace(fwd8, shares=(to2.shares[0],) + fwd8.shares[1:]), x[2])
@@ -432,10 +434,7 @@ def test_client_rejects_bad_key_lists():
 
 
 def test_client_refuses_to_reveal_both_shares_of_a_peer():
-    p = make_params(n=5, t=3, m=16)
-    run = Run(p)
-    x = inputs(run.ids, p.vector_length)
-    run.through(2, x, skip={5})
+    _, run, x = started(2, skip={5}, n=5, t=3, m=16)
     req = run.request
     assert req.dropped == (5,)
     greedy = UnmaskRequest(req.round_id, req.survivors, req.dropped + (2,))  # 2 in both lists
@@ -724,19 +723,13 @@ def test_wrong_shares_in_different_secrets_are_each_left_out_of_their_own():
 
 def test_a_client_refuses_to_unmask_for_fewer_than_t_survivors():
     """A lying server's unmask request naming t−1 survivors is refused by the client itself."""
-    p = make_params(n=5, t=4, m=8)
-    run = Run(p)
-    x = inputs(run.ids, p.vector_length)
-    run.through(2, x)
+    p, run, x = started(2, n=5, t=4, m=8)
     with pytest.raises(SecAggAbort, match="threshold is 4"):
         run.clients[1].unmask(UnmaskRequest(p.round_id, (1, 2, 3), (4, 5)))
 
 
 def test_a_client_refuses_to_mask_for_fewer_than_t_participants():
-    p = make_params(n=5, t=4, m=8)
-    run = Run(p)
-    x = inputs(run.ids, p.vector_length)
-    run.through(1)
+    _, run, x = started(1, n=5, t=4, m=8)
     fwd = run.forwards[1]
     few = ShareForward(fwd.round_id, 1, (1, 2, 3), tuple(e for e in fwd.shares if e.sender in (2, 3)))
     with pytest.raises(SecAggAbort, match="threshold is 4"):
