@@ -79,6 +79,8 @@ def register(app: typer.Typer) -> None:
         max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=1, help="Largest request body accepted.")] = 256,
         stage_timeout: Annotated[float, typer.Option("--stage-timeout", min=0,
                                                      help="Seconds a secure-aggregation stage waits for clients (0: until all arrive or the admin closes it).")] = 600,
+        web: Annotated[bool, typer.Option("--web", help="Also serve the web interface at / (it has no authentication: "
+                                                        "loopback hosts only, never behind a proxy).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Management actions print one JSON object.")] = False,
     ) -> None:
         """Serve the global model versions over HTTP (API under /api/v1), or manage clients and versions.
@@ -145,6 +147,8 @@ def register(app: typer.Typer) -> None:
                 render.emit_json(out)
             return
 
+        if web and not is_loopback(host):
+            raise UsageFailure(f"--web needs a loopback --host (the web interface has no authentication), got {host}")
         if not is_loopback(host) and not allow_remote:
             raise UsageFailure(f"--host {host} is not a loopback address: add --allow-remote "
                                "(and serve it behind a TLS proxy: tokens travel in clear over plain HTTP)")
@@ -155,7 +159,7 @@ def register(app: typer.Typer) -> None:
         if not valid_stage_timeout(stage_timeout or None):  # 0: no deadline; NaN and ≥ 10⁹ refused
             raise UsageFailure(f"--stage-timeout must be a number of seconds below {MAX_STAGE_TIMEOUT:g} (0: none), "
                                f"got {stage_timeout:g}")
-        _run_server(data, host, port, int(max_upload_mb * (1 << 20)), stage_timeout or None)
+        _run_server(data, host, port, int(max_upload_mb * (1 << 20)), stage_timeout or None, web)
 
     @app.command("fetch-model")
     @cli_errors
@@ -197,21 +201,24 @@ def _publish_local(data: Path, model_dir: Path, meta: str | None) -> dict:
     return ModelStore(data).publish(blob, manifest, meta_d).to_dict()
 
 
-def server_config(host: str, max_bytes: int, stage_timeout: float | None) -> dict:
-    """The app config of a server listening on ``host``.
+def server_config(host: str, max_bytes: int, stage_timeout: float | None, web: bool = False) -> dict:
+    """The app config of a server listening on ``host``, with the web interface if ``web`` (which needs a
+    loopback host).
 
-    The web interface (no authentication) is on for loopback hosts only, and the server then answers only
-    requests addressed to a loopback name: a page elsewhere whose name resolves to 127.0.0.1 or ::1 (DNS
-    rebinding) gets a 400.
+    The web interface has no authentication, so it is asked for, never implied by a loopback host: a
+    loopback server is also what a reverse proxy forwards to. With it, web pages answer only requests
+    addressed to a loopback name (a page elsewhere whose name resolves to 127.0.0.1 or ::1, DNS
+    rebinding, gets a 400) and not forwarded by a proxy (403).
     """
-    config = {"MAX_CONTENT_LENGTH": max_bytes, "FEDTENSOR_ROUND_STAGE_TIMEOUT": stage_timeout,
-              "FEDTENSOR_WEB": is_loopback(host)}
-    if config["FEDTENSOR_WEB"]:
+    if web and not is_loopback(host):
+        raise UsageFailure(f"--web needs a loopback --host (the web interface has no authentication), got {host}")
+    config = {"MAX_CONTENT_LENGTH": max_bytes, "FEDTENSOR_ROUND_STAGE_TIMEOUT": stage_timeout, "FEDTENSOR_WEB": web}
+    if web:
         config["FEDTENSOR_ALLOWED_HOSTS"] = sorted({"localhost", "127.0.0.1", "::1", host.strip("[]").lower()})
     return config
 
 
-def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout: float | None) -> None:
+def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout: float | None, web: bool) -> None:
     try:
         from werkzeug.serving import make_server
 
@@ -220,7 +227,7 @@ def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout:
         raise FedtensorError(f"fedtensor serve needs Flask ({e.name} is not installed): "
                              "pip install 'fedtensor[web]'") from None
 
-    app = create_app(data, config=server_config(host, max_bytes, stage_timeout))
+    app = create_app(data, config=server_config(host, max_bytes, stage_timeout, web))
     _probe_listen(host, port)  # werkzeug would print its own message and sys.exit(1) instead
     srv = make_server(host, port, app, threaded=True)
     store, registry = app.extensions["fedtensor_store"], app.extensions["fedtensor_auth"]
@@ -228,7 +235,7 @@ def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout:
     n_clients = sum(1 for p in registry.clients() if not p.is_admin)
     base = f"http://{shown}:{srv.server_port}"
     web = (f", web interface at {base}/" if "web" in app.blueprints
-           else " (web interface off: it has no authentication, so it is served on loopback hosts only)")
+           else " (web interface off: --web serves it, on a loopback host)")
     print(f"fedtensor serve: API at {base}/api/v1{web}  (data {data}, "
           f"{len(store.versions())} versions, {n_clients} clients; Ctrl-C stops)", file=sys.stderr, flush=True)
     if not any(p.is_admin for p in registry.clients()):

@@ -621,6 +621,8 @@ def test_cli_manages_clients_and_refuses_a_remote_host(tmp_path, cli_app):
     assert r.exit_code == 2 and r.stderr.startswith("error: invalid client name")  # a bad command line
     r = cli_app("serve", "--data", data, "--host", "0.0.0.0")
     assert r.exit_code == 2 and "--allow-remote" in r.stderr
+    r = cli_app("serve", "--data", data, "--host", "0.0.0.0", "--allow-remote", "--web")
+    assert r.exit_code == 2 and r.stderr.startswith("error: --web needs a loopback --host")
 
 
 @pytest.fixture
@@ -800,20 +802,41 @@ def test_a_revoked_client_name_can_get_a_new_token(tmp_path):
 
 def test_loopback_web_interface_refuses_foreign_host_names(tmp_path):
     """DNS rebinding: a page on attacker.example resolving to 127.0.0.1 reaches the server's socket, but
-    its requests carry its own Host name."""
+    its requests carry its own Host name. The token-authenticated API answers any Host name (a proxy
+    that keeps the client's, as Caddy does, must still reach it)."""
     from fedtensor_cli.serve_cmd import server_config
 
-    config = server_config("127.0.0.1", 1 << 20, None)
+    config = server_config("127.0.0.1", 1 << 20, None, web=True)
     assert config["FEDTENSOR_WEB"] is True
     local = create_app(tmp_path / "d", config={"TESTING": True, **config}).test_client()
     assert local.get("/", headers={"Host": "127.0.0.1:8000"}).status_code == 200
     assert local.get("/", headers={"Host": "localhost:8000"}).status_code == 200
     assert local.get("/federation", headers={"Host": "attacker.example:8000"}).status_code == 400
-    assert local.get("/api/v1/health", headers={"Host": "attacker.example"}).status_code == 400
-    assert server_config("0.0.0.0", 1 << 20, None)["FEDTENSOR_WEB"] is False
-    v6 = create_app(tmp_path / "v6", config={"TESTING": True, **server_config("::1", 1 << 20, None)}).test_client()
+    assert local.get("/api/v1/health", headers={"Host": "fedtensor.example"}).status_code == 200
+    v6 = create_app(tmp_path / "v6", config={"TESTING": True, **server_config("::1", 1 << 20, None, web=True)}).test_client()
     assert v6.get("/", headers={"Host": "[::1]:8000"}).status_code == 200
     assert v6.get("/", headers={"Host": "[::2]:8000"}).status_code == 400
+
+
+def test_web_interface_is_asked_for_and_never_served_through_a_proxy(tmp_path):
+    """A loopback server is also what a reverse proxy forwards to (nginx sends the upstream's own Host,
+    127.0.0.1:8000): the unauthenticated pages are served only with --web, and never to a request a
+    proxy forwarded; the API is unaffected."""
+    from fedtensor_cli.errors import UsageFailure
+    from fedtensor_cli.serve_cmd import server_config
+
+    assert server_config("127.0.0.1", 1 << 20, None)["FEDTENSOR_WEB"] is False
+    with pytest.raises(UsageFailure, match="--web needs a loopback"):
+        server_config("0.0.0.0", 1 << 20, None, web=True)
+    plain = create_app(tmp_path / "p", config={"TESTING": True, **server_config("127.0.0.1", 1 << 20, None)})
+    assert plain.test_client().get("/", headers={"Host": "127.0.0.1:8000"}).status_code == 404
+    web = create_app(tmp_path / "w", config={"TESTING": True, **server_config("127.0.0.1", 1 << 20, None, web=True)})
+    client = web.test_client()
+    for header in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP"):
+        forwarded = {"Host": "127.0.0.1:8000", header: "203.0.113.7"}
+        assert client.get("/", headers=forwarded).status_code == 403
+        assert client.post("/compress", headers=forwarded).status_code == 403
+        assert client.get("/api/v1/health", headers=forwarded).status_code == 200
 
 
 @pytest.mark.parametrize("host, name", [("[::1]:8000", "::1"), ("[::1]", "::1"), ("LocalHost:80", "localhost"),

@@ -20,7 +20,7 @@ import secrets
 from pathlib import Path
 
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError
+from werkzeug.exceptions import BadRequest, Forbidden, HTTPException, InternalServerError
 
 from fedtensor.errors import FedtensorError
 from fedtensor.serve.api import ApiError
@@ -32,6 +32,7 @@ from fedtensor.serve.store import CorruptVersionError, ModelStore, StoreError, V
 API_PREFIX = "/api/v1"
 SECRET_FILE = "secret_key"
 DEFAULT_MAX_CONTENT_LENGTH = 256 << 20  # bytes; a 1 M-parameter model is ~4 MB, its masked update too
+_PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP")  # set by reverse proxies
 
 
 def _secret_key(data_dir: Path) -> str:
@@ -134,13 +135,19 @@ def create_app(data_dir: str | os.PathLike, *, config: dict | None = None) -> Fl
         app.register_blueprint(web.bp)
 
     allowed = app.config.get("FEDTENSOR_ALLOWED_HOSTS")
-    if allowed:
-        names = {str(h).lower() for h in allowed}
+    names = {str(h).lower() for h in allowed or ()}
 
-        @app.before_request
-        def _host_check():  # DNS rebinding: a foreign page resolving its name to our address
-            if host_name(request.host) not in names:
-                raise BadRequest(f"requests must be addressed to {', '.join(sorted(names))}")
+    @app.before_request
+    def _local_only():
+        """The web pages (not the API: its bearer tokens are never sent by a browser on its own) are for
+        the local user: not through a proxy, and, with allowed hosts set, not for a foreign page resolving
+        its name to our address (DNS rebinding)."""
+        if _is_api():
+            return
+        if any(h in request.headers for h in _PROXY_HEADERS):
+            raise Forbidden("the web interface is for local use and is not served through a proxy")
+        if names and host_name(request.host) not in names:
+            raise BadRequest(f"requests must be addressed to {', '.join(sorted(names))}")
 
     # The API always answers JSON errors, never an HTML page or a stack trace.
     @app.errorhandler(ApiError)
