@@ -1049,3 +1049,43 @@ def test_a_publisher_killed_mid_write_leaves_no_visible_version(svc, models, mon
     fresh = ModelStore(svc.dir)
     assert [v.version for v in fresh.versions()] == [1] and fresh.latest().version == 1
     assert not (svc.dir / "versions" / "v000002").exists()
+
+
+def test_client_never_follows_a_redirect_with_its_token(tmp_path):
+    """A service answering 302 to another address (or to plain HTTP) gets a clear refusal, and the
+    other address never sees the bearer token: urllib would resend it there."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    sink = http.server.HTTPServer(("127.0.0.1", 0), Sink)
+
+    class Redirect(Sink):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{sink.server_address[1]}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    redirect = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (sink, redirect):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ServiceError, match="redirected to .*not followed") as e:
+            fetch_model(f"http://127.0.0.1:{redirect.server_address[1]}", "SECRET-TOKEN", tmp_path / "m")
+        assert e.value.status == 302 and seen == [] and not (tmp_path / "m").exists()
+    finally:
+        for server in (sink, redirect):
+            server.shutdown()
+            server.server_close()

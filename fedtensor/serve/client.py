@@ -65,8 +65,17 @@ def api_base(url: str) -> str:
     return u
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # the 3xx comes back as an HTTPError: urllib would resend the token to any address
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class HttpTransport:
-    """:class:`Transport` over ``urllib`` with a bearer token."""
+    """:class:`Transport` over ``urllib`` with a bearer token. Redirects are refused, not followed:
+    ``urllib`` would send the token on to whatever address (or plain-HTTP scheme) one names."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0):
         self.base, self.token, self.timeout = api_base(url), token, timeout
@@ -77,10 +86,14 @@ class HttpTransport:
             h["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.base + API + path, data=body, method=method, headers=h)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
         except urllib.error.HTTPError as err:
             with err:
+                if 300 <= err.code < 400:
+                    raise ServiceError(f"the weights service at {self.base} redirected to {err.headers.get('Location')!r}: "
+                                       "not followed (the token goes to the given address only; give the final one)",
+                                       err.code) from None
                 return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
