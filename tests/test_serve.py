@@ -121,6 +121,27 @@ def svc(tmp_path, models) -> Service:
 # ------------------------------------------------------------------------------------------ store
 
 
+def test_store_refuses_deep_json_cleanly(tmp_path, models):
+    """A meta or manifest nested hundreds deep (valid JSON, which the parser accepts to ~990) is a
+    StoreError (a 400), not a RecursionError (a 500), and leaves nothing behind; so is a model whose
+    architecture metadata string is nested that deep."""
+    import struct
+
+    from fedtensor.serve.store import StoreError, check_model_bytes
+
+    store = ModelStore(tmp_path / "s")
+    deep = json.loads('{"a":' * 600 + "1" + "}" * 600)
+    with pytest.raises(StoreError, match="nested deeper"):
+        store.publish(models[0][0], None, deep)
+    with pytest.raises(StoreError, match="nested deeper"):
+        store.publish(models[0][0], {**models[0][1], "note": deep})
+    assert store.publish(models[0][0], None, {"ok": [[[1]]] * 3}).version == 1  # modest nesting is fine
+    assert [p.name for p in (tmp_path / "s" / "versions").iterdir()] == ["v000001"]
+    header = json.dumps({"__metadata__": {"fedtensor_model": "[" * 100000 + "]" * 100000}}).encode()
+    with pytest.raises(StoreError, match="not a fedtensor restoration model"):
+        check_model_bytes(struct.pack("<Q", len(header)) + header)
+
+
 def test_store_versions_survive_restart_and_verify(tmp_path, models):
     from fedtensor.nn import load_model
 

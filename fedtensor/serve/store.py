@@ -105,7 +105,7 @@ def check_model_bytes(data: bytes) -> dict:
         config = NetConfig.from_dict(info["net"])
     except ModelError as err:
         raise StoreError(str(err)) from None
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, RecursionError):
         raise StoreError("not a fedtensor restoration model (missing or bad architecture metadata)") from None
     try:
         params = tree_from_bytes(_abstract_params(config), data, "model")
@@ -116,14 +116,20 @@ def check_model_bytes(data: bytes) -> dict:
     return info
 
 
-def _plain(value):
-    """``value`` as JSON gives it back (tuples as lists), every non-finite float as None."""
+_MAX_DEPTH = 64  # nesting of a manifest or meta: far below what recursive serialisers survive
+
+
+def _plain(value, depth: int = 0):
+    """``value`` as JSON gives it back (tuples as lists), every non-finite float as None; ValueError when
+    nested deeper than :data:`_MAX_DEPTH`."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"nested deeper than {_MAX_DEPTH} levels")
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, depth + 1) for v in value]
     return json.loads(json.dumps(value))  # raises on what JSON cannot hold
 
 
@@ -297,23 +303,25 @@ class ModelStore:
             raise StoreError("model bytes are empty")
         model_bytes = bytes(model_bytes)
         sha = sha256_hex(model_bytes)
-        manifest = dict(manifest or {})
+        try:  # strict JSON: a non-finite figure is null (clients' parsers refuse NaN and Infinity)
+            manifest, meta_d = _plain(dict(manifest or {})), _plain(meta or {})
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"manifest and meta must be JSON objects ({e})") from None
+        if not isinstance(meta_d, dict):
+            raise StoreError("meta must be a JSON object")
         if manifest.get("model_id") not in (None, sha):
             raise StoreError("manifest model_id does not match the SHA-256 of the model bytes")
         if self.validate:
             arch = check_model_bytes(model_bytes)
             for key in ("format", "version", "net"):  # the weights' own architecture is the truth
-                if key in manifest and _plain(manifest[key]) != arch.get(key):
+                if key in manifest and manifest[key] != arch.get(key):
                     raise StoreError(f"the manifest's {key!r} contradicts the model file's own metadata")
                 manifest[key] = arch.get(key)
         manifest["model_id"] = sha
-        try:  # strict JSON: a non-finite figure is null (clients' parsers refuse NaN and Infinity)
+        try:
             manifest_data = json.dumps(_plain(manifest), indent=2, sort_keys=True, allow_nan=False).encode()
-            meta_d = _plain(meta or {})
         except (TypeError, ValueError) as e:
-            raise StoreError(f"manifest and meta must be JSON objects ({e})") from None
-        if not isinstance(meta_d, dict):
-            raise StoreError("meta must be a JSON object")
+            raise StoreError(f"the model's own metadata is not plain JSON ({e})") from None
         with self._exclusive():
             self._sweep()
             nums = self._numbers()
@@ -336,6 +344,9 @@ class ModelStore:
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise StoreError(f"cannot publish model version {version}: {e.strerror or e}") from None
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             fsync_path(self.vdir)
         self._cache[version] = info
         return info
