@@ -567,6 +567,29 @@ def test_too_few_survivors_abort_the_round_and_publish_nothing(svc):
     assert svc.post("/rounds", who="admin", json={}).json["round"] == rid + 1
 
 
+def test_secret_key_is_created_whole_and_once(tmp_path, monkeypatch):
+    """A starting server links a fully written key into place: a second process that linked first wins
+    and both read its key, and no temporary file or empty key is left behind."""
+    from fedtensor.serve import app as app_mod
+
+    (tmp_path / "a").mkdir()
+    first = app_mod._secret_key(tmp_path / "a")
+    assert app_mod._secret_key(tmp_path / "a") == first and len(first) == 64
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["secret_key"]
+    assert (tmp_path / "a" / "secret_key").stat().st_mode & 0o777 == 0o600
+
+    (tmp_path / "b").mkdir()
+    real_link = os.link
+
+    def other_process_first(src, dst):
+        (tmp_path / "b" / "secret_key").write_text("f" * 64 + "\n")
+        real_link(src, dst)
+
+    monkeypatch.setattr(app_mod.os, "link", other_process_first)
+    assert app_mod._secret_key(tmp_path / "b") == "f" * 64
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["secret_key"]
+
+
 def test_restart_keeps_versions_tokens_and_round_history(svc, models):
     svc.store.publish(models[1][0], models[1][1], {"round": 1})
     rid = svc.post("/rounds", who="admin", json={}).json["round"]

@@ -36,22 +36,31 @@ _PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP
 
 
 def _secret_key(data_dir: Path) -> str:
-    """The data directory's persistent secret (created once, 0600 from the start)."""
+    """The data directory's persistent secret (created once, 0600 from the start).
+
+    Written whole to a private temporary file, then linked into place: a process starting at the same
+    moment reads the winner's key, and a crash leaves no empty key file."""
     path = data_dir / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
-        key = path.read_text().strip()
-        if len(key) < 32:
-            raise FedtensorError(f"secret key file is damaged: {path} (delete it to make a new one)")
-        return key
-    key = secrets.token_hex(32)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    if not path.exists():
+        key = secrets.token_hex(32)
+        tmp = data_dir / f".{SECRET_FILE}-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(key + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)  # fails if another process linked its key first: that one is read below
+            return key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise FedtensorError(f"secret key file is damaged: {path} (delete it to make a new one)")
     return key
 
 
