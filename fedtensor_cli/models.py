@@ -46,7 +46,7 @@ def split_version(spec: str) -> tuple[str, int | None]:
         raise UsageFailure(f"--model: the URL {url!r} names no host")
     if not frag:
         return url, None
-    if not frag.isdigit() or int(frag) < 1:
+    if not (frag.isascii() and frag.isdigit()) or int(frag) < 1:
         raise UsageFailure(f"--model: the version after '#' must be a positive integer, got {frag!r}")
     return url, int(frag)
 

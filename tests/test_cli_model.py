@@ -169,6 +169,7 @@ def test_batch_decompress_with_model(stream, identity_model, tmp_path):
     (("evaluate", "{vol}", "{vol}", "--model", "{model}"), "needs DECODED to be an .ftz"),
     (("decompress", "{ftz}", "{dec}", "--model", "{missing}"), "missing"),
     (("decompress", "{ftz}", "{dec}", "--model", "http://127.0.0.1:9/#x"), "positive integer"),
+    (("decompress", "{ftz}", "{dec}", "--model", "http://127.0.0.1:9/#\u00b3"), "positive integer"),  # a digit int() refuses
 ])
 def test_model_option_errors(args, contains, ct_crop, stream, identity_model, tmp_path):
     fill = {"vol": ct_crop, "out": tmp_path / "o.ftz", "model": identity_model, "ftz": stream,

@@ -29,6 +29,8 @@ def test_worker_count_follows_groups_cores_memory_or_the_users_count(monkeypatch
     assert parallel.worker_count(3, slab, 0) == 3
     monkeypatch.setenv(parallel.WORKERS_ENV, "0")
     assert parallel.worker_count(16, slab, 100 * each) == 1
+    monkeypatch.setenv(parallel.WORKERS_ENV, "\u00b2")  # a digit that int() refuses: not a count
+    assert parallel.worker_count(16, slab, 100 * each) == 6
 
 
 @pytest.mark.parametrize("shape, groups", [

@@ -81,7 +81,7 @@ def worker_count(groups: int, slab_voxels: int, budget: int) -> int:
     if not sys.executable:  # an embedded interpreter: no python to start
         return 1
     asked = os.environ.get(WORKERS_ENV, "").strip()
-    if asked.isdigit():
+    if asked.isascii() and asked.isdigit():
         return max(1, min(groups, int(asked)))
     return max(1, min(groups, usable_cores(), budget // worker_bytes(slab_voxels)))
 
