@@ -255,9 +255,9 @@ def _write_slice(path, pixels, ipp, iop, pixel_spacing, *, slope=None, inter=Non
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    ds.BitsAllocated = ds.BitsStored = 8 * pixels.dtype.itemsize
+    ds.HighBit = ds.BitsAllocated - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
     ds.ImagePositionPatient = [_ds_str(v) for v in ipp]
     ds.ImageOrientationPatient = [_ds_str(v) for v in iop]
     ds.PixelSpacing = [_ds_str(v) for v in pixel_spacing]
@@ -326,7 +326,6 @@ def test_synthetic_rescale_int16(tmp_path):
         dict(slopes=[0.5] * 5, inters=[0] * 5),  # non-unit slope
         dict(slopes=[1] * 5, inters=[0.5] * 5),  # fractional intercept
         dict(slopes=[1, 1, 2, 1, 1], inters=[0] * 5),  # per-slice slope
-        dict(dtype=np.uint16, pixels_fn=lambda k, r, c: np.full((r, c), 60000 + k, np.uint16)),  # > int16
     ],
 )
 def test_synthetic_rescale_float32(tmp_path, kwargs):
@@ -337,6 +336,53 @@ def test_synthetic_rescale_float32(tmp_path, kwargs):
     inters = kwargs.get("inters") or [0] * 5
     for k, px in enumerate(stack):
         np.testing.assert_array_equal(vol.data[:, :, k], (px.T.astype(np.float64) * slopes[k] + inters[k]).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype, value, inter, want", [
+    (np.uint16, 60000, 0, np.uint16),  # beyond int16: the stored dtype holds it
+    (np.uint16, 60000, -1024, np.uint16),
+    (np.int32, 16777217, 0, np.int32),  # beyond float32's integers: exact, not rounded
+    (np.uint16, 65535, 70000, np.int32),  # beyond the stored dtype too
+])
+def test_synthetic_integers_beyond_int16_stay_exact(tmp_path, dtype, value, inter, want):
+    stack = _synthetic_series(tmp_path, dtype=dtype, inters=[inter] * 5,
+                              pixels_fn=lambda k, r, c: np.full((r, c), value - k, dtype))
+    vol = read_volume(tmp_path)
+    assert vol.dtype == want
+    for k, px in enumerate(stack):
+        np.testing.assert_array_equal(vol.data[:, :, k], px.T.astype(np.int64) + inter)
+
+
+def test_synthetic_32_bit_values_with_a_slope_are_float64(tmp_path):
+    stack = _synthetic_series(tmp_path, dtype=np.int32, slopes=[0.5] * 5,
+                              pixels_fn=lambda k, r, c: np.full((r, c), 16777219 + 2 * k, np.int32))
+    vol = read_volume(tmp_path)
+    assert vol.dtype == np.float64
+    np.testing.assert_array_equal(vol.data[:, :, 2], stack[2].T * 0.5)
+
+
+def test_synthetic_zero_slope_is_refused(tmp_path):
+    _synthetic_series(tmp_path, slopes=[1, 1, 0, 1, 1])
+    with pytest.raises(VolumeError, match="RescaleSlope 0"):
+        read_volume(tmp_path)
+
+
+def test_synthetic_slice_without_preamble_is_read(tmp_path):
+    """A slice written without the Part 10 preamble and DICM magic (older tools) is part of the series,
+    not a stray file: dropping it silently lost a slice, or blamed a "missing slice"."""
+    import pydicom
+
+    stack = _synthetic_series(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    middle = next(p for p in tmp_path.iterdir() if p.name.endswith("_2.dcm"))
+    ds = pydicom.dcmread(middle)
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(middle, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert middle.read_bytes()[128:132] != b"DICM"
+    vol = read_volume(tmp_path)
+    assert vol.shape == (8, 6, 5)
+    np.testing.assert_array_equal(vol.data[:, :, 2], stack[2].T)
 
 
 def test_synthetic_missing_slice_and_inconsistent_size(tmp_path):

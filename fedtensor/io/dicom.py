@@ -17,8 +17,10 @@ NIfTI those tools write):
       affine = diag(-1, -1, 1, 1) @ LPS             (LPS → RAS: negate the x and y rows)
 
   The third column is the actual slice step, so a gantry tilt is represented as a shear.
-* values are ``stored * RescaleSlope + RescaleIntercept`` (per slice); the dtype is int16 when every
-  slope is 1, every intercept is an integer and the result fits int16, else float32.
+* values are ``stored * RescaleSlope + RescaleIntercept`` (per slice). When every slope is 1 and every
+  intercept an integer the values are exact integers, in int16 when they fit, else in the stored dtype
+  or int32; otherwise float32 (float64 for 32-bit stored values). A slope of 0 is refused.
+* files without the Part 10 preamble are read too, when they hold an image slice.
 """
 
 from __future__ import annotations
@@ -110,6 +112,29 @@ def _pydicom_log_muted():
                 logger.disabled = _MUTED["was"]
 
 
+def _headerless_slice(path: Path):
+    """``path`` as a DICOM image slice written without the Part 10 preamble and ``DICM`` magic (older
+    scanners and tools write such files; pydicom reads them when forced), or None for anything else."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings(), _pydicom_log_muted():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+        if not ("PixelData" in ds and "ImagePositionPatient" in ds and "Rows" in ds):
+            return None
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+            # No meta header: the data set's own encoding, which pydicom detected (native pixels only).
+            implicit, little = ds.original_encoding
+            ds.file_meta = pydicom.dataset.FileMetaDataset(getattr(ds, "file_meta", None) or {})
+            ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                              pydicom.uid.ExplicitVRLittleEndian if little else
+                                              pydicom.uid.ExplicitVRBigEndian)
+        return ds
+    except Exception:  # a stray file that merely began like a dataset
+        return None
+
+
 def _read_datasets(directory: Path) -> list[tuple[str, object]]:
     """(file name, dataset) for every DICOM image file directly in ``directory``."""
     import pydicom
@@ -133,7 +158,10 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
         except InvalidDicomError as e:
             if _looks_like_dicom(p):  # a damaged slice, not a stray file: skipping it would hide the cause
                 raise VolumeError(f"cannot read DICOM file {p.name} (truncated or corrupt?): {one_line(e)}") from None
-            continue  # not a DICOM file (README, .DS_Store, ...)
+            ds = _headerless_slice(p)
+            if ds is None:
+                continue  # not a DICOM file (README, .DS_Store, ...)
+            caught = []
         except Exception as e:  # truncated / corrupt DICOM
             raise VolumeError(f"cannot read DICOM file {p.name}: {one_line(e)}") from None
         eof = [w for w in caught if "end of file" in str(w.message).lower()]
@@ -153,6 +181,20 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
         hint = " (subdirectories are not searched; pass the series directory itself)" if n_subdirs else ""
         raise VolumeError(f"no DICOM image files in directory {directory}{hint}")
     return out
+
+
+def _rescaled(raw: np.ndarray, slopes: np.ndarray, inters: np.ndarray) -> np.ndarray:
+    """``raw * slope + intercept`` per slice (the last axis): exact integers in the first of int16, the
+    stored dtype and int32 that holds them (unit slopes, integer intercepts); else float32, or float64
+    for 32-bit stored values (float32 would round those above 2²⁴)."""
+    if raw.dtype.kind in "iub" and np.all(slopes == 1.0) and np.all(inters == np.round(inters)):
+        ints = raw.astype(np.int64) + inters.astype(np.int64)[None, None, :]
+        lo, hi = (int(ints.min()), int(ints.max())) if ints.size else (0, 0)
+        for dtype in (np.int16, raw.dtype, np.int32):
+            if np.dtype(dtype).kind in "iu" and np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+                return ints.astype(dtype)
+    out = np.float64 if raw.dtype.itemsize >= 4 else np.float32
+    return (raw.astype(np.float64) * slopes[None, None, :] + inters[None, None, :]).astype(out)
 
 
 def read_dicom_series(directory: str | os.PathLike, max_voxels: int | None = None) -> Volume:
@@ -265,17 +307,10 @@ def read_dicom_series(directory: str | os.PathLike, max_voxels: int | None = Non
         raw[:, :, k] = px.T
         slopes[k] = _scalar(ds, "RescaleSlope", 1.0, name)
         inters[k] = _scalar(ds, "RescaleIntercept", 0.0, name)
+        if slopes[k] == 0:
+            raise VolumeError(f"DICOM file {name} has RescaleSlope 0 (every voxel would read as the intercept)")
 
-    int_ok = raw.dtype.kind in "iub" and np.all(slopes == 1.0) and np.all(inters == np.round(inters))
-    data = None
-    if int_ok:
-        ints = raw.astype(np.int64) + inters.astype(np.int64)[None, None, :]
-        info = np.iinfo(np.int16)
-        if ints.min() >= info.min and ints.max() <= info.max:
-            data = ints.astype(np.int16)
-        del ints
-    if data is None:
-        data = (raw.astype(np.float64) * slopes[None, None, :] + inters[None, None, :]).astype(np.float32)
+    data = _rescaled(raw, slopes, inters)
 
     dx, dy = float(ps0[1]), float(ps0[0])
     lps = np.eye(4)
