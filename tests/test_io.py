@@ -117,7 +117,7 @@ def test_nifti_integer_scaling_keeps_integers(tmp_path, stored, slope, inter, ex
     np.testing.assert_array_equal(vol.data, (raw.astype(np.float64) * slope + inter).astype(expected))
 
 
-@pytest.mark.parametrize("codes", [(4, 4), (0, 2), (2, 3), (4, 0), (5, 5)])
+@pytest.mark.parametrize("codes", [(4, 4), (0, 2), (2, 3), (4, 0), (5, 5), (0, 0)])
 def test_nifti_space_codes_survive_a_round_trip_through_ftz(tmp_path, codes):
     from fedtensor.codec import compress, decompress
 
@@ -129,8 +129,40 @@ def test_nifti_space_codes_survive_a_round_trip_through_ftz(tmp_path, codes):
     vol = read_volume(tmp_path / "in.nii.gz")
     write_volume(decompress(compress(vol, psnr=40)), tmp_path / "out.nii.gz")
     header = nib.load(tmp_path / "out.nii.gz").header
-    # the sform always carries the affine: a code 0 (none) on either side takes the other's space
+    # the sform always carries the affine: a code 0 (none) on either side takes the other's space; both
+    # 0 (an affine made from the zooms) stay 0, so readers make the same affine from them again
     assert (int(header["qform_code"]), int(header["sform_code"])) == (codes[0] or codes[1], codes[1] or codes[0])
+    np.testing.assert_allclose(nib.load(tmp_path / "out.nii.gz").affine, nib.load(tmp_path / "in.nii.gz").affine)
+
+
+def test_nifti_qform_units_and_a_broken_sform_survive_a_round_trip_through_ftz(tmp_path):
+    """A scanner qform beside a template sform that is no rotation (sheared), and micron units, come back
+    as they were; a NaN sform beside a good qform reads in the qform's space, with a warning."""
+    from fedtensor.codec import compress, decompress
+
+    data = np.random.default_rng(2).integers(0, 500, (12, 10, 8)).astype(np.int16)
+    qform = np.array([[0, -0.8, 0, 10], [0.8, 0, 0, -5], [0, 0, 2.0, 3], [0, 0, 0, 1]])
+    sform = np.array([[0.9, 0.1, 0, -90], [0, 0.85, 0.2, -120], [0, 0, 1.9, -70], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(data, None)
+    img.set_qform(qform, code=1)
+    img.set_sform(sform, code=4)
+    img.header.set_xyzt_units(xyz="micron")
+    nib.save(img, tmp_path / "in.nii.gz")
+    write_volume(decompress(compress(read_volume(tmp_path / "in.nii.gz"), psnr=40)), tmp_path / "out.nii.gz")
+    out = nib.load(tmp_path / "out.nii.gz").header
+    assert (int(out["qform_code"]), int(out["sform_code"])) == (1, 4)
+    np.testing.assert_allclose(out.get_qform(), qform, atol=1e-5)
+    np.testing.assert_allclose(out.get_sform(), sform, atol=1e-5)
+    assert out.get_xyzt_units()[0] == "micron"
+    np.testing.assert_allclose(out.get_zooms(), img.header.get_zooms(), rtol=1e-6)
+
+    hdr = img.header.copy()
+    hdr["srow_x"] = [np.nan] * 4
+    nib.Nifti1Image(data, None, header=hdr).to_filename(tmp_path / "nan.nii")
+    assert nib.load(tmp_path / "nan.nii").header["sform_code"] == 4
+    with pytest.warns(UserWarning, match="sform is unusable.*qform is used"):
+        vol = read_volume(tmp_path / "nan.nii")
+    np.testing.assert_allclose(vol.affine, qform, atol=1e-5)
 
 
 def test_dicom_meta_and_geometry(volume_paths, dicom_volume):

@@ -18,7 +18,7 @@ from fedtensor.codec.normalize import denormalize, normalization, normalize, row
 from fedtensor.codec.quantize import largest_step_within
 from fedtensor.cores import usable_cores
 from fedtensor.errors import FedtensorError, FormatError, RateError, VolumeError
-from fedtensor.io.nifti import space_codes
+from fedtensor.io.nifti import nifti_qform, nifti_units, space_codes
 from fedtensor.io.volume import Volume, integer_valued
 from fedtensor.metrics import psnr_from_sse
 from fedtensor.tensor.block import padded_shape
@@ -482,6 +482,10 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     }
     if "nifti_codes" in volume.meta:  # the space of the affine (NIfTI [qform, sform] codes), for the writer
         header["nifti_codes"] = list(space_codes(volume.meta).values())
+    if (qform := nifti_qform(volume.meta)) is not None:  # a NIfTI file's second space
+        header["nifti_qform"] = qform.tolist()
+    if nifti_units(volume.meta) != "mm":
+        header["nifti_units"] = nifti_units(volume.meta)
     lo, hi = float(volume.data.min()), float(volume.data.max())  # one pass each, shared by every mode
     value_range = hi - lo
     if value_range == 0:
@@ -604,4 +608,8 @@ def decompress(data: bytes) -> Volume:
     codes = h.get("nifti_codes")
     if isinstance(codes, list) and len(codes) == 2:
         meta["nifti_codes"] = space_codes({"nifti_codes": dict(zip(("qform_code", "sform_code"), codes))})
+    if (qform := nifti_qform(h)) is not None:
+        meta["nifti_qform"] = qform.tolist()
+    if nifti_units(h) != "mm":
+        meta["nifti_units"] = nifti_units(h)
     return Volume(x, tuple(h["spacing"]), np.asarray(h["affine"], float), meta)

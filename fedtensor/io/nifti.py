@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         data = raw if _is_identity_scaling(slope, inter) else _scaled(raw, float(slope), float(inter))
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         affine = np.array(img.affine, dtype=np.float64)
+        qform = np.array(img.header.get_qform(), dtype=np.float64) if img.header["qform_code"] > 0 else None
+        units = img.header.get_xyzt_units()[0]
     except VolumeError:
         raise
     except MemoryError:
@@ -110,14 +113,42 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     codes = {"qform_code": int(img.header["qform_code"]), "sform_code": int(img.header["sform_code"])}
     if codes != {"qform_code": 1, "sform_code": 1}:  # the space the affine is in (scanner, aligned, MNI, …)
         meta["nifti_codes"] = codes
-    usable = np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0
+    if units in ("meter", "micron"):  # the affine and zooms are in these units: written back in them
+        meta["nifti_units"] = units
+    if not _usable(affine) and qform is not None and _usable(qform):  # a broken sform, a good qform
+        affine = qform
+        meta["affine"] = "the file's sform is unusable (non-finite or singular); its qform is used"
+    if qform is not None and _usable(qform) and not np.allclose(qform, affine, rtol=0, atol=1e-6):
+        meta["nifti_qform"] = qform.tolist()  # a second space (e.g. scanner beside a template's sform)
+    usable = _usable(affine)
     if len(zooms) < 3 or not all(np.isfinite(zooms)) or min(zooms) <= 0:
         zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)) if usable else (1.0, 1.0, 1.0)
-    if not usable:  # a broken header (NaN or all-zero sform): keep the voxels, on the plain voxel grid
+    if not usable:  # a broken header (NaN or all-zero sform, no usable qform): the plain voxel grid
         affine = np.diag([*zooms, 1.0])
         meta["affine"] = "the file's affine is unusable (non-finite or singular); replaced by diag(spacing)"
+    if "affine" in meta:
+        warnings.warn(f"{path}: {meta['affine']}", stacklevel=2)
     vol = Volume(data=data, spacing=zooms, affine=affine, meta=meta)
     return validated(vol, path)
+
+
+def _usable(affine: np.ndarray) -> bool:
+    return bool(np.isfinite(affine).all() and abs(np.linalg.det(affine[:3, :3])) > 0)
+
+
+def nifti_qform(meta: dict) -> np.ndarray | None:
+    """The file's own qform recorded in ``meta`` (when it differed from the affine), if well formed."""
+    q = meta.get("nifti_qform")
+    try:
+        q = np.asarray(q, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return q if q.shape == (4, 4) and _usable(q) else None
+
+
+def nifti_units(meta: dict) -> str:
+    """The spatial units recorded in ``meta`` (``meter`` or ``micron``), else ``mm``."""
+    return meta.get("nifti_units") if meta.get("nifti_units") in ("meter", "micron") else "mm"
 
 
 def space_codes(meta: dict) -> dict[str, int]:
@@ -131,11 +162,13 @@ def space_codes(meta: dict) -> dict[str, int]:
 def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write ``volume`` as NIfTI-1 (``.nii`` or ``.nii.gz``, chosen by suffix), atomically.
 
-    Data are stored unscaled in ``volume.data``'s dtype; the affine goes to the sform and, when it agrees
-    with ``volume.spacing`` (and is not singular), also to the qform, with the codes of
-    ``volume.meta["nifti_codes"]`` (as read from a NIfTI file; else 1, scanner); the header zooms are
-    ``volume.spacing``. NIfTI-1 stores the sform in float32, so an affine round-trips exactly when
-    its entries are float32-representable (always the case for one read from a NIfTI file).
+    Data are stored unscaled in ``volume.data``'s dtype; the affine goes to the sform, with the codes of
+    ``volume.meta["nifti_codes"]`` (as read from a NIfTI file; else 1, scanner; both 0, "unknown", stay
+    0). The qform is the file's own (``meta["nifti_qform"]``, where it differed from the affine), else
+    the affine when that agrees with ``volume.spacing`` (and is not singular). The header zooms are
+    ``volume.spacing``, in ``meta["nifti_units"]`` (else mm). NIfTI-1 stores the sform in float32, so
+    an affine round-trips exactly when its entries are float32-representable (always the case for one
+    read from a NIfTI file).
     """
     import nibabel as nib
 
@@ -146,16 +179,21 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     try:
         img = nib.Nifti1Image(data, None)
         img.header.set_data_dtype(data.dtype)
+        img.header.set_zooms(spacing)  # first too: an "unknown" space's affine is made from them
         codes = space_codes(volume.meta)
-        # an affine is always written, so never code 0: a missing sform takes the qform's space
-        img.set_sform(affine, code=codes["sform_code"] or codes["qform_code"] or 1)
+        unknown = codes == {"qform_code": 0, "sform_code": 0}  # the affine was made from the zooms: so again
+        # else an affine is always written, so never code 0: a missing sform takes the qform's space
+        img.set_sform(affine, code=0 if unknown else codes["sform_code"] or codes["qform_code"] or 1)
         consistent = np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-5, atol=1e-6)
-        if consistent and abs(np.linalg.det(affine[:3, :3])) > 0:
+        qform = nifti_qform(volume.meta)
+        if qform is not None and codes["qform_code"]:
+            img.set_qform(qform, code=codes["qform_code"])
+        elif consistent and abs(np.linalg.det(affine[:3, :3])) > 0 and not unknown:
             img.set_qform(affine, code=codes["qform_code"] or codes["sform_code"] or 1)
         else:  # a qform must be a rotation and zooms: none matches this affine
             img.set_qform(None, code=0)
         img.header.set_zooms(spacing)
-        img.header.set_xyzt_units(xyz="mm")
+        img.header.set_xyzt_units(xyz=nifti_units(volume.meta))
     except Exception as e:
         raise VolumeError(f"cannot encode NIfTI for {path}: {one_line(e)}") from None
     with atomic_path(path, force=force) as tmp:
