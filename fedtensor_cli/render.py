@@ -94,6 +94,8 @@ def num(value: float | None, fmt: str = ".4g", unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and math.isinf(value):
+        if value < 0:  # PSNR of a constant original against anything else: no peak to measure against
+            return "-∞ (constant original)" if unit == " dB" else "-∞"
         return "∞ (exact)" if unit == " dB" else "∞"
     return f"{value:{fmt}}{unit}"
 

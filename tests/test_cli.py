@@ -354,6 +354,19 @@ def test_bit_flipped_ftz(tmp_path: Path, ftz_path: Path, where: float) -> None:
     assert not out.exists()
 
 
+def test_evaluate_tells_an_exact_match_from_a_constant_original(tmp_path: Path) -> None:
+    """PSNR is +inf for identical volumes and -inf for a constant original against another volume: the
+    table says which, and JSON (no infinities: both null) carries ``exact``."""
+    for name, value in (("a", 3), ("b", 3), ("c", 4)):
+        np.save(tmp_path / f"{name}.npy", np.full((4, 5, 6), value, np.int16))
+    same = run_json("evaluate", tmp_path / "a.npy", tmp_path / "b.npy")
+    other = run_json("evaluate", tmp_path / "a.npy", tmp_path / "c.npy")
+    assert same["psnr_db"] is None and same["exact"] is True
+    assert other["psnr_db"] is None and other["exact"] is False and other["max_abs_error"] == 1
+    table = run("evaluate", tmp_path / "a.npy", tmp_path / "c.npy").stdout
+    assert "constant original" in table and "∞ (exact)" not in table
+
+
 def test_evaluate_shape_mismatch(tmp_path: Path, vol_path: Path) -> None:
     other = tmp_path / "other.npy"
     np.save(other, smooth_volume((10, 10, 10)))
