@@ -455,7 +455,7 @@ def compress(
             return _compress_one(src, dst, mode=mode, target=target, codec=codec, block=block, force=force,
                                  model=model, tta=tta, ssim=ssim)
 
-        _single_or_batch("compress", input, output, paths.batch_volume_inputs(input) if batch else None,
+        _single_or_batch("compress", input, output, paths.batch_volume_inputs(input, output) if batch else None,
                          paths.FTZ_SUFFIX, work, show, json_out,
                          ("ratio", "bpv", "psnr", "ssim", "max_error", "time"), render.compress_table)
 
@@ -493,7 +493,7 @@ def decompress(
         def work(src: Path, dst: Path) -> dict[str, Any]:
             return _decompress_one(src, dst, force=force, model=model, tta=tta)
 
-        _single_or_batch("decompress", input, output, paths.batch_ftz_inputs(input) if input.is_dir() else None,
+        _single_or_batch("decompress", input, output, paths.batch_ftz_inputs(input, output) if input.is_dir() else None,
                          "." + fmt, work, show, json_out, ("shape", "time"), render.decompress_table)
 
 

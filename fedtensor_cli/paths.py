@@ -10,9 +10,11 @@ Names starting with ``.`` are ignored. For ``decompress`` a directory INPUT is a
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from fedtensor.errors import FedtensorError
+from fedtensor.io.dicom import looks_like_dicom
 
 from fedtensor_cli.errors import UsageFailure
 
@@ -50,18 +52,31 @@ def is_batch_dir(directory: Path) -> bool:
     return bool(entries) and not files
 
 
-def batch_volume_inputs(directory: Path) -> list[Path]:
-    """The items of a compress batch: volume files, then non-empty subdirectories (DICOM series)."""
-    entries = _visible(directory)
+def _outside(entries: list[Path], output: Path | None) -> list[Path]:
+    """``entries`` less the batch's own output directory (an earlier run's, inside the input)."""
+    if output is None:
+        return entries
+    out = output.resolve()
+    return [p for p in entries if p.resolve() != out]
+
+
+def batch_volume_inputs(directory: Path, output: Path | None = None) -> list[Path]:
+    """The items of a compress batch: volume files, then non-empty subdirectories (DICOM series); never
+    the ``output`` directory, if it lies inside."""
+    entries = _outside(_visible(directory), output)
     items = [p for p in entries if p.is_file() and volume_suffix(p)]
     items += [p for p in entries if p.is_dir() and _visible(p)]
+    loose = sum(1 for p in entries if p.is_file() and not volume_suffix(p) and looks_like_dicom(p))
+    if loose:  # the rule above makes them no item: say so rather than drop a series silently
+        warnings.warn(f"{loose} DICOM file{'s' * (loose > 1)} directly in {directory} {'are' if loose > 1 else 'is'} "
+                      "not part of the batch (a batch's DICOM series are its subdirectories)", stacklevel=2)
     if not items:
         raise FedtensorError(f"no volumes (*.nii, *.nii.gz, *.npy or DICOM series) found in {directory}")
     return items
 
 
-def batch_ftz_inputs(directory: Path) -> list[Path]:
-    items = [p for p in _visible(directory) if p.is_file() and p.name.lower().endswith(FTZ_SUFFIX)]
+def batch_ftz_inputs(directory: Path, output: Path | None = None) -> list[Path]:
+    items = [p for p in _outside(_visible(directory), output) if p.is_file() and p.name.lower().endswith(FTZ_SUFFIX)]
     if not items:
         raise FedtensorError(f"no .ftz files found in {directory}")
     return items

@@ -382,6 +382,10 @@ def test_batch_dir_rule(tmp_path: Path) -> None:
     np.save(vols / "a.npy", np.zeros((2, 2, 2)))
     (vols / "notes.txt").write_text("x")
     assert paths.is_batch_dir(vols)
+    assert paths.batch_volume_inputs(vols) == [vols / "a.npy"]
+    (vols / "IM0001").write_bytes(b"\0" * 128 + b"DICM")  # a loose slice is no item: said, not dropped silently
+    with pytest.warns(UserWarning, match="1 DICOM file directly in .* is not part of the batch"):
+        assert paths.batch_volume_inputs(vols) == [vols / "a.npy"]
 
     series = tmp_path / "series"
     series.mkdir()
@@ -582,6 +586,21 @@ def test_directory_mode(tmp_path: Path) -> None:
     assert again.exit_code == 1
     assert json.loads(again.stdout)["failed"] == 2
     assert (out / "a.ftz").read_bytes() == before
+
+
+def test_directory_mode_with_its_output_inside_the_input(tmp_path: Path) -> None:
+    """``compress vols vols/out`` again: the earlier run's output directory is not taken for a DICOM
+    series of the batch; decompressing into a folder inside the .ftz folder works the same."""
+    src = tmp_path / "in"
+    src.mkdir()
+    np.save(src / "a.npy", smooth_volume(seed=1))
+    for _ in range(2):
+        c = run_json("compress", src, src / "out", "--psnr", 40, "--force")
+        assert c["count"] == 1 and c["failed"] == 0
+    assert sorted(p.name for p in (src / "out").iterdir()) == ["a.ftz"]
+    for _ in range(2):
+        d = run_json("decompress", src / "out", src / "out" / "back", "--force")
+        assert d["count"] == 1 and d["failed"] == 0
 
 
 def test_directory_input_refuses_a_file_name_as_output(tmp_path: Path) -> None:

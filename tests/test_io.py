@@ -616,6 +616,13 @@ def test_atomic_write_bytes_and_overwrite(tmp_path):
     assert mode == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("name", ["v" * 248 + ".ftz", "v" * 248 + ".nii.gz"])
+def test_atomic_write_of_a_name_near_the_length_limit(tmp_path, name):
+    """The temporary name (a dot, a random tag, .tmp) must fit where the final name (≤ 255 bytes) does."""
+    atomic_write_bytes(tmp_path / name, b"data")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_atomic_path_failure_leaves_nothing(tmp_path):
     target = tmp_path / "vol.nii.gz"
     seen = []

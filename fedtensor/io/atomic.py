@@ -50,7 +50,8 @@ def _create_temp(path: Path) -> Path:
     suffix = _full_suffix(path.name)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     for _ in range(100):
-        tmp = path.parent / f".{stem}.{secrets.token_hex(6)}.tmp{suffix}"
+        # the stem cut to 200 characters: a name near the 255-byte limit still has room for the rest
+        tmp = path.parent / f".{stem[:200]}.{secrets.token_hex(6)}.tmp{suffix}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

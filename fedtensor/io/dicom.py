@@ -78,7 +78,7 @@ def _int(ds, keyword: str, default: int, fname: str) -> int:
         raise VolumeError(f"DICOM file {fname} has an invalid {keyword}: {value!r}") from None
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def looks_like_dicom(path: Path) -> bool:
     """The DICOM Part 10 magic ``DICM`` after the 128-byte preamble (a name says nothing: macOS leaves
     ``._IM0001.dcm`` resource files next to the slices)."""
     try:
@@ -156,7 +156,7 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
                 warnings.simplefilter("always")
                 ds = pydicom.dcmread(p, force=False)
         except InvalidDicomError as e:
-            if _looks_like_dicom(p):  # a damaged slice, not a stray file: skipping it would hide the cause
+            if looks_like_dicom(p):  # a damaged slice, not a stray file: skipping it would hide the cause
                 raise VolumeError(f"cannot read DICOM file {p.name} (truncated or corrupt?): {one_line(e)}") from None
             ds = _headerless_slice(p)
             if ds is None:
