@@ -86,16 +86,26 @@ def routed_warnings() -> Iterator[None]:
         def emit(self, record: logging.LogRecord) -> None:
             say(record.getMessage())
 
+    def said(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            say(record.getMessage())
+        return False
+
     loggers = [logging.getLogger(name) for name in ("nibabel", "pydicom")]
     saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    # nibabel adds a stream handler of its own to nibabel.global when it is imported (mid-command): a
+    # filter on that logger says its records once and stops them before any handler prints them raw.
+    nib_global = logging.getLogger("nibabel.global")
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, category, *args, **kwargs: say(str(message) or category.__name__)
         warnings.filterwarnings("ignore", message=".*encountered in", category=RuntimeWarning)
         for lg in loggers:
             lg.handlers, lg.propagate = [OneLine(logging.WARNING)], False
+        nib_global.addFilter(said)
         try:
             yield
         finally:
+            nib_global.removeFilter(said)
             for lg, handlers, propagate in saved:
                 lg.handlers, lg.propagate = handlers, propagate
 

@@ -112,6 +112,20 @@ def test_module_entry_point_help_has_no_traceback() -> None:
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_a_nibabel_warning_is_one_warning_line(tmp_path: Path) -> None:
+    """nibabel adds a stream handler of its own when it is imported, mid-command: its records still
+    come out once, as a ``warning:`` line, never a second time raw (in a fresh interpreter)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4))
+    img.header["pixdim"][1:4] = 0
+    nib.save(img, tmp_path / "pix0.nii")
+    proc = subprocess.run([sys.executable, "-m", "fedtensor_cli", "evaluate", str(tmp_path / "pix0.nii"), str(tmp_path / "pix0.nii")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    lines = [line for line in proc.stderr.splitlines() if "pixdim" in line]
+    assert lines == ["warning: pixdim[1,2,3] should be non-zero; setting 0 dims to 1"], proc.stderr
+
+
 def _modules_after(argv: list[str]) -> dict:
     """Which heavy packages a CLI command imported, run in a fresh interpreter."""
     code = ("import json, sys\nfrom fedtensor_cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
