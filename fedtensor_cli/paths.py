@@ -10,6 +10,7 @@ Names starting with ``.`` are ignored. For ``decompress`` a directory INPUT is a
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -89,8 +90,12 @@ def check_output(path: Path, *, force: bool) -> None:
     if path.exists() and not force:
         raise FedtensorError(f"output exists: {path} (use --force to overwrite)")
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise FedtensorError(f"output directory is not a directory: {parent}")
     if not parent.is_dir():
         raise FedtensorError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):  # before the work, not after it
+        raise FedtensorError(f"cannot write to {parent}: permission denied")
 
 
 def require_suffix(path: Path, allowed: tuple[str, ...], what: str) -> None:

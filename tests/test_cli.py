@@ -313,6 +313,18 @@ def test_output_into_missing_directory(tmp_path: Path, vol_path: Path) -> None:
     assert not out.parent.exists()
 
 
+def test_output_under_a_file_or_an_unwritable_directory_fails_before_the_work(tmp_path: Path, ftz_path: Path,
+                                                                              monkeypatch) -> None:
+    (tmp_path / "a.npy").write_bytes(b"x")
+    assert_one_error(run("decompress", ftz_path, tmp_path / "a.npy" / "x.nii.gz"), code=1,
+                     contains="output directory is not a directory")
+    import fedtensor_cli.paths as paths_mod
+
+    monkeypatch.setattr(paths_mod.os, "access", lambda path, mode: False)  # (root may write anywhere)
+    monkeypatch.setattr("fedtensor.codec.decompress", lambda data: pytest.fail("decoded before the check"))
+    assert_one_error(run("decompress", ftz_path, tmp_path / "o.nii.gz"), code=1, contains="permission denied")
+
+
 def test_decompress_into_missing_directory(tmp_path: Path, ftz_path: Path) -> None:
     out = tmp_path / "nope" / "o.nii.gz"
     assert_one_error(run("decompress", ftz_path, out), code=1, contains="does not exist")
