@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedtensor.codec import parallel
-from fedtensor.errors import FormatError
+from fedtensor.errors import FedtensorError, FormatError
 
 
 def test_worker_count_follows_groups_cores_memory_or_the_users_count(monkeypatch):
@@ -79,6 +79,32 @@ def test_messages_round_trip_with_their_arrays_and_a_cut_pipe_is_an_eof():
         parallel._read(f)
     with pytest.raises(EOFError):
         parallel._read(io.BytesIO(whole[:len(whole) // 3]))
+    with pytest.raises(EOFError, match="unexpected bytes"):  # a banner a site hook printed: not a message
+        parallel._read(io.BytesIO(b"Welcome to the cluster! Python ready.\n" + whole))
+
+
+def test_a_worker_that_dies_or_garbles_its_pipe_is_a_worker_error_not_a_hang(monkeypatch):
+    """Killed (e.g. for memory) mid-call, or its pipe unreadable (a MemoryError or OverflowError while
+    reading it used to end the feeder thread silently, and the call then waited forever): a prompt
+    WorkerError, a FedtensorError that no one mistakes for a corrupted stream."""
+    grids, b = [(8, 16, 16)] * 4, (4, 4, 4)
+    q = np.ones((*grids[0], *b), np.int32)
+    (section,) = parallel.encode_group(grids[:1], b, [q])
+    tasks = [(i % 2, (i, grids[0], b, section, parallel.BlockCoders(), True)) for i in range(4)]
+    with pytest.raises(parallel.WorkerError, match="worker process failed"):
+        with parallel.Workers(2) as w:
+            w._procs[1].kill()
+            w._procs[1].wait()
+            list(w.stream(parallel.decode_slab, tasks))
+
+    def unreadable(f):
+        raise OverflowError("cannot fit 'int' into an index-sized integer")
+
+    monkeypatch.setattr(parallel, "_read", unreadable)
+    with pytest.raises(parallel.WorkerError, match="OverflowError"):
+        with parallel.Workers(2) as w:
+            list(w.stream(parallel.decode_slab, tasks))
+    assert issubclass(parallel.WorkerError, FedtensorError) and not issubclass(parallel.WorkerError, FormatError)
 
 
 def test_a_caller_that_stops_early_leaves_no_worker_behind():

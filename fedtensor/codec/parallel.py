@@ -50,6 +50,12 @@ import numpy as np
 from fedtensor.codec.blockcoef import BlockCoders, code_block_coefficients
 from fedtensor.codec.entropy import BinaryStream
 from fedtensor.cores import usable_cores
+from fedtensor.errors import FedtensorError
+
+
+class WorkerError(FedtensorError):
+    """An entropy-coder worker process failed (it ended, e.g. killed for memory, or its pipe carried
+    something else): the machine's fault, never the stream's."""
 
 #: Voxels per group of slabs coded with their own statistics, at most and at least.
 GROUP_VOXELS = 1 << 24
@@ -217,8 +223,9 @@ class Workers:
                 try:
                     _write(p.stdin, (fn.__name__, args))
                     result = _read(p.stdout)
-                except (OSError, EOFError, ValueError) as err:  # ValueError: a pipe closed under us
-                    result = err
+                except Exception as err:  # any: a feeder that died here would leave the caller waiting
+                    result = WorkerError(f"an entropy-coder worker process failed ({type(err).__name__}: {err}); "
+                                         "out of memory?")
                 with ready:
                     if isinstance(result, BaseException):
                         failed.append(result)
@@ -420,12 +427,15 @@ def serve() -> None:
         _write(out, result)
 
 
+_MAGIC = b"FTW1"  # opens every message: anything else on the pipe (a start-up banner) is an error, not a hang
+
+
 def _write(f, obj) -> None:
     """``obj`` pickled with its arrays' buffers out of band: written as they are, not copied first."""
     buffers = []
     data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     views = [b.raw() for b in buffers]
-    f.write(struct.pack(f"<{2 + len(views)}Q", len(data), len(views), *(v.nbytes for v in views)))
+    f.write(_MAGIC + struct.pack(f"<{2 + len(views)}Q", len(data), len(views), *(v.nbytes for v in views)))
     f.write(data)
     for v in views:
         f.write(v)
@@ -443,7 +453,10 @@ def _read(f):
                 got += k
         return buf
 
-    n, count = struct.unpack("<2Q", exactly(16))
+    head = exactly(20)
+    if head[:4] != _MAGIC:
+        raise EOFError(f"unexpected bytes on an entropy-coder worker's pipe: {bytes(head[:20])!r}")
+    n, count = struct.unpack("<2Q", head[4:])
     sizes = struct.unpack(f"<{count}Q", exactly(8 * count))
     data = exactly(n)
     return pickle.loads(data, buffers=[exactly(size) for size in sizes])
