@@ -192,7 +192,8 @@ def test_header_length_beyond_the_file(header_len):
         unpack(_build(_json({"sections": []}), header_len=header_len))
 
 
-@pytest.mark.parametrize("raw", [b"\xff\xfe\x00", b"{not json", b"", b"{\"sections\": [1, 2"])
+@pytest.mark.parametrize("raw", [b"\xff\xfe\x00", b"{not json", b"", b"{\"sections\": [1, 2",
+                                 b"{\"sections\": [], \"x\": " + b"9" * 5000 + b"}"])  # int() refuses > 4300 digits
 def test_header_not_utf8_json(raw):
     with pytest.raises(FormatError, match="header"):
         unpack(_build(raw))

@@ -439,3 +439,13 @@ def test_a_region_of_the_most_common_value_decodes_exactly(chest_crop):
         y = decompress(compress(vol, psnr=target, block=4)).data
         np.testing.assert_array_equal(y[:, :40], x[:, :40])
         assert _psnr(x, y) >= target
+
+
+def test_first_step_guess_survives_an_error_that_barely_grows_with_the_step():
+    """Two voxels in a block mostly of padding: the sampled error grows with the step at a power near
+    0, and following that power to the budget overflowed a float (an OverflowError from compress)."""
+    from fedtensor.io.volume import Volume
+
+    x = np.array([-15768.756104869755, -4724.341564337806]).reshape(1, 2, 1)
+    blob = compress(Volume(x), psnr=40, block=(2, 32, 2))
+    assert _psnr(x, decompress(blob).data) >= 40

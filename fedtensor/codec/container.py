@@ -82,7 +82,7 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
         raise FormatError("corrupted .ftz header length")
     try:
         header = json.loads(data[_PREFIX.size:end].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSON, or an int of > 4300 digits
         raise FormatError(f"corrupted .ftz header: {err.__class__.__name__}") from None
     lengths = header.get("sections") if isinstance(header, dict) else None
     if not isinstance(lengths, list) or not all(isinstance(n, int) and n >= 0 for n in lengths):

@@ -874,7 +874,8 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
         return max(floor, step)
     # The error grows locally as a power of the step: follow it from the decoded error to the budget.
     power = math.log(wider / in_coef) / math.log(1.1)
-    return max(floor, min(hi, step * (mse / voxel) ** (1 / power)))
+    # (in logs, clamped: a power near 0, error barely growing with the step, overflowed a float)
+    return max(floor, min(hi, step * math.exp(max(-50.0, min(50.0, math.log(mse / voxel) / power)))))
 
 
 @jax.jit
