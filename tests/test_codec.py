@@ -417,6 +417,27 @@ def test_lossless_float_negative_zero_is_refused_not_silently_changed():
     b = a.copy()
     b[0, 0, 0] = 0.0
     assert decompress(compress(Volume(b), lossless=True)).data.tobytes() == b.tobytes()
+    zeros = np.zeros((4, 4, 4), np.float64)  # one value, two bit patterns: no constant stream either
+    zeros[1, 1, 1] = -0.0
+    with pytest.raises(RateError, match="-0.0"):
+        compress(Volume(zeros), lossless=True)
+    negative = -np.zeros((2, 3, 4))  # all -0.0: one bit pattern, a constant stream keeps it
+    assert decompress(compress(Volume(negative), lossless=True)).data.tobytes() == negative.tobytes()
+    assert not decompress(compress(Volume(zeros), psnr=40)).data.any()  # lossy: equal values are enough
+
+
+@pytest.mark.parametrize("kwargs", [dict(lossless=True), dict(max_error=0)])
+def test_exact_coding_beyond_its_range_is_a_rate_error(kwargs):
+    """Integer-valued float64 volumes (up to 2**52) spanning more than exact coding's 2**37 (3D Lorenzo
+    residuals reach 4× the span; the coder takes magnitudes below 2**40) are refused as a RateError, not
+    a FormatError (a corrupted stream); a span just below is coded exactly, at its worst pattern."""
+    i, j, k = np.indices((9, 8, 7))
+    worst = (((i + j + k) % 2) * (2**37 - 1)).astype(np.float64)
+    assert np.array_equal(decompress(compress(Volume(worst), **kwargs)).data, worst)
+    with pytest.raises(RateError, match="2\\*\\*37"):
+        compress(Volume(worst * 2 + 2), **kwargs)
+    with pytest.raises(RateError, match="too small for this volume's range"):
+        compress(Volume(np.random.default_rng(0).normal(size=(8, 8, 8)) * 1e12), max_error=0.5)
 
 
 # ------------------------------------------------------------------------------------------------

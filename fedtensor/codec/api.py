@@ -28,6 +28,9 @@ CODECS = TRANSFORM_CODECS
 _MAX_RETRIES = 12
 _MIN_STEP = 1e-12  # normalised units, far below float32 resolution: only an unreachable PSNR drives steps here
 _MIN_RANGE = 1e-100  # below it squared errors at any PSNR target underflow float64 (the SSE would read 0)
+#: Exact coding's largest span of integers: 3D Lorenzo residuals reach 4× it, and the entropy coder
+#: takes magnitudes below 2**40.
+_EXACT_RANGE = 2**37
 
 
 AUTO_BLOCKS = ((4, 4, 4), (4, 4, 8), (8, 8, 8), (8, 8, 16), (16, 16, 8))
@@ -384,6 +387,8 @@ def _exact(volume: Volume, max_error: float | None, header: dict, value_range: f
                 np.array_equal(data, np.rint(data)) and np.abs(data).max() < 2**52) else ""
             raise RateError(f"exact coding (--lossless, --max-error 0) needs integer-valued voxels{why}; give "
                             "this float volume a positive --max-error")
+        if value_range >= _EXACT_RANGE:
+            raise RateError(f"exact coding needs a value range below 2**37; this volume spans {value_range:.6g}")
         offset = int(data.min())
         params, sections = lossless.encode_integers(data.astype(np.int64) - offset)
         return pack({**header, "codec": "lossless", "params": {**params, "offset": offset, "step": 1},
@@ -401,8 +406,8 @@ def _exact(volume: Volume, max_error: float | None, header: dict, value_range: f
     ulp = float(np.spacing(np.abs(data).max().astype(data.dtype))) if data.dtype.kind == "f" else 0.0
     for _ in range(_MAX_RETRIES):
         q = np.rint((x - offset) / step)
-        if q.max(initial=0) >= 2**50:
-            raise RateError(f"--max-error {max_error} is too small for this volume's range")
+        if q.max(initial=0) >= _EXACT_RANGE:
+            raise RateError(f"--max-error {max_error} is too small for this volume's range (a grid of over 2**37 steps)")
         decoded = to_dtype(offset + q * step, data.dtype)
         worst = float(np.max(np.abs(decoded - x)))
         if worst <= max_error:
@@ -488,12 +493,15 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         header["nifti_units"] = nifti_units(volume.meta)
     lo, hi = float(volume.data.min()), float(volume.data.max())  # one pass each, shared by every mode
     value_range = hi - lo
-    if value_range == 0:
+    exact = lossless or (max_error is not None and (max_error == 0 or max_error < 1 and volume.dtype.kind in "iu"))
+    # (zeros of both signs are one value, yet not bit-exact as one: exact coding refuses them, below)
+    if value_range == 0 and not (exact and volume.dtype.kind == "f" and np.signbit(volume.data).any()
+                                 and not np.signbit(volume.data).all()):
         blob = _constant(volume, header)
         if bpv is not None and 8 * len(blob) > bpv * volume.data.size:  # the one stream there is
             raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs "
                             f"{8 * len(blob) / volume.data.size:.4f}")
-    elif lossless or (max_error is not None and (max_error == 0 or max_error < 1 and volume.dtype.kind in "iu")):
+    elif exact:
         blob = _exact(volume, None, header, value_range)
     elif max_error is not None:
         blob = _exact(volume, max_error, header, value_range)
