@@ -599,9 +599,12 @@ def decompress(data: bytes) -> Volume:
             x = np.full(shape, p["value"], dtype)
         else:  # lossless or max-error (check_params refused any other codec)
             q = lossless.decode_integers(p, sections, shape)
-            x = _dequantize_grid(q, float(p["step"]), float(p["offset"]), dtype)
-            if codec == "lossless" and dtype.kind in "iu":
-                x = (q + int(p["offset"])).astype(dtype)
+            if codec == "lossless" and dtype.kind in "iu":  # in place: q is the largest array held here
+                q += int(p["offset"])
+                x = q.astype(dtype)
+            else:
+                x = _dequantize_grid(q, float(p["step"]), float(p["offset"]), dtype)
+            del q
     except FedtensorError:
         raise
     except MemoryError:

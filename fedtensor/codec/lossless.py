@@ -29,8 +29,9 @@ def predict_residual(v: np.ndarray, axes) -> np.ndarray:
 
 
 def integrate(r: np.ndarray, axes) -> np.ndarray:
+    """The inverse of :func:`predict_residual`, in place in ``r`` (int64, writable)."""
     for ax in axes:
-        r = np.cumsum(r, axis=ax)
+        np.cumsum(r, axis=ax, out=r)
     return r
 
 
@@ -59,10 +60,13 @@ def _code_residual(s: BinaryStream, shape, residual: np.ndarray | None) -> np.nd
     phases = None if residual is None else _polyphase(residual)
     coder = GridCoder()
     out = np.zeros((*grid, 8), np.int64)
+    parent = np.zeros((*grid, 1), np.int64)  # Σ|earlier components| of each cell, kept as they come
     for k in range(8):
-        parent = np.abs(out[..., :k]).sum(axis=-1, keepdims=True) if k else np.zeros((*grid, 1), np.int64)
         band = coder.code(s, (*grid, 1), parent, k, None if phases is None else phases[..., k : k + 1])
         out[..., k : k + 1] = band
+        parent += np.abs(band)
+        del band
+    del phases, parent
     return _unpolyphase(out, shape)
 
 
