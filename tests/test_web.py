@@ -301,6 +301,11 @@ def test_zip_failure_paths(tmp_path):
         attempt(_zip({"a": bytes(3 << 20)}), max_bytes=1 << 20)
     with pytest.raises(UploadError, match="holds 5 files; at most 4"):
         attempt(_zip({f"f{i}": b"x" for i in range(5)}), max_members=4)
+    many = _zip({f"d{i}/": b"" for i in range(17)})
+    with pytest.MonkeyPatch.context() as mp:  # refused from the end record, before an index is built
+        mp.setattr("zipfile.ZipFile.__init__", lambda *a, **k: pytest.fail("the whole index was read"))
+        with pytest.raises(UploadError, match="holds 17 entries; at most 4 files"):
+            attempt(many, max_members=4)
     with pytest.raises(UploadError, match="not a readable zip file"):
         attempt(b"PK\x03\x04" + b"\x00" * 100)
 
