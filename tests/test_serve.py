@@ -260,6 +260,8 @@ def test_fetched_model_loads(svc, models, tmp_path):
     out = fetch_model(None, None, tmp_path / "m", transport=svc.t("c"))
     assert load_model(out).model_id == svc.store.get(1).sha256
     assert fetch_model(None, None, out, 1, transport=svc.t("c")) == out  # same model again: fine
+    (out / "model.json").unlink()  # a fetch interrupted between its two files: completed, no --force
+    assert load_model(fetch_model(None, None, out, 1, transport=svc.t("c"))).model_id == svc.store.get(1).sha256
     svc.store.publish(models[1][0], models[1][1])
     with pytest.raises(Exception, match="already holds another model"):
         fetch_model(None, None, out, transport=svc.t("c"))

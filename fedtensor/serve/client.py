@@ -152,13 +152,13 @@ def write_model_dir(dest: Path, model_bytes: bytes, manifest_bytes: bytes, sha25
     dest.mkdir(parents=True, exist_ok=True)
     old = dest / MODEL_FILE
     if old.exists():
-        if hashlib.sha256(old.read_bytes()).hexdigest() == sha256 and (dest / MANIFEST_FILE).exists():
+        if hashlib.sha256(old.read_bytes()).hexdigest() == sha256:  # these weights: at most the manifest to do
             try:
                 if json.loads((dest / MANIFEST_FILE).read_text()).get("model_id") == sha256:
                     return dest
-            except (ValueError, AttributeError):
-                pass
-        if not force:
+            except (OSError, ValueError, AttributeError):
+                pass  # an interrupted fetch of this model (the weights are written first): completed below
+        elif not force:
             raise FedtensorError(f"{dest} already holds another model (use --force to overwrite)")
     atomic_write_bytes(dest / MODEL_FILE, model_bytes, force=True)
     atomic_write_bytes(dest / MANIFEST_FILE, manifest_bytes, force=True)
