@@ -819,6 +819,7 @@ def test_latest_never_passes_off_an_older_version(svc, models):
     ({"clients": 5}, "clients must be a list"),
     ({"clients": "ab"}, "clients must be a list"),
     ({"stage_timeout": True}, "stage_timeout must be a positive number"),
+    ({"stage_timeout": "default"}, "stage_timeout must be a positive number"),  # the internal marker
 ])
 def test_malformed_round_requests_are_4xx(svc, body, message):
     r = svc.post("/rounds", who="admin", json=body)

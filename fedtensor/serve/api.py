@@ -237,6 +237,9 @@ def open_round():
     if "clip" in body and (isinstance(body["clip"], bool) or not isinstance(body["clip"], (int, float))
                            or not 1e-6 <= body["clip"] <= 1e6):
         raise ApiError(400, "clip must be a number between 1e-6 and 1e6 (the bound on each update coordinate)")
+    if "stage_timeout" in body and body["stage_timeout"] is not None and (
+            isinstance(body["stage_timeout"], bool) or not isinstance(body["stage_timeout"], (int, float))):
+        raise ApiError(400, "stage_timeout must be a positive number of seconds or null")  # ("default" is internal)
     kwargs = {k: body[k] for k in allowed if k in body}
     try:
         info = _rounds().open(**kwargs)
