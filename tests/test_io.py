@@ -391,6 +391,9 @@ def test_synthetic_32_bit_values_with_a_slope_are_float64(tmp_path):
     vol = read_volume(tmp_path)
     assert vol.dtype == np.float64
     np.testing.assert_array_equal(vol.data[:, :, 2], stack[2].T * 0.5)
+    from fedtensor.io.dicom import _rescaled  # float32 pixel data (Float Pixel Data) stays float32
+
+    assert _rescaled(np.ones((2, 2, 3), np.float32), np.full(3, 0.5), np.zeros(3)).dtype == np.float32
 
 
 def test_synthetic_zero_slope_is_refused(tmp_path):
@@ -415,6 +418,19 @@ def test_synthetic_slice_without_preamble_is_read(tmp_path):
     vol = read_volume(tmp_path)
     assert vol.shape == (8, 6, 5)
     np.testing.assert_array_equal(vol.data[:, :, 2], stack[2].T)
+    # Only a data set's first group is forced open: a stray file of zeros took minutes to parse, and
+    # file meta without a preamble could name a deflated syntax that pydicom inflates whole.
+    (tmp_path / "zeros.raw").write_bytes(bytes(1 << 20))
+    meta_first = pydicom.dcmread(middle, force=True)
+    meta_first.file_meta = pydicom.dataset.FileMetaDataset()
+    meta_first.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    meta_first.save_as(tmp_path / "meta_first.dcm", implicit_vr=False, little_endian=True, enforce_file_format=False)
+    assert (tmp_path / "meta_first.dcm").read_bytes()[:2] == b"\x02\x00"
+    from fedtensor.io import dicom
+
+    assert dicom._headerless_slice(tmp_path / "zeros.raw") is None
+    assert dicom._headerless_slice(tmp_path / "meta_first.dcm") is None
+    assert read_volume(tmp_path).shape == (8, 6, 5)
 
 
 def test_synthetic_missing_slice_and_inconsistent_size(tmp_path):

@@ -20,7 +20,8 @@ NIfTI those tools write):
 * values are ``stored * RescaleSlope + RescaleIntercept`` (per slice). When every slope is 1 and every
   intercept an integer the values are exact integers, in int16 when they fit, else in the stored dtype
   or int32; otherwise float32 (float64 for 32-bit stored values). A slope of 0 is refused.
-* files without the Part 10 preamble are read too, when they hold an image slice.
+* files without the Part 10 preamble and file meta are read too, when they open with a data set's
+  first group (0008, little endian) and hold an image slice.
 """
 
 from __future__ import annotations
@@ -113,23 +114,33 @@ def _pydicom_log_muted():
 
 
 def _headerless_slice(path: Path):
-    """``path`` as a DICOM image slice written without the Part 10 preamble and ``DICM`` magic (older
-    scanners and tools write such files; pydicom reads them when forced), or None for anything else."""
+    """``path`` as a DICOM image slice written without the Part 10 preamble, ``DICM`` magic and file
+    meta (older scanners and tools write such files; pydicom reads them when forced), or None for
+    anything else.
+
+    Only a file opening with a group 0008 element (a data set's first group, little endian) is read:
+    a forced read parses anything (zeros at ~2 MB/s, minutes for a large stray file), and a file that
+    opens with file meta could name a deflated transfer syntax, which pydicom inflates whole in memory.
+    """
     import pydicom
 
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x08\x00":
+                return None
+    except OSError:
+        return None
     try:
         with warnings.catch_warnings(), _pydicom_log_muted():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
         if not ("PixelData" in ds and "ImagePositionPatient" in ds and "Rows" in ds):
             return None
-        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-            # No meta header: the data set's own encoding, which pydicom detected (native pixels only).
-            implicit, little = ds.original_encoding
-            ds.file_meta = pydicom.dataset.FileMetaDataset(getattr(ds, "file_meta", None) or {})
-            ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
-                                              pydicom.uid.ExplicitVRLittleEndian if little else
-                                              pydicom.uid.ExplicitVRBigEndian)
+        # No file meta: the data set's own encoding, which pydicom detected (native pixels only).
+        implicit, _ = ds.original_encoding
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                          pydicom.uid.ExplicitVRLittleEndian)
         return ds
     except Exception:  # a stray file that merely began like a dataset
         return None
@@ -193,7 +204,8 @@ def _rescaled(raw: np.ndarray, slopes: np.ndarray, inters: np.ndarray) -> np.nda
         for dtype in (np.int16, raw.dtype, np.int32):
             if np.dtype(dtype).kind in "iu" and np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
                 return ints.astype(dtype)
-    out = np.float64 if raw.dtype.itemsize >= 4 else np.float32
+        del ints
+    out = np.float64 if raw.dtype.kind in "iu" and raw.dtype.itemsize >= 4 or raw.dtype.itemsize > 4 else np.float32
     return (raw.astype(np.float64) * slopes[None, None, :] + inters[None, None, :]).astype(out)
 
 
