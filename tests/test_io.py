@@ -163,6 +163,25 @@ def test_nifti_qform_units_and_a_broken_sform_survive_a_round_trip_through_ftz(t
     with pytest.warns(UserWarning, match="sform is unusable.*qform is used"):
         vol = read_volume(tmp_path / "nan.nii")
     np.testing.assert_allclose(vol.affine, qform, atol=1e-5)
+    write_volume(vol, tmp_path / "nan_back.nii")  # the qform's matrix in the sform: in the qform's space
+    back = nib.load(tmp_path / "nan_back.nii").header
+    assert (int(back["qform_code"]), int(back["sform_code"])) == (1, 1)
+
+
+def test_nifti_with_a_near_unit_quaternion_or_odd_unit_codes_still_reads(tmp_path):
+    """nibabel loads these (its affine is the sform), so must we: a quaternion a float32 ulp past unit
+    length (in public data sets) and unit bytes off the NIfTI table read as the sform and mm."""
+    sform = np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), sform)
+    img.set_qform(sform, code=1)
+    img.set_sform(sform, code=1)
+    for name, field, value in (("quat", "quatern_d", np.float32(1.00000024)), ("units", "xyzt_units", 0x3A)):
+        hdr = img.header.copy()
+        hdr[field] = value
+        nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), None, header=hdr).to_filename(tmp_path / f"{name}.nii")
+        vol = read_volume(tmp_path / f"{name}.nii")
+        np.testing.assert_allclose(vol.affine, sform)
+        assert "nifti_units" not in vol.meta
 
 
 def test_dicom_meta_and_geometry(volume_paths, dicom_volume):

@@ -98,8 +98,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         data = raw if _is_identity_scaling(slope, inter) else _scaled(raw, float(slope), float(inter))
         zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
         affine = np.array(img.affine, dtype=np.float64)
-        qform = np.array(img.header.get_qform(), dtype=np.float64) if img.header["qform_code"] > 0 else None
-        units = img.header.get_xyzt_units()[0]
+        qform = _qform(img.header)
+        units = _UNITS.get(int(img.header["xyzt_units"]) & 7, "mm")  # (nibabel raises on codes off its table)
     except VolumeError:
         raise
     except MemoryError:
@@ -118,6 +118,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     if not _usable(affine) and qform is not None and _usable(qform):  # a broken sform, a good qform
         affine = qform
         meta["affine"] = "the file's sform is unusable (non-finite or singular); its qform is used"
+        codes["sform_code"] = codes["qform_code"]  # written back as the sform: in the qform's space
+        meta["nifti_codes"] = codes
     if qform is not None and _usable(qform) and not np.allclose(qform, affine, rtol=0, atol=1e-6):
         meta["nifti_qform"] = qform.tolist()  # a second space (e.g. scanner beside a template's sform)
     usable = _usable(affine)
@@ -130,6 +132,20 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         warnings.warn(f"{path}: {meta['affine']}", stacklevel=2)
     vol = Volume(data=data, spacing=zooms, affine=affine, meta=meta)
     return validated(vol, path)
+
+
+_UNITS = {1: "meter", 3: "micron"}  # NIfTI xyz unit codes other than mm (2) and unknown (0)
+
+
+def _qform(header) -> np.ndarray | None:
+    """The header's qform, or None when its code is 0 or its quaternion is not one (nibabel raises on a
+    quaternion a float32 ulp past unit length, which some public data sets hold)."""
+    if header["qform_code"] <= 0:
+        return None
+    try:
+        return np.array(header.get_qform(), dtype=np.float64)
+    except ValueError:
+        return None
 
 
 def _usable(affine: np.ndarray) -> bool:
