@@ -591,6 +591,16 @@ def test_secret_key_is_created_whole_and_once(tmp_path, monkeypatch):
     assert app_mod._secret_key(tmp_path / "b") == "f" * 64
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["secret_key"]
 
+    import errno
+
+    def no_hard_links(src, dst):  # vfat, some SMB mounts
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    (tmp_path / "c").mkdir()
+    monkeypatch.setattr(app_mod.os, "link", no_hard_links)
+    key = app_mod._secret_key(tmp_path / "c")
+    assert app_mod._secret_key(tmp_path / "c") == key and [p.name for p in (tmp_path / "c").iterdir()] == ["secret_key"]
+
 
 def test_restart_keeps_versions_tokens_and_round_history(svc, models):
     svc.store.publish(models[1][0], models[1][1], {"round": 1})

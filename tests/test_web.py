@@ -302,10 +302,15 @@ def test_zip_failure_paths(tmp_path):
     with pytest.raises(UploadError, match="holds 5 files; at most 4"):
         attempt(_zip({f"f{i}": b"x" for i in range(5)}), max_members=4)
     many = _zip({f"d{i}/": b"" for i in range(17)})
+    forged = bytearray(_zip({f"d{i:03d}/": b"" for i in range(120)}))  # its count, which ZipFile never checks, says 1
+    end = forged.rfind(b"PK\x05\x06")
+    forged[end + 8:end + 12] = (1).to_bytes(2, "little") * 2
     with pytest.MonkeyPatch.context() as mp:  # refused from the end record, before an index is built
         mp.setattr("zipfile.ZipFile.__init__", lambda *a, **k: pytest.fail("the whole index was read"))
-        with pytest.raises(UploadError, match="holds 17 entries; at most 4 files"):
+        with pytest.raises(UploadError, match="holds 17 entries in a 0 KiB index; at most 4 files"):
             attempt(many, max_members=4)
+        with pytest.raises(UploadError, match="holds 1 entries in a 5 KiB index; at most 4 files"):
+            attempt(bytes(forged), max_members=4)
     with pytest.raises(UploadError, match="not a readable zip file"):
         attempt(b"PK\x03\x04" + b"\x00" * 100)
 

@@ -96,6 +96,10 @@ def _unlink_quietly(p: Path) -> None:
         pass
 
 
+#: What ``os.link`` fails with on a filesystem (or between two) without hard links: vfat, some SMB mounts.
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
+
+
 def _commit(tmp: Path, path: Path, force: bool) -> None:
     """Move ``tmp`` onto ``path``; without ``force`` refuse (atomically where possible) to clobber."""
     if force:
@@ -107,7 +111,7 @@ def _commit(tmp: Path, path: Path, force: bool) -> None:
     except FileExistsError:
         raise FedtensorError(f"output exists: {path} (use --force to overwrite)") from None
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+        if e.errno not in NO_HARD_LINKS:
             raise
         # Filesystem without hard links: check-then-replace (tiny race window).
         if path.exists():

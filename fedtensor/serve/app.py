@@ -23,6 +23,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import BadRequest, Forbidden, HTTPException, InternalServerError
 
 from fedtensor.errors import FedtensorError
+from fedtensor.io.atomic import NO_HARD_LINKS
 from fedtensor.serve.api import ApiError
 from fedtensor.serve.api import bp as api_bp
 from fedtensor.serve.auth import TokenFileError, TokenRegistry
@@ -54,6 +55,12 @@ def _secret_key(data_dir: Path) -> str:
             return key
         except FileExistsError:
             pass
+        except OSError as e:
+            if e.errno not in NO_HARD_LINKS:
+                raise
+            if not path.exists():  # no hard links here: check, then rename (a tiny window)
+                os.replace(tmp, path)
+                return key
         finally:
             tmp.unlink(missing_ok=True)
     if path.stat().st_mode & 0o077:

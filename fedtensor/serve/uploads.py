@@ -76,16 +76,20 @@ def _is_link(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def _declared_entries(zip_path: Path) -> int | None:
-    """The entry count a zip's end record declares (zip64 too), read without its central directory:
-    ``ZipFile`` builds an object per entry before anything can be refused (a 23 MB zip of 300,000 empty
-    files took 146 MiB). None where the record cannot be read (``ZipFile`` then says why)."""
+_INDEX_ENTRY = 46 + 256  # bytes an accepted file may take in a zip's central directory (a long name)
+
+
+def _declared_index(zip_path: Path) -> tuple[int, int] | None:
+    """The entry count and central directory size a zip's end record declares (zip64 too), read without
+    the directory itself: ``ZipFile`` builds an object per entry before anything can be refused (a
+    23 MB zip of 300,000 empty files took 146 MiB). None where the record cannot be read (``ZipFile``
+    then says why)."""
     end_record = getattr(zipfile, "_EndRecData", None)  # (private, but stable since Python 2)
     if end_record is None:
         return None
     with open(zip_path, "rb") as f:
         rec = end_record(f)
-    return None if not rec else int(rec[zipfile._ECD_ENTRIES_TOTAL])
+    return None if not rec else (int(rec[zipfile._ECD_ENTRIES_TOTAL]), int(rec[zipfile._ECD_SIZE]))
 
 
 def extract_series(zip_path: Path, dest: Path, *, max_members: int = MAX_ZIP_MEMBERS,
@@ -93,9 +97,11 @@ def extract_series(zip_path: Path, dest: Path, *, max_members: int = MAX_ZIP_MEM
     """Extract the regular files of a zip into ``dest`` under generated names; return ``dest``."""
     dest.mkdir()
     try:
-        entries = _declared_entries(zip_path)
-        if entries is not None and entries > 4 * max_members:  # before ZipFile reads the whole index
-            raise UploadError(f"the zip file holds {entries} entries; at most {max_members} files are accepted")
+        index = _declared_index(zip_path)  # before ZipFile reads the whole index: its count (which ZipFile
+        # never checks, so a forged one is caught by the size) and its size (46 bytes an entry and a name)
+        if index is not None and (index[0] > 4 * max_members or index[1] > 4 * max_members * _INDEX_ENTRY):
+            raise UploadError(f"the zip file holds {index[0]} entries in a {index[1] >> 10} KiB index; at most "
+                              f"{max_members} files are accepted")
         with zipfile.ZipFile(zip_path) as zf:
             members = [i for i in zf.infolist() if not i.is_dir() and not _is_link(i) and not _junk(i.filename)]
             if not members:
