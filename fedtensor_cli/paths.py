@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 from fedtensor.errors import FedtensorError
-from fedtensor.io.dicom import looks_like_dicom
 
 from fedtensor_cli.errors import UsageFailure
 
@@ -67,6 +66,8 @@ def batch_volume_inputs(directory: Path, output: Path | None = None) -> list[Pat
     entries = _outside(_visible(directory), output)
     items = [p for p in entries if p.is_file() and volume_suffix(p)]
     items += [p for p in entries if p.is_dir() and _visible(p)]
+    from fedtensor.io.dicom import looks_like_dicom  # (here: numpy stays out of the CLI's start-up)
+
     loose = sum(1 for p in entries if p.is_file() and not volume_suffix(p) and looks_like_dicom(p))
     if loose:  # the rule above makes them no item: say so rather than drop a series silently
         warnings.warn(f"{loose} DICOM file{'s' * (loose > 1)} directly in {directory} {'are' if loose > 1 else 'is'} "

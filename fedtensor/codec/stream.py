@@ -327,7 +327,7 @@ def _exact_errors(q, bases, step, m, slab, rows, impl, dtype):
     rec = _inverse(q, bases, step, slab.shape, impl)
     if np.dtype(dtype).itemsize == 1 and slab.shape[2] * 255**2 < 2**31:
         # 8-bit voxels: |error| ≤ 255, so each row's Σd² is an exact int32 (one limb). One fused
-        # reduction over the slab: 0.25× the time of the plane-by-plane limbs below (head CT).
+        # reduction over the slab: the pass takes 0.6× the time it takes with the limbs below (head CT).
         d = jnp.where(valid[:, None, None], jnp.abs(_decoded_error(slab, None, rec, m, dtype)).astype(jnp.int32), 0)
         return jnp.sum(d * d, axis=2)[:, None], jnp.max(d)
 
