@@ -19,7 +19,7 @@ NIfTI those tools write):
   The third column is the actual slice step, so a gantry tilt is represented as a shear.
 * values are ``stored * RescaleSlope + RescaleIntercept`` (per slice). When every slope is 1 and every
   intercept an integer the values are exact integers, in int16 when they fit, else in the stored dtype
-  or int32; otherwise float32 (float64 for 32-bit stored values). A slope of 0 is refused.
+  or int32; otherwise float32 (float64 for 32-bit stored integers). A slope of 0 is refused.
 * files without the Part 10 preamble and file meta are read too, when they open with a data set's
   first group (0008, little endian) and hold an image slice.
 """

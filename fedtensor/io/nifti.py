@@ -201,8 +201,9 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
         # else an affine is always written, so never code 0: a missing sform takes the qform's space
         img.set_sform(affine, code=0 if unknown else codes["sform_code"] or codes["qform_code"] or 1)
         consistent = np.allclose(np.linalg.norm(affine[:3, :3], axis=0), spacing, rtol=1e-5, atol=1e-6)
-        qform = nifti_qform(volume.meta)
-        if qform is not None and codes["qform_code"]:
+        qform = nifti_qform(volume.meta)  # (not when the volume was resampled since: its zooms differ)
+        if (qform is not None and codes["qform_code"]
+                and np.allclose(np.linalg.norm(qform[:3, :3], axis=0), spacing, rtol=1e-4, atol=1e-6)):
             img.set_qform(qform, code=codes["qform_code"])
         elif consistent and abs(np.linalg.det(affine[:3, :3])) > 0 and not unknown:
             img.set_qform(affine, code=codes["qform_code"] or codes["sform_code"] or 1)
