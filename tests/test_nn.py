@@ -958,7 +958,17 @@ def test_fit_predicts_the_restored_errors(rmodel, adapted_case):
         exact = float(np.sum((orig - restore_array(dec.data, header, rmodel, tile=64)) ** 2))
         assert sse == pytest.approx(exact, rel=1e-4)
     assert found.large[1] <= found.small[1] < found.sse_plain
-    # with test-time augmentation: the layers fitted to the mean of the 8 mirrored passes
+
+
+@pytest.mark.slow  # (eight mirrored restorations per option: ~1 min of the default run's 12)
+def test_fit_predicts_the_restored_errors_with_test_time_augmentation(rmodel, adapted_case):
+    """:func:`test_fit_predicts_the_restored_errors` with the layers fitted to the mean of the 8
+    mirrored passes."""
+    from fedtensor.codec import read_info
+    from fedtensor.nn.adapt import fit
+
+    vol, data, info, dec, _ = adapted_case
+    orig = vol.data.astype(np.float64)
     mirrored = fit(rmodel, dec.data, info, vol.data, tile=64, tta=True, bytes_per_db=1e6)
     for c, sse in mirrored.options():
         header = info if c is None else read_info(tag_stream(data, rmodel.model_id, adaptation=c,
