@@ -312,19 +312,28 @@ done:
     return result;
 }
 
+/* The inputs of bernoulli, both ways: p1 float64 (n) or None (1/2 each), and the bits (int32; written
+ * when decoding). */
+static int bernoulli_inputs(PyObject **o, Buf *b, int writable, Py_ssize_t *n) {
+    if ((o[0] != Py_None && get(o[0], &b[0], "d", 1, 0, "p1") < 0) ||
+        get(o[1], &b[1], "i", 1, writable, writable ? "out" : "values") < 0)
+        return -1;
+    *n = b[1].b.shape[0];
+    if (o[0] != Py_None && b[0].b.shape[0] != *n) {
+        PyErr_SetString(PyExc_ValueError, "bernoulli: lengths differ");
+        return -1;
+    }
+    return 0;
+}
+
 /* bernoulli(p1 float64 (n) or None for 1/2 each, values int32 (n)). */
 static PyObject *Encoder_bernoulli(Encoder *e, PyObject *args) {
     PyObject *o[2], *result = NULL;
     if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1])) return NULL;
     Buf b[2] = {0};
     State kept;
-    if ((o[0] != Py_None && get(o[0], &b[0], "d", 1, 0, "p1") < 0) || get(o[1], &b[1], "i", 1, 0, "values") < 0)
-        goto done;
-    Py_ssize_t n = b[1].b.shape[0];
-    if (o[0] != Py_None && b[0].b.shape[0] != n) {
-        PyErr_SetString(PyExc_ValueError, "bernoulli: lengths differ");
-        goto done;
-    }
+    Py_ssize_t n;
+    if (bernoulli_inputs(o, b, 0, &n) < 0) goto done;
     if (begin(e, &kept) == 0) {
         const double *p = o[0] == Py_None ? NULL : b[0].b.buf;
         const int32_t *values = b[1].b.buf;
@@ -666,13 +675,8 @@ static PyObject *Decoder_bernoulli(Decoder *d, PyObject *args) {
     PyObject *o[2], *result = NULL;
     if (!PyArg_ParseTuple(args, "OO", &o[0], &o[1]) || !decoder_free(d)) return NULL;
     Buf b[2] = {0};
-    if ((o[0] != Py_None && get(o[0], &b[0], "d", 1, 0, "p1") < 0) || get(o[1], &b[1], "i", 1, 1, "out") < 0)
-        goto done;
-    Py_ssize_t n = b[1].b.shape[0];
-    if (o[0] != Py_None && b[0].b.shape[0] != n) {
-        PyErr_SetString(PyExc_ValueError, "bernoulli: lengths differ");
-        goto done;
-    }
+    Py_ssize_t n;
+    if (bernoulli_inputs(o, b, 1, &n) < 0) goto done;
     const double *p = o[0] == Py_None ? NULL : b[0].b.buf;
     int32_t *out = b[1].b.buf;
     uint32_t even = bit_split(0.5);
