@@ -147,8 +147,6 @@ def register(app: typer.Typer) -> None:
                 render.emit_json(out)
             return
 
-        if web and not is_loopback(host):
-            raise UsageFailure(f"--web needs a loopback --host (the web interface has no authentication), got {host}")
         if not is_loopback(host) and not allow_remote:
             raise UsageFailure(f"--host {host} is not a loopback address: add --allow-remote "
                                "(and serve it behind a TLS proxy: tokens travel in clear over plain HTTP)")
