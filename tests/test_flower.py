@@ -172,6 +172,27 @@ def test_client_app_trains_on_real_data_through_the_message_api(tmp_path, crops)
         app(_train_message(arrays), strict)
 
 
+@pytest.mark.parametrize("secure", [True, False])
+def test_fit_metrics_say_nothing_of_the_delta_under_secure_aggregation(monkeypatch, secure):
+    """SecAgg+ masks the arrays only; a node's metrics reach the server in the clear."""
+    from fedtensor.federated.flower import client_app as ca
+
+    secret = np.array([0.0123, -0.4567], np.float32)
+    for name, stub in {"node_volumes": lambda nc: ["volume"], "load_sources": lambda *a: None,
+                       "_persistent_compilation_cache": lambda d: None, "from_ndarrays": lambda a, cfg: a,
+                       "to_ndarrays": lambda p: p, "num_examples": lambda s, patch: 7,
+                       "net_config_from_str": lambda s: None,
+                       "local_update": lambda g, *a: ([g[0] + secret], [1.0, 0.5])}.items():
+        monkeypatch.setattr(ca, name, stub)  # the training itself is tested above
+    client = ca.RestorationClient.__new__(ca.RestorationClient)
+    client.settings, client.node_config, client.run_id = task.FedSettings(secure=secure), {}, 1
+    delta, n, metrics = client.fit([np.zeros(2, np.float32)], {"net": "", "round": 1})
+    np.testing.assert_array_equal(delta[0], secret)
+    assert metrics["train_loss"] == 0.75 and n == 7
+    assert ("max_abs_delta" in metrics) is not secure
+    assert all(not np.isclose(v, abs(secret).max()) for k, v in metrics.items() if secure)
+
+
 def test_server_strategy_applies_weighted_mean_delta_and_writes_versions(tmp_path):
     """DeltaFedAvg + GlobalModelWriter without a network: plain FedAvg of two fake clients' deltas."""
     from flwr.common import Code, FitRes, Status

@@ -94,8 +94,9 @@ class RestorationClient(NumPyClient):
                                   "raise max-weight in the run config")
         if nc.get("audit-dir"):
             _audit(Path(str(nc["audit-dir"])).expanduser(), self.run_id, rnd, delta, n, net_config)
-        metrics = {"train_loss": float(np.mean(losses)), "loss_first": float(losses[0]),
-                   "loss_last": float(losses[-1]), "max_abs_delta": peak}
+        metrics = {"train_loss": float(np.mean(losses)), "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+        if not s.secure:  # SecAgg+ masks the arrays only: metrics travel in the clear, so none describes the delta
+            metrics["max_abs_delta"] = peak
         return delta, n, metrics
 
 
