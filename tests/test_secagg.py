@@ -692,6 +692,14 @@ def test_masks_that_do_not_cancel_abort_instead_of_returning_garbage():
         run.round3()
 
 
+def test_inputs_at_the_clip_under_any_scale_pass_the_cancellation_check():
+    """Every client at +clip under a scale whose products land on rounding half-points: the exact sum is
+    the bound itself, which the float64 bound fell a unit short of (an honest round aborted)."""
+    clip, scale = 5.2315422250850805, 193260.3153142967
+    result = secure_aggregate([np.full(3, clip)] * 5, threshold=3, clip=clip, scale=scale, seed=1)
+    np.testing.assert_allclose(result.sum, 5 * clip, atol=result.tolerance)
+
+
 def test_auto_scale_halves_when_log2_rounds_up():
     room = (2**31 - 1) - 1.0
     for m in range(-4, 5):

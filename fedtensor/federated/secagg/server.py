@@ -305,7 +305,8 @@ class SecAggServer:
             total, q = None, acc
         # Masks that did not cancel (a key seen differently by two clients, a corrupted masked input) leave
         # words spread over all of Z_2^32; a true sum stays within what n clipped inputs can add up to.
-        bound = (n if total is None else total) * p.fixed_point.clip * p.fixed_point.scale + n / 2
+        # (a unit of slack: in float64 a client's rounded w·x·scale can land one above the real bound)
+        bound = (n if total is None else total) * p.fixed_point.clip * p.fixed_point.scale * (1 + 1e-12) + n / 2 + 1
         if q.size and np.max(np.abs(q.view(np.dtype("<i4")).astype(np.int64))) > bound:
             self._stage = "aborted"
             raise SecAggAbort("secure aggregation aborted: the unmasked sum lies outside what the clients' clipped "
