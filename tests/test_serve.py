@@ -389,6 +389,17 @@ def test_a_round_whose_published_sum_could_be_two_clients_is_refused(svc, models
     assert r.status_code in (400, 409) and why in r.json["error"], r.json
 
 
+@pytest.mark.parametrize("threshold", [2.9, 3.5, True, "3"])
+def test_the_coordinator_refuses_a_threshold_that_is_not_a_whole_number(svc, models, threshold):
+    """Through the Python API too (HTTP bodies are checked before): 2.9 was truncated to 2."""
+    from fedtensor.serve.rounds import RoundError
+
+    rounds = svc.app.extensions["fedtensor_rounds"]
+    with pytest.raises(RoundError, match="whole number"):
+        rounds.open(clients=["a", "b", "c"], threshold=threshold)
+    assert rounds.open(clients=["a", "b", "c"], threshold=np.int64(3))["params"]["threshold"] == 3
+
+
 def test_a_client_refuses_to_join_a_round_of_threshold_two(svc, models):
     """A server (not this one) offering t = 2 of 3: if one client drops, each survivor could read the
     other's update off the published mean, so the client refuses before sending its keys."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import threading
 import time
 from dataclasses import dataclass, field
@@ -262,7 +263,10 @@ class RoundCoordinator:
             cohort = {known[n].id: n for n in names}
             n = len(cohort)
             t = default_threshold(n) if threshold is None else threshold
-            if isinstance(t, int) and (2 * t <= n or t < MIN_ROUND_CLIENTS):  # clients refuse such a round
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                raise RoundError(400, f"threshold must be a whole number of clients, got {t!r}")
+            t = int(t)
+            if 2 * t <= n or t < MIN_ROUND_CLIENTS:  # clients refuse such a round
                 raise RoundError(400, f"threshold {t} of {n} clients: it must exceed n/2 and be at least "
                                       f"{MIN_ROUND_CLIENTS} (so that no two survivors' sum is published)")
             clip = self.settings.clip if clip is None else clip
