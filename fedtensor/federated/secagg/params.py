@@ -17,8 +17,10 @@ class SecAggParams:
     * ``round_id`` — unique per aggregation (e.g. the FL round number); bound into every key derivation,
       ciphertext and message, so nothing from another round is accepted.
     * ``num_clients`` (n), ``threshold`` (t, n/2 < t ≤ n, t ≥ 2) — the protocol tolerates up to n − t dropouts,
-      and any coalition of the server with fewer than t clients learns nothing beyond the sum. t ≤ n/2
-      is refused (an active server could unmask one client); Bonawitz et al. use t > 2n/3.
+      and an honest-but-curious server with fewer than t clients learns nothing beyond the sum. An
+      active server that tells two groups of survivors different stories about one client unmasks it
+      once it colludes with c ≥ 2t − n + 1 clients: t ≤ n/2 is refused (it would need none); Bonawitz
+      et al.'s t > 2n/3 tolerates about n/3 colluders.
     * ``vector_length`` — coordinates of the update (flattened).
     * ``fixed_point`` — scale and clip range; must not overflow for n clients (see :mod:`.fixedpoint`).
     * ``weighted`` — FedAvg mode: clients send w·x plus w as one extra coordinate; then
