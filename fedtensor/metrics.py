@@ -129,12 +129,13 @@ def _filter(x: jnp.ndarray, weights: np.ndarray, spatial_axes: tuple[int, ...]) 
     return x
 
 
-@functools.partial(jax.jit, static_argnames=("sigma", "pad"))
-def _ssim_partial_sums(x, y, shift, scale, sigma: float, pad: int):
-    """Per-(i, j) sums over the last axis of the cropped SSIM map (float32)."""
+@functools.partial(jax.jit, static_argnames=("sigma", "pad", "normalised"))
+def _ssim_partial_sums(x, y, shift, scale, sigma: float, pad: int, normalised: bool = False):
+    """Per-(i, j) sums over the last axis of the cropped SSIM map (float32); ``normalised``: ``x`` and
+    ``y`` are already ``(v - shift) * scale``."""
     weights = _gaussian_kernel(sigma)
-    xs = (x - shift) * scale  # normalised: range of the original ≈ [-0.5, 0.5]
-    ys = (y - shift) * scale
+    # normalised: range of the original ≈ [-0.5, 0.5]
+    xs, ys = (x, y) if normalised else ((x - shift) * scale, (y - shift) * scale)
     stack = jnp.stack([xs, ys, xs * xs, ys * ys, xs * ys])
     f = _filter(stack, weights, (1, 2, 3))
     mx, my, mxx, myy, mxy = f[0], f[1], f[2], f[3], f[4]
@@ -149,6 +150,18 @@ def _ssim_partial_sums(x, y, shift, scale, sigma: float, pad: int):
     if pad:
         s = s[pad:-pad, pad:-pad, pad:-pad]
     return jnp.sum(s, axis=-1)
+
+
+_EXACT_IN_F32 = frozenset(np.dtype(t) for t in (np.float32, np.float16, np.uint8, np.int8, np.uint16, np.int16, bool))
+
+
+def _normalised(v: np.ndarray, shift: float, scale: float) -> np.ndarray:
+    """``(v - shift) * scale`` computed in float64, stored as float32 (a few planes at a time)."""
+    out = np.empty(v.shape, np.float32)
+    step = max(1, (1 << 22) // max(1, v[:1].size))
+    for i in range(0, v.shape[0], step):
+        np.multiply(np.subtract(v[i:i + step], shift, dtype=np.float64), scale, out=out[i:i + step], casting="same_kind")
+    return out
 
 
 def ssim3d(original, decoded, *, data_range: float | None = None, sigma: float = 1.5) -> float:
@@ -174,11 +187,13 @@ def ssim3d(original, decoded, *, data_range: float | None = None, sigma: float =
     if data_range == 0:
         data_range = 1.0
     pad = (win_size_for(a.shape, sigma) - 1) // 2
-    x = jnp.asarray(a, dtype=jnp.float32)
-    y = jnp.asarray(b, dtype=jnp.float32)
-    shift = np.float32(0.5 * (lo + hi))
-    scale = np.float32(1.0 / data_range)
-    partial = _ssim_partial_sums(x, y, shift, scale, sigma=float(sigma), pad=pad)
+    shift, scale = 0.5 * (lo + hi), 1.0 / data_range
+    # Values float32 cannot hold exactly (float64, large integers) are normalised here, in float64: in
+    # float32 a 1e6 offset ate the differences SSIM measures.
+    exact = all(v.dtype in _EXACT_IN_F32 for v in (a, b))
+    x, y = (jnp.asarray(v, jnp.float32) if exact else _normalised(v, shift, scale) for v in (a, b))
+    partial = _ssim_partial_sums(x, y, np.float32(shift), np.float32(scale), sigma=float(sigma), pad=pad,
+                                 normalised=not exact)
     count = 1
     for n in a.shape:
         count *= n - 2 * pad
