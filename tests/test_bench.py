@@ -3,8 +3,11 @@ search, a small resumable run with its outputs, and the command line."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -185,9 +188,53 @@ def test_run_bench_outputs_and_resume(tiny_volume, tmp_path, monkeypatch):
     # no earlier run's report stands next to this one's: no anchor, no BD-rate table; no figures asked for
     assert not (out / "bd_rate.md").exists() and not list(out.glob("*.png"))
     assert summary["files"] == ["results.csv", "results.json", "summary.md"]
+    # a run at fewer targets reports only its own (the others' cells stay stored for later runs)
+    monkeypatch.setattr(harness, "run_cells", fail)
+    summary = run_bench(BenchConfig([tiny_volume], targets=[45], codecs=["sz3", "zstd"], out=out, jobs=1,
+                                    figures=False))
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert sorted((r["codec"], r["target"]) for r in rows) == [("sz3", "45"), ("zstd", "lossless")]
+    assert len(summary["cells"]) == 2 and len(load_cells(out)) == 2 + 2 + 3 + 1  # fedtensor, jpeg2000, sz3, zstd
 
 
-def test_unavailable_codec_is_reported(tiny_volume, tmp_path, monkeypatch):
+def test_cells_measured_by_other_code_are_measured_again(tiny_volume, tmp_path, monkeypatch):
+    """A stored cell stands only for the codec's version (fedtensor's includes its source digest)."""
+    from fedtensor.baselines import get_baseline
+
+    assert get_baseline("fedtensor").version().endswith(f"(codec {harness_digest()})")
+    cfg = dict(targets=[45], codecs=["zstd", "sz3"], out=tmp_path, jobs=1, figures=False)
+    run_bench(BenchConfig([tiny_volume], **cfg))
+    lines = [json.loads(x) for x in (tmp_path / "cells.jsonl").read_text().splitlines()]
+    for c in lines:
+        if c["codec"] == "zstd":
+            c["version"] = "an older zstd"
+    (tmp_path / "cells.jsonl").write_text("".join(json.dumps(c) + "\n" for c in lines))
+    ran = []
+    real = harness.run_cells
+    monkeypatch.setattr(harness, "run_cells", lambda spec, codec, targets, repeat=1: ran.append(
+        (codec, list(targets), os.environ.get("FEDTENSOR_WORKERS"))) or real(spec, codec, targets, repeat))
+    summary = run_bench(BenchConfig([tiny_volume], **cfg))
+    # in this process (one job) fedtensor's entropy coder starts no workers of its own either
+    assert ran == [("zstd", ["lossless"], "1")] and "FEDTENSOR_WORKERS" not in os.environ
+    assert "in one process" in (tmp_path / "summary.md").read_text() and summary["config"]["in_process"]
+
+
+def harness_digest() -> str:
+    from fedtensor.baselines.fedtensor_codecs import source_digest
+
+    return source_digest()
+
+
+def test_csv_keeps_the_sign_of_an_infinite_psnr(tmp_path):
+    from fedtensor.bench.report import write_csv
+
+    write_csv(tmp_path / "r.csv", [{"volume": "v", "psnr": -math.inf}, {"volume": "w", "psnr": math.inf},
+                                   {"volume": "x", "psnr": math.nan}])
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))
+    assert [r["psnr"] for r in rows] == ["-inf", "inf", "nan"]
+
+
+def test_unavailable_codec_is_reported(tiny_volume, tmp_path, monkeypatch, capsys):
     import imagecodecs
 
     monkeypatch.setattr(imagecodecs.SZ3, "available", False, raising=False)
@@ -196,6 +243,10 @@ def test_unavailable_codec_is_reported(tiny_volume, tmp_path, monkeypatch):
     cells = {c["codec"]: c for c in summary["cells"]}
     assert cells["sz3"]["status"] == "unavailable" and "SZ3" in cells["sz3"]["reason"]
     assert cells["zstd"]["status"] == "ok"
+    from fedtensor.bench.cli import print_summary
+
+    print_summary(summary, BenchConfig([tiny_volume], targets=[45], codecs=["sz3", "zstd"], out=tmp_path))
+    assert f"unavailable: sz3 on tiny_ct — {cells['sz3']['reason']}" in " ".join(capsys.readouterr().out.split())
 
 
 def test_missed_target_is_never_scored(tiny_volume, tmp_path, monkeypatch):

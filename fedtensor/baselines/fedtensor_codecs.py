@@ -7,10 +7,30 @@ target, so no outer search is needed; ``fedtensor-lossless`` is its exact mode (
 
 from __future__ import annotations
 
+import functools
+import hashlib
+from pathlib import Path
+
 import numpy as np
 
 from fedtensor.baselines.base import Baseline
 from fedtensor.io.volume import integer_valued
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """SHA-256 (12 hex digits) of the codec's source: ``fedtensor.codec``, ``fedtensor.tensor`` and the
+    kernels, ``.py`` and ``.c`` files (not the compiled extension, whose bytes vary between builds)."""
+    import fedtensor.codec
+    import fedtensor.tensor
+    import fedtensor_kernels
+
+    h = hashlib.sha256()
+    for pkg in (fedtensor.codec, fedtensor.tensor, fedtensor_kernels):
+        root = Path(pkg.__file__).parent
+        for f in sorted(p for p in root.iterdir() if p.suffix in (".py", ".c")):
+            h.update(f"{pkg.__name__}/{f.name}\0".encode() + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class _Fedtensor(Baseline):
@@ -21,9 +41,11 @@ class _Fedtensor(Baseline):
 
     @classmethod
     def version(cls) -> str:
+        """The release and a digest of the codec's source: a benchmark's cells from other code are stale
+        (the release number alone stayed the same through many changes of the codec)."""
         import fedtensor
 
-        return f"fedtensor {fedtensor.__version__}"
+        return f"fedtensor {fedtensor.__version__} (codec {source_digest()})"
 
     def decode(self, blob: bytes) -> np.ndarray:
         from fedtensor.codec import decompress

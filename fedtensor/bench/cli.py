@@ -140,8 +140,9 @@ def run_command(volumes, targets, codecs, out: Path, jobs: int, *, figures: bool
 
         from fedtensor.jsonable import jsonable
 
-        brief = {k: summary[k] for k in ("wall_s", "status_counts", "bd_rate", "errors", "figures")}
-        keys = ("volume", "codec", "target", "status", "bpv", "psnr", "ssim", "encode_mvox_s", "decode_mvox_s")
+        brief = {k: summary.get(k) for k in ("wall_s", "status_counts", "bd_rate", "bd_psnr", "errors", "figures")}
+        keys = ("volume", "codec", "target", "status", "bpv", "psnr", "ssim", "encode_mvox_s", "decode_mvox_s",
+                "reason")
         brief["cells"] = [{k: c.get(k) for k in keys} for c in summary.get("cells", [])]  # the rest: results.json
         print(json.dumps({"command": "bench", "out": str(cfg.out), **jsonable(brief)}))
     else:
@@ -172,3 +173,11 @@ def print_summary(summary: dict, cfg: BenchConfig) -> None:
     con.print(f"cells — {counts}; wall time {summary['wall_s'] / 60:.1f} min; outputs in {cfg.out}/ ({shown})")
     for e in summary.get("errors", [])[:20]:
         con.print(Text.assemble(("warning: ", "yellow"), str(e)))
+    # not scored, and why (errors are listed above): one line per codec and reason
+    unscored: dict[tuple, list[str]] = {}
+    for c in summary.get("cells", []):
+        if c.get("status") not in ("ok", "error"):
+            unscored.setdefault((c["codec"], c["status"], c.get("reason") or ""), []).append(str(c["volume"]))
+    for (codec, status, reason), vols in list(unscored.items())[:20]:
+        where = ", ".join(sorted(set(vols)))
+        con.print(Text.assemble((f"{status}: ", "yellow"), f"{codec} on {where}" + (f" — {reason}" if reason else "")))

@@ -17,6 +17,7 @@ on ``jobs`` spawned processes (each single-threaded, so the timings are per core
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -43,7 +44,8 @@ DEFAULT_TARGETS = (40.0, 45.0, 50.0)
 #: rough CPU cost per voxel and target (for largest-first scheduling only)
 _COST = {"jpegxl": 10, "fedtensor": 6, "omlsvd-global": 6, "jpeg2000": 3, "pca": 3, "dwt": 3, "sperr": 2,
          "htj2k": 1.5, "zstd": 3, "sz3": 1, "zfp": 1, "fedtensor-lossless": 1, "jpeg2000-lossless": 1}
-_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# (FEDTENSOR_WORKERS: fedtensor's entropy coder would start worker processes of its own on large volumes)
+_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FEDTENSOR_WORKERS": "1"}
 _XLA_SINGLE = "--xla_cpu_multi_thread_eigen=false"
 
 
@@ -481,16 +483,35 @@ class BenchConfig:
             raise ValueError("--jobs must be >= 0 (0 = one per core)")
 
 
+def current_version(name: str) -> str | None:
+    """The version string ``name``'s cells are measured with now (None: not available here)."""
+    from fedtensor.baselines import get_baseline
+
+    codec = get_baseline(name)
+    try:
+        return codec.version() if codec.available() else None
+    except Exception:  # noqa: BLE001 - informative only: such cells are then kept as they are
+        return None
+
+
+def is_done(cell: dict | None, version: str | None) -> bool:
+    """Whether a stored cell stands on resume: final, and (where measured) by the codec as it is now."""
+    if cell is None or cell.get("status") not in FINAL:
+        return False
+    return cell["status"] == "n/a" or version is None or cell.get("version") == version
+
+
 def plan_tasks(cfg: BenchConfig, specs: list[VolumeSpec], cells: dict[str, dict]) -> list[dict]:
     from fedtensor.baselines import BASELINES
 
     tasks = []
+    versions = {name: current_version(name) for name in cfg.codecs}
     for spec in specs:
         for name in cfg.codecs:
             lossless = BASELINES[name].lossless
             wanted = [LOSSLESS] if lossless else cfg.targets
             todo = [t for t in wanted
-                    if cells.get(cell_key(spec.label, spec.fingerprint, name, t), {}).get("status") not in FINAL]
+                    if not is_done(cells.get(cell_key(spec.label, spec.fingerprint, name, t)), versions[name])]
             if todo:
                 cost = spec.voxels * _COST.get(name, 2) * len(todo)
                 tasks.append({"kind": "cells", "volume": asdict(spec), "codec": name, "targets": todo,
@@ -508,19 +529,35 @@ def _describe_task(t: dict) -> str:
     return f"{v} · panel" if t["kind"] == "panel" else f"{v} · {t['codec']}"
 
 
-def _execute(tasks: list[dict], jobs: int, on_done, progress: Progress) -> None:
-    if jobs <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            progress.advance(0, f"running {_describe_task(t)}")
-            on_done(run_task(t))
-        return
-    saved = {k: os.environ.get(k) for k in (*_THREAD_ENV, "XLA_FLAGS")}
-    os.environ.update(_THREAD_ENV)  # inherited by the spawned workers: one thread each
-    flags = os.environ.get("XLA_FLAGS", "")
-    if _XLA_SINGLE not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {_XLA_SINGLE}".strip()
-    ctx = multiprocessing.get_context("spawn")  # JAX and fork do not mix
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """``os.environ`` updated with ``values`` inside the block, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _execute(tasks: list[dict], jobs: int, on_done, progress: Progress) -> bool:
+    """Run ``tasks``, calling ``on_done`` with each result; True where spawned single-threaded workers
+    ran them, False where this process did (one job, or one task): then only fedtensor's entropy-coder
+    workers are held to one, as BLAS and XLA keep the threads this process started with."""
+    if jobs <= 1 or len(tasks) <= 1:
+        with _environment({"FEDTENSOR_WORKERS": "1"}):
+            for t in tasks:
+                progress.advance(0, f"running {_describe_task(t)}")
+                on_done(run_task(t))
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    xla = {} if _XLA_SINGLE in flags else {"XLA_FLAGS": f"{flags} {_XLA_SINGLE}".strip()}
+    ctx = multiprocessing.get_context("spawn")  # JAX and fork do not mix
+    with _environment({**_THREAD_ENV, **xla}):  # inherited by the spawned workers: one thread each
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
         try:
             pending = {pool.submit(run_task, t): t for t in tasks}
@@ -537,12 +574,7 @@ def _execute(tasks: list[dict], jobs: int, on_done, progress: Progress) -> None:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return True
 
 
 def _loadavg() -> float | None:
@@ -578,8 +610,10 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
     jobs = cfg.jobs or default_jobs()
     jobs = max(1, min(jobs, len(tasks))) if tasks else 1
     total_cells = sum(t["ncells"] for t in tasks)
-    done_before = sum(1 for s in specs for c in cells.values()
-                      if c.get("fingerprint") == s.fingerprint and c.get("status") in FINAL)
+    from fedtensor.baselines import BASELINES
+
+    wanted = len(specs) * sum(1 if BASELINES[c].lossless else len(cfg.targets) for c in cfg.codecs)
+    done_before = wanted - total_cells
     progress.log(f"{len(specs)} volume(s) × {len(cfg.codecs)} codec(s) × {len(cfg.targets)} target(s): "
                  f"{total_cells} cell(s) to run, {done_before} already done; {jobs} process(es)")
     task_log: list[dict] = []
@@ -601,10 +635,11 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None) -> dict:
         progress.advance(max(t["ncells"], 1 if t["kind"] == "panel" else 0), f"done {_describe_task(t)}")
 
     try:
-        _execute(tasks, jobs, on_done, progress)
+        pooled = _execute(tasks, jobs, on_done, progress)
     finally:
         progress.stop()
     wall = time.perf_counter() - t_start
-    summary = report.write_reports(cfg, specs, cells, wall_s=wall, jobs=jobs, task_log=task_log, errors=errors,
+    summary = report.write_reports(cfg, specs, cells, wall_s=wall, jobs=jobs, in_process=not pooled, task_log=task_log,
+                                   errors=errors,
                                    progress=progress, load=(load_start, _loadavg()))
     return summary

@@ -31,11 +31,14 @@ def ordered_codecs(codecs: Sequence[str]) -> list[str]:
     return [c for c in NAMES if c in codecs]
 
 
-def select(cells: dict[str, dict], specs, codecs) -> list[dict]:
-    """The cells of this run's volumes (by fingerprint) and codecs, in report order."""
+def select(cells: dict[str, dict], specs, codecs, targets) -> list[dict]:
+    """The cells of this run's volumes (by fingerprint), codecs and targets, in report order (an earlier
+    run into the same directory may have left cells at other targets)."""
     fps = {s.fingerprint: i for i, s in enumerate(specs)}
     order = {c: i for i, c in enumerate(ordered_codecs(codecs))}
-    rows = [c for c in cells.values() if c.get("fingerprint") in fps and c.get("codec") in order]
+    wanted = {target_key(t) for t in targets} | {LOSSLESS}
+    rows = [c for c in cells.values() if c.get("fingerprint") in fps and c.get("codec") in order
+            and target_key(c.get("target")) in wanted]
     return sorted(rows, key=lambda c: (fps[c["fingerprint"]], order[c["codec"]],
                                        math.inf if c["target"] == LOSSLESS else float(c["target"])))
 
@@ -92,20 +95,18 @@ def bd_markdown(bd: dict, bdp: dict, specs, lo: float, hi: float, n_targets: int
         means.append(_fmt(statistics.fmean(vals), "+.1f") if vals else "—")
     rows.append(["**mean**"] + means)
     prows = [[s.label] + [_fmt(bdp[s.label].get(r), "+.2f") for r in rivals] for s in specs]
-    deg = min(3, n_targets - 1)
-    fit = "cubic" if deg == 3 else ("quadratic" if deg == 2 else "linear")
     return "\n".join([
         f"# BD-rate of fedtensor against each rival ({lo:g}–{hi:g} dB)",
         "",
         "Bjøntegaard delta rate (VCEG-M33) of **fedtensor (block Tucker)** against each rival, in %: the average "
         "difference in bits per voxel at equal PSNR. **Negative = fedtensor needs fewer bits.** "
-        f"log(bpv) is fitted as a {fit} polynomial of PSNR through the {n_targets} measured points per codec "
-        f"(cubic needs ≥ 4 targets) and integrated over the PSNR range both curves cover inside {lo:g}–{hi:g} dB. "
-        "— = no overlap, or a codec with fewer than two scored points.",
+        "log(bpv) is fitted as a polynomial of PSNR through each codec's scored points (of degree one less than "
+        f"their number, at most cubic; this run has {n_targets} target(s)) and integrated over the PSNR range "
+        f"both curves cover inside {lo:g}–{hi:g} dB. — = no overlap, or a codec with fewer than two scored points.",
         "",
         _md_table(["volume"] + rivals, rows),
         "",
-        "## BD-PSNR (dB; positive = fedtensor has the higher PSNR at equal rate)",
+        "## BD-PSNR (dB; positive = fedtensor has the higher PSNR at equal rate, over the rates both curves cover)",
         "",
         _md_table(["volume"] + rivals, prows),
         "",
@@ -126,11 +127,16 @@ def speed_rows(rows: list[dict], codecs, target) -> list[list[str]]:
     return out
 
 
-def timing_note(wall_s: float, jobs: int, cpu_s: float, load) -> str:
+def timing_note(wall_s: float, jobs: int, cpu_s: float, load, in_process: bool = False) -> str:
     import os
 
     cores = os.cpu_count() or 1
-    text = f"Wall time {wall_s / 60:.1f} min with {jobs} process(es), single-threaded each"
+    if in_process:  # (one job or one task: see harness._execute)
+        jobs = 1
+        text = (f"Wall time {wall_s / 60:.1f} min in one process, the tasks one after another (BLAS and XLA "
+                "with their default threads)")
+    else:
+        text = f"Wall time {wall_s / 60:.1f} min with {jobs} process(es), single-threaded each"
     if cpu_s:
         text += (f"; the tasks used {cpu_s / 60:.1f} CPU-minutes (≈ {cpu_s / 60 / max(jobs, 1):.1f} min of wall "
                  f"time on {jobs} idle core(s))")
@@ -199,7 +205,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             if isinstance(v, list):
                 v = "x".join(map(str, v))
             elif isinstance(v, float):
-                v = "inf" if math.isinf(v) else f"{v:.6g}"
+                v = str(v) if not math.isfinite(v) else f"{v:.6g}"  # inf, -inf, nan
             line.append("" if v is None else v)
         w.writerow(line)
     write_text_atomic(path, buf.getvalue())
@@ -233,11 +239,11 @@ FIGURES = ("rd_*.png", "storage_*dB.png", "panel_*.png")
 
 
 def write_reports(cfg, specs, cells: dict[str, dict], *, wall_s: float, jobs: int, task_log, errors, progress,
-                  load=None) -> dict:
+                  load=None, in_process: bool = False) -> dict:
     from fedtensor.baselines import BASELINES
 
     out = Path(cfg.out)
-    rows = select(cells, specs, cfg.codecs)
+    rows = select(cells, specs, cfg.codecs, cfg.targets)
     lo, hi = min(cfg.targets), max(cfg.targets)
     bd, bdp = bd_tables(rows, specs, cfg.codecs, lo, hi)
     bd_md = bd_markdown(bd, bdp, specs, lo, hi, len(cfg.targets)) if ANCHOR in cfg.codecs else ""
@@ -248,7 +254,7 @@ def write_reports(cfg, specs, cells: dict[str, dict], *, wall_s: float, jobs: in
         (out / "bd_rate.md").unlink(missing_ok=True)
     cpu_s = sum(t.get("cpu_s") or 0.0 for t in task_log)
     summary_md = summary_markdown(rows, specs, cfg.codecs, cfg.targets, wall_s, jobs, bd_md,
-                                  timing_note(wall_s, jobs, cpu_s, load))
+                                  timing_note(wall_s, jobs, cpu_s, load, in_process))
     write_text_atomic(out / "summary.md", summary_md)
     figures: list[str] = []
     if cfg.figures:
@@ -275,7 +281,7 @@ def write_reports(cfg, specs, cells: dict[str, dict], *, wall_s: float, jobs: in
             "speed": "MVoxel/s = voxels/seconds/1e6; encode at the found parameter, one process per core",
         },
         "config": {"volumes": [str(v) for v in cfg.volumes], "targets": cfg.targets, "codecs": cfg.codecs,
-                   "jobs": jobs, "repeat": cfg.repeat, "out": str(out)},
+                   "jobs": jobs, "in_process": in_process, "repeat": cfg.repeat, "out": str(out)},
         "wall_s": wall_s,
         "task_cpu_s": cpu_s,
         "load_average_5min": list(load) if load else None,
