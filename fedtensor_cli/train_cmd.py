@@ -40,16 +40,17 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def _run_artefact(p: Path, skip: set[Path]) -> bool:
     """A directory a run writes (``--out``, ``--cache``, a directory holding one of them, e.g. the
-    ``models`` of ``--out models/ct``, a model or checkpoint directory, or the checkpoint and cache
-    directories of an ``--out`` that is DATA itself), not a series: a resumed run must not read its own
-    files as a volume."""
+    ``models`` of ``--out models/ct``, a model or checkpoint directory, a model store, or the checkpoint
+    and cache directories of an ``--out`` that is DATA itself), not a series: a resumed run must not read
+    its own files as a volume."""
     if not p.is_dir():
         return False
     resolved = p.resolve()
     own = p.parent.resolve() in skip and p.name in ("checkpoint", "cache")
     holds_own = any(s.is_relative_to(resolved) for s in skip)
     run = (p / "model.json").is_file() or (p / "checkpoint").is_dir() or (p / "state.json").is_file()
-    return own or holds_own or run or _a_pair_cache(p)
+    store = (p / "versions").is_dir() and (p / ".lock").is_file()  # a model store (federate --publish, serve)
+    return own or holds_own or run or store or _a_pair_cache(p)
 
 
 def _a_pair_cache(p: Path) -> bool:

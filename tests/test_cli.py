@@ -782,6 +782,10 @@ def test_training_data_directories_skip_other_runs_leftovers(tmp_path: Path) -> 
     (data / "oldcache" / "a-0123-block-tucker-b8-40.npz").write_bytes(b"")
     (data / "checkpoint").mkdir()
     (data / "checkpoint" / "state.json").write_text("{}")
+    from fedtensor.serve.store import ModelStore
+
+    ModelStore(data / "store")  # e.g. federate --publish into DATA: the resume failed on it
+    (data / "store" / ".lock").touch()
     np.save(data / "a.npy", smooth_volume())
     assert [p.name for p in expand_data([data], skip=(tmp_path / "elsewhere", None))] == ["a.npy"]
 

@@ -69,6 +69,11 @@ def test_cli_federates_and_resumes(app, head_crop_paths, tmp_path):
     resumed = json.loads(r2.stdout.strip().splitlines()[-1])
     assert resumed["rounds_run"] == 2 and resumed["model_id"] == full["model_id"]
 
+    # fewer rounds than already ran: refused, one line (it ended with the 2 rounds, as if asked for them)
+    fewer = _run(app, *head_crop_paths, "--out", b, "--rounds", "1", "--cache", cache, *SMALL)
+    assert fewer.exit_code == 1 and "already ran 2 rounds" in fewer.output, fewer.output
+    assert len(fewer.output.strip().splitlines()) == 1
+
     # other settings in an existing run directory: refused, one line; --force starts over
     other = _run(app, *head_crop_paths, "--out", b, "--rounds", "2", "--cache", cache, *SMALL, "--lr", "1e-3")
     assert other.exit_code == 1 and "other settings" in other.output and len(other.output.strip().splitlines()) == 1

@@ -313,7 +313,7 @@ def test_train_writes_model_and_resumes_identically(sources, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"lr": math.inf}, "must be finite"), ({"clip": math.nan}, "must be finite"), ({"seed": -1}, "seed must be"),
+    ({"lr": math.inf}, "must be finite"), ({"clip": math.nan}, "must be finite"), ({"seed": -1}, "seed must be"), ({"seed": 2**32}, "seed must be"),
     ({"blocks": ("8x8",)}, "three sides"), ({"blocks": ()}, "at least one block shape"),
 ])
 def test_train_config_refuses_non_finite_settings(change, message):
@@ -361,6 +361,18 @@ def test_sources_without_a_digest_are_told_apart_by_content(sources):
     bare = [dataclasses.replace(s, digest="") for s in sources]
     train_src, val_src = training_sources(None, None, bare, None, TrainConfig(**TRAIN_CFG), None, lambda *a: None)
     assert len(train_src) + len(val_src) == len(sources)
+
+
+def test_explicit_validation_leaves_the_training_order_to_no_one(sources):
+    """With validation volumes given, DATA in another order is the same run (its fingerprint sorts the
+    volumes; the sampler and the partition follow this order, so a reordered resume diverged)."""
+    from fedtensor.nn.data import training_sources
+
+    cfg = TrainConfig(**TRAIN_CFG)
+    other = dataclasses.replace(sources[0], label="a-third", original=sources[0].original + 1, digest="")
+    train = [sources[0], other]
+    orders = [training_sources(None, None, t, sources[1:2], cfg, None, lambda *a: None)[0] for t in (train, train[::-1])]
+    assert [s.label for s in orders[0]] == [s.label for s in orders[1]]
 
 
 def test_one_volume_cannot_be_trained_and_validated_on(sources, tmp_path):

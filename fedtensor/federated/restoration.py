@@ -373,6 +373,9 @@ def _federate(paths: Sequence[Path] | None, out_dir: Path, cfg: FederateConfig, 
         server.params, server.opt_state = params, opt_state
         history, best_round, start = meta["history"], meta["best_round"], meta["round"] + 1
         best_loss = meta["best_loss"]
+        if meta["round"] > cfg.rounds:
+            raise FederationError(f"{out_dir} already ran {meta['round']} rounds, more than the {cfg.rounds} asked "
+                                  "(ask for at least as many to resume, or --force to start afresh)")
         if start <= cfg.rounds or not (out_dir / MODEL_FILE).exists():  # repair a torn model directory
             export_model(out_dir, best, trainer.net_config,
                          _manifest(cfg, train_labels, val_labels, history, best_round, best_loss, fp, alloc, kinds))

@@ -246,7 +246,8 @@ def training_sources(paths: Sequence[Path] | None, val_paths: Sequence[Path] | N
         clash = {s.label for s in sources} & {s.label for s in val_sources}
         if clash:
             raise ModelError(f"a volume cannot be used for both training and validation: {sorted(clash)}")
-        return sources, list(val_sources)
+        # in a fixed order (the split's): the run's fingerprint is order-free, so must be the run
+        return sorted(sources, key=lambda s: s.label), sorted(val_sources, key=lambda s: s.label)
     train_labels, val_labels = split_by_volume([s.label for s in sources], cfg.val_fraction, cfg.seed)
     by_label = {s.label: s for s in sources}
     return [by_label[x] for x in train_labels], [by_label[x] for x in val_labels]

@@ -96,8 +96,8 @@ class TrainConfig:
         if not all(math.isfinite(v) for v in (self.lr, self.warmup_epochs, self.weight_decay, self.clip,
                                               self.val_fraction, *self.targets)):
             raise ValueError("learning rate, warm-up, weight decay, clip, val fraction and targets must be finite")
-        if self.seed < 0:
-            raise ValueError(f"seed must be ≥ 0, got {self.seed}")
+        if not 0 <= self.seed < 2**32:  # JAX's 32-bit keys: PRNGKey(2**32) is PRNGKey(0)
+            raise ValueError(f"seed must be in 0 … 2**32 − 1, got {self.seed}")
         if self.patch % 4 or self.patch < 16:
             raise ValueError(f"patch must be a multiple of 4, at least 16, got {self.patch}")
         check_channels(self.channels)
