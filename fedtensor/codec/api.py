@@ -258,7 +258,7 @@ def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bp
     lo, hi = 1e-7, 8 * 32**1.5
     best = attempt(hi)[0]
     if len(best) > budget:
-        raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs {8 * len(best) / n:.4f}")
+        raise _unreachable_bpv(bpv, len(best), n)
     for _ in range(16):  # bisection on the log step: bytes fall as the step grows
         mid = math.sqrt(lo * hi)
         blob = attempt(mid)[0]
@@ -269,6 +269,15 @@ def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bp
         if hi / lo < 1.01:
             break
     return best
+
+
+def _unreachable_bpv(bpv: float, smallest: int, n: int) -> RateError:
+    """The error for a ``--bpv`` below the smallest stream (``smallest`` bytes for ``n`` voxels). The
+    budget it suggests is rounded up, with room for the header, which records the target's own digits
+    (the stream's rounded size, asked for, fell a few bytes short)."""
+    suggest = math.ceil(8 * (smallest + 32) / n * 1e4) / 1e4
+    return RateError(f"cannot reach {bpv} bits per voxel: the smallest stream takes {8 * smallest / n:.4f}; "
+                     f"ask for at least {suggest:.4f}")
 
 
 def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict,
@@ -499,8 +508,7 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
                                  and not np.signbit(volume.data).all()):
         blob = _constant(volume, header)
         if bpv is not None and 8 * len(blob) > bpv * volume.data.size:  # the one stream there is
-            raise RateError(f"cannot reach {bpv} bits per voxel; the smallest stream needs "
-                            f"{8 * len(blob) / volume.data.size:.4f}")
+            raise _unreachable_bpv(bpv, len(blob), volume.data.size)
     elif exact:
         blob = _exact(volume, None, header, value_range)
     elif max_error is not None:
