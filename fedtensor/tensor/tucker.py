@@ -54,7 +54,10 @@ def _mode_basis(x: jax.Array, mode: int, rank: int) -> jax.Array:
     :func:`_leading_eigvecs`. From the R of a QR of the (tall) transposed unfolding and an SVD of R, not
     from the Gram matrix: a float32 Gram squares the condition number and loses every singular value
     below ~3e-4 of the largest."""
-    return _sign_fixed(jnp.linalg.svd(_unfolding_r(x, mode), full_matrices=True)[2][:rank].T)
+    r = _unfolding_r(x, mode)
+    # R is k × n, k = min(n, other sides' product): the thin SVD holds k right vectors, enough unless the
+    # rank asks for more; the full one is n × n (1 GB for a 1×2×16384 tensor).
+    return _sign_fixed(jnp.linalg.svd(r, full_matrices=rank > r.shape[0])[2][:rank].T)
 
 
 def leading_eigvecs_host(gram, rank: int) -> np.ndarray:
@@ -100,8 +103,10 @@ def hooi(x: jax.Array, ranks: tuple[int, ...], n_iter: int = 10) -> tuple[jax.Ar
     def sweep(factors, _):
         factors = list(factors)
         for m, r in enumerate(ranks):
-            others = [f if k != m else jnp.eye(x.shape[m], dtype=x.dtype) for k, f in enumerate(factors)]
-            y = multi_mode_dot(xs, others, transpose=True)
+            y = xs  # projected on every mode but m (not through an n × n identity: 256 MB for n = 8192)
+            for k, f in enumerate(factors):
+                if k != m:
+                    y = mode_dot(y, f.T, k)
             factors[m] = _mode_basis(y, m, r)
         return tuple(factors), None
 
