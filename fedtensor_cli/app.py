@@ -424,7 +424,8 @@ def compress(
     block: Annotated[
         Optional[str],
         typer.Option("--block", metavar="N|AxBxC",
-                     help="Block side (8) or shape (8x8x16, or 8,8,16 as info shows it); default: chosen per volume."),
+                     help="Block side (8) or shape (8x8x16, or 8,8,16 as info shows it), cut to the volume's sides; "
+                          "default: chosen per volume."),
     ] = None,
     model_spec: ModelOpt = None,
     tta: TtaOpt = False,
