@@ -136,7 +136,10 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
         elif bad is None or step < bad[0]:
             bad = (step, reached, payload)
         if prev is not None and step != prev[0] and math.isfinite(reached) and math.isfinite(prev[1]):
-            slope = min((reached - prev[1]) / math.log10(step / prev[0]), -1.0)  # PSNR falls as step grows
+            measured = (reached - prev[1]) / math.log10(step / prev[0])
+            # PSNR falls as the step grows; where it did not (integer rounding on a tiny volume), a slope
+            # clamped to −1 dB a decade jumped ten decades at once, past any step, and the search gave up
+            slope = measured if measured <= -1.0 else -20.0
         prev = (step, reached)
         if ok and bad:
             if bad[0] / ok[0] < 1.002:
@@ -144,7 +147,7 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
             step = math.sqrt(ok[0] * bad[0])
             continue
         gap = (reached - psnr) if math.isfinite(reached) else 20.0
-        step *= 10 ** (gap / -slope) * (0.998 if gap < 0 else 1.0)
+        step *= min(10.0, max(0.1, 10 ** (gap / -slope))) * (0.998 if gap < 0 else 1.0)  # a decade at most
         if not (math.isfinite(step) and step > _MIN_STEP):  # the PSNR plateaued below the target
             break
     if ok is None:
@@ -317,7 +320,9 @@ def _block_tucker(x: np.ndarray, block, psnr: float | None, bpv: float | None, h
                              kernels.impl_for(b), workers)
 
     def attempt(step: float, measure: bool = True, errors=None):
-        step = min(step, MAX_TRANSFORM_STEP)  # (all zeros there already) what the decoders accept
+        # (all zeros above the top already) what the decoders accept; below the floor int32 indices
+        # would saturate (|coef| ≤ √B for a unit-range volume), and the entropy coder refuses them
+        step = min(max(step, stream.step_floor(b)), MAX_TRANSFORM_STEP)
         if measure and errors is None and psnr is not None:  # the PSNR search only needs the error
             return None, enc.errors(step)
         sections, measured = enc.encode(step, measure=errors is None)
@@ -365,6 +370,7 @@ def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
 
     def attempt(step: float, measure: bool = True, errors=None):
         step = min(step, MAX_TRANSFORM_STEP)  # (all zeros there already) what the decoders accept
+        step = max(step, tr.floor)  # finer, int32 indices would saturate
         q = tr.quantize(step)
         decoded = denormalize(tr.reconstruct(q, step), x.dtype, offset, scale)
         sse, worst = stream.error_stats(x, decoded)
@@ -563,6 +569,29 @@ def _value_entropy(x: np.ndarray, lo: float, value_range: float, stride: int = 7
     return float(-(p * np.log2(p)).sum())
 
 
+def _residual_entropy(x: np.ndarray, cubes: int = 8, side: int = 16) -> float:
+    """Zeroth-order entropy, in bits per voxel, of the exact coder's best Lorenzo residuals (over its
+    axis sets, :data:`~fedtensor.codec.lossless.AXIS_SETS`), estimated on ``cubes`` sub-cubes of
+    ``side`` voxels spread along the volume's diagonal (inf for non-integer dtypes). Smooth integer
+    volumes (ramps, coordinate maps) have many distinct values yet cost the exact coder little."""
+    if x.dtype.kind not in "iu":
+        return math.inf
+    sides = [min(side, n) for n in x.shape]
+    starts = [np.linspace(0, n - k, cubes).astype(int) for n, k in zip(x.shape, sides)]
+    blocks = [np.asarray(x[a:a + sides[0], b:b + sides[1], c:c + sides[2]], np.int64) for a, b, c in zip(*starts)]
+    best = math.inf
+    for axes in lossless.AXIS_SETS:
+        if any(sides[ax] < 2 for ax in axes):
+            continue
+        res = [b for b in blocks]
+        for ax in axes:  # interior differences only: a cube's first plane has no neighbour to predict from
+            res = [np.diff(r, axis=ax) for r in res]
+        counts = np.unique(np.concatenate([r.ravel() for r in res]), return_counts=True)[1]
+        p = counts / counts.sum()
+        best = min(best, float(-(p * np.log2(p)).sum()))
+    return best
+
+
 def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict,
                     value_range: float, lo: float) -> bytes:
     """:func:`_lossy`, or the exact (lossless) stream where it is smaller, or (``bpv``) fits the budget:
@@ -570,7 +599,8 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
 
     Only integer-valued volumes of at most :data:`_EXACT_MAX_VOXELS` voxels are tried, and only where
     exact may win: the values' zeroth-order entropy (:func:`_value_entropy`; the exact stream needed
-    0.4–0.9 of it on the sample CTs) within twice the budget (coded first: it spares the budget's
+    0.4–0.9 of it on the sample CTs), or that of their Lorenzo residuals (:func:`_residual_entropy`,
+    for smooth volumes) if smaller, within twice the budget (coded first: it spares the budget's
     bisection when it fits) or twice the lossy stream's bits, or a lossy stream within
     :data:`_NEAR_EXACT_DB` of the PSNR of rounding to integers (``20·log10(range·√12)``). At the usual
     targets on CT, lossless costs several times the bits and is never coded.
@@ -578,17 +608,28 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     x, n = volume.data, volume.data.size
     budget = None if bpv is None else bpv * n / 8
     eligible = n <= _EXACT_MAX_VOXELS
-    entropy = _value_entropy(x, lo, value_range) if eligible else math.inf
-    if budget is not None and eligible and entropy <= 2 * bpv and integer_valued(x):
+    value_bits = _value_entropy(x, lo, value_range) if eligible else math.inf
+
+    def may_win(bits: float) -> bool:  # the residuals' estimate only where the values' says no (~1 ms)
+        return value_bits <= bits or _residual_entropy(x) <= bits
+
+    if budget is not None and eligible and may_win(2 * bpv) and integer_valued(x):
         exact = _exact(volume, None, header, value_range)
         if len(exact) <= budget:
             return exact
         eligible = False  # tried: it does not fit
-    blob = _lossy(volume, codec, block, psnr, bpv, header, value_range)
+    try:
+        blob = _lossy(volume, codec, block, psnr, bpv, header, value_range)
+    except RateError:
+        # A PSNR beyond what float32 transforms reach (an int32 volume at 150 dB, say): the exact stream
+        # reaches any, where it is allowed (a budget's own failure is final: exact was tried above).
+        if psnr is None or not (value_range < _EXACT_RANGE and integer_valued(x)):
+            raise
+        return _exact(volume, None, header, value_range)
     if not eligible:
         return blob
     near_exact = unpack(blob)[0]["stats"]["psnr"] >= 20 * math.log10(value_range * math.sqrt(12)) - _NEAR_EXACT_DB
-    if not (near_exact or entropy <= 2 * 8 * len(blob) / n) or not integer_valued(x):
+    if not (near_exact or may_win(2 * 8 * len(blob) / n)) or not integer_valued(x):
         return blob
     exact = _exact(volume, None, header, value_range)
     return exact if len(exact) <= (budget if budget is not None else len(blob)) else blob

@@ -39,7 +39,12 @@ class GlobalTucker:
     def step_for_sse(self, max_sse: float) -> float:
         budget = max(max_sse - self.truncation_sse, 1e-3 * max_sse)
         hi = 4 * float(np.sqrt(np.prod(self.shape)))
-        return largest_step_within(self.core, budget, hi * 1e-12, hi)
+        return largest_step_within(self.core, budget, self.floor, hi)
+
+    @property
+    def floor(self) -> float:
+        """The finest step: |core| ≤ √N for a unit-range volume, so int32 indices never overflow."""
+        return float(np.sqrt(np.prod(self.shape))) / 2**30
 
     def quantize(self, step: float):
         return quantize(self.core, jnp.float32(step))
