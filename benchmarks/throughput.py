@@ -146,7 +146,7 @@ def run_jpeg2k(x: np.ndarray, psnr: float, steps: int, threads: int | None, leve
         for _ in range(steps):
             mid = 0.5 * (lo + hi)
             lo, hi = (lo, mid) if ev(mid)[0] >= psnr else (mid, hi)
-        level = hi
+        level = round(hi, 4)  # as ev() measured it
         if ev(level)[0] < psnr:  # the bracket never closed (OpenJPEG's levels stop short of the target)
             raise SystemExit(f"OpenJPEG did not reach {psnr} dB (level {level:g} gives {ev(level)[0]:.3f} dB)")
     enc_timing = C.time_best(lambda: codec.compress(x, level), repeat, warmup=0)

@@ -160,7 +160,8 @@ def _normalised(v: np.ndarray, shift: float, scale: float) -> np.ndarray:
     out = np.empty(v.shape, np.float32)
     step = max(1, (1 << 22) // max(1, v[:1].size))
     for i in range(0, v.shape[0], step):
-        np.multiply(np.subtract(v[i:i + step], shift, dtype=np.float64), scale, out=out[i:i + step], casting="same_kind")
+        part = np.subtract(v[i:i + step], shift, dtype=np.float64)
+        np.multiply(part, scale, out=out[i:i + step], casting="same_kind")
     return out
 
 

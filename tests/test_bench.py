@@ -200,8 +200,10 @@ def test_run_bench_outputs_and_resume(tiny_volume, tmp_path, monkeypatch):
 def test_cells_measured_by_other_code_are_measured_again(tiny_volume, tmp_path, monkeypatch):
     """A stored cell stands only for the codec's version (fedtensor's includes its source digest)."""
     from fedtensor.baselines import get_baseline
+    from fedtensor.baselines.fedtensor_codecs import source_digest
 
-    assert get_baseline("fedtensor").version().endswith(f"(codec {harness_digest()})")
+    monkeypatch.delenv("FEDTENSOR_WORKERS", raising=False)
+    assert get_baseline("fedtensor").version().endswith(f"(codec {source_digest()})")
     cfg = dict(targets=[45], codecs=["zstd", "sz3"], out=tmp_path, jobs=1, figures=False)
     run_bench(BenchConfig([tiny_volume], **cfg))
     lines = [json.loads(x) for x in (tmp_path / "cells.jsonl").read_text().splitlines()]
@@ -217,12 +219,6 @@ def test_cells_measured_by_other_code_are_measured_again(tiny_volume, tmp_path, 
     # in this process (one job) fedtensor's entropy coder starts no workers of its own either
     assert ran == [("zstd", ["lossless"], "1")] and "FEDTENSOR_WORKERS" not in os.environ
     assert "in one process" in (tmp_path / "summary.md").read_text() and summary["config"]["in_process"]
-
-
-def harness_digest() -> str:
-    from fedtensor.baselines.fedtensor_codecs import source_digest
-
-    return source_digest()
 
 
 def test_csv_keeps_the_sign_of_an_infinite_psnr(tmp_path):

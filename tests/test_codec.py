@@ -513,12 +513,13 @@ def test_the_psnr_search_goes_on_where_psnr_rises_with_the_step():
 
 def test_a_smooth_integer_volume_gets_the_far_smaller_exact_stream():
     """A ramp has ~13 bits of value entropy yet costs the exact coder 0.08 bpv: the exact stream was
-    never tried (the values' entropy gated it), and --psnr 45 cost 0.36 bpv for a lossy volume."""
+    never tried (the values' entropy gated it), and --psnr 45 cost 0.13 bpv for a lossy volume (0.36
+    before the block choice counted the bases)."""
     r = np.add.outer(np.add.outer(np.arange(40), np.arange(40) * 40), np.arange(40) * 1600).astype(np.uint16)
     lossy = compress(Volume(r), psnr=45, allow_exact=False)
     for kw in ({"psnr": 45}, {"bpv": 0.3}):
         blob = compress(Volume(r), **kw)
-        assert read_info(blob)["codec"] == "lossless" and len(blob) < len(lossy) / 3, kw
+        assert read_info(blob)["codec"] == "lossless" and len(blob) < 0.7 * len(lossy), kw
         assert np.array_equal(decompress(blob).data, r)
 
 

@@ -313,7 +313,8 @@ def test_train_writes_model_and_resumes_identically(sources, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"lr": math.inf}, "must be finite"), ({"clip": math.nan}, "must be finite"), ({"seed": -1}, "seed must be"), ({"seed": 2**32}, "seed must be"),
+    ({"lr": math.inf}, "must be finite"), ({"clip": math.nan}, "must be finite"), ({"seed": -1}, "seed must be"),
+    ({"seed": 2**32}, "seed must be"),
     ({"blocks": ("8x8",)}, "three sides"), ({"blocks": ()}, "at least one block shape"),
 ])
 def test_train_config_refuses_non_finite_settings(change, message):
@@ -371,7 +372,8 @@ def test_explicit_validation_leaves_the_training_order_to_no_one(sources):
     cfg = TrainConfig(**TRAIN_CFG)
     other = dataclasses.replace(sources[0], label="a-third", original=sources[0].original + 1, digest="")
     train = [sources[0], other]
-    orders = [training_sources(None, None, t, sources[1:2], cfg, None, lambda *a: None)[0] for t in (train, train[::-1])]
+    orders = [training_sources(None, None, t, sources[1:2], cfg, None, lambda *a: None)[0]
+              for t in (train, train[::-1])]
     assert [s.label for s in orders[0]] == [s.label for s in orders[1]]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +20,23 @@ from fedtensor.io.volume import integer_valued
 
 @functools.lru_cache(maxsize=1)
 def source_digest() -> str:
-    """SHA-256 (12 hex digits) of the codec's source: ``fedtensor.codec``, ``fedtensor.tensor`` and the
-    kernels, ``.py`` and ``.c`` files (not the compiled extension, whose bytes vary between builds)."""
+    """SHA-256 (12 hex digits) of the source a fedtensor cell depends on: ``fedtensor.codec``,
+    ``fedtensor.tensor`` and the kernels (``.py`` and ``.c`` files, not the compiled extension, whose
+    bytes vary between builds), the metrics, the volume type and this module. Read once, with the code
+    (:func:`fedtensor.bench.harness` workers ask for it as they import the codec): a tree edited during
+    a run must not stamp the cells the loaded code measures."""
     import fedtensor.codec
+    import fedtensor.io.volume
+    import fedtensor.metrics
     import fedtensor.tensor
     import fedtensor_kernels
 
+    files = [(f"{pkg.__name__}/{f.name}", f) for pkg in (fedtensor.codec, fedtensor.tensor, fedtensor_kernels)
+             for f in sorted(p for p in Path(pkg.__file__).parent.iterdir() if p.suffix in (".py", ".c"))]
+    files += [(m.__name__, Path(m.__file__)) for m in (fedtensor.metrics, fedtensor.io.volume, sys.modules[__name__])]
     h = hashlib.sha256()
-    for pkg in (fedtensor.codec, fedtensor.tensor, fedtensor_kernels):
-        root = Path(pkg.__file__).parent
-        for f in sorted(p for p in root.iterdir() if p.suffix in (".py", ".c")):
-            h.update(f"{pkg.__name__}/{f.name}\0".encode() + f.read_bytes())
+    for name, f in files:
+        h.update(f"{name}\0".encode() + f.read_bytes())
     return h.hexdigest()[:12]
 
 

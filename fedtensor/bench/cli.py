@@ -180,4 +180,5 @@ def print_summary(summary: dict, cfg: BenchConfig) -> None:
             unscored.setdefault((c["codec"], c["status"], c.get("reason") or ""), []).append(str(c["volume"]))
     for (codec, status, reason), vols in list(unscored.items())[:20]:
         where = ", ".join(sorted(set(vols)))
-        con.print(Text.assemble((f"{status}: ", "yellow"), f"{codec} on {where}" + (f" — {reason}" if reason else "")))
+        text = f"{codec} on {where}" + (f" — {reason}" if reason else "")
+        con.print(Text.assemble((f"{status}: ", "yellow"), text))

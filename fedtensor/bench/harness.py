@@ -454,6 +454,9 @@ def _worker_init() -> None:
     import fedtensor.baselines  # noqa: F401
     import fedtensor.codec  # noqa: F401
     import fedtensor.metrics  # noqa: F401
+    from fedtensor.baselines.fedtensor_codecs import source_digest
+
+    source_digest()  # the loaded code's, before a cell asks
 
 
 @dataclass

@@ -59,8 +59,8 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     bases fitted to all of them; only those within :data:`_PICK_MARGIN` of the best there are costed on
     the others too, their histograms added to the quarter's (the costs over all the superblocks, as if
     made at once), and a lone one is the answer. Each cost is that of the shape's whole stream
-    (:func:`_stream_bits`: the padding to whole blocks and the bases counted). Where one shape stands out (the head CT) the choice
-    takes ~0.6× the time of costing every shape on every superblock; where all are close (the chest CT)
+    (:func:`_stream_bits`: the padding to whole blocks and the bases counted). Where one shape stands
+    out (the head CT) the choice takes ~0.6× the time of costing every shape on every superblock; where all are close (the chest CT)
     ~1.1×.
     """
     candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
@@ -133,12 +133,12 @@ def _proxy_cost(hist, b) -> float:
     return blocktucker.histogram_bits(hist) * (1 + 0.012 * (math.log2(math.prod(b)) - 9))
 
 
-def _largest_step_reaching(evaluate, psnr: float, step: float):
+def _largest_step_reaching(evaluate, psnr: float, step: float, floor: float = _MIN_STEP):
     """Largest step whose decoded PSNR ≥ ``psnr``, starting from a close guess.
 
     ``evaluate(step) -> (reached_db, payload)``; returns ``(step, reached_db, payload)``. Secant steps
     on PSNR vs log10(step) (−20 dB per decade while MSE ∝ step²), then geometric bisection once the
-    answer is bracketed.
+    answer is bracketed. No step below ``floor`` is tried: short of the target there, it is unreachable.
     """
     ok = bad = prev = None  # (step, reached, payload)
     slope = -20.0
@@ -163,9 +163,9 @@ def _largest_step_reaching(evaluate, psnr: float, step: float):
             step = math.sqrt(ok[0] * bad[0])
             continue
         gap = (reached - psnr) if math.isfinite(reached) else 20.0
-        step *= min(10.0, max(0.1, 10 ** (gap / -slope))) * (0.998 if gap < 0 else 1.0)  # a decade at most
-        if not (math.isfinite(step) and step > _MIN_STEP):  # the PSNR plateaued below the target
+        if gap < 0 and step <= floor:  # the finest step is short of the target
             break
+        step = max(floor, step * min(10.0, max(0.1, 10 ** (gap / -slope))) * (0.998 if gap < 0 else 1.0))
     if ok is None:
         raise RateError(f"could not reach {psnr} dB (the dtype's rounding and float32 transforms limit the "
                         "attainable PSNR; --max-error or --lossless are exact)")
@@ -261,17 +261,18 @@ def _step_from_estimates(coarse, estimate, psnr: float, first: float, n: int,
 
 
 def _rate_controlled(attempt, n: int, value_range: float, psnr: float | None, bpv: float | None,
-                     first_step: float | None):
+                     first_step: float | None, floor: float = _MIN_STEP):
     """PSNR floor (largest step that meets it, on the decoded volume) or bits-per-voxel ceiling.
 
-    ``attempt(step, measure)`` -> ``(blob or None, (sse, max_err) or None)``: measure only, or encode.
+    ``attempt(step, measure)`` -> ``(blob or None, (sse, max_err) or None)``: measure only, or encode;
+    ``floor``: the finest step it takes.
     """
     if psnr is not None:
         def evaluate(step):
             sse, worst = attempt(step, measure=True)[1]
             return psnr_from_sse(sse, n, value_range), (sse, worst)
 
-        step, _, errors = _largest_step_reaching(evaluate, psnr, first_step)
+        step, _, errors = _largest_step_reaching(evaluate, psnr, first_step, floor)
         return attempt(step, measure=False, errors=errors)[0]
     budget = bpv * n / 8
     lo, hi = 1e-7, 8 * 32**1.5
@@ -368,7 +369,7 @@ def _block_tucker(x: np.ndarray, block, psnr: float | None, bpv: float | None, h
             short = (psnr - reached + _MARGIN_DB) if math.isfinite(reached) else 1.0
             step /= max(_FINE[1] / _FINE[0], 10 ** (short / -found.slope))
         first = step or first  # the estimates are off (e.g. float data near its precision): exact search
-        return _rate_controlled(attempt, n, value_range, psnr, bpv, first)
+        return _rate_controlled(attempt, n, value_range, psnr, bpv, first, stream.step_floor(b))
     try:
         return _rate_controlled(attempt, n, value_range, psnr, bpv, first_step=None)  # bpv: its own bisection
     except RateError:
@@ -397,7 +398,7 @@ def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
         return pack({**header, "params": {**params, "offset": offset, "scale": scale}, "stats": stats},
                     sections), (sse, worst)
 
-    return _rate_controlled(attempt, n, value_range, psnr, bpv, tr.step_for_sse(max_sse))
+    return _rate_controlled(attempt, n, value_range, psnr, bpv, tr.step_for_sse(max_sse), tr.floor)
 
 
 def _constant(volume: Volume, header: dict) -> bytes:
@@ -599,12 +600,12 @@ def _residual_entropy(x: np.ndarray, cubes: int = 8, side: int = 16) -> float:
     for axes in lossless.AXIS_SETS:
         if any(sides[ax] < 2 for ax in axes):
             continue
-        res = [b for b in blocks]
+        res = blocks
         for ax in axes:  # interior differences only: a cube's first plane has no neighbour to predict from
             res = [np.diff(r, axis=ax) for r in res]
         counts = np.unique(np.concatenate([r.ravel() for r in res]), return_counts=True)[1]
         p = counts / counts.sum()
-        best = min(best, float(-(p * np.log2(p)).sum()))
+        best = min(best, float(-(p * np.log2(p)).sum()) + 0.0)  # (+ 0.0: one value's -0.0)
     return best
 
 
@@ -639,7 +640,7 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     except RateError:
         # A PSNR beyond what float32 transforms reach (an int32 volume at 150 dB, say): the exact stream
         # reaches any, where it is allowed (a budget's own failure is final: exact was tried above).
-        if psnr is None or not (value_range < _EXACT_RANGE and integer_valued(x)):
+        if psnr is None or not (eligible and value_range < _EXACT_RANGE and integer_valued(x)):
             raise
         return _exact(volume, None, header, value_range)
     if not eligible:

@@ -278,7 +278,7 @@ class RoundCoordinator:
             number = self._history["last_round"] + 1
             try:
                 fp = FixedPoint.auto(float(clip), n, int(w))
-                params = SecAggParams(round_id=number, num_clients=n, threshold=int(t), vector_length=int(vec_len),
+                params = SecAggParams(round_id=number, num_clients=n, threshold=t, vector_length=int(vec_len),
                                       fixed_point=fp, weighted=True, max_total_weight=int(w))
                 server = SecAggServer(params, list(cohort))
             except (SecAggError, TypeError, ValueError, OverflowError) as err:
