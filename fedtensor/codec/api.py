@@ -595,15 +595,17 @@ def _residual_entropy(x: np.ndarray, cubes: int = 8, side: int = 16) -> float:
         return math.inf
     sides = [min(side, n) for n in x.shape]
     starts = [np.linspace(0, n - k, cubes).astype(int) for n, k in zip(x.shape, sides)]
-    blocks = [np.asarray(x[a:a + sides[0], b:b + sides[1], c:c + sides[2]], np.int64) for a, b, c in zip(*starts)]
+    wide = np.int64 if x.dtype.itemsize > 2 else np.int32  # 3D differences of 16-bit values fit int32
+    cube = np.stack([x[a:a + sides[0], b:b + sides[1], c:c + sides[2]] for a, b, c in zip(*starts)]).astype(wide)
     best = math.inf
     for axes in lossless.AXIS_SETS:
         if any(sides[ax] < 2 for ax in axes):
             continue
-        res = blocks
+        res = cube
         for ax in axes:  # interior differences only: a cube's first plane has no neighbour to predict from
-            res = [np.diff(r, axis=ax) for r in res]
-        counts = np.unique(np.concatenate([r.ravel() for r in res]), return_counts=True)[1]
+            res = np.diff(res, axis=ax + 1)
+        counts = np.unique(res, return_counts=True)[1]
+        del res
         p = counts / counts.sum()
         best = min(best, float(-(p * np.log2(p)).sum()) + 0.0)  # (+ 0.0: one value's -0.0)
     return best
@@ -625,10 +627,13 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     x, n = volume.data, volume.data.size
     budget = None if bpv is None else bpv * n / 8
     eligible = n <= _EXACT_MAX_VOXELS
-    value_bits = _value_entropy(x, lo, value_range) if eligible else math.inf
+    # both estimates before the lossy stream's passes (~1 ms): their few buffers are gone by its peak
+    value_bits, residual_bits = math.inf, math.inf
+    if eligible:
+        value_bits, residual_bits = _value_entropy(x, lo, value_range), _residual_entropy(x)
 
-    def may_win(bits: float) -> bool:  # the residuals' estimate only where the values' says no (~1 ms)
-        return value_bits <= bits or _residual_entropy(x) <= bits
+    def may_win(bits: float) -> bool:
+        return min(value_bits, residual_bits) <= bits
 
     if budget is not None and eligible and may_win(2 * bpv) and integer_valued(x):
         exact = _exact(volume, None, header, value_range)
