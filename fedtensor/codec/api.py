@@ -61,8 +61,8 @@ def _pick_block(x: np.ndarray, offset: float, scale: float, mse: float) -> tuple
     the others too, their histograms added to the quarter's (the costs over all the superblocks, as if
     made at once), and a lone one is the answer. Each cost is that of the shape's whole stream
     (:func:`_stream_bits`: the padding to whole blocks and the bases counted). Where one shape stands
-    out (the head CT) the choice takes ~0.6× the time of costing every shape on every superblock; where all are close (the chest CT)
-    ~1.1×.
+    out (the head CT) the choice takes ~0.6× the time of costing every shape on every superblock;
+    where all are close (the chest CT) ~1.1×.
     """
     candidates = [b for b in AUTO_BLOCKS if all(m <= max(n, 4) for m, n in zip(b, x.shape))]
     if len(candidates) == 1:
