@@ -1145,3 +1145,15 @@ def test_training_refuses_widths_no_model_file_may_declare():
 
     with pytest.raises(ValueError, match="channels must be two integers from 1 to 512"):
         TrainConfig(channels=(16, 600)).check()
+
+
+@pytest.mark.parametrize("net", [{"channels": "88", "cond_hidden": 16}, {"channels": [8.5, 16], "cond_hidden": 16},
+                                 {"channels": [8, 16], "cond_hidden": True}, {"channels": [8, 16], "cond_hidden": 1.5},
+                                 {"channels": [True, 16], "cond_hidden": 16}, {"channels": [8, 16, 32], "cond_hidden": 16}])
+def test_a_model_files_architecture_must_be_whole_numbers(net):
+    """A damaged model file's "88" was read as channels (8, 8), 8.5 as 8, true as a width of 1."""
+    from fedtensor.nn.model import NetConfig
+
+    with pytest.raises(ValueError):
+        NetConfig.from_dict(net)
+    assert NetConfig.from_dict({"channels": [np.int64(8), 16], "cond_hidden": np.int32(16)}) == NetConfig((8, 16), 16)

@@ -59,10 +59,18 @@ MAX_WIDTH = 512
 def check_channels(channels) -> tuple[int, int]:
     """``channels`` as two ints in [1, :data:`MAX_WIDTH`] (what a model file may declare: bounded before
     any array is built, as its widths size every weight); else :class:`ValueError`."""
-    c = tuple(int(v) for v in channels)
+    # whole numbers only: "88" was read as (8, 8) and 8.5 as 8 from a damaged model file
+    c = () if isinstance(channels, (str, bytes)) else tuple(channels)
+    if not c or not all(_whole(v) for v in c):
+        raise ValueError(f"channels must be two integers from 1 to {MAX_WIDTH}, got {channels!r}")
+    c = tuple(int(v) for v in c)
     if len(c) != 2 or not all(1 <= v <= MAX_WIDTH for v in c):
         raise ValueError(f"channels must be two integers from 1 to {MAX_WIDTH}, got {c}")
     return c
+
+
+def _whole(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -77,13 +85,10 @@ class NetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetConfig":
-        try:
-            c, hidden = check_channels(d["channels"]), int(d["cond_hidden"])
-        except OverflowError:  # int(inf)
-            raise ValueError("channels and cond_hidden must be finite") from None
-        if not 1 <= hidden <= MAX_WIDTH:
+        c, hidden = check_channels(d["channels"]), d["cond_hidden"]
+        if not (_whole(hidden) and 1 <= hidden <= MAX_WIDTH):
             raise ValueError(f"cond_hidden must be an integer in [1, {MAX_WIDTH}]")
-        return cls(channels=c, cond_hidden=hidden)
+        return cls(channels=c, cond_hidden=int(hidden))
 
 
 def _conv_impl() -> str:
