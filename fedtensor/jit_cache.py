@@ -40,9 +40,11 @@ def enable_persistent_cache(directory: str | os.PathLike | None = None,
         return None
     try:  # no home directory (e.g. a container user without one) or an unwritable cache: no cache
         path = Path(environ.get("JAX_COMPILATION_CACHE_DIR") or directory or default_directory(environ))
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)  # (compiled programs others could swap)
     except (OSError, RuntimeError):
         return None
+    if not os.access(path, os.W_OK | os.X_OK):  # an existing directory this user cannot write: JAX warned
+        return None  # on every compilation
     environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(path))
     environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     return path

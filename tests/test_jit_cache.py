@@ -29,6 +29,7 @@ def test_enable_sets_jax_environment(tmp_path, no_jax):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     path = jit_cache.enable_persistent_cache(environ=env)
     assert path == tmp_path / "fedtensor" / "jax" and path.is_dir()
+    assert path.stat().st_mode & 0o077 == 0  # this user's only: others could plant compiled programs
     assert env["JAX_COMPILATION_CACHE_DIR"] == str(path)
     assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"  # the codec's programs all compile fast
 
@@ -57,6 +58,14 @@ def test_unwritable_directory_is_skipped(tmp_path, no_jax):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     env = {"XDG_CACHE_HOME": str(blocker)}
+    assert jit_cache.enable_persistent_cache(environ=env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
+
+
+def test_an_existing_directory_this_user_cannot_write_is_skipped(tmp_path, no_jax, monkeypatch):
+    """mkdir(exist_ok) accepts it, and JAX then warned at every compilation (checked with os.access:
+    the tests may run as root, whom permissions do not stop)."""
+    monkeypatch.setattr(jit_cache.os, "access", lambda path, mode: False)
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
     assert jit_cache.enable_persistent_cache(environ=env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
 
 
