@@ -15,7 +15,7 @@ from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
 from fedtensor.codec.header import MAX_TRANSFORM_STEP, MAX_VOXELS, TRANSFORM_CODECS, check_header, check_params
 from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
-from fedtensor.codec.quantize import largest_step_within
+from fedtensor.codec.quantize import finest_step, largest_step_within
 from fedtensor.cores import usable_cores
 from fedtensor.errors import FedtensorError, FormatError, RateError, VolumeError
 from fedtensor.io.nifti import nifti_qform, nifti_units, space_codes
@@ -340,7 +340,7 @@ def _block_tucker(x: np.ndarray, block, psnr: float | None, bpv: float | None, h
     def attempt(step: float, measure: bool = True, errors=None):
         # (all zeros above the top already) what the decoders accept; below the floor int32 indices
         # would saturate (|coef| ≤ √B for a unit-range volume), and the entropy coder refuses them
-        step = min(max(step, stream.step_floor(b)), MAX_TRANSFORM_STEP)
+        step = min(max(step, finest_step(b)), MAX_TRANSFORM_STEP)
         if measure and errors is None and psnr is not None:  # the PSNR search only needs the error
             return None, enc.errors(step)
         sections, measured = enc.encode(step, measure=errors is None)
@@ -370,7 +370,7 @@ def _block_tucker(x: np.ndarray, block, psnr: float | None, bpv: float | None, h
             short = (psnr - reached + _MARGIN_DB) if math.isfinite(reached) else 1.0
             step /= max(_FINE[1] / _FINE[0], 10 ** (short / -found.slope))
         first = step or first  # the estimates are off (e.g. float data near its precision): exact search
-        return _rate_controlled(attempt, n, value_range, psnr, bpv, first, stream.step_floor(b))
+        return _rate_controlled(attempt, n, value_range, psnr, bpv, first, finest_step(b))
     try:
         return _rate_controlled(attempt, n, value_range, psnr, bpv, first_step=None)  # bpv: its own bisection
     except RateError:
@@ -387,8 +387,7 @@ def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
     tr = omlsvd_global.GlobalTucker(normalize(x, offset, scale), max_sse)
 
     def attempt(step: float, measure: bool = True, errors=None):
-        step = min(step, MAX_TRANSFORM_STEP)  # (all zeros there already) what the decoders accept
-        step = max(step, tr.floor)  # finer, int32 indices would saturate
+        step = min(max(step, finest_step(x.shape)), MAX_TRANSFORM_STEP)  # (as block-tucker's attempt)
         q = tr.quantize(step)
         decoded = denormalize(tr.reconstruct(q, step), x.dtype, offset, scale)
         sse, worst = stream.error_stats(x, decoded)
@@ -399,7 +398,7 @@ def _lossy_global(x, value_range, offset, scale, max_sse, psnr, bpv, header):
         return pack({**header, "params": {**params, "offset": offset, "scale": scale}, "stats": stats},
                     sections), (sse, worst)
 
-    return _rate_controlled(attempt, n, value_range, psnr, bpv, tr.step_for_sse(max_sse), tr.floor)
+    return _rate_controlled(attempt, n, value_range, psnr, bpv, tr.step_for_sse(max_sse), finest_step(x.shape))
 
 
 def _constant(volume: Volume, header: dict) -> bytes:
@@ -695,6 +694,6 @@ def decompress(data: bytes) -> Volume:
         meta["nifti_codes"] = space_codes({"nifti_codes": dict(zip(("qform_code", "sform_code"), codes))})
     if (qform := nifti_qform(h)) is not None:
         meta["nifti_qform"] = qform.tolist()
-    if nifti_units(h) != "mm":
-        meta["nifti_units"] = nifti_units(h)
+    if (units := nifti_units(h)) != "mm":
+        meta["nifti_units"] = units
     return Volume(x, tuple(h["spacing"]), np.asarray(h["affine"], float), meta)

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedtensor.codec.entropy import BinaryStream
 from fedtensor.codec.grid import GridCoder
-from fedtensor.codec.quantize import dequantize, largest_step_within, quantize
+from fedtensor.codec.quantize import dequantize, finest_step, largest_step_within, quantize
 from fedtensor.codec.header import orthonormal_bases
 from fedtensor.errors import FormatError
 from fedtensor.tensor.rank import ranks_for_error
@@ -39,12 +39,7 @@ class GlobalTucker:
     def step_for_sse(self, max_sse: float) -> float:
         budget = max(max_sse - self.truncation_sse, 1e-3 * max_sse)
         hi = 4 * float(np.sqrt(np.prod(self.shape)))
-        return largest_step_within(self.core, budget, self.floor, hi)
-
-    @property
-    def floor(self) -> float:
-        """The finest step: |core| ≤ √N for a unit-range volume, so int32 indices never overflow."""
-        return float(np.sqrt(np.prod(self.shape))) / 2**30
+        return largest_step_within(self.core, budget, finest_step(self.shape), hi)
 
     def quantize(self, step: float):
         return quantize(self.core, jnp.float32(step))

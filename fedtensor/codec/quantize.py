@@ -11,6 +11,7 @@ version.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache, partial
 
 import jax
@@ -29,6 +30,13 @@ BAND_ROUNDING_DROP = 0.2
 
 
 @lru_cache(maxsize=32)
+def finest_step(shape) -> float:
+    """The finest quantiser step for orthonormal-transform coefficients of a unit-range array of
+    ``shape`` (a block, or a whole volume): |coef| ≤ √size, so int32 indices never overflow (nor reach
+    the entropy coder's limit)."""
+    return math.prod(shape) ** 0.5 / 2**30
+
+
 def band_rounding(b: tuple[int, int, int]) -> np.ndarray:
     """The rounding of each band of a ``b`` block (shape ``b``, float32, read-only)."""
     degree = np.add.outer(np.add.outer(np.arange(b[0]), np.arange(b[1])), np.arange(b[2]))

@@ -40,7 +40,7 @@ from fedtensor.codec.normalize import (DeviceMap, decoded_shifted, denormalize, 
                                        rows_per_chunk, shifted, to_unit)
 from fedtensor.codec.parallel import (Workers, decode_group, decode_slab, encode_group, encode_slab, group_voxels,
                                       memory_budget, narrow, slab_coders, worker_count)
-from fedtensor.codec.quantize import RECON_OFFSET, band_rounding, dequantize, quantize
+from fedtensor.codec.quantize import RECON_OFFSET, band_rounding, dequantize, finest_step, quantize
 from fedtensor.codec.header import orthonormal_bases
 from fedtensor.errors import FormatError
 from fedtensor.tensor.block import _to_blocks, expand, from_blocks, padded_shape, project
@@ -831,12 +831,6 @@ def _decoded_coefficients(slabs: Slabs, sections: list[bytes], budget: int) -> I
 _MIN_SAMPLE_BLOCKS = 256  # fewer large blocks misjudged the step: 77 of 16×16×8 in the head CT, by 19 %
 
 
-def step_floor(b) -> float:
-    """The finest step for blocks of shape ``b``: |coef| ≤ √B for a unit-range volume, so int32
-    indices never overflow (nor reach the entropy coder's limit)."""
-    return math.prod(b) ** 0.5 / 2**30
-
-
 def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: float, n_voxels: int | None = None) -> float:
     """Quantiser step meeting ``mse`` (normalised units) on ~``n_voxels`` of evenly spread sampled blocks
     (at least :data:`_MIN_SAMPLE_BLOCKS`, or all).
@@ -867,7 +861,7 @@ def initial_step(x: np.ndarray, b, bases, offset: float, scale: float, mse: floa
     u = tuple(jax.device_put(a) for a in bases)
     coef = _sample_coefficients(blocks, u, m)
     hi = 4 * math.prod(b) ** 0.5
-    floor = step_floor(b)
+    floor = finest_step(b)
     lo = max(hi * 1e-9, floor)
     rounding = band_rounding(b)
     # A subsample's step (~1 % off): the decoded error measured there corrects it below.
