@@ -926,3 +926,101 @@ def test_a_header_declaring_more_voxels_than_the_file_holds_fails_early(tmp_path
 def _refused(path):
     with pytest.raises(VolumeError, match="truncated"):
         read_volume(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Thirty-first session's review: suffix case, scaling precision, NIfTI-2 output, DICOM and .npy messages
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Scan.Nii.gz", "b.Nii", "c.nIi.gz", "d.NII.GZ", "e.NPY"])
+def test_outputs_with_mixed_case_suffixes_hold_the_volume(tmp_path, name):
+    # nibabel renamed "x.tmp.Nii.gz" to "x.tmp.nii.gz" on save: the empty temp file became the output
+    vol = Volume(np.arange(60, dtype=np.int16).reshape(3, 4, 5))
+    write_volume(vol, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    np.testing.assert_array_equal(read_volume(tmp_path / name).data, vol.data)
+
+
+def test_a_mixed_case_nifti_name_reads_that_file_not_its_lower_case_twin(tmp_path):
+    a, b = np.zeros((3, 4, 5), np.int16), np.ones((3, 4, 5), np.int16)
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "scan.nii")
+    shutil.copy(tmp_path / "scan.nii", tmp_path / "Scan.Nii")
+    nib.save(nib.Nifti1Image(b, np.eye(4)), tmp_path / "scan.nii")  # the twin nib.load read the header of
+    np.testing.assert_array_equal(read_volume(tmp_path / "Scan.Nii").data, a)
+    (tmp_path / "only.Nii.gz").write_bytes(gzip.compress((tmp_path / "Scan.Nii").read_bytes()))
+    np.testing.assert_array_equal(read_volume(tmp_path / "only.Nii.gz").data, a)
+
+
+def test_atomic_path_refuses_to_commit_an_empty_file(tmp_path):
+    with pytest.raises(FedtensorError, match="nothing was written"):
+        with atomic_path(tmp_path / "out.nii"):
+            pass  # the temp file exists, empty
+    assert list(tmp_path.iterdir()) == []
+    atomic_write_bytes(tmp_path / "empty", b"")  # what the caller asked for
+    assert (tmp_path / "empty").read_bytes() == b""
+
+
+def test_nifti_scaling_of_wide_stored_values_keeps_their_precision(tmp_path):
+    raw = np.random.default_rng(0).integers(0, 2**30, (8, 7, 6)).astype(np.int32)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(1.0, 0.5)
+    nib.save(img, tmp_path / "s.nii.gz")
+    got = read_volume(tmp_path / "s.nii.gz").data
+    assert got.dtype == np.float64  # float32 was off by up to 32
+    np.testing.assert_array_equal(got, raw.astype(np.float64) + 0.5)
+    big = nib.Nifti1Image(np.full((4, 4, 4), 30000, np.int16), np.eye(4))
+    big.header.set_slope_inter(1e37, 0.0)  # finite, beyond float32: was refused as "NaN or Inf"
+    nib.save(big, tmp_path / "big.nii")
+    assert read_volume(tmp_path / "big.nii").data.max() == pytest.approx(3e41)
+
+
+def test_an_axis_beyond_nifti1s_int16_is_written_as_nifti2(tmp_path):
+    data = np.arange(40000 * 2 * 2, dtype=np.int32).reshape(40000, 2, 2) % 251
+    nib.save(nib.Nifti2Image(data.astype(np.uint8), np.eye(4)), tmp_path / "in.nii")
+    vol = read_volume(tmp_path / "in.nii")
+    write_volume(vol, tmp_path / "out.nii")
+    assert isinstance(nib.load(tmp_path / "out.nii"), nib.Nifti2Image)
+    np.testing.assert_array_equal(read_volume(tmp_path / "out.nii").data, vol.data)
+
+
+def test_dicom_float_pixel_data_is_named_unsupported(tmp_path):
+    _synthetic_series(tmp_path, n=3)
+    first = sorted(tmp_path.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(first)
+    del ds.PixelData
+    ds.FloatPixelData = np.zeros(ds.Rows * ds.Columns, np.float32).tobytes()
+    ds.save_as(first, enforce_file_format=True)
+    with pytest.raises(VolumeError, match="float pixel data .* not supported"):
+        read_volume(tmp_path)
+
+
+def test_dicom_orientation_must_be_unit_and_orthogonal(tmp_path):
+    for k in range(3):  # |r × c| = 1, but r is twice a unit and c half of one
+        _write_slice(tmp_path / f"s{k}.dcm", np.zeros((4, 5), np.int16), [0, 0, k], [2, 0, 0, 0, 0.5, 0], (0.7, 0.5))
+    with pytest.raises(VolumeError, match="invalid ImageOrientationPatient"):
+        read_volume(tmp_path)
+
+
+def test_a_missing_pixel_decoder_is_reported_with_its_remedy(tmp_path, monkeypatch):
+    _synthetic_series(tmp_path, n=3)
+    message = ("Unable to decompress 'JPEG-LS Lossless' pixel data because all plugins are missing dependencies:\n"
+               "    gdcm - requires gdcm>=3.0.10\n    pylibjpeg - requires pylibjpeg>=2.0")
+
+    def fail(self):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(fail))
+    with pytest.raises(VolumeError, match="pylibjpeg - requires pylibjpeg>=2.0") as ei:
+        read_volume(tmp_path)
+    assert "\n" not in str(ei.value)
+
+
+def test_npy_object_and_truncated_arrays_are_named(tmp_path):
+    np.save(tmp_path / "o.npy", np.array([[[1, None]]], dtype=object), allow_pickle=True)
+    with pytest.raises(VolumeError, match="it holds Python objects"):
+        read_volume(tmp_path / "o.npy")
+    np.save(tmp_path / "t.npy", np.zeros((10, 10, 10)))
+    (tmp_path / "t.npy").write_bytes((tmp_path / "t.npy").read_bytes()[:500])
+    with pytest.raises(VolumeError, match="t.npy: truncated"):
+        read_volume(tmp_path / "t.npy")

@@ -46,9 +46,13 @@ def _check_target(path: Path, force: bool) -> None:
 
 
 def _create_temp(path: Path) -> Path:
-    """Create (O_EXCL) an empty temp file next to ``path``; its mode honours the umask like open()."""
+    """Create (O_EXCL) an empty temp file next to ``path``; its mode honours the umask like open().
+
+    Its suffix is ``path``'s in lower case: writers that pick a format by suffix would otherwise rename
+    it (nibabel writes ``x.tmp.Nii.gz``'s data to ``x.tmp.nii.gz``), leaving the temp file empty."""
     suffix = _full_suffix(path.name)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    suffix = suffix.lower()
     for _ in range(100):
         # the stem cut to 200 characters: a name near the 255-byte limit still has room for the rest
         tmp = path.parent / f".{stem[:200]}.{secrets.token_hex(6)}.tmp{suffix}"
@@ -122,13 +126,13 @@ def _commit(tmp: Path, path: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, force: bool = False, allow_empty: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffix, e.g. ``.nii.gz``) to write the output to.
 
     On normal exit the temp file is fsync'ed and renamed onto ``path`` (``os.replace``); on any
     exception it is removed and the exception propagates unchanged. Raises :class:`FedtensorError`
     (one line) if ``path`` exists and ``force`` is false, if its directory is missing, or if the
-    directory is not writable.
+    directory is not writable, or (unless ``allow_empty``) if nothing was written to the temp file.
     """
     path = Path(path)
     _check_target(path, force)
@@ -139,7 +143,7 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
         _unlink_quietly(tmp)
         raise
     try:
-        if not tmp.exists():
+        if not tmp.exists() or (tmp.stat().st_size == 0 and not allow_empty):
             raise FedtensorError(f"nothing was written to the temporary file for {path}")
         _fsync_file(tmp)
         for check in BEFORE_COMMIT:
@@ -157,7 +161,7 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool = False) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); return the path."""
     path = Path(path)
-    with atomic_path(path, force=force) as tmp:
+    with atomic_path(path, force=force, allow_empty=not data) as tmp:
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)

@@ -45,6 +45,12 @@ GAP_RTOL = 0.01
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+def _ts_name(ts) -> str:
+    """A transfer syntax UID with its name (``1.2.840.10008.1.2.4.80, JPEG-LS Lossless``) where pydicom knows it."""
+    name = getattr(ts, "name", "")
+    return f"{ts}, {name}" if name and name != str(ts) else str(ts)
+
+
 def _floats(ds, keyword: str, n: int, fname: str) -> np.ndarray:
     value = ds.get(keyword)
     try:
@@ -180,6 +186,9 @@ def _read_datasets(directory: Path) -> list[tuple[str, object]]:
             why = str(eof[0].message).splitlines()[0].split(" found in file")[0]
             raise VolumeError(f"cannot read DICOM file {p.name} (truncated or corrupt?): {why}")
         if "PixelData" not in ds:
+            if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+                raise VolumeError(f"DICOM file {p.name} holds float pixel data (parametric map), which is not "
+                                  "supported; convert the series to NIfTI first")
             sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
             if "Rows" in ds or "ImagePositionPatient" in ds or "Image Storage" in getattr(sop, "name", ""):
                 why = "; ".join(str(w.message).splitlines()[0] for w in caught[:1]) or "no pixel data"
@@ -268,7 +277,8 @@ def read_dicom_series(directory: str | os.PathLike, max_voxels: int | None = Non
 
     r, c = iop0[:3], iop0[3:]
     normal = np.cross(r, c)
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+    # unit row and column directions at right angles (else the affine's columns disagree with the spacing)
+    if not np.allclose([np.linalg.norm(r), np.linalg.norm(c), np.linalg.norm(normal)], 1.0, atol=1e-3):
         raise VolumeError(f"DICOM file {name0} has an invalid ImageOrientationPatient {[float(v) for v in iop0]}")
 
     # --- sort by position along the normal; check gaps ------------------------------------------
@@ -308,7 +318,8 @@ def read_dicom_series(directory: str | os.PathLike, max_voxels: int | None = Non
         except Exception as e:
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
             raise VolumeError(
-                f"cannot decode pixel data of DICOM file {name} (transfer syntax {ts}): {one_line(e)}"
+                f"cannot decode pixel data of DICOM file {name} (transfer syntax {_ts_name(ts)}): "
+                f"{'; '.join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__}"
             ) from None
         if px.shape != (rows0, cols0):
             raise VolumeError(f"DICOM file {name}: pixel data shape {px.shape} != Rows x Columns {(rows0, cols0)}")

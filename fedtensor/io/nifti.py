@@ -24,7 +24,8 @@ def _is_identity_scaling(slope, inter) -> bool:
 
 def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
     """``raw · slope + inter``: integers stay integers (the on-disk dtype, else int16, else int32, the
-    first that holds them: CT stored as uint16 with ``scl_inter`` −1024 reads as int16), the rest float32."""
+    first that holds them: CT stored as uint16 with ``scl_inter`` −1024 reads as int16), the rest float32
+    (float64 from 32-bit integers or float64, or beyond float32's range)."""
     if raw.dtype.kind in "iu" and raw.size and all(math.isfinite(v) and v == round(v) for v in (slope, inter)):
         # the scaled range, exactly (Python integers), before any int64 arithmetic that could wrap
         ends = [int(v) * int(slope) + int(inter) for v in (raw.min(), raw.max())]
@@ -32,7 +33,13 @@ def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
         for dtype in (raw.dtype.newbyteorder("="), np.dtype(np.int16), np.dtype(np.int32)):
             if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
                 return (raw.astype(np.int64) * int(slope) + int(inter)).astype(dtype, order="C")
-    return (raw.astype(np.float64) * slope + inter).astype(np.float32, order="C")  # (as read_nifti returns it)
+    scaled = raw.astype(np.float64) * slope + inter
+    # float32 holds 24 bits: wider stored data (32-bit integers, float64) keeps float64, as the DICOM
+    # reader does, and so does a scaled range float32 cannot hold (it would read as Inf)
+    wide = raw.dtype.itemsize >= 4 and raw.dtype != np.float32
+    if wide or (scaled.size and np.abs(scaled).max() > np.finfo(np.float32).max):
+        return np.ascontiguousarray(scaled)
+    return scaled.astype(np.float32, order="C")
 
 
 _CHUNK = 1 << 24  # bytes read at a time
@@ -78,7 +85,7 @@ def read_nifti(path: str | os.PathLike) -> Volume:
 
     If the header has a non-identity ``scl_slope``/``scl_inter``, the scaling is applied: integers
     scaled by an integer slope and intercept stay integers (see :func:`_scaled`), anything else is
-    returned as float32. ``spacing`` = first three header zooms (falling back to the affine's column
+    returned as float32 (float64 where float32 would lose the stored precision). ``spacing`` = first three header zooms (falling back to the affine's column
     norms if those are missing/zero), ``affine`` = ``img.affine``. A 4D image with one volume is
     squeezed to 3D; 2D and true 4D images raise :class:`VolumeError`.
     """
@@ -88,9 +95,7 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     if not path.exists():
         raise VolumeError(f"no such file or directory: {path}")
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise VolumeError(f"cannot read NIfTI file {path}: not a NIfTI image ({type(img).__name__})")
+        img = _load_header(path)
         proxy = img.dataobj
         slope = getattr(proxy, "slope", 1.0)
         inter = getattr(proxy, "inter", 0.0)
@@ -132,6 +137,23 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         warnings.warn(f"{path}: {meta['affine']}", stacklevel=2)
     vol = Volume(data=data, spacing=zooms, affine=affine, meta=meta)
     return validated(vol, path)
+
+
+def _load_header(path: Path):
+    """nibabel's image of the NIfTI file at exactly ``path`` (its header; the voxels stay on disk).
+
+    Read from an open stream, not by name: ``nib.load`` maps suffixes it does not know by case
+    (``scan.Nii``) onto other files (``scan.nii``), missing or foreign."""
+    import nibabel as nib
+
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        head = f.read(4)
+        sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")}
+        klass = nib.Nifti1Image if 348 in sizes else nib.Nifti2Image if 540 in sizes else None
+        if klass is None:
+            raise VolumeError(f"cannot read NIfTI file {path}: not a NIfTI image (no NIfTI-1 or -2 header)")
+        f.seek(0)
+        return klass.from_stream(f)
 
 
 _UNITS = {1: "meter", 3: "micron"}  # NIfTI xyz unit codes other than mm (2) and unknown (0)
@@ -176,7 +198,8 @@ def space_codes(meta: dict) -> dict[str, int]:
 
 
 def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write ``volume`` as NIfTI-1 (``.nii`` or ``.nii.gz``, chosen by suffix), atomically.
+    """Write ``volume`` as NIfTI-1 (``.nii`` or ``.nii.gz``, chosen by suffix; NIfTI-2 when an axis is
+    longer than NIfTI-1's 32767), atomically.
 
     Data are stored unscaled in ``volume.data``'s dtype; the affine goes to the sform, with the codes of
     ``volume.meta["nifti_codes"]`` (as read from a NIfTI file; else 1, scanner; both 0, "unknown", stay
@@ -193,7 +216,9 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     affine = np.asarray(volume.affine, dtype=np.float64)
     spacing = tuple(float(s) for s in volume.spacing)
     try:
-        img = nib.Nifti1Image(data, None)
+        # NIfTI-1 stores dimensions as int16: a longer axis (NIfTI-2 input) needs NIfTI-2's int64
+        klass = nib.Nifti2Image if max(data.shape) > np.iinfo(np.int16).max else nib.Nifti1Image
+        img = klass(data, None)
         img.header.set_data_dtype(data.dtype)
         img.header.set_zooms(spacing)  # first too: an "unknown" space's affine is made from them
         codes = space_codes(volume.meta)

@@ -87,12 +87,22 @@ def read_npy(path: str | os.PathLike) -> Volume:
     except FileNotFoundError:
         raise VolumeError(f"no such file or directory: {path}") from None
     except Exception as e:  # ValueError (pickled/object array, bad header), EOFError, OSError, ...
-        raise VolumeError(f"cannot read .npy file {path}: {one_line(e)}") from None
+        raise VolumeError(f"cannot read .npy file {path}: {_npy_reason(e)}") from None
     if not isinstance(arr, np.ndarray):  # np.load on a .npz returns an NpzFile
         raise VolumeError(f"cannot read .npy file {path}: not a single array")
     data = as_native_3d(arr, path)
     vol = Volume(data=data, spacing=(1.0, 1.0, 1.0), affine=np.eye(4), meta={"source": str(path), "format": "npy"})
     return validated(vol, path)
+
+
+def _npy_reason(e: Exception) -> str:
+    """numpy's memory-mapping errors in a user's words (the rest as they come)."""
+    text = str(e)
+    if "Python objects" in text or "pickle" in text.lower():
+        return "it holds Python objects (an object array), not numbers"
+    if "mmap length is greater than file size" in text or "cannot mmap an empty file" in text:
+        return "truncated (its header declares more data than the file holds)"
+    return one_line(e)
 
 
 def write_npy(volume: Volume, path: str | os.PathLike, *, force: bool = False) -> Path:
