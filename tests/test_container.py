@@ -242,3 +242,9 @@ def test_header_is_strict_json_and_non_finite_stats_round_trip():
     old = json.dumps({**header, "sections": [len(s) for s in SECTIONS]}, sort_keys=True).encode()
     assert "Infinity" in old.decode()
     assert unpack(_build(old, b"".join(SECTIONS)))[0]["stats"]["psnr"] == math.inf
+
+
+def test_a_header_string_that_is_no_text_is_refused():
+    # "\ud800" (a lone surrogate) is valid JSON; `fedtensor info` failed printing it
+    with pytest.raises(FormatError, match="corrupted .ftz header"):
+        unpack(_build(b'{"sections": [], "modality": "\\ud800"}'))

@@ -570,3 +570,24 @@ def test_forged_constant_that_its_dtype_cannot_hold_is_rejected(dtype, value):
     assert header["codec"] == "constant"
     with pytest.raises(FormatError, match="bad constant parameters"):
         decompress(pack({**header, "params": {"value": value}}, sections))
+
+
+def test_a_forged_block_that_pads_a_thin_volume_many_fold_is_refused_before_decoding():
+    # a 64-side on a 1-voxel axis: a 49 KB stream of a 1×2048×2048 volume took 4.6 GB to decode
+    from fedtensor.bench.memory import measure_peak_rss
+    from fedtensor.codec.parallel import encode_group
+
+    n, b = 512, (64, 64, 64)
+    grid = (1, n // 64, n // 64)
+    sections = [np.concatenate([np.eye(64, dtype="<f4").ravel()] * 3).tobytes(),
+                *encode_group([grid], b, [np.zeros((*grid, *b), np.int32)])]
+    header = {"codec": "block-tucker", "dtype": "|u1", "shape": [1, n, n], "spacing": [1, 1, 1],
+              "affine": np.eye(4).tolist(), "params": {"block": list(b), "slab": 64, "offset": 0.0, "scale": 6.0,
+                                                         "step": 0.4}}
+    blob = pack(header, sections)
+
+    def refused():
+        with pytest.raises(FormatError, match="block shape"):
+            decompress(blob)
+
+    assert measure_peak_rss(refused).extra_bytes < 20e6  # 64 × 256 KB padded: ~190 MB decoded

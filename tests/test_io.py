@@ -1024,3 +1024,13 @@ def test_npy_object_and_truncated_arrays_are_named(tmp_path):
     (tmp_path / "t.npy").write_bytes((tmp_path / "t.npy").read_bytes()[:500])
     with pytest.raises(VolumeError, match="t.npy: truncated"):
         read_volume(tmp_path / "t.npy")
+
+
+@pytest.mark.parametrize("spacing, affine", [((1e300, 1, 1), None), ((1e-320, 1, 1), None),
+                                             ((1, 1, 1), np.diag([1e300, 1, 1, 1]))])
+def test_nifti_refuses_geometry_its_float32_header_cannot_hold(tmp_path, spacing, affine):
+    vol = Volume(np.zeros((2, 3, 4), np.int16), spacing=spacing, affine=np.eye(4) if affine is None else affine)
+    with pytest.raises(VolumeError, match="beyond float32"):
+        write_volume(vol, tmp_path / "g.nii")  # was written with an infinite (or zero) pixdim / sform
+    assert list(tmp_path.iterdir()) == []
+    write_volume(vol, tmp_path / "g.npy")  # .npy keeps no geometry

@@ -81,8 +81,10 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
     if header_len > MAX_HEADER_BYTES or end > len(data) - _HASH_BYTES:
         raise FormatError("corrupted .ftz header length")
     try:
-        header = json.loads(data[_PREFIX.size:end].decode())
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSON, or an int of > 4300 digits
+        header = json.loads(data[_PREFIX.size:end].decode())  # (Infinity too: early streams' stats hold it)
+        # "\ud800" is valid JSON but no text: printing it (fedtensor info) failed in the middle
+        json.dumps(header, ensure_ascii=False).encode()
+    except (UnicodeError, ValueError, RecursionError) as err:  # ValueError: JSON, or an int of > 4300 digits
         raise FormatError(f"corrupted .ftz header: {err.__class__.__name__}") from None
     lengths = header.get("sections") if isinstance(header, dict) else None
     if not isinstance(lengths, list) or not all(isinstance(n, int) and n >= 0 for n in lengths):

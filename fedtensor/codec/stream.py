@@ -726,12 +726,21 @@ def _timed(items: Iterator, spent: list[float]) -> Iterator:
 # ---------------------------------------------------------------------------------------------------
 
 
+#: Largest ratio of padded to real voxels in a stream :func:`check_params` accepts.
+_MAX_PADDING = 16
+
+
 def check_params(params: dict, n_sections: int, shape) -> Slabs:
     """The validated slab layout."""
     b = params.get("block")
     if not isinstance(b, list) or len(b) != 3 or not all(isinstance(n, int) and 1 <= n <= 64 for n in b):
         raise FormatError("corrupted block-tucker parameters")
     b = tuple(b)
+    # The encoder's blocks pad a volume at most 16-fold beyond the smallest ones (4×4 blocks on a 1×1×N
+    # volume); a forged 64-side on a 1-voxel axis made a 49 KB stream of a 4 MiB volume take 4.6 GB
+    # to decode.
+    if math.prod(padded_shape(shape, b)) > _MAX_PADDING * math.prod(shape) + 32**3:
+        raise FormatError("corrupted block-tucker parameters (block shape)")
     depth = params.get("slab")
     # the encoder's slabs hold 2^14 … SLAB_VOXELS voxels: a forged depth outside that range could make the
     # decoder's working set the whole volume (memory) or millions of one-row slabs (time)

@@ -215,6 +215,11 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     data = np.ascontiguousarray(volume.data)
     affine = np.asarray(volume.affine, dtype=np.float64)
     spacing = tuple(float(s) for s in volume.spacing)
+    with np.errstate(over="ignore", under="ignore"):
+        narrow = np.float32(spacing), np.float32(affine)
+    if not (np.isfinite(narrow[0]).all() and narrow[0].min() > 0 and np.isfinite(narrow[1]).all()):
+        raise VolumeError(f"cannot write {path} as NIfTI: its spacing or affine is beyond float32, which NIfTI "
+                          "stores (write .npy instead)")
     try:
         # NIfTI-1 stores dimensions as int16: a longer axis (NIfTI-2 input) needs NIfTI-2's int64
         klass = nib.Nifti2Image if max(data.shape) > np.iinfo(np.int16).max else nib.Nifti1Image
