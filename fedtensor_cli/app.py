@@ -666,7 +666,9 @@ def main(argv: Sequence[str] | None = None, prog_name: str = "fedtensor") -> Non
         enable_persistent_cache()  # before any command imports JAX: later runs skip XLA's compiler
         with routed_warnings(), _interrupts() as interrupted:
             rv = app(args=args, prog_name=prog_name, standalone_mode=False)
-            if interrupted.is_set() and not rv:  # an interrupt Python swallowed: it did not finish as asked
+            # an interrupt Python swallowed: it did not finish as asked (a command that returns its exit
+            # code, e.g. serve stopped by Ctrl-C, did)
+            if interrupted.is_set() and rv is None:
                 raise KeyboardInterrupt
     except typer.Abort:
         print_error("aborted")

@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
         web: Annotated[bool, typer.Option("--web", help="Also serve the web interface at / (it has no authentication: "
                                                         "loopback hosts only, never behind a proxy).")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Management actions print one JSON object.")] = False,
-    ) -> None:
+    ) -> int | None:
         """Serve the global model versions over HTTP (API under /api/v1), or manage clients and versions.
 
         Clients authenticate with 'Authorization: Bearer TOKEN' (tokens from --add-client; --admin-token for publishing and rounds).
@@ -102,6 +102,9 @@ def register(app: typer.Typer) -> None:
                 check_client_name(name)
             except AuthError as err:
                 raise UsageFailure(str(err)) from None
+        # --publish's inputs read before anything is written: a bad --meta or model directory after a new
+        # token was issued lost the old one and never showed the new
+        to_publish = None if publish is None else _read_publication(publish, meta)
         if managing:
             if not (add_client or admin_token or publish) and not data.is_dir():
                 # reading (or revoking from) a store that is not there: a mistyped --data, not a new store
@@ -126,7 +129,7 @@ def register(app: typer.Typer) -> None:
                 if not json_out:
                     _print_token("admin token", token)
             if publish is not None:
-                out["published"] = _publish_local(data, publish, meta)
+                out["published"] = ModelStore(data).publish(*to_publish).to_dict()
                 if not json_out:
                     v = out["published"]
                     print(f"published version {v['version']} ({v['sha256']})", file=sys.stderr)
@@ -157,7 +160,8 @@ def register(app: typer.Typer) -> None:
         if not valid_stage_timeout(stage_timeout or None):  # 0: no deadline; NaN and ≥ 10⁹ refused
             raise UsageFailure(f"--stage-timeout must be a number of seconds below {MAX_STAGE_TIMEOUT:g} (0: none), "
                                f"got {stage_timeout:g}")
-        _run_server(data, host, port, int(max_upload_mb * (1 << 20)), stage_timeout or None, web)
+        # stopped by Ctrl-C or SIGTERM as a server is meant to stop: a finished command (exit 0), not an interrupted one
+        return _run_server(data, host, port, int(max_upload_mb * (1 << 20)), stage_timeout or None, web)
 
     @app.command("fetch-model")
     @cli_errors
@@ -185,9 +189,9 @@ def register(app: typer.Typer) -> None:
             print(f"fetched version {info['version']} (model id {info['sha256']}) into {out}")
 
 
-def _publish_local(data: Path, model_dir: Path, meta: str | None) -> dict:
+def _read_publication(model_dir: Path, meta: str | None) -> tuple[bytes, dict, dict]:
+    """``(model bytes, manifest, meta)`` that ``--publish MODEL_DIR --meta JSON`` stores."""
     from fedtensor.nn.checkpoint import read_model_bytes
-    from fedtensor.serve.store import ModelStore
 
     try:
         meta_d = json.loads(meta) if meta else {}
@@ -196,7 +200,7 @@ def _publish_local(data: Path, model_dir: Path, meta: str | None) -> dict:
     if not isinstance(meta_d, dict):
         raise UsageFailure("--meta must be a JSON object")
     blob, _, manifest = read_model_bytes(model_dir)
-    return ModelStore(data).publish(blob, manifest, meta_d).to_dict()
+    return blob, manifest, meta_d
 
 
 def server_config(host: str, max_bytes: int, stage_timeout: float | None, web: bool = False) -> dict:
@@ -216,7 +220,7 @@ def server_config(host: str, max_bytes: int, stage_timeout: float | None, web: b
     return config
 
 
-def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout: float | None, web: bool) -> None:
+def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout: float | None, web: bool) -> int:
     try:
         from werkzeug.serving import make_server
 
@@ -234,16 +238,16 @@ def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout:
     base = f"http://{shown}:{srv.server_port}"
     web = (f", web interface at {base}/" if "web" in app.blueprints
            else " (web interface off: --web serves it, on a loopback host)")
-    print(f"fedtensor serve: API at {base}/api/v1{web}  (data {data}, "
-          f"{len(store.versions())} versions, {n_clients} clients; Ctrl-C stops)", file=sys.stderr, flush=True)
-    if not any(p.is_admin for p in registry.clients()):
-        print("note: no admin token yet (fedtensor serve --admin-token): publishing and rounds are disabled",
-              file=sys.stderr, flush=True)
     def _stop(signum, frame):  # SIGTERM (systemd, docker, kill): stop like Ctrl-C
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
-    try:
+    try:  # (from the first line out: a Ctrl-C as soon as it shows stops the server like any later one)
+        print(f"fedtensor serve: API at {base}/api/v1{web}  (data {data}, "
+              f"{len(store.versions())} versions, {n_clients} clients; Ctrl-C stops)", file=sys.stderr, flush=True)
+        if not any(p.is_admin for p in registry.clients()):
+            print("note: no admin token yet (fedtensor serve --admin-token): publishing and rounds are disabled",
+                  file=sys.stderr, flush=True)
         srv.serve_forever()  # werkzeug's returns on KeyboardInterrupt
     except KeyboardInterrupt:
         pass
@@ -253,6 +257,7 @@ def _run_server(data: Path, host: str, port: int, max_bytes: int, stage_timeout:
         if web_jobs is not None:  # a running web job stops at its next stage, so the exit is not held up
             web_jobs.close()
     print("stopped", file=sys.stderr)
+    return 0
 
 
 def _probe_listen(host: str, port: int) -> None:

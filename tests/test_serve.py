@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -1157,3 +1158,28 @@ def test_client_never_follows_a_redirect_with_its_token(tmp_path):
         for server in (sink, redirect):
             server.shutdown()
             server.server_close()
+
+
+def test_a_bad_publication_is_refused_before_any_token_changes(tmp_path, cli_app):
+    data = tmp_path / "srv"
+    admin = cli_app("serve", "--data", data, "--admin-token").stdout.split()[0]
+    reg = TokenRegistry(data)
+    for bad in (["--publish", tmp_path / "missing"], ["--publish", tmp_path / "missing", "--meta", "[1]"]):
+        r = cli_app("serve", "--data", data, "--admin-token", "--add-client", "site-c", *bad, "--json")
+        assert r.exit_code != 0 and r.stdout == ""
+        assert reg.authenticate(admin) is not None  # was revoked, its successor never shown
+        assert "site-c" not in [p.name for p in reg.clients()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_server_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, sig):
+    # Ctrl-C, the documented way to stop it, ended "error: interrupted" with exit 130 (SIGTERM: 0)
+    proc = subprocess.Popen([sys.executable, "-m", "fedtensor_cli", "serve", "--data", str(tmp_path / "d"),
+                             "--port", "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        assert "http://127.0.0.1:" in proc.stderr.readline()
+        proc.send_signal(sig)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "stopped" in rest and "error" not in rest, rest

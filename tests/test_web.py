@@ -790,3 +790,25 @@ def test_line_chart_skips_points_it_cannot_place():
     svg = charts.line_chart({"a": [(1, 1.7e308), (2, -1.7e308), (3, 1.0), (4, 2.0), (5, float("nan"))]},
                             title="t", xlabel="x", ylabel="y")
     assert svg.count("<circle") == 2 and "nan" not in svg and "inf" not in svg
+
+
+def test_a_model_that_lowers_the_psnr_is_reported_not_shown(tmp_path, crop_path, monkeypatch):
+    """The page showed (and offered to download) a restored volume below the target, with no warning."""
+    import fedtensor.nn.infer as infer
+    from fedtensor.io import Volume, read_volume
+    from fedtensor.metrics import psnr
+    from fedtensor.nn import NetConfig, new_net, save_model
+    from fedtensor.serve.pipeline import Settings, run
+
+    def worse(decoded, info, model, **_):
+        return Volume(decoded.data.astype(np.float32) + 3.0, decoded.spacing, decoded.affine, decoded.meta)
+
+    monkeypatch.setattr(infer, "restore", worse)
+    model_dir = tmp_path / "model"
+    save_model(new_net(NetConfig(channels=(8, 16), cond_hidden=8), seed=1), model_dir)
+    vol = read_volume(crop_path)
+    (tmp_path / "job").mkdir()
+    out = run(vol, Settings("psnr", 40.0), tmp_path / "job", model_dir=model_dir)
+    assert out["restore"]["declined"] is True and out["restore"]["psnr"] < out["psnr"]
+    shown = read_volume(tmp_path / "job" / "decoded.nii.gz").data
+    assert psnr(vol.data, shown) == pytest.approx(out["psnr"])  # the decoded volume, which meets the target

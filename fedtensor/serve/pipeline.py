@@ -148,15 +148,20 @@ def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = N
     shown = decoded
     if model_dir is not None:
         progress("restoring with the model")
-        from fedtensor.nn.infer import load_model, restore
+        from fedtensor.nn.infer import load_model, model_mismatch, restore
 
         model = load_model(model_dir)
         t0 = time.perf_counter()
-        shown = restore(decoded, info, model)
+        restored = restore(decoded, info, model)
         out["restore"] = {"model_id": model.model_id, "seconds": time.perf_counter() - t0,
-                          "applied": shown is not decoded,
-                          "psnr": _finite(psnr(data, shown.data)), "ssim": float(ssim3d(data, shown.data)),
-                          "max_error": max_abs_error(data, shown.data)}
+                          "applied": restored is not decoded, "warning": model_mismatch(info, model, decoded.data),
+                          "psnr": _finite(psnr(data, restored.data)), "ssim": float(ssim3d(data, restored.data)),
+                          "max_error": max_abs_error(data, restored.data)}
+        # A model that lowers this volume's PSNR (trained on other data) is shown, not used: the slices
+        # and the download stay the decoded volume, which meets the target.
+        worse = restored is not decoded and psnr(data, restored.data) < psnr(data, decoded.data)
+        out["restore"]["declined"] = worse
+        shown = decoded if worse else restored
     np.save(workdir / "decoded.npy", np.ascontiguousarray(apply_orientation(np.asarray(shown.data), ornt)))
     write_volume(shown, workdir / "decoded.nii.gz")
     return out
