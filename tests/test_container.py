@@ -48,7 +48,8 @@ def blob() -> bytes:
 def test_layout_matches_the_documented_format(blob):
     magic, version, header_len = PREFIX.unpack_from(blob)
     assert magic == MAGIC == b"FTZ1"
-    assert version == FORMAT_VERSION == 2
+    assert version == 2 and FORMAT_VERSION == 3  # 3 only for a header with "scaling"
+    assert PREFIX.unpack_from(pack({**HEADER, "scaling": {}}, SECTIONS))[1] == 3
     header = json.loads(blob[PREFIX.size:PREFIX.size + header_len].decode("utf-8"))
     assert header["sections"] == [len(s) for s in SECTIONS]
     payload = blob[PREFIX.size + header_len:-HASH]

@@ -491,6 +491,9 @@ def test_nifti_round_trip_real(name, volume_paths, dicom_volume, tmp_path):
     codes = vol.meta.get("nifti_codes")  # the space codes are kept (a missing qform takes the sform's)
     kept = {} if codes is None else {"nifti_codes": {"qform_code": codes["qform_code"] or codes["sform_code"],
                                                      "sform_code": codes["sform_code"]}}
+    if "nifti_scaling" in vol.meta:  # the MR's uint8 × 6.48: written back as those integers, so read as them
+        kept["nifti_scaling"] = vol.meta["nifti_scaling"]
+        assert nib.load(out).get_data_dtype() == np.uint8
     assert back.meta == {"source": str(out), "format": "nifti", **kept}
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp file left
 

@@ -244,8 +244,8 @@ def test_failure_inside_the_job_is_shown_not_raised(client, tmp_path, crop_path)
     page = client.get(r.headers["Location"])
     assert page.status_code == 200
     assert error_text(page) == (
-        "exact coding (--lossless, --max-error 0) needs integer-valued voxels; give this float volume a positive "
-        "--max-error")
+        "exact coding (lossless, or a max error of 0) needs integer-valued voxels; give this float volume a "
+        "positive max error")  # (in words the page and the CLI share: no command-line flags)
     assert client.get(r.headers["Location"] + "/status").json["state"] == "failed"
     assert client.get(r.headers["Location"] + "/download/ftz").status_code == 404
     assert client.get(r.headers["Location"] + "/compare").status_code == 409

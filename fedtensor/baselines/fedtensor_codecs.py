@@ -85,7 +85,10 @@ class FedtensorLossless(_Fedtensor):
     lossless = True
 
     def not_applicable_reason(self, volume):
-        return None if integer_valued(np.asarray(volume.data)) else "needs integer-valued voxels"
+        from fedtensor.io.scaling import stored_integers  # floats of scaled integers: coded as those
+
+        exact = integer_valued(np.asarray(volume.data)) or stored_integers(volume) is not None
+        return None if exact else "needs integer-valued voxels"
 
     def encode_lossless(self, volume) -> bytes:
         from fedtensor.codec import compress

@@ -13,12 +13,14 @@ import numpy as np
 from fedtensor import __version__
 from fedtensor.codec import blocktucker, lossless, omlsvd_global, stream
 from fedtensor.codec.container import pack, unpack
-from fedtensor.codec.header import MAX_TRANSFORM_STEP, MAX_VOXELS, TRANSFORM_CODECS, check_header, check_params
+from fedtensor.codec.header import (MAX_TRANSFORM_STEP, MAX_VOXELS, TRANSFORM_CODECS, check_header, check_params,
+                                    check_scaling)
 from fedtensor.codec.normalize import denormalize, normalization, normalize, rows_per_chunk, to_dtype
 from fedtensor.codec.quantize import finest_step, largest_step_within
 from fedtensor.cores import usable_cores
 from fedtensor.errors import FedtensorError, FormatError, RateError, VolumeError
 from fedtensor.io.nifti import nifti_qform, nifti_units, space_codes
+from fedtensor.io.scaling import apply_scaling, rounding_bound, scaling_of, stored_integers
 from fedtensor.io.volume import Volume, integer_valued
 from fedtensor.metrics import psnr_from_sse
 from fedtensor.tensor.block import padded_shape
@@ -417,8 +419,8 @@ def _exact(volume: Volume, max_error: float | None, header: dict, value_range: f
         if not integer_valued(data):
             why = " (it holds -0.0, which integer coding cannot restore bit for bit)" if (
                 np.array_equal(data, np.rint(data)) and np.abs(data).max() < 2**52) else ""
-            raise RateError(f"exact coding (--lossless, --max-error 0) needs integer-valued voxels{why}; give "
-                            "this float volume a positive --max-error")
+            raise RateError(f"exact coding (lossless, or a max error of 0) needs integer-valued voxels{why}; give "
+                            "this float volume a positive max error")
         if value_range >= _EXACT_RANGE:
             raise RateError(f"exact coding needs a value range below 2**37; this volume spans {value_range:.6g}")
         offset = int(data.min())
@@ -513,10 +515,14 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         block = tuple(min(int(n), max(2, side)) for n, side in zip(sides, volume.shape))
     if volume.data.size >= MAX_VOXELS:
         raise RateError(f"volume too large ({volume.data.size} voxels); the limit is {MAX_VOXELS}")
+    target = {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)}
+    if (raw := stored_integers(volume)) is not None:
+        return _scaled_integers(volume, raw, target, psnr=psnr, max_error=max_error, bpv=bpv, lossless=lossless,
+                                codec=codec, block=block, allow_exact=allow_exact)
     header = {
         "library": f"fedtensor {__version__}", "codec": codec, "shape": list(volume.shape),
         "dtype": volume.dtype.str, "spacing": list(volume.spacing), "affine": volume.affine.tolist(),
-        "target": {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)},
+        "target": target,
         "modality": volume.meta.get("modality") or volume.meta.get("Modality"), "model": None,
     }
     if "nifti_codes" in volume.meta:  # the space of the affine (NIfTI [qform, sform] codes), for the writer
@@ -549,6 +555,49 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     else:
         blob = _lossy_or_exact(volume, codec, block, psnr, bpv, header, value_range, lo)
     return blob
+
+
+def _scaled_integers(volume: Volume, raw: np.ndarray, target: dict, *, psnr, max_error, bpv, lossless, codec, block,
+                     allow_exact) -> bytes:
+    """:func:`compress` of floats made from scaled integers (NIfTI ``scl_slope``, :func:`stored_integers`):
+    the integers are coded, under the targets carried to their units, and the header's ``"scaling"``
+    turns them back into the same floats (format version 3).
+
+    The floats' errors are ``|slope|`` times the integers', give or take their rounding (``u`` each,
+    :func:`rounding_bound`): the PSNR target is raised and the error bound lowered by that much. The
+    stats reported are the integers' in the floats' units (PSNR alike; the error × ``|slope|``).
+    """
+    slope, inter, _ = scaling_of(volume.meta)
+    u, a = rounding_bound(volume), abs(slope)
+    n = raw.size
+    inner = Volume(raw, volume.spacing, volume.affine, {k: v for k, v in volume.meta.items() if k != "nifti_scaling"})
+    if psnr is not None:
+        span = a * (float(raw.max()) - float(raw.min()))
+        rmse = span * 10 ** (-psnr / 20)
+        if span > 4 * u and rmse > 0:
+            psnr = psnr + 20 * math.log10((rmse + 2 * u) / rmse * span / (span - 2 * u))
+    if max_error is not None:
+        max_error = max(0.0, (max_error - 2 * u) / a)  # below the rounding: the integers exactly
+    scaling = {"slope": slope, "inter": inter, "dtype": volume.dtype.str}
+    reserve = 0  # the header's growth once the scaling is added: taken off a bits-per-voxel budget
+    for _ in range(3):
+        inner_bpv = None if bpv is None else bpv - 8 * reserve / n
+        if inner_bpv is not None and inner_bpv <= 0:
+            raise RateError(f"cannot reach {bpv} bits per voxel: the stream's header alone takes more")
+        blob = compress(inner, psnr=psnr, max_error=max_error, bpv=inner_bpv, lossless=lossless, codec=codec,
+                        block=block, allow_exact=allow_exact)
+        h, sections = unpack(blob)
+        h.pop("sections")
+        h["scaling"] = scaling
+        h["target"] = target
+        stats = h.get("stats", {})
+        if isinstance(stats.get("max_abs_error"), (int, float)):
+            stats["max_abs_error"] = stats["max_abs_error"] * a
+        out = pack(h, sections)
+        if bpv is None or 8 * len(out) <= bpv * n:
+            return out
+        reserve = len(out) - len(blob) + 8
+    raise RateError(f"cannot reach {bpv} bits per voxel")  # pragma: no cover - the reserve converges at once
 
 
 def _target(name: str, value):
@@ -657,6 +706,15 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     return exact if len(exact) <= (budget if budget is not None else len(blob)) else blob
 
 
+def _scaled_rows(x: np.ndarray, slope: float, inter: float, dtype: np.dtype) -> np.ndarray:
+    """:func:`apply_scaling` of ``x`` a few rows at a time (float64 temporaries of a chunk, not the volume)."""
+    out = np.empty(x.shape, dtype)
+    chunk = rows_per_chunk(x.shape)
+    for k in range(0, x.shape[0], chunk):
+        out[k:k + chunk] = apply_scaling(x[k:k + chunk], slope, inter, dtype)
+    return out
+
+
 def decompress(data: bytes) -> Volume:
     """Decode ``.ftz`` bytes back to a :class:`Volume` (original dtype, spacing and affine)."""
     h, sections = unpack(data)
@@ -687,6 +745,10 @@ def decompress(data: bytes) -> Volume:
     if x.shape != shape:
         raise FormatError("corrupted .ftz payload (shape mismatch)")
     meta = {"format": "ftz", "codec": codec}
+    if "scaling" in h:  # scaled integers (format version 3): back to the floats they were coded from
+        slope, inter, out = check_scaling(h["scaling"], dtype)
+        meta["nifti_scaling"] = {"slope": slope, "inter": inter, "stored": dtype.str}
+        x = _scaled_rows(x, slope, inter, out)
     if h.get("modality"):
         meta["modality"] = h["modality"]
     codes = h.get("nifti_codes")

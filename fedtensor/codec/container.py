@@ -17,7 +17,11 @@ from fedtensor.errors import FormatError
 from fedtensor.jsonable import jsonable
 
 MAGIC = b"FTZ1"
-FORMAT_VERSION = 2  # 2: block-tucker coded in slabs along axis 0, categorical chunk coding
+#: The newest version this writes and reads. 2: block-tucker coded in slabs along axis 0, categorical
+#: chunk coding; 3: the same, with scaled integers (a header ``"scaling"``). A stream carries the lowest
+#: version that decodes it right: a reader of version 2 would return the integers unscaled.
+FORMAT_VERSION = 3
+_SCALING_VERSION = 3
 #: Version 1 (pre-release builds) coded coefficients with another entropy coder: not readable.
 MIN_READABLE_VERSION = 2
 _PREFIX = struct.Struct("<4sHI")
@@ -46,7 +50,8 @@ def pack(header: dict, sections: list[bytes]) -> bytes:
     # strict JSON: Python's Infinity is an extension strict parsers refuse
     header = {**jsonable(header), "sections": [len(s) for s in sections]}
     blob = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
-    body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob)), blob, *sections])
+    version = _SCALING_VERSION if "scaling" in header else MIN_READABLE_VERSION
+    body = b"".join([_PREFIX.pack(MAGIC, version, len(blob)), blob, *sections])
     return body + hashlib.sha256(body).digest()
 
 
@@ -91,6 +96,8 @@ def unpack(data: bytes) -> tuple[dict, list[bytes]]:
         raise FormatError("corrupted .ftz header: bad section table")
     if end + sum(lengths) != len(data) - _HASH_BYTES:
         raise FormatError("corrupted .ftz file: section lengths do not match the file size")
+    if "scaling" in header and version < _SCALING_VERSION:
+        raise FormatError("corrupted .ftz header: scaling in a version 2 stream")
     if _depth(header) > MAX_HEADER_DEPTH:
         raise FormatError("corrupted .ftz header: nested too deeply")
     stats = header.get("stats", {})

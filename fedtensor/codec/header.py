@@ -34,6 +34,22 @@ def check_header(h: dict) -> tuple[tuple[int, int, int], np.dtype]:
     return shape, dtype
 
 
+def check_scaling(scaling, stored: np.dtype) -> tuple[float, float, np.dtype]:
+    """``(slope, inter, dtype)`` of a header's ``"scaling"``: the integers of dtype ``stored`` times a finite
+    non-zero slope plus a finite intercept, as float32 or float64 that hold every such value."""
+    try:
+        slope, inter, dtype = scaling["slope"], scaling["inter"], np.dtype(scaling["dtype"])
+    except (KeyError, TypeError, ValueError):
+        raise FormatError("corrupted .ftz header: bad scaling") from None
+    if not (_finite(slope) and _finite(inter) and slope != 0 and stored.kind in "iu"
+            and dtype in (np.dtype("<f4"), np.dtype("<f8"))):
+        raise FormatError("corrupted .ftz header: bad scaling")
+    info = np.iinfo(stored)
+    if abs(slope) * max(-float(info.min), float(info.max)) + abs(inter) >= float(np.finfo(dtype).max):
+        raise FormatError("corrupted .ftz header: a scaling beyond its float type")
+    return float(slope), float(inter), dtype
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -91,10 +107,16 @@ def orthonormal_bases(section: bytes, codec: str) -> np.ndarray:
 
 
 def read_info(data: bytes) -> dict:
-    """The validated header of ``.ftz`` bytes, plus ``file_bytes``, ``bits_per_voxel`` and ``ratio``."""
+    """The validated header of ``.ftz`` bytes, plus ``file_bytes``, ``bits_per_voxel`` and ``ratio`` (to the
+    decoded volume's size). ``dtype`` is the decoded volume's; a stream of scaled integers (``"scaling"``)
+    adds the integers' as ``stored_dtype``."""
     h, _ = unpack(data)
     shape, dtype = check_header(h)
     check_params(h.get("codec"), h["params"], dtype)
     n = math.prod(shape)
+    if "scaling" in h:  # the stream codes stored integers; the decoded volume is their floats
+        out = check_scaling(h["scaling"], dtype)[2]
+        h = {**h, "dtype": out.str, "stored_dtype": dtype.str}
+        dtype = out
     return {**h, "file_bytes": len(data), "bits_per_voxel": 8 * len(data) / n,
             "ratio": n * dtype.itemsize / len(data)}

@@ -13,6 +13,7 @@ import numpy as np
 from fedtensor.errors import FedtensorError, VolumeError
 from fedtensor.io.atomic import atomic_path
 from fedtensor.io.npy import as_native_3d, one_line, validated
+from fedtensor.io.scaling import scaling_of, stored_integers
 from fedtensor.io.volume import Volume
 
 
@@ -115,6 +116,9 @@ def read_nifti(path: str | os.PathLike) -> Volume:
 
     data = as_native_3d(data, path)
     meta = {"source": str(path), "format": "nifti"}
+    if data.dtype.kind == "f" and raw.dtype.kind in "iu":  # integers scaled to floats: the codec codes them
+        meta["nifti_scaling"] = {"slope": float(slope), "inter": float(inter),
+                                 "stored": raw.dtype.newbyteorder("=").str}
     codes = {"qform_code": int(img.header["qform_code"]), "sform_code": int(img.header["sform_code"])}
     if codes != {"qform_code": 1, "sform_code": 1}:  # the space the affine is in (scanner, aligned, MNI, …)
         meta["nifti_codes"] = codes
@@ -201,7 +205,8 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     """Write ``volume`` as NIfTI-1 (``.nii`` or ``.nii.gz``, chosen by suffix; NIfTI-2 when an axis is
     longer than NIfTI-1's 32767), atomically.
 
-    Data are stored unscaled in ``volume.data``'s dtype; the affine goes to the sform, with the codes of
+    Data are stored unscaled in ``volume.data``'s dtype, or, for floats read from scaled integers
+    (``meta["nifti_scaling"]``) that still match them, as those integers with their scaling; the affine goes to the sform, with the codes of
     ``volume.meta["nifti_codes"]`` (as read from a NIfTI file; else 1, scanner; both 0, "unknown", stay
     0). The qform is the file's own (``meta["nifti_qform"]``, where it differed from the affine), else
     the affine when that agrees with ``volume.spacing`` (and is not singular). The header zooms are
@@ -213,6 +218,9 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
 
     path = Path(path)
     data = np.ascontiguousarray(volume.data)
+    stored = stored_integers(volume)  # floats made from scaled integers: those integers, and their scaling
+    if stored is not None:
+        data = stored
     affine = np.asarray(volume.affine, dtype=np.float64)
     spacing = tuple(float(s) for s in volume.spacing)
     with np.errstate(over="ignore", under="ignore"):
@@ -225,6 +233,8 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
         klass = nib.Nifti2Image if max(data.shape) > np.iinfo(np.int16).max else nib.Nifti1Image
         img = klass(data, None)
         img.header.set_data_dtype(data.dtype)
+        if stored is not None:
+            img.header.set_slope_inter(*scaling_of(volume.meta)[:2])
         img.header.set_zooms(spacing)  # first too: an "unknown" space's affine is made from them
         codes = space_codes(volume.meta)
         unknown = codes == {"qform_code": 0, "sform_code": 0}  # the affine was made from the zooms: so again

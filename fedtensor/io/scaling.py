@@ -1,0 +1,74 @@
+"""Integers stored with a linear scaling (NIfTI ``scl_slope``/``scl_inter``): the values a volume's
+float voxels were made from.
+
+MR images are often stored as small integers with a fractional slope (the sample ``mr_brain_gd``:
+uint8 × 6.48). Read, they are floats; coded as those floats, a lossless stream is impossible and a
+decoded file comes back as float32, 4× its original size. The codec codes the stored integers
+instead where they reproduce the floats exactly (:func:`stored_integers`), and the NIfTI writer stores
+them again with their scaling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
+
+#: Rows of a volume converted at a time (float64 temporaries of ~16 MB at most).
+_CHUNK_VOXELS = 1 << 21
+
+
+def apply_scaling(raw: np.ndarray, slope: float, inter: float, dtype) -> np.ndarray:
+    """``raw · slope + inter`` in float64, cast to ``dtype``: how the NIfTI reader makes its floats."""
+    return (raw.astype(np.float64) * slope + inter).astype(dtype, order="C")
+
+
+def scaling_of(meta: dict) -> tuple[float, float, np.dtype] | None:
+    """``(slope, inter, stored dtype)`` recorded in ``meta["nifti_scaling"]`` by the NIfTI reader, if well
+    formed: a finite non-zero slope, a finite intercept, an integer dtype fedtensor codes."""
+    s = meta.get("nifti_scaling")
+    if not isinstance(s, dict):
+        return None
+    slope, inter, stored = s.get("slope"), s.get("inter"), s.get("stored")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (slope, inter)):
+        return None
+    try:
+        stored = np.dtype(stored)
+    except (TypeError, ValueError):
+        return None
+    if slope == 0 or stored.kind not in "iu" or stored not in SUPPORTED_DTYPES:
+        return None
+    return float(slope), float(inter), stored
+
+
+def stored_integers(volume: Volume) -> np.ndarray | None:
+    """The stored integers of a float ``volume`` read from scaled NIfTI integers, when they reproduce its
+    voxels bit for bit (:func:`apply_scaling`); None otherwise (no scaling recorded, or voxels changed
+    since they were read)."""
+    found = scaling_of(volume.meta)
+    x = volume.data
+    if found is None or x.dtype.kind != "f" or x.size == 0:
+        return None
+    slope, inter, stored = found
+    info = np.iinfo(stored)
+    raw = np.empty(x.shape, stored)
+    rows = max(1, _CHUNK_VOXELS // max(1, math.prod(x.shape[1:])))
+    for k in range(0, x.shape[0], rows):
+        r = np.rint((x[k:k + rows].astype(np.float64) - inter) / slope)
+        if not (np.isfinite(r).all() and r.min() >= info.min and r.max() <= info.max):
+            return None
+        raw[k:k + rows] = r
+        if not np.array_equal(apply_scaling(raw[k:k + rows], slope, inter, x.dtype), x[k:k + rows]):
+            return None
+    return raw
+
+
+def rounding_bound(volume: Volume) -> float:
+    """How far a scaled voxel's float may be from ``raw · slope + inter`` exactly: the rounding to its
+    dtype, half a unit in the last place of the largest magnitude (so two floats of values differing
+    by ``slope · d`` differ by at most ``|slope · d|`` plus twice this)."""
+    x = volume.data
+    top = max(abs(float(x.min())), abs(float(x.max())))
+    return float(np.spacing(x.dtype.type(top))) / 2
