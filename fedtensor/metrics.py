@@ -130,9 +130,9 @@ def _filter(x: jnp.ndarray, weights: np.ndarray, spatial_axes: tuple[int, ...]) 
 
 
 @functools.partial(jax.jit, static_argnames=("sigma", "pad", "normalised"))
-def _ssim_partial_sums(x, y, shift, scale, sigma: float, pad: int, normalised: bool = False):
+def _ssim_partial_sums(x, y, shift, scale, c, sigma: float, pad: int, normalised: bool = False):
     """Per-(i, j) sums over the last axis of the cropped SSIM map (float32); ``normalised``: ``x`` and
-    ``y`` are already ``(v - shift) * scale``."""
+    ``y`` are already ``(v - shift) * scale``; ``c``: ``shift * scale`` (made in float64)."""
     weights = _gaussian_kernel(sigma)
     # normalised: range of the original ≈ [-0.5, 0.5]
     xs, ys = (x, y) if normalised else ((x - shift) * scale, (y - shift) * scale)
@@ -143,7 +143,6 @@ def _ssim_partial_sums(x, y, shift, scale, sigma: float, pad: int, normalised: b
     vy = myy - my * my
     vxy = mxy - mx * my
     # Luminance needs the un-shifted means (in units of the data range).
-    c = shift * scale
     ux, uy = mx + c, my + c
     c1, c2 = np.float32(K1**2), np.float32(K2**2)
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
@@ -192,8 +191,12 @@ def ssim3d(original, decoded, *, data_range: float | None = None, sigma: float =
     # Values float32 cannot hold exactly (float64, large integers) are normalised here, in float64: in
     # float32 a 1e6 offset ate the differences SSIM measures.
     exact = all(v.dtype in _EXACT_IN_F32 for v in (a, b))
+    if exact and a.dtype.kind == "f":  # near float32's limit v − shift overflowed (SSIM was NaN), and 1/range
+        top = max(abs(lo), abs(hi), float(np.max(np.abs(b))))  # was subnormal: normalised in float64 there
+        exact = top + abs(shift) < 1e30
     x, y = (jnp.asarray(v, jnp.float32) if exact else _normalised(v, shift, scale) for v in (a, b))
-    partial = _ssim_partial_sums(x, y, np.float32(shift), np.float32(scale), sigma=float(sigma), pad=pad,
+    partial = _ssim_partial_sums(x, y, np.float32(shift), np.float32(scale), np.float32(shift * scale),
+                                 sigma=float(sigma), pad=pad,
                                  normalised=not exact)
     count = 1
     for n in a.shape:

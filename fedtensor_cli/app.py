@@ -250,11 +250,19 @@ def _naming(src: Path) -> Iterator[None]:
 def _read_ftz(src: Path) -> tuple[bytes, dict[str, Any]]:
     """An .ftz file's bytes and checked header (:func:`fedtensor.codec.read_info`)."""
     from fedtensor.codec import read_info
+    from fedtensor.codec.container import MAGIC, unpack
     from fedtensor.errors import FedtensorError
 
     if src.is_dir():
         raise FedtensorError(f"{src} is a directory, not an .ftz file")
-    data = src.read_bytes()
+    if src.exists() and not src.is_file():  # /dev/zero, a FIFO: read to the end, they never end
+        raise FedtensorError(f"{src} is not a regular file")
+    with open(src, "rb") as f:
+        head = f.read(len(MAGIC))
+        with _naming(src):
+            if head != MAGIC[:len(head)] or not head:  # a 300 MB NIfTI was read whole to say "bad magic"
+                unpack(head)  # its one-line FormatError
+        data = head + f.read()
     with _naming(src):
         return data, read_info(data)
 

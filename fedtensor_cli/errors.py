@@ -56,6 +56,8 @@ def describe(exc: BaseException) -> str:
         return one_line(": ".join([exc.strerror, *map(os.fsdecode, names)]))
     if isinstance(exc, (FedtensorError, UsageFailure, OSError)):
         return one_line(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return "not enough memory for this input on this machine"
     return one_line(f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -113,7 +115,7 @@ def routed_warnings() -> Iterator[None]:
 def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, UsageFailure):
         return EXIT_USAGE
-    if isinstance(exc, (FedtensorError, OSError)):
+    if isinstance(exc, (FedtensorError, OSError, MemoryError)):  # (out of memory: the machine's limit, no bug)
         return EXIT_FAILURE
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED

@@ -65,7 +65,13 @@ def batch_volume_inputs(directory: Path, output: Path | None = None) -> list[Pat
     the ``output`` directory, if it lies inside."""
     entries = _outside(_visible(directory), output)
     items = [p for p in entries if p.is_file() and volume_suffix(p)]
-    items += [p for p in entries if p.is_dir() and _visible(p)]
+    folders = [p for p in entries if p.is_dir() and _visible(p)]
+    # an earlier run's output folder inside the input (under another name): .ftz files, no series
+    outputs = [p for p in folders if all(c.is_file() and c.name.lower().endswith(FTZ_SUFFIX) for c in _visible(p))]
+    if outputs:
+        warnings.warn(f"skipped {', '.join(p.name for p in outputs)}: holding only .ftz files, "
+                      f"{'they are' if len(outputs) > 1 else 'it is'} no DICOM series", stacklevel=2)
+    items += [p for p in folders if p not in outputs]
     from fedtensor.io.dicom import looks_like_dicom  # (here: numpy stays out of the CLI's start-up)
 
     loose = sum(1 for p in entries if p.is_file() and not volume_suffix(p) and looks_like_dicom(p))
@@ -96,7 +102,16 @@ def check_output(path: Path, *, force: bool) -> None:
     if not parent.is_dir():
         raise FedtensorError(f"output directory does not exist: {parent}")
     if not os.access(parent, os.W_OK | os.X_OK):  # before the work, not after it
-        raise FedtensorError(f"cannot write to {parent}: permission denied")
+        raise FedtensorError(f"cannot write to {parent}: {_why_unwritable(parent)}")
+
+
+def _why_unwritable(directory: Path) -> str:
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except (OSError, AttributeError):  # (no statvfs: not POSIX)
+        pass
+    return "permission denied"
 
 
 def require_suffix(path: Path, allowed: tuple[str, ...], what: str) -> None:
@@ -113,6 +128,9 @@ def prepare_output_dir(path: Path) -> None:
         raise UsageFailure(f"the input is a directory, so OUTPUT must be a directory, not a file name: {path}")
     if not path.parent.is_dir():
         raise FedtensorError(f"output directory does not exist: {path.parent}")
+    if not os.access(path if path.exists() else path.parent, os.W_OK | os.X_OK):  # once, not once per item
+        where = path if path.exists() else path.parent
+        raise FedtensorError(f"cannot write to {where}: {_why_unwritable(where)}")
     path.mkdir(exist_ok=True)
 
 

@@ -629,6 +629,31 @@ def test_directory_mode_with_its_output_inside_the_input(tmp_path: Path) -> None
         assert d["count"] == 1 and d["failed"] == 0
 
 
+def test_an_earlier_runs_output_under_another_name_is_skipped_not_failed(tmp_path: Path) -> None:
+    # compress in in/run1, then in in/run2: run1 (only .ftz files) failed as "no DICOM image files"
+    src = tmp_path / "in"
+    src.mkdir()
+    np.save(src / "a.npy", smooth_volume(seed=1))
+    run_json("compress", src, src / "run1", "--psnr", 40)
+    with pytest.warns(UserWarning, match="skipped run1: holding only .ftz files"):
+        c = run_json("compress", src, src / "run2", "--psnr", 40)
+    assert c["count"] == 1 and c["failed"] == 0
+
+
+def test_a_read_only_file_system_is_named(tmp_path: Path, vol_path: Path, monkeypatch) -> None:
+    import fedtensor_cli.paths as paths
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(paths.os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(paths.os, "statvfs", lambda p: ReadOnly)
+    r = run("compress", vol_path, tmp_path / "o.ftz")
+    assert r.exit_code == 1 and r.stderr.strip().endswith("read-only file system"), r.stderr
+    r = run("compress", vol_path.parent, tmp_path / "outdir")  # a batch: refused once, before any item
+    assert r.exit_code == 1 and r.stderr.strip().endswith("read-only file system"), r.stderr
+
+
 def test_directory_input_refuses_a_file_name_as_output(tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()
@@ -971,3 +996,23 @@ def test_serve_without_flask_says_which_extra_to_install(tmp_path: Path, monkeyp
     monkeypatch.delitem(sys.modules, "fedtensor.serve.app", raising=False)
     result = runner.invoke(app, ["serve", "--data", str(tmp_path / "data")])
     assert_one_error(result, code=1, contains="pip install 'fedtensor[web]'")
+
+
+def test_info_refuses_a_device_and_reads_only_the_start_of_a_foreign_file(tmp_path):
+    # /dev/zero was read to the end (MemoryError: "internal error", exit 3); a 300 MB NIfTI whole to say "bad magic"
+    proc = subprocess.run(["bash", "-c", f"ulimit -v 4000000; exec {sys.executable} -m fedtensor_cli info /dev/zero"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: /dev/zero is not a regular file", proc.stderr
+    big = tmp_path / "big.ftz"
+    with open(big, "wb") as f:
+        f.write(b"NOPE")
+        f.truncate(1 << 40)  # a sparse terabyte: reading it whole is impossible
+    r = run("info", big)
+    assert r.exit_code == 1 and "bad magic number" in r.stderr
+
+
+def test_out_of_memory_is_a_failure_with_a_message_not_an_internal_error():
+    from fedtensor_cli.errors import describe, exit_code_for
+
+    assert exit_code_for(MemoryError()) == 1
+    assert describe(MemoryError()) == "not enough memory for this input on this machine"

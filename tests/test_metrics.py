@@ -166,3 +166,15 @@ def test_ssim3d_keeps_small_differences_on_a_large_offset():
     c1, c2 = (0.01 * dr) ** 2, (0.03 * dr) ** 2
     ssim_map = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     assert ssim3d(a, b) == pytest.approx(ssim_map[5:-5, 5:-5, 5:-5].mean(), abs=1e-7)
+
+
+def test_ssim_near_float32s_limit_matches_scikit_image():
+    # v − shift overflowed float32 (SSIM came out NaN: null in `evaluate --json`), and 1/range was subnormal
+    from skimage.metrics import structural_similarity
+
+    f = (np.random.default_rng(0).random((16, 16, 16)) * 3e38).astype(np.float32)
+    g = f + np.float32(1e37) * np.random.default_rng(1).random(f.shape).astype(np.float32)
+    for a, b in ((f, -f), (f, g)):
+        want = structural_similarity(a.astype(np.float64), b.astype(np.float64), gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False, data_range=float(f.max()) - float(f.min()))
+        assert ssim3d(a, b) == pytest.approx(want, abs=1e-6)

@@ -313,7 +313,8 @@ def test_train_writes_model_and_resumes_identically(sources, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"lr": math.inf}, "must be finite"), ({"clip": math.nan}, "must be finite"), ({"seed": -1}, "seed must be"),
+    ({"lr": math.inf}, "^learning rate must be finite, got inf$"), ({"clip": math.nan}, "^gradient clip must be finite"),
+    ({"targets": (40.0, math.inf)}, "^targets must be finite"), ({"seed": -1}, "seed must be"),
     ({"seed": 2**32}, "seed must be"),
     ({"blocks": ("8x8",)}, "three sides"), ({"blocks": ()}, "at least one block shape"),
 ])

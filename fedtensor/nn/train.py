@@ -93,9 +93,13 @@ class TrainConfig:
 
         if self.epochs < 1 or self.patches_per_epoch < 1 or self.batch < 1 or self.patience < 1:
             raise ValueError("epochs, patches per epoch, batch and patience must be ≥ 1")
-        if not all(math.isfinite(v) for v in (self.lr, self.warmup_epochs, self.weight_decay, self.clip,
-                                              self.val_fraction, *self.targets)):
-            raise ValueError("learning rate, warm-up, weight decay, clip, val fraction and targets must be finite")
+        named = {"learning rate": self.lr, "warm-up epochs": self.warmup_epochs, "weight decay": self.weight_decay,
+                 "gradient clip": self.clip, "val fraction": self.val_fraction}
+        for name, v in named.items():  # by name: the CLI sets only some of them
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+        if not all(math.isfinite(t) for t in self.targets):
+            raise ValueError(f"targets must be finite, got {list(self.targets)}")
         if not 0 <= self.seed < 2**32:  # JAX's 32-bit keys: PRNGKey(2**32) is PRNGKey(0)
             raise ValueError(f"seed must be in 0 … 2**32 − 1, got {self.seed}")
         if self.patch % 4 or self.patch < 16:
