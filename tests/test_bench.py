@@ -355,3 +355,11 @@ print(forked, spawned, alone, current_rss())
     forked, spawned, alone, own = map(int, out.stdout.split())
     assert own > 0 and forked == 0
     assert spawned == alone >= 64 << 20
+
+
+def test_a_not_applicable_cell_stands_only_for_the_code_that_judged_it():
+    # fedtensor-lossless was "n/a" on the MR for good, even once the codec coded its scaled integers
+    n_a = {"status": "n/a", "reason": "needs integer-valued voxels", "version": "fedtensor 0.1.0 (codec old)"}
+    assert not harness.is_done(n_a, "fedtensor 0.1.0 (codec new)")
+    assert harness.is_done(n_a, "fedtensor 0.1.0 (codec old)")
+    assert not harness.is_done({"status": "n/a", "reason": "x"}, "fedtensor 0.1.0 (codec new)")  # (recorded unversioned)

@@ -296,18 +296,18 @@ def run_cells(spec: VolumeSpec, codec_name: str, targets: Sequence, repeat: int 
         for c in cells:
             c.update(status="unavailable", reason=reason)
         return cells
-    vol = _load(spec)
-    reason = codec.not_applicable_reason(vol)
-    if reason:
-        for c in cells:
-            c.update(status="n/a", reason=reason)
-        return cells
     try:
         cells[0]["version"] = codec.version()
     except Exception:  # noqa: BLE001 - informative only
         pass
     for c in cells[1:]:
         c["version"] = cells[0].get("version")
+    vol = _load(spec)
+    reason = codec.not_applicable_reason(vol)  # (by the code of that version: a newer one may apply)
+    if reason:
+        for c in cells:
+            c.update(status="n/a", reason=reason)
+        return cells
     if codec.lossless:
         try:
             _measure(cells[0], spec, vol, codec, lambda: codec.encode_lossless(vol), LOSSLESS, repeat)
@@ -501,7 +501,7 @@ def is_done(cell: dict | None, version: str | None) -> bool:
     """Whether a stored cell stands on resume: final, and (where measured) by the codec as it is now."""
     if cell is None or cell.get("status") not in FINAL:
         return False
-    return cell["status"] == "n/a" or version is None or cell.get("version") == version
+    return version is None or cell.get("version") == version
 
 
 def plan_tasks(cfg: BenchConfig, specs: list[VolumeSpec], cells: dict[str, dict]) -> list[dict]:
