@@ -491,6 +491,8 @@ def test_nifti_round_trip_real(name, volume_paths, dicom_volume, tmp_path):
     codes = vol.meta.get("nifti_codes")  # the space codes are kept (a missing qform takes the sform's)
     kept = {} if codes is None else {"nifti_codes": {"qform_code": codes["qform_code"] or codes["sform_code"],
                                                      "sform_code": codes["sform_code"]}}
+    if "nifti_header" in vol.meta:  # description, display window, time unit: kept
+        kept["nifti_header"] = vol.meta["nifti_header"]
     if "nifti_scaling" in vol.meta:  # the MR's uint8 × 6.48: written back as those integers, so read as them
         kept["nifti_scaling"] = vol.meta["nifti_scaling"]
         assert nib.load(out).get_data_dtype() == np.uint8
@@ -1037,3 +1039,33 @@ def test_nifti_refuses_geometry_its_float32_header_cannot_hold(tmp_path, spacing
         write_volume(vol, tmp_path / "g.nii")  # was written with an infinite (or zero) pixdim / sform
     assert list(tmp_path.iterdir()) == []
     write_volume(vol, tmp_path / "g.npy")  # .npy keeps no geometry
+
+
+def test_nifti_description_intent_window_and_time_fields_survive_a_round_trip_through_ftz(tmp_path):
+    # they were dropped: a label map lost its intent, the sample MR its description and display window
+    from fedtensor.codec import compress, decompress
+
+    img = nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(4, 5, 6) % 7, np.eye(4))
+    img.header.set_intent("label", name="organs")
+    img.header["descrip"] = b"TotalSegmentator v2"
+    img.header["cal_min"], img.header["cal_max"] = 0.0, 6.0
+    img.header.set_xyzt_units(xyz="mm", t="msec")
+    img.header["toffset"], img.header["dim_info"] = 2.5, 57
+    nib.save(img, tmp_path / "lab.nii.gz")
+    vol = read_volume(tmp_path / "lab.nii.gz")
+    assert vol.meta["nifti_header"] == {"descrip": "TotalSegmentator v2", "intent": [1002, 0.0, 0.0, 0.0, "organs"],
+                                        "cal": [0.0, 6.0], "time_units": 16, "toffset": 2.5, "dim_info": 57}
+    write_volume(decompress(compress(vol, lossless=True)), tmp_path / "back.nii.gz")
+    h = nib.load(tmp_path / "back.nii.gz").header
+    assert h.get_intent() == ("label", (), "organs") and h["descrip"].item() == b"TotalSegmentator v2"
+    assert (float(h["cal_min"]), float(h["cal_max"]), float(h["toffset"]), int(h["dim_info"])) == (0.0, 6.0, 2.5, 57)
+    assert h.get_xyzt_units() == ("mm", "msec")
+
+
+@pytest.mark.parametrize("extras", [{"descrip": "x" * 81}, {"intent": [1002, 0, 0, 0]}, {"intent": [True, 0, 0, 0, ""]},
+                                    {"cal": [0, float("nan")]}, {"time_units": 3}, {"dim_info": 300}, {"descrip": 5},
+                                    "text", [1]])
+def test_forged_nifti_header_fields_are_dropped(extras):
+    from fedtensor.io.nifti import nifti_extras
+
+    assert nifti_extras({"nifti_header": extras}) == {}

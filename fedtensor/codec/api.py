@@ -19,7 +19,7 @@ from fedtensor.codec.normalize import denormalize, normalization, normalize, row
 from fedtensor.codec.quantize import finest_step, largest_step_within
 from fedtensor.cores import usable_cores
 from fedtensor.errors import FedtensorError, FormatError, RateError, VolumeError
-from fedtensor.io.nifti import nifti_qform, nifti_units, space_codes
+from fedtensor.io.nifti import nifti_extras, nifti_qform, nifti_units, space_codes
 from fedtensor.io.scaling import apply_scaling, rounding_bound, scaling_of, stored_integers
 from fedtensor.io.volume import Volume, integer_valued
 from fedtensor.metrics import psnr_from_sse
@@ -531,6 +531,8 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         header["nifti_qform"] = qform.tolist()
     if nifti_units(volume.meta) != "mm":
         header["nifti_units"] = nifti_units(volume.meta)
+    if extras := nifti_extras(volume.meta):  # description, intent, display window, time unit, …
+        header["nifti_header"] = extras
     lo, hi = float(volume.data.min()), float(volume.data.max())  # one pass each, shared by every mode
     value_range = hi - lo
     exact = lossless or (max_error is not None and (max_error == 0 or max_error < 1 and volume.dtype.kind in "iu"))
@@ -758,4 +760,6 @@ def decompress(data: bytes) -> Volume:
         meta["nifti_qform"] = qform.tolist()
     if (units := nifti_units(h)) != "mm":
         meta["nifti_units"] = units
+    if extras := nifti_extras(h):
+        meta["nifti_header"] = extras
     return Volume(x, tuple(h["spacing"]), np.asarray(h["affine"], float), meta)

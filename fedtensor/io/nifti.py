@@ -124,6 +124,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         meta["nifti_codes"] = codes
     if units in ("meter", "micron"):  # the affine and zooms are in these units: written back in them
         meta["nifti_units"] = units
+    if extras := nifti_extras({"nifti_header": _header_extras(img.header)}):
+        meta["nifti_header"] = extras
     if not _usable(affine) and qform is not None and _usable(qform):  # a broken sform, a good qform
         affine = qform
         meta["affine"] = "the file's sform is unusable (non-finite or singular); its qform is used"
@@ -188,6 +190,80 @@ def nifti_qform(meta: dict) -> np.ndarray | None:
     return q if q.shape == (4, 4) and _usable(q) else None
 
 
+#: NIfTI time unit codes (bits 3–5 of ``xyzt_units``): s, ms, µs, Hz, ppm, rad/s.
+_TIME_UNITS = (8, 16, 24, 32, 40, 48)
+
+
+def _header_extras(header) -> dict:
+    """The header fields beyond geometry and data that a round trip keeps: the description, the intent
+    (a label map, a statistic), the display window, the time unit and offset, and which axes are the
+    frequency, phase and slice directions. Only those that are set."""
+    out: dict = {}
+    descrip = bytes(header["descrip"].item()).split(b"\0")[0].decode("utf-8", "replace").strip()
+    if descrip:
+        out["descrip"] = descrip
+    if int(header["intent_code"]):
+        name = bytes(header["intent_name"].item()).split(b"\0")[0].decode("utf-8", "replace").strip()
+        out["intent"] = [int(header["intent_code"]), *(float(header[f"intent_p{k}"]) for k in (1, 2, 3)), name]
+    cal = [float(header["cal_min"]), float(header["cal_max"])]
+    if any(cal):
+        out["cal"] = cal
+    if time := int(header["xyzt_units"]) & 0x38:
+        out["time_units"] = time
+    if float(header["toffset"]):
+        out["toffset"] = float(header["toffset"])
+    if int(header["dim_info"]):
+        out["dim_info"] = int(header["dim_info"])
+    return out
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def nifti_extras(meta: dict) -> dict:
+    """The well-formed entries of ``meta["nifti_header"]`` (:func:`_header_extras`; a stream's header is
+    untrusted: anything else is dropped)."""
+    extras = meta.get("nifti_header")
+    if not isinstance(extras, dict):
+        return {}
+    out: dict = {}
+    d = extras.get("descrip")
+    if isinstance(d, str) and d and len(d.encode("utf-8", "replace")) <= 80:
+        out["descrip"] = d
+    i = extras.get("intent")
+    if (isinstance(i, list) and len(i) == 5 and isinstance(i[0], int) and not isinstance(i[0], bool)
+            and 0 < i[0] < 1 << 15 and all(_finite_number(p) for p in i[1:4]) and isinstance(i[4], str)
+            and len(i[4].encode("utf-8", "replace")) <= 16):
+        out["intent"] = i
+    c = extras.get("cal")
+    if isinstance(c, list) and len(c) == 2 and all(_finite_number(v) and abs(v) < 3e38 for v in c):
+        out["cal"] = c
+    if extras.get("time_units") in _TIME_UNITS:
+        out["time_units"] = extras["time_units"]
+    if _finite_number(extras.get("toffset")) and abs(extras["toffset"]) < 3e38:
+        out["toffset"] = extras["toffset"]
+    di = extras.get("dim_info")
+    if isinstance(di, int) and not isinstance(di, bool) and 0 < di < 256:
+        out["dim_info"] = di
+    return out
+
+
+def _set_extras(header, extras: dict) -> None:
+    if "descrip" in extras:
+        header["descrip"] = extras["descrip"].encode("utf-8", "replace")[:80]
+    if "intent" in extras:
+        code, p1, p2, p3, name = extras["intent"]
+        header["intent_code"], header["intent_name"] = code, name.encode("utf-8", "replace")[:16]
+        header["intent_p1"], header["intent_p2"], header["intent_p3"] = p1, p2, p3
+    if "cal" in extras:
+        header["cal_min"], header["cal_max"] = extras["cal"]
+    if "toffset" in extras:
+        header["toffset"] = extras["toffset"]
+    if "dim_info" in extras:
+        header["dim_info"] = extras["dim_info"]
+
+
 def nifti_units(meta: dict) -> str:
     """The spatial units recorded in ``meta`` (``meter`` or ``micron``), else ``mm``."""
     return meta.get("nifti_units") if meta.get("nifti_units") in ("meter", "micron") else "mm"
@@ -210,7 +286,8 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     ``volume.meta["nifti_codes"]`` (as read from a NIfTI file; else 1, scanner; both 0, "unknown", stay
     0). The qform is the file's own (``meta["nifti_qform"]``, where it differed from the affine), else
     the affine when that agrees with ``volume.spacing`` (and is not singular). The header zooms are
-    ``volume.spacing``, in ``meta["nifti_units"]`` (else mm). NIfTI-1 stores the sform in float32, so
+    ``volume.spacing``, in ``meta["nifti_units"]`` (else mm); the description, intent, display window, time
+    unit and offset and ``dim_info`` are ``meta["nifti_header"]``'s (:func:`nifti_extras`). NIfTI-1 stores the sform in float32, so
     an affine round-trips exactly when its entries are float32-representable (always the case for one
     read from a NIfTI file).
     """
@@ -250,7 +327,9 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
         else:  # a qform must be a rotation and zooms: none matches this affine
             img.set_qform(None, code=0)
         img.header.set_zooms(spacing)
-        img.header.set_xyzt_units(xyz=nifti_units(volume.meta))
+        extras = nifti_extras(volume.meta)
+        img.header.set_xyzt_units(xyz=nifti_units(volume.meta), t=extras.get("time_units"))
+        _set_extras(img.header, extras)
     except Exception as e:
         raise VolumeError(f"cannot encode NIfTI for {path}: {one_line(e)}") from None
     with atomic_path(path, force=force) as tmp:
