@@ -51,15 +51,6 @@ static float row_model(const float *p, Py_ssize_t k, float *c) {
     return (float)(TOTAL - (uint32_t)k) / acc;
 }
 
-/* Symbol v's interval [left, left + prob) under a row (cumulatives c, scale): left_cumulative_and_probability. */
-static int row_interval(const float *c, float scale, Py_ssize_t k, int64_t v, uint32_t *left, uint32_t *prob) {
-    if (scale == 0.0f || v < 0 || v >= k) return OUTSIDE;
-    *left = as_u32f(c[v] * scale) + (uint32_t)v;
-    uint32_t right = v == k - 1 ? TOTAL : as_u32f(c[v + 1] * scale) + (uint32_t)v + 1;
-    *prob = right - *left;
-    return *prob ? 0 : OUTSIDE;
-}
-
 /* Where symbol 1 starts under constriction's fast model of [1 − p, p] (float64); 0 for a p it refuses. */
 static uint32_t bit_split(double p) {
     double q = 1.0 - p, norm = q + p;
@@ -93,35 +84,41 @@ typedef struct {
     int busy; /* coding with the GIL released: no other call may touch it meanwhile */
 } Encoder;
 
-static int put(Encoder *e, uint32_t w) {
-    if (e->s.n_words == e->cap) {
-        Py_ssize_t cap = e->cap ? 2 * e->cap : 1024;
-        uint32_t *grown = PyMem_RawRealloc(e->words, (size_t)cap * sizeof(uint32_t));
-        if (!grown) return -1;
-        e->words = grown, e->cap = cap;
-    }
-    e->words[e->s.n_words++] = w;
+/* Room for more words (out of line: once per doubling). */
+static __attribute__((noinline)) int grow(Encoder *e) {
+    Py_ssize_t cap = e->cap ? 2 * e->cap : 1024;
+    uint32_t *grown = PyMem_RawRealloc(e->words, (size_t)cap * sizeof(uint32_t));
+    if (!grown) return -1;
+    e->words = grown, e->cap = cap;
+    return 0;
+}
+
+/* The coding functions below take the state as ``s``, a local copy of ``e->s`` in every coding loop (stored
+ * back once the call succeeds): a state only reachable through ``e`` went to memory and back on every symbol,
+ * since the word stores might alias it (Python's extensions build with -fno-strict-aliasing). */
+static inline int put(Encoder *e, State *s, uint32_t w) {
+    if (s->n_words == e->cap && grow(e) < 0) return -1;
+    e->words[s->n_words++] = w;
     return 0;
 }
 
 /* Flush held-back words once the range no longer straddles a carry (carry: lower wrapped). */
-static int release_inverted(Encoder *e, int carry) {
-    uint32_t first = carry ? e->s.first_inverted + 1 : e->s.first_inverted, rest = carry ? 0 : UINT32_MAX;
-    if (put(e, first) < 0) return -1;
-    for (Py_ssize_t i = 1; i < e->s.inverted; i++)
-        if (put(e, rest) < 0) return -1;
-    e->s.inverted = 0;
+static int release_inverted(Encoder *e, State *s, int carry) {
+    uint32_t first = carry ? s->first_inverted + 1 : s->first_inverted, rest = carry ? 0 : UINT32_MAX;
+    if (put(e, s, first) < 0) return -1;
+    for (Py_ssize_t i = 1; i < s->inverted; i++)
+        if (put(e, s, rest) < 0) return -1;
+    s->inverted = 0;
     return 0;
 }
 
 /* Encode the interval [left, left + prob) of [0, 2^24): constriction's encode_symbol. */
-static int encode(Encoder *e, uint32_t left, uint32_t prob) {
-    State *s = &e->s;
+static inline int encode(Encoder *e, State *s, uint32_t left, uint32_t prob) {
     uint64_t scale = s->range >> PRECISION, range = scale * prob;
     if (!range) return OUTSIDE;
     s->range = range;
     uint64_t lower = s->lower + scale * left;
-    if (s->inverted && lower + s->range > lower && release_inverted(e, lower < s->lower) < 0) return -1;
+    if (s->inverted && lower + s->range > lower && release_inverted(e, s, lower < s->lower) < 0) return -1;
     s->lower = lower;
     if (s->range < ((uint64_t)1 << 32)) {
         s->range <<= 32;
@@ -130,23 +127,17 @@ static int encode(Encoder *e, uint32_t left, uint32_t prob) {
         if (s->inverted)
             s->inverted++;
         else if (s->lower + s->range > s->lower) {
-            if (put(e, word) < 0) return -1;
+            if (put(e, s, word) < 0) return -1;
         } else
             s->inverted = 1, s->first_inverted = word;
     }
     return 0;
 }
 
-static int encode_row(Encoder *e, const float *c, float scale, Py_ssize_t k, int64_t v) {
-    uint32_t left, prob;
-    int rc = row_interval(c, scale, k, v, &left, &prob);
-    return rc ? rc : encode(e, left, prob);
-}
-
-static int encode_bit(Encoder *e, uint32_t mid, int64_t v) {
+static inline int encode_bit(Encoder *e, State *s, uint32_t mid, int64_t v) {
     uint32_t left, prob;
     int rc = bit_interval(mid, v, &left, &prob);
-    return rc ? rc : encode(e, left, prob);
+    return rc ? rc : encode(e, s, left, prob);
 }
 
 static void set_error(int rc, const char *what) {
@@ -209,19 +200,17 @@ static PyObject *end(Encoder *e, const State *kept, int rc, const char *what) {
     return NULL;
 }
 
-/* Cumulatives and scale of table rows, each made when first used: (k + 2) floats a row. */
+/* The left ends of table rows (row_lefts), each made when first used: k + 1 a row. */
 typedef struct {
-    float *cum;
+    uint32_t *left;
     int64_t *made; /* the tag a row was made under (-1: not yet) */
-    Py_ssize_t stride;
 } Rows;
 
 static int rows_new(Rows *r, Py_ssize_t n_rows, Py_ssize_t k) {
-    r->stride = k + 2;
-    r->cum = PyMem_RawMalloc((size_t)(n_rows ? n_rows : 1) * r->stride * sizeof(float));
+    r->left = PyMem_RawMalloc((size_t)(n_rows ? n_rows : 1) * (k + 1) * sizeof(uint32_t));
     r->made = PyMem_RawMalloc((size_t)(n_rows ? n_rows : 1) * sizeof(int64_t));
-    if (!r->cum || !r->made) {
-        PyMem_RawFree(r->cum), PyMem_RawFree(r->made);
+    if (!r->left || !r->made) {
+        PyMem_RawFree(r->left), PyMem_RawFree(r->made);
         PyErr_NoMemory();
         return -1;
     }
@@ -229,16 +218,31 @@ static int rows_new(Rows *r, Py_ssize_t n_rows, Py_ssize_t k) {
     return 0;
 }
 
-static void rows_free(Rows *r) { PyMem_RawFree(r->cum), PyMem_RawFree(r->made); }
+static void rows_free(Rows *r) { PyMem_RawFree(r->left), PyMem_RawFree(r->made); }
 
-/* Row ``i`` of ``table`` (k entries a row) as made for ``tag``: its cumulatives, the scale after them. */
-static const float *rows_get(Rows *r, const float *table, Py_ssize_t i, Py_ssize_t k, int64_t tag) {
-    float *c = r->cum + i * r->stride;
+/* A row's left ends under constriction's quantisation (symbol v starts at as_u32f(c[v] * scale) + v; after the
+ * last, 2^24), all 0 for a row constriction refuses: coding a symbol is then two loads, not two float products
+ * and conversions (2.4 against 6.6 ns a symbol), and the same for every symbol of a row. */
+static void row_lefts(const float *p, Py_ssize_t k, uint32_t *left) {
+    float c[MAX_SYMBOLS + 1], scale = row_model(p, k, c);
+    for (Py_ssize_t v = 0; v < k; v++) left[v] = scale == 0.0f ? 0 : as_u32f(c[v] * scale) + (uint32_t)v;
+    left[k] = scale == 0.0f ? 0 : TOTAL;
+}
+
+/* Row ``i`` of ``table`` (k entries a row) as made for ``tag``: its left ends. */
+static const uint32_t *rows_lefts(Rows *r, const float *table, Py_ssize_t i, Py_ssize_t k, int64_t tag) {
+    uint32_t *left = r->left + i * (k + 1);
     if (r->made[i] != tag) {
-        c[k + 1] = row_model(table + i * k, k, c);
+        row_lefts(table + i * k, k, left);
         r->made[i] = tag;
     }
-    return c;
+    return left;
+}
+
+static inline int encode_left(Encoder *e, State *s, const uint32_t *left, Py_ssize_t k, int64_t v) {
+    if (v < 0 || v >= k) return OUTSIDE;
+    uint32_t prob = left[v + 1] - left[v];
+    return prob ? encode(e, s, left[v], prob) : OUTSIDE;
 }
 
 /* The inputs of categorical_rows, both ways: a (L, K) float32 table, uint16 row numbers or None (row i for
@@ -266,6 +270,7 @@ static PyObject *Encoder_categorical_rows(Encoder *e, PyObject *args) {
     State kept;
     if (rows_inputs(o, b, 0, &n_rows, &k, &n) < 0 || rows_new(&rows, n_rows, k) < 0) goto done;
     if (begin(e, &kept) == 0) {
+        State st = e->s;
         const float *table = b[0].b.buf;
         const uint16_t *at = o[1] == Py_None ? NULL : b[1].b.buf;
         const int32_t *values = b[2].b.buf;
@@ -274,10 +279,10 @@ static PyObject *Encoder_categorical_rows(Encoder *e, PyObject *args) {
         for (Py_ssize_t i = 0; i < n && !rc; i++) {
             Py_ssize_t r = at ? at[i] : i; /* read once: the array may change under a released GIL */
             if (r >= n_rows) { rc = NO_ROW; break; }
-            const float *c = rows_get(&rows, table, r, k, 0);
-            rc = encode_row(e, c, c[k + 1], k, values[i]);
+            rc = encode_left(e, &st, rows_lefts(&rows, table, r, k, 0), k, values[i]);
         }
         Py_END_ALLOW_THREADS
+        if (!rc) e->s = st;
         result = end(e, &kept, rc, "categorical_rows");
     }
     rows_free(&rows);
@@ -298,13 +303,16 @@ static PyObject *Encoder_categorical_alike(Encoder *e, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "categorical_alike: a row of 2 to 1024 symbols");
         goto done;
     }
-    float c[MAX_SYMBOLS + 1], scale = row_model(b[0].b.buf, k, c);
+    uint32_t left[MAX_SYMBOLS + 1];
+    row_lefts(b[0].b.buf, k, left);
     if (begin(e, &kept) == 0) {
+        State st = e->s;
         const int32_t *values = b[1].b.buf;
         int rc = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_row(e, c, scale, k, values[i]);
+        for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_left(e, &st, left, k, values[i]);
         Py_END_ALLOW_THREADS
+        if (!rc) e->s = st;
         result = end(e, &kept, rc, "categorical_alike");
     }
 done:
@@ -335,13 +343,15 @@ static PyObject *Encoder_bernoulli(Encoder *e, PyObject *args) {
     Py_ssize_t n;
     if (bernoulli_inputs(o, b, 0, &n) < 0) goto done;
     if (begin(e, &kept) == 0) {
+        State st = e->s;
         const double *p = o[0] == Py_None ? NULL : b[0].b.buf;
         const int32_t *values = b[1].b.buf;
         uint32_t even = bit_split(0.5);
         int rc = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_bit(e, p ? bit_split(p[i]) : even, values[i]);
+        for (Py_ssize_t i = 0; i < n && !rc; i++) rc = encode_bit(e, &st, p ? bit_split(p[i]) : even, values[i]);
         Py_END_ALLOW_THREADS
+        if (!rc) e->s = st;
         result = end(e, &kept, rc, "bernoulli");
     }
 done:
@@ -391,6 +401,7 @@ static PyObject *Encoder_chunks(Encoder *e, PyObject *args) {
     }
     if (rows_new(&rows, n_local, k) < 0) goto done;
     if (begin(e, &kept) == 0) {
+        State st = e->s;
         const uint16_t *local = b[1].b.buf;
         const int32_t *sym = b[2].b.buf, *sign = b[5].b.buf, *length = b[7].b.buf, *bits = b[8].b.buf;
         const float *tables = b[3].b.buf;
@@ -403,20 +414,21 @@ static PyObject *Encoder_chunks(Encoder *e, PyObject *args) {
             for (Py_ssize_t i = bounds[c]; i < bounds[c + 1] && !rc; i++) {
                 Py_ssize_t r = local[i]; /* read once: the array may change under a released GIL */
                 if (r >= n_local) { rc = NO_ROW; break; }
-                const float *cr = rows_get(&rows, table, r, k, c);
-                rc = encode_row(e, cr, cr[k + 1], k, sym[i]);
+                rc = encode_left(e, &st, rows_lefts(&rows, table, r, k, c), k, sym[i]);
             }
-            for (Py_ssize_t j = nz[c]; j < nz[c + 1] && !rc; j++) rc = encode_bit(e, bit_split(psign[j]), sign[j]);
+            for (Py_ssize_t j = nz[c]; j < nz[c + 1] && !rc; j++) rc = encode_bit(e, &st, bit_split(psign[j]), sign[j]);
             if (es[c + 1] > es[c] && !rc) {
-                float p[MAX_SYMBOLS], cd[MAX_SYMBOLS + 1];
+                float p[MAX_SYMBOLS];
+                uint32_t ld[MAX_SYMBOLS + 1];
                 for (Py_ssize_t s = 0; s < d; s++) p[s] = (float)dist[c * d + s];
-                float scale = row_model(p, d, cd);
+                row_lefts(p, d, ld);
                 uint32_t even = bit_split(0.5);
-                for (Py_ssize_t j = es[c]; j < es[c + 1] && !rc; j++) rc = encode_row(e, cd, scale, d, length[j]);
-                for (Py_ssize_t j = bs[c]; j < bs[c + 1] && !rc; j++) rc = encode_bit(e, even, bits[j]);
+                for (Py_ssize_t j = es[c]; j < es[c + 1] && !rc; j++) rc = encode_left(e, &st, ld, d, length[j]);
+                for (Py_ssize_t j = bs[c]; j < bs[c + 1] && !rc; j++) rc = encode_bit(e, &st, even, bits[j]);
             }
         }
         Py_END_ALLOW_THREADS
+        if (!rc) e->s = st;
         result = end(e, &kept, rc, "chunks");
     }
 done:
@@ -517,53 +529,60 @@ typedef struct {
     int busy;
 } Decoder;
 
+/* The decoder's state, copied to a local in every decoding loop and stored back after it (as the encoder's). */
+typedef struct {
+    uint64_t lower, range, point;
+    Py_ssize_t pos;
+    const uint32_t *words;
+    Py_ssize_t n_words;
+} DState;
+
+static DState dstate(const Decoder *d) { return (DState){d->lower, d->range, d->point, d->pos, d->words, d->n_words}; }
+static void dstore(Decoder *d, const DState *s) { d->lower = s->lower, d->range = s->range, d->point = s->point, d->pos = s->pos; }
+
 /* Decode the symbol whose interval holds the next quantile: ``search`` finds it (0 or an error). */
-static int quantile(Decoder *d, uint64_t *scale, uint32_t *q) {
-    *scale = d->range >> PRECISION;
-    uint64_t v = (d->point - d->lower) / *scale;
+static inline int quantile(const DState *s, uint64_t *scale, uint32_t *q) {
+    *scale = s->range >> PRECISION;
+    uint64_t v = (s->point - s->lower) / *scale;
     if (v >= TOTAL) return INVALID_DATA; /* what no encoder writes (constriction: InvalidData) */
     *q = (uint32_t)v;
     return 0;
 }
 
-static int advance(Decoder *d, uint64_t scale, uint32_t left, uint32_t prob) {
+static inline int advance(DState *s, uint64_t scale, uint32_t left, uint32_t prob) {
     uint64_t range = scale * prob;
     if (!range) return INVALID_DATA;
-    d->lower += scale * left;
-    d->range = range;
-    if (d->range < ((uint64_t)1 << 32)) {
-        d->lower <<= 32;
-        d->range <<= 32;
-        d->point <<= 32;
-        if (d->pos < d->n_words) d->point |= d->words[d->pos++];
+    s->lower += scale * left;
+    s->range = range;
+    if (s->range < ((uint64_t)1 << 32)) {
+        s->lower <<= 32;
+        s->range <<= 32;
+        s->point <<= 32;
+        if (s->pos < s->n_words) s->point |= s->words[s->pos++];
     }
     return 0;
 }
 
-static int decode_row(Decoder *d, const float *c, float scale, Py_ssize_t k, int32_t *out) {
-    uint64_t sc;
-    uint32_t q, left = 0, right = 0;
-    int rc = scale == 0.0f ? OUTSIDE : quantile(d, &sc, &q);
-    if (rc) return rc;
-    Py_ssize_t v = 0;
-    for (; v < k - 1; v++) {
-        right = as_u32f(c[v + 1] * scale) + (uint32_t)v + 1;
-        if (q < right) break;
-        left = right;
-    }
-    if (v == k - 1) right = TOTAL;
-    if (right == left) return INVALID_DATA;
-    *out = (int32_t)v;
-    return advance(d, sc, left, right - left);
-}
-
-static int decode_bit(Decoder *d, uint32_t mid, int32_t *out) {
+/* The symbol under a row of left ends (:func:`row_lefts`): the last whose left end is at most the quantile. */
+static inline int decode_left(DState *s, const uint32_t *left, Py_ssize_t k, int32_t *out) {
     uint64_t sc;
     uint32_t q;
-    int rc = mid == 0 ? OUTSIDE : quantile(d, &sc, &q);
+    int rc = left[k] == 0 ? OUTSIDE : quantile(s, &sc, &q); /* (a refused row's ends are all 0) */
+    if (rc) return rc;
+    Py_ssize_t v = 0;
+    while (v < k - 1 && q >= left[v + 1]) v++;
+    if (left[v + 1] == left[v]) return INVALID_DATA;
+    *out = (int32_t)v;
+    return advance(s, sc, left[v], left[v + 1] - left[v]);
+}
+
+static inline int decode_bit(DState *s, uint32_t mid, int32_t *out) {
+    uint64_t sc;
+    uint32_t q;
+    int rc = mid == 0 ? OUTSIDE : quantile(s, &sc, &q);
     if (rc) return rc;
     *out = q >= mid;
-    return *out ? advance(d, sc, mid, TOTAL - mid) : advance(d, sc, 0, mid);
+    return *out ? advance(s, sc, mid, TOTAL - mid) : advance(s, sc, 0, mid);
 }
 
 static int decoder_free(Decoder *d) {
@@ -631,14 +650,15 @@ static PyObject *Decoder_categorical_rows(Decoder *d, PyObject *args) {
     int32_t *out = b[2].b.buf;
     int rc = 0;
     d->busy = 1;
+    DState st = dstate(d);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && !rc; i++) {
         Py_ssize_t r = at ? at[i] : i; /* read once: ``out`` may even overlap ``rows`` */
         if (r >= n_rows) { rc = NO_ROW; break; }
-        const float *c = rows_get(&rows, table, r, k, 0);
-        rc = decode_row(d, c, c[k + 1], k, out + i);
+        rc = decode_left(&st, rows_lefts(&rows, table, r, k, 0), k, out + i);
     }
     Py_END_ALLOW_THREADS
+    dstore(d, &st);
     result = decoded(d, rc, "categorical_rows");
     rows_free(&rows);
 done:
@@ -658,12 +678,15 @@ static PyObject *Decoder_categorical_alike(Decoder *d, PyObject *args) {
         goto done;
     }
     int32_t *out = b[1].b.buf;
-    float c[MAX_SYMBOLS + 1], scale = row_model(b[0].b.buf, k, c);
+    uint32_t left[MAX_SYMBOLS + 1];
+    row_lefts(b[0].b.buf, k, left);
     int rc = 0;
     d->busy = 1;
+    DState st = dstate(d);
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_row(d, c, scale, k, out + i);
+    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_left(&st, left, k, out + i);
     Py_END_ALLOW_THREADS
+    dstore(d, &st);
     result = decoded(d, rc, "categorical_alike");
 done:
     release(b, 2);
@@ -682,9 +705,11 @@ static PyObject *Decoder_bernoulli(Decoder *d, PyObject *args) {
     uint32_t even = bit_split(0.5);
     int rc = 0;
     d->busy = 1;
+    DState st = dstate(d);
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_bit(d, p ? bit_split(p[i]) : even, out + i);
+    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = decode_bit(&st, p ? bit_split(p[i]) : even, out + i);
     Py_END_ALLOW_THREADS
+    dstore(d, &st);
     result = decoded(d, rc, "bernoulli");
 done:
     release(b, 2);
