@@ -57,14 +57,12 @@ def assert_header_consistent(blob: bytes, vol: Volume, decoded: np.ndarray) -> d
     assert list(info["shape"]) == list(vol.shape)
     assert np.dtype(info["dtype"]) == vol.data.dtype
     stats = info["stats"]
-    # (floats from scaled integers: the integers' error × |slope|, up to the floats' rounding)
-    ulp = float(np.spacing(np.abs(vol.data).max())) if "scaling" in info else 1e-9
-    assert stats["max_abs_error"] == pytest.approx(max_err64(vol.data, decoded), rel=1e-9, abs=ulp)
+    assert stats["max_abs_error"] == pytest.approx(max_err64(vol.data, decoded), rel=1e-9, abs=1e-9)
     ref = psnr64(vol.data, decoded)
     if math.isinf(ref):
         assert math.isinf(stats["psnr"]) or stats["psnr"] > 300
     else:
-        assert stats["psnr"] == pytest.approx(ref, rel=1e-9 if "scaling" not in info else 1e-6)
+        assert stats["psnr"] == pytest.approx(ref, rel=1e-9)
     return info
 
 

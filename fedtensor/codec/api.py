@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import time
 from typing import NamedTuple
@@ -20,7 +21,7 @@ from fedtensor.codec.quantize import finest_step, largest_step_within
 from fedtensor.cores import usable_cores
 from fedtensor.errors import FedtensorError, FormatError, RateError, VolumeError
 from fedtensor.io.nifti import nifti_extras, nifti_qform, nifti_units, space_codes
-from fedtensor.io.scaling import apply_scaling, rounding_bound, scaling_of, stored_integers
+from fedtensor.io.scaling import apply_scaling, float_errors, rounding_bound, scaling_of, stored_integers
 from fedtensor.io.volume import Volume, integer_valued
 from fedtensor.metrics import psnr_from_sse
 from fedtensor.tensor.block import padded_shape
@@ -299,8 +300,10 @@ def _unreachable_bpv(bpv: float, smallest: int, n: int) -> RateError:
     budget it suggests is rounded up, with room for the header, which records the target's own digits
     (the stream's rounded size, asked for, fell a few bytes short)."""
     suggest = math.ceil(8 * (smallest + 32) / n * 1e4) / 1e4
-    return RateError(f"cannot reach {bpv} bits per voxel: the smallest stream takes {8 * smallest / n:.4f}; "
-                     f"ask for at least {suggest:.4f}")
+    err = RateError(f"cannot reach {bpv} bits per voxel: the smallest stream takes {8 * smallest / n:.4f}; "
+                    f"ask for at least {suggest:.4f}")
+    err.smallest = smallest  # (bytes: for a caller whose stream adds to it)
+    return err
 
 
 def _lossy(volume: Volume, codec: str, block, psnr: float | None, bpv: float | None, header: dict,
@@ -517,8 +520,12 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         raise RateError(f"volume too large ({volume.data.size} voxels); the limit is {MAX_VOXELS}")
     target = {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)}
     if (raw := stored_integers(volume)) is not None:
-        return _scaled_integers(volume, raw, target, psnr=psnr, max_error=max_error, bpv=bpv, lossless=lossless,
+        blob = _scaled_integers(volume, raw, target, psnr=psnr, max_error=max_error, bpv=bpv, lossless=lossless,
                                 codec=codec, block=block, allow_exact=allow_exact)
+        if blob is not None:
+            return blob
+        volume = Volume(volume.data, volume.spacing, volume.affine,
+                        {k: v for k, v in volume.meta.items() if k != "nifti_scaling"})
     header = {
         "library": f"fedtensor {__version__}", "codec": codec, "shape": list(volume.shape),
         "dtype": volume.dtype.str, "spacing": list(volume.spacing), "affine": volume.affine.tolist(),
@@ -559,47 +566,64 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     return blob
 
 
+#: Streams of the integers tried before a scaled volume is coded as floats instead.
+_SCALED_TRIES = 3
+
+
 def _scaled_integers(volume: Volume, raw: np.ndarray, target: dict, *, psnr, max_error, bpv, lossless, codec, block,
-                     allow_exact) -> bytes:
+                     allow_exact) -> bytes | None:
     """:func:`compress` of floats made from scaled integers (NIfTI ``scl_slope``, :func:`stored_integers`):
     the integers are coded, under the targets carried to their units, and the header's ``"scaling"``
-    turns them back into the same floats (format version 3).
+    turns them back into the same floats (format version 3). None where that does not meet the floats'
+    targets (floats of a few distinct levels, say): the caller codes the floats.
 
-    The floats' errors are ``|slope|`` times the integers', give or take their rounding (``u`` each,
-    :func:`rounding_bound`): the PSNR target is raised and the error bound lowered by that much. The
-    stats reported are the integers' in the floats' units (PSNR alike; the error × ``|slope|``).
+    The floats' errors are ``|slope|`` times the integers', give or take their rounding
+    (:func:`rounding_bound`): the PSNR target is raised and the error bound lowered by that much, then
+    the stream is decoded and measured on the floats (its stats are those figures), and aimed higher
+    where it falls short.
     """
     slope, inter, _ = scaling_of(volume.meta)
-    u, a = rounding_bound(volume), abs(slope)
-    n = raw.size
+    x, a, n = volume.data, abs(slope), raw.size
+    value_range = float(x.max()) - float(x.min())
     inner = Volume(raw, volume.spacing, volume.affine, {k: v for k, v in volume.meta.items() if k != "nifti_scaling"})
+    aim = {"psnr": psnr, "max_error": max_error, "lossless": lossless}
     if psnr is not None:
-        span = a * (float(raw.max()) - float(raw.min()))
-        rmse = span * 10 ** (-psnr / 20)
-        if span > 4 * u and rmse > 0:
-            psnr = psnr + 20 * math.log10((rmse + 2 * u) / rmse * span / (span - 2 * u))
-    if max_error is not None:
-        max_error = max(0.0, (max_error - 2 * u) / a)  # below the rounding: the integers exactly
+        u = rounding_bound(x, value_range)
+        span, rmse = a * (float(raw.max()) - float(raw.min())), value_range * 10 ** (-psnr / 20)
+        if span > 4 * u and rmse > 2 * u:
+            aim["psnr"] = psnr + 20 * math.log10((rmse + 2 * u) / (rmse - 2 * u) * span / (span - 2 * u))
+    if max_error is not None:  # below one integer: the integers exactly
+        aim["max_error"] = max(0.0, (max_error - 2 * rounding_bound(x, max_error)) / a)
     scaling = {"slope": slope, "inter": inter, "dtype": volume.dtype.str}
-    reserve = 0  # the header's growth once the scaling is added: taken off a bits-per-voxel budget
-    for _ in range(3):
-        inner_bpv = None if bpv is None else bpv - 8 * reserve / n
-        if inner_bpv is not None and inner_bpv <= 0:
-            raise RateError(f"cannot reach {bpv} bits per voxel: the stream's header alone takes more")
-        blob = compress(inner, psnr=psnr, max_error=max_error, bpv=inner_bpv, lossless=lossless, codec=codec,
-                        block=block, allow_exact=allow_exact)
+    reserve = len(json.dumps({"scaling": scaling})) + 64  # the header's growth: taken off a bits budget
+    for _ in range(_SCALED_TRIES):
+        if aim["psnr"] is not None and aim["psnr"] >= 300:  # beyond the transforms: the integers exactly
+            aim = {"psnr": None, "max_error": None, "lossless": True}
+        try:
+            # (a budget the header's growth leaves nothing of: the integers' smallest stream says how short)
+            blob = compress(inner, **aim, bpv=None if bpv is None else max(bpv - 8 * reserve / n, 1e-9), codec=codec,
+                            block=block, allow_exact=allow_exact)
+        except RateError as err:
+            if bpv is not None and getattr(err, "smallest", None) is not None:  # in the caller's units
+                raise _unreachable_bpv(bpv, err.smallest + reserve, n) from None
+            return None
         h, sections = unpack(blob)
+        sse, worst = float_errors(x, decompress(blob).data, slope, inter)
+        reached = psnr_from_sse(sse, n, value_range)
+        if psnr is not None and reached < psnr:
+            aim["psnr"] += psnr - reached + _MARGIN_DB
+            continue
+        if max_error is not None and worst > max_error:
+            aim["max_error"] = max(0.0, float(h["stats"]["max_abs_error"]) - 1)
+            continue
         h.pop("sections")
-        h["scaling"] = scaling
-        h["target"] = target
-        stats = h.get("stats", {})
-        if isinstance(stats.get("max_abs_error"), (int, float)):
-            stats["max_abs_error"] = stats["max_abs_error"] * a
+        h.update(scaling=scaling, target=target, stats={"psnr": reached, "max_abs_error": worst})
         out = pack(h, sections)
-        if bpv is None or 8 * len(out) <= bpv * n:
-            return out
-        reserve = len(out) - len(blob) + 8
-    raise RateError(f"cannot reach {bpv} bits per voxel")  # pragma: no cover - the reserve converges at once
+        if bpv is not None and 8 * len(out) > bpv * n:
+            reserve = len(out) - len(blob) + 8
+            continue
+        return out
+    return None
 
 
 def _target(name: str, value):

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedtensor.codec.container import unpack
 from fedtensor.errors import FormatError
+from fedtensor.io.scaling import fits
 from fedtensor.io.volume import SUPPORTED_DTYPES
 
 #: Most voxels a stream may declare. Exact-mode decoding peaks at ~25 bytes a voxel (int64 residuals and
@@ -29,7 +30,7 @@ def check_header(h: dict) -> tuple[tuple[int, int, int], np.dtype]:
                 or spacing.shape != (3,) or not np.isfinite(spacing).all() or spacing.min() <= 0
                 or not isinstance(h.get("params"), dict)):
             raise ValueError
-    except (KeyError, TypeError, ValueError, OverflowError):
+    except (KeyError, TypeError, ValueError, OverflowError, SyntaxError):  # (SyntaxError: np.dtype("f4,("))
         raise FormatError("corrupted .ftz header: bad shape, dtype or geometry") from None
     return shape, dtype
 
@@ -38,16 +39,18 @@ def check_scaling(scaling, stored: np.dtype) -> tuple[float, float, np.dtype]:
     """``(slope, inter, dtype)`` of a header's ``"scaling"``: the integers of dtype ``stored`` times a finite
     non-zero slope plus a finite intercept, as float32 or float64 that hold every such value."""
     try:
-        slope, inter, dtype = scaling["slope"], scaling["inter"], np.dtype(scaling["dtype"])
-    except (KeyError, TypeError, ValueError):
+        slope, inter, dtype = float(scaling["slope"]), float(scaling["inter"]), scaling["dtype"]
+        if not (isinstance(dtype, str) and dtype in ("<f4", "<f8") and _finite(slope) and _finite(inter)
+                and all(type(scaling[k]) in (int, float) for k in ("slope", "inter"))):
+            raise ValueError
+    except Exception:  # noqa: BLE001 - a forged header: KeyError, TypeError, OverflowError (10**400), …
         raise FormatError("corrupted .ftz header: bad scaling") from None
-    if not (_finite(slope) and _finite(inter) and slope != 0 and stored.kind in "iu"
-            and dtype in (np.dtype("<f4"), np.dtype("<f8"))):
+    dtype = np.dtype(dtype)
+    if slope == 0 or stored.kind not in "iu":
         raise FormatError("corrupted .ftz header: bad scaling")
-    info = np.iinfo(stored)
-    if abs(slope) * max(-float(info.min), float(info.max)) + abs(inter) >= float(np.finfo(dtype).max):
+    if not fits(slope, inter, stored, dtype):
         raise FormatError("corrupted .ftz header: a scaling beyond its float type")
-    return float(slope), float(inter), dtype
+    return slope, inter, dtype
 
 
 def _finite(v) -> bool:
@@ -115,8 +118,11 @@ def read_info(data: bytes) -> dict:
     check_params(h.get("codec"), h["params"], dtype)
     n = math.prod(shape)
     if "scaling" in h:  # the stream codes stored integers; the decoded volume is their floats
-        out = check_scaling(h["scaling"], dtype)[2]
-        h = {**h, "dtype": out.str, "stored_dtype": dtype.str}
+        slope, inter, out = check_scaling(h["scaling"], dtype)
+        p = h["params"]
+        if h.get("codec") in TRANSFORM_CODECS:  # offset and scale (× step) in the floats' units, as restoration reads them
+            p = {**p, "scale": float(p["scale"]) * abs(slope), "offset": inter + slope * float(p["offset"])}
+        h = {**h, "dtype": out.str, "stored_dtype": dtype.str, "params": p}
         dtype = out
     return {**h, "file_bytes": len(data), "bits_per_voxel": 8 * len(data) / n,
             "ratio": n * dtype.itemsize / len(data)}

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
 
-#: Rows of a volume converted at a time (float64 temporaries of ~16 MB at most).
+#: Voxels converted at a time (float64 temporaries of ~50 MB at most: a few 16 MB arrays).
 _CHUNK_VOXELS = 1 << 21
 
 
@@ -43,16 +43,23 @@ def scaling_of(meta: dict) -> tuple[float, float, np.dtype] | None:
     return float(slope), float(inter), stored
 
 
+def fits(slope: float, inter: float, stored: np.dtype, dtype: np.dtype) -> bool:
+    """Whether every integer of ``stored`` scaled by ``slope`` and ``inter`` is finite in ``dtype``."""
+    info = np.iinfo(stored)
+    return abs(slope) * max(-float(info.min), float(info.max)) + abs(inter) < float(np.finfo(dtype).max)
+
+
 def stored_integers(volume: Volume) -> np.ndarray | None:
     """The stored integers of a float ``volume`` read from scaled NIfTI integers, when they reproduce its
-    voxels bit for bit (:func:`apply_scaling`); None otherwise (no scaling recorded, or voxels changed
-    since they were read)."""
+    voxels bit for bit (:func:`apply_scaling`; -0.0 is not 0.0) and any integer of their dtype scales to
+    a finite float; None otherwise (no scaling recorded, or voxels changed since they were read)."""
     found = scaling_of(volume.meta)
     x = volume.data
-    if found is None or x.dtype.kind != "f" or x.size == 0:
+    if found is None or x.dtype.kind != "f" or x.size == 0 or not fits(*found, x.dtype):
         return None
     slope, inter, stored = found
     info = np.iinfo(stored)
+    bits = np.dtype(f"u{x.dtype.itemsize}")
     raw = np.empty(x.shape, stored)
     rows = max(1, _CHUNK_VOXELS // max(1, math.prod(x.shape[1:])))
     for k in range(0, x.shape[0], rows):
@@ -60,15 +67,27 @@ def stored_integers(volume: Volume) -> np.ndarray | None:
         if not (np.isfinite(r).all() and r.min() >= info.min and r.max() <= info.max):
             return None
         raw[k:k + rows] = r
-        if not np.array_equal(apply_scaling(raw[k:k + rows], slope, inter, x.dtype), x[k:k + rows]):
+        if not np.array_equal(apply_scaling(raw[k:k + rows], slope, inter, x.dtype).view(bits), x[k:k + rows].view(bits)):
             return None
     return raw
 
 
-def rounding_bound(volume: Volume) -> float:
+def rounding_bound(x: np.ndarray, beyond: float = 0.0) -> float:
     """How far a scaled voxel's float may be from ``raw · slope + inter`` exactly: the rounding to its
-    dtype, half a unit in the last place of the largest magnitude (so two floats of values differing
-    by ``slope · d`` differ by at most ``|slope · d|`` plus twice this)."""
-    x = volume.data
-    top = max(abs(float(x.min())), abs(float(x.max())))
-    return float(np.spacing(x.dtype.type(top))) / 2
+    dtype, half a unit in the last place of the largest magnitude ``x`` holds, or a decoded voxel up to
+    ``beyond`` past it (so two floats of values differing by ``slope · d`` differ by at most
+    ``|slope · d|`` plus twice this)."""
+    top = max(abs(float(x.min())), abs(float(x.max()))) + beyond
+    return float(np.spacing(x.dtype.type(min(top, float(np.finfo(x.dtype).max))))) / 2
+
+
+def float_errors(x: np.ndarray, raw: np.ndarray, slope: float, inter: float) -> tuple[float, float]:
+    """``(sum of squared errors, max abs error)`` of the floats of decoded integers ``raw`` against ``x``,
+    in float64, a few rows at a time."""
+    sse, worst = 0.0, 0.0
+    rows = max(1, _CHUNK_VOXELS // max(1, math.prod(x.shape[1:])))
+    for k in range(0, x.shape[0], rows):
+        d = x[k:k + rows].astype(np.float64) - apply_scaling(raw[k:k + rows], slope, inter, x.dtype)
+        sse += float(np.vdot(d, d))
+        worst = max(worst, float(np.max(np.abs(d), initial=0.0)))
+    return sse, worst
