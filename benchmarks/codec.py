@@ -8,7 +8,9 @@ For each CT volume and each target PSNR (default 40, 45, 50 dB) this reports, in
   OpenJPEG ``level`` (PSNR-quality mode) is bisected until the whole-volume PSNR reaches T with the
   fewest bytes — a JPEG2000 rate that misses T is never reported;
 * compress and decompress speed of both, in MVoxel/s (best of ``--repeat`` after one warm-up call, so
-  JAX JIT compilation is excluded);
+  JAX JIT compilation is excluded), on the same cores: OpenJPEG gets as many threads as fedtensor's XLA
+  uses (``--j2k-threads 1`` for single-threaded OpenJPEG, the comparison made before the thirty-first
+  session, which favoured fedtensor 1.15–2×);
 * the peak extra resident memory of one fedtensor compress call, relative to the input array's bytes;
 * ratios fedtensor / JPEG2000 and PASS/MISS against the acceptance targets at 45 dB.
 
@@ -350,7 +352,9 @@ def print_report(results: list[dict], targets: list[float], codecs: list[str], a
         ["volume", "target dB", "ft comp", "ft decomp", "J2K comp", "J2K decomp", "ft/J2K comp", "ft/J2K decomp",
          "ft peak mem ×input"],
         rows,
-        caption="J2K compress = shift to unsigned + encode every slice at the already-found level (the bisection "
+        caption=f"Both codecs on the same cores: OpenJPEG runs with numthreads={args.j2k_threads}, fedtensor's "
+        "XLA and thread pools use the machine's usable cores. "
+        "J2K compress = shift to unsigned + encode every slice at the already-found level (the bisection "
         "is not timed); decompress = decode + restore dtype. Peak mem = max extra RSS during a fedtensor "
         "compress call, the worst of --mem-calls calls (1 ms /proc/self/statm sampling, cross-checked with "
         "VmHWM) ÷ input array bytes.",
@@ -439,7 +443,8 @@ def parse_args(argv=None):
                    help="JPEG2000 packing: one codestream per slice (default, as DICOM stores frames), or one "
                         "codestream whose components are the slices (each still coded in 2D; a stronger rival)")
     p.add_argument("--j2k-threads", type=int, default=None,
-                   help="OpenJPEG numthreads (default: imagecodecs' default, single-threaded)")
+                   help="OpenJPEG numthreads (default: the cores fedtensor uses, so that both codecs get the same "
+                        "hardware; 1: OpenJPEG single-threaded, as before the thirty-first session)")
     p.add_argument("--ft-codec", default=None, help="fedtensor codec= argument (default: library default)")
     p.add_argument("--ft-block", type=int, default=None, help="fedtensor block= argument (default: library default)")
     p.add_argument("--strict", action="store_true",
@@ -449,6 +454,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.j2k_threads is None:  # the cores fedtensor's XLA and thread pools use: the same hardware for both
+        from fedtensor.cores import usable_cores
+
+        args.j2k_threads = usable_cores()
     data_dir = (args.data or C.default_data_dir()).expanduser()
     targets = [float(t) for t in args.targets]
 

@@ -10,8 +10,10 @@ of :data:`SPLIT_VOXELS` or more have several groups: eight, or more of :data:`GR
 (:func:`group_voxels`), so that eight cores share even a 256³ volume's coding.
 The restarts cost the bits the tables take to learn again: at 45 dB, +1.0 % on a 256³ CT (8 groups),
 +0.91 % on a 512³ one (8 groups; docs/codec.md).
-The groups follow from the volume's geometry only, never from the number of cores, so a stream is the
-same on every machine.
+The groups follow from the volume's geometry only, never from the number of cores or workers. (The
+stream can still differ in its last bits between machines with other core counts: XLA's float sums,
+and with them the bases and the step the search settles on, depend on its thread count — the head CT's
+stream is 5 bytes longer on one core than on two. Each such stream decodes alike everywhere.)
 
 Workers are plain ``python -c`` processes that import numpy and constriction but not JAX, and talk
 pickle over their pipes: no ``multiprocessing`` start method, so a caller's script is never re-run in
