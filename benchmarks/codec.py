@@ -115,6 +115,45 @@ def bisect_jpeg2k(codec: Jpeg2kSlicewise, data: np.ndarray, target: float, steps
     return res
 
 
+#: Levels (dB) per-slice allocation chooses among, around the shared level the bisection found.
+ALLOCATION_GRID = np.arange(-6.0, 6.01, 0.5)
+
+
+def allocate_jpeg2k(codec: Jpeg2kSlicewise, data: np.ndarray, target: float, shared: float) -> dict:
+    """Per-slice OpenJPEG levels (one codestream per slice, as before) chosen at equal slope: each slice
+    is coded at every level of :data:`ALLOCATION_GRID` around ``shared``, and a Lagrange multiplier picks
+    per slice the level minimising bytes + λ·SSE, the smallest total whose volume PSNR reaches ``target``
+    (the slices are coded independently: their SSEs add up exactly). A stronger rival than one level for
+    every slice where slices differ (−6 % bytes on the head CT at 45 dB)."""
+    t0 = time.perf_counter()
+    x = data.astype(np.float64)
+    grid = shared + ALLOCATION_GRID
+    n_slices = data.shape[2]
+    nbytes, sse = np.zeros((n_slices, len(grid))), np.zeros((n_slices, len(grid)))
+    for k in range(n_slices):
+        for i, level in enumerate(grid):
+            stream = codec.compress_slice(data[:, :, k], level)
+            d = codec.decompress_slice(stream).astype(np.float64) - x[:, :, k]
+            nbytes[k, i], sse[k, i] = len(stream), float(np.vdot(d, d))
+    budget = data.size * (C.value_range(data) / 10 ** (target / 20)) ** 2 * (1 - 1e-9)  # (PSNR ≥ target, rounding aside)
+    best = None
+    rows = np.arange(n_slices)
+    for lam in np.logspace(-9, 5, 2000):
+        pick = np.argmin(nbytes + lam * sse, axis=1)
+        if sse[rows, pick].sum() <= budget and (best is None or nbytes[rows, pick].sum() < best[0]):
+            best = (nbytes[rows, pick].sum(), pick)
+    res = {"target_psnr": target, "search_s": time.perf_counter() - t0, "evaluations": int(nbytes.size)}
+    if best is None:
+        res.update(level=None, psnr=None, bytes=None, bpv=None, reached=False)
+        return res
+    levels = grid[best[1]]
+    streams = codec.compress(data, levels)
+    nb = sum(len(b) for b in streams)
+    res.update(level=[float(v) for v in levels], psnr=C.psnr(data, codec.decompress(streams), C.value_range(data)),
+               bytes=nb, bpv=C.bits_per_voxel(nb, data.size), reached=True)
+    return res
+
+
 def run_jpeg2k(data: np.ndarray, targets: list[float], args) -> dict:
     codec = Jpeg2kSlicewise(data, numthreads=args.j2k_threads, packing=args.j2k_packing)
     info = {
@@ -125,6 +164,7 @@ def run_jpeg2k(data: np.ndarray, targets: list[float], args) -> dict:
         "integer_valued": codec.integer_valued,
         "numthreads": args.j2k_threads,
         "packing": args.j2k_packing,
+        "allocation": args.j2k_allocation,
         "targets": {},
     }
     cache: dict = {}
@@ -132,6 +172,11 @@ def run_jpeg2k(data: np.ndarray, targets: list[float], args) -> dict:
     for t in targets:
         log(f"    jpeg2000 @ {t:g} dB: bisecting level ...")
         r = bisect_jpeg2k(codec, data, t, args.bisect_steps, cache)
+        if r["reached"] and args.j2k_allocation == "per-slice":
+            log(f"    jpeg2000 @ {t:g} dB: per-slice levels around {r['level']:.3f} ...")
+            shared_bytes = r["bytes"]
+            r = allocate_jpeg2k(codec, data, t, r["level"])
+            r["shared_level_bytes"] = shared_bytes
         if r["reached"]:
             lv = r["level"]
             tc = C.time_best(lambda: codec.compress(data, lv), args.repeat, warmup=1)
@@ -149,7 +194,7 @@ def run_jpeg2k(data: np.ndarray, targets: list[float], args) -> dict:
                 jp2_file_bpv=C.bits_per_voxel(jp2_bytes, nvox),
             )
             log(
-                f"    jpeg2000 @ {t:g} dB: level {lv:.3f}, PSNR {p:.3f}, {r['bpv']:.4f} bpv, "
+                f"    jpeg2000 @ {t:g} dB: level {np.mean(lv):.3f}, PSNR {p:.3f}, {r['bpv']:.4f} bpv, "
                 f"{r['compress_mvox_s']:.2f}/{r['decompress_mvox_s']:.2f} MVox/s ({r['evaluations']} evals)"
             )
         else:
@@ -313,7 +358,8 @@ def print_report(results: list[dict], targets: list[float], codecs: list[str], a
                     f2(f.get("psnr")),
                     f3(j.get("bpv")),
                     f2(j.get("psnr")),
-                    f2(j.get("level")),
+                    f2(j.get("level")) if not isinstance(j.get("level"), list)
+                    else f"per slice, {min(j['level']):.1f}–{max(j['level']):.1f}",
                     f3(rr["bpv_fedtensor_over_jpeg2000"]),
                 ]
             )
@@ -442,6 +488,9 @@ def parse_args(argv=None):
     p.add_argument("--j2k-packing", choices=("slices", "components"), default="slices",
                    help="JPEG2000 packing: one codestream per slice (default, as DICOM stores frames), or one "
                         "codestream whose components are the slices (each still coded in 2D; a stronger rival)")
+    p.add_argument("--j2k-allocation", choices=("shared", "per-slice"), default="shared",
+                   help="JPEG2000 rate: one OpenJPEG level for every slice, bisected (default), or per-slice levels "
+                        "chosen at equal slope around it (one codestream per slice; a stronger rival)")
     p.add_argument("--j2k-threads", type=int, default=None,
                    help="OpenJPEG numthreads (default: the cores fedtensor uses, so that both codecs get the same "
                         "hardware; 1: OpenJPEG single-threaded, as before the thirty-first session)")
@@ -454,6 +503,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.j2k_allocation == "per-slice" and args.j2k_packing != "slices":
+        print("error: --j2k-allocation per-slice needs --j2k-packing slices", file=sys.stderr)
+        return 2
     if args.j2k_threads is None:  # the cores fedtensor's XLA and thread pools use: the same hardware for both
         from fedtensor.cores import usable_cores
 

@@ -181,6 +181,20 @@ def test_jpeg2k_slicewise_compat(ct_crop):
     assert sum(map(len, c.compress(ct_crop.data, 60.0, codecformat="JP2"))) > sum(map(len, streams))
 
 
+def test_jpeg2k_slicewise_takes_a_level_per_slice(ct_crop):
+    """(benchmarks/codec.py --j2k-allocation per-slice): slice k coded at levels[k], alone."""
+    _skip_unavailable("jpeg2000")
+    from fedtensor.baselines.jpeg2000 import Jpeg2kSlicewise
+
+    c = Jpeg2kSlicewise(ct_crop.data)
+    levels = np.linspace(40.0, 70.0, ct_crop.shape[2])
+    streams = c.compress(ct_crop.data, levels)
+    assert streams == [c.compress_slice(ct_crop.data[:, :, k], v) for k, v in enumerate(levels)]
+    assert streams[0] == c.compress(ct_crop.data, 40.0)[0] and len(streams[-1]) > len(streams[0])
+    out = c.decompress(streams)
+    np.testing.assert_array_equal(out[:, :, 3], c.decompress_slice(streams[3]))
+
+
 def test_jpeg2k_one_codestream_of_slice_components(ct_crop):
     """Components = slices, no inter-component transform: each slice still coded in 2D; one header."""
     _skip_unavailable("jpeg2000")

@@ -106,18 +106,24 @@ class Jpeg2kSlicewise:
         self.bitspersample = self.map.bits
         self.store_dtype = self.map.dtype.type
 
-    def compress(self, data: np.ndarray, level: float, codecformat: str = "J2K") -> list[bytes]:
+    def compress(self, data: np.ndarray, level, codecformat: str = "J2K") -> list[bytes]:
+        """``level``: OpenJPEG's PSNR-quality level, one for every slice, or (one codestream per slice) a
+        sequence of one level per slice."""
         if self.packing == "components":
             planes = np.ascontiguousarray(np.moveaxis(self.map.forward(data), 2, 0))
             return [without_comments(self._ic.jpeg2k_encode(
                 planes, level=float(level), codecformat=codecformat, reversible=False, planar=True, mct=False,
                 bitspersample=self.bitspersample, numthreads=self.numthreads))]
-        return [
-            without_comments(self._ic.jpeg2k_encode(
-                self.map.forward(data[:, :, k]), level=float(level), codecformat=codecformat, reversible=False,
-                bitspersample=self.bitspersample, numthreads=self.numthreads))
-            for k in range(data.shape[2])
-        ]
+        levels = np.broadcast_to(np.asarray(level, np.float64), (data.shape[2],))
+        return [self.compress_slice(data[:, :, k], levels[k], codecformat) for k in range(data.shape[2])]
+
+    def compress_slice(self, plane: np.ndarray, level: float, codecformat: str = "J2K") -> bytes:
+        return without_comments(self._ic.jpeg2k_encode(
+            self.map.forward(plane), level=float(level), codecformat=codecformat, reversible=False,
+            bitspersample=self.bitspersample, numthreads=self.numthreads))
+
+    def decompress_slice(self, stream: bytes) -> np.ndarray:
+        return to_dtype(self.map.inverse(self._ic.jpeg2k_decode(stream, numthreads=self.numthreads)), self.dtype)
 
     def decompress(self, streams: list[bytes]) -> np.ndarray:
         if self.packing == "components":  # decoded as (x, y, slice): the volume's own layout
@@ -125,7 +131,6 @@ class Jpeg2kSlicewise:
             return to_dtype(self.map.inverse(planes), self.dtype)
         out = np.empty(self.shape, dtype=self.dtype)
         for k, b in enumerate(streams):
-            out[:, :, k] = to_dtype(self.map.inverse(self._ic.jpeg2k_decode(b, numthreads=self.numthreads)),
-                                    self.dtype)
+            out[:, :, k] = self.decompress_slice(b)
         return out
 
