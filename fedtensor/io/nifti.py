@@ -90,8 +90,6 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     norms if those are missing/zero), ``affine`` = ``img.affine``. A 4D image with one volume is
     squeezed to 3D; 2D and true 4D images raise :class:`VolumeError`.
     """
-    import nibabel as nib
-
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"no such file or directory: {path}")
@@ -295,7 +293,10 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
 
     path = Path(path)
     data = np.ascontiguousarray(volume.data)
-    stored = stored_integers(volume)  # floats made from scaled integers: those integers, and their scaling
+    # floats made from scaled integers: those integers, and their scaling, where NIfTI-1's float32 scl
+    # fields hold it exactly (a NIfTI-2 source's float64 slope of 0.1 would change every voxel)
+    found = scaling_of(volume.meta)
+    stored = None if found is None or any(float(np.float32(v)) != v for v in found[:2]) else stored_integers(volume)
     if stored is not None:
         data = stored
     affine = np.asarray(volume.affine, dtype=np.float64)

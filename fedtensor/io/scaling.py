@@ -16,13 +16,14 @@ import numpy as np
 
 from fedtensor.io.volume import SUPPORTED_DTYPES, Volume
 
-#: Voxels converted at a time (float64 temporaries of ~50 MB at most: a few 16 MB arrays).
-_CHUNK_VOXELS = 1 << 21
+#: Voxels converted at a time (two float64 temporaries of 2 MB each).
+_CHUNK_VOXELS = 1 << 18
 
 
 def apply_scaling(raw: np.ndarray, slope: float, inter: float, dtype) -> np.ndarray:
     """``raw · slope + inter`` in float64, cast to ``dtype``: how the NIfTI reader makes its floats."""
-    return (raw.astype(np.float64) * slope + inter).astype(dtype, order="C")
+    f = np.multiply(raw, slope, dtype=np.float64)
+    return np.add(f, inter, out=f).astype(dtype, order="C", copy=False)
 
 
 def scaling_of(meta: dict) -> tuple[float, float, np.dtype] | None:
@@ -63,7 +64,8 @@ def stored_integers(volume: Volume) -> np.ndarray | None:
     raw = np.empty(x.shape, stored)
     rows = max(1, _CHUNK_VOXELS // max(1, math.prod(x.shape[1:])))
     for k in range(0, x.shape[0], rows):
-        r = np.rint((x[k:k + rows].astype(np.float64) - inter) / slope)
+        r = np.subtract(x[k:k + rows], inter, dtype=np.float64)
+        np.rint(np.divide(r, slope, out=r), out=r)
         if not (np.isfinite(r).all() and r.min() >= info.min and r.max() <= info.max):
             return None
         raw[k:k + rows] = r
@@ -87,7 +89,7 @@ def float_errors(x: np.ndarray, raw: np.ndarray, slope: float, inter: float) -> 
     sse, worst = 0.0, 0.0
     rows = max(1, _CHUNK_VOXELS // max(1, math.prod(x.shape[1:])))
     for k in range(0, x.shape[0], rows):
-        d = x[k:k + rows].astype(np.float64) - apply_scaling(raw[k:k + rows], slope, inter, x.dtype)
+        d = np.subtract(x[k:k + rows], apply_scaling(raw[k:k + rows], slope, inter, x.dtype), dtype=np.float64)
         sse += float(np.vdot(d, d))
         worst = max(worst, float(np.max(np.abs(d), initial=0.0)))
     return sse, worst
