@@ -136,8 +136,9 @@ def allocate_jpeg2k(codec: Jpeg2kSlicewise, data: np.ndarray, target: float, sha
             d = codec.decompress_slice(stream).astype(np.float64) - x[:, :, k]
             nbytes[k, i], sse[k, i] = len(stream), float(np.vdot(d, d))
     budget = data.size * (C.value_range(data) / 10 ** (target / 20)) ** 2 * (1 - 1e-9)  # (PSNR ≥ target, rounding aside)
-    best = None
     rows = np.arange(n_slices)
+    shared_pick = np.full(n_slices, int(np.argmin(np.abs(ALLOCATION_GRID))))  # never worse than one level
+    best = (nbytes[rows, shared_pick].sum(), shared_pick) if sse[rows, shared_pick].sum() <= budget else None
     for lam in np.logspace(-9, 5, 2000):
         pick = np.argmin(nbytes + lam * sse, axis=1)
         if sse[rows, pick].sum() <= budget and (best is None or nbytes[rows, pick].sum() < best[0]):
