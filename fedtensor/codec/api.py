@@ -614,7 +614,7 @@ def _scaled_integers(volume: Volume, raw: np.ndarray, target: dict, *, psnr, max
         if aim["psnr"] is not None and aim["psnr"] >= 300:  # beyond the transforms: the integers exactly
             aim = {"psnr": None, "max_error": None, "lossless": True}
         try:
-            # (a budget the header's growth leaves nothing of: the integers' smallest stream says how short)
+            # (a budget the header's growth leaves nothing of fails here, and the floats are tried)
             blob = compress(inner, **aim, bpv=None if bpv is None else max(bpv - 8 * reserve / n, 1e-9), codec=codec,
                             block=block, allow_exact=allow_exact)
         except RateError:  # (a budget the integers miss: the floats may meet it)

@@ -120,7 +120,7 @@ def read_info(data: bytes) -> dict:
     if "scaling" in h:  # the stream codes stored integers; the decoded volume is their floats
         slope, inter, out = check_scaling(h["scaling"], dtype)
         p = h["params"]
-        if h.get("codec") in TRANSFORM_CODECS:  # offset and scale (× step) in the floats' units, as restoration reads them
+        if h.get("codec") in TRANSFORM_CODECS:  # offset and scale (× step) in the floats' units, for restoration
             p = {**p, "scale": float(p["scale"]) * abs(slope), "offset": inter + slope * float(p["offset"])}
         h = {**h, "dtype": out.str, "stored_dtype": dtype.str, "params": p}
         dtype = out

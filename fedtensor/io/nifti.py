@@ -86,8 +86,9 @@ def read_nifti(path: str | os.PathLike) -> Volume:
 
     If the header has a non-identity ``scl_slope``/``scl_inter``, the scaling is applied: integers
     scaled by an integer slope and intercept stay integers (see :func:`_scaled`), anything else is
-    returned as float32 (float64 where float32 would lose the stored precision). ``spacing`` = first three header zooms (falling back to the affine's column
-    norms if those are missing/zero), ``affine`` = ``img.affine``. A 4D image with one volume is
+    returned as float32 (float64 where float32 would lose the stored precision), the stored integers'
+    scaling recorded in ``meta["nifti_scaling"]``. ``spacing`` = first three header zooms (falling back
+    to the affine's column norms if those are missing/zero), ``affine`` = ``img.affine``. A 4D image with one volume is
     squeezed to 3D; 2D and true 4D images raise :class:`VolumeError`.
     """
     path = Path(path)
@@ -280,14 +281,15 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, force: bool = False)
     longer than NIfTI-1's 32767), atomically.
 
     Data are stored unscaled in ``volume.data``'s dtype, or, for floats read from scaled integers
-    (``meta["nifti_scaling"]``) that still match them, as those integers with their scaling; the affine goes to the sform, with the codes of
-    ``volume.meta["nifti_codes"]`` (as read from a NIfTI file; else 1, scanner; both 0, "unknown", stay
-    0). The qform is the file's own (``meta["nifti_qform"]``, where it differed from the affine), else
-    the affine when that agrees with ``volume.spacing`` (and is not singular). The header zooms are
-    ``volume.spacing``, in ``meta["nifti_units"]`` (else mm); the description, intent, display window, time
-    unit and offset and ``dim_info`` are ``meta["nifti_header"]``'s (:func:`nifti_extras`). NIfTI-1 stores the sform in float32, so
-    an affine round-trips exactly when its entries are float32-representable (always the case for one
-    read from a NIfTI file).
+    (``meta["nifti_scaling"]``) that still match them, as those integers with their scaling (where
+    float32 holds it). The affine goes to the sform, with the codes of ``volume.meta["nifti_codes"]``
+    (as read from a NIfTI file; else 1, scanner; both 0, "unknown", stay 0). The qform is the file's
+    own (``meta["nifti_qform"]``, where it differed from the affine), else the affine when that agrees
+    with ``volume.spacing`` (and is not singular). The header zooms are ``volume.spacing``, in
+    ``meta["nifti_units"]`` (else mm); the description, intent, display window, time unit and offset and
+    ``dim_info`` are ``meta["nifti_header"]``'s (:func:`nifti_extras`). NIfTI-1 stores the sform in
+    float32, so an affine round-trips exactly when its entries are float32-representable (always the
+    case for one read from a NIfTI file).
     """
     import nibabel as nib
 

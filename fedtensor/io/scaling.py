@@ -69,7 +69,8 @@ def stored_integers(volume: Volume) -> np.ndarray | None:
         if not (np.isfinite(r).all() and r.min() >= info.min and r.max() <= info.max):
             return None
         raw[k:k + rows] = r
-        if not np.array_equal(apply_scaling(raw[k:k + rows], slope, inter, x.dtype).view(bits), x[k:k + rows].view(bits)):
+        again = apply_scaling(raw[k:k + rows], slope, inter, x.dtype)
+        if not np.array_equal(again.view(bits), x[k:k + rows].view(bits)):
             return None
     return raw
 
