@@ -116,7 +116,7 @@ def bisect_jpeg2k(codec: Jpeg2kSlicewise, data: np.ndarray, target: float, steps
 
 
 #: Levels (dB) per-slice allocation chooses among, around the shared level the bisection found.
-ALLOCATION_GRID = np.arange(-6.0, 6.01, 0.5)
+ALLOCATION_GRID = np.arange(-6.0, 6.01, 0.25)
 
 
 def allocate_jpeg2k(codec: Jpeg2kSlicewise, data: np.ndarray, target: float, shared: float) -> dict:
