@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
         if not valid_stage_timeout(stage_timeout or None):  # 0: no deadline; NaN and ≥ 10⁹ refused
             raise UsageFailure(f"--stage-timeout must be a number of seconds below {MAX_STAGE_TIMEOUT:g} (0: none), "
                                f"got {stage_timeout:g}")
-        # stopped by Ctrl-C or SIGTERM as a server is meant to stop: a finished command (exit 0), not an interrupted one
+        # stopped by Ctrl-C or SIGTERM, as a server is meant to stop: a finished command (exit 0)
         return _run_server(data, host, port, int(max_upload_mb * (1 << 20)), stage_timeout or None, web)
 
     @app.command("fetch-model")

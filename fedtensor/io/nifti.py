@@ -88,8 +88,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     scaled by an integer slope and intercept stay integers (see :func:`_scaled`), anything else is
     returned as float32 (float64 where float32 would lose the stored precision), the stored integers'
     scaling recorded in ``meta["nifti_scaling"]``. ``spacing`` = first three header zooms (falling back
-    to the affine's column norms if those are missing/zero), ``affine`` = ``img.affine``. A 4D image with one volume is
-    squeezed to 3D; 2D and true 4D images raise :class:`VolumeError`.
+    to the affine's column norms if those are missing/zero), ``affine`` = ``img.affine``. A 4D image
+    with one volume is squeezed to 3D; 2D and true 4D images raise :class:`VolumeError`.
     """
     path = Path(path)
     if not path.exists():

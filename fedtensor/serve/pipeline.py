@@ -159,7 +159,8 @@ def run(volume, settings: Settings, workdir: Path, *, model_dir: Path | None = N
                           "max_error": max_abs_error(data, restored.data)}
         # A model that lowers this volume's PSNR (trained on other data) is shown, not used: the slices
         # and the download stay the decoded volume, which meets the target.
-        worse = restored is not decoded and psnr(data, restored.data) < psnr(data, decoded.data)
+        db = [math.inf if v is None else v for v in (out["restore"]["psnr"], out["psnr"])]  # (None: exact)
+        worse = restored is not decoded and db[0] < db[1]
         out["restore"]["declined"] = worse
         shown = decoded if worse else restored
     np.save(workdir / "decoded.npy", np.ascontiguousarray(apply_orientation(np.asarray(shown.data), ornt)))
