@@ -128,8 +128,8 @@ def prepare_output_dir(path: Path) -> None:
         raise UsageFailure(f"the input is a directory, so OUTPUT must be a directory, not a file name: {path}")
     if not path.parent.is_dir():
         raise FedtensorError(f"output directory does not exist: {path.parent}")
-    if not os.access(path if path.exists() else path.parent, os.W_OK | os.X_OK):  # once, not once per item
-        where = path if path.exists() else path.parent
+    where = path if path.exists() else path.parent
+    if not os.access(where, os.W_OK | os.X_OK):  # once, not once per item
         raise FedtensorError(f"cannot write to {where}: {_why_unwritable(where)}")
     path.mkdir(exist_ok=True)
 

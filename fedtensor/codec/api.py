@@ -517,9 +517,12 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     if volume.data.size >= MAX_VOXELS:
         raise RateError(f"volume too large ({volume.data.size} voxels); the limit is {MAX_VOXELS}")
     target = {chosen[0]: psnr if psnr is not None else (max_error if max_error is not None else bpv)}
-    if _integers_pay(volume, psnr, max_error, lossless) and (raw := stored_integers(volume)) is not None:
-        blob = _scaled_integers(volume, raw, target, psnr=psnr, max_error=max_error, bpv=bpv, lossless=lossless,
-                                codec=codec, block=block, allow_exact=allow_exact)
+    lo, hi = float(volume.data.min()), float(volume.data.max())  # one pass each, shared by every mode
+    value_range = hi - lo
+    if (_integers_pay(volume, value_range, psnr, max_error, lossless)
+            and (raw := stored_integers(volume)) is not None):
+        blob = _scaled_integers(volume, raw, target, value_range, psnr=psnr, max_error=max_error, bpv=bpv,
+                                lossless=lossless, codec=codec, block=block, allow_exact=allow_exact)
         if blob is not None:
             return blob
         volume = Volume(volume.data, volume.spacing, volume.affine,
@@ -538,8 +541,6 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
         header["nifti_units"] = nifti_units(volume.meta)
     if extras := nifti_extras(volume.meta):  # description, intent, display window, time unit, …
         header["nifti_header"] = extras
-    lo, hi = float(volume.data.min()), float(volume.data.max())  # one pass each, shared by every mode
-    value_range = hi - lo
     exact = lossless or (max_error is not None and (max_error == 0 or max_error < 1 and volume.dtype.kind in "iu"))
     # (zeros of both signs are one value, yet not bit-exact as one: exact coding refuses them, below)
     if value_range == 0 and not (exact and volume.dtype.kind == "f" and np.signbit(volume.data).any()
@@ -564,7 +565,8 @@ def compress(volume: Volume, *, psnr: float | None = None, max_error: float | No
     return blob
 
 
-def _integers_pay(volume: Volume, psnr: float | None, max_error: float | None, lossless: bool) -> bool:
+def _integers_pay(volume: Volume, value_range: float, psnr: float | None, max_error: float | None,
+                  lossless: bool) -> bool:
     """Whether to code a float volume's stored integers (if it has them, :func:`stored_integers`) rather
     than its floats: for exact coding, a bits budget, or an error of at least one integer step. Finer
     errors are the floats' (the decoded integers' rounding, 0.29 of a step RMS, would take a large share
@@ -576,7 +578,7 @@ def _integers_pay(volume: Volume, psnr: float | None, max_error: float | None, l
     if max_error is not None:
         return max_error >= step
     if psnr is not None:
-        return (float(volume.data.max()) - float(volume.data.min())) * 10 ** (-psnr / 20) >= step
+        return value_range * 10 ** (-psnr / 20) >= step
     return True  # a bits budget: the integers where they fit it, else the floats
 
 
@@ -584,7 +586,7 @@ def _integers_pay(volume: Volume, psnr: float | None, max_error: float | None, l
 _SCALED_TRIES = 3
 
 
-def _scaled_integers(volume: Volume, raw: np.ndarray, target: dict, *, psnr, max_error, bpv, lossless, codec, block,
+def _scaled_integers(volume: Volume, raw: np.ndarray, target: dict, value_range: float, *, psnr, max_error, bpv, lossless, codec, block,
                      allow_exact) -> bytes | None:
     """:func:`compress` of floats made from scaled integers (NIfTI ``scl_slope``, :func:`stored_integers`):
     the integers are coded, under the targets carried to their units, and the header's ``"scaling"``
@@ -598,7 +600,6 @@ def _scaled_integers(volume: Volume, raw: np.ndarray, target: dict, *, psnr, max
     """
     slope, inter, _ = scaling_of(volume.meta)
     x, a, n = volume.data, abs(slope), raw.size
-    value_range = float(x.max()) - float(x.min())
     inner = Volume(raw, volume.spacing, volume.affine, {k: v for k, v in volume.meta.items() if k != "nifti_scaling"})
     aim = {"psnr": psnr, "max_error": max_error, "lossless": lossless}
     if psnr is not None:
@@ -746,15 +747,6 @@ def _lossy_or_exact(volume: Volume, codec: str, block, psnr: float | None, bpv: 
     return exact if len(exact) <= (budget if budget is not None else len(blob)) else blob
 
 
-def _scaled_rows(x: np.ndarray, slope: float, inter: float, dtype: np.dtype) -> np.ndarray:
-    """:func:`apply_scaling` of ``x`` a few rows at a time (float64 temporaries of a chunk, not the volume)."""
-    out = np.empty(x.shape, dtype)
-    chunk = rows_per_chunk(x.shape)
-    for k in range(0, x.shape[0], chunk):
-        out[k:k + chunk] = apply_scaling(x[k:k + chunk], slope, inter, dtype)
-    return out
-
-
 def decompress(data: bytes) -> Volume:
     """Decode ``.ftz`` bytes back to a :class:`Volume` (original dtype, spacing and affine)."""
     h, sections = unpack(data)
@@ -788,7 +780,7 @@ def decompress(data: bytes) -> Volume:
     if "scaling" in h:  # scaled integers (format version 3): back to the floats they were coded from
         slope, inter, out = check_scaling(h["scaling"], dtype)
         meta["nifti_scaling"] = {"slope": slope, "inter": inter, "stored": dtype.str}
-        x = _scaled_rows(x, slope, inter, out)
+        x = apply_scaling(x, slope, inter, out)
     if h.get("modality"):
         meta["modality"] = h["modality"]
     codes = h.get("nifti_codes")

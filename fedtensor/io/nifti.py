@@ -13,7 +13,7 @@ import numpy as np
 from fedtensor.errors import FedtensorError, VolumeError
 from fedtensor.io.atomic import atomic_path
 from fedtensor.io.npy import as_native_3d, one_line, validated
-from fedtensor.io.scaling import scaling_of, stored_integers
+from fedtensor.io.scaling import apply_scaling, scaling_of, stored_integers
 from fedtensor.io.volume import Volume
 
 
@@ -34,7 +34,7 @@ def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
         for dtype in (raw.dtype.newbyteorder("="), np.dtype(np.int16), np.dtype(np.int32)):
             if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
                 return (raw.astype(np.int64) * int(slope) + int(inter)).astype(dtype, order="C")
-    scaled = raw.astype(np.float64) * slope + inter
+    scaled = apply_scaling(raw, slope, inter, np.float64)  # (the decoder of scaled streams makes them alike)
     # float32 holds 24 bits: wider stored data (32-bit integers, float64) keeps float64, as the DICOM
     # reader does, and so does a scaled range float32 cannot hold (it would read as Inf)
     wide = raw.dtype.itemsize >= 4 and raw.dtype != np.float32

@@ -21,9 +21,17 @@ _CHUNK_VOXELS = 1 << 18
 
 
 def apply_scaling(raw: np.ndarray, slope: float, inter: float, dtype) -> np.ndarray:
-    """``raw · slope + inter`` in float64, cast to ``dtype``: how the NIfTI reader makes its floats."""
-    f = np.multiply(raw, slope, dtype=np.float64)
-    return np.add(f, inter, out=f).astype(dtype, order="C", copy=False)
+    """``raw · slope + inter`` in float64, cast to ``dtype``: the one expression the NIfTI reader makes its
+    floats with and the decoder makes them again with (bit for bit). A few rows at a time: float64
+    temporaries of a chunk, not of the volume."""
+    out = np.empty(raw.shape, dtype)
+    if raw.ndim == 0:
+        return np.add(np.multiply(raw, slope, dtype=np.float64), inter).astype(dtype)
+    rows = max(1, _CHUNK_VOXELS // max(1, math.prod(raw.shape[1:])))
+    for k in range(0, raw.shape[0], rows):
+        f = np.multiply(raw[k:k + rows], slope, dtype=np.float64)
+        out[k:k + rows] = np.add(f, inter, out=f)
+    return out
 
 
 def scaling_of(meta: dict) -> tuple[float, float, np.dtype] | None:
